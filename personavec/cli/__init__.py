@@ -1,0 +1,11 @@
+"""The `personavec` command line: a thin layer over the library, one module per stage."""
+
+from personavec.cli import core  # noqa: F401  (registers commands)
+from personavec.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

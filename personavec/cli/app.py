@@ -1,0 +1,80 @@
+"""The Typer application and what every command shares: the workspace option, output, and error handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from personavec.errors import PersonavecError
+from personavec.workspace import Workspace
+
+app = typer.Typer(
+    name="personavec",
+    help="Extract persona vectors from transformer models; every step lands in a DuckDB catalog.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace", "-w", help="Workspace directory [env PERSONAVEC_WORKSPACE, default ./personavec-workspace]"
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def workspace(path: Path | None) -> Workspace:
+    return Workspace.resolve(path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON document on stdout (for scripts)."""
+    sys.stdout.write(json.dumps(_jsonable(obj), default=str) + "\n")
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    table = Table(title=title, show_lines=False)
+    for col in columns:
+        table.add_column(str(col), overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+def run_command(fn: Callable[[], Any]) -> Any:
+    """Run a command body; a PersonavecError becomes one red line on stderr and its exit code."""
+    try:
+        return fn()
+    except PersonavecError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: rerun the same command with the run id to resume")
+        raise typer.Exit(130) from None

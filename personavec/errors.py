@@ -1,0 +1,72 @@
+"""One error hierarchy for personavec.
+
+Every error the package raises on purpose is a :class:`PersonavecError`; subclasses also inherit the matching
+builtin so that callers can catch either. Messages say what was wrong, where, and what to do about it. The CLI
+turns any ``PersonavecError`` into one red line and exit code ``error.exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class PersonavecError(Exception):
+    """Root of every error personavec raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(PersonavecError, ValueError):
+    """A configuration value is invalid (names the field and the allowed values)."""
+
+    exit_code = 2
+
+
+class InputFileError(PersonavecError, ValueError):
+    """An input file is malformed: the message names the file and the row/key."""
+
+    exit_code = 2
+
+
+class WorkspaceError(PersonavecError, FileNotFoundError):
+    """The workspace directory is missing or is not a personavec workspace."""
+
+
+class CatalogError(PersonavecError, RuntimeError):
+    """A database error in the catalog."""
+
+
+class CatalogLockedError(CatalogError):
+    """Another process holds the catalog's write lock (DuckDB allows one writer per file)."""
+
+
+class SchemaVersionError(CatalogError):
+    """The catalog's schema is not at this package's head revision."""
+
+
+class NotFoundError(PersonavecError, LookupError):
+    """A named thing (run, persona set, persona, question) does not exist in the catalog."""
+
+
+class RunNotFoundError(NotFoundError):
+    """No run with that id (or of that kind)."""
+
+
+class DuplicateError(PersonavecError, ValueError):
+    """Creating something that already exists, or a duplicate key in an input."""
+
+    exit_code = 2
+
+
+class ModelError(PersonavecError, RuntimeError):
+    """A model cannot be resolved, loaded, or does not have the requested layers."""
+
+
+class SpanError(PersonavecError, ValueError):
+    """The response text cannot be located in the rendered conversation."""
+
+
+class EndpointError(PersonavecError, RuntimeError):
+    """An OpenAI-compatible endpoint failed in a way retrying cannot fix (bad key, bad model, not OpenAI-compatible)."""
+
+
+class StorageError(PersonavecError, OSError):
+    """The activation store (Zarr) is missing, inconsistent with the catalog, or cannot be written."""

@@ -1,0 +1,442 @@
+"""Ingest stage: persona sets, question sets and responses from files into the catalog.
+
+Formats: persona/question sets from JSON, YAML or CSV; responses from the seed's cache (a JSON object whose keys
+are JSON-encoded ``[persona, question]``), JSONL, CSV or Parquet. Each ingest is one transaction and one run row
+(with the file's path and SHA-256); responses go in through Arrow and DuckDB's own insert, not the ORM.
+Any problem raises :class:`InputFileError` naming the file and the row or key, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+import yaml
+
+from personavec.errors import InputFileError
+from personavec.resources import resource_path
+from personavec.store.engine import Catalog
+from personavec.store.records import PersonaSpec
+from personavec.store.responses import add_response_run, bulk_insert_responses
+from personavec.store.runs import create_run, finish_run
+from personavec.store.sets import (
+    add_persona_set,
+    add_question_set,
+    persona_set_exists,
+    persona_set_in_session,
+    question_set_exists,
+    question_set_in_session,
+)
+
+BUILTIN = "builtin"
+RESPONSE_FORMATS = ("seed-json", "jsonl", "csv", "parquet")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    run_id: int
+    kind: str
+    name: str | None
+    rows: int
+
+
+# ---------------------------------------------------------------------------------------------------- reading files
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InputFileError(f"{path}: the file is empty")
+    return text
+
+
+def _no_duplicate_keys(path: Path):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise InputFileError(f"{path}: duplicate key {key!r}: each key may appear once")
+            seen[key] = value
+        return seen
+
+    return hook
+
+
+def _load_structured(path: Path) -> Any:
+    """JSON or YAML document (by extension), rejecting duplicate keys."""
+    text = _read_text(path)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            return yaml.load(text, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as exc:
+            raise InputFileError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys(path))
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise InputFileError(
+                f"{node.start_mark.name}: duplicate key {key!r} at line {key_node.start_mark.line + 1}"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    text = _read_text(path)
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise InputFileError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
+            f"(expected {', '.join(required)})"
+        )
+    return list(reader)
+
+
+def read_persona_file(path: Path) -> tuple[str | None, list[PersonaSpec]]:
+    """Personas from JSON/YAML (``{name?, personas: [{name, system_prompt, groups?}]}`` or ``{name: prompt}``)
+    or CSV (columns ``name``, ``system_prompt``, optional ``groups`` separated by ``;``)."""
+    set_name: str | None = None
+    entries: list[tuple[str, Any]] = []
+    if path.suffix.lower() == ".csv":
+        for i, row in enumerate(_csv_rows(path, ("name", "system_prompt")), start=2):
+            groups = [g.strip() for g in (row.get("groups") or "").split(";") if g.strip()]
+            entries.append(
+                (f"line {i}", {"name": row["name"], "system_prompt": row["system_prompt"], "groups": groups})
+            )
+    else:
+        doc = _load_structured(path)
+        if isinstance(doc, dict) and "personas" in doc:
+            set_name = doc.get("name")
+            items = doc["personas"]
+            if isinstance(items, dict):
+                items = [{"name": k, "system_prompt": v} for k, v in items.items()]
+            if not isinstance(items, list):
+                raise InputFileError(f"{path}: 'personas' must be a list of {{name, system_prompt}} objects")
+            entries = [(f"personas[{i}]", item) for i, item in enumerate(items)]
+        elif isinstance(doc, dict):
+            entries = [(f"key {k!r}", {"name": k, "system_prompt": v}) for k, v in doc.items()]
+        else:
+            raise InputFileError(
+                f"{path}: expected an object {{persona: system_prompt}} or {{name, personas: [...]}}, "
+                f"got {type(doc).__name__}"
+            )
+    personas: list[PersonaSpec] = []
+    seen: set[str] = set()
+    for where, item in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            raise InputFileError(f"{path}: {where}: each persona needs a non-empty string 'name'")
+        prompt = item.get("system_prompt")
+        if not isinstance(prompt, str):
+            raise InputFileError(
+                f"{path}: {where}: persona {item['name']!r} needs a string 'system_prompt' (may be empty)"
+            )
+        groups = item.get("groups") or []
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise InputFileError(f"{path}: {where}: 'groups' must be a list of strings")
+        if item["name"] in seen:
+            raise InputFileError(f"{path}: {where}: duplicate persona name {item['name']!r}")
+        seen.add(item["name"])
+        personas.append(PersonaSpec(item["name"], prompt, tuple(groups)))
+    if not personas:
+        raise InputFileError(f"{path}: no personas in the file")
+    return set_name, personas
+
+
+def read_question_file(path: Path) -> tuple[str | None, list[str]]:
+    """Questions from JSON/YAML (a list of strings, or ``{name?, questions: [...]}``) or CSV (column ``question``)."""
+    set_name: str | None = None
+    if path.suffix.lower() == ".csv":
+        items: list[Any] = [row["question"] for row in _csv_rows(path, ("question",))]
+        where = [f"line {i}" for i in range(2, len(items) + 2)]
+    else:
+        doc = _load_structured(path)
+        if isinstance(doc, dict) and "questions" in doc:
+            set_name, doc = doc.get("name"), doc["questions"]
+        if not isinstance(doc, list):
+            raise InputFileError(f"{path}: expected a list of questions or {{name, questions: [...]}}")
+        items = doc
+        where = [f"questions[{i}]" for i in range(len(items))]
+    seen: set[str] = set()
+    for w, q in zip(where, items, strict=True):
+        if not isinstance(q, str) or not q.strip():
+            raise InputFileError(f"{path}: {w}: each question must be a non-empty string")
+        if q in seen:
+            raise InputFileError(f"{path}: {w}: duplicate question {q!r}")
+        seen.add(q)
+    if not items:
+        raise InputFileError(f"{path}: no questions in the file")
+    return set_name, list(items)
+
+
+def detect_response_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return {".json": "seed-json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(
+        suffix, ""
+    ) or _bad_format(path)
+
+
+def _bad_format(path: Path) -> str:
+    raise InputFileError(
+        f"{path}: cannot tell the response format from the extension {path.suffix!r}: "
+        f"use .json (seed cache), .jsonl, .csv or .parquet, or pass --format"
+    )
+
+
+_TEXT_ALIASES = ("text", "response")
+
+
+def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
+    """Responses as an Arrow table with ``persona``, ``question``, ``sample_index``, ``text`` and ``_where``
+    (the row or key each came from, for error messages)."""
+    fmt = fmt or detect_response_format(path)
+    if fmt not in RESPONSE_FORMATS:
+        raise InputFileError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(RESPONSE_FORMATS)}")
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InputFileError(f"{path}: the file is empty")
+    if fmt == "seed-json":
+        return _read_seed_json(path)
+    try:
+        if fmt == "jsonl":
+            table = pajson.read_json(path)
+            first_row = 1
+        elif fmt == "csv":
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+            first_row = 2
+        else:
+            table = pq.read_table(path)
+            first_row = 0
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputFileError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from exc
+    names = table.column_names
+    text_col = next((c for c in _TEXT_ALIASES if c in names), None)
+    missing = [c for c in ("persona", "question") if c not in names] + ([] if text_col else ["text"])
+    if missing:
+        raise InputFileError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(names) or 'none'} "
+            f"(expected persona, question, text [, sample_index])"
+        )
+    if table.num_rows == 0:
+        raise InputFileError(f"{path}: no responses in the file")
+    unit = "line" if fmt in ("jsonl", "csv") else "row"
+    n = table.num_rows
+    sample = table["sample_index"].cast(pa.int32()) if "sample_index" in names else pa.array([0] * n, type=pa.int32())
+    out = pa.table(
+        {
+            "persona": table["persona"].cast(pa.string()),
+            "question": table["question"].cast(pa.string()),
+            "sample_index": sample,
+            "text": table[text_col].cast(pa.string()),
+            "_where": pc.binary_join_element_wise(
+                pa.scalar(unit), pc.cast(pa.array(range(first_row, first_row + n)), pa.string()), " "
+            ),
+        }
+    )
+    for col in ("persona", "question", "text"):
+        nulls = pc.is_null(out[col])
+        if pc.any(nulls).as_py():
+            where = out["_where"].filter(nulls)[0].as_py()
+            raise InputFileError(f"{path}: {where}: {col!r} is missing (null)")
+    return out
+
+
+def _read_seed_json(path: Path) -> pa.Table:
+    doc = _load_structured(path)
+    if not isinstance(doc, dict):
+        raise InputFileError(
+            f'{path}: the seed cache format is a JSON object mapping \'["persona", "question"]\' to the response text'
+        )
+    if not doc:
+        raise InputFileError(f"{path}: no responses in the file")
+    personas, questions, texts = [], [], []
+    for key, value in doc.items():
+        try:
+            pair = json.loads(key)
+        except json.JSONDecodeError:
+            pair = None
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise InputFileError(
+                f"{path}: key {key!r} is not a JSON-encoded [persona, question] pair of strings (the seed's format)"
+            )
+        if not isinstance(value, str):
+            raise InputFileError(f"{path}: key {key!r}: the value must be the response text (a string)")
+        personas.append(pair[0])
+        questions.append(pair[1])
+        texts.append(value)
+    n = len(texts)
+    return pa.table(
+        {
+            "persona": personas,
+            "question": questions,
+            "sample_index": pa.array([0] * n, type=pa.int32()),
+            "text": texts,
+            "_where": [f"key {json.dumps([p, q])}" for p, q in zip(personas, questions, strict=True)],
+        }
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- ingesting
+
+
+def ingest_personas(catalog: Catalog, path: Path, name: str | None = None) -> IngestResult:
+    """Create a persona set from a file. The set's name: ``name``, else the file's ``name`` field, else its stem."""
+    path = Path(path)
+    file_name, personas = read_persona_file(path)
+    set_name = name or file_name or path.stem
+    with catalog.session() as session:
+        run_id = create_run(session, "ingest-personas", {"path": str(path.resolve()), "name": set_name})
+        add_persona_set(session, set_name, run_id, personas, str(path.resolve()))
+        finish_run(session, run_id, "done")
+    return IngestResult(run_id, "ingest-personas", set_name, len(personas))
+
+
+def ingest_questions(catalog: Catalog, path: Path, name: str | None = None) -> IngestResult:
+    """Create a question set from a file (named like :func:`ingest_personas`)."""
+    path = Path(path)
+    file_name, questions = read_question_file(path)
+    set_name = name or file_name or path.stem
+    with catalog.session() as session:
+        run_id = create_run(session, "ingest-questions", {"path": str(path.resolve()), "name": set_name})
+        add_question_set(session, set_name, run_id, questions, str(path.resolve()))
+        finish_run(session, run_id, "done")
+    return IngestResult(run_id, "ingest-questions", set_name, len(questions))
+
+
+def ingest_responses(
+    catalog: Catalog,
+    path: Path,
+    *,
+    persona_set: str = BUILTIN,
+    question_set: str = BUILTIN,
+    fmt: str | None = None,
+    model: str | None = None,
+) -> IngestResult:
+    """Load responses from a file into a new ``ingest-responses`` run, resolving persona names and question texts
+    against the given sets. Unknown personas/questions and duplicate (persona, question, sample) rows are errors."""
+    path = Path(path)
+    table = read_response_file(path, fmt)
+    sha = _sha256(path)
+    with catalog.session() as session:
+        pset = persona_set_in_session(session, persona_set)
+        qset = question_set_in_session(session, question_set)
+        resolved = _resolve(session, path, table, pset.id, qset.id, persona_set, question_set)
+        run_id = create_run(
+            session,
+            "ingest-responses",
+            {"path": str(path.resolve()), "format": fmt or detect_response_format(path), "sha256": sha},
+        )
+        add_response_run(
+            session,
+            run_id,
+            persona_set_id=pset.id,
+            question_set_id=qset.id,
+            model=model,
+            source=str(path.resolve()),
+            source_sha256=sha,
+            n_samples=int(pc.max(table["sample_index"]).as_py()) + 1,
+        )
+        rows = bulk_insert_responses(session, run_id, resolved)
+        finish_run(session, run_id, "done")
+    return IngestResult(run_id, "ingest-responses", None, rows)
+
+
+def _resolve(session, path: Path, table: pa.Table, pset_id: int, qset_id: int, pset: str, qset: str) -> pa.Table:
+    """Map persona names and question texts to ids inside DuckDB; report the first unknown or duplicate row."""
+    con = session.connection().connection.dbapi_connection
+    con.register("_pv_raw", table)
+    try:
+        dup = con.execute(
+            "SELECT persona, question, sample_index, list(_where ORDER BY _where) FROM _pv_raw "
+            "GROUP BY ALL HAVING count(*) > 1 LIMIT 1"
+        ).fetchone()
+        if dup:
+            raise InputFileError(
+                f"{path}: duplicate response for persona {dup[0]!r}, question {dup[1]!r}, sample {dup[2]} "
+                f"at {', '.join(dup[3][:3])}: each (persona, question, sample_index) may appear once"
+            )
+        bad = con.execute(
+            "SELECT _where, persona FROM _pv_raw r WHERE NOT EXISTS "
+            "(SELECT 1 FROM personas p WHERE p.persona_set_id = ? AND p.name = r.persona) LIMIT 1",
+            [pset_id],
+        ).fetchone()
+        if bad:
+            raise InputFileError(
+                f"{path}: {bad[0]}: unknown persona {bad[1]!r} (not in persona set {pset!r}); "
+                f"ingest a persona set that has it and pass --persona-set"
+            )
+        bad = con.execute(
+            "SELECT _where, question FROM _pv_raw r WHERE NOT EXISTS "
+            "(SELECT 1 FROM questions q WHERE q.question_set_id = ? AND q.text = r.question) LIMIT 1",
+            [qset_id],
+        ).fetchone()
+        if bad:
+            raise InputFileError(
+                f"{path}: {bad[0]}: unknown question {bad[1]!r} (not in question set {qset!r}); "
+                f"ingest a question set that has it and pass --question-set"
+            )
+        negative = con.execute("SELECT _where FROM _pv_raw WHERE sample_index < 0 LIMIT 1").fetchone()
+        if negative:
+            raise InputFileError(f"{path}: {negative[0]}: sample_index must be >= 0")
+        return con.execute(
+            "SELECT p.id AS persona_id, q.id AS question_id, r.sample_index, r.text FROM _pv_raw r "
+            "JOIN personas p ON p.persona_set_id = ? AND p.name = r.persona "
+            "JOIN questions q ON q.question_set_id = ? AND q.text = r.question",
+            [pset_id, qset_id],
+        ).fetch_arrow_table()
+    finally:
+        con.unregister("_pv_raw")
+
+
+def builtin_files() -> tuple[Path, Path]:
+    data = resource_path("data")
+    return data / "personas.yaml", data / "questions.yaml"
+
+
+def register_builtin_sets(catalog: Catalog) -> None:
+    """Add the built-in persona and question sets (named ``builtin``) unless they are there already."""
+    personas_file, questions_file = builtin_files()
+    with catalog.session() as session:
+        have_p = persona_set_exists(session, BUILTIN)
+        have_q = question_set_exists(session, BUILTIN)
+    if not have_p:
+        ingest_personas(catalog, personas_file, BUILTIN)
+    if not have_q:
+        ingest_questions(catalog, questions_file, BUILTIN)

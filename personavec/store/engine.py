@@ -1,0 +1,140 @@
+"""Engine, sessions and schema guard for the DuckDB catalog.
+
+Only ``personavec.store`` speaks SQL. Public store functions open one unit of work with :func:`session_scope`;
+helpers take the session as an argument. SQLAlchemy/DuckDB errors leave as :class:`CatalogError` (or
+:class:`CatalogLockedError` when another process holds DuckDB's single write lock).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import sqlalchemy as sa
+from alembic.config import Config
+from alembic.ddl.impl import DefaultImpl
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from personavec.errors import CatalogError, CatalogLockedError, SchemaVersionError
+from personavec.resources import resource_path
+
+
+class DuckDBImpl(DefaultImpl):
+    """Alembic has no DuckDB implementation of its own; registering this one (on import) enables it."""
+
+    __dialect__ = "duckdb"
+    transactional_ddl = True
+
+
+def alembic_config(catalog_path: Path | str) -> Config:
+    """Alembic configuration bound to one catalog file (uses the bundled ``migrations/``)."""
+    cfg = Config(str(resource_path("alembic.ini")))
+    cfg.set_main_option("script_location", str(resource_path("migrations")))
+    cfg.set_main_option("sqlalchemy.url", f"duckdb:///{Path(catalog_path)}")
+    return cfg
+
+
+@functools.cache
+def head_revision() -> str:
+    """The head revision of the bundled migrations."""
+    head = ScriptDirectory.from_config(alembic_config(":memory:")).get_current_head()
+    if head is None:
+        raise CatalogError("the bundled migrations have no head revision")
+    return head
+
+
+def _translate(exc: BaseException, catalog_path: Path) -> CatalogError:
+    orig = getattr(exc, "orig", exc)
+    text = str(orig)
+    if isinstance(orig, duckdb.IOException) and "lock" in text.lower():
+        return CatalogLockedError(
+            f"catalog {catalog_path} is locked by another process (DuckDB allows one writer per file): "
+            f"wait for it to finish or stop it, then retry. DuckDB said: {text.splitlines()[0]}"
+        )
+    return CatalogError(f"catalog {catalog_path}: {text.splitlines()[0] if text else type(orig).__name__}")
+
+
+def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Engine:
+    """An engine on one DuckDB file. ``read_only`` opens it so that no statement can write."""
+    engine = sa.create_engine(
+        f"duckdb:///{catalog_path}",
+        connect_args={"read_only": read_only},
+        poolclass=sa.pool.SingletonThreadPool if not read_only else sa.pool.NullPool,
+    )
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        engine.dispose()
+        raise _translate(exc, catalog_path) from exc
+    return engine
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def check_schema(engine: Engine, catalog_path: Path) -> None:
+    """Fail unless the catalog is at the head revision, naming the command that fixes it."""
+    rev = current_revision(engine)
+    head = head_revision()
+    if rev != head:
+        raise SchemaVersionError(
+            f"catalog {catalog_path} is at schema revision {rev or 'none'}, this personavec needs {head}: "
+            f"run `personavec db upgrade` (back up the file first)"
+        )
+
+
+class Catalog:
+    """An open catalog: one engine, one session factory, errors mapped to :class:`CatalogError`."""
+
+    def __init__(self, catalog_path: Path, *, read_only: bool = False, check: bool = True) -> None:
+        self.path = Path(catalog_path)
+        self.read_only = read_only
+        self.engine = create_catalog_engine(self.path, read_only=read_only)
+        if check:
+            try:
+                check_schema(self.engine, self.path)
+            except BaseException:
+                self.engine.dispose()
+                raise
+        self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One unit of work: commit on success, roll back on any error, always close."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except SQLAlchemyError as exc:
+            session.rollback()
+            raise _translate(exc, self.path) from exc
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    @contextmanager
+    def raw(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The DuckDB connection inside a unit of work, for bulk Arrow inserts; commits or rolls back with it."""
+        with self.session() as session:
+            yield session.connection().connection.dbapi_connection  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

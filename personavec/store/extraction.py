@@ -1,0 +1,119 @@
+"""Extraction runs and their per-example rows (response -> Zarr row, token span, done flag)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from personavec.errors import NotFoundError
+from personavec.store import models as m
+from personavec.store.engine import Catalog
+from personavec.store.runs import run_in_session
+
+
+@dataclass(frozen=True)
+class ExtractionRunInfo:
+    run_id: int
+    source_run_id: int
+    model: str
+    model_revision: str | None
+    architecture: str | None
+    n_model_layers: int
+    d_model: int
+    layers: tuple[int, ...]
+    dtype: str
+    span_rule: str
+    prompt_format: str
+    device: str
+    zarr_group: str
+    n_examples: int
+    n_tokens: int | None
+    tok_s: float | None
+
+
+def add_extraction_run(session: Session, run_id: int, **detail: object) -> None:
+    session.add(m.ExtractionRun(run_id=run_id, **detail))
+    session.flush()
+
+
+def update_extraction_run(session: Session, run_id: int, **values: object) -> None:
+    session.execute(sa.update(m.ExtractionRun).where(m.ExtractionRun.run_id == run_id).values(**values))
+
+
+def extraction_run_in_session(session: Session, run_id: int) -> ExtractionRunInfo:
+    run_in_session(session, run_id, ("extract",))
+    row = session.get(m.ExtractionRun, run_id)
+    if row is None:
+        raise NotFoundError(f"extract run {run_id} has no extraction_runs row")
+    return ExtractionRunInfo(
+        run_id=row.run_id,
+        source_run_id=row.source_run_id,
+        model=row.model,
+        model_revision=row.model_revision,
+        architecture=row.architecture,
+        n_model_layers=row.n_model_layers,
+        d_model=row.d_model,
+        layers=tuple(row.layers),
+        dtype=row.dtype,
+        span_rule=row.span_rule,
+        prompt_format=row.prompt_format,
+        device=row.device,
+        zarr_group=row.zarr_group,
+        n_examples=row.n_examples,
+        n_tokens=row.n_tokens,
+        tok_s=row.tok_s,
+    )
+
+
+def get_extraction_run(catalog: Catalog, run_id: int) -> ExtractionRunInfo:
+    with catalog.session() as session:
+        return extraction_run_in_session(session, run_id)
+
+
+def add_examples(session: Session, run_id: int, table: pa.Table) -> None:
+    """Bulk-insert the planned examples of a run (``response_id``, ``row``, ``span_start``, ``span_end``,
+    ``n_tokens``, ``n_response_tokens``, ``truncated``), all not done."""
+    con = session.connection().connection.dbapi_connection
+    con.register("_pv_examples", table)
+    try:
+        con.execute(
+            "INSERT INTO activations (run_id, response_id, row, span_start, span_end, n_tokens, n_response_tokens, "
+            "truncated, done) SELECT ?, response_id, row, span_start, span_end, n_tokens, n_response_tokens, "
+            "truncated, false FROM _pv_examples",
+            [run_id],
+        )
+    finally:
+        con.unregister("_pv_examples")
+
+
+def mark_rows_done(session: Session, run_id: int, start: int, stop: int) -> None:
+    """Mark Zarr rows ``start:stop`` of a run done (call only after they are written)."""
+    session.execute(
+        sa.update(m.Activation)
+        .where(m.Activation.run_id == run_id, m.Activation.row >= start, m.Activation.row < stop)
+        .values(done=True)
+    )
+
+
+_EXAMPLES = """
+SELECT a.row, a.response_id, a.span_start, a.span_end, a.n_tokens, a.n_response_tokens, a.truncated, a.done,
+       p.name AS persona, p.groups AS persona_groups, q.text AS question, q.position AS question_position,
+       r.sample_index
+FROM activations a
+JOIN responses r ON r.id = a.response_id
+JOIN personas p ON p.id = r.persona_id
+JOIN questions q ON q.id = r.question_id
+WHERE a.run_id = ? {done}
+ORDER BY a.row
+"""
+
+
+def extraction_examples(catalog: Catalog, run_id: int, *, done_only: bool = False) -> pa.Table:
+    """The run's examples joined with persona and question, ordered by Zarr row, as an Arrow table."""
+    with catalog.session() as session:
+        extraction_run_in_session(session, run_id)
+        con = session.connection().connection.dbapi_connection
+        return con.execute(_EXAMPLES.format(done="AND a.done" if done_only else ""), [run_id]).fetch_arrow_table()

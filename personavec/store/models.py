@@ -1,0 +1,213 @@
+"""ORM models of the catalog (SQLAlchemy 2.x declarative, DuckDB dialect).
+
+One ``runs`` row per unit of work of any kind (ingest, generate, extract, vectors) carries the common provenance
+(status, timings, package version, host, config JSON); kind-specific detail lives in a table keyed by the run id.
+DuckDB has no SERIAL: ids come from sequences. Vectors are ``FLOAT[]`` so DuckDB's ``list_cosine_similarity``
+works on them directly.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Double,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Sequence,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: Run kinds, as stored in ``runs.kind``.
+RUN_KINDS = ("ingest-personas", "ingest-questions", "ingest-responses", "generate", "extract", "vectors")
+#: Run statuses, as stored in ``runs.status``.
+RUN_STATUSES = ("running", "done", "failed", "interrupted")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _seq(name: str) -> Sequence:
+    return Sequence(name, metadata=Base.metadata)
+
+
+RUN_SEQ = _seq("runs_id_seq")
+PERSONA_SET_SEQ = _seq("persona_sets_id_seq")
+PERSONA_SEQ = _seq("personas_id_seq")
+QUESTION_SET_SEQ = _seq("question_sets_id_seq")
+QUESTION_SEQ = _seq("questions_id_seq")
+RESPONSE_SEQ = _seq("responses_id_seq")
+ACTIVATION_SEQ = _seq("activations_id_seq")
+VECTOR_SEQ = _seq("vectors_id_seq")
+
+
+def _id(seq: Sequence) -> Mapped[int]:
+    return mapped_column(BigInteger, seq, server_default=seq.next_value(), primary_key=True)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = _id(RUN_SEQ)
+    kind: Mapped[str] = mapped_column(String, nullable=False)
+    status: Mapped[str] = mapped_column(String, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    wall_s: Mapped[float | None] = mapped_column(Double)
+    package_version: Mapped[str] = mapped_column(String, nullable=False)
+    host: Mapped[str | None] = mapped_column(String)
+    config: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class PersonaSet(Base):
+    __tablename__ = "persona_sets"
+    id: Mapped[int] = _id(PERSONA_SET_SEQ)
+    name: Mapped[str] = mapped_column(String, nullable=False, unique=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    source: Mapped[str | None] = mapped_column(String)
+
+
+class Persona(Base):
+    __tablename__ = "personas"
+    __table_args__ = (UniqueConstraint("persona_set_id", "name"),)
+    id: Mapped[int] = _id(PERSONA_SEQ)
+    persona_set_id: Mapped[int] = mapped_column(ForeignKey("persona_sets.id"), nullable=False)
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    name: Mapped[str] = mapped_column(String, nullable=False)
+    system_prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    groups: Mapped[list[str]] = mapped_column(ARRAY(String), nullable=False)
+
+
+class QuestionSet(Base):
+    __tablename__ = "question_sets"
+    id: Mapped[int] = _id(QUESTION_SET_SEQ)
+    name: Mapped[str] = mapped_column(String, nullable=False, unique=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    source: Mapped[str | None] = mapped_column(String)
+
+
+class Question(Base):
+    __tablename__ = "questions"
+    __table_args__ = (
+        UniqueConstraint("question_set_id", "text"),
+        UniqueConstraint("question_set_id", "position"),
+    )
+    id: Mapped[int] = _id(QUESTION_SEQ)
+    question_set_id: Mapped[int] = mapped_column(ForeignKey("question_sets.id"), nullable=False)
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    text: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class ResponseRun(Base):
+    """Detail of a run that produced responses: ``generate`` (an endpoint) or ``ingest-responses`` (a file)."""
+
+    __tablename__ = "response_runs"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    persona_set_id: Mapped[int] = mapped_column(ForeignKey("persona_sets.id"), nullable=False)
+    question_set_id: Mapped[int] = mapped_column(ForeignKey("question_sets.id"), nullable=False)
+    model: Mapped[str | None] = mapped_column(String)
+    endpoint: Mapped[str | None] = mapped_column(String)
+    source: Mapped[str | None] = mapped_column(String)
+    source_sha256: Mapped[str | None] = mapped_column(String)
+    n_samples: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    temperature: Mapped[float | None] = mapped_column(Double)
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
+    top_p: Mapped[float | None] = mapped_column(Double)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Response(Base):
+    """One answer (or one recorded failure, ``text`` NULL and ``error`` set) of a persona to a question."""
+
+    __tablename__ = "responses"
+    __table_args__ = (UniqueConstraint("run_id", "persona_id", "question_id", "sample_index"),)
+    id: Mapped[int] = _id(RESPONSE_SEQ)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id"), nullable=False)
+    question_id: Mapped[int] = mapped_column(ForeignKey("questions.id"), nullable=False)
+    sample_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    text: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_s: Mapped[float | None] = mapped_column(Double)
+    model_reported: Mapped[str | None] = mapped_column(String)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
+class ExtractionRun(Base):
+    __tablename__ = "extraction_runs"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    source_run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    model: Mapped[str] = mapped_column(String, nullable=False)
+    model_revision: Mapped[str | None] = mapped_column(String)
+    architecture: Mapped[str | None] = mapped_column(String)
+    n_model_layers: Mapped[int] = mapped_column(Integer, nullable=False)
+    d_model: Mapped[int] = mapped_column(Integer, nullable=False)
+    layers: Mapped[list[int]] = mapped_column(ARRAY(Integer), nullable=False)
+    dtype: Mapped[str] = mapped_column(String, nullable=False)
+    span_rule: Mapped[str] = mapped_column(String, nullable=False)
+    prompt_format: Mapped[str] = mapped_column(String, nullable=False)
+    device: Mapped[str] = mapped_column(String, nullable=False)
+    zarr_group: Mapped[str] = mapped_column(String, nullable=False)
+    n_examples: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    tok_s: Mapped[float | None] = mapped_column(Double)
+
+
+class Activation(Base):
+    """One example of an extraction run: which response sits in which Zarr row, and its token span."""
+
+    __tablename__ = "activations"
+    __table_args__ = (UniqueConstraint("run_id", "response_id"), UniqueConstraint("run_id", "row"))
+    id: Mapped[int] = _id(ACTIVATION_SEQ)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), nullable=False)
+    row: Mapped[int] = mapped_column(Integer, nullable=False)
+    span_start: Mapped[int] = mapped_column(Integer, nullable=False)
+    span_end: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_response_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    truncated: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    done: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+
+
+class VectorRun(Base):
+    __tablename__ = "vector_runs"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    extraction_run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    group_by: Mapped[str] = mapped_column(String, nullable=False)
+    model: Mapped[str] = mapped_column(String, nullable=False)
+    d_model: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+class Vector(Base):
+    __tablename__ = "vectors"
+    __table_args__ = (UniqueConstraint("run_id", "layer", "group_key"),)
+    id: Mapped[int] = _id(VECTOR_SEQ)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    layer: Mapped[int] = mapped_column(Integer, nullable=False)
+    group_key: Mapped[str] = mapped_column(String, nullable=False)
+    n_examples: Mapped[int] = mapped_column(Integer, nullable=False)
+    norm: Mapped[float] = mapped_column(Double, nullable=False)
+    vector: Mapped[list[float]] = mapped_column(ARRAY(Float), nullable=False)

@@ -1,0 +1,103 @@
+"""The workspace: one directory holding ``catalog.duckdb`` (the SQL catalog) and ``activations.zarr``.
+
+Resolved from ``--workspace``, else ``$PERSONAVEC_WORKSPACE``, else ``./personavec-workspace``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+
+from personavec.errors import WorkspaceError
+from personavec.store.engine import Catalog, alembic_config, create_catalog_engine
+
+ENV_VAR = "PERSONAVEC_WORKSPACE"
+DEFAULT_DIR = "personavec-workspace"
+CATALOG_FILE = "catalog.duckdb"
+ZARR_DIR = "activations.zarr"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths of one workspace. Construct with :meth:`resolve`; open the catalog with :meth:`catalog`."""
+
+    root: Path
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / CATALOG_FILE
+
+    @property
+    def zarr_path(self) -> Path:
+        return self.root / ZARR_DIR
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike[str] | None = None) -> Workspace:
+        """The workspace named by ``path``, else ``$PERSONAVEC_WORKSPACE``, else ``./personavec-workspace``."""
+        chosen = path if path is not None else os.environ.get(ENV_VAR) or DEFAULT_DIR
+        return cls(Path(chosen).expanduser().resolve())
+
+    def exists(self) -> bool:
+        return self.catalog_path.is_file()
+
+    def require(self) -> Workspace:
+        """Fail with a clear message unless this directory is an initialised workspace."""
+        if not self.root.exists():
+            raise WorkspaceError(f"workspace {self.root} does not exist: run `personavec init --workspace {self.root}`")
+        if not self.exists():
+            raise WorkspaceError(
+                f"{self.root} is not a personavec workspace (no {CATALOG_FILE}): "
+                f"run `personavec init --workspace {self.root}` or pass the right --workspace"
+            )
+        return self
+
+    def catalog(self, *, read_only: bool = False) -> Catalog:
+        """Open the catalog (schema checked against the package's head revision)."""
+        self.require()
+        return Catalog(self.catalog_path, read_only=read_only)
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Bring the catalog's schema to ``revision`` with Alembic (creates the file if needed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        engine = create_catalog_engine(self.catalog_path)
+        try:
+            cfg = alembic_config(self.catalog_path)
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+        finally:
+            engine.dispose()
+
+    def downgrade(self, revision: str) -> None:
+        self.require()
+        engine = create_catalog_engine(self.catalog_path)
+        try:
+            cfg = alembic_config(self.catalog_path)
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.downgrade(cfg, revision)
+        finally:
+            engine.dispose()
+
+
+def init_workspace(path: str | os.PathLike[str] | None = None) -> Workspace:
+    """Create (or bring up to date) a workspace at the head schema, with the built-in persona and question sets.
+
+    Idempotent: running it on an existing workspace upgrades the schema and leaves the data alone.
+    """
+    from personavec.ingest import register_builtin_sets
+
+    ws = Workspace.resolve(path)
+    if ws.root.exists() and not ws.root.is_dir():
+        raise WorkspaceError(f"{ws.root} exists and is not a directory")
+    if ws.root.is_dir() and any(ws.root.iterdir()) and not ws.exists():
+        raise WorkspaceError(
+            f"{ws.root} is a non-empty directory without {CATALOG_FILE}: pick an empty or new directory for the workspace"
+        )
+    ws.upgrade("head")
+    with ws.catalog() as catalog:
+        register_builtin_sets(catalog)
+    return ws
