@@ -1,0 +1,65 @@
+"""Frozen configuration dataclasses.
+
+``PersonaVectorConfig`` is the seed's config (same fields and defaults) plus the knobs of this package; each stage
+has its own frozen config next to its module (``ExtractConfig`` in extract.py, ``GenerateConfig`` in generate.py,
+...), validated in ``__post_init__`` and serialised into the run row for provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from personavec.errors import ConfigError
+
+OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def config_dict(config: Any, *, secret_fields: tuple[str, ...] = ("api_key", "hf_token", "openrouter_api_key")) -> dict:
+    """A config dataclass as a JSON-ready dict for provenance, with secrets left out."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in secret_fields}
+
+
+@dataclass(frozen=True)
+class PersonaVectorConfig:
+    """The seed's configuration, kept field for field, plus dtype/device/batching knobs.
+
+    Example: ``PersonaVectorConfig(model_name="smollm2-135m-instruct", dtype="float32")`` runs offline on the
+    embedded model.
+    """
+
+    model_name: str = "google/gemma-3-27b-it"
+    openrouter_model: str | None = None
+    layer_fraction: float = 0.65
+    max_tokens: int = 256
+    temperature: float = 0.7
+    max_concurrent_requests: int = 10
+    hf_token: str | None = None
+    openrouter_api_key: str | None = None
+    # personavec additions
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 64
+    prompt_format: str = "chat"
+    span: str = "exact"
+    base_url: str = OPENROUTER_BASE_URL
+    api_key_env: str = "OPENROUTER_API_KEY"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.layer_fraction <= 1.0:
+            raise ConfigError(f"layer_fraction must be in [0, 1], got {self.layer_fraction}")
+        if self.max_tokens <= 0:
+            raise ConfigError(f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.max_concurrent_requests <= 0:
+            raise ConfigError(f"max_concurrent_requests must be > 0, got {self.max_concurrent_requests}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_batch_tokens <= 0 or self.max_batch_size <= 0:
+            raise ConfigError("max_batch_tokens and max_batch_size must be > 0")
+
+    def layer_for(self, n_layers: int) -> int:
+        """The seed's default layer: ``int(n_layers * layer_fraction + 0.5)``."""
+        return int(n_layers * self.layer_fraction + 0.5)
