@@ -40,8 +40,8 @@ def upgrade() -> None:
         sa.Column("wall_s", sa.Double(), nullable=True),
         sa.Column("package_version", sa.String(), nullable=False),
         sa.Column("host", sa.String(), nullable=True),
-        sa.Column("config", sa.Text(), nullable=False),
-        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("config", sa.String(), nullable=False),
+        sa.Column("error", sa.String(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_runs")),
     )
     op.create_table(
@@ -116,7 +116,7 @@ def upgrade() -> None:
         sa.Column("persona_set_id", sa.BigInteger(), nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(), nullable=False),
-        sa.Column("system_prompt", sa.Text(), nullable=False),
+        sa.Column("system_prompt", sa.String(), nullable=False),
         sa.Column("groups", sa.ARRAY(sa.String()), nullable=False),
         sa.ForeignKeyConstraint(
             ["persona_set_id"], ["persona_sets.id"], name=op.f("fk_personas_persona_set_id_persona_sets")
@@ -129,7 +129,7 @@ def upgrade() -> None:
         sa.Column("id", sa.BigInteger(), server_default=sa.text("nextval('questions_id_seq')"), nullable=False),
         sa.Column("question_set_id", sa.BigInteger(), nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
-        sa.Column("text", sa.Text(), nullable=False),
+        sa.Column("text", sa.String(), nullable=False),
         sa.ForeignKeyConstraint(
             ["question_set_id"], ["question_sets.id"], name=op.f("fk_questions_question_set_id_question_sets")
         ),
@@ -169,13 +169,13 @@ def upgrade() -> None:
         sa.Column("persona_id", sa.BigInteger(), nullable=False),
         sa.Column("question_id", sa.BigInteger(), nullable=False),
         sa.Column("sample_index", sa.Integer(), nullable=False),
-        sa.Column("text", sa.Text(), nullable=True),
+        sa.Column("text", sa.String(), nullable=True),
         sa.Column("finish_reason", sa.String(), nullable=True),
         sa.Column("prompt_tokens", sa.Integer(), nullable=True),
         sa.Column("completion_tokens", sa.Integer(), nullable=True),
         sa.Column("latency_s", sa.Double(), nullable=True),
         sa.Column("model_reported", sa.String(), nullable=True),
-        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("error", sa.String(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(["persona_id"], ["personas.id"], name=op.f("fk_responses_persona_id_personas")),

@@ -61,8 +61,9 @@ def emit_json(obj: Any) -> None:
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
     table = Table(title=title, show_lines=False)
-    for col in columns:
-        table.add_column(str(col), overflow="fold")
+    for i, col in enumerate(columns):
+        last = i == len(columns) - 1
+        table.add_column(str(col), overflow="fold", no_wrap=not last)
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     console.print(table)

@@ -22,7 +22,6 @@ from sqlalchemy import (
     MetaData,
     Sequence,
     String,
-    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -73,8 +72,8 @@ class Run(Base):
     wall_s: Mapped[float | None] = mapped_column(Double)
     package_version: Mapped[str] = mapped_column(String, nullable=False)
     host: Mapped[str | None] = mapped_column(String)
-    config: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
-    error: Mapped[str | None] = mapped_column(Text)
+    config: Mapped[str] = mapped_column(String, nullable=False, default="{}")
+    error: Mapped[str | None] = mapped_column(String)
 
 
 class PersonaSet(Base):
@@ -92,7 +91,7 @@ class Persona(Base):
     persona_set_id: Mapped[int] = mapped_column(ForeignKey("persona_sets.id"), nullable=False)
     position: Mapped[int] = mapped_column(Integer, nullable=False)
     name: Mapped[str] = mapped_column(String, nullable=False)
-    system_prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    system_prompt: Mapped[str] = mapped_column(String, nullable=False)
     groups: Mapped[list[str]] = mapped_column(ARRAY(String), nullable=False)
 
 
@@ -113,7 +112,7 @@ class Question(Base):
     id: Mapped[int] = _id(QUESTION_SEQ)
     question_set_id: Mapped[int] = mapped_column(ForeignKey("question_sets.id"), nullable=False)
     position: Mapped[int] = mapped_column(Integer, nullable=False)
-    text: Mapped[str] = mapped_column(Text, nullable=False)
+    text: Mapped[str] = mapped_column(String, nullable=False)
 
 
 class ResponseRun(Base):
@@ -144,13 +143,13 @@ class Response(Base):
     persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id"), nullable=False)
     question_id: Mapped[int] = mapped_column(ForeignKey("questions.id"), nullable=False)
     sample_index: Mapped[int] = mapped_column(Integer, nullable=False)
-    text: Mapped[str | None] = mapped_column(Text)
+    text: Mapped[str | None] = mapped_column(String)
     finish_reason: Mapped[str | None] = mapped_column(String)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     latency_s: Mapped[float | None] = mapped_column(Double)
     model_reported: Mapped[str | None] = mapped_column(String)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(String)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
 

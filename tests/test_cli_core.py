@@ -1,0 +1,66 @@
+"""The core CLI in-process: init, ingest, runs, sql, db — exit codes and what landed in DuckDB."""
+
+from __future__ import annotations
+
+import json
+
+from personavec.cli import app
+from personavec.store.responses import responses_by_key
+from personavec.workspace import Workspace
+
+
+def test_init_ingest_runs_sql(cli, tmp_path, seed_cache_file):
+    ws = str(tmp_path / "ws")
+    res = cli.invoke(app, ["init", "-w", ws, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["revision"]
+
+    res = cli.invoke(app, ["ingest", "responses", str(seed_cache_file), "-w", ws, "--json"])
+    assert res.exit_code == 0, res.output
+    run_id = json.loads(res.stdout)["run_id"]
+    with Workspace.resolve(ws).catalog() as catalog:
+        assert len(responses_by_key(catalog, run_id)) == 15
+
+    res = cli.invoke(app, ["runs", "-w", ws, "--json"])
+    assert res.exit_code == 0
+    runs = json.loads(res.stdout)
+    assert [(r["kind"], r["items"]) for r in runs] == [
+        ("ingest-personas", 23), ("ingest-questions", 18), ("ingest-responses", 15)
+    ]
+
+    res = cli.invoke(app, ["sql", "SELECT count(*) AS n FROM responses", "-w", ws, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout) == [{"n": 15}]
+    res = cli.invoke(app, ["sql", "SELECT name FROM personas ORDER BY position LIMIT 2", "-w", ws, "--csv"])
+    assert res.stdout.splitlines() == ["name", "default", "default_assistant"]
+    res = cli.invoke(app, ["runs", "-w", ws])
+    assert res.exit_code == 0 and "ingest-responses" in res.stdout
+
+
+def test_sql_is_read_only(cli, workspace):
+    res = cli.invoke(app, ["sql", "DELETE FROM personas", "-w", str(workspace.root)])
+    assert res.exit_code != 0
+    assert "read-only" in res.output
+    with workspace.catalog() as catalog, catalog.session() as s:
+        assert s.connection().exec_driver_sql("SELECT count(*) FROM personas").scalar() == 23
+
+
+def test_bad_input_exit_codes(cli, workspace, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"oops": "x"}')
+    res = cli.invoke(app, ["ingest", "responses", str(bad), "-w", str(workspace.root)])
+    assert res.exit_code == 2
+    assert "bad.json" in res.output and "not a JSON-encoded" in res.output
+    res = cli.invoke(app, ["runs", "-w", str(tmp_path / "nowhere")])
+    assert res.exit_code == 1 and "personavec init" in res.output
+    res = cli.invoke(app, ["sql", "SELECT * FROM no_such_table", "-w", str(workspace.root)])
+    assert res.exit_code == 1 and "no_such_table" in res.output
+
+
+def test_db_commands(cli, workspace):
+    ws = str(workspace.root)
+    assert cli.invoke(app, ["db", "downgrade", "base", "-w", ws]).exit_code == 0
+    res = cli.invoke(app, ["runs", "-w", ws])
+    assert res.exit_code == 1 and "personavec db upgrade" in res.output
+    assert cli.invoke(app, ["db", "upgrade", "-w", ws]).exit_code == 0
+    res = cli.invoke(app, ["db", "current", "-w", ws])
+    assert res.exit_code == 0 and "0001" in res.stdout
