@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
@@ -42,3 +44,109 @@ def seed_cache_file(tmp_path: Path) -> Path:
     path = tmp_path / "responses_cache.json"
     path.write_text(json.dumps(responses, indent=2))
     return path
+
+
+# ------------------------------------------------------------------------------ synthetic extraction runs (vectors)
+
+
+@dataclass(frozen=True)
+class SyntheticExtraction:
+    """An ``extract`` run built through the store with seeded random activations (known answers for vectors)."""
+
+    workspace: Workspace
+    run_id: int
+    response_run_id: int
+    layers: tuple[int, ...]
+    d_model: int
+    examples: list[dict]  # row, persona, question, sample_index, groups, done
+    data: np.ndarray  # [n_examples, n_layers, d_model] exactly as written to Zarr
+
+
+@pytest.fixture
+def make_extraction_run(tmp_path: Path):
+    """Factory: ``make(workspace, personas=..., n_questions=3, layers=(2, 5), d_model=32, undone=0)`` ingests a
+    seed-JSON responses file over built-in personas/questions and creates a real extract run (catalog rows +
+    Zarr array of seeded random data); the last ``undone`` rows are written as NaN-free data but not marked done.
+    Persona ``p`` gets a mean offset of ``p_index`` on dimension 0 so groups differ."""
+    from personavec import arrays
+    from personavec.builtin import PERSONA_GROUPS
+    from personavec.ingest import ingest_responses
+    from personavec.store.extraction import add_examples, add_extraction_run, mark_rows_done
+    from personavec.store.responses import answered_responses
+    from personavec.store.runs import create_run, finish_run
+
+    counter = iter(range(1000))
+
+    def make(
+        ws: Workspace,
+        personas: tuple[str, ...] = ("default", "default_assistant", "assistant", "storyteller", "ghost", "cynic"),
+        n_questions: int = 3,
+        layers: tuple[int, ...] = (2, 5),
+        d_model: int = 32,
+        undone: int = 0,
+        seed: int = 0,
+        model: str = "synthetic/model",
+    ) -> SyntheticExtraction:
+        questions = EVAL_QUESTIONS[:n_questions]
+        path = tmp_path / f"responses_{next(counter)}.json"
+        path.write_text(json.dumps({json.dumps([p, q]): f"{p} on {q}" for p in personas for q in questions}))
+        rng = np.random.default_rng(seed)
+        with ws.catalog() as catalog:
+            resp = ingest_responses(catalog, path, model=model)
+            with catalog.session() as session:
+                run_id = create_run(session, "extract", {"synthetic": True})
+            examples_info = []
+            ids = [(r.id, r.persona, r.question, r.sample_index) for r in answered_responses(catalog, resp.run_id)]
+            n = len(ids)
+            data = rng.normal(size=(n, len(layers), d_model)).astype(np.float32)
+            for row, (rid, p, q, s) in enumerate(ids):
+                data[row, :, 0] += personas.index(p)
+                examples_info.append(
+                    {
+                        "row": row,
+                        "response_id": rid,
+                        "persona": p,
+                        "question": q,
+                        "sample_index": s,
+                        "groups": PERSONA_GROUPS[p],
+                        "done": row < n - undone,
+                    }
+                )
+            group = arrays.create_activation_array(ws.zarr_path, run_id, n, len(layers), d_model, {"run_id": run_id})
+            arr = arrays.open_activation_array(ws.zarr_path, group, "r+")
+            arrays.write_rows(arr, 0, data)
+            table = pa.table(
+                {
+                    "response_id": pa.array([e["response_id"] for e in examples_info], pa.int64()),
+                    "row": pa.array(range(n), pa.int32()),
+                    "span_start": pa.array([1] * n, pa.int32()),
+                    "span_end": pa.array([5] * n, pa.int32()),
+                    "n_tokens": pa.array([6] * n, pa.int32()),
+                    "n_response_tokens": pa.array([4] * n, pa.int32()),
+                    "truncated": pa.array([False] * n),
+                }
+            )
+            with catalog.session() as session:
+                add_extraction_run(
+                    session,
+                    run_id,
+                    source_run_id=resp.run_id,
+                    model=model,
+                    model_revision="abc",
+                    architecture="Synthetic",
+                    n_model_layers=8,
+                    d_model=d_model,
+                    layers=list(layers),
+                    dtype="float32",
+                    span_rule="exact",
+                    prompt_format="chat",
+                    device="cpu",
+                    zarr_group=group,
+                    n_examples=n,
+                )
+                add_examples(session, run_id, table)
+                mark_rows_done(session, run_id, 0, n - undone)
+                finish_run(session, run_id, "done" if not undone else "interrupted")
+        return SyntheticExtraction(ws, run_id, resp.run_id, tuple(layers), d_model, examples_info, data)
+
+    return make

@@ -1,0 +1,445 @@
+"""Vector stage: group means of an extraction run's per-example activations, stored in the catalog.
+
+The seed's persona vector is the mean, over a persona's responses, of each response's mean activation over its
+answer tokens. Extraction stores exactly those per-response means as Zarr rows, so a persona vector here is the
+plain mean of that persona's rows. Grouping by another catalog column (question, persona group, sample) is the
+same mean over a different partition; with ``persona_group`` an example counts once for each of its groups.
+
+Vectors land in ``vectors`` as ``FLOAT[]`` (so ``list_cosine_similarity`` works in SQL) with a ``vectors`` run row
+whose config carries the provenance (extraction run, responses run, model, layers, counts, span rule...).
+Read them back with :func:`load_vectors`, export with :func:`export_vectors`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from personavec import arrays
+from personavec.errors import ConfigError, InputFileError, StorageError
+from personavec.store.engine import Catalog
+from personavec.store.extraction import extraction_examples, get_extraction_run
+from personavec.store.runs import create_run, finish_run
+from personavec.store.vectors import (
+    add_vector_run,
+    get_vector_run,
+    insert_vectors,
+    persona_groups_for_responses,
+    read_vectors,
+)
+from personavec.workspace import Workspace
+
+#: Catalog columns a vector run can group examples by.
+GROUP_BY = ("persona", "question", "persona_group", "sample", "all")
+#: Export formats, by file suffix.
+EXPORT_FORMATS = {".pt": "pt", ".safetensors": "safetensors", ".npz": "npz"}
+# Rows read from Zarr per step: bounds memory (rows x d_model float32) for runs with many examples.
+_BLOCK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class VectorConfig:
+    """What to average: which extraction run, grouped how, which of its layers.
+
+    Example: ``VectorConfig(extraction_run_id=3, group_by="persona")`` gives the seed's persona vectors at every
+    layer the extraction stored.
+    """
+
+    extraction_run_id: int
+    group_by: str = "persona"
+    layers: tuple[int, ...] | None = None
+    allow_partial: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group_by not in GROUP_BY:
+            raise ConfigError(f"group_by must be one of {', '.join(GROUP_BY)}, got {self.group_by!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            if not self.layers:
+                raise ConfigError("layers must name at least one layer (or be None for all of the run's layers)")
+            if len(set(self.layers)) != len(self.layers):
+                raise ConfigError(f"layers has duplicates: {self.layers}")
+
+
+@dataclass(frozen=True)
+class VectorRunResult:
+    """What :func:`compute_vectors` did."""
+
+    run_id: int
+    extraction_run_id: int
+    group_by: str
+    layers: tuple[int, ...]
+    groups: tuple[str, ...]
+    n_examples: int
+    n_vectors: int
+    wall_s: float
+
+
+@dataclass(frozen=True, eq=False)
+class VectorSet(Mapping[str, torch.Tensor]):
+    """The vectors of one layer of a vector run: a read-only ``{name: Tensor[d_model]}`` mapping with provenance.
+
+    ``vset["default"]`` is a vector, ``dict(vset)`` the seed's dict, ``vset.matrix`` the ``[n, d_model]`` stack
+    in catalog order, ``vset.provenance`` the run's provenance (model, layer, counts, config, package version).
+    """
+
+    run_id: int
+    layer: int
+    group_by: str
+    names: tuple[str, ...]
+    matrix: torch.Tensor
+    n_examples: tuple[int, ...]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """A plain ``{name: Tensor}`` dict (views into :attr:`matrix`)."""
+        return dict(zip(self.names, self.matrix, strict=True))
+
+    @property
+    def model(self) -> str:
+        return str(self.provenance.get("model", ""))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.matrix.shape[1])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self.matrix[self.names.index(name)]
+        except ValueError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return (
+            f"VectorSet(run_id={self.run_id}, layer={self.layer}, group_by={self.group_by!r}, "
+            f"n={len(self.names)}, d_model={self.d_model}, model={self.model!r})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def _open(where: Workspace | Catalog | str | os.PathLike[str] | None, read_only: bool) -> tuple[Catalog, Path, bool]:
+    """(catalog, zarr path, whether we opened the catalog and must close it)."""
+    if isinstance(where, Catalog):
+        return where, Workspace(where.path.parent).zarr_path, False
+    ws = where if isinstance(where, Workspace) else Workspace.resolve(where)
+    return ws.catalog(read_only=read_only), ws.zarr_path, True
+
+
+def _group_keys(table: pa.Table, group_by: str) -> list[list[str]]:
+    """For each example, the groups it counts in (one, except for ``persona_group``)."""
+    if group_by == "persona":
+        return [[p] for p in table["persona"].to_pylist()]
+    if group_by == "question":
+        return [[q] for q in table["question"].to_pylist()]
+    if group_by == "sample":
+        return [[str(s)] for s in table["sample_index"].to_pylist()]
+    if group_by == "persona_group":
+        return [list(g or []) for g in table["persona_groups"].to_pylist()]
+    return [["all"] for _ in range(table.num_rows)]
+
+
+def _group_order(table: pa.Table, group_by: str, persona_order: Sequence[str]) -> Callable[[str], Any]:
+    """Sort key putting groups in a reader's order: persona-set order, question order, sample number."""
+    if group_by == "persona":
+        pos = {p: i for i, p in enumerate(persona_order)}
+        return lambda k: (pos.get(k, len(pos)), k)
+    if group_by == "question":
+        qpos = dict(zip(table["question"].to_pylist(), table["question_position"].to_pylist(), strict=True))
+        return lambda k: (qpos[k], k)
+    if group_by == "sample":
+        return int
+    if group_by == "persona_group":
+        first: dict[str, int] = {}
+        pos = {p: i for i, p in enumerate(persona_order)}
+        for p, groups in zip(table["persona"].to_pylist(), table["persona_groups"].to_pylist(), strict=True):
+            for g in groups or []:
+                first[g] = min(first.get(g, 1 << 30), pos.get(p, len(pos)))
+        return lambda k: (first.get(k, 1 << 30), k)
+    return lambda k: k
+
+
+def group_means(
+    array: Any, rows: np.ndarray, membership: np.ndarray, layer_index: int, block_rows: int | None = None
+) -> np.ndarray:
+    """Means ``[n_groups, d_model]`` of Zarr rows ``rows`` of one layer, weighted by ``membership``
+    (``[n_groups, len(rows)]``, 1 where the example counts in the group). Accumulates in float64, block by block."""
+    d_model = int(array.shape[2])
+    if block_rows is None:
+        chunk = int(array.chunks[0])
+        block_rows = max(chunk, (_BLOCK_BYTES // (4 * d_model)) // chunk * chunk)
+    sums = np.zeros((membership.shape[0], d_model), dtype=np.float64)
+    for start in range(0, len(rows), block_rows):
+        block = arrays.read_rows(array, rows[start : start + block_rows], layer_index).astype(np.float64)
+        sums += membership[:, start : start + block_rows] @ block
+    counts = membership.sum(axis=1, keepdims=True)
+    return sums / counts
+
+
+# ------------------------------------------------------------------------------------------------------- compute
+
+
+def compute_vectors(
+    where: Workspace | Catalog | str | os.PathLike[str] | None, config: VectorConfig
+) -> VectorRunResult:
+    """Average an extraction run's per-example activations per group and layer into a new ``vectors`` run.
+
+    Reads only rows the catalog marks done; a run with rows not done is refused unless
+    ``config.allow_partial``. Everything is computed before anything is written, and the catalog rows go in
+    one transaction, so a failure leaves no vectors run behind.
+
+    Args:
+        where: a workspace (or its path; None = the default workspace) or an open read-write catalog.
+        config: which extraction run, grouping and layers.
+
+    Returns:
+        :class:`VectorRunResult` with the new run id.
+
+    Example:
+        >>> res = compute_vectors("ws", VectorConfig(extraction_run_id=3))
+        >>> load_vectors(res.run_id, workspace="ws")["default"].shape
+    """
+    t0 = time.perf_counter()
+    catalog, zarr_path, owned = _open(where, read_only=False)
+    try:
+        ext = get_extraction_run(catalog, config.extraction_run_id)
+        layers = config.layers if config.layers is not None else ext.layers
+        missing = [layer for layer in layers if layer not in ext.layers]
+        if missing:
+            raise ConfigError(
+                f"extract run {ext.run_id} has no layer(s) {', '.join(map(str, missing))}; "
+                f"it stored layers {', '.join(map(str, ext.layers))}"
+            )
+        table = extraction_examples(catalog, ext.run_id)
+        if table.num_rows == 0:
+            raise ConfigError(f"extract run {ext.run_id} has no examples")
+        done = np.asarray(table["done"].to_numpy(zero_copy_only=False), dtype=bool)
+        n_undone = int((~done).sum())
+        if n_undone and not config.allow_partial:
+            raise ConfigError(
+                f"extract run {ext.run_id} has {n_undone} of {table.num_rows} examples not done: resume the "
+                f"extraction to finish it, or pass allow_partial (--allow-partial) to average the done rows only"
+            )
+        table = table.filter(pa.array(done))
+        if table.num_rows == 0:
+            raise ConfigError(f"extract run {ext.run_id} has no done examples yet")
+
+        persona_groups = persona_groups_for_responses(catalog, ext.source_run_id)
+        keys = _group_keys(table, config.group_by)
+        groups = sorted({k for ks in keys for k in ks}, key=_group_order(table, config.group_by, list(persona_groups)))
+        if not groups:
+            raise ConfigError(f"extract run {ext.run_id}: no example has a {config.group_by} to group by")
+        gidx = {g: i for i, g in enumerate(groups)}
+        membership = np.zeros((len(groups), table.num_rows), dtype=np.float64)
+        for j, ks in enumerate(keys):
+            for k in ks:
+                membership[gidx[k], j] = 1.0
+        counts = membership.sum(axis=1).astype(np.int64)
+        rows = np.asarray(table["row"].to_numpy(zero_copy_only=False), dtype=np.int64)
+
+        array = arrays.open_activation_array(zarr_path, ext.zarr_group, "r")
+        if tuple(array.shape[1:]) != (len(ext.layers), ext.d_model):
+            raise StorageError(
+                f"Zarr group {ext.zarr_group} has shape {tuple(array.shape)}, the catalog says "
+                f"[*, {len(ext.layers)}, {ext.d_model}]: the activation store and the catalog disagree"
+            )
+        parts = []
+        for layer in layers:
+            means = group_means(array, rows, membership, ext.layers.index(layer)).astype(np.float32)
+            if not np.isfinite(means).all():
+                raise StorageError(
+                    f"extract run {ext.run_id}, layer {layer}: rows marked done hold NaN/inf in Zarr "
+                    f"({zarr_path}/{ext.zarr_group}); the store is inconsistent with the catalog"
+                )
+            norms = np.linalg.norm(means.astype(np.float64), axis=1)
+            parts.append(
+                pa.table(
+                    {
+                        "layer": pa.array([layer] * len(groups), pa.int32()),
+                        "group_key": pa.array(groups, pa.string()),
+                        "n_examples": pa.array(counts, pa.int32()),
+                        "norm": pa.array(norms, pa.float64()),
+                        "vector": pa.FixedSizeListArray.from_arrays(pa.array(means.ravel()), ext.d_model).cast(
+                            pa.list_(pa.float32())
+                        ),
+                    }
+                )
+            )
+        vectors_table = pa.concat_tables(parts)
+
+        provenance = {
+            "extraction_run_id": ext.run_id,
+            "response_run_id": ext.source_run_id,
+            "group_by": config.group_by,
+            "layers": list(layers),
+            "allow_partial": config.allow_partial,
+            "model": ext.model,
+            "model_revision": ext.model_revision,
+            "architecture": ext.architecture,
+            "n_model_layers": ext.n_model_layers,
+            "d_model": ext.d_model,
+            "dtype": ext.dtype,
+            "span_rule": ext.span_rule,
+            "prompt_format": ext.prompt_format,
+            "n_examples": int(table.num_rows),
+            "n_examples_not_done": n_undone,
+            "n_groups": len(groups),
+        }
+        if config.group_by == "persona":
+            provenance["persona_groups"] = {p: list(persona_groups.get(p, ())) for p in groups}
+        with catalog.session() as session:
+            run_id = create_run(session, "vectors", provenance)
+            add_vector_run(
+                session,
+                run_id,
+                extraction_run_id=ext.run_id,
+                group_by=config.group_by,
+                model=ext.model,
+                d_model=ext.d_model,
+            )
+            n = insert_vectors(session, run_id, vectors_table)
+            finish_run(session, run_id, "done")
+    finally:
+        if owned:
+            catalog.close()
+    return VectorRunResult(
+        run_id=run_id,
+        extraction_run_id=ext.run_id,
+        group_by=config.group_by,
+        layers=tuple(layers),
+        groups=tuple(groups),
+        n_examples=int(table.num_rows),
+        n_vectors=n,
+        wall_s=time.perf_counter() - t0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- load
+
+
+def default_layer(layers: Sequence[int], n_model_layers: int | None, layer_fraction: float = 0.65) -> int:
+    """The layer :func:`load_vectors` picks when none is named: the only one, else the seed's default
+    ``int(n_layers * 0.65 + 0.5)`` when the run has it."""
+    if len(layers) == 1:
+        return int(layers[0])
+    if n_model_layers is not None:
+        seed_layer = int(n_model_layers * layer_fraction + 0.5)
+        if seed_layer in layers:
+            return seed_layer
+    raise ConfigError(f"the run has layers {', '.join(map(str, layers))}: name one (layer=..., --layer)")
+
+
+def load_vectors(
+    run_id: int,
+    layer: int | None = None,
+    workspace: Workspace | str | os.PathLike[str] | None = None,
+    *,
+    catalog: Catalog | None = None,
+) -> VectorSet:
+    """Load one layer of a vector run by id as a :class:`VectorSet` (a ``{name: Tensor}`` mapping + provenance).
+
+    Args:
+        run_id: a ``vectors`` run.
+        layer: which layer; None = the run's only layer, else the seed's default layer if the run has it.
+        workspace: the workspace (None = ``$PERSONAVEC_WORKSPACE`` or ``./personavec-workspace``); opened read-only.
+        catalog: an already open catalog to use instead (e.g. inside a process that holds it read-write).
+
+    Example:
+        >>> vs = personavec.load_vectors(7)
+        >>> vs["default"].shape, vs.layer, vs.provenance["model"]
+    """
+    if catalog is None:
+        ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
+        with ws.catalog(read_only=True) as cat:
+            return load_vectors(run_id, layer, catalog=cat)
+    info = get_vector_run(catalog, run_id)
+    if not info.layers:
+        raise ConfigError(f"vectors run {run_id} holds no vectors (status {info.status})")
+    chosen = layer if layer is not None else default_layer(info.layers, info.config.get("n_model_layers"))
+    stored = read_vectors(catalog, run_id, chosen)
+    provenance = {
+        **info.config,
+        "run_id": run_id,
+        "layer": chosen,
+        "status": info.status,
+        "package_version": info.package_version,
+        "created_at": info.created_at,
+        "norms": dict(zip(stored.group_keys, stored.norms, strict=True)),
+    }
+    return VectorSet(
+        run_id=run_id,
+        layer=chosen,
+        group_by=info.group_by,
+        names=stored.group_keys,
+        matrix=torch.from_numpy(stored.matrix),
+        n_examples=stored.n_examples,
+        provenance=provenance,
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- export
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_vectors(
+    vset: VectorSet, path: str | os.PathLike[str], fmt: str | None = None, *, overwrite: bool = False
+) -> Path:
+    """Write a :class:`VectorSet` to ``.pt`` (the seed's ``{name: Tensor}`` dict), ``.safetensors`` (one tensor per
+    name, provenance as JSON metadata) or ``.npz`` (``names``, ``vectors`` [n, d], ``provenance`` JSON).
+
+    ``fmt`` (pt, safetensors, npz) defaults to the file suffix. Refuses to overwrite unless ``overwrite``.
+    """
+    import json
+
+    path = Path(path)
+    fmt = fmt or EXPORT_FORMATS.get(path.suffix.lower())
+    if fmt not in EXPORT_FORMATS.values():
+        raise ConfigError(f"{path}: export format must be one of {', '.join(EXPORT_FORMATS)} (by suffix or --format)")
+    if path.exists() and not overwrite:
+        raise InputFileError(f"{path} exists: pass overwrite (--overwrite) to replace it")
+    meta = json.dumps(vset.provenance, sort_keys=True, default=str)
+    if fmt == "pt":
+        from personavec.seed import save_persona_vectors
+
+        save_persona_vectors({k: v.clone() for k, v in vset.vectors.items()}, path)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        tensors = {k: v.contiguous().clone() for k, v in vset.vectors.items()}
+        _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"personavec": meta}))
+    else:
+
+        def write_npz(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, names=np.array(vset.names), vectors=vset.matrix.numpy(), provenance=np.array(meta))
+
+        _atomic(path, write_npz)
+    return path
