@@ -95,7 +95,8 @@ def init_workspace(path: str | os.PathLike[str] | None = None) -> Workspace:
         raise WorkspaceError(f"{ws.root} exists and is not a directory")
     if ws.root.is_dir() and any(ws.root.iterdir()) and not ws.exists():
         raise WorkspaceError(
-            f"{ws.root} is a non-empty directory without {CATALOG_FILE}: pick an empty or new directory for the workspace"
+            f"{ws.root} is a non-empty directory without {CATALOG_FILE}: "
+            "pick an empty or new directory for the workspace"
         )
     ws.upgrade("head")
     with ws.catalog() as catalog:

@@ -39,8 +39,13 @@ def make_sets(tmp: Path, n_personas: int, n_questions: int) -> tuple[Path, Path]
 
 def make_table(n_personas: int, n_questions: int) -> pa.Table:
     persona = [f"persona_{i}" for i in range(n_personas) for _ in range(n_questions)]
-    question = [f"Question {j}: what do you think about topic {j}?" for _ in range(n_personas) for j in range(n_questions)]
-    text = [f"Answer of {p} to {q[:12]}: " + "lorem ipsum dolor sit amet " * 6 for p, q in zip(persona, question)]
+    question = [
+        f"Question {j}: what do you think about topic {j}?" for _ in range(n_personas) for j in range(n_questions)
+    ]
+    text = [
+        f"Answer of {p} to {q[:12]}: " + "lorem ipsum dolor sit amet " * 6
+        for p, q in zip(persona, question, strict=True)
+    ]
     return pa.table({"persona": persona, "question": question, "sample_index": [0] * len(persona), "text": text})
 
 
@@ -62,14 +67,25 @@ def orm_baseline(ws, n: int) -> float:
     """Rows per second of the ORM path (session.add_all + commit), on the bench sets."""
     with ws.catalog() as catalog, catalog.session() as s:
         pid = s.connection().exec_driver_sql("SELECT min(id) FROM personas WHERE name LIKE 'persona_%'").scalar()
-        qids = [r[0] for r in s.connection().exec_driver_sql(
-            "SELECT q.id FROM questions q JOIN question_sets s ON s.id = q.question_set_id WHERE s.name = 'bench'")]
+        qids = [
+            r[0]
+            for r in s.connection().exec_driver_sql(
+                "SELECT q.id FROM questions q JOIN question_sets s ON s.id = q.question_set_id WHERE s.name = 'bench'"
+            )
+        ]
         run_id = create_run(s, "ingest-responses", {"bench": "orm"})
         now = datetime.now()
         t = time.perf_counter()
         s.add_all(
-            m.Response(run_id=run_id, persona_id=pid, question_id=qids[i % len(qids)], sample_index=i // len(qids),
-                       text="lorem ipsum " * 16, attempts=1, created_at=now)
+            m.Response(
+                run_id=run_id,
+                persona_id=pid,
+                question_id=qids[i % len(qids)],
+                sample_index=i // len(qids),
+                text="lorem ipsum " * 16,
+                attempts=1,
+                created_at=now,
+            )
             for i in range(n)
         )
         s.flush()
@@ -105,17 +121,34 @@ def main() -> None:
                 result = ingest_responses(catalog, path, persona_set="bench", question_set="bench", fmt=fmt)
                 dt = time.perf_counter() - t
             assert result.rows == rows
-            results[fmt] = {"seconds": round(dt, 2), "rows_per_s": round(rows / dt), "mb": round(path.stat().st_size / 1e6, 1)}
+            results[fmt] = {
+                "seconds": round(dt, 2),
+                "rows_per_s": round(rows / dt),
+                "mb": round(path.stat().st_size / 1e6, 1),
+            }
             path.unlink()
     print(f"ingest of {rows:,} responses on {platform.node()} ({platform.processor() or platform.machine()})")
     print(f"{'path':<22}{'file MB':>9}{'seconds':>10}{'rows/s':>12}{'vs ORM':>9}")
     for fmt, r in results.items():
-        print(f"{'bulk ' + fmt:<22}{r['mb']:>9}{r['seconds']:>10}{r['rows_per_s']:>12,}{r['rows_per_s'] / orm_rate:>8.0f}x")
-    print(f"{'ORM add_all (baseline)':<22}{'':>9}{rows / orm_rate:>10.0f}{orm_rate:>12,.0f}{1:>8}x   "
-          f"(measured on {args.orm_rows:,} rows, seconds extrapolated)")
-    print(json.dumps({"rows": rows, "formats": results, "orm_rows_per_s": round(orm_rate),
-                      "orm_projected_s": round(rows / orm_rate, 1),
-                      "max_seconds": max(r["seconds"] for r in results.values())}))
+        print(
+            f"{'bulk ' + fmt:<22}{r['mb']:>9}{r['seconds']:>10}{r['rows_per_s']:>12,}"
+            f"{r['rows_per_s'] / orm_rate:>8.0f}x"
+        )
+    print(
+        f"{'ORM add_all (baseline)':<22}{'':>9}{rows / orm_rate:>10.0f}{orm_rate:>12,.0f}{1:>8}x   "
+        f"(measured on {args.orm_rows:,} rows, seconds extrapolated)"
+    )
+    print(
+        json.dumps(
+            {
+                "rows": rows,
+                "formats": results,
+                "orm_rows_per_s": round(orm_rate),
+                "orm_projected_s": round(rows / orm_rate, 1),
+                "max_seconds": max(r["seconds"] for r in results.values()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def test_init_ingest_runs_sql(cli, tmp_path, seed_cache_file):
     assert res.exit_code == 0
     runs = json.loads(res.stdout)
     assert [(r["kind"], r["items"]) for r in runs] == [
-        ("ingest-personas", 23), ("ingest-questions", 18), ("ingest-responses", 15)
+        ("ingest-personas", 23),
+        ("ingest-questions", 18),
+        ("ingest-responses", 15),
     ]
 
     res = cli.invoke(app, ["sql", "SELECT count(*) AS n FROM responses", "-w", ws, "--json"])

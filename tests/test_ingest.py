@@ -19,9 +19,13 @@ from personavec.store.sets import get_persona_set, get_question_set
 
 def _counts(catalog) -> tuple[int, int, int]:
     with catalog.session() as s:
-        row = s.connection().exec_driver_sql(
-            "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM responses), (SELECT count(*) FROM personas)"
-        ).one()
+        row = (
+            s.connection()
+            .exec_driver_sql(
+                "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM responses), (SELECT count(*) FROM personas)"
+            )
+            .one()
+        )
     return tuple(row)
 
 
@@ -58,17 +62,23 @@ def test_tabular_formats(workspace, tmp_path, fmt):
         result = ingest_responses(catalog, path, model="test-model")
         assert result.rows == 12
         with catalog.session() as s:
-            got = s.connection().exec_driver_sql(
-                "SELECT p.name, q.text, r.sample_index, r.text FROM responses r JOIN personas p ON p.id = r.persona_id "
-                "JOIN questions q ON q.id = r.question_id WHERE r.run_id = ? ORDER BY 1, 2, 3",
-                (result.run_id,),
-            ).all()
+            got = (
+                s.connection()
+                .exec_driver_sql(
+                    "SELECT p.name, q.text, r.sample_index, r.text FROM responses r "
+                    "JOIN personas p ON p.id = r.persona_id "
+                    "JOIN questions q ON q.id = r.question_id WHERE r.run_id = ? ORDER BY 1, 2, 3",
+                    (result.run_id,),
+                )
+                .all()
+            )
     assert sorted((r["persona"], r["question"], r["sample_index"], r["text"]) for r in rows) == [tuple(g) for g in got]
 
 
 def test_persona_and_question_sets(workspace, tmp_path):
-    (tmp_path / "p.yaml").write_text("name: mine\npersonas:\n  - {name: a, system_prompt: 'Be A', groups: [x]}\n"
-                                      "  - {name: b, system_prompt: ''}\n")
+    (tmp_path / "p.yaml").write_text(
+        "name: mine\npersonas:\n  - {name: a, system_prompt: 'Be A', groups: [x]}\n  - {name: b, system_prompt: ''}\n"
+    )
     (tmp_path / "q.csv").write_text('question\n"Why, though?"\nHow?\n')
     (tmp_path / "p2.json").write_text(json.dumps({"c": "Be C", "d": "Be D"}))
     with workspace.catalog() as catalog:
@@ -103,7 +113,7 @@ BAD_RESPONSES = [
     ("unknown_question.json", json.dumps({json.dumps(["default", "What is 2+2?"]): "4"}), "unknown question"),
     (
         "dupkey.json",
-        '{"[\\"default\\", \\"%s\\"]": "a", "[\\"default\\", \\"%s\\"]": "b"}' % (EVAL_QUESTIONS[0], EVAL_QUESTIONS[0]),
+        '{"[\\"default\\", \\"Q\\"]": "a", "[\\"default\\", \\"Q\\"]": "b"}'.replace("Q", EVAL_QUESTIONS[0]),
         "duplicate key",
     ),
     ("empty.json", "", "the file is empty"),
@@ -132,7 +142,11 @@ def test_bad_response_files(workspace, tmp_path, name, content, message):
 
 
 BAD_SETS = [
-    ("p_dup.yaml", "personas:\n  - {name: a, system_prompt: x}\n  - {name: a, system_prompt: y}\n", "duplicate persona"),
+    (
+        "p_dup.yaml",
+        "personas:\n  - {name: a, system_prompt: x}\n  - {name: a, system_prompt: y}\n",
+        "duplicate persona",
+    ),
     ("p_dupkey.yaml", "a: x\na: y\n", "duplicate key 'a'"),
     ("p_noprompt.json", json.dumps({"personas": [{"name": "a"}]}), "needs a string 'system_prompt'"),
     ("p_cols.csv", "persona,prompt\na,b\n", "missing column\\(s\\) name, system_prompt"),
@@ -153,7 +167,11 @@ def test_bad_persona_files(workspace, tmp_path, name, content, message):
 
 def test_bad_question_files(workspace, tmp_path):
     with workspace.catalog() as catalog:
-        for content, message in [("- a\n- a\n", "duplicate question"), ("- ''\n", "non-empty string"), ("{x: 1}", "expected a list of questions")]:
+        for content, message in [
+            ("- a\n- a\n", "duplicate question"),
+            ("- ''\n", "non-empty string"),
+            ("{x: 1}", "expected a list of questions"),
+        ]:
             with pytest.raises(InputFileError, match=message):
                 ingest_questions(catalog, _write(tmp_path, "q.yaml", content))
         assert [r.kind for r in list_runs(catalog)] == ["ingest-personas", "ingest-questions"]

@@ -16,7 +16,11 @@ from personavec.workspace import Workspace, init_workspace
 
 def _same_type(context, inspected_column, metadata_column, inspected_type, metadata_type):
     """duckdb_engine reflects DOUBLE as the generic FLOAT (double precision); every other type compares as usual."""
-    if isinstance(metadata_type, sa.Double) and isinstance(inspected_type, sa.Float) and inspected_type.precision is None:
+    if (
+        isinstance(metadata_type, sa.Double)
+        and isinstance(inspected_type, sa.Float)
+        and inspected_type.precision is None
+    ):
         return False
     return None
 
@@ -94,8 +98,12 @@ def test_locked_catalog_is_a_clear_error(workspace):
 
     # DuckDB's lock is per process: hold it from a second process.
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import duckdb,time; c=duckdb.connect({str(workspace.catalog_path)!r}); "
-         "print('ok', flush=True); time.sleep(60)"],
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb,time; c=duckdb.connect({str(workspace.catalog_path)!r}); "
+            "print('ok', flush=True); time.sleep(60)",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
