@@ -35,9 +35,17 @@ def _root(zarr_path: Path) -> zarr.Group:
 
 
 def create_activation_array(
-    zarr_path: Path, run_id: int, n_examples: int, n_layers: int, d_model: int, attrs: dict | None = None
+    zarr_path: Path,
+    run_id: int,
+    n_examples: int,
+    n_layers: int,
+    d_model: int,
+    attrs: dict | None = None,
+    chunk_rows: int | None = None,
 ) -> str:
-    """Create (or reopen, when resuming) the run's array; returns its group name. Shapes must match on reopen."""
+    """Create (or reopen, when resuming) the run's array; returns its group name. Shapes must match on reopen.
+
+    ``chunk_rows`` overrides :func:`chunk_rows_for` (rows per chunk)."""
     name = group_name(run_id)
     root = _root(zarr_path)
     shape = (n_examples, n_layers, d_model)
@@ -52,7 +60,7 @@ def create_activation_array(
     group.create_array(
         ARRAY_NAME,
         shape=shape,
-        chunks=(chunk_rows_for(d_model), 1, d_model),
+        chunks=(chunk_rows or chunk_rows_for(d_model), 1, d_model),
         dtype="float32",
         fill_value=np.nan,
     )

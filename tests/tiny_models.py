@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from personavec.modeling import local_model_path
 
-VOCAB = 49152
+VOCAB = 49152 + 64  # the embedded tokenizer plus the turn markers of the templates below
 _COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -47,6 +47,7 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+TURN_MARKERS = ["<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 TEMPLATES = {"gemma": GEMMA_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE, "smollm2": None}
 
 
@@ -98,6 +99,16 @@ def tiny_config(arch: str):
     return classes[arch](**_COMMON, **extra)
 
 
+def template_tokenizer(template: str):
+    """The embedded tokenizer with a chat template of another family and that family's turn markers."""
+    tok = AutoTokenizer.from_pretrained(local_model_path("smollm2-135m-instruct"))
+    if TEMPLATES[template] is not None:
+        tok.chat_template = TEMPLATES[template]
+    # Real Gemma/Llama-3 tokenizers know their turn markers as special tokens; so must ours.
+    tok.add_special_tokens({"additional_special_tokens": TURN_MARKERS}, replace_extra_special_tokens=False)
+    return tok
+
+
 def tiny_model_dir(root: Path, arch: str, template: str = "chatml", seed: int = 0) -> Path:
     """Save a random tiny model of ``arch`` with the embedded tokenizer and ``template`` (a TEMPLATES key) to a dir."""
     out = root / f"{arch}-{template}"
@@ -112,8 +123,5 @@ def tiny_model_dir(root: Path, arch: str, template: str = "chatml", seed: int = 
     else:
         model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
-    tok = AutoTokenizer.from_pretrained(local_model_path("smollm2-135m-instruct"))
-    if TEMPLATES[template] is not None:
-        tok.chat_template = TEMPLATES[template]
-    tok.save_pretrained(out)
+    template_tokenizer(template).save_pretrained(out)
     return out

@@ -117,3 +117,79 @@ def extraction_examples(catalog: Catalog, run_id: int, *, done_only: bool = Fals
         extraction_run_in_session(session, run_id)
         con = session.connection().connection.dbapi_connection
         return con.execute(_EXAMPLES.format(done="AND a.done" if done_only else ""), [run_id]).fetch_arrow_table()
+
+
+def extraction_run_config(catalog: Catalog, run_id: int) -> dict:
+    """The config JSON stored with an extraction run (what a resume rebuilds its ExtractConfig from)."""
+    with catalog.session() as session:
+        return dict(run_in_session(session, run_id, ("extract",)).config)
+
+
+def set_run_status(catalog: Catalog, run_id: int, status: str) -> None:
+    """Mark a resumed run ``running`` again."""
+    from personavec.store.runs import mark_running
+
+    with catalog.session() as session:
+        run_in_session(session, run_id, ("extract",))
+        if status == "running":
+            mark_running(session, run_id)
+
+
+_PENDING = """
+SELECT a.row, a.response_id, p.system_prompt, q.text AS question, r.text
+FROM activations a
+JOIN responses r ON r.id = a.response_id
+JOIN personas p ON p.id = r.persona_id
+JOIN questions q ON q.id = r.question_id
+WHERE a.run_id = ? AND NOT a.done
+ORDER BY a.row
+"""
+
+
+def pending_examples(catalog: Catalog, run_id: int) -> pa.Table:
+    """Rows of a run not yet done, with the conversation to rebuild (system_prompt, question, text), by row."""
+    with catalog.session() as session:
+        extraction_run_in_session(session, run_id)
+        con = session.connection().connection.dbapi_connection
+        return con.execute(_PENDING, [run_id]).fetch_arrow_table()
+
+
+def finish_extraction(
+    catalog: Catalog, run_id: int, status: str, error: str | None, tokens: int, tok_s: float | None
+) -> None:
+    """Close a run (or a resumed session of it): status, total planned tokens, and this session's tokens/s."""
+    from personavec.store.runs import finish_run
+
+    with catalog.session() as session:
+        total = session.execute(
+            sa.select(sa.func.sum(m.Activation.n_tokens)).where(m.Activation.run_id == run_id)
+        ).scalar_one()
+        values: dict[str, object] = {"n_tokens": int(total or 0)}
+        if tok_s is not None:
+            values["tok_s"] = float(tok_s)
+        update_extraction_run(session, run_id, **values)
+        finish_run(session, run_id, status, error)
+
+
+def count_truncated(catalog: Catalog, run_id: int) -> int:
+    """How many examples of a run were truncated to the model's context."""
+    with catalog.session() as session:
+        return int(
+            session.execute(
+                sa.select(sa.func.count())
+                .select_from(m.Activation)
+                .where(m.Activation.run_id == run_id, m.Activation.truncated)
+            ).scalar_one()
+        )
+
+
+def done_count(catalog: Catalog, run_id: int) -> int:
+    """Rows of a run whose activations are written."""
+    with catalog.session() as session:
+        return int(
+            session.execute(
+                sa.select(sa.func.count())
+                .select_from(m.Activation)
+                .where(m.Activation.run_id == run_id, m.Activation.done)
+            ).scalar_one()
+        )

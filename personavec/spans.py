@@ -1,0 +1,229 @@
+"""Render conversations to token ids and find the exact tokens of every assistant message.
+
+The core API is generic over multi-turn conversations::
+
+    rendered = render(tokenizer, [{"role": "system", "content": s}, {"role": "user", "content": q},
+                                  {"role": "assistant", "content": a}, ...])
+    rendered.input_ids          # list[int], what the model sees
+    rendered.assistant_spans    # [(start, end), ...] one per assistant message, token indices, end exclusive
+
+Span rules:
+
+- ``"exact"`` (default): the tokens of each assistant message's *content* inside the rendered text, located through the
+  fast tokenizer's offset mapping. Template tokens before and after (turn headers, end-of-turn) are excluded. A token
+  that straddles the start or end of the content (BPE merges across the boundary) is included.
+- ``"seed"``: the seed's rule, for comparing with vectors computed by the seed: the input is
+  ``tokenize(generation_prompt + response)`` with the tokenizer's default special tokens, and the span runs from
+  ``len(tokenize(generation_prompt.rstrip())) + 1`` to the end. Single-turn only (system?, user, assistant).
+
+Prompt formats:
+
+- ``"chat"``: the tokenizer's chat template. The rendered text is tokenized with ``add_special_tokens=False`` because
+  templates put BOS in the text themselves (no double BOS). Whatever the template does is kept: Gemma merges the
+  system prompt into the first user turn, SmolLM2 injects a default system prompt when none is given; an empty system
+  prompt is passed on as an empty system message, as the seed does (see :func:`conversation`).
+- ``"raw"``: the seed's plaintext fallback for models without a chat template:
+  ``"System: {system}\\n\\nUser: {user}\\n\\nAssistant: {assistant}\\n\\n..."``, tokenized with the tokenizer's
+  default special tokens (BOS if the tokenizer adds one).
+
+Over-long conversations (more tokens than ``max_length``): tokens are dropped from the left of the conversation
+(after the first token when it is BOS), never past the start of the last assistant message; if that message alone is
+still too long, its end is cut. ``Rendered.truncated`` records that this happened (extraction
+stores it in ``activations.truncated``) and ``n_dropped`` how many tokens were dropped. Spans that fall entirely
+into the dropped part become empty ``(0, 0)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from personavec.errors import ConfigError, SpanError
+
+SPAN_RULES = ("exact", "seed")
+PROMPT_FORMATS = ("chat", "raw")
+
+Message = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A tokenized conversation and the token span ``[start, end)`` of each assistant message."""
+
+    input_ids: list[int]
+    assistant_spans: list[tuple[int, int]]
+    text: str
+    truncated: bool = False
+    n_dropped: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def conversation(system_prompt: str | None, question: str, response: str) -> list[dict[str, str]]:
+    """The seed's single-turn conversation: system (kept even when empty, as the seed does), user, assistant.
+
+    ``system_prompt=None`` leaves the system message out (then templates like SmolLM2's inject their default).
+    """
+    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [*messages, {"role": "user", "content": question}, {"role": "assistant", "content": response}]
+
+
+def _check(prompt_format: str, span: str) -> None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    if span not in SPAN_RULES:
+        raise ConfigError(f"span rule must be one of {', '.join(SPAN_RULES)}, got {span!r}")
+
+
+def _raw_text(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    parts = [f"{names.get(m['role'], m['role'].capitalize())}: {m['content']}\n\n" for m in messages]
+    return "".join(parts) + ("Assistant: " if add_generation_prompt else "")
+
+
+def _template_text(tokenizer: Any, messages: Sequence[Message], prompt_format: str, generation_prompt: bool) -> str:
+    if prompt_format == "raw":
+        return _raw_text(messages, generation_prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template: use prompt format 'raw'"
+        )
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _locate(text: str, content: str, start: int) -> tuple[int, int]:
+    """Character span of ``content`` in ``text`` at or after ``start``; templates may trim the content."""
+    for candidate in (content, content.strip()):
+        if not candidate:
+            continue
+        pos = text.find(candidate, start)
+        if pos >= 0:
+            return pos, pos + len(candidate)
+    raise SpanError(
+        f"assistant content {content[:60]!r}... not found in the rendered conversation after character {start}: "
+        "the chat template rewrites message content; use prompt format 'raw' or span rule 'seed'"
+    )
+
+
+def _char_to_token_span(offsets: Sequence[tuple[int, int]], cs: int, ce: int) -> tuple[int, int]:
+    first = last = None
+    for i, (a, b) in enumerate(offsets):
+        if b <= a:  # special tokens and empty pieces carry no characters
+            continue
+        if a < ce and b > cs:
+            if first is None:
+                first = i
+            last = i
+        elif a >= ce:
+            break
+    if first is None:
+        return 0, 0
+    return first, last + 1
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("exact response spans need a fast tokenizer (offset mapping); use span rule 'seed'")
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _truncate(
+    ids: list[int], spans: list[tuple[int, int]], max_length: int | None, bos_id: int | None
+) -> tuple[list[int], list[tuple[int, int]], bool, int]:
+    if max_length is None or len(ids) <= max_length:
+        return ids, spans, False, 0
+    keep_first = 1 if ids and bos_id is not None and ids[0] == bos_id else 0
+    live_starts = [s for s, e in spans if e > s]
+    last_start = live_starts[-1] if live_starts else len(ids)
+    # Drop from the left (after BOS), but never into the last response: it is what we extract; if it alone is
+    # longer than the context, keep its beginning and cut its end.
+    left = min(len(ids) - max_length, max(0, last_start - keep_first))
+    new_ids = (ids[:keep_first] + ids[keep_first + left :])[:max_length]
+
+    def moved(s: int, e: int) -> tuple[int, int]:
+        s2, e2 = max(s - left, keep_first), min(e - left, len(new_ids))
+        return (s2, e2) if e > s and e2 > s2 else (0, 0)
+
+    return new_ids, [moved(s, e) for s, e in spans], True, len(ids) - len(new_ids)
+
+
+def render(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    prompt_format: str = "chat",
+    span: str = "exact",
+    *,
+    max_length: int | None = None,
+) -> Rendered:
+    """Tokenize a conversation and find the token span of each assistant message.
+
+    Args:
+        tokenizer: a (fast) transformers tokenizer; with ``prompt_format="chat"`` it needs a chat template.
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, any number of turns.
+        prompt_format: ``"chat"`` or ``"raw"`` (see the module docstring).
+        span: ``"exact"`` or ``"seed"`` (single-turn, last message must be the assistant's).
+        max_length: the model's context; longer conversations are truncated (see the module docstring).
+
+    Returns:
+        :class:`Rendered` with ``input_ids`` and one ``(start, end)`` per assistant message, in order.
+
+    Raises:
+        SpanError: an assistant message's content cannot be found in the rendered text.
+        ConfigError: unknown format/rule, no chat template for ``"chat"``, or a slow tokenizer for ``"exact"``.
+    """
+    _check(prompt_format, span)
+    if not messages:
+        raise SpanError("empty conversation")
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if span == "seed":
+        return _render_seed(tokenizer, messages, prompt_format, max_length, bos_id)
+    text = _template_text(tokenizer, messages, prompt_format, generation_prompt=False)
+    ids, offsets = _encode(tokenizer, text, add_special_tokens=prompt_format == "raw")
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # Where the assistant turn starts: the rendered prefix with a generation prompt, when the template renders
+        # prefixes consistently (almost all do); otherwise just after the previous assistant message.
+        prefix = _template_text(tokenizer, messages[:i], prompt_format, generation_prompt=True) if i else ""
+        start = len(prefix) if text.startswith(prefix) else cursor
+        cs, ce = _locate(text, message["content"], max(start, cursor)) if message["content"] else (start, start)
+        spans.append(_char_to_token_span(offsets, cs, ce) if ce > cs else (0, 0))
+        cursor = ce
+    ids, spans, truncated, dropped = _truncate(ids, spans, max_length, bos_id)
+    return Rendered(ids, spans, text, truncated, dropped)
+
+
+def _render_seed(
+    tokenizer: Any, messages: Sequence[Message], prompt_format: str, max_length: int | None, bos_id: int | None
+) -> Rendered:
+    if messages[-1]["role"] != "assistant" or any(m["role"] == "assistant" for m in messages[:-1]):
+        raise SpanError("span rule 'seed' handles single-turn conversations ending with the assistant's message")
+    prompt = _template_text(tokenizer, messages[:-1], prompt_format, generation_prompt=True)
+    text = prompt + messages[-1]["content"]
+    ids = list(tokenizer(text)["input_ids"])
+    start = len(tokenizer(prompt.rstrip())["input_ids"]) + 1
+    spans = [(min(start, len(ids)), len(ids))]
+    ids, spans, truncated, dropped = _truncate(ids, spans, max_length, bos_id)
+    return Rendered(ids, spans, text, truncated, dropped)
+
+
+def max_length_of(model_config: Any, tokenizer: Any = None) -> int | None:
+    """The context length to truncate to: ``max_position_embeddings`` of the text config (or ``n_positions``),
+    else the tokenizer's ``model_max_length`` when it is a real limit."""
+    from personavec.modeling import text_config
+
+    tc = text_config(model_config)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(tc, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None
