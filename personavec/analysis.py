@@ -304,3 +304,55 @@ def compare_models(
         explained_variance_ratio=ratio,
         axis_cos=axis_cos,
     )
+
+
+# ------------------------------------------------------------------------------------------------- transcripts
+
+
+def project_transcripts(
+    loaded: Any,
+    transcripts: Mapping[str, Sequence[Mapping[str, str]]],
+    axis: np.ndarray,
+    layer: int,
+    *,
+    origin: np.ndarray | None = None,
+    prompt_format: str = "chat",
+    span: str = "exact",
+    max_length: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Project multi-turn transcripts onto an axis: one value per assistant turn.
+
+    Each transcript (``[{"role", "content"}, ...]``) is rendered with :func:`personavec.spans.render` (the exact
+    assistant spans extraction uses) and run through :func:`personavec.extract.mean_activations`; each assistant
+    turn's mean activation at ``layer``, minus ``origin`` (e.g. the mean of the persona vectors, so values are on
+    the same scale as the personas' centred projections), is dotted with the unit axis.
+
+    Args:
+        loaded: a :class:`personavec.modeling.LoadedModel` (the model the axis was extracted from).
+        transcripts: ``{label: messages}``.
+        axis: direction in the model's residual space (normalised here).
+        layer: ``hidden_states`` index the axis lives at.
+    Returns:
+        ``{label: array of n_assistant_turns values}``.
+    """
+    from personavec.extract import mean_activations
+    from personavec.spans import max_length_of, render
+
+    unit = _unit(np.asarray(axis, dtype=np.float64))
+    if max_length is None:
+        max_length = max_length_of(loaded.model.config, loaded.tokenizer)
+    labels = list(transcripts)
+    rendered = [render(loaded.tokenizer, transcripts[k], prompt_format, span, max_length=max_length) for k in labels]
+    for label, r in zip(labels, rendered, strict=True):
+        if not r.assistant_spans:
+            raise ConfigError(f"transcript {label!r} has no assistant message to project")
+    means = mean_activations(loaded, rendered, [layer])[:, 0].double().numpy()
+    if origin is not None:
+        means = means - np.asarray(origin, dtype=np.float64)
+    values = means @ unit
+    out: dict[str, np.ndarray] = {}
+    pos = 0
+    for label, r in zip(labels, rendered, strict=True):
+        out[label] = values[pos : pos + len(r.assistant_spans)]
+        pos += len(r.assistant_spans)
+    return out

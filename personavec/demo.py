@@ -1,0 +1,167 @@
+"""The whole pipeline, offline, on the embedded model: serve, generate, extract, vectors, report.
+
+``run_demo(DemoConfig())`` (``personavec demo``) creates (or reuses) a workspace, serves SmolLM2-135M-Instruct
+locally with ``transformers serve``, asks a built-in subset (the 4 default personas and a few others x a few
+questions, short answers), extracts per-answer mean activations at the seed's default layer, averages them into
+persona vectors, and writes the report. Every step prints what it did; the end prints SQL queries to try.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from personavec.builtin import DEFAULT_PERSONAS, PERSONAS
+from personavec.errors import ConfigError
+
+#: Non-default personas the demo adds after the defaults, chosen to span the persona space.
+DEMO_OTHERS = ("ghost", "jester", "cynic", "storyteller", "analyst", "mystic", "rebel", "oracle", "trader", "bard")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Size of the demo. ``n_personas`` includes the 4 default personas; answers are ``max_tokens`` long."""
+
+    workspace: str | os.PathLike[str] = Path("personavec-workspace") / "demo"
+    n_personas: int = 8
+    n_questions: int = 4
+    max_tokens: int = 48
+    temperature: float = 0.7
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        n_max = len(DEFAULT_PERSONAS) + len(DEMO_OTHERS)
+        if not len(DEFAULT_PERSONAS) + 1 <= self.n_personas <= n_max:
+            raise ConfigError(f"n_personas must be in {len(DEFAULT_PERSONAS) + 1}..{n_max}, got {self.n_personas}")
+        if not 2 <= self.n_questions <= 18:
+            raise ConfigError(f"n_questions must be in 2..18, got {self.n_questions}")
+        if self.max_tokens <= 0:
+            raise ConfigError(f"max_tokens must be > 0, got {self.max_tokens}")
+
+    @property
+    def personas(self) -> tuple[str, ...]:
+        others = [p for p in DEMO_OTHERS if p in PERSONAS]
+        return tuple(DEFAULT_PERSONAS) + tuple(others[: self.n_personas - len(DEFAULT_PERSONAS)])
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    workspace: Path
+    generate_run_id: int
+    extract_run_id: int
+    vectors_run_id: int
+    report_html: Path
+    wall_s: float
+
+
+def sql_examples(vectors_run_id: int, extract_run_id: int, generate_run_id: int) -> list[tuple[str, str]]:
+    """A few queries worth trying on the demo's catalog: (what it shows, SQL)."""
+    return [
+        ("Every run, newest last", "SELECT id, kind, status, wall_s, package_version FROM runs ORDER BY id"),
+        (
+            "Closest persona pairs (raw cosine, in SQL)",
+            f"SELECT a.group_key AS a, b.group_key AS b, round(list_cosine_similarity(a.vector, b.vector), 4) AS cos "
+            f"FROM vectors a JOIN vectors b USING (run_id, layer) WHERE run_id = {vectors_run_id} "
+            f"AND a.group_key < b.group_key ORDER BY cos DESC LIMIT 10",
+        ),
+        (
+            "Answers with their token spans",
+            f"SELECT p.name AS persona, a.n_response_tokens, left(r.text, 60) AS answer FROM activations a "
+            f"JOIN responses r ON r.id = a.response_id JOIN personas p ON p.id = r.persona_id "
+            f"WHERE a.run_id = {extract_run_id} ORDER BY a.n_response_tokens DESC LIMIT 10",
+        ),
+        (
+            "Generation speed per persona",
+            f"SELECT p.name AS persona, count(*) AS answers, round(avg(r.completion_tokens), 1) AS tokens, "
+            f"round(avg(r.latency_s), 2) AS latency_s FROM responses r JOIN personas p ON p.id = r.persona_id "
+            f"WHERE r.run_id = {generate_run_id} GROUP BY ALL ORDER BY persona",
+        ),
+    ]
+
+
+def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None = None) -> DemoResult:
+    """Run serve -> generate -> extract -> vectors -> report on the embedded model; ``log`` receives each line."""
+    from personavec.extract import ExtractConfig, run_extraction
+    from personavec.generate import GenerateConfig, run_generation
+    from personavec.report import build_report
+    from personavec.serve import EMBEDDED_MODEL, local_server
+    from personavec.vectors import VectorConfig, compute_vectors
+    from personavec.workspace import init_workspace
+
+    config = config or DemoConfig()
+    say = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+
+    def step(n: int, text: str) -> float:
+        say(f"[bold]\\[{n}/6][/] {text}  [dim](t = {time.perf_counter() - t0:.0f}s)[/]")
+        return time.perf_counter()
+
+    t = step(1, f"workspace {Path(config.workspace).resolve()}")
+    ws = init_workspace(config.workspace)
+    say(f"      catalog {ws.catalog_path} with the built-in persona and question sets")
+
+    personas = config.personas
+    questions = tuple(range(config.n_questions))
+    t = step(2, f"serving {EMBEDDED_MODEL} locally (transformers serve, offline)")
+    with local_server(EMBEDDED_MODEL, device=config.device) as server:
+        say(f"      server up at {server.base_url} in {time.perf_counter() - t:.1f}s")
+        t = step(
+            3,
+            f"generating {len(personas)} personas x {len(questions)} questions, up to {config.max_tokens} tokens each: "
+            f"{', '.join(personas)}",
+        )
+        gen = run_generation(
+            ws,
+            GenerateConfig(
+                personas=personas,
+                questions=questions,
+                model=server.model,
+                base_url=server.base_url,
+                max_tokens=config.max_tokens,
+                temperature=config.temperature,
+                seed=config.seed,
+                concurrency=4,
+                timeout_s=300.0,
+                max_retries=2,
+            ),
+        )
+    say(
+        f"      run {gen.run_id}: {gen.answers} answers, {gen.failures} failures, "
+        f"{gen.completion_tokens} tokens in {time.perf_counter() - t:.1f}s"
+    )
+    if gen.answers == 0:
+        raise ConfigError(f"generate run {gen.run_id} produced no answers: {gen.error or 'see personavec runs'}")
+
+    t = step(4, f"extracting mean activations over each answer's tokens ({EMBEDDED_MODEL}, seed default layer)")
+    ext = run_extraction(
+        ws, ExtractConfig(model=EMBEDDED_MODEL, dtype="float32", device=config.device), source_run_id=gen.run_id
+    )
+    say(
+        f"      run {ext.run_id}: {ext.n_examples} examples at layer(s) {', '.join(map(str, ext.layers))}, "
+        f"{ext.n_tokens} tokens, {ext.tok_s:.0f} tok/s, in {time.perf_counter() - t:.1f}s"
+    )
+
+    t = step(5, "persona vectors: mean of each persona's per-answer means")
+    vec = compute_vectors(ws, VectorConfig(extraction_run_id=ext.run_id))
+    dt = time.perf_counter() - t
+    say(f"      run {vec.run_id}: {vec.n_vectors} vectors ({len(vec.groups)} personas) in {dt:.2f}s")
+
+    t = step(6, "report: similarity heatmap, PCA, variance, assistant axis vs PC1")
+    rep = build_report(vec.run_id, ws)
+    if rep.axis_stats is not None:
+        s = rep.axis_stats
+        say(
+            f"      |cos(assistant axis, PC1)| = {s.abs_cos_pc1:.3f}, R² = {s.r2_projection_pc1:.3f}, "
+            f"PC1 = {100 * s.pc1_variance_ratio:.1f}% of variance"
+        )
+    wall = time.perf_counter() - t0
+    say(f"\n[bold green]done in {wall:.0f}s.[/] Report: [bold]{rep.html}[/]")
+    say(f"Heatmap: {rep.pngs['similarity']}")
+    say("\nTry these on the catalog:")
+    for what, query in sql_examples(vec.run_id, ext.run_id, gen.run_id):
+        say(f'  # {what}\n  personavec sql --workspace {ws.root} "{query}"')
+    return DemoResult(ws.root, gen.run_id, ext.run_id, vec.run_id, rep.html, wall)

@@ -1,0 +1,270 @@
+"""Figures of persona space: similarity heatmap, PCA scatter, variance, axis vs PC1, cross-model views, transcript
+projections.
+
+Each function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global figure state, no GUI
+backend: safe in threads, servers and tests); :func:`save_png` writes one to disk with the Agg canvas.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from personavec.analysis import AxisStats, ModelComparison, PCAResult, Similarity
+
+DIVERGING = "RdBu_r"
+_MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 130) -> Path:
+    """Write ``fig`` as a PNG (Agg canvas); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    return path
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def similarity_heatmap(
+    sim: Similarity, *, title: str | None = None, order: Sequence[str] | None = None, annotate: bool | None = None
+) -> Figure:
+    """Heatmap of a similarity matrix: diverging colours centred at 0 (red similar, blue opposite), every row and
+    column labelled. ``order`` reorders the personas (e.g. by assistant-axis projection); values are written in
+    the cells when there are at most 14 personas (or ``annotate``)."""
+    names = list(sim.names)
+    idx = [names.index(n) for n in order] if order is not None else list(range(len(names)))
+    mat = sim.matrix[np.ix_(idx, idx)]
+    labels = [_short(names[i]) for i in idx]
+    n = len(labels)
+    size = max(5.0, 0.38 * n + 2.5)
+    fig = Figure(figsize=(size + 1.2, size))
+    ax = fig.add_subplot()
+    lim = max(1e-9, float(np.abs(mat[~np.eye(n, dtype=bool)]).max()) if n > 1 else 1.0)
+    im = ax.imshow(mat, cmap=DIVERGING, norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), interpolation="nearest")
+    fs = 9 if n <= 16 else 8
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=fs)
+    ax.set_yticks(range(n), labels, fontsize=fs)
+    ax.set_xticks(np.arange(-0.5, n, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, n, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.6)
+    ax.tick_params(which="minor", length=0)
+    if annotate if annotate is not None else n <= 14:
+        for i in range(n):
+            for j in range(n):
+                v = mat[i, j]
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if abs(v) > 0.6 * lim else "black",
+                )
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cbar.set_label("cosine similarity" + (" (mean-centred)" if sim.centered else ""))
+    ax.set_title(title or ("Mean-centred cosine similarity" if sim.centered else "Cosine similarity"), fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def _label_points(ax, xs: np.ndarray, ys: np.ndarray, names: Sequence[str], fontsize: int = 8) -> None:
+    for x, y, name in zip(xs, ys, names, strict=True):
+        ax.annotate(_short(name, 20), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=fontsize)
+
+
+def pca_scatter(
+    p: PCAResult,
+    colour_by: Mapping[str, float] | None = None,
+    *,
+    defaults: Sequence[str] = (),
+    title: str | None = None,
+    colour_label: str = "projection on assistant axis",
+) -> Figure:
+    """PC1 vs PC2 of the centred vectors, each point labelled and coloured by ``colour_by`` (e.g. the assistant-axis
+    projection; diverging, centred at 0); default personas drawn as stars."""
+    fig = Figure(figsize=(9, 7))
+    ax = fig.add_subplot()
+    xs = p.coordinates[:, 0]
+    ys = p.coordinates[:, 1] if p.coordinates.shape[1] > 1 else np.zeros_like(xs)
+    names = list(p.names)
+    is_default = np.array([n in defaults for n in names])
+    if colour_by is not None:
+        c = np.array([colour_by[n] for n in names])
+        lim = max(1e-9, float(np.abs(c).max()))
+        kw = {"c": c, "cmap": DIVERGING, "norm": TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)}
+    else:
+        kw = {"color": "tab:blue"}
+    sc = None
+    for mask, marker, size in ((~is_default, "o", 70), (is_default, "*", 220)):
+        if mask.any():
+            sub = {k: (v[mask] if k == "c" else v) for k, v in kw.items()}
+            sc = ax.scatter(xs[mask], ys[mask], marker=marker, s=size, edgecolors="black", linewidths=0.6, **sub)
+    _label_points(ax, xs, ys, names)
+    ax.margins(0.12)  # room for the labels of the outermost points
+    ax.axhline(0, color="grey", lw=0.6, zorder=0)
+    ax.axvline(0, color="grey", lw=0.6, zorder=0)
+    r = p.explained_variance_ratio
+    ax.set_xlabel(f"PC1 ({100 * r[0]:.1f}% of variance)")
+    ax.set_ylabel(f"PC2 ({100 * r[1]:.1f}% of variance)" if len(r) > 1 else "PC2")
+    if colour_by is not None and sc is not None:
+        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.03).set_label(colour_label)
+    if defaults:
+        ax.scatter([], [], marker="*", s=120, color="white", edgecolors="black", label="default personas")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or "Persona space: first two principal components", fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def cumulative_variance(p: PCAResult, *, title: str | None = None) -> Figure:
+    """Variance explained per component (bars) and cumulated (line), with the 50/80/90% marks."""
+    r = p.explained_variance_ratio
+    k = np.arange(1, len(r) + 1)
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.add_subplot()
+    ax.bar(k, 100 * r, color="tab:blue", alpha=0.6, label="per component")
+    ax.plot(k, 100 * np.cumsum(r), "o-", color="tab:red", label="cumulative")
+    for level in (50, 80, 90):
+        ax.axhline(level, color="grey", ls=":", lw=0.8)
+        n_needed = int(np.searchsorted(np.cumsum(r) * 100, level - 1e-9) + 1)
+        if n_needed <= len(r):
+            ax.annotate(f"{level}%: {n_needed} PCs", (len(r) + 0.3, level), fontsize=8, va="bottom", ha="right")
+    ax.set_xlabel("principal component")
+    ax.set_ylabel("% of variance of the centred vectors")
+    ax.set_ylim(0, 105)
+    ax.set_xticks(k)
+    ax.legend(loc="center right", fontsize=8)
+    ax.set_title(title or "Variance explained", fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def axis_vs_pc1(stats: AxisStats, p: PCAResult, *, defaults: Sequence[str] = (), title: str | None = None) -> Figure:
+    """Each persona's projection on the assistant axis against its PC1 coordinate, with |cos|, R^2 and PC1's share."""
+    names = list(p.names)
+    xs = np.array([stats.projections[n] for n in names])
+    ys = p.coordinates[:, 0]
+    fig = Figure(figsize=(8, 6.5))
+    ax = fig.add_subplot()
+    is_default = np.array([n in defaults for n in names])
+    ax.scatter(xs[~is_default], ys[~is_default], s=60, color="tab:blue", edgecolors="black", lw=0.5, label="others")
+    if is_default.any():
+        ax.scatter(
+            xs[is_default],
+            ys[is_default],
+            s=200,
+            marker="*",
+            color="tab:orange",
+            edgecolors="black",
+            lw=0.5,
+            label="default personas",
+        )
+    if xs.std() > 0:
+        slope, icept = np.polyfit(xs, ys, 1)
+        line = np.linspace(xs.min(), xs.max(), 2)
+        ax.plot(line, slope * line + icept, color="grey", ls="--", lw=1)
+    _label_points(ax, xs, ys, names)
+    ax.margins(0.12)
+    ax.set_xlabel("projection on the assistant axis (centred)")
+    ax.set_ylabel("PC1 coordinate")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(
+        title
+        or f"Assistant axis vs PC1: |cos| = {stats.abs_cos_pc1:.3f}, R² = {stats.r2_projection_pc1:.3f}, "
+        f"PC1 = {100 * stats.pc1_variance_ratio:.1f}% of variance",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def cross_model_similarity(cmp: ModelComparison, *, title: str | None = None) -> Figure:
+    """Side by side: each model's centred similarity on the shared personas, then (equal d_model) the cross-model
+    cosine matrix of the first two models; the structure correlation in the titles."""
+    panels = [(f"{m}\n(d_model {d})", cmp.within[m]) for m, d in zip(cmp.models, cmp.d_models, strict=True)]
+    if cmp.cross:
+        (a, b), mat = next(iter(cmp.cross.items()))
+        panels.append((f"{a} (rows) vs {b} (columns)", mat))
+    n = len(cmp.personas)
+    size = max(4.0, 0.3 * n + 2.0)
+    fig = Figure(figsize=(size * len(panels) + 1.5, size + 0.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    labels = [_short(p, 18) for p in cmp.personas]
+    im = None
+    for ax, (name, mat) in zip(axes, panels, strict=True):
+        im = ax.imshow(mat, cmap=DIVERGING, norm=TwoSlopeNorm(vcenter=0.0, vmin=-1, vmax=1), interpolation="nearest")
+        ax.set_xticks(range(n), labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+        ax.set_title(name, fontsize=10)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.02).set_label("cosine (each model centred)")
+    r = cmp.structure_corr[0, 1] if len(cmp.models) > 1 else 1.0
+    fig.suptitle(title or f"Persona similarity across models (structure correlation r = {r:.3f})", fontsize=12)
+    return fig
+
+
+def cross_model_pca(cmp: ModelComparison, *, title: str | None = None) -> Figure:
+    """The shared personas of every model in one PC1/PC2 plane (joint PCA, or Procrustes-aligned per-model PCA),
+    the same persona joined across models by a grey line."""
+    fig = Figure(figsize=(9, 7))
+    ax = fig.add_subplot()
+    coords = [cmp.coordinates[m] for m in cmp.models]
+    for i in range(len(cmp.personas)):
+        pts = np.array([c[i] for c in coords])
+        ax.plot(pts[:, 0], pts[:, 1], color="grey", lw=0.7, zorder=0)
+    for k, (m, c) in enumerate(zip(cmp.models, coords, strict=True)):
+        ax.scatter(
+            c[:, 0], c[:, 1], marker=_MODEL_MARKERS[k % len(_MODEL_MARKERS)], s=60, label=m, edgecolors="black", lw=0.5
+        )
+    _label_points(ax, coords[0][:, 0], coords[0][:, 1], cmp.personas, fontsize=7)
+    how = "joint PCA" if cmp.method == "joint-pca" else "per-model PCA, Procrustes-aligned to the first model"
+    r = cmp.explained_variance_ratio
+    ax.set_xlabel(f"PC1 ({100 * r[0]:.1f}%)" if len(r) else "PC1")
+    ax.set_ylabel(f"PC2 ({100 * r[1]:.1f}%)" if len(r) > 1 else "PC2")
+    ax.axhline(0, color="grey", lw=0.5, zorder=0)
+    ax.axvline(0, color="grey", lw=0.5, zorder=0)
+    ax.legend(loc="best", fontsize=9)
+    ax.set_title(title or f"Persona space across models ({how})", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def transcript_projection(
+    series: Mapping[str, Sequence[float]],
+    *,
+    references: Mapping[str, float] | None = None,
+    title: str | None = None,
+    ylabel: str = "projection on assistant axis",
+) -> Figure:
+    """One line per transcript: its projection at each assistant turn. ``references`` (e.g. a few personas'
+    projections) are drawn as labelled horizontal lines, so drift towards or away from them is visible."""
+    fig = Figure(figsize=(9, 5))
+    ax = fig.add_subplot()
+    longest = 1
+    for label, values in series.items():
+        turns = np.arange(1, len(values) + 1)
+        longest = max(longest, len(values))
+        ax.plot(turns, values, "o-", label=_short(label, 40))
+    for name, value in (references or {}).items():
+        ax.axhline(value, color="grey", ls=":", lw=0.8)
+        ax.annotate(_short(name, 20), (longest + 0.1, value), fontsize=7, va="center", color="dimgrey")
+    ax.set_xlabel("assistant turn")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(1, longest + 1))
+    ax.set_xlim(0.7, longest + 1.2)
+    if series:
+        ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or "Transcript projection over turns", fontsize=12)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,150 @@
+"""Plots, the report, and the vector-stage CLI (in-process), on a synthetic extraction run."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from personavec import analysis, plots
+from personavec.cli import app
+from personavec.report import build_report
+from personavec.store.runs import list_runs
+from personavec.vectors import VectorConfig, compute_vectors, load_vectors
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"])
+
+
+def _is_png(path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def _vector_run(workspace, make_extraction_run, **kw):
+    ext = make_extraction_run(workspace, **kw)
+    return ext, compute_vectors(workspace, VectorConfig(ext.run_id, layers=(5,))).run_id
+
+
+def test_report_writes_pngs_and_self_contained_html(workspace, make_extraction_run, tmp_path):
+    _, run_id = _vector_run(workspace, make_extraction_run)
+    res = build_report(run_id, workspace)
+    assert res.directory == workspace.root / "reports" / f"run_{run_id}"
+    assert set(res.pngs) == {"similarity", "pca", "variance", "axis_vs_pc1"}
+    assert all(_is_png(p) for p in res.pngs.values())
+    parser = _Images()
+    text = res.html.read_text()
+    parser.feed(text)
+    assert "html" in parser.tags and "table" in parser.tags
+    assert len(parser.srcs) == 4 and all(s.startswith("data:image/png;base64,") for s in parser.srcs)
+    assert "synthetic/model" in text and "layer" in text and "package version" in text
+    assert res.axis_stats is not None and 0.0 <= res.axis_stats.abs_cos_pc1 <= 1.0
+
+
+def test_plots_are_pngs(tmp_path, rng):
+    vecs = {n: rng.normal(size=24) for n in ["default", "default_llm", "ghost", "bard", "cynic", "jester"]}
+    p = analysis.pca(vecs)
+    stats = analysis.axis_vs_pc1(vecs, analysis.assistant_axis(vecs), p)
+    other = {k: v + rng.normal(size=24) * 0.1 for k, v in vecs.items()}
+    wide = {k: np.concatenate([v, v]) for k, v in vecs.items()}
+    figs = {
+        "heat": plots.similarity_heatmap(analysis.similarity_matrix(vecs)),
+        "pca": plots.pca_scatter(p, stats.projections, defaults=("default", "default_llm")),
+        "var": plots.cumulative_variance(p),
+        "axis": plots.axis_vs_pc1(stats, p),
+        "xsim": plots.cross_model_similarity(analysis.compare_models({"a": vecs, "b": other})),
+        "xpca": plots.cross_model_pca(analysis.compare_models({"a": vecs, "wide": wide})),
+        "turns": plots.transcript_projection({"chat": [0.1, -0.2, 0.4]}, references={"default": 1.0}),
+    }
+    for name, fig in figs.items():
+        assert _is_png(plots.save_png(fig, tmp_path / f"{name}.png")), name
+
+
+def test_report_needs_three_vectors(workspace, make_extraction_run):
+    ext = make_extraction_run(workspace)
+    run_id = compute_vectors(workspace, VectorConfig(ext.run_id, "all", layers=(2,))).run_id
+    from personavec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 3"):
+        build_report(run_id, workspace)
+
+
+def _runs(ws, kind):
+    with ws.catalog(read_only=True) as cat:
+        return list_runs(cat, kind)
+
+
+def test_cli_vectors_export_report_compare(cli, workspace, make_extraction_run, tmp_path):
+    ext = make_extraction_run(workspace)
+    w = ["--workspace", str(workspace.root)]
+    r = cli.invoke(app, ["vectors", str(ext.run_id), "--json", *w])
+    assert r.exit_code == 0, r.output
+    run_id = json.loads(r.stdout)["run_id"]
+    [summary] = _runs(workspace, "vectors")
+    assert summary.id == run_id and summary.items == 12 and summary.status == "done"
+
+    r = cli.invoke(app, ["vectors", str(ext.run_id), "--group-by", "question", "--layer", "2", *w])
+    assert r.exit_code == 0 and "run " in r.stdout
+    assert len(_runs(workspace, "vectors")) == 2
+
+    r = cli.invoke(app, ["export", str(run_id), str(tmp_path / "v.safetensors"), "--layer", "5", *w])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "v.safetensors").stat().st_size > 0
+
+    r = cli.invoke(app, ["report", str(run_id), "--layer", "2", "--json", *w])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["layer"] == 2 and _is_png(__import__("pathlib").Path(out["pngs"]["similarity"]))
+
+    ext2 = make_extraction_run(workspace, seed=1, model="synthetic/other")
+    run2 = compute_vectors(workspace, VectorConfig(ext2.run_id)).run_id
+    r = cli.invoke(app, ["compare", f"{run_id}:5", f"{run2}:5", "--out", str(tmp_path / "cmp"), "--json", *w])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["method"] == "joint-pca" and len(out["personas"]) == 6
+    assert _is_png(tmp_path / "cmp" / "cross_similarity.png") and _is_png(tmp_path / "cmp" / "cross_pca.png")
+
+
+def test_cli_bad_input_exit_codes_and_nothing_written(cli, workspace, make_extraction_run, tmp_path):
+    ext = make_extraction_run(workspace)
+    w = ["--workspace", str(workspace.root)]
+    r = cli.invoke(app, ["vectors", "999", *w])
+    assert r.exit_code == 1 and "run 999 does not exist" in r.output
+    r = cli.invoke(app, ["vectors", str(ext.response_run_id), *w])
+    assert r.exit_code == 1 and "'ingest-responses' run" in r.output
+    r = cli.invoke(app, ["vectors", str(ext.run_id), "--layer", "9", *w])
+    assert r.exit_code == 2 and "no layer(s) 9" in r.output
+    r = cli.invoke(app, ["vectors", str(ext.run_id), "--group-by", "mood", *w])
+    assert r.exit_code == 2 and "group_by" in r.output
+    assert _runs(workspace, "vectors") == []
+    r = cli.invoke(app, ["report", str(ext.run_id), *w])
+    assert r.exit_code == 1 and "'extract' run" in r.output
+    assert not (workspace.root / "reports").exists()
+    r = cli.invoke(app, ["export", "12345", str(tmp_path / "x.pt"), *w])
+    assert r.exit_code == 1 and not (tmp_path / "x.pt").exists()
+
+
+def test_load_vectors_is_fast_enough(workspace, make_extraction_run):
+    # the real benchmark (23 x 5376) is scripts/bench_vectors.py; this guards against accidental per-row paths
+    ext = make_extraction_run(workspace, d_model=512)
+    run_id = compute_vectors(workspace, VectorConfig(ext.run_id, layers=(5,))).run_id
+    with workspace.catalog(read_only=True) as cat:
+        import time
+
+        load_vectors(run_id, catalog=cat)
+        t = time.perf_counter()
+        vs = load_vectors(run_id, catalog=cat)
+        assert time.perf_counter() - t < 0.5 and vs.d_model == 512
