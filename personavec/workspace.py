@@ -62,23 +62,20 @@ class Workspace:
     def upgrade(self, revision: str = "head") -> None:
         """Bring the catalog's schema to ``revision`` with Alembic (creates the file if needed)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        engine = create_catalog_engine(self.catalog_path)
-        try:
-            cfg = alembic_config(self.catalog_path)
-            with engine.begin() as conn:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, revision)
-        finally:
-            engine.dispose()
+        self._migrate(command.upgrade, revision)
 
     def downgrade(self, revision: str) -> None:
+        """Take the catalog's schema down to ``revision`` (``base`` drops every table)."""
         self.require()
+        self._migrate(command.downgrade, revision)
+
+    def _migrate(self, step, revision: str) -> None:
         engine = create_catalog_engine(self.catalog_path)
         try:
             cfg = alembic_config(self.catalog_path)
             with engine.begin() as conn:
                 cfg.attributes["connection"] = conn
-                command.downgrade(cfg, revision)
+                step(cfg, revision)
         finally:
             engine.dispose()
 
