@@ -67,3 +67,16 @@ def load_persona_vectors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise InputFileError(f"{path}: expected a dict of persona name -> tensor")
     return data
+
+
+# The seed's extraction names live with the extraction stage.
+from personavec.extract import ActivationExtractor, extract_persona_vectors  # noqa: E402
+
+__all__ = [
+    "ActivationExtractor",
+    "extract_persona_vectors",
+    "load_persona_vectors",
+    "load_responses",
+    "save_persona_vectors",
+    "save_responses",
+]

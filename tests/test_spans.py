@@ -1,0 +1,95 @@
+"""Exact response spans for every chat template style, the raw format, the seed's rule, truncation."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import TEMPLATES, template_tokenizer
+
+from personavec.errors import ConfigError, SpanError
+from personavec.spans import conversation, render
+
+RESPONSE = "  Hello there!\nI am\tfine, thanks. Über-naïve 🙂 text.  "
+
+
+@pytest.fixture(scope="module", params=list(TEMPLATES))
+def tok(request):
+    return template_tokenizer(request.param)
+
+
+def _decoded(tok, rendered):
+    return [tok.decode(rendered.input_ids[s:e]) for s, e in rendered.assistant_spans]
+
+
+@pytest.mark.parametrize("system", ["You are a pirate.", "", None])
+def test_exact_span_decodes_to_response_multi_turn(tok, system) -> None:
+    messages = conversation(system, "How are you?", RESPONSE) + [
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": "Second answer, shorter."},
+    ]
+    rendered = render(tok, messages)
+    assert len(rendered.assistant_spans) == 2
+    first, second = _decoded(tok, rendered)
+    assert first.strip() == RESPONSE.strip()
+    assert second.strip() == "Second answer, shorter."
+    # the span holds no template tokens: at most whitespace beyond the response
+    assert len(first) - len(RESPONSE.strip()) <= len(RESPONSE) - len(RESPONSE.strip()) + 1
+    # no double BOS: the template puts BOS in the text and the tokenizer must not add another
+    assert rendered.input_ids[:2].count(tok.bos_token_id) <= 1
+    assert not rendered.truncated
+
+
+def test_smollm2_template_injects_default_system_prompt_only_without_system() -> None:
+    tok = template_tokenizer("smollm2")
+    with_default = render(tok, conversation(None, "Q?", "A.")).text
+    empty_system = render(tok, conversation("", "Q?", "A.")).text
+    assert "You are a helpful AI assistant named SmolLM" in with_default
+    assert "SmolLM" not in empty_system and "<|im_start|>system\n<|im_end|>" in empty_system
+
+
+def test_gemma_merges_system_into_user() -> None:
+    tok = template_tokenizer("gemma")
+    rendered = render(tok, conversation("You are a pirate.", "Q?", "Arr."))
+    assert "<start_of_turn>user\nYou are a pirate.\n\nQ?" in rendered.text
+    assert _decoded(tok, rendered) == ["Arr."]
+
+
+def test_raw_format(tok) -> None:
+    rendered = render(tok, conversation("Sys.", "Q?", RESPONSE), prompt_format="raw")
+    assert rendered.text.startswith("System: Sys.\n\nUser: Q?\n\nAssistant: ")
+    assert _decoded(tok, rendered)[0].strip() == RESPONSE.strip()
+
+
+def test_seed_rule_starts_after_rstripped_prompt_plus_one(tok) -> None:
+    messages = conversation("Sys.", "Q?", "The answer is here.")
+    rendered = render(tok, messages, span="seed")
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    start = len(tok(prompt.rstrip())["input_ids"]) + 1
+    assert rendered.assistant_spans == [(start, len(rendered.input_ids))]
+    assert rendered.input_ids == tok(prompt + "The answer is here.")["input_ids"]
+    with pytest.raises(SpanError):
+        render(tok, messages + messages[1:], span="seed")
+
+
+def test_truncation_keeps_response_and_records_it() -> None:
+    tok = template_tokenizer("chatml")
+    full = render(tok, conversation("sys " * 60, "Q?", "word " * 10))
+    cut = render(tok, conversation("sys " * 60, "Q?", "word " * 10), max_length=40)
+    assert cut.truncated and len(cut.input_ids) == 40 and cut.n_dropped == len(full.input_ids) - 40
+    assert tok.decode(cut.input_ids[slice(*cut.assistant_spans[0])]).strip() == ("word " * 10).strip()
+    assert cut.input_ids[0] == tok.bos_token_id
+    # a response longer than the context keeps its beginning
+    long = render(tok, conversation("sys", "Q?", "word " * 100), max_length=30)
+    s, e = long.assistant_spans[0]
+    assert long.truncated and len(long.input_ids) == 30 and e == 30
+    assert tok.decode(long.input_ids[s:e]).strip().startswith("word word")
+
+
+def test_errors() -> None:
+    tok = template_tokenizer("chatml")
+    with pytest.raises(ConfigError):
+        render(tok, conversation("s", "q", "a"), prompt_format="xml")
+    with pytest.raises(ConfigError):
+        render(tok, conversation("s", "q", "a"), span="middle")
+    tok.chat_template = None
+    with pytest.raises(ConfigError, match="raw"):
+        render(tok, conversation("s", "q", "a"))
