@@ -415,6 +415,7 @@ def _run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
 class GenerationProgress:
     """Progress of a run, passed to the ``progress`` callback after each answer or failure lands."""
 
+    run_id: int
     total: int
     answered: int
     failed: int
@@ -489,6 +490,7 @@ class _Sink:
         if self.progress is not None:
             self.progress(
                 GenerationProgress(
+                    run_id=self.run_id,
                     total=self.total,
                     answered=self.answered,
                     failed=self.failed,

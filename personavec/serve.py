@@ -79,7 +79,9 @@ def _wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_pat
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.25)
-    raise ModelError(f"`transformers serve` did not answer {base_url}/models within {timeout_s:g} s:\n{_tail(log_path)}")
+    raise ModelError(
+        f"`transformers serve` did not answer {base_url}/models within {timeout_s:g} s:\n{_tail(log_path)}"
+    )
 
 
 def _tail(path: Path, n: int = 15) -> str:

@@ -188,5 +188,7 @@ def discard_empty_run(catalog: Catalog, run_id: int) -> bool:
         if n:
             return False
         session.execute(sa.delete(m.ResponseRun).where(m.ResponseRun.run_id == run_id))
+    # A second transaction: DuckDB refuses to delete a row whose referencing row was deleted in the same one.
+    with catalog.session() as session:
         session.execute(sa.delete(m.Run).where(m.Run.id == run_id, m.Run.kind == "generate"))
     return True

@@ -1,0 +1,176 @@
+"""Generation commands: `generate` (answers from an OpenAI-compatible endpoint) and `serve` (a local endpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from personavec.cli.app import JsonOpt, WorkspaceOpt, app, console, emit_json, err_console, print_table, run_command
+from personavec.cli.app import workspace as resolve_workspace
+from personavec.generate import GenerateConfig, GenerationProgress, GenerationResult, run_generation
+from personavec.store.generation import get_generation_run
+
+_DEFAULTS = GenerateConfig()
+
+
+@app.command()
+def generate(
+    ws: WorkspaceOpt = None,
+    persona_set: Annotated[str | None, typer.Option("--personas", help="Persona set (default builtin).")] = None,
+    question_set: Annotated[str | None, typer.Option("--questions", help="Question set (default builtin).")] = None,
+    persona: Annotated[
+        list[str] | None, typer.Option("--persona", help="Only this persona (by name); repeatable.")
+    ] = None,
+    question: Annotated[
+        list[int] | None, typer.Option("--question", help="Only this question (0-based position); repeatable.")
+    ] = None,
+    n_samples: Annotated[int | None, typer.Option("--n-samples", "-n", help="Answers per pair (default 1).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help=f"Model name the endpoint knows (default {_DEFAULTS.model}).")
+    ] = None,
+    base_url: Annotated[str | None, typer.Option(help=f"Endpoint (default {_DEFAULTS.base_url}).")] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help=f"Env var holding the API key (default {_DEFAULTS.api_key_env}).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 0.7).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max tokens per answer (default 256).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling top_p (default endpoint's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed sent to the endpoint.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (default 10).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Per-request timeout in seconds (default 120).")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Retries on 429/5xx/timeouts (default 6).")] = None,
+    run_id: Annotated[
+        int | None, typer.Option("--run-id", help="Resume this generate run (asks only what is missing).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask an OpenAI-compatible endpoint every persona x question; answers land in the catalog as they arrive.
+
+    Rerun with --run-id to resume a stopped run: only pairs without an answer are asked again.
+    """
+    given = {
+        "persona_set": persona_set,
+        "question_set": question_set,
+        "personas": tuple(persona) if persona else None,
+        "questions": tuple(question) if question else None,
+        "n_samples": n_samples,
+        "model": model,
+        "base_url": base_url,
+        "api_key_env": api_key_env,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "top_p": top_p,
+        "seed": seed,
+        "concurrency": concurrency,
+        "timeout_s": timeout,
+        "max_retries": max_retries,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+
+    def body() -> None:
+        w = resolve_workspace(ws).require()
+        with w.catalog() as catalog:
+            if run_id is not None:
+                # Resume: start from the run's own settings; options given on the command line override them
+                # (identity settings that differ are refused by run_generation).
+                stored = GenerateConfig.from_dict(get_generation_run(catalog, run_id).run.config)
+                config = dataclasses.replace(stored, **given)
+            else:
+                config = GenerateConfig(**given)
+            result = _run_with_progress(catalog, config, run_id, quiet=as_json)
+        if as_json:
+            emit_json(dataclasses.asdict(result))
+        else:
+            _print_summary(result)
+        if result.failures:
+            err_console.print(f"[yellow]{result.error}[/]")
+            raise typer.Exit(1)
+
+    run_command(body)
+
+
+def _run_with_progress(catalog, config: GenerateConfig, run_id: int | None, *, quiet: bool) -> GenerationResult:
+    progress = Progress(
+        TextColumn("[bold]generate run {task.fields[run]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/]"),
+        TextColumn("{task.fields[rate]:.2f} answers/s"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=False,
+    )
+    task: list[int] = []
+
+    def update(p: GenerationProgress) -> None:
+        if not task:
+            if not quiet:
+                todo = p.total - p.answered
+                err_console.print(f"generate run [bold]{p.run_id}[/]: {todo} of {p.total} answers to ask")
+            task.append(progress.add_task("generate", total=p.total, run=p.run_id, done=0, failed=0, rate=0.0))
+        progress.update(
+            task[0], completed=p.answered + p.failed, done=p.answered, failed=p.failed, rate=p.rate, run=p.run_id
+        )
+
+    with progress:
+        return run_generation(catalog, config, run_id=run_id, progress=update)
+
+
+def _print_summary(r: GenerationResult) -> None:
+    rate = r.new_answers / r.wall_s if r.wall_s > 0 else 0.0
+    print_table(
+        ["run", "status", "answers", "failures", "asked now", "prompt tok", "completion tok", "wall s", "answers/s"],
+        [
+            [
+                r.run_id,
+                r.status,
+                f"{r.answers}/{r.total}",
+                r.failures,
+                r.requested,
+                r.prompt_tokens,
+                r.completion_tokens,
+                f"{r.wall_s:.1f}",
+                f"{rate:.2f}",
+            ]
+        ],
+        title="generation",
+    )
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str, typer.Option(help="smollm2-135m-instruct (embedded), a model directory, a .gguf file or a Hub id.")
+    ] = "smollm2-135m-instruct",
+    port: Annotated[int | None, typer.Option(help="TCP port (default a free one).")] = None,
+    host: Annotated[str, typer.Option(help="Listen address (no authentication: keep it on loopback).")] = "127.0.0.1",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda:0, ...")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve a local model as an OpenAI-compatible endpoint (`transformers serve`), offline, until Ctrl-C."""
+    from personavec.serve import local_server, server_alive
+
+    def body() -> None:
+        with local_server(model, port, host=host, device=device) as server:
+            if as_json:
+                emit_json({"base_url": server.base_url, "model": server.model, "pid": server.pid})
+            else:
+                console.print(f"serving [bold]{server.model}[/] at [bold]{server.base_url}[/] (pid {server.pid})")
+                console.print(
+                    f"  personavec generate --base-url {server.base_url} --model {server.model}\n  Ctrl-C stops it."
+                )
+            try:
+                while server_alive(server):
+                    time.sleep(2)
+            except KeyboardInterrupt:
+                console.print("stopping the server")
+                return
+            err_console.print(f"[bold red]error:[/] the server stopped; its log: {server.log_path}")
+            raise typer.Exit(1)
+
+    run_command(body)

@@ -1,0 +1,136 @@
+"""A real HTTP server on 127.0.0.1 that speaks the OpenAI chat API and misbehaves on purpose.
+
+A *script* decides what each request gets: ``script(attempt, n, body) -> action`` where ``attempt`` counts the
+requests for the same conversation (0 for the first), ``n`` counts all requests (0-based) and ``body`` is the JSON
+request. Actions: ``"ok"``, ``("status", code, headers, body)``, ``("hang", seconds)`` (then answers, too late),
+``"drop"`` (closes the connection without a response), ``"html"``, ``"nochoices"``, ``("slow", seconds)`` (answers
+after a delay).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Script = Callable[[int, int, dict], Any]
+
+
+def always_ok(attempt: int, n: int, body: dict) -> Any:
+    return "ok"
+
+
+def answer_for(body: dict) -> str:
+    """The deterministic answer text the server gives to a request."""
+    system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+    return f"[{system[:20]}] answer to: {user[:40]}"
+
+
+class FaultServer:
+    """Start with ``with FaultServer(script) as server:``; ``server.base_url`` ends in ``/v1``."""
+
+    def __init__(self, script: Script = always_ok, model: str = "fault-model") -> None:
+        self.script = script
+        self.model = model
+        self.lock = threading.Lock()
+        self.attempts: Counter[str] = Counter()
+        self.requests = 0
+        self.answered = 0  # complete 200 answers written
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep pytest output clean
+                pass
+
+            def do_GET(self) -> None:
+                self._json(200, {"object": "list", "data": [{"id": outer.model, "object": "model"}]})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                key = json.dumps(body.get("messages"), sort_keys=True)
+                with outer.lock:
+                    attempt = outer.attempts[key]
+                    outer.attempts[key] += 1
+                    n = outer.requests
+                    outer.requests += 1
+                action = outer.script(attempt, n, body)
+                kind = action if isinstance(action, str) else action[0]
+                if kind == "ok":
+                    self._answer(body)
+                elif kind == "slow":
+                    time.sleep(action[1])
+                    self._answer(body)
+                elif kind == "hang":
+                    time.sleep(action[1])
+                    try:
+                        self._answer(body)
+                    except OSError:
+                        pass  # the client gave up long ago
+                elif kind == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif kind == "html":
+                    self._raw(200, "text/html", b"<html><body>Welcome to nginx!</body></html>")
+                elif kind == "nochoices":
+                    self._json(200, {"object": "something.else", "data": []})
+                elif kind == "status":
+                    _, code, headers, payload = action
+                    self._json(code, payload, headers)
+                else:
+                    raise ValueError(f"unknown action {action!r}")
+
+            def _answer(self, body: dict) -> None:
+                text = answer_for(body)
+                words = text.split()
+                self._json(
+                    200,
+                    {
+                        "id": "chatcmpl-fault",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": outer.model,
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        ],
+                        "usage": {
+                            "prompt_tokens": 10,
+                            "completion_tokens": len(words),
+                            "total_tokens": 10 + len(words),
+                        },
+                    },
+                )
+                with outer.lock:
+                    outer.answered += 1
+
+            def _json(self, code: int, payload: Any, headers: dict | None = None) -> None:
+                self._raw(code, "application/json", json.dumps(payload).encode(), headers)
+
+            def _raw(self, code: int, ctype: str, data: bytes, headers: dict | None = None) -> None:
+                self.send_response(code)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, str(v))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True  # a hanging handler must not block shutdown
+        self.port = self._server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

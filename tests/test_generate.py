@@ -1,0 +1,369 @@
+"""Generation stage against a real local HTTP server that misbehaves on purpose (tests/fault_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+import sqlalchemy as sa
+from fault_server import FaultServer, answer_for
+
+from personavec.cli import app
+from personavec.config import PersonaVectorConfig
+from personavec.errors import ConfigError, EndpointError, NotFoundError
+from personavec.generate import GenerateConfig, _retry_after, generate_responses, run_generation
+from personavec.workspace import Workspace
+
+PERSONAS = ("default", "jester")
+FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
+
+
+def cfg(server: FaultServer, **kw) -> GenerateConfig:
+    """2 personas x 2 questions against the fault server, fast retries."""
+    base = {"personas": PERSONAS, "questions": (0, 1), "model": "fault-model", "base_url": server.base_url, **FAST}
+    return GenerateConfig(**{**base, **kw})
+
+
+def rows(ws: Workspace, run_id: int | None = None) -> list[dict]:
+    with ws.catalog() as cat, cat.session() as s:
+        q = "SELECT * FROM responses" + (" WHERE run_id = :r" if run_id is not None else "") + " ORDER BY id"
+        return [dict(r._mapping) for r in s.execute(sa.text(q), {"r": run_id})]
+
+
+def runs(ws: Workspace, kind: str = "generate") -> list[dict]:
+    with ws.catalog() as cat, cat.session() as s:
+        return [dict(r._mapping) for r in s.execute(sa.text("SELECT * FROM runs WHERE kind = :k"), {"k": kind})]
+
+
+def assert_exactly_once(ws: Workspace, run_id: int, n: int) -> list[dict]:
+    got = rows(ws, run_id)
+    keys = [(r["persona_id"], r["question_id"], r["sample_index"]) for r in got]
+    assert len(keys) == len(set(keys)) == n
+    assert all(r["text"] is not None and r["error"] is None for r in got)
+    return got
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_tokens": 0},
+        {"max_tokens": -5},
+        {"n_samples": 0},
+        {"concurrency": 0},
+        {"temperature": -1.0},
+        {"top_p": 0.0},
+        {"timeout_s": 0},
+        {"max_retries": -1},
+        {"base_url": "openrouter.ai/api/v1"},
+        {"model": ""},
+    ],
+)
+def test_config_rejects_bad_values(kw):
+    with pytest.raises(ConfigError):
+        GenerateConfig(**kw)
+
+
+def test_config_roundtrips_through_stored_json():
+    c = GenerateConfig(personas=("a", "b"), questions=(1, 2), seed=3, top_p=0.9)
+    assert GenerateConfig.from_dict(json.loads(json.dumps(__import__("dataclasses").asdict(c)))) == c
+
+
+def test_retry_after_parsing():
+    assert _retry_after({"retry-after": "2"}) == 2.0
+    assert _retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 < _retry_after({"retry-after": later}) <= 30
+    assert _retry_after({}) is None
+    assert _retry_after({"retry-after": "soon"}) is None
+
+
+# ------------------------------------------------------------------------------------------------ happy path
+
+
+def test_run_lands_every_pair_with_usage(workspace):
+    with FaultServer() as server:
+        seen = []
+        result = run_generation(workspace, cfg(server, n_samples=2, seed=7, top_p=0.9), progress=seen.append)
+    assert result.status == "done" and result.answers == result.total == 8 and result.failures == 0
+    got = assert_exactly_once(workspace, result.run_id, 8)
+    assert all(r["model_reported"] == "fault-model" and r["finish_reason"] == "stop" for r in got)
+    assert all(r["prompt_tokens"] == 10 and r["completion_tokens"] > 0 and r["latency_s"] > 0 for r in got)
+    assert all(r["attempts"] == 1 for r in got)
+    assert seen[0].answered == 0 and seen[-1].answered == 8 and seen[-1].run_id == result.run_id
+    assert server.requests == 8
+    run = runs(workspace)[0]
+    assert run["status"] == "done" and "api_key" not in json.loads(run["config"])
+    stored = json.loads(run["config"])
+    assert stored["model"] == "fault-model" and stored["seed"] == 7 and stored["api_key_env"] == "OPENROUTER_API_KEY"
+    # The system message is always sent, with the persona's prompt (empty for an empty prompt).
+    texts = {r["text"] for r in got}
+    assert any(t.startswith("[] answer") for t in texts) and any(t.startswith("[You are") for t in texts)
+
+
+def test_resume_of_a_finished_run_asks_nothing(workspace):
+    with FaultServer() as server:
+        first = run_generation(workspace, cfg(server))
+        again = run_generation(workspace, None, run_id=first.run_id)
+        assert server.requests == 4
+    assert again.requested == 0 and again.answers == 4 and again.resumed
+    assert_exactly_once(workspace, first.run_id, 4)
+
+
+def test_resume_with_other_identity_is_refused(workspace):
+    with FaultServer() as server:
+        first = run_generation(workspace, cfg(server))
+        with pytest.raises(ConfigError, match="max_tokens"):
+            run_generation(workspace, cfg(server, max_tokens=99), run_id=first.run_id)
+        # Operational knobs may change (a restarted local server has a new port, a new concurrency...).
+        run_generation(workspace, cfg(server, concurrency=1, timeout_s=9.0), run_id=first.run_id)
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+def test_429_with_retry_after_then_success(workspace):
+    def script(attempt, n, body):
+        return ("status", 429, {"Retry-After": "0.3"}, {"error": {"message": "slow down"}}) if attempt == 0 else "ok"
+
+    with FaultServer(script) as server:
+        t0 = time.perf_counter()
+        result = run_generation(workspace, cfg(server, backoff_base_s=5.0, backoff_max_s=5.0))
+        elapsed = time.perf_counter() - t0
+    got = assert_exactly_once(workspace, result.run_id, 4)
+    assert all(r["attempts"] == 2 for r in got)
+    # Retry-After (0.3 s) was honoured instead of the 5 s backoff.
+    assert 0.3 <= elapsed < 4.0
+    assert result.status == "done"
+
+
+def test_500_then_success(workspace):
+    def script(attempt, n, body):
+        return ("status", 500, {}, {"error": {"message": "boom"}}) if attempt < 2 else "ok"
+
+    with FaultServer(script) as server:
+        result = run_generation(workspace, cfg(server))
+    got = assert_exactly_once(workspace, result.run_id, 4)
+    assert all(r["attempts"] == 3 for r in got) and server.requests == 12
+
+
+def test_hang_past_timeout_then_success(workspace):
+    def script(attempt, n, body):
+        return ("hang", 2.0) if attempt == 0 else "ok"
+
+    with FaultServer(script) as server:
+        result = run_generation(workspace, cfg(server, timeout_s=0.5, concurrency=4))
+    got = assert_exactly_once(workspace, result.run_id, 4)
+    assert all(r["attempts"] == 2 for r in got)
+
+
+def test_dropped_connection_then_success(workspace):
+    def script(attempt, n, body):
+        return "drop" if attempt == 0 else "ok"
+
+    with FaultServer(script) as server:
+        result = run_generation(workspace, cfg(server))
+    got = assert_exactly_once(workspace, result.run_id, 4)
+    assert all(r["attempts"] == 2 for r in got)
+
+
+def test_401_stops_the_run_keeping_earlier_answers(workspace):
+    def script(attempt, n, body):
+        return "ok" if n < 2 else ("status", 401, {}, {"error": {"message": "No auth credentials found"}})
+
+    with FaultServer(script) as server:
+        with pytest.raises(EndpointError, match=r"HTTP 401.*OPENROUTER_API_KEY") as info:
+            run_generation(workspace, cfg(server, concurrency=1))
+        assert server.requests == 3  # stopped at once: no retry of a 401, no further pair asked
+    run = runs(workspace)[0]
+    assert run["status"] == "failed" and "401" in run["error"]
+    assert f"--run-id {run['id']}" in str(info.value)
+    assert_exactly_once(workspace, run["id"], 2)
+
+
+def test_401_at_first_request_leaves_nothing(workspace):
+    def script(attempt, n, body):
+        return ("status", 401, {}, {"error": {"message": "bad key"}})
+
+    with FaultServer(script) as server, pytest.raises(EndpointError, match="401"):
+        run_generation(workspace, cfg(server))
+    assert runs(workspace) == [] and rows(workspace) == []
+
+
+def test_bad_model_400_is_fatal(workspace):
+    def script(attempt, n, body):
+        return ("status", 400, {}, {"error": {"message": "nonexistent-model is not a valid model ID"}})
+
+    with FaultServer(script) as server, pytest.raises(EndpointError, match="not a valid model ID"):
+        run_generation(workspace, cfg(server))
+        assert server.requests <= 4
+
+
+def test_exhausted_retries_are_recorded_then_replaced_on_resume(workspace):
+    bad = {"on": True}
+
+    def script(attempt, n, body):
+        return ("status", 503, {}, {"error": {"message": "overloaded"}}) if bad["on"] else "ok"
+
+    with FaultServer(script) as server:
+        first = run_generation(workspace, cfg(server, max_retries=1))
+        assert first.status == "failed" and first.failures == 4 and first.answers == 0
+        failed = rows(workspace, first.run_id)
+        assert len(failed) == 4 and all(
+            r["text"] is None and "503" in r["error"] and r["attempts"] == 2 for r in failed
+        )
+        bad["on"] = False
+        second = run_generation(workspace, None, run_id=first.run_id)
+    assert second.status == "done" and second.answers == 4 and second.failures == 0
+    got = assert_exactly_once(workspace, first.run_id, 4)
+    assert all(r["attempts"] == 3 for r in got)  # 2 failed attempts + 1 success
+    assert runs(workspace)[0]["status"] == "done"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("action", ["html", "nochoices"])
+def test_not_openai_compatible_endpoint(workspace, action):
+    with FaultServer(lambda a, n, b: action) as server:
+        with pytest.raises(EndpointError, match="not an OpenAI-compatible endpoint"):
+            run_generation(workspace, cfg(server))
+    assert runs(workspace) == [] and rows(workspace) == []
+
+
+def test_missing_key_for_remote_endpoint(workspace, monkeypatch):
+    monkeypatch.delenv("PV_TEST_KEY", raising=False)
+    c = GenerateConfig(model="m", base_url="https://example.invalid/v1", api_key_env="PV_TEST_KEY")
+    with pytest.raises(ConfigError, match="PV_TEST_KEY is not set"):
+        run_generation(workspace, c)
+    assert runs(workspace) == []
+
+
+def test_key_is_sent_but_never_stored(workspace, monkeypatch):
+    monkeypatch.setenv("PV_TEST_KEY", "sk-secret-123")
+    seen = []
+
+    def script(attempt, n, body):
+        return "ok"
+
+    with FaultServer(script) as server:
+        result = run_generation(workspace, cfg(server, api_key_env="PV_TEST_KEY"), progress=seen.append)
+    assert result.answers == 4
+    raw = workspace.catalog_path.read_bytes()
+    assert b"sk-secret-123" not in raw
+
+
+def test_unknown_persona_set_or_persona(workspace):
+    with FaultServer() as server:
+        with pytest.raises(NotFoundError, match="unknown persona set 'nope'"):
+            run_generation(workspace, cfg(server, persona_set="nope"))
+        with pytest.raises(NotFoundError, match="no persona named 'nobody'"):
+            run_generation(workspace, cfg(server, personas=("nobody",)))
+        with pytest.raises(ConfigError, match="positions"):
+            run_generation(workspace, cfg(server, questions=(999,)))
+        assert server.requests == 0
+    assert runs(workspace) == []
+
+
+# ------------------------------------------------------------------------------------------------ seed API
+
+
+def test_generate_responses_seed_api_in_script_and_in_running_loop():
+    with FaultServer() as server:
+        config = PersonaVectorConfig(model_name="fault-model", base_url=server.base_url, max_tokens=8)
+        personas = {"empty": "", "jester": "You are a pirate."}
+        out = generate_responses(personas, ["How are you?", "What is 2+2?"], config)
+        assert set(out) == {(p, q) for p in personas for q in ["How are you?", "What is 2+2?"]}
+        body = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "How are you?"}]}
+        assert out[("empty", "How are you?")] == answer_for(body)
+
+        async def inside_a_loop():  # what Jupyter does: a loop is already running
+            return generate_responses(personas, ["Hi?"], config)
+
+        assert len(asyncio.run(inside_a_loop())) == 2
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_generate_json_and_resume(workspace, cli):
+    with FaultServer() as server:
+        args = ["generate", "-w", str(workspace.root), "--model", "fault-model", "--base-url", server.base_url]
+        args += ["--persona", "default", "--persona", "jester", "--question", "0", "--question", "1", "--json"]
+        res = cli.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out["answers"] == 4 and out["failures"] == 0 and out["status"] == "done"
+        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--run-id", str(out["run_id"]), "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout.strip().splitlines()[-1])["requested"] == 0
+        assert server.requests == 4
+    assert_exactly_once(workspace, out["run_id"], 4)
+
+
+def test_cli_generate_errors(workspace, cli, monkeypatch):
+    monkeypatch.delenv("PV_NO_KEY", raising=False)
+    base = ["generate", "-w", str(workspace.root), "--model", "m"]
+    res = cli.invoke(app, base + ["--max-tokens", "0"])
+    assert res.exit_code == 2 and "max_tokens must be > 0" in res.output
+    res = cli.invoke(app, base + ["--api-key-env", "PV_NO_KEY"])
+    assert res.exit_code == 2 and "PV_NO_KEY" in res.output
+    with FaultServer(lambda a, n, b: ("status", 401, {}, {"error": {"message": "bad key"}})) as server:
+        res = cli.invoke(app, base + ["--base-url", server.base_url, "--personas", "missing"])
+        assert res.exit_code == 1 and "unknown persona set 'missing'" in res.output
+        res = cli.invoke(app, base + ["--base-url", server.base_url, "--persona", "jester", "--question", "0"])
+        assert res.exit_code == 1 and "HTTP 401" in res.output
+    assert runs(workspace) == []
+
+
+def test_cli_generate_reports_failures_with_exit_1(workspace, cli):
+    with FaultServer(lambda a, n, b: ("status", 502, {}, {"error": {"message": "bad gateway"}})) as server:
+        res = cli.invoke(
+            app,
+            ["generate", "-w", str(workspace.root), "--model", "m", "--base-url", server.base_url]
+            + ["--persona", "jester", "--question", "0", "--max-retries", "0", "--json"],
+        )
+    assert res.exit_code == 1
+    assert json.loads(res.stdout.strip().splitlines()[0])["failures"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ kill test
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_answers_every_pair_once(workspace, cli):
+    n_pairs = 2 * 6
+    with FaultServer(lambda a, n, b: ("slow", 0.25)) as server:
+        cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "generate", "-w", str(workspace.root)]
+        cmd += ["--model", "fault-model", "--base-url", server.base_url, "--concurrency", "2", "--json"]
+        cmd += ["--persona", "default", "--persona", "jester"] + [f"--question={i}" for i in range(6)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+        try:
+            deadline = time.monotonic() + 60
+            while server.answered < 4 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+            assert proc.poll() is None, "the run finished before it could be killed"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+        [run] = runs(workspace)
+        assert run["status"] == "running"  # killed: nobody could mark it
+        landed = len(rows(workspace, run["id"]))
+        assert 1 <= landed < n_pairs
+        before = server.requests
+        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--run-id", str(run["id"]), "--json"])
+        assert res.exit_code == 0, res.output
+        assert server.requests - before == n_pairs - landed  # only the missing pairs were asked
+    assert_exactly_once(workspace, run["id"], n_pairs)
+    assert runs(workspace)[0]["status"] == "done"
