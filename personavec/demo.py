@@ -124,7 +124,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
                 max_tokens=config.max_tokens,
                 temperature=config.temperature,
                 seed=config.seed,
-                concurrency=4,
+                concurrency=2,  # 2 cores: more concurrent requests only contend for them
                 timeout_s=300.0,
                 max_retries=2,
             ),

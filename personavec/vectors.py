@@ -31,7 +31,6 @@ from personavec.store.extraction import extraction_examples, get_extraction_run
 from personavec.store.runs import create_run, finish_run
 from personavec.store.vectors import (
     add_vector_run,
-    get_vector_run,
     insert_vectors,
     persona_groups_for_responses,
     read_vectors,
@@ -369,11 +368,12 @@ def load_vectors(
         ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
         with ws.catalog(read_only=True) as cat:
             return load_vectors(run_id, layer, catalog=cat)
-    info = get_vector_run(catalog, run_id)
-    if not info.layers:
-        raise ConfigError(f"vectors run {run_id} holds no vectors (status {info.status})")
-    chosen = layer if layer is not None else default_layer(info.layers, info.config.get("n_model_layers"))
-    stored = read_vectors(catalog, run_id, chosen)
+    info, stored = read_vectors(
+        catalog,
+        run_id,
+        layer if layer is not None else lambda i: default_layer(i.layers, i.config.get("n_model_layers")),
+    )
+    chosen = stored.layer
     provenance = {
         **info.config,
         "run_id": run_id,

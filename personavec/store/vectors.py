@@ -7,6 +7,8 @@ loading a 23 x 5376 run stays far under 100 ms.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +17,9 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from personavec.errors import ConfigError, NotFoundError
+from personavec.errors import ConfigError, NotFoundError, RunNotFoundError
 from personavec.store import models as m
 from personavec.store.engine import Catalog
-from personavec.store.runs import run_in_session
 
 
 @dataclass(frozen=True)
@@ -77,33 +78,46 @@ def insert_vectors(session: Session, run_id: int, table: pa.Table) -> int:
     return table.num_rows
 
 
-def vector_run_in_session(session: Session, run_id: int) -> VectorRunInfo:
-    """The vector run ``run_id`` (fails clearly if it is missing or of another kind)."""
-    run = run_in_session(session, run_id, ("vectors",))
-    detail = session.get(m.VectorRun, run_id)
-    if detail is None:
+_INFO = """
+SELECT r.kind, r.status, r.package_version, r.created_at, r.config, v.extraction_run_id, v.group_by, v.model,
+       v.d_model, (SELECT list(DISTINCT layer ORDER BY layer) FROM vectors WHERE run_id = r.id),
+       (SELECT count(DISTINCT group_key) FROM vectors WHERE run_id = r.id)
+FROM runs r LEFT JOIN vector_runs v ON v.run_id = r.id WHERE r.id = ?
+"""
+
+
+def _info(con: Any, run_id: int) -> VectorRunInfo:
+    # One statement (not ORM gets): loading a run by id must stay far under 100 ms.
+    row = con.execute(_INFO, [run_id]).fetchone()
+    if row is None:
+        raise RunNotFoundError(f"run {run_id} does not exist in the catalog: `personavec runs` lists the runs")
+    kind, status, version, created, config, ext_id, group_by, model, d_model, layers, n_groups = row
+    if kind != "vectors":
+        raise RunNotFoundError(f"run {run_id} is a {kind!r} run, expected one of: vectors")
+    if ext_id is None:
         raise NotFoundError(f"vectors run {run_id} has no vector_runs row (it failed before writing anything)")
-    layers = (
-        session.execute(sa.select(m.Vector.layer).where(m.Vector.run_id == run_id).distinct().order_by(m.Vector.layer))
-        .scalars()
-        .all()
-    )
-    n_groups = session.execute(
-        sa.select(sa.func.count(sa.distinct(m.Vector.group_key))).where(m.Vector.run_id == run_id)
-    ).scalar_one()
     return VectorRunInfo(
         run_id=run_id,
-        extraction_run_id=detail.extraction_run_id,
-        group_by=detail.group_by,
-        model=detail.model,
-        d_model=detail.d_model,
-        status=run.status,
-        package_version=run.package_version,
-        created_at=run.created_at.isoformat(timespec="seconds"),
-        config=run.config,
-        layers=tuple(int(x) for x in layers),
+        extraction_run_id=int(ext_id),
+        group_by=group_by,
+        model=model,
+        d_model=int(d_model),
+        status=status,
+        package_version=version,
+        created_at=created.isoformat(timespec="seconds"),
+        config=json.loads(config or "{}"),
+        layers=tuple(int(x) for x in layers or ()),
         n_groups=int(n_groups),
     )
+
+
+def _dbapi(session: Session) -> Any:
+    return session.connection().connection.dbapi_connection
+
+
+def vector_run_in_session(session: Session, run_id: int) -> VectorRunInfo:
+    """The vector run ``run_id`` (fails clearly if it is missing or of another kind)."""
+    return _info(_dbapi(session), run_id)
 
 
 def get_vector_run(catalog: Catalog, run_id: int) -> VectorRunInfo:
@@ -115,22 +129,30 @@ def get_vector_run(catalog: Catalog, run_id: int) -> VectorRunInfo:
 _READ = "SELECT group_key, n_examples, norm, vector FROM vectors WHERE run_id = ? AND layer = ? ORDER BY id"
 
 
-def read_vectors(catalog: Catalog, run_id: int, layer: int) -> StoredVectors:
-    """The vectors of one layer of a run as a numpy matrix (rows in the order they were computed)."""
+def read_vectors(
+    catalog: Catalog, run_id: int, layer: int | Callable[[VectorRunInfo], int]
+) -> tuple[VectorRunInfo, StoredVectors]:
+    """The run's info and the vectors of one layer as a numpy matrix (rows in the order they were computed).
+
+    ``layer`` is a layer number or a function choosing one from the run's info (e.g. a default layer rule).
+    """
     with catalog.session() as session:
-        info = vector_run_in_session(session, run_id)
-        if layer not in info.layers:
+        con = _dbapi(session)
+        info = _info(con, run_id)
+        if not info.layers:
+            raise ConfigError(f"vectors run {run_id} holds no vectors (status {info.status})")
+        chosen = layer(info) if callable(layer) else int(layer)
+        if chosen not in info.layers:
             raise ConfigError(
-                f"vectors run {run_id} has no layer {layer}; its layers are {', '.join(map(str, info.layers))}"
+                f"vectors run {run_id} has no layer {chosen}; its layers are {', '.join(map(str, info.layers))}"
             )
-        con = session.connection().connection.dbapi_connection
-        table = con.execute(_READ, [run_id, layer]).fetch_arrow_table()
+        table = con.execute(_READ, [run_id, chosen]).fetch_arrow_table()
     flat = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     # a writable copy (Arrow buffers are read-only; torch.from_numpy wants to own writable memory)
     matrix = np.array(flat, dtype=np.float32).reshape(table.num_rows, info.d_model)
-    return StoredVectors(
+    return info, StoredVectors(
         run_id=run_id,
-        layer=layer,
+        layer=chosen,
         group_keys=tuple(table["group_key"].to_pylist()),
         n_examples=tuple(table["n_examples"].to_pylist()),
         norms=tuple(table["norm"].to_pylist()),

@@ -1,0 +1,100 @@
+"""Benchmark the vector stage at the seed's scale: 23 personas x 18 questions, d_model 5376 (Gemma-3-27B).
+
+Builds a real workspace with an ``extract`` run of random activations (414 Zarr rows x 1 layer x 5376), then times
+``compute_vectors`` and ``load_vectors`` (cold: opening the catalog included; warm: catalog already open).
+
+    .venv/bin/python scripts/bench_vectors.py [--d-model 5376] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from personavec import EVAL_QUESTIONS, PERSONAS, arrays
+from personavec.ingest import ingest_responses
+from personavec.store.extraction import add_examples, add_extraction_run, mark_rows_done
+from personavec.store.responses import answered_responses
+from personavec.store.runs import create_run, finish_run
+from personavec.vectors import VectorConfig, compute_vectors, load_vectors
+from personavec.workspace import init_workspace
+
+
+def build(root: Path, d_model: int, layer: int = 40) -> tuple:
+    ws = init_workspace(root / "ws")
+    path = root / "responses.json"
+    path.write_text(json.dumps({json.dumps([p, q]): f"{p}: {q}" for p in PERSONAS for q in EVAL_QUESTIONS}))
+    with ws.catalog() as catalog:
+        resp = ingest_responses(catalog, path, model="bench")
+        ids = [r.id for r in answered_responses(catalog, resp.run_id)]
+        n = len(ids)
+        with catalog.session() as session:
+            run_id = create_run(session, "extract", {"bench": True})
+        group = arrays.create_activation_array(ws.zarr_path, run_id, n, 1, d_model)
+        arr = arrays.open_activation_array(ws.zarr_path, group, "r+")
+        arrays.write_rows(arr, 0, np.random.default_rng(0).normal(size=(n, 1, d_model)).astype(np.float32))
+        table = pa.table(
+            {
+                "response_id": pa.array(ids, pa.int64()),
+                "row": pa.array(range(n), pa.int32()),
+                "span_start": pa.array([0] * n, pa.int32()),
+                "span_end": pa.array([1] * n, pa.int32()),
+                "n_tokens": pa.array([1] * n, pa.int32()),
+                "n_response_tokens": pa.array([1] * n, pa.int32()),
+                "truncated": pa.array([False] * n),
+            }
+        )
+        with catalog.session() as session:
+            add_extraction_run(
+                session, run_id, source_run_id=resp.run_id, model="bench", n_model_layers=62, d_model=d_model,
+                layers=[layer], dtype="bfloat16", span_rule="exact", prompt_format="chat", device="cpu",
+                zarr_group=group, n_examples=n,
+            )  # fmt: skip
+            add_examples(session, run_id, table)
+            mark_rows_done(session, run_id, 0, n)
+            finish_run(session, run_id, "done")
+    return ws, run_id, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-model", type=int, default=5376)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ws, ext_id, n = build(Path(tmp), args.d_model)
+        t = time.perf_counter()
+        res = compute_vectors(ws, VectorConfig(ext_id))
+        compute_s = time.perf_counter() - t
+        cold, warm = [], []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            vs = load_vectors(res.run_id, workspace=ws)
+            cold.append(time.perf_counter() - t)
+        with ws.catalog(read_only=True) as cat:
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                vs = load_vectors(res.run_id, catalog=cat)
+                warm.append(time.perf_counter() - t)
+        assert tuple(vs.matrix.shape) == (len(PERSONAS), args.d_model)
+        print(f"examples: {n} x d_model {args.d_model}; vectors: {len(vs)} x {vs.d_model}")
+        print(f"compute_vectors: {1000 * compute_s:.0f} ms (read Zarr, group means, one catalog transaction)")
+        print(
+            f"load_vectors cold (opens catalog): median {1000 * statistics.median(cold):.1f} ms, "
+            f"max {1000 * max(cold):.1f} ms over {args.repeats}"
+        )
+        print(
+            f"load_vectors warm (catalog open):  median {1000 * statistics.median(warm):.1f} ms, "
+            f"max {1000 * max(warm):.1f} ms over {args.repeats}"
+        )
+
+
+if __name__ == "__main__":
+    main()
