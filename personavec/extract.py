@@ -21,18 +21,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from personavec import arrays
 from personavec.config import DTYPES, config_dict
 from personavec.errors import ConfigError, ModelError, StorageError
 from personavec.modeling import LoadedModel, load_model
 from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, max_length_of, render
-from personavec.workspace import Workspace
+
+if TYPE_CHECKING:
+    from personavec.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -339,6 +340,8 @@ class _ChunkWriter:
         self.thread.start()
 
     def _loop(self) -> None:
+        from personavec import arrays
+
         while True:
             item = self.todo.get()
             if item is None:
@@ -395,6 +398,9 @@ def run_extraction(
             run (the run is marked ``interrupted`` and every complete chunk stays done).
         loaded: an already loaded model matching ``config`` (skips loading).
     """
+    # The catalog and Zarr stack is imported here, not at module level, so the compute core above runs where only
+    # torch and transformers are installed (e.g. a bare GPU box running scripts/bench_extract.py).
+    from personavec import arrays
     from personavec.store import extraction as xs
 
     catalog = workspace.catalog()
@@ -493,6 +499,7 @@ def _mark_written(catalog: Any, run_id: int, writer: _ChunkWriter) -> None:
 def _plan_run(
     workspace: Workspace, catalog: Any, config: ExtractConfig, source_run_id: int, loaded: LoadedModel
 ) -> int:
+    from personavec import arrays
     from personavec.modeling import model_provenance
     from personavec.store import extraction as xs
     from personavec.store.responses import answered_responses

@@ -1,0 +1,190 @@
+"""Benchmark: personavec's batched, truncated extraction vs the seed-style loop, in one process.
+
+CPU (default): the embedded model, 414 conversations (23 built-in personas x 18 questions) with deterministic
+synthetic responses of ~150-250 tokens (``--n`` for fewer). GPU: ``--device cuda --synthetic gemma-3-27b`` builds the
+gemma-3-27b text architecture with random bf16 weights (as ../shared/bench/gpu_baseline.py) and uses its tokenizer-free
+workload (token ids), with the embedded tokenizer's chat template spans replaced by prompt/response lengths.
+
+The seed-style reference: one example per forward, all layers, ``output_hidden_states=True``, mean over the span.
+Last line: one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+if "--synthetic" in sys.argv:
+    # A bare GPU box has torch and transformers but not the catalog stack (duckdb, sqlalchemy, zarr) that
+    # personavec/__init__ imports; the compute core needs none of it, so import the modules without the package init.
+    import types
+
+    _pkg = types.ModuleType("personavec")
+    _pkg.__path__ = [str(ROOT / "personavec")]
+    sys.modules["personavec"] = _pkg
+
+from personavec.extract import mean_activations  # noqa: E402
+from personavec.spans import Rendered, conversation, render  # noqa: E402
+
+WORDS = (
+    "the of and to in is that it as for with was on be by this are from or have an they which one you were all "
+    "we can her has there been if more when will would who so no about out up into them some could him time only "
+    "new like than also other how first our over well even because most these any through where much should"
+).split()
+
+
+def synth_response(i: int, rng: random.Random) -> str:
+    n = rng.randint(120, 200)  # ~150-250 tokens with punctuation
+    words = [rng.choice(WORDS) for _ in range(n)]
+    for k in range(0, n, rng.randint(8, 14)):
+        words[k] = words[k].capitalize()
+        if k:
+            words[k - 1] += "."
+    return f"Response {i}: " + " ".join(words) + "."
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def seed_style(model, examples: list[Rendered], layers: list[int], device: str) -> torch.Tensor:
+    rows = []
+    with torch.inference_mode():
+        for ex in examples:
+            hs = model(input_ids=torch.tensor([ex.input_ids], device=device), output_hidden_states=True).hidden_states
+            s, e = ex.assistant_spans[0]
+            rows.append(torch.stack([hs[layer][0, s:e].float().mean(0) for layer in layers]).cpu())
+    return torch.stack(rows)
+
+
+def build_synthetic(name: str, device: str):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from personavec.modeling import LoadedModel, decoder_layers
+
+    if name != "gemma-3-27b":
+        raise SystemExit(f"unknown synthetic model {name}")
+    cfg = Gemma3TextConfig(
+        hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
+        num_key_value_heads=16, head_dim=128, vocab_size=262208, sliding_window=1024, query_pre_attn_scalar=168,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = Gemma3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    torch.set_default_dtype(torch.float32)
+    model.eval()
+
+    class _Tok:
+        pad_token_id = 0
+        eos_token_id = 1
+
+    return LoadedModel(
+        name="synthetic:gemma-3-27b", path=Path("."), model=model, tokenizer=_Tok(), layers=decoder_layers(model),
+        n_layers=62, d_model=5376, architecture="Gemma3ForCausalLM", revision=None, device=device, dtype=torch.bfloat16,
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=414, help="conversations (default 414 = 23 personas x 18 questions)")
+    ap.add_argument("--n-seed", type=int, default=None, help="conversations for the seed-style loop (default: --n)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--synthetic", default=None, help="gemma-3-27b: random-weight 27B architecture (GPU)")
+    ap.add_argument("--layer", type=int, action="append", help="layers to extract (default: the seed's 65%%)")
+    ap.add_argument("--max-batch-tokens", type=int, action="append", help="token budget(s) to try")
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    device = args.device
+    t0 = time.perf_counter()
+    if args.synthetic:
+        loaded = build_synthetic(args.synthetic, device)
+        # the gpu_baseline workload: prompt 40-140 tokens, response 120-256 tokens, random ids
+        examples = []
+        for _ in range(args.n):
+            p, r = rng.randint(40, 140), rng.randint(120, 256)
+            examples.append(Rendered(torch.randint(1000, 200000, (p + r,)).tolist(), [(p, p + r)], ""))
+    else:
+        from personavec.builtin import EVAL_QUESTIONS, PERSONAS
+        from personavec.modeling import load_model
+
+        loaded = load_model(args.model, dtype=args.dtype, device=device, attn_implementation="sdpa")
+        pairs = [(p, q) for p in PERSONAS for q in EVAL_QUESTIONS][: args.n]
+        examples = [
+            render(loaded.tokenizer, conversation(PERSONAS[p], q, synth_response(i, rng)))
+            for i, (p, q) in enumerate(pairs)
+        ]
+    load_s = time.perf_counter() - t0
+    layers = args.layer or [int(loaded.n_layers * 0.65 + 0.5)]
+    ntok = sum(max(e for _, e in ex.assistant_spans) for ex in examples)
+    resp_tok = sum(e - s for ex in examples for s, e in ex.assistant_spans)
+    budgets = args.max_batch_tokens or ([32768, 65536] if device.startswith("cuda") else [4096, 16384])
+    print(f"device={device} model={loaded.name} n={len(examples)} tokens={ntok} response_tokens={resp_tok} "
+          f"layers={layers} load_s={load_s:.1f}", flush=True)  # fmt: skip
+
+    # warm-up (allocator, kernels) on a few examples for both methods
+    mean_activations(loaded, examples[:4], layers, max_batch_tokens=budgets[0])
+    n_seed = args.n_seed or len(examples)
+    seed_examples = examples[:n_seed]
+    seed_style(loaded.model, seed_examples[:2], layers, device)
+
+    sync(device)
+    t = time.perf_counter()
+    ref = seed_style(loaded.model, seed_examples, layers, device)
+    sync(device)
+    seed_s = time.perf_counter() - t
+    seed_tok = sum(len(ex.input_ids) for ex in seed_examples)
+    seed_tok_s = seed_tok / seed_s
+    print(f"seed-style loop: {seed_tok_s:,.0f} tok/s ({seed_s:.1f} s for {n_seed})", flush=True)
+
+    results = {}
+    best = None
+    for budget in budgets:
+        sync(device)
+        t = time.perf_counter()
+        got = mean_activations(loaded, examples, layers, max_batch_tokens=budget, max_batch_size=args.max_batch_size)
+        sync(device)
+        dt = time.perf_counter() - t
+        cos = torch.nn.functional.cosine_similarity(got[:n_seed].flatten(0, 1), ref.flatten(0, 1), dim=-1)
+        results[budget] = (ntok / dt, cos.min().item(), dt)
+        print(f"project budget={budget}: {ntok / dt:,.0f} tok/s ({dt:.1f} s), min cos {cos.min().item():.6f}",
+              flush=True)  # fmt: skip
+        if best is None or ntok / dt > results[best][0]:
+            best = budget
+    tok_s, min_cos, _ = results[best]
+    out = {
+        "project_tok_s": round(tok_s, 1),
+        "seed_tok_s": round(seed_tok_s, 1),
+        "speedup": round(tok_s / seed_tok_s, 3),
+        "min_cos": round(min_cos, 6),
+        "best_max_batch_tokens": best,
+        "by_budget": {str(b): round(v[0], 1) for b, v in results.items()},
+        "n": len(examples),
+        "n_seed": n_seed,
+        "tokens": ntok,
+        "layers": layers,
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "model": loaded.name,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
