@@ -125,3 +125,34 @@ def test_compare_models_same_and_different_width(rng):
     assert cmp2.structure_corr[0, 1] == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="share 2 personas"):
         compare_models({"m1": base, "m2": {"a": base["a"], "b": base["b"]}})
+
+
+@pytest.mark.slow
+def test_project_transcripts_one_value_per_assistant_turn(tmp_path):
+    from tiny_models import tiny_model_dir
+
+    from personavec.analysis import project_transcripts
+    from personavec.modeling import load_model
+    from personavec.spans import render
+
+    loaded = load_model(str(tiny_model_dir(tmp_path, "llama")), dtype="float32", device="cpu")
+    first = [
+        {"role": "system", "content": "You are a ghost."},
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "A whisper in the old house."},
+    ]
+    long = [*first, {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because nobody left."}]
+    rng = np.random.default_rng(0)
+    axis = rng.normal(size=loaded.d_model)
+    origin = rng.normal(size=loaded.d_model)
+    out = project_transcripts(loaded, {"one": first, "two": long}, axis, 2, origin=origin)
+    assert out["one"].shape == (1,) and out["two"].shape == (2,)
+    # causal attention: the first turn projects the same whether or not a second follows
+    assert out["two"][0] == pytest.approx(out["one"][0], rel=1e-4, abs=1e-4)
+    # against a naive output_hidden_states forward over the same spans
+    r = render(loaded.tokenizer, long)
+    with torch.no_grad():
+        hs = loaded.model(torch.tensor([r.input_ids]), output_hidden_states=True).hidden_states[2][0].double().numpy()
+    unit = axis / np.linalg.norm(axis)
+    naive = [(hs[s:e].mean(axis=0) - origin) @ unit for s, e in r.assistant_spans]
+    np.testing.assert_allclose(out["two"], naive, rtol=1e-4, atol=1e-4)

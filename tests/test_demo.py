@@ -1,0 +1,40 @@
+"""The demo end to end on the embedded model (small sizes): serve, generate, extract, vectors, report."""
+
+from __future__ import annotations
+
+import pytest
+
+from personavec.demo import DemoConfig, run_demo
+from personavec.errors import ConfigError
+from personavec.store.runs import list_runs
+from personavec.vectors import load_vectors
+from personavec.workspace import Workspace
+
+
+def test_demo_config_validates():
+    assert DemoConfig().personas[:4] == ("default", "default_assistant", "default_llm", "default_helpful")
+    assert len(DemoConfig().personas) == 8
+    with pytest.raises(ConfigError, match="n_personas"):
+        DemoConfig(n_personas=4)
+    with pytest.raises(ConfigError, match="n_questions"):
+        DemoConfig(n_questions=1)
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    lines: list[str] = []
+    res = run_demo(
+        DemoConfig(workspace=tmp_path / "demo", n_personas=5, n_questions=2, max_tokens=12), log=lines.append
+    )
+    ws = Workspace.resolve(tmp_path / "demo")
+    with ws.catalog(read_only=True) as cat:
+        kinds = {r.kind: r for r in list_runs(cat)}
+    assert {"generate", "extract", "vectors"} <= set(kinds)
+    assert all(kinds[k].status == "done" for k in ("generate", "extract", "vectors"))
+    vs = load_vectors(res.vectors_run_id, workspace=ws)
+    assert len(vs) == 5 and vs.d_model == 576 and vs.layer == 20
+    html = res.report_html.read_text()
+    assert html.count("<img") == 4
+    assert (res.report_html.parent / "similarity.png").read_bytes()[:4] == b"\x89PNG"
+    text = "\n".join(lines)
+    assert str(res.report_html) in text and "personavec sql" in text
