@@ -450,8 +450,13 @@ class GenerationResult:
 
 
 class _Sink:
-    """The one place that writes answers: called on the event-loop thread, it commits each outcome before the worker
-    takes its next job, so there is a single DuckDB writer and a killed process loses only requests in flight."""
+    """The one place that writes answers, on the event-loop thread (so there is a single DuckDB writer).
+
+    Group commit: outcomes that finish in the same turn of the event loop are committed together by a callback
+    scheduled for the next turn (one statement and one transaction cost ~10 ms in DuckDB, whatever the row count).
+    Nothing waits longer than that turn, so a killed process loses only requests in flight and the outcomes of the
+    turn it died in; :meth:`flush` is also called when the pool stops for any reason.
+    """
 
     def __init__(
         self, catalog: Catalog, run_id: int, total: int, answered: int, progress: Callable | None, start: float
@@ -459,13 +464,13 @@ class _Sink:
         self.catalog, self.run_id, self.total, self.progress, self.start = catalog, run_id, total, progress, start
         self.answered, self.failed, self.new_answers, self.new_failures = answered, 0, 0, 0
         self.prompt_tokens = self.completion_tokens = 0
+        self.pending: list[AnswerRow] = []
+        self.commits = 0
 
     def land(self, job: _Job, outcome: Completion | RequestFailed) -> None:
         persona_id, question_id, sample = job.key
         if isinstance(outcome, RequestFailed):
             row = AnswerRow(persona_id, question_id, sample, None, error=str(outcome), attempts=outcome.attempts)
-            self.failed += 1
-            self.new_failures += 1
         else:
             row = AnswerRow(
                 persona_id,
@@ -479,11 +484,26 @@ class _Sink:
                 model_reported=outcome.model_reported,
                 attempts=outcome.attempts,
             )
-            self.answered += 1
-            self.new_answers += 1
-            self.prompt_tokens += outcome.prompt_tokens or 0
-            self.completion_tokens += outcome.completion_tokens or 0
-        upsert_answers(self.catalog, self.run_id, [row])
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append(row)
+
+    def flush(self) -> None:
+        """Commit every pending outcome now (idempotent), then report progress."""
+        rows, self.pending = self.pending, []
+        if not rows:
+            return
+        upsert_answers(self.catalog, self.run_id, rows)
+        self.commits += 1
+        for row in rows:  # counted only once committed: the progress bar never shows what a crash would lose
+            if row.text is None:
+                self.failed += 1
+                self.new_failures += 1
+            else:
+                self.answered += 1
+                self.new_answers += 1
+                self.prompt_tokens += row.prompt_tokens or 0
+                self.completion_tokens += row.completion_tokens or 0
         self.report()
 
     def report(self) -> None:
@@ -618,6 +638,7 @@ def _generation(
         try:
             await _worker_pool(endpoint, jobs, config.concurrency, sink.land)
         finally:
+            sink.flush()  # whatever finished before a stop (fatal error, Ctrl-C) still lands
             await endpoint.aclose()
 
     status, error = "done", None

@@ -367,3 +367,14 @@ def test_sigkill_mid_run_then_resume_answers_every_pair_once(workspace, cli):
         assert server.requests - before == n_pairs - landed  # only the missing pairs were asked
     assert_exactly_once(workspace, run["id"], n_pairs)
     assert runs(workspace)[0]["status"] == "done"
+
+
+def test_run_generation_inside_a_running_event_loop(workspace):
+    with FaultServer() as server:
+
+        async def notebook_cell():
+            return run_generation(workspace, cfg(server))
+
+        result = asyncio.run(notebook_cell())
+    assert result.answers == 4
+    assert_exactly_once(workspace, result.run_id, 4)
