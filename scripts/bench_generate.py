@@ -37,7 +37,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
     print(
         f"{result.answers} answers, {result.failures} failures in {wall:.2f} s: {result.answers / wall:.0f} answers/s "
-        f"(concurrency {conc}, one commit per answer)"
+        f"(concurrency {conc}, group commit)"
     )
 
 
