@@ -90,14 +90,14 @@ def test_samples_differ_because_the_server_samples(server, workspace):
     config = GenerateConfig(
         personas=("default",),
         questions=(0,),
-        n_samples=4,
+        n_samples=3,
         model=server.model,
         base_url=server.base_url,
-        max_tokens=8,
+        max_tokens=5,
         temperature=1.0,
-        concurrency=1,
+        concurrency=3,
     )
     run_generation(workspace, config)
     with workspace.catalog() as cat, cat.session() as s:
         texts = [r[0] for r in s.execute(sa.text("SELECT text FROM responses"))]
-    assert len(texts) == 4 and len(set(texts)) > 1
+    assert len(texts) == 3 and len(set(texts)) > 1
