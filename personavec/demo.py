@@ -64,7 +64,8 @@ def sql_examples(vectors_run_id: int, extract_run_id: int, generate_run_id: int)
         ("Every run, newest last", "SELECT id, kind, status, wall_s, package_version FROM runs ORDER BY id"),
         (
             "Closest persona pairs (raw cosine, in SQL)",
-            f"SELECT a.group_key AS a, b.group_key AS b, round(list_cosine_similarity(a.vector, b.vector), 4) AS cos "
+            f"SELECT a.group_key AS a, b.group_key AS b, "
+            f"round(list_cosine_similarity(a.vector, b.vector)::DOUBLE, 4) AS cos "
             f"FROM vectors a JOIN vectors b USING (run_id, layer) WHERE run_id = {vectors_run_id} "
             f"AND a.group_key < b.group_key ORDER BY cos DESC LIMIT 10",
         ),
@@ -146,18 +147,24 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
     )
 
     t = step(5, "persona vectors: mean of each persona's per-answer means")
-    vec = compute_vectors(ws, VectorConfig(extraction_run_id=ext.run_id))
-    dt = time.perf_counter() - t
-    say(f"      run {vec.run_id}: {vec.n_vectors} vectors ({len(vec.groups)} personas) in {dt:.2f}s")
+    # One read-write catalog for the last two steps: a read-only open would clash with any read-write connection
+    # still alive in this process (DuckDB allows one configuration per file per process).
+    catalog = ws.catalog()
+    try:
+        vec = compute_vectors(catalog, VectorConfig(extraction_run_id=ext.run_id))
+        dt = time.perf_counter() - t
+        say(f"      run {vec.run_id}: {vec.n_vectors} vectors ({len(vec.groups)} personas) in {dt:.2f}s")
 
-    t = step(6, "report: similarity heatmap, PCA, variance, assistant axis vs PC1")
-    rep = build_report(vec.run_id, ws)
-    if rep.axis_stats is not None:
-        s = rep.axis_stats
-        say(
-            f"      |cos(assistant axis, PC1)| = {s.abs_cos_pc1:.3f}, R² = {s.r2_projection_pc1:.3f}, "
-            f"PC1 = {100 * s.pc1_variance_ratio:.1f}% of variance"
-        )
+        t = step(6, "report: similarity heatmap, PCA, variance, assistant axis vs PC1")
+        rep = build_report(vec.run_id, catalog=catalog)
+        if rep.axis_stats is not None:
+            s = rep.axis_stats
+            say(
+                f"      |cos(assistant axis, PC1)| = {s.abs_cos_pc1:.3f}, R² = {s.r2_projection_pc1:.3f}, "
+                f"PC1 = {100 * s.pc1_variance_ratio:.1f}% of variance"
+            )
+    finally:
+        catalog.close()
     wall = time.perf_counter() - t0
     say(f"\n[bold green]done in {wall:.0f}s.[/] Report: [bold]{rep.html}[/]")
     say(f"Heatmap: {rep.pngs['similarity']}")

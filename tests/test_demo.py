@@ -27,11 +27,12 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
         DemoConfig(workspace=tmp_path / "demo", n_personas=5, n_questions=2, max_tokens=12), log=lines.append
     )
     ws = Workspace.resolve(tmp_path / "demo")
-    with ws.catalog(read_only=True) as cat:
+    # read-write, like the demo's own connections in this process (DuckDB: one configuration per file per process)
+    with ws.catalog() as cat:
         kinds = {r.kind: r for r in list_runs(cat)}
+        vs = load_vectors(res.vectors_run_id, catalog=cat)
     assert {"generate", "extract", "vectors"} <= set(kinds)
     assert all(kinds[k].status == "done" for k in ("generate", "extract", "vectors"))
-    vs = load_vectors(res.vectors_run_id, workspace=ws)
     assert len(vs) == 5 and vs.d_model == 576 and vs.layer == 20
     html = res.report_html.read_text()
     assert html.count("<img") == 4
