@@ -33,4 +33,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check personavec tests scripts migrations
 
 clean:
-	rm -rf $(VENV) .pytest_cache personavec-workspace
+	rm -rf $(VENV) .pytest_cache personavec-workspace personavec-demo

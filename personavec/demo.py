@@ -25,7 +25,7 @@ DEMO_OTHERS = ("ghost", "jester", "cynic", "storyteller", "analyst", "mystic", "
 class DemoConfig:
     """Size of the demo. ``n_personas`` includes the 4 default personas; answers are ``max_tokens`` long."""
 
-    workspace: str | os.PathLike[str] = Path("personavec-workspace") / "demo"
+    workspace: str | os.PathLike[str] = Path("personavec-demo")
     n_personas: int = 8
     n_questions: int = 4
     max_tokens: int = 48

@@ -398,12 +398,24 @@ def run_extraction(
             run (the run is marked ``interrupted`` and every complete chunk stays done).
         loaded: an already loaded model matching ``config`` (skips loading).
     """
-    # The catalog and Zarr stack is imported here, not at module level, so the compute core above runs where only
-    # torch and transformers are installed (e.g. a bare GPU box running scripts/bench_extract.py).
+    with workspace.catalog() as catalog:
+        return _run_extraction(workspace, catalog, config, source_run_id, run_id, progress, loaded)
+
+
+# The catalog and Zarr stack is imported inside, not at module level, so the compute core above runs where only
+# torch and transformers are installed (e.g. a bare GPU box running scripts/bench_extract.py).
+def _run_extraction(
+    workspace: Workspace,
+    catalog: Any,
+    config: ExtractConfig,
+    source_run_id: int | None,
+    run_id: int | None,
+    progress: Callable[[ExtractionProgress], None] | None,
+    loaded: LoadedModel | None,
+) -> ExtractionResult:
     from personavec import arrays
     from personavec.store import extraction as xs
 
-    catalog = workspace.catalog()
     if run_id is None:
         if source_run_id is None:
             raise ConfigError("run_extraction needs a source responses run id (or a run id to resume)")

@@ -10,6 +10,14 @@ from personavec.cli.app import app
 
 
 def main() -> None:
+    import os
+    import signal
+    import sys
+
+    # SIGTERM unwinds like Ctrl-C does: context managers run, so a local server started by `serve`/`demo` stops
+    # and a run in progress records how it stopped instead of staying "running".
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own Rich bars only (read by transformers)
     app()
 
 

@@ -261,10 +261,10 @@ def demo(
     def body() -> None:
         from personavec.demo import DemoConfig, run_demo
 
-        path = ws if ws is not None else Path("personavec-workspace") / "demo"
+        path = ws if ws is not None else DemoConfig.workspace
         run_demo(
             DemoConfig(workspace=path, n_personas=n_personas, n_questions=n_questions, max_tokens=max_tokens),
-            log=console.print,
+            log=lambda line: console.print(line, soft_wrap=True),  # SQL lines stay copy-pastable
         )
 
     run_command(body)
