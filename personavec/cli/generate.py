@@ -20,8 +20,8 @@ _DEFAULTS = GenerateConfig()
 @app.command()
 def generate(
     ws: WorkspaceOpt = None,
-    persona_set: Annotated[str | None, typer.Option("--personas", help="Persona set (default builtin).")] = None,
-    question_set: Annotated[str | None, typer.Option("--questions", help="Question set (default builtin).")] = None,
+    persona_set: Annotated[str | None, typer.Option("--persona-set", help="Persona set (default builtin).")] = None,
+    question_set: Annotated[str | None, typer.Option("--question-set", help="Question set (default builtin).")] = None,
     persona: Annotated[
         list[str] | None, typer.Option("--persona", help="Only this persona (by name); repeatable.")
     ] = None,
