@@ -35,7 +35,7 @@ def test_init_ingest_runs_sql(cli, tmp_path, seed_cache_file):
     res = cli.invoke(app, ["sql", "SELECT name FROM personas ORDER BY position LIMIT 2", "-w", ws, "--csv"])
     assert res.stdout.splitlines() == ["name", "default", "default_assistant"]
     res = cli.invoke(app, ["runs", "-w", ws])
-    assert res.exit_code == 0 and "ingest-responses" in res.stdout
+    assert res.exit_code == 0 and "ingest-re" in res.stdout  # the table view (folded to the terminal width)
 
 
 def test_sql_is_read_only(cli, workspace):

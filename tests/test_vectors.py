@@ -105,7 +105,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(workspace, make_extraction_ru
     ext = make_extraction_run(workspace)
     with pytest.raises(RunNotFoundError, match="run 999 does not exist"):
         compute_vectors(workspace, VectorConfig(999))
-    with pytest.raises(RunNotFoundError, match="'ingest-responses' run"):
+    with pytest.raises(RunNotFoundError, match="of kind 'ingest-responses'"):
         compute_vectors(workspace, VectorConfig(ext.response_run_id))
     with pytest.raises(ConfigError, match="no layer\\(s\\) 7"):
         compute_vectors(workspace, VectorConfig(ext.run_id, layers=(2, 7)))
@@ -118,7 +118,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(workspace, make_extraction_ru
         default_layer((2, 3), 8)
     with pytest.raises(ConfigError, match="no layer 3"):
         load_vectors(run_id, 3, workspace)
-    with pytest.raises(RunNotFoundError, match="'extract' run"):
+    with pytest.raises(RunNotFoundError, match="of kind 'extract'"):
         load_vectors(ext.run_id, workspace=workspace)
 
 

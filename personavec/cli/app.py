@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +31,7 @@ err_console = Console(stderr=True)
 WorkspaceOpt = Annotated[
     Path | None,
     typer.Option(
-        "--workspace", "-w", help="Workspace directory [env PERSONAVEC_WORKSPACE, default ./personavec-workspace]"
+        "--workspace", "-w", help="Workspace directory (default: $PERSONAVEC_WORKSPACE, else ./personavec-workspace)."
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -60,10 +61,9 @@ def emit_json(obj: Any) -> None:
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
-    table = Table(title=title, show_lines=False)
-    for i, col in enumerate(columns):
-        last = i == len(columns) - 1
-        table.add_column(str(col), overflow="fold", no_wrap=not last)
+    table = Table(title=title, show_lines=False, box=box.SIMPLE_HEAD)
+    for col in columns:
+        table.add_column(str(col), overflow="fold")
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     console.print(table)

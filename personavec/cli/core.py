@@ -92,7 +92,7 @@ def runs(
                     r.id,
                     r.kind,
                     r.status,
-                    r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    r.created_at.strftime("%m-%d %H:%M"),
                     f"{r.wall_s:.1f}" if r.wall_s is not None else "",
                     r.items,
                     r.failed,

@@ -80,12 +80,17 @@ def _info(run: Run) -> RunInfo:
     )
 
 
+def require_kind(run_id: int, kind: str | None, kinds: tuple[str, ...] | None) -> None:
+    """Raise :class:`RunNotFoundError` unless the run exists (``kind`` not None) and is of one of ``kinds``."""
+    if kind is None:
+        raise RunNotFoundError(f"run {run_id} does not exist in the catalog: `personavec runs` lists the runs")
+    if kinds is not None and kind not in kinds:
+        raise RunNotFoundError(f"run {run_id} is of kind {kind!r}, expected: {' or '.join(kinds)}")
+
+
 def run_in_session(session: Session, run_id: int, kinds: tuple[str, ...] | None = None) -> RunInfo:
     run = session.get(Run, run_id)
-    if run is None:
-        raise RunNotFoundError(f"run {run_id} does not exist in the catalog: `personavec runs` lists the runs")
-    if kinds is not None and run.kind not in kinds:
-        raise RunNotFoundError(f"run {run_id} is a {run.kind!r} run, expected one of: {', '.join(kinds)}")
+    require_kind(run_id, run.kind if run is not None else None, kinds)
     return _info(run)
 
 

@@ -17,9 +17,10 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from personavec.errors import ConfigError, NotFoundError, RunNotFoundError
+from personavec.errors import ConfigError, NotFoundError
 from personavec.store import models as m
 from personavec.store.engine import Catalog
+from personavec.store.runs import require_kind
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,8 @@ FROM runs r LEFT JOIN vector_runs v ON v.run_id = r.id WHERE r.id = ?
 def _info(con: Any, run_id: int) -> VectorRunInfo:
     # One statement (not ORM gets): loading a run by id must stay far under 100 ms.
     row = con.execute(_INFO, [run_id]).fetchone()
-    if row is None:
-        raise RunNotFoundError(f"run {run_id} does not exist in the catalog: `personavec runs` lists the runs")
+    require_kind(run_id, row[0] if row is not None else None, ("vectors",))
     kind, status, version, created, config, ext_id, group_by, model, d_model, layers, n_groups = row
-    if kind != "vectors":
-        raise RunNotFoundError(f"run {run_id} is a {kind!r} run, expected one of: vectors")
     if ext_id is None:
         raise NotFoundError(f"vectors run {run_id} has no vector_runs row (it failed before writing anything)")
     return VectorRunInfo(
