@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -18,10 +18,12 @@ from personavec.errors import InputFileError
 from personavec.ingest import read_response_file
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place: a crash or an error
+    never leaves a half-written ``path`` (the temporary file is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -35,7 +37,7 @@ def save_responses(responses: Mapping[tuple[str, str], str], path: str | os.Path
     """Write ``{(persona, question): text}`` in the seed's cache format: a JSON object whose keys are
     JSON-encoded ``[persona, question]`` lists."""
     doc = {json.dumps([p, q], ensure_ascii=False): text for (p, q), text in responses.items()}
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False), "utf-8"))
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False), "utf-8"))
 
 
 def load_responses(path: str | os.PathLike[str]) -> dict[tuple[str, str], str]:
@@ -52,7 +54,7 @@ def load_responses(path: str | os.PathLike[str]) -> dict[tuple[str, str], str]:
 def save_persona_vectors(vectors: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
     """Save ``{persona: Tensor[d_model]}`` as the seed's ``.pt`` dict (tensors moved to CPU)."""
     data = {k: v.detach().cpu() for k, v in vectors.items()}
-    _atomic_write(Path(path), lambda tmp: torch.save(data, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(data, tmp))
 
 
 def load_persona_vectors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

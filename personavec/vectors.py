@@ -13,7 +13,6 @@ Read them back with :func:`load_vectors`, export with :func:`export_vectors`.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -397,18 +396,6 @@ def load_vectors(
 # -------------------------------------------------------------------------------------------------------- export
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_vectors(
     vset: VectorSet, path: str | os.PathLike[str], fmt: str | None = None, *, overwrite: bool = False
 ) -> Path:
@@ -419,6 +406,8 @@ def export_vectors(
     """
     import json
 
+    from personavec.seed import atomic_write, save_persona_vectors
+
     path = Path(path)
     fmt = fmt or EXPORT_FORMATS.get(path.suffix.lower())
     if fmt not in EXPORT_FORMATS.values():
@@ -427,19 +416,17 @@ def export_vectors(
         raise InputFileError(f"{path} exists: pass overwrite (--overwrite) to replace it")
     meta = json.dumps(vset.provenance, sort_keys=True, default=str)
     if fmt == "pt":
-        from personavec.seed import save_persona_vectors
-
         save_persona_vectors({k: v.clone() for k, v in vset.vectors.items()}, path)
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 
         tensors = {k: v.contiguous().clone() for k, v in vset.vectors.items()}
-        _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"personavec": meta}))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"personavec": meta}))
     else:
 
         def write_npz(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
                 np.savez(fh, names=np.array(vset.names), vectors=vset.matrix.numpy(), provenance=np.array(meta))
 
-        _atomic(path, write_npz)
+        atomic_write(path, write_npz)
     return path
