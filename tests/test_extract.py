@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from tiny_models import tiny_model_dir
 
 from personavec import EVAL_QUESTIONS, PERSONAS, arrays
 from personavec.cli import app
+from personavec.config import config_dict
 from personavec.errors import ConfigError, ModelError
 from personavec.extract import (
     ExtractConfig,
@@ -27,6 +29,7 @@ from personavec.spans import conversation, render
 from personavec.store.extraction import (
     done_count,
     extraction_examples,
+    extraction_run_config,
     get_extraction_run,
 )
 from personavec.store.runs import get_run
@@ -133,6 +136,35 @@ def test_config_validation() -> None:
         ExtractConfig(layers=(31,)).resolve_layers(30)
     assert ExtractConfig().resolve_layers(30) == (20,)
     assert ExtractConfig().resolve_layers(62) == (40,)
+    with pytest.raises(ConfigError, match="compile"):
+        ExtractConfig(compile="yes")
+    assert config_dict(ExtractConfig(compile=True))["compile"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile's CPU backend (inductor) needs a C++ compiler and none is on PATH",
+)
+def test_compile_matches_eager(tiny_root: Path) -> None:
+    loaded = load_model(str(tiny_model_dir(tiny_root, "llama", "chatml")), dtype="float32", device="cpu")
+    examples = _examples(loaded.tokenizer, 6, seed=2)
+    layers = [3, 0, loaded.n_layers, 1]
+    ref = mean_activations(loaded, examples, layers, max_batch_tokens=100_000)
+    # one batch, so one graph to compile (~25-45 s on 2 cores, the bulk of this test)
+    got = mean_activations(loaded, examples, layers, max_batch_tokens=100_000, compile=True)
+    assert _min_cos(got, ref) >= 0.9999
+    assert all("forward" not in block.__dict__ for block in loaded.layers)  # the eager forwards are back
+    # the capture hooks stay outside the compiled blocks: the early stop still skips the later blocks
+    calls: list[int] = []
+    handles = [loaded.layers[i].register_forward_hook(lambda *a, i=i: calls.append(i)) for i in range(4)]
+    try:
+        again = mean_activations(loaded, examples, [2], max_batch_tokens=100_000, compile=True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [0, 1]
+    assert _min_cos(again[:, 0], mean_activations(loaded, examples, [2])[:, 0]) >= 0.9999
 
 
 # -- catalogued runs ---------------------------------------------------------------------------------------------
@@ -165,6 +197,7 @@ def test_run_extraction_provenance_and_rows(workspace, responses_run: int, tiny_
     assert info.dtype == "float32" and info.device == "cpu" and info.architecture == "LlamaForCausalLM"
     assert info.tok_s and info.tok_s > 0 and info.n_tokens == result.n_tokens
     assert get_run(workspace.catalog(), result.run_id).status == "done"
+    assert extraction_run_config(workspace.catalog(), result.run_id)["compile"] is False
     values = _activations(workspace, result.run_id)
     assert values.shape == (25, 2, 64) and not np.isnan(values).any()
     # each stored row equals a direct computation for its response

@@ -32,6 +32,10 @@ def extract(
     prompt_format: Annotated[str, typer.Option("--format", help="chat (chat template) or raw (plaintext).")] = "chat",
     max_batch_tokens: Annotated[int, typer.Option(help="Token budget per batch (padding included).")] = 16384,
     max_batch_size: Annotated[int, typer.Option(help="Most conversations per batch.")] = 64,
+    compile_blocks: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile the decoder blocks (GPU: ~1.6x after a ~25 s compile)."),
+    ] = False,
     resume: Annotated[int | None, typer.Option("--resume", help="Continue an interrupted extraction run.")] = None,
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
@@ -54,6 +58,7 @@ def extract(
             prompt_format=prompt_format,
             max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size,
+            compile=compile_blocks,
         )
         w = workspace(ws).require()
         with Progress(
