@@ -41,7 +41,7 @@ class PersonaVectorConfig:
     # personavec additions
     dtype: str = "auto"
     device: str = "auto"
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None  # None: 1,024 on CPU, 16,384 on GPU (see personavec.extract)
     max_batch_size: int = 64
     prompt_format: str = "chat"
     span: str = "exact"
@@ -57,7 +57,7 @@ class PersonaVectorConfig:
             raise ConfigError(f"max_concurrent_requests must be > 0, got {self.max_concurrent_requests}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.max_batch_tokens <= 0 or self.max_batch_size <= 0:
+        if (self.max_batch_tokens is not None and self.max_batch_tokens <= 0) or self.max_batch_size <= 0:
             raise ConfigError("max_batch_tokens and max_batch_size must be > 0")
 
     def layer_for(self, n_layers: int) -> int:

@@ -48,7 +48,8 @@ class ExtractConfig:
         dtype: ``"auto"`` (bf16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         device_map: ``from_pretrained``'s ``device_map`` for models larger than one device (e.g. ``"auto"``).
-        max_batch_tokens: token budget per batch, counted as ``batch_size * longest_sequence`` (padding included).
+        max_batch_tokens: token budget per batch, counted as ``batch_size * longest_sequence`` (padding included);
+            None = :func:`default_batch_tokens` for the device (1,024 on CPU, 16,384 on GPU).
         max_batch_size: most conversations per batch.
         span: ``"exact"`` (response tokens via offsets) or ``"seed"`` (the seed's rule).
         prompt_format: ``"chat"`` (chat template) or ``"raw"`` (seed's plaintext format).
@@ -67,7 +68,7 @@ class ExtractConfig:
     dtype: str = "auto"
     device: str = "auto"
     device_map: str | None = None
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None
     max_batch_size: int = 64
     span: str = "exact"
     prompt_format: str = "chat"
@@ -83,7 +84,7 @@ class ExtractConfig:
             raise ConfigError(f"span must be one of {', '.join(SPAN_RULES)}, got {self.span!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ConfigError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
-        if self.max_batch_tokens <= 0 or self.max_batch_size <= 0:
+        if (self.max_batch_tokens is not None and self.max_batch_tokens <= 0) or self.max_batch_size <= 0:
             raise ConfigError("max_batch_tokens and max_batch_size must be > 0")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
@@ -247,12 +248,23 @@ def _padded_width(width: int, multiple: int, config: Any) -> int:
     return padded if not isinstance(limit, int) or padded <= limit else max(width, limit)
 
 
+#: Token budgets measured best by scripts/bench_extract.py (docs/PERFORMANCE.md): on CPU small batches stay in
+#: cache (1,024 beat 2,048 / 4,096 / 16,384 by 10-40% on 2 cores); on an H100 16,384 and 65,536 tie.
+CPU_BATCH_TOKENS = 1024
+GPU_BATCH_TOKENS = 16384
+
+
+def default_batch_tokens(device: Any) -> int:
+    """The default token budget for a model on ``device``."""
+    return CPU_BATCH_TOKENS if str(device).startswith("cpu") else GPU_BATCH_TOKENS
+
+
 def iter_mean_activations(
     loaded: LoadedModel,
     examples: Sequence[Rendered],
     layers: Sequence[int],
     *,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int | None = None,
     max_batch_size: int = 64,
     batches: list[list[int]] | None = None,
     compile: bool = False,
@@ -274,7 +286,8 @@ def iter_mean_activations(
     # span's activations, so computing them would be waste.
     lengths = [max([e for _, e in ex.assistant_spans] + [1]) for ex in examples]
     if batches is None:
-        batches = plan_batches(lengths, max_batch_tokens, max_batch_size)
+        budget = max_batch_tokens or default_batch_tokens(loaded.input_device)
+        batches = plan_batches(lengths, budget, max_batch_size)
     device = loaded.input_device
     pad_id = loaded.tokenizer.pad_token_id
     if pad_id is None:
@@ -324,7 +337,7 @@ def mean_activations(
     examples: Sequence[Rendered],
     layers: Sequence[int],
     *,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int | None = None,
     max_batch_size: int = 64,
     compile: bool = False,
     pad_to: int | None = None,
@@ -533,7 +546,8 @@ def _run_extraction(
     row_of = dict(enumerate(todo_rows))
     # Batches over consecutive rows (rows are already longest-first), so chunks complete in order.
     lengths = [max([e for _, e in ex.assistant_spans] + [1]) for ex in examples]
-    batches = plan_batches(lengths, config.max_batch_tokens, config.max_batch_size)
+    budget = config.max_batch_tokens or default_batch_tokens(loaded.input_device)
+    batches = plan_batches(lengths, budget, config.max_batch_size)
     batches.sort(key=lambda b: row_of[b[0]])
     buffers: dict[int, np.ndarray] = {}
     filled: dict[int, int] = {}

@@ -143,7 +143,7 @@ def main() -> None:
     layers = args.layer or [int(loaded.n_layers * 0.65 + 0.5)]
     ntok = sum(max(e for _, e in ex.assistant_spans) for ex in examples)
     resp_tok = sum(e - s for ex in examples for s, e in ex.assistant_spans)
-    budgets = args.max_batch_tokens or ([32768, 65536] if device.startswith("cuda") else [4096, 16384])
+    budgets = args.max_batch_tokens or ([16384, 65536] if device.startswith("cuda") else [1024, 4096])
     print(f"device={device} model={loaded.name} n={len(examples)} tokens={ntok} response_tokens={resp_tok} "
           f"layers={layers} load_s={load_s:.1f}", flush=True)  # fmt: skip
 

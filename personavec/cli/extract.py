@@ -30,7 +30,9 @@ def extract(
     ] = None,
     span: Annotated[str, typer.Option(help="exact (response tokens) or seed (the seed's rule).")] = "exact",
     prompt_format: Annotated[str, typer.Option("--format", help="chat (chat template) or raw (plaintext).")] = "chat",
-    max_batch_tokens: Annotated[int, typer.Option(help="Token budget per batch (padding included).")] = 16384,
+    max_batch_tokens: Annotated[
+        int | None, typer.Option(help="Token budget per batch, padding included (default: 1024 on CPU, 16384 on GPU).")
+    ] = None,
     max_batch_size: Annotated[int, typer.Option(help="Most conversations per batch.")] = 64,
     compile_blocks: Annotated[
         bool,
