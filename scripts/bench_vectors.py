@@ -1,7 +1,9 @@
 """Benchmark the vector stage at the seed's scale: 23 personas x 18 questions, d_model 5376 (Gemma-3-27B).
 
 Builds a real workspace with an ``extract`` run of random activations (414 Zarr rows x 1 layer x 5376), then times
-``compute_vectors`` and ``load_vectors`` (cold: opening the catalog included; warm: catalog already open).
+``compute_vectors`` and ``load_vectors`` (cold: opening the catalog included; warm: catalog already open), against
+the seed's way (a ``.pt`` dict of the same vectors, ``torch.load(weights_only=True)``), measured in the same run.
+Prints a table; the last line is one JSON object.
 
     .venv/bin/python scripts/bench_vectors.py [--d-model 5376] [--repeats 20]
 """
@@ -20,10 +22,11 @@ import pyarrow as pa
 
 from personavec import EVAL_QUESTIONS, PERSONAS, arrays
 from personavec.ingest import ingest_responses
+from personavec.seed import load_persona_vectors
 from personavec.store.extraction import add_examples, add_extraction_run, mark_rows_done
 from personavec.store.responses import answered_responses
 from personavec.store.runs import create_run, finish_run
-from personavec.vectors import VectorConfig, compute_vectors, load_vectors
+from personavec.vectors import VectorConfig, compute_vectors, export_vectors, load_vectors
 from personavec.workspace import init_workspace
 
 
@@ -84,16 +87,37 @@ def main() -> None:
                 vs = load_vectors(res.run_id, catalog=cat)
                 warm.append(time.perf_counter() - t)
         assert tuple(vs.matrix.shape) == (len(PERSONAS), args.d_model)
-        print(f"examples: {n} x d_model {args.d_model}; vectors: {len(vs)} x {vs.d_model}")
-        print(f"compute_vectors: {1000 * compute_s:.0f} ms (read Zarr, group means, one catalog transaction)")
-        print(
-            f"load_vectors cold (opens catalog): median {1000 * statistics.median(cold):.1f} ms, "
-            f"max {1000 * max(cold):.1f} ms over {args.repeats}"
+        # Baseline: the seed's way to keep vectors, a .pt dict loaded with torch.load(weights_only=True).
+        pt = Path(tmp) / "vectors.pt"
+        export_vectors(vs, pt)
+        seed = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            load_persona_vectors(pt)
+            seed.append(time.perf_counter() - t)
+
+    def ms(xs: list[float]) -> str:
+        return f"{1000 * statistics.median(xs):>10.1f}{1000 * max(xs):>10.1f}"
+
+    print(f"examples: {n} x d_model {args.d_model}; vectors: {len(vs)} x {vs.d_model}; {args.repeats} repeats")
+    print(f"{'operation':<58}{'median ms':>10}{'max ms':>10}")
+    print(f"{'compute_vectors (read Zarr, group means, one transaction)':<58}{1000 * compute_s:>10.1f}")
+    print(f"{'load_vectors(run_id), cold: opens the catalog':<58}{ms(cold)}")
+    print(f"{'load_vectors(run_id, catalog=...), warm':<58}{ms(warm)}")
+    print(f"{'baseline: load_persona_vectors(.pt) (the seed)':<58}{ms(seed)}")
+    print(
+        json.dumps(
+            {
+                "d_model": args.d_model,
+                "n_vectors": len(vs),
+                "compute_ms": round(1000 * compute_s, 1),
+                "load_cold_ms_median": round(1000 * statistics.median(cold), 1),
+                "load_cold_ms_max": round(1000 * max(cold), 1),
+                "load_warm_ms_median": round(1000 * statistics.median(warm), 1),
+                "seed_pt_load_ms_median": round(1000 * statistics.median(seed), 1),
+            }
         )
-        print(
-            f"load_vectors warm (catalog open):  median {1000 * statistics.median(warm):.1f} ms, "
-            f"max {1000 * max(warm):.1f} ms over {args.repeats}"
-        )
+    )
 
 
 if __name__ == "__main__":
