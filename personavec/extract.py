@@ -60,6 +60,8 @@ class ExtractConfig:
             compile once), with sequence widths padded to a multiple of 8. For GPUs: 1.6x the eager throughput on
             an H100 (gemma-3-27b shapes) after a one-off compile of ~25 s paid by the first batches; same means up to
             rounding. Needs a C++ compiler on CPU (inductor) and gains little there. Off by default.
+        personas: only responses of these personas (names), or None for all.
+        questions: only responses to these questions (0-based positions in the question set), or None for all.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -76,8 +78,16 @@ class ExtractConfig:
     attn_implementation: str | None = "sdpa"
     chunk_rows: int | None = None
     compile: bool = False
+    personas: tuple[str, ...] | None = None
+    questions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("personas", "questions"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+                if not value:
+                    raise ConfigError(f"{name} filter is empty: leave it out (None) to take every response")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.span not in SPAN_RULES:
@@ -614,6 +624,26 @@ def _mark_written(catalog: Any, run_id: int, writer: _ChunkWriter) -> None:
                 xs.mark_rows_done(session, run_id, start, stop)
 
 
+def _select(records: list, config: ExtractConfig, source_run_id: int) -> list:
+    """The responses the config's persona/question filters keep; unknown names or positions are errors."""
+    if not records:
+        raise ConfigError(f"responses run {source_run_id} has no answered responses to extract")
+    if config.personas is not None:
+        unknown = sorted(set(config.personas) - {r.persona for r in records})
+        if unknown:
+            raise ConfigError(f"responses run {source_run_id} has no answers of persona(s) {', '.join(unknown)}")
+        records = [r for r in records if r.persona in config.personas]
+    if config.questions is not None:
+        unknown = sorted(set(config.questions) - {r.question_position for r in records})
+        if unknown:
+            raise ConfigError(
+                f"responses run {source_run_id} has no answers to question position(s) {unknown} "
+                f"among the selected personas (positions are 0-based)"
+            )
+        records = [r for r in records if r.question_position in config.questions]
+    return records
+
+
 def _plan_run(
     workspace: Workspace, catalog: Any, config: ExtractConfig, source_run_id: int, loaded: LoadedModel
 ) -> int:
@@ -623,9 +653,7 @@ def _plan_run(
     from personavec.store.responses import answered_responses
     from personavec.store.runs import create_run
 
-    records = answered_responses(catalog, source_run_id)
-    if not records:
-        raise ConfigError(f"responses run {source_run_id} has no answered responses to extract")
+    records = _select(answered_responses(catalog, source_run_id), config, source_run_id)
     layers = config.resolve_layers(loaded.n_layers)
     encoded = [encode_response(loaded, r.system_prompt, r.question, r.text, config) for r in records]
     lengths = [max(e for _, e in ex.assistant_spans) for ex in encoded]

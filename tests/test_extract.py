@@ -32,7 +32,7 @@ from personavec.store.extraction import (
     extraction_run_config,
     get_extraction_run,
 )
-from personavec.store.runs import get_run
+from personavec.store.runs import get_run, list_runs
 
 
 @pytest.fixture(scope="session")
@@ -257,3 +257,27 @@ def test_cli_extract(cli, workspace, responses_run: int, tiny_root: Path) -> Non
     assert _activations(workspace, out["run_id"]).shape == (25, 2, 64)
     bad = cli.invoke(app, [*args, "--layer", "9"])
     assert bad.exit_code != 0 and "out of range" in bad.output
+
+
+def test_persona_and_question_filters(workspace, responses_run: int, tiny_root: Path) -> None:
+    from personavec.store.extraction import extraction_examples
+
+    model = str(tiny_model_dir(tiny_root, "llama", "chatml"))
+    personas = list(PERSONAS)[:5]
+    config = ExtractConfig(
+        model=model, layers=(2,), device="cpu", personas=(personas[1], personas[3]), questions=(0, 4)
+    )
+    result = run_extraction(workspace, config, responses_run)
+    with workspace.catalog() as catalog:
+        table = extraction_examples(catalog, result.run_id)
+    got = sorted(zip(table["persona"].to_pylist(), table["question_position"].to_pylist(), strict=True))
+    assert got == sorted((p, q) for p in (personas[1], personas[3]) for q in (0, 4))
+    assert _activations(workspace, result.run_id).shape == (4, 1, 64)
+    with pytest.raises(ConfigError, match="no answers of persona\\(s\\) pirate"):
+        run_extraction(workspace, ExtractConfig(model=model, device="cpu", personas=("pirate",)), responses_run)
+    with pytest.raises(ConfigError, match="question position\\(s\\) \\[7\\]"):
+        run_extraction(workspace, ExtractConfig(model=model, device="cpu", questions=(7,)), responses_run)
+    with pytest.raises(ConfigError, match="filter is empty"):
+        ExtractConfig(personas=())
+    with workspace.catalog() as catalog:  # the refused runs left nothing behind
+        assert [r.id for r in list_runs(catalog, "extract")] == [result.run_id]

@@ -38,6 +38,12 @@ def extract(
         bool,
         typer.Option("--compile", help="torch.compile the decoder blocks (GPU: ~1.6x after a ~25 s compile)."),
     ] = False,
+    persona: Annotated[
+        list[str] | None, typer.Option("--persona", help="Only this persona's responses (repeatable).")
+    ] = None,
+    question: Annotated[
+        list[int] | None, typer.Option("--question", help="Only this question (0-based position; repeatable).")
+    ] = None,
     resume: Annotated[int | None, typer.Option("--resume", help="Continue an interrupted extraction run.")] = None,
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
@@ -61,6 +67,8 @@ def extract(
             max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size,
             compile=compile_blocks,
+            personas=tuple(persona) if persona else None,
+            questions=tuple(question) if question else None,
         )
         w = workspace(ws).require()
         with Progress(
