@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -95,10 +96,22 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # uvicorn's graceful shutdown can wait on a generation in flight
             proc.kill()
             proc.wait(timeout=10)
+
+
+def _detach_and_die_with_parent() -> None:
+    """In the server's child process, before exec: its own session (a Ctrl-C in the terminal reaches only us, and
+    we stop the server ourselves), and on Linux a SIGTERM when its parent dies, even by SIGKILL, so no orphan
+    server outlives a killed personavec."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @contextmanager
@@ -162,8 +175,9 @@ def local_server(
         log_level,
     ]
     log = log_path.open("wb")
-    # Its own session: a Ctrl-C in the terminal reaches us, and we stop the server ourselves.
-    proc = subprocess.Popen(cmd, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_detach_and_die_with_parent
+    )
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/v1"
     try:
         _wait_ready(proc, base_url, startup_timeout_s, log_path)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -82,6 +83,24 @@ def test_cli_serve_runs_in_foreground_until_interrupted(tmp_path):
             proc.wait()
     with pytest.raises(OSError):  # the server went away with the command
         urllib.request.urlopen(f"{info['base_url']}/models", timeout=2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_server_does_not_outlive_a_killed_command():
+    cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "serve", "--device", "cpu", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ))
+    info = json.loads(proc.stdout.readline())
+    proc.kill()  # SIGKILL: no cleanup code runs in the command
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.25)
+    os.kill(info["pid"], signal.SIGKILL)
+    pytest.fail("the transformers serve process outlived its SIGKILLed parent")
 
 
 def test_samples_differ_because_the_server_samples(server, workspace):
