@@ -9,7 +9,6 @@ Any problem raises :class:`InputFileError` naming the file and the row or key, a
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from personavec.errors import InputFileError
-from personavec.resources import resource_path
+from personavec.files import file_sha256, resource_path
 from personavec.store.engine import Catalog
 from personavec.store.records import PersonaSpec
 from personavec.store.responses import add_response_run, bulk_insert_responses
@@ -305,14 +304,6 @@ def _read_seed_json(path: Path) -> pa.Table:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------- ingesting
 
 
@@ -353,7 +344,7 @@ def ingest_responses(
     against the given sets. Unknown personas/questions and duplicate (persona, question, sample) rows are errors."""
     path = Path(path)
     table = read_response_file(path, fmt)
-    sha = _sha256(path)
+    sha = file_sha256(path)
     with catalog.session() as session:
         pset = persona_set_in_session(session, persona_set)
         qset = question_set_in_session(session, question_set)

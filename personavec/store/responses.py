@@ -8,7 +8,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from personavec.errors import DuplicateError, NotFoundError
+from personavec.errors import DuplicateError
 from personavec.store import models as m
 from personavec.store.engine import Catalog
 from personavec.store.runs import run_in_session, utcnow
@@ -34,15 +34,6 @@ def add_response_run(session: Session, run_id: int, **detail: object) -> None:
     """Attach the response-run detail row (persona_set_id, question_set_id, model, endpoint, params...)."""
     session.add(m.ResponseRun(run_id=run_id, **detail))
     session.flush()
-
-
-def response_run_detail(session: Session, run_id: int) -> m.ResponseRun:
-    run_in_session(session, run_id, RESPONSE_RUN_KINDS)
-    detail = session.get(m.ResponseRun, run_id)
-    if detail is None:
-        raise NotFoundError(f"run {run_id} has no response-run detail row")
-    session.expunge(detail)
-    return detail
 
 
 def bulk_insert_responses(session: Session, run_id: int, table: pa.Table) -> int:

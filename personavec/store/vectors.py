@@ -113,17 +113,6 @@ def _dbapi(session: Session) -> Any:
     return session.connection().connection.dbapi_connection
 
 
-def vector_run_in_session(session: Session, run_id: int) -> VectorRunInfo:
-    """The vector run ``run_id`` (fails clearly if it is missing or of another kind)."""
-    return _info(_dbapi(session), run_id)
-
-
-def get_vector_run(catalog: Catalog, run_id: int) -> VectorRunInfo:
-    """The vector run ``run_id`` with its provenance and layers."""
-    with catalog.session() as session:
-        return vector_run_in_session(session, run_id)
-
-
 _READ = "SELECT group_key, n_examples, norm, vector FROM vectors WHERE run_id = ? AND layer = ? ORDER BY id"
 
 
