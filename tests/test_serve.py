@@ -76,7 +76,13 @@ def test_cli_serve_runs_in_foreground_until_interrupted(tmp_path):
         with urllib.request.urlopen(f"{info['base_url']}/models", timeout=5) as r:
             assert r.status == 200
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"`personavec serve` did not stop within 60 s of SIGINT; stderr: {proc.stderr.read()[-3000:]}")
+        assert rc == 0, proc.stderr.read()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
