@@ -17,6 +17,9 @@ def main() -> None:
     # SIGTERM unwinds like Ctrl-C does: context managers run, so a local server started by `serve`/`demo` stops
     # and a run in progress records how it stopped instead of staying "running".
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # A shell without job control starts background commands with SIGINT ignored, and Python then keeps it ignored:
+    # `personavec serve &` could never be stopped with SIGINT. Ctrl-C / SIGINT always interrupts personavec.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own Rich bars only (read by transformers)
     app()
 
