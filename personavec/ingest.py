@@ -27,7 +27,7 @@ from personavec.errors import InputFileError
 from personavec.files import file_sha256, resource_path
 from personavec.store.engine import Catalog
 from personavec.store.records import PersonaSpec
-from personavec.store.responses import add_response_run, bulk_insert_responses
+from personavec.store.responses import add_response_run, bulk_insert_responses, resolve_response_keys
 from personavec.store.runs import create_run, finish_run
 from personavec.store.sets import (
     add_persona_set,
@@ -370,50 +370,30 @@ def ingest_responses(
 
 
 def _resolve(session, path: Path, table: pa.Table, pset_id: int, qset_id: int, pset: str, qset: str) -> pa.Table:
-    """Map persona names and question texts to ids inside DuckDB; report the first unknown or duplicate row."""
-    con = session.connection().connection.dbapi_connection
-    con.register("_pv_raw", table)
-    try:
-        dup = con.execute(
-            "SELECT persona, question, sample_index, list(_where ORDER BY _where) FROM _pv_raw "
-            "GROUP BY ALL HAVING count(*) > 1 LIMIT 1"
-        ).fetchone()
-        if dup:
-            raise InputFileError(
-                f"{path}: duplicate response for persona {dup[0]!r}, question {dup[1]!r}, sample {dup[2]} "
-                f"at {', '.join(dup[3][:3])}: each (persona, question, sample_index) may appear once"
-            )
-        bad = con.execute(
-            "SELECT _where, persona FROM _pv_raw r WHERE NOT EXISTS "
-            "(SELECT 1 FROM personas p WHERE p.persona_set_id = ? AND p.name = r.persona) LIMIT 1",
-            [pset_id],
-        ).fetchone()
-        if bad:
-            raise InputFileError(
-                f"{path}: {bad[0]}: unknown persona {bad[1]!r} (not in persona set {pset!r}); "
-                f"ingest a persona set that has it and pass --persona-set"
-            )
-        bad = con.execute(
-            "SELECT _where, question FROM _pv_raw r WHERE NOT EXISTS "
-            "(SELECT 1 FROM questions q WHERE q.question_set_id = ? AND q.text = r.question) LIMIT 1",
-            [qset_id],
-        ).fetchone()
-        if bad:
-            raise InputFileError(
-                f"{path}: {bad[0]}: unknown question {bad[1]!r} (not in question set {qset!r}); "
-                f"ingest a question set that has it and pass --question-set"
-            )
-        negative = con.execute("SELECT _where FROM _pv_raw WHERE sample_index < 0 LIMIT 1").fetchone()
-        if negative:
-            raise InputFileError(f"{path}: {negative[0]}: sample_index must be >= 0")
-        return con.execute(
-            "SELECT p.id AS persona_id, q.id AS question_id, r.sample_index, r.text FROM _pv_raw r "
-            "JOIN personas p ON p.persona_set_id = ? AND p.name = r.persona "
-            "JOIN questions q ON q.question_set_id = ? AND q.text = r.question",
-            [pset_id, qset_id],
-        ).fetch_arrow_table()
-    finally:
-        con.unregister("_pv_raw")
+    """Persona names and question texts mapped to ids; the first duplicate or unknown row is an error."""
+    resolved = resolve_response_keys(session, table, pset_id, qset_id)
+    if resolved.duplicate:
+        persona, question, sample, where = resolved.duplicate
+        raise InputFileError(
+            f"{path}: duplicate response for persona {persona!r}, question {question!r}, sample {sample} "
+            f"at {', '.join(where[:3])}: each (persona, question, sample_index) may appear once"
+        )
+    if resolved.unknown_persona:
+        where, persona = resolved.unknown_persona
+        raise InputFileError(
+            f"{path}: {where}: unknown persona {persona!r} (not in persona set {pset!r}); "
+            f"ingest a persona set that has it and pass --persona-set"
+        )
+    if resolved.unknown_question:
+        where, question = resolved.unknown_question
+        raise InputFileError(
+            f"{path}: {where}: unknown question {question!r} (not in question set {qset!r}); "
+            f"ingest a question set that has it and pass --question-set"
+        )
+    if resolved.negative_sample:
+        raise InputFileError(f"{path}: {resolved.negative_sample}: sample_index must be >= 0")
+    assert resolved.table is not None  # set whenever no problem was found
+    return resolved.table
 
 
 def builtin_files() -> tuple[Path, Path]:

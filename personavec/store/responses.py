@@ -63,6 +63,61 @@ def bulk_insert_responses(session: Session, run_id: int, table: pa.Table) -> int
     return table.num_rows
 
 
+@dataclass(frozen=True)
+class ResolvedResponses:
+    """Incoming responses resolved against a persona set and a question set: the id table, or the first problem
+    (each problem names the row with the ``_where`` column of the incoming table)."""
+
+    table: pa.Table | None = None
+    duplicate: tuple[str, str, int, list[str]] | None = None  # persona, question, sample, where it appears
+    unknown_persona: tuple[str, str] | None = None  # where, persona
+    unknown_question: tuple[str, str] | None = None  # where, question
+    negative_sample: str | None = None  # where
+
+
+def resolve_response_keys(
+    session: Session, table: pa.Table, persona_set_id: int, question_set_id: int
+) -> ResolvedResponses:
+    """Map ``persona``/``question`` strings of an incoming Arrow table (with ``sample_index``, ``text``,
+    ``_where``) to persona and question ids inside DuckDB (anti-joins, not Python loops)."""
+    con = session.connection().connection.dbapi_connection
+    con.register("_pv_raw", table)
+    try:
+        dup = con.execute(
+            "SELECT persona, question, sample_index, list(_where ORDER BY _where) FROM _pv_raw "
+            "GROUP BY ALL HAVING count(*) > 1 LIMIT 1"
+        ).fetchone()
+        if dup:
+            return ResolvedResponses(duplicate=tuple(dup))
+        bad = con.execute(
+            "SELECT _where, persona FROM _pv_raw r WHERE NOT EXISTS "
+            "(SELECT 1 FROM personas p WHERE p.persona_set_id = ? AND p.name = r.persona) LIMIT 1",
+            [persona_set_id],
+        ).fetchone()
+        if bad:
+            return ResolvedResponses(unknown_persona=tuple(bad))
+        bad = con.execute(
+            "SELECT _where, question FROM _pv_raw r WHERE NOT EXISTS "
+            "(SELECT 1 FROM questions q WHERE q.question_set_id = ? AND q.text = r.question) LIMIT 1",
+            [question_set_id],
+        ).fetchone()
+        if bad:
+            return ResolvedResponses(unknown_question=tuple(bad))
+        negative = con.execute("SELECT _where FROM _pv_raw WHERE sample_index < 0 LIMIT 1").fetchone()
+        if negative:
+            return ResolvedResponses(negative_sample=negative[0])
+        return ResolvedResponses(
+            table=con.execute(
+                "SELECT p.id AS persona_id, q.id AS question_id, r.sample_index, r.text FROM _pv_raw r "
+                "JOIN personas p ON p.persona_set_id = ? AND p.name = r.persona "
+                "JOIN questions q ON q.question_set_id = ? AND q.text = r.question",
+                [persona_set_id, question_set_id],
+            ).fetch_arrow_table()
+        )
+    finally:
+        con.unregister("_pv_raw")
+
+
 def answered_responses(catalog: Catalog, run_id: int) -> list[ResponseRecord]:
     """Every answered response of a response run (failures left out), ordered by persona, question, sample."""
     q = sa.text(
