@@ -31,6 +31,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check personavec tests scripts migrations
 	$(VENV)/bin/ruff format --check personavec tests scripts migrations
+	$(VENV)/bin/mypy personavec
 
 clean:
 	rm -rf $(VENV) .pytest_cache personavec-workspace personavec-demo

@@ -9,6 +9,7 @@ so a chunk has one writer; the catalog marks rows done only after their chunk is
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import zarr
@@ -28,6 +29,12 @@ def chunk_rows_for(d_model: int, target_bytes: int = 1 << 20) -> int:
     while rows * d_model * 4 < target_bytes:
         rows *= 2
     return max(16, min(rows, 4096))
+
+
+def _activations(root: zarr.Group, name: str) -> zarr.Array:
+    """``root[name][ARRAY_NAME]``: zarr types a member as Array | Group; this layout fixes which one each is."""
+    group = cast(zarr.Group, root[name])
+    return cast(zarr.Array, group[ARRAY_NAME])
 
 
 def _root(zarr_path: Path) -> zarr.Group:
@@ -50,7 +57,7 @@ def create_activation_array(
     root = _root(zarr_path)
     shape = (n_examples, n_layers, d_model)
     if name in root:
-        arr = root[name][ARRAY_NAME]
+        arr = _activations(root, name)
         if tuple(arr.shape) != shape:
             raise StorageError(f"{zarr_path}/{name}: existing array has shape {arr.shape}, expected {shape}")
         return name
@@ -67,11 +74,10 @@ def create_activation_array(
     return name
 
 
-def open_activation_array(zarr_path: Path, name: str, mode: str = "r") -> zarr.Array:
+def open_activation_array(zarr_path: Path, name: str, mode: Literal["r", "r+"] = "r") -> zarr.Array:
     """The ``activations`` array of one run's group."""
     try:
-        group = zarr.open_group(str(zarr_path), mode=mode, zarr_format=3)[name]
-        return group[ARRAY_NAME]
+        return _activations(zarr.open_group(str(zarr_path), mode=mode, zarr_format=3), name)
     except (KeyError, FileNotFoundError) as exc:
         raise StorageError(
             f"activation store {zarr_path} has no group {name!r}: the Zarr store and the catalog disagree"

@@ -171,6 +171,8 @@ class _Capture:
                 self.handles.append(_final_norm(loaded.model).register_forward_hook(self._post(layer, deepest)))
 
     def _reduce(self, layer: int, hidden: torch.Tensor, deepest: int) -> None:
+        if self.weights is None:  # set before every forward pass that reaches the hooks
+            raise RuntimeError("span weights not set before the forward pass")
         weights = self.weights.to(hidden.device)
         # float32 before the weighted sum: the mean of bf16 activations is taken in float32, as the seed's .float().
         self.out[layer] = torch.bmm(weights, hidden.float())
@@ -634,10 +636,10 @@ def _select(records: list, config: ExtractConfig, source_run_id: int) -> list:
             raise ConfigError(f"responses run {source_run_id} has no answers of persona(s) {', '.join(unknown)}")
         records = [r for r in records if r.persona in config.personas]
     if config.questions is not None:
-        unknown = sorted(set(config.questions) - {r.question_position for r in records})
-        if unknown:
+        unknown_positions = sorted(set(config.questions) - {r.question_position for r in records})
+        if unknown_positions:
             raise ConfigError(
-                f"responses run {source_run_id} has no answers to question position(s) {unknown} "
+                f"responses run {source_run_id} has no answers to question position(s) {unknown_positions} "
                 f"among the selected personas (positions are 0-based)"
             )
         records = [r for r in records if r.question_position in config.questions]

@@ -34,7 +34,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place: a crash or an error
     never leaves a half-written ``path`` (the temporary file is removed)."""
     path = Path(path)

@@ -379,15 +379,15 @@ def _resolve(session, path: Path, table: pa.Table, pset_id: int, qset_id: int, p
             f"at {', '.join(where[:3])}: each (persona, question, sample_index) may appear once"
         )
     if resolved.unknown_persona:
-        where, persona = resolved.unknown_persona
+        at, persona = resolved.unknown_persona
         raise InputFileError(
-            f"{path}: {where}: unknown persona {persona!r} (not in persona set {pset!r}); "
+            f"{path}: {at}: unknown persona {persona!r} (not in persona set {pset!r}); "
             f"ingest a persona set that has it and pass --persona-set"
         )
     if resolved.unknown_question:
-        where, question = resolved.unknown_question
+        at, question = resolved.unknown_question
         raise InputFileError(
-            f"{path}: {where}: unknown question {question!r} (not in question set {qset!r}); "
+            f"{path}: {at}: unknown question {question!r} (not in question set {qset!r}); "
             f"ingest a question set that has it and pass --question-set"
         )
     if resolved.negative_sample:

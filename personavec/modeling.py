@@ -82,10 +82,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
         # The weights are already dequantized; transformers refuses to save a model that still carries its GGUF
         # quantizer ("not serializable"), so drop the quantizer and the config's record of it before saving.
-        model.hf_quantizer = None
+        # transformers sets hf_quantizer/is_quantized as untyped instance attributes, which mypy reads through
+        # nn.Module.__getattr__ (Tensor | Module).
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.is_quantized = False
+        model.is_quantized = False  # type: ignore[assignment]
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / SOURCE_FILE).write_text(
@@ -296,7 +298,8 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {name!r} from {path}: {exc}") from exc
     if device_map is None:
-        model.to(dev)
+        # transformers' decorator on PreTrainedModel.to hides the bound method's signature from mypy.
+        model.to(dev)  # type: ignore[arg-type]
     model.eval()
     _, revision = model_provenance(name)
     if revision is None:

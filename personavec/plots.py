@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -102,7 +103,7 @@ def pca_scatter(
     if colour_by is not None:
         c = np.array([colour_by[n] for n in names])
         lim = max(1e-9, float(np.abs(c).max()))
-        kw = {"c": c, "cmap": DIVERGING, "norm": TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)}
+        kw: dict[str, Any] = {"c": c, "cmap": DIVERGING, "norm": TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)}
     else:
         kw = {"color": "tab:blue"}
     sc = None
@@ -241,7 +242,7 @@ def cross_model_pca(cmp: ModelComparison, *, title: str | None = None) -> Figure
 
 
 def transcript_projection(
-    series: Mapping[str, Sequence[float]],
+    series: Mapping[str, Sequence[float] | np.ndarray],
     *,
     references: Mapping[str, float] | None = None,
     title: str | None = None,

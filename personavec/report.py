@@ -170,7 +170,7 @@ def build_report(
         ("created", prov.get("created_at")),
         ("default personas (axis)", ", ".join(dflt) or "none"),
     ]
-    stat_rows = []
+    stat_rows: list[tuple[str, str | int]] = []
     if stats is not None:
         stat_rows = [
             ("|cos(assistant axis, PC1)|", f"{stats.abs_cos_pc1:.4f}"),

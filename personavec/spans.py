@@ -121,7 +121,7 @@ def _char_to_token_span(offsets: Sequence[tuple[int, int]], cs: int, ce: int) ->
             last = i
         elif a >= ce:
             break
-    if first is None:
+    if first is None or last is None:  # both are set together
         return 0, 0
     return first, last + 1
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from personavec.cli.app import JsonOpt, WorkspaceOpt, app, console, emit_json, err_console, print_table, run_command
 from personavec.cli.app import workspace as resolve_workspace
@@ -52,7 +52,7 @@ def generate(
 
     Rerun with --run-id to resume a stopped run: only pairs without an answer are asked again.
     """
-    given = {
+    given: dict[str, Any] = {
         "persona_set": persona_set,
         "question_set": question_set,
         "personas": tuple(persona) if persona else None,
@@ -105,7 +105,7 @@ def _run_with_progress(catalog, config: GenerateConfig, run_id: int | None, *, q
         disable=quiet,
         transient=False,
     )
-    task: list[int] = []
+    task: list[TaskID] = []
 
     def update(p: GenerationProgress) -> None:
         if not task:

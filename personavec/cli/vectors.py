@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 
@@ -219,7 +219,7 @@ def project(
         axis = analysis.assistant_axis(vset, dflt or None)
         origin = vset.matrix.double().mean(dim=0).numpy()
         prov = vset.provenance
-        dtype = prov.get("dtype") if prov.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
+        dtype = cast(str, prov.get("dtype")) if prov.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
         loaded = load_model(model or vset.model, dtype=dtype, device=device)
         values = analysis.project_transcripts(
             loaded,
@@ -232,7 +232,7 @@ def project(
         )
         refs = analysis.project(vset, axis)
         if out is not None:
-            shown = {n: refs[n] for n in (max(refs, key=refs.get), min(refs, key=refs.get))}
+            shown = {n: refs[n] for n in (max(refs, key=refs.__getitem__), min(refs, key=refs.__getitem__))}
             plots.save_png(plots.transcript_projection(values, references=shown), out)
         if as_json:
             emit_json({"run_id": run, "layer": vset.layer, "projections": {k: v.tolist() for k, v in values.items()}})

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import duckdb
 import sqlalchemy as sa
@@ -23,6 +24,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from personavec.errors import CatalogError, CatalogLockedError, SchemaVersionError
 from personavec.files import resource_path
+
+
+def dbapi_connection(session: Session) -> duckdb.DuckDBPyConnection:
+    """The DuckDB connection under a session (duckdb_engine's wrapper, which forwards to DuckDBPyConnection).
+
+    SQLAlchemy types ``dbapi_connection`` as an optional generic DB-API connection; inside a live unit of work
+    it is always set, and duckdb_engine's wrapper has DuckDB's methods (register, execute, ...)."""
+    return cast(duckdb.DuckDBPyConnection, session.connection().connection.dbapi_connection)
 
 
 class DuckDBImpl(DefaultImpl):
@@ -135,7 +144,7 @@ class Catalog:
     def raw(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """The DuckDB connection inside a unit of work, for bulk Arrow inserts; commits or rolls back with it."""
         with self.session() as session:
-            yield session.connection().connection.dbapi_connection  # type: ignore[union-attr]
+            yield dbapi_connection(session)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from personavec.errors import NotFoundError
 from personavec.store import models as m
-from personavec.store.engine import Catalog
+from personavec.store.engine import Catalog, dbapi_connection
 from personavec.store.runs import run_in_session
 
 
@@ -76,7 +76,7 @@ def get_extraction_run(catalog: Catalog, run_id: int) -> ExtractionRunInfo:
 def add_examples(session: Session, run_id: int, table: pa.Table) -> None:
     """Bulk-insert the planned examples of a run (``response_id``, ``row``, ``span_start``, ``span_end``,
     ``n_tokens``, ``n_response_tokens``, ``truncated``), all not done."""
-    con = session.connection().connection.dbapi_connection
+    con = dbapi_connection(session)
     con.register("_pv_examples", table)
     try:
         con.execute(
@@ -115,7 +115,7 @@ def extraction_examples(catalog: Catalog, run_id: int, *, done_only: bool = Fals
     """The run's examples joined with persona and question, ordered by Zarr row, as an Arrow table."""
     with catalog.session() as session:
         extraction_run_in_session(session, run_id)
-        con = session.connection().connection.dbapi_connection
+        con = dbapi_connection(session)
         return con.execute(_EXAMPLES.format(done="AND a.done" if done_only else ""), [run_id]).fetch_arrow_table()
 
 
@@ -150,7 +150,7 @@ def pending_examples(catalog: Catalog, run_id: int) -> pa.Table:
     """Rows of a run not yet done, with the conversation to rebuild (system_prompt, question, text), by row."""
     with catalog.session() as session:
         extraction_run_in_session(session, run_id)
-        con = session.connection().connection.dbapi_connection
+        con = dbapi_connection(session)
         return con.execute(_PENDING, [run_id]).fetch_arrow_table()
 
 

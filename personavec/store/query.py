@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 
@@ -18,7 +18,8 @@ def run_readonly_sql(catalog: Catalog, query: str) -> tuple[list[str], list[tupl
         raise ConfigError("empty SQL query")
     try:
         with catalog.session() as session:
-            result = session.execute(sa.text(query))
+            # A textual statement always gives a CursorResult (Session.execute is typed as the general Result).
+            result = cast(sa.CursorResult[Any], session.execute(sa.text(query)))
             if not result.returns_rows:
                 return [], []
             return list(result.keys()), [tuple(r) for r in result.all()]

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from personavec.errors import DuplicateError
 from personavec.store import models as m
-from personavec.store.engine import Catalog
+from personavec.store.engine import Catalog, dbapi_connection
 from personavec.store.runs import run_in_session, utcnow
 
 RESPONSE_RUN_KINDS = ("generate", "ingest-responses")
@@ -44,7 +44,7 @@ def bulk_insert_responses(session: Session, run_id: int, table: pa.Table) -> int
     """
     optional = ("finish_reason", "prompt_tokens", "completion_tokens", "latency_s", "model_reported")
     cols = ["persona_id", "question_id", "sample_index", "text"] + [c for c in optional if c in table.column_names]
-    con = session.connection().connection.dbapi_connection
+    con = dbapi_connection(session)
     con.register("_pv_incoming", table.select(cols))
     try:
         con.execute(
@@ -80,7 +80,7 @@ def resolve_response_keys(
 ) -> ResolvedResponses:
     """Map ``persona``/``question`` strings of an incoming Arrow table (with ``sample_index``, ``text``,
     ``_where``) to persona and question ids inside DuckDB (anti-joins, not Python loops)."""
-    con = session.connection().connection.dbapi_connection
+    con = dbapi_connection(session)
     con.register("_pv_raw", table)
     try:
         dup = con.execute(

@@ -91,6 +91,7 @@ def require_kind(run_id: int, kind: str | None, kinds: tuple[str, ...] | None) -
 def run_in_session(session: Session, run_id: int, kinds: tuple[str, ...] | None = None) -> RunInfo:
     run = session.get(Run, run_id)
     require_kind(run_id, run.kind if run is not None else None, kinds)
+    assert run is not None  # require_kind raised for a missing run
     return _info(run)
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from personavec.errors import ConfigError, NotFoundError
 from personavec.store import models as m
-from personavec.store.engine import Catalog
+from personavec.store.engine import Catalog, dbapi_connection
 from personavec.store.runs import require_kind
 
 
@@ -66,7 +66,7 @@ def insert_vectors(session: Session, run_id: int, table: pa.Table) -> int:
     """Bulk-insert vectors from an Arrow table with ``layer``, ``group_key``, ``n_examples``, ``norm`` and
     ``vector`` (``list<float32>``) in one DuckDB statement. Returns the number of rows inserted."""
     # DuckDB preserves insertion order, so ids follow the table's row order (persona-set order for personas).
-    con = session.connection().connection.dbapi_connection
+    con = dbapi_connection(session)
     con.register("_pv_vectors", table)
     try:
         con.execute(
@@ -110,7 +110,7 @@ def _info(con: Any, run_id: int) -> VectorRunInfo:
 
 
 def _dbapi(session: Session) -> Any:
-    return session.connection().connection.dbapi_connection
+    return dbapi_connection(session)
 
 
 _READ = "SELECT group_key, n_examples, norm, vector FROM vectors WHERE run_id = ? AND layer = ? ORDER BY id"
