@@ -171,25 +171,17 @@ def finish_extraction(
         finish_run(session, run_id, status, error)
 
 
+def _count_examples(catalog: Catalog, run_id: int, flag: sa.orm.InstrumentedAttribute[bool]) -> int:
+    with catalog.session() as session:
+        query = sa.select(sa.func.count()).select_from(m.Activation).where(m.Activation.run_id == run_id, flag)
+        return int(session.execute(query).scalar_one())
+
+
 def count_truncated(catalog: Catalog, run_id: int) -> int:
     """How many examples of a run were truncated to the model's context."""
-    with catalog.session() as session:
-        return int(
-            session.execute(
-                sa.select(sa.func.count())
-                .select_from(m.Activation)
-                .where(m.Activation.run_id == run_id, m.Activation.truncated)
-            ).scalar_one()
-        )
+    return _count_examples(catalog, run_id, m.Activation.truncated)
 
 
 def done_count(catalog: Catalog, run_id: int) -> int:
     """Rows of a run whose activations are written."""
-    with catalog.session() as session:
-        return int(
-            session.execute(
-                sa.select(sa.func.count())
-                .select_from(m.Activation)
-                .where(m.Activation.run_id == run_id, m.Activation.done)
-            ).scalar_one()
-        )
+    return _count_examples(catalog, run_id, m.Activation.done)
