@@ -11,10 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,20 +23,15 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import yaml
 
-from personavec.errors import InputFileError
+from personavec.errors import ConfigError, InputFileError
 from personavec.files import file_sha256, resource_path
-from personavec.store.engine import Catalog
 from personavec.store.records import PersonaSpec
-from personavec.store.responses import add_response_run, bulk_insert_responses, resolve_response_keys
-from personavec.store.runs import create_run, finish_run
-from personavec.store.sets import (
-    add_persona_set,
-    add_question_set,
-    persona_set_exists,
-    persona_set_in_session,
-    question_set_exists,
-    question_set_in_session,
-)
+from personavec.store.responses import ResolvedResponses, ingest_response_table
+from personavec.store.sets import create_persona_set, create_question_set, set_names
+
+if TYPE_CHECKING:
+    from personavec.store.engine import Catalog
+    from personavec.workspace import Workspace
 
 BUILTIN = "builtin"
 RESPONSE_FORMATS = ("seed-json", "jsonl", "csv", "parquet")
@@ -306,72 +301,100 @@ def _read_seed_json(path: Path) -> pa.Table:
 
 # ---------------------------------------------------------------------------------------------------- ingesting
 
-
-def ingest_personas(catalog: Catalog, path: Path, name: str | None = None) -> IngestResult:
-    """Create a persona set from a file. The set's name: ``name``, else the file's ``name`` field, else its stem."""
-    path = Path(path)
-    file_name, personas = read_persona_file(path)
-    set_name = name or file_name or path.stem
-    with catalog.session() as session:
-        run_id = create_run(session, "ingest-personas", {"path": str(path.resolve()), "name": set_name})
-        add_persona_set(session, set_name, run_id, personas, str(path.resolve()))
-        finish_run(session, run_id, "done")
-    return IngestResult(run_id, "ingest-personas", set_name, len(personas))
+INGEST_KINDS = ("personas", "questions", "responses")
 
 
-def ingest_questions(catalog: Catalog, path: Path, name: str | None = None) -> IngestResult:
-    """Create a question set from a file (named like :func:`ingest_personas`)."""
-    path = Path(path)
-    file_name, questions = read_question_file(path)
-    set_name = name or file_name or path.stem
-    with catalog.session() as session:
-        run_id = create_run(session, "ingest-questions", {"path": str(path.resolve()), "name": set_name})
-        add_question_set(session, set_name, run_id, questions, str(path.resolve()))
-        finish_run(session, run_id, "done")
-    return IngestResult(run_id, "ingest-questions", set_name, len(questions))
+@dataclass(frozen=True)
+class IngestConfig:
+    """What to ingest: a persona set, a question set, or responses, from one file.
+
+    Attributes:
+        kind: ``"personas"``, ``"questions"`` or ``"responses"``.
+        path: the input file.
+        name: set name (personas/questions; default: the file's ``name`` field, else its stem).
+        persona_set / question_set: the sets response files refer to (by persona name and question text).
+        format: response format (``seed-json``, ``jsonl``, ``csv``, ``parquet``); default: by extension.
+        model: the model that wrote the responses (provenance).
+
+    Example: ``ingest(ws, IngestConfig("responses", Path("cache.json")))``.
+    """
+
+    kind: str
+    path: Path
+    name: str | None = None
+    persona_set: str = BUILTIN
+    question_set: str = BUILTIN
+    format: str | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in INGEST_KINDS:
+            raise ConfigError(f"ingest kind must be one of {', '.join(INGEST_KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "path", Path(self.path))
+        if self.format is not None and self.format not in RESPONSE_FORMATS:
+            raise ConfigError(f"response format must be one of {', '.join(RESPONSE_FORMATS)}, got {self.format!r}")
 
 
-def ingest_responses(
-    catalog: Catalog,
-    path: Path,
+def ingest(
+    ws: Workspace,
+    config: IngestConfig,
     *,
-    persona_set: str = BUILTIN,
-    question_set: str = BUILTIN,
-    fmt: str | None = None,
-    model: str | None = None,
+    resume: int | None = None,
+    progress: Callable[[IngestResult], None] | None = None,
 ) -> IngestResult:
-    """Load responses from a file into a new ``ingest-responses`` run, resolving persona names and question texts
-    against the given sets. Unknown personas/questions and duplicate (persona, question, sample) rows are errors."""
-    path = Path(path)
+    """Ingest one file into a new run: a persona set, a question set, or responses resolved against two sets.
+
+    Responses: unknown personas/questions and duplicate (persona, question, sample) rows are errors naming the
+    file and row; nothing is written then. Ingest runs are one transaction, so there is nothing to resume
+    (``resume`` must be None). ``progress`` is called once with the result."""
+    if resume is not None:
+        raise ConfigError("ingest runs are a single transaction and cannot be resumed: ingest the file again")
+    path = config.path
+    catalog = ws.catalog()
+    if config.kind == "personas":
+        file_name, personas = read_persona_file(path)
+        name = config.name or file_name or path.stem
+        run_id = create_persona_set(catalog, name, personas, _provenance(config, name), str(path.resolve()))
+        result = IngestResult(run_id, "ingest-personas", name, len(personas))
+    elif config.kind == "questions":
+        file_name, questions = read_question_file(path)
+        name = config.name or file_name or path.stem
+        run_id = create_question_set(catalog, name, questions, _provenance(config, name), str(path.resolve()))
+        result = IngestResult(run_id, "ingest-questions", name, len(questions))
+    else:
+        result = _ingest_responses(catalog, config)
+    if progress is not None:
+        progress(result)
+    return result
+
+
+def _provenance(config: IngestConfig, name: str | None, **extra: object) -> dict:
+    return {"path": str(config.path.resolve()), "name": name, **extra}
+
+
+def _ingest_responses(catalog: Catalog, config: IngestConfig) -> IngestResult:
+    path = config.path
+    fmt = config.format or detect_response_format(path)
     table = read_response_file(path, fmt)
     sha = file_sha256(path)
-    with catalog.session() as session:
-        pset = persona_set_in_session(session, persona_set)
-        qset = question_set_in_session(session, question_set)
-        resolved = _resolve(session, path, table, pset.id, qset.id, persona_set, question_set)
-        run_id = create_run(
-            session,
-            "ingest-responses",
-            {"path": str(path.resolve()), "format": fmt or detect_response_format(path), "sha256": sha},
-        )
-        add_response_run(
-            session,
-            run_id,
-            persona_set_id=pset.id,
-            question_set_id=qset.id,
-            model=model,
-            source=str(path.resolve()),
-            source_sha256=sha,
-            n_samples=int(pc.max(table["sample_index"]).as_py()) + 1,
-        )
-        rows = bulk_insert_responses(session, run_id, resolved)
-        finish_run(session, run_id, "done")
-    return IngestResult(run_id, "ingest-responses", None, rows)
+    run_id, resolved = ingest_response_table(
+        catalog,
+        table,
+        persona_set=config.persona_set,
+        question_set=config.question_set,
+        config=_provenance(config, None, format=fmt, sha256=sha, model=config.model),
+        model=config.model,
+        source=str(path.resolve()),
+        source_sha256=sha,
+    )
+    if run_id is None:
+        _refuse(path, resolved, config.persona_set, config.question_set)
+    assert run_id is not None  # _refuse raised otherwise
+    return IngestResult(run_id, "ingest-responses", None, table.num_rows)
 
 
-def _resolve(session, path: Path, table: pa.Table, pset_id: int, qset_id: int, pset: str, qset: str) -> pa.Table:
-    """Persona names and question texts mapped to ids; the first duplicate or unknown row is an error."""
-    resolved = resolve_response_keys(session, table, pset_id, qset_id)
+def _refuse(path: Path, resolved: ResolvedResponses, pset: str, qset: str) -> None:
+    """Raise the error naming the first duplicate or unknown row."""
     if resolved.duplicate:
         persona, question, sample, where = resolved.duplicate
         raise InputFileError(
@@ -392,8 +415,7 @@ def _resolve(session, path: Path, table: pa.Table, pset_id: int, qset_id: int, p
         )
     if resolved.negative_sample:
         raise InputFileError(f"{path}: {resolved.negative_sample}: sample_index must be >= 0")
-    assert resolved.table is not None  # set whenever no problem was found
-    return resolved.table
+    raise InputFileError(f"{path}: the responses could not be resolved")
 
 
 def builtin_files() -> tuple[Path, Path]:
@@ -401,13 +423,11 @@ def builtin_files() -> tuple[Path, Path]:
     return data / "personas.yaml", data / "questions.yaml"
 
 
-def register_builtin_sets(catalog: Catalog) -> None:
+def register_builtin_sets(ws: Workspace) -> None:
     """Add the built-in persona and question sets (named ``builtin``) unless they are there already."""
     personas_file, questions_file = builtin_files()
-    with catalog.session() as session:
-        have_p = persona_set_exists(session, BUILTIN)
-        have_q = question_set_exists(session, BUILTIN)
-    if not have_p:
-        ingest_personas(catalog, personas_file, BUILTIN)
-    if not have_q:
-        ingest_questions(catalog, questions_file, BUILTIN)
+    persona_sets, question_sets = set_names(ws.catalog())
+    if BUILTIN not in persona_sets:
+        ingest(ws, IngestConfig("personas", personas_file, BUILTIN))
+    if BUILTIN not in question_sets:
+        ingest(ws, IngestConfig("questions", questions_file, BUILTIN))

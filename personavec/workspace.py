@@ -1,6 +1,8 @@
 """The workspace: one directory holding ``catalog.duckdb`` (the SQL catalog) and ``activations.zarr``.
 
-Resolved from ``--workspace``, else ``$PERSONAVEC_WORKSPACE``, else ``./personavec-workspace``.
+Resolved from ``--workspace``, else ``$PERSONAVEC_WORKSPACE``, else ``./personavec-workspace``. Every stage takes a
+``Workspace`` first: ``fn(ws, config, *, resume=None, progress=None)``. The workspace owns this process's catalog,
+opened on first use (:meth:`Workspace.catalog`) and kept open until :meth:`Workspace.close`.
 """
 
 from __future__ import annotations
@@ -8,11 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from alembic import command
+from typing import TYPE_CHECKING
 
 from personavec.errors import WorkspaceError
-from personavec.store.engine import Catalog, alembic_config, create_catalog_engine
+
+if TYPE_CHECKING:
+    from personavec.store.engine import Catalog
 
 ENV_VAR = "PERSONAVEC_WORKSPACE"
 DEFAULT_DIR = "personavec-workspace"
@@ -22,7 +25,7 @@ ZARR_DIR = "activations.zarr"
 
 @dataclass(frozen=True)
 class Workspace:
-    """Paths of one workspace. Construct with :meth:`resolve`; open the catalog with :meth:`catalog`."""
+    """One workspace directory. Construct with :meth:`resolve`; the catalog with :meth:`catalog`."""
 
     root: Path
 
@@ -55,21 +58,37 @@ class Workspace:
         return self
 
     def catalog(self, *, read_only: bool = False) -> Catalog:
-        """Open the catalog (schema checked against the package's head revision)."""
+        """This process's catalog of the workspace (schema checked against the package's head revision), opened on
+        first use and shared by every stage; do not close it yourself, call :meth:`close` when done."""
+        from personavec.store.engine import open_catalog
+
         self.require()
-        return Catalog(self.catalog_path, read_only=read_only)
+        return open_catalog(self.catalog_path, read_only=read_only)
+
+    def close(self) -> None:
+        """Close this process's catalog (releases DuckDB's file lock for other processes); reopened on next use."""
+        from personavec.store.engine import close_catalog
+
+        close_catalog(self.catalog_path)
 
     def upgrade(self, revision: str = "head") -> None:
         """Bring the catalog's schema to ``revision`` with Alembic (creates the file if needed)."""
+        from alembic import command
+
         self.root.mkdir(parents=True, exist_ok=True)
         self._migrate(command.upgrade, revision)
 
     def downgrade(self, revision: str) -> None:
         """Take the catalog's schema down to ``revision`` (``base`` drops every table)."""
+        from alembic import command
+
         self.require()
         self._migrate(command.downgrade, revision)
 
     def _migrate(self, step, revision: str) -> None:
+        from personavec.store.engine import alembic_config, create_catalog_engine
+
+        self.close()  # DuckDB: one configuration per file and process
         engine = create_catalog_engine(self.catalog_path)
         try:
             cfg = alembic_config(self.catalog_path)
@@ -96,6 +115,6 @@ def init_workspace(path: str | os.PathLike[str] | None = None) -> Workspace:
             "pick an empty or new directory for the workspace"
         )
     ws.upgrade("head")
-    with ws.catalog() as catalog:
-        register_builtin_sets(catalog)
+    register_builtin_sets(ws)
+    ws.close()  # a workspace just made is often used next by another process
     return ws

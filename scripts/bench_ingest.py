@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 
-from personavec.ingest import ingest_personas, ingest_questions, ingest_responses
+from personavec.ingest import IngestConfig, ingest
 from personavec.store import models as m
 from personavec.store.runs import create_run
 from personavec.workspace import init_workspace
@@ -108,18 +108,16 @@ def main() -> None:
         tmp = Path(d)
         ws = init_workspace(tmp / "ws")
         pfile, qfile = make_sets(tmp, n_personas, n_questions)
-        with ws.catalog() as catalog:
-            ingest_personas(catalog, pfile)
-            ingest_questions(catalog, qfile)
+        ingest(ws, IngestConfig("personas", pfile))
+        ingest(ws, IngestConfig("questions", qfile))
         table = make_table(n_personas, n_questions)
         orm_rate = orm_baseline(ws, args.orm_rows)
         for fmt in args.formats.split(","):
             path = tmp / f"responses.{EXT[fmt]}"
             write(table, fmt, path)
-            with ws.catalog() as catalog:
-                t = time.perf_counter()
-                result = ingest_responses(catalog, path, persona_set="bench", question_set="bench", fmt=fmt)
-                dt = time.perf_counter() - t
+            t = time.perf_counter()
+            result = ingest(ws, IngestConfig("responses", path, persona_set="bench", question_set="bench", format=fmt))
+            dt = time.perf_counter() - t
             assert result.rows == rows
             results[fmt] = {
                 "seconds": round(dt, 2),

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from personavec import EVAL_QUESTIONS, PERSONAS, arrays
-from personavec.ingest import ingest_responses
+from personavec.ingest import IngestConfig, ingest
 from personavec.seed import load_persona_vectors
 from personavec.store.extraction import add_examples, add_extraction_run, mark_rows_done
 from personavec.store.responses import answered_responses
@@ -35,7 +35,7 @@ def build(root: Path, d_model: int, layer: int = 40) -> tuple:
     path = root / "responses.json"
     path.write_text(json.dumps({json.dumps([p, q]): f"{p}: {q}" for p in PERSONAS for q in EVAL_QUESTIONS}))
     with ws.catalog() as catalog:
-        resp = ingest_responses(catalog, path, model="bench")
+        resp = ingest(ws, IngestConfig("responses", path, model="bench"))
         ids = [r.id for r in answered_responses(catalog, resp.run_id)]
         n = len(ids)
         with catalog.session() as session:

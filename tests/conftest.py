@@ -70,7 +70,7 @@ def make_extraction_run(tmp_path: Path):
     Persona ``p`` gets a mean offset of ``p_index`` on dimension 0 so groups differ."""
     from personavec import arrays
     from personavec.builtin import PERSONA_GROUPS
-    from personavec.ingest import ingest_responses
+    from personavec.ingest import IngestConfig, ingest
     from personavec.store.extraction import add_examples, add_extraction_run, mark_rows_done
     from personavec.store.responses import answered_responses
     from personavec.store.runs import create_run, finish_run
@@ -92,7 +92,7 @@ def make_extraction_run(tmp_path: Path):
         path.write_text(json.dumps({json.dumps([p, q]): f"{p} on {q}" for p in personas for q in questions}))
         rng = np.random.default_rng(seed)
         with ws.catalog() as catalog:
-            resp = ingest_responses(catalog, path, model=model)
+            resp = ingest(ws, IngestConfig("responses", path, model=model))
             with catalog.session() as session:
                 run_id = create_run(session, "extract", {"synthetic": True})
             examples_info = []

@@ -23,7 +23,7 @@ from personavec.extract import (
     plan_batches,
     run_extraction,
 )
-from personavec.ingest import ingest_responses
+from personavec.ingest import IngestConfig, ingest
 from personavec.modeling import load_model
 from personavec.spans import conversation, render
 from personavec.store.extraction import (
@@ -180,7 +180,7 @@ def responses_run(workspace, tmp_path: Path) -> int:
     }
     path = tmp_path / "responses.json"
     path.write_text(json.dumps(data))
-    return ingest_responses(workspace.catalog(), path).run_id
+    return ingest(workspace, IngestConfig("responses", path)).run_id
 
 
 def _activations(workspace, run_id: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 
 from personavec import EVAL_QUESTIONS, PERSONAS
 from personavec.errors import DuplicateError, InputFileError, NotFoundError
-from personavec.ingest import ingest_personas, ingest_questions, ingest_responses
+from personavec.ingest import IngestConfig, ingest
 from personavec.seed import load_responses, save_responses
 from personavec.store.responses import responses_by_key
 from personavec.store.runs import list_runs
@@ -32,7 +32,7 @@ def _counts(catalog) -> tuple[int, int, int]:
 def test_seed_format_round_trip(workspace, tmp_path, seed_cache_file):
     original = load_responses(seed_cache_file)
     with workspace.catalog() as catalog:
-        result = ingest_responses(catalog, seed_cache_file)
+        result = ingest(workspace, IngestConfig("responses", seed_cache_file))
         assert result.rows == len(original) == 15
         assert responses_by_key(catalog, result.run_id) == original
     out = tmp_path / "again.json"
@@ -59,7 +59,7 @@ def test_tabular_formats(workspace, tmp_path, fmt):
     else:
         pq.write_table(table, path)
     with workspace.catalog() as catalog:
-        result = ingest_responses(catalog, path, model="test-model")
+        result = ingest(workspace, IngestConfig("responses", path, model="test-model"))
         assert result.rows == 12
         with catalog.session() as s:
             got = (
@@ -82,16 +82,16 @@ def test_persona_and_question_sets(workspace, tmp_path):
     (tmp_path / "q.csv").write_text('question\n"Why, though?"\nHow?\n')
     (tmp_path / "p2.json").write_text(json.dumps({"c": "Be C", "d": "Be D"}))
     with workspace.catalog() as catalog:
-        assert ingest_personas(catalog, tmp_path / "p.yaml").name == "mine"
-        assert ingest_questions(catalog, tmp_path / "q.csv").name == "q"
-        assert ingest_personas(catalog, tmp_path / "p2.json", name="cd").rows == 2
+        assert ingest(workspace, IngestConfig("personas", tmp_path / "p.yaml")).name == "mine"
+        assert ingest(workspace, IngestConfig("questions", tmp_path / "q.csv")).name == "q"
+        assert ingest(workspace, IngestConfig("personas", tmp_path / "p2.json", name="cd")).rows == 2
         pset = get_persona_set(catalog, "mine")
         assert [(p.name, p.system_prompt, p.groups) for p in pset.personas] == [("a", "Be A", ("x",)), ("b", "", ())]
         assert [q.text for q in get_question_set(catalog, "q").questions] == ["Why, though?", "How?"]
         kinds = [r.kind for r in list_runs(catalog)]
         assert kinds.count("ingest-personas") == 3 and kinds.count("ingest-questions") == 2
         with pytest.raises(DuplicateError, match="already exists"):
-            ingest_personas(catalog, tmp_path / "p.yaml")
+            ingest(workspace, IngestConfig("personas", tmp_path / "p.yaml"))
 
 
 def _write(tmp_path, name, content):
@@ -136,7 +136,7 @@ def test_bad_response_files(workspace, tmp_path, name, content, message):
     with workspace.catalog() as catalog:
         before = _counts(catalog)
         with pytest.raises(InputFileError, match=message) as info:
-            ingest_responses(catalog, path)
+            ingest(workspace, IngestConfig("responses", path))
         assert str(path) in str(info.value)
         assert _counts(catalog) == before
 
@@ -161,7 +161,7 @@ def test_bad_persona_files(workspace, tmp_path, name, content, message):
     with workspace.catalog() as catalog:
         before = _counts(catalog)
         with pytest.raises(InputFileError, match=message):
-            ingest_personas(catalog, path)
+            ingest(workspace, IngestConfig("personas", path))
         assert _counts(catalog) == before
 
 
@@ -173,14 +173,14 @@ def test_bad_question_files(workspace, tmp_path):
             ("{x: 1}", "expected a list of questions"),
         ]:
             with pytest.raises(InputFileError, match=message):
-                ingest_questions(catalog, _write(tmp_path, "q.yaml", content))
+                ingest(workspace, IngestConfig("questions", _write(tmp_path, "q.yaml", content)))
         assert [r.kind for r in list_runs(catalog)] == ["ingest-personas", "ingest-questions"]
 
 
 def test_unknown_sets(workspace, seed_cache_file):
     with workspace.catalog() as catalog:
         with pytest.raises(NotFoundError, match="unknown persona set 'nope'.*known: builtin"):
-            ingest_responses(catalog, seed_cache_file, persona_set="nope")
+            ingest(workspace, IngestConfig("responses", seed_cache_file, persona_set="nope"))
         with pytest.raises(NotFoundError, match="unknown question set 'nope'"):
-            ingest_responses(catalog, seed_cache_file, question_set="nope")
+            ingest(workspace, IngestConfig("responses", seed_cache_file, question_set="nope"))
         assert _counts(catalog)[1] == 0

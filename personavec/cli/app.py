@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -69,13 +70,25 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     console.print(table)
 
 
-def run_command(fn: Callable[[], Any]) -> Any:
-    """Run a command body; a PersonavecError becomes one red line on stderr and its exit code."""
-    try:
-        return fn()
-    except PersonavecError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: rerun the same command with the run id to resume")
-        raise typer.Exit(130) from None
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command: a PersonavecError becomes one red line on stderr and its exit code, Ctrl-C exits 130, and the
+    catalogs the command opened are closed (releasing DuckDB's file lock) however it ends.
+
+    Use under ``@app.command()``; Typer reads the wrapped function's signature."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from personavec.store.engine import close_catalog
+
+        try:
+            return fn(*args, **kwargs)
+        except PersonavecError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: rerun the same command with the run id to resume")
+            raise typer.Exit(130) from None
+        finally:
+            close_catalog()
+
+    return wrapper

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from personavec import ingest as ingest_mod
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, console, emit_json, print_table, run_command, workspace
+from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, print_table, workspace
 from personavec.store.engine import current_revision, head_revision
 from personavec.store.query import run_readonly_sql
 from personavec.store.runs import list_runs
@@ -23,55 +23,51 @@ app.add_typer(ingest_app, name="ingest")
 
 
 @app.command()
+@command
 def init(ws: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """Create a workspace (catalog at the head schema, built-in persona and question sets)."""
 
-    def body() -> None:
-        w = init_workspace(ws)
-        if as_json:
-            emit_json({"workspace": w.root, "catalog": w.catalog_path, "revision": head_revision()})
-        else:
-            console.print(f"workspace ready at [bold]{w.root}[/] (schema {head_revision()})")
-
-    run_command(body)
+    w = init_workspace(ws)
+    if as_json:
+        emit_json({"workspace": w.root, "catalog": w.catalog_path, "revision": head_revision()})
+    else:
+        console.print(f"workspace ready at [bold]{w.root}[/] (schema {head_revision()})")
 
 
 @db_app.command("upgrade")
+@command
 def db_upgrade(ws: WorkspaceOpt = None, revision: str = "head") -> None:
     """Migrate the catalog's schema to REVISION (default: head)."""
 
-    def body() -> None:
-        w = workspace(ws).require()
-        w.upgrade(revision)
-        console.print(f"catalog {w.catalog_path} upgraded to {revision}")
-
-    run_command(body)
+    w = workspace(ws).require()
+    w.upgrade(revision)
+    console.print(f"catalog {w.catalog_path} upgraded to {revision}")
 
 
 @db_app.command("downgrade")
+@command
 def db_downgrade(revision: str, ws: WorkspaceOpt = None) -> None:
     """Migrate the catalog's schema down to REVISION (e.g. base)."""
-    run_command(lambda: workspace(ws).downgrade(revision))
+    workspace(ws).downgrade(revision)
 
 
 @db_app.command("current")
+@command
 def db_current(ws: WorkspaceOpt = None) -> None:
     """Show the catalog's schema revision and the package's head."""
 
-    def body() -> None:
-        from personavec.store.engine import create_catalog_engine
+    from personavec.store.engine import create_catalog_engine
 
-        w = workspace(ws).require()
-        engine = create_catalog_engine(w.catalog_path, read_only=True)
-        try:
-            console.print(f"catalog: {current_revision(engine)}  head: {head_revision()}")
-        finally:
-            engine.dispose()
-
-    run_command(body)
+    w = workspace(ws).require()
+    engine = create_catalog_engine(w.catalog_path, read_only=True)
+    try:
+        console.print(f"catalog: {current_revision(engine)}  head: {head_revision()}")
+    finally:
+        engine.dispose()
 
 
 @app.command()
+@command
 def runs(
     ws: WorkspaceOpt = None,
     kind: Annotated[str | None, typer.Option(help="Only runs of this kind.")] = None,
@@ -79,33 +75,30 @@ def runs(
 ) -> None:
     """List runs of every kind with status and counts."""
 
-    def body() -> None:
-        with workspace(ws).catalog(read_only=True) as catalog:
-            rows = list_runs(catalog, kind)
-        if as_json:
-            emit_json(rows)
-            return
-        print_table(
-            ["id", "kind", "status", "created", "wall s", "items", "failed", "detail"],
-            [
-                (
-                    r.id,
-                    r.kind,
-                    r.status,
-                    r.created_at.strftime("%m-%d %H:%M"),
-                    f"{r.wall_s:.1f}" if r.wall_s is not None else "",
-                    r.items,
-                    r.failed,
-                    r.detail,
-                )
-                for r in rows
-            ],
-        )
-
-    run_command(body)
+    rows = list_runs(workspace(ws).catalog(read_only=True), kind)
+    if as_json:
+        emit_json(rows)
+        return
+    print_table(
+        ["id", "kind", "status", "created", "wall s", "items", "failed", "detail"],
+        [
+            (
+                r.id,
+                r.kind,
+                r.status,
+                r.created_at.strftime("%m-%d %H:%M"),
+                f"{r.wall_s:.1f}" if r.wall_s is not None else "",
+                r.items,
+                r.failed,
+                r.detail,
+            )
+            for r in rows
+        ],
+    )
 
 
 @app.command()
+@command
 def sql(
     query: Annotated[str, typer.Argument(help="A SQL query; the catalog is opened read-only.")],
     ws: WorkspaceOpt = None,
@@ -115,22 +108,20 @@ def sql(
 ) -> None:
     """Run a read-only SQL query on the catalog and print the result."""
 
-    def body() -> None:
-        with workspace(ws).catalog(read_only=True) as catalog:
-            columns, rows = run_readonly_sql(catalog, query)
-        if as_json:
-            emit_json([dict(zip(columns, row, strict=True)) for row in rows])
-        elif as_csv:
-            writer = csv.writer(sys.stdout)
-            writer.writerow(columns)
-            writer.writerows(rows)
-        else:
-            shown = rows if limit == 0 else rows[:limit]
-            print_table(columns, shown)
-            if len(shown) < len(rows):
-                console.print(f"({len(rows)} rows, {len(shown)} shown; --limit 0 for all)")
-
-    run_command(body)
+    w = workspace(ws)
+    w.close()  # this process may hold it read-write; the query gets a read-only catalog
+    columns, rows = run_readonly_sql(w.catalog(read_only=True), query)
+    if as_json:
+        emit_json([dict(zip(columns, row, strict=True)) for row in rows])
+    elif as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        shown = rows if limit == 0 else rows[:limit]
+        print_table(columns, shown)
+        if len(shown) < len(rows):
+            console.print(f"({len(rows)} rows, {len(shown)} shown; --limit 0 for all)")
 
 
 FileArg = Annotated[Path, typer.Argument(help="Input file.", exists=False)]
@@ -148,28 +139,23 @@ def _report(result: ingest_mod.IngestResult, as_json: bool, what: str) -> None:
 
 
 @ingest_app.command("personas")
+@command
 def ingest_personas(path: FileArg, name: NameOpt = None, ws: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """Create a persona set from JSON, YAML or CSV."""
-
-    def body() -> None:
-        with workspace(ws).catalog() as catalog:
-            _report(ingest_mod.ingest_personas(catalog, path, name), as_json, "personas into persona set")
-
-    run_command(body)
+    result = ingest_mod.ingest(workspace(ws).require(), ingest_mod.IngestConfig("personas", path, name))
+    _report(result, as_json, "personas into persona set")
 
 
 @ingest_app.command("questions")
+@command
 def ingest_questions(path: FileArg, name: NameOpt = None, ws: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """Create a question set from JSON, YAML or CSV."""
-
-    def body() -> None:
-        with workspace(ws).catalog() as catalog:
-            _report(ingest_mod.ingest_questions(catalog, path, name), as_json, "questions into question set")
-
-    run_command(body)
+    result = ingest_mod.ingest(workspace(ws).require(), ingest_mod.IngestConfig("questions", path, name))
+    _report(result, as_json, "questions into question set")
 
 
 @ingest_app.command("responses")
+@command
 def ingest_responses(
     path: FileArg,
     persona_set: Annotated[str, typer.Option(help="Persona set the names refer to.")] = ingest_mod.BUILTIN,
@@ -182,12 +168,7 @@ def ingest_responses(
     as_json: JsonOpt = False,
 ) -> None:
     """Load responses (seed cache JSON, JSONL, CSV, Parquet) into a new run."""
-
-    def body() -> None:
-        with workspace(ws).catalog() as catalog:
-            result = ingest_mod.ingest_responses(
-                catalog, path, persona_set=persona_set, question_set=question_set, fmt=fmt, model=model
-            )
-        _report(result, as_json, "responses")
-
-    run_command(body)
+    config = ingest_mod.IngestConfig(
+        "responses", path, persona_set=persona_set, question_set=question_set, format=fmt, model=model
+    )
+    _report(ingest_mod.ingest(workspace(ws).require(), config), as_json, "responses")

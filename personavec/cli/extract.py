@@ -7,10 +7,11 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, console, emit_json, run_command, workspace
+from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, workspace
 
 
 @app.command()
+@command
 def extract(
     responses_run: Annotated[
         int | None, typer.Option("--responses-run", help="Responses run (generate / ingest-responses) to extract.")
@@ -50,51 +51,48 @@ def extract(
 ) -> None:
     """Extract mean response activations of a responses run into a new extraction run (prints its id)."""
 
-    def body() -> None:
-        from personavec.errors import ConfigError
-        from personavec.extract import ExtractConfig, run_extraction
+    from personavec.errors import ConfigError
+    from personavec.extract import ExtractConfig, run_extraction
 
-        if responses_run is None and resume is None:
-            raise ConfigError("give --responses-run N (or --resume RUN to continue an interrupted run)")
-        config = ExtractConfig(
-            model=model,
-            layers=tuple(layer) if layer else None,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            span=span,
-            prompt_format=prompt_format,
-            max_batch_tokens=max_batch_tokens,
-            max_batch_size=max_batch_size,
-            compile=compile_blocks,
-            personas=tuple(persona) if persona else None,
-            questions=tuple(question) if question else None,
+    if responses_run is None and resume is None:
+        raise ConfigError("give --responses-run N (or --resume RUN to continue an interrupted run)")
+    config = ExtractConfig(
+        model=model,
+        layers=tuple(layer) if layer else None,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        span=span,
+        prompt_format=prompt_format,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+        compile=compile_blocks,
+        personas=tuple(persona) if persona else None,
+        questions=tuple(question) if question else None,
+    )
+    w = workspace(ws).require()
+    with Progress(
+        TextColumn("[bold]extract[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=as_json,
+    ) as bar:
+        task = bar.add_task("extract", total=None, tok_s=0.0)
+
+        def on_progress(p) -> None:
+            bar.update(task, completed=p.done_examples, total=p.total_examples, tok_s=p.tok_s)
+
+        result = run_extraction(w, config, responses_run, run_id=resume, progress=on_progress)
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(
+            f"extraction run [bold]{result.run_id}[/]: {result.n_examples} examples "
+            f"({result.n_computed} computed, {result.n_truncated} truncated), layers {list(result.layers)}, "
+            f"{result.n_tokens:,} tokens at {result.tok_s:,.0f} tok/s"
         )
-        w = workspace(ws).require()
-        with Progress(
-            TextColumn("[bold]extract[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            disable=as_json,
-        ) as bar:
-            task = bar.add_task("extract", total=None, tok_s=0.0)
-
-            def on_progress(p) -> None:
-                bar.update(task, completed=p.done_examples, total=p.total_examples, tok_s=p.tok_s)
-
-            result = run_extraction(w, config, responses_run, run_id=resume, progress=on_progress)
-        if as_json:
-            emit_json(result)
-        else:
-            console.print(
-                f"extraction run [bold]{result.run_id}[/]: {result.n_examples} examples "
-                f"({result.n_computed} computed, {result.n_truncated} truncated), layers {list(result.layers)}, "
-                f"{result.n_tokens:,} tokens at {result.tok_s:,.0f} tok/s"
-            )
-            console.print(result.run_id)
-
-    run_command(body)
+        console.print(result.run_id)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, console, emit_json, err_console, print_table, run_command
+from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, err_console, print_table
 from personavec.cli.app import workspace as resolve_workspace
 from personavec.generate import GenerateConfig, GenerationProgress, GenerationResult, run_generation
 from personavec.store.generation import get_generation_run
@@ -18,6 +18,7 @@ _DEFAULTS = GenerateConfig()
 
 
 @app.command()
+@command
 def generate(
     ws: WorkspaceOpt = None,
     persona_set: Annotated[str | None, typer.Option("--persona-set", help="Persona set (default builtin).")] = None,
@@ -71,26 +72,23 @@ def generate(
     }
     given = {k: v for k, v in given.items() if v is not None}
 
-    def body() -> None:
-        w = resolve_workspace(ws).require()
-        with w.catalog() as catalog:
-            if run_id is not None:
-                # Resume: start from the run's own settings; options given on the command line override them
-                # (identity settings that differ are refused by run_generation).
-                stored = GenerateConfig.from_dict(get_generation_run(catalog, run_id).run.config)
-                config = dataclasses.replace(stored, **given)
-            else:
-                config = GenerateConfig(**given)
-            result = _run_with_progress(catalog, config, run_id, quiet=as_json)
-        if as_json:
-            emit_json(dataclasses.asdict(result))
+    w = resolve_workspace(ws).require()
+    with w.catalog() as catalog:
+        if run_id is not None:
+            # Resume: start from the run's own settings; options given on the command line override them
+            # (identity settings that differ are refused by run_generation).
+            stored = GenerateConfig.from_dict(get_generation_run(catalog, run_id).run.config)
+            config = dataclasses.replace(stored, **given)
         else:
-            _print_summary(result)
-        if result.failures:
-            err_console.print(f"[yellow]{result.error}[/]")
-            raise typer.Exit(1)
-
-    run_command(body)
+            config = GenerateConfig(**given)
+        result = _run_with_progress(catalog, config, run_id, quiet=as_json)
+    if as_json:
+        emit_json(dataclasses.asdict(result))
+    else:
+        _print_summary(result)
+    if result.failures:
+        err_console.print(f"[yellow]{result.error}[/]")
+        raise typer.Exit(1)
 
 
 def _run_with_progress(catalog, config: GenerateConfig, run_id: int | None, *, quiet: bool) -> GenerationResult:
@@ -143,6 +141,7 @@ def _print_summary(r: GenerationResult) -> None:
 
 
 @app.command()
+@command
 def serve(
     model: Annotated[
         str, typer.Option(help="smollm2-135m-instruct (embedded), a model directory, a .gguf file or a Hub id.")
@@ -155,22 +154,19 @@ def serve(
     """Serve a local model as an OpenAI-compatible endpoint (`transformers serve`), offline, until Ctrl-C."""
     from personavec.serve import local_server, server_alive
 
-    def body() -> None:
-        with local_server(model, port, host=host, device=device) as server:
-            if as_json:
-                emit_json({"base_url": server.base_url, "model": server.model, "pid": server.pid})
-            else:
-                console.print(f"serving [bold]{server.model}[/] at [bold]{server.base_url}[/] (pid {server.pid})")
-                console.print(
-                    f"  personavec generate --base-url {server.base_url} --model {server.model}\n  Ctrl-C stops it."
-                )
-            try:
-                while server_alive(server):
-                    time.sleep(2)
-            except KeyboardInterrupt:
-                console.print("stopping the server")
-                return
-            err_console.print(f"[bold red]error:[/] the server stopped; its log: {server.log_path}")
-            raise typer.Exit(1)
-
-    run_command(body)
+    with local_server(model, port, host=host, device=device) as server:
+        if as_json:
+            emit_json({"base_url": server.base_url, "model": server.model, "pid": server.pid})
+        else:
+            console.print(f"serving [bold]{server.model}[/] at [bold]{server.base_url}[/] (pid {server.pid})")
+            console.print(
+                f"  personavec generate --base-url {server.base_url} --model {server.model}\n  Ctrl-C stops it."
+            )
+        try:
+            while server_alive(server):
+                time.sleep(2)
+        except KeyboardInterrupt:
+            console.print("stopping the server")
+            return
+        err_console.print(f"[bold red]error:[/] the server stopped; its log: {server.log_path}")
+        raise typer.Exit(1)

@@ -8,7 +8,7 @@ from typing import Annotated, cast
 
 import typer
 
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, console, emit_json, print_table, run_command, workspace
+from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, print_table, workspace
 from personavec.errors import ConfigError, InputFileError
 
 LayerOpt = Annotated[int | None, typer.Option("--layer", "-l", help="Layer (default: the run's only/seed layer).")]
@@ -19,6 +19,7 @@ DefaultOpt = Annotated[
 
 
 @app.command()
+@command
 def vectors(
     extraction_run: Annotated[int, typer.Argument(help="An extract run id.")],
     group_by: Annotated[
@@ -33,24 +34,22 @@ def vectors(
 ) -> None:
     """Average an extraction run's activations per persona (or other group) and layer into a vectors run."""
 
-    def body() -> None:
-        from personavec.vectors import VectorConfig, compute_vectors
+    from personavec.vectors import VectorConfig, compute_vectors
 
-        config = VectorConfig(extraction_run, group_by, tuple(layer) if layer else None, allow_partial)
-        res = compute_vectors(workspace(ws).require(), config)
-        if as_json:
-            emit_json(res)
-            return
-        console.print(
-            f"run {res.run_id}: {res.n_vectors} vectors ({len(res.groups)} {group_by} groups x layers "
-            f"{', '.join(map(str, res.layers))}) from {res.n_examples} examples of extract run {extraction_run} "
-            f"in {res.wall_s:.2f}s"
-        )
-
-    run_command(body)
+    config = VectorConfig(extraction_run, group_by, tuple(layer) if layer else None, allow_partial)
+    res = compute_vectors(workspace(ws).require(), config)
+    if as_json:
+        emit_json(res)
+        return
+    console.print(
+        f"run {res.run_id}: {res.n_vectors} vectors ({len(res.groups)} {group_by} groups x layers "
+        f"{', '.join(map(str, res.layers))}) from {res.n_examples} examples of extract run {extraction_run} "
+        f"in {res.wall_s:.2f}s"
+    )
 
 
 @app.command()
+@command
 def export(
     run: Annotated[int, typer.Argument(help="A vectors run id.")],
     out: Annotated[Path, typer.Argument(help="Output file: .pt (seed format), .safetensors or .npz.")],
@@ -62,20 +61,18 @@ def export(
 ) -> None:
     """Export one layer of a vectors run to the seed's .pt, .safetensors or .npz."""
 
-    def body() -> None:
-        from personavec.vectors import export_vectors, load_vectors
+    from personavec.vectors import export_vectors, load_vectors
 
-        vset = load_vectors(run, layer, workspace(ws))
-        path = export_vectors(vset, out, fmt, overwrite=overwrite)
-        if as_json:
-            emit_json({"run_id": run, "layer": vset.layer, "path": path.resolve(), "n": len(vset)})
-        else:
-            console.print(f"wrote {len(vset)} vectors (run {run}, layer {vset.layer}) to {path}")
-
-    run_command(body)
+    vset = load_vectors(run, layer, workspace(ws))
+    path = export_vectors(vset, out, fmt, overwrite=overwrite)
+    if as_json:
+        emit_json({"run_id": run, "layer": vset.layer, "path": path.resolve(), "n": len(vset)})
+    else:
+        console.print(f"wrote {len(vset)} vectors (run {run}, layer {vset.layer}) to {path}")
 
 
 @app.command()
+@command
 def report(
     run: Annotated[int, typer.Argument(help="A vectors run id.")],
     out: Annotated[
@@ -88,16 +85,13 @@ def report(
 ) -> None:
     """Write PNG figures and one self-contained HTML page (similarity, PCA, axis) for a vectors run."""
 
-    def body() -> None:
-        from personavec.report import build_report
+    from personavec.report import build_report
 
-        res = build_report(run, workspace(ws), out_dir=out, layer=layer, defaults=default)
-        if as_json:
-            emit_json({"run_id": run, "layer": res.layer, "html": res.html, "pngs": res.pngs})
-        else:
-            console.print(f"report of run {run} (layer {res.layer}): {res.html}")
-
-    run_command(body)
+    res = build_report(run, workspace(ws), out_dir=out, layer=layer, defaults=default)
+    if as_json:
+        emit_json({"run_id": run, "layer": res.layer, "html": res.html, "pngs": res.pngs})
+    else:
+        console.print(f"report of run {run} (layer {res.layer}): {res.html}")
 
 
 def _run_spec(spec: str) -> tuple[int, int | None]:
@@ -110,6 +104,7 @@ def _run_spec(spec: str) -> tuple[int, int | None]:
 
 
 @app.command()
+@command
 def compare(
     runs: Annotated[list[str], typer.Argument(help="Two or more vectors runs, each RUN or RUN:LAYER.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the PNGs (default: none).")] = None,
@@ -119,57 +114,54 @@ def compare(
 ) -> None:
     """Compare persona vectors of several models (or layers) on their shared personas."""
 
-    def body() -> None:
-        from personavec import analysis, plots
-        from personavec.vectors import load_vectors
+    from personavec import analysis, plots
+    from personavec.vectors import load_vectors
 
-        if len(runs) < 2:
-            raise ConfigError("compare needs at least two vectors runs")
-        w = workspace(ws)
-        sets = {}
-        for spec in runs:
-            run_id, layer = _run_spec(spec)
-            vs = load_vectors(run_id, layer, w)
-            sets[f"run {run_id} {vs.model} L{vs.layer}"] = vs
-        cmp = analysis.compare_models(sets, defaults=default)
-        pngs = {}
-        if out is not None:
-            pngs["similarity"] = plots.save_png(plots.cross_model_similarity(cmp), out / "cross_similarity.png")
-            pngs["pca"] = plots.save_png(plots.cross_model_pca(cmp), out / "cross_pca.png")
-        pairs = [(a, b) for i, a in enumerate(cmp.models) for b in cmp.models[i + 1 :]]
-        rows = []
-        for a, b in pairs:
-            i, j = cmp.models.index(a), cmp.models.index(b)
-            diag = cmp.cross.get((a, b))
-            rows.append(
-                (
-                    a,
-                    b,
-                    f"{cmp.structure_corr[i, j]:.4f}",
-                    f"{float(diag.diagonal().mean()):.4f}" if diag is not None else "n/a (d_model differs)",
-                    f"{cmp.axis_cos[(a, b)]:.4f}" if (a, b) in cmp.axis_cos else "n/a",
-                )
+    if len(runs) < 2:
+        raise ConfigError("compare needs at least two vectors runs")
+    w = workspace(ws)
+    sets = {}
+    for spec in runs:
+        run_id, layer = _run_spec(spec)
+        vs = load_vectors(run_id, layer, w)
+        sets[f"run {run_id} {vs.model} L{vs.layer}"] = vs
+    cmp = analysis.compare_models(sets, defaults=default)
+    pngs = {}
+    if out is not None:
+        pngs["similarity"] = plots.save_png(plots.cross_model_similarity(cmp), out / "cross_similarity.png")
+        pngs["pca"] = plots.save_png(plots.cross_model_pca(cmp), out / "cross_pca.png")
+    pairs = [(a, b) for i, a in enumerate(cmp.models) for b in cmp.models[i + 1 :]]
+    rows = []
+    for a, b in pairs:
+        i, j = cmp.models.index(a), cmp.models.index(b)
+        diag = cmp.cross.get((a, b))
+        rows.append(
+            (
+                a,
+                b,
+                f"{cmp.structure_corr[i, j]:.4f}",
+                f"{float(diag.diagonal().mean()):.4f}" if diag is not None else "n/a (d_model differs)",
+                f"{cmp.axis_cos[(a, b)]:.4f}" if (a, b) in cmp.axis_cos else "n/a",
             )
-        if as_json:
-            emit_json(
-                {
-                    "models": cmp.models,
-                    "personas": cmp.personas,
-                    "method": cmp.method,
-                    "pairs": [
-                        dict(zip(["a", "b", "structure_corr", "mean_same_persona_cos", "axis_cos"], r, strict=True))
-                        for r in rows
-                    ],
-                    "pngs": pngs,
-                }
-            )
-            return
-        console.print(f"{len(cmp.personas)} shared personas; coordinates by {cmp.method}")
-        print_table(["model a", "model b", "similarity-structure r", "same-persona cos", "axis cos"], rows)
-        for path in pngs.values():
-            console.print(f"wrote {path}")
-
-    run_command(body)
+        )
+    if as_json:
+        emit_json(
+            {
+                "models": cmp.models,
+                "personas": cmp.personas,
+                "method": cmp.method,
+                "pairs": [
+                    dict(zip(["a", "b", "structure_corr", "mean_same_persona_cos", "axis_cos"], r, strict=True))
+                    for r in rows
+                ],
+                "pngs": pngs,
+            }
+        )
+        return
+    console.print(f"{len(cmp.personas)} shared personas; coordinates by {cmp.method}")
+    print_table(["model a", "model b", "similarity-structure r", "same-persona cos", "axis cos"], rows)
+    for path in pngs.values():
+        console.print(f"wrote {path}")
 
 
 def _read_transcripts(path: Path) -> dict[str, list[dict[str, str]]]:
@@ -194,6 +186,7 @@ def _read_transcripts(path: Path) -> dict[str, list[dict[str, str]]]:
 
 
 @app.command()
+@command
 def project(
     run: Annotated[int, typer.Argument(help="A vectors run id (grouped by persona) that defines the axis.")],
     transcripts: Annotated[Path, typer.Argument(help="JSON: messages, a list of transcripts, or {name: messages}.")],
@@ -207,49 +200,47 @@ def project(
 ) -> None:
     """Project multi-turn transcripts onto the run's assistant axis: one value per assistant turn."""
 
-    def body() -> None:
-        from personavec import analysis, plots
-        from personavec.modeling import load_model
-        from personavec.report import default_personas_of
-        from personavec.vectors import load_vectors
+    from personavec import analysis, plots
+    from personavec.modeling import load_model
+    from personavec.report import default_personas_of
+    from personavec.vectors import load_vectors
 
-        convs = _read_transcripts(transcripts)
-        vset = load_vectors(run, layer, workspace(ws))
-        dflt = default_personas_of(vset, default)
-        axis = analysis.assistant_axis(vset, dflt or None)
-        origin = vset.matrix.double().mean(dim=0).numpy()
-        prov = vset.provenance
-        dtype = cast(str, prov.get("dtype")) if prov.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
-        loaded = load_model(model or vset.model, dtype=dtype, device=device)
-        values = analysis.project_transcripts(
-            loaded,
-            convs,
-            axis,
-            vset.layer,
-            origin=origin,
-            prompt_format=prov.get("prompt_format", "chat"),
-            span=prov.get("span_rule", "exact") if prov.get("span_rule") in ("exact", "seed") else "exact",
-        )
-        refs = analysis.project(vset, axis)
-        if out is not None:
-            shown = {n: refs[n] for n in (max(refs, key=refs.__getitem__), min(refs, key=refs.__getitem__))}
-            plots.save_png(plots.transcript_projection(values, references=shown), out)
-        if as_json:
-            emit_json({"run_id": run, "layer": vset.layer, "projections": {k: v.tolist() for k, v in values.items()}})
-            return
-        print_table(
-            ["transcript", "turn", "projection"],
-            [(k, i + 1, f"{x:+.4f}") for k, v in values.items() for i, x in enumerate(v)],
-        )
-        console.print(
-            f"persona range on this axis: {min(refs.values()):+.3f} .. {max(refs.values()):+.3f}"
-            + (f"; plot: {out}" if out else "")
-        )
-
-    run_command(body)
+    convs = _read_transcripts(transcripts)
+    vset = load_vectors(run, layer, workspace(ws))
+    dflt = default_personas_of(vset, default)
+    axis = analysis.assistant_axis(vset, dflt or None)
+    origin = vset.matrix.double().mean(dim=0).numpy()
+    prov = vset.provenance
+    dtype = cast(str, prov.get("dtype")) if prov.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
+    loaded = load_model(model or vset.model, dtype=dtype, device=device)
+    values = analysis.project_transcripts(
+        loaded,
+        convs,
+        axis,
+        vset.layer,
+        origin=origin,
+        prompt_format=prov.get("prompt_format", "chat"),
+        span=prov.get("span_rule", "exact") if prov.get("span_rule") in ("exact", "seed") else "exact",
+    )
+    refs = analysis.project(vset, axis)
+    if out is not None:
+        shown = {n: refs[n] for n in (max(refs, key=refs.__getitem__), min(refs, key=refs.__getitem__))}
+        plots.save_png(plots.transcript_projection(values, references=shown), out)
+    if as_json:
+        emit_json({"run_id": run, "layer": vset.layer, "projections": {k: v.tolist() for k, v in values.items()}})
+        return
+    print_table(
+        ["transcript", "turn", "projection"],
+        [(k, i + 1, f"{x:+.4f}") for k, v in values.items() for i, x in enumerate(v)],
+    )
+    console.print(
+        f"persona range on this axis: {min(refs.values()):+.3f} .. {max(refs.values()):+.3f}"
+        + (f"; plot: {out}" if out else "")
+    )
 
 
 @app.command()
+@command
 def demo(
     ws: WorkspaceOpt = None,
     n_personas: Annotated[int, typer.Option(help="Built-in personas to use (the 4 defaults first).")] = 8,
@@ -258,13 +249,10 @@ def demo(
 ) -> None:
     """Run the whole pipeline offline on the embedded model: serve, generate, extract, vectors, report."""
 
-    def body() -> None:
-        from personavec.demo import DemoConfig, run_demo
+    from personavec.demo import DemoConfig, run_demo
 
-        path = ws if ws is not None else DemoConfig.workspace
-        run_demo(
-            DemoConfig(workspace=path, n_personas=n_personas, n_questions=n_questions, max_tokens=max_tokens),
-            log=lambda line: console.print(line, soft_wrap=True),  # SQL lines stay copy-pastable
-        )
-
-    run_command(body)
+    path = ws if ws is not None else DemoConfig.workspace
+    run_demo(
+        DemoConfig(workspace=path, n_personas=n_personas, n_questions=n_questions, max_tokens=max_tokens),
+        log=lambda line: console.print(line, soft_wrap=True),  # SQL lines stay copy-pastable
+    )

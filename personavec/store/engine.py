@@ -1,13 +1,18 @@
 """Engine, sessions and schema guard for the DuckDB catalog.
 
-Only ``personavec.store`` speaks SQL. Public store functions open one unit of work with :func:`session_scope`;
-helpers take the session as an argument. SQLAlchemy/DuckDB errors leave as :class:`CatalogError` (or
-:class:`CatalogLockedError` when another process holds DuckDB's single write lock).
+Only ``personavec.store`` speaks SQL. Each public store function is one unit of work: it opens
+:meth:`Catalog.session` (commit on success, rollback on error, always close); helpers take the session as an
+argument. SQLAlchemy/DuckDB errors leave as :class:`CatalogError` (or :class:`CatalogLockedError` when another
+process holds DuckDB's single write lock).
+
+DuckDB allows one configuration (read-only or read-write) per file and process: :func:`open_catalog` keeps one
+:class:`Catalog` per file per process, which :class:`personavec.workspace.Workspace` hands out.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,9 +79,11 @@ def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Eng
     engine = sa.create_engine(
         f"duckdb:///{catalog_path}",
         connect_args={"read_only": read_only},
-        # One connection per thread, kept open: opening a DuckDB file costs ~10-20 ms, and a second process must
-        # still be able to write once this engine is disposed (Catalog.close).
-        poolclass=sa.pool.SingletonThreadPool,
+        # One pooled connection kept open (opening a DuckDB file costs ~10-20 ms); a second thread that needs one
+        # while it is checked out gets an overflow connection to the same in-process database, closed on return.
+        poolclass=sa.pool.QueuePool,
+        pool_size=1,
+        max_overflow=4,
     )
     try:
         with engine.connect():
@@ -115,6 +122,8 @@ class Catalog:
     def __init__(self, catalog_path: Path, *, read_only: bool = False, check: bool = True) -> None:
         self.path = Path(catalog_path)
         self.read_only = read_only
+        self.pid = os.getpid()
+        self.closed = False
         self.engine = create_catalog_engine(self.path, read_only=read_only)
         if check:
             try:
@@ -147,6 +156,7 @@ class Catalog:
             yield dbapi_connection(session)
 
     def close(self) -> None:
+        self.closed = True
         self.engine.dispose()
 
     def __enter__(self) -> Catalog:
@@ -154,3 +164,34 @@ class Catalog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# One catalog per file in this process (see the module docstring). Keyed by the resolved path.
+_OPEN: dict[Path, Catalog] = {}
+
+
+def open_catalog(catalog_path: Path, *, read_only: bool = False) -> Catalog:
+    """The process's catalog for ``catalog_path``, opened on first use and kept open until :func:`close_catalog`.
+
+    A read-write catalog also serves read-only requests; asking for read-write while the file is open read-only
+    reopens it read-write. A catalog inherited through ``fork`` is never reused (DuckDB connections do not survive
+    it)."""
+    key = Path(catalog_path).resolve()
+    cat = _OPEN.get(key)
+    if cat is not None and not cat.closed and cat.pid == os.getpid():
+        if read_only or not cat.read_only:
+            return cat
+        cat.close()
+    cat = Catalog(key, read_only=read_only)
+    _OPEN[key] = cat
+    return cat
+
+
+def close_catalog(catalog_path: Path | None = None) -> None:
+    """Close this process's catalog for ``catalog_path`` (every open catalog when None), releasing DuckDB's file
+    lock so that another process can write."""
+    keys = list(_OPEN) if catalog_path is None else [Path(catalog_path).resolve()]
+    for key in keys:
+        cat = _OPEN.pop(key, None)
+        if cat is not None and cat.pid == os.getpid() and not cat.closed:
+            cat.close()

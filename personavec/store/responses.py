@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import duckdb
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from personavec.errors import DuplicateError
 from personavec.store import models as m
 from personavec.store.engine import Catalog, dbapi_connection
-from personavec.store.runs import run_in_session, utcnow
+from personavec.store.runs import create_run, finish_run, run_in_session, utcnow
+from personavec.store.sets import persona_set_in_session, question_set_in_session
 
 RESPONSE_RUN_KINDS = ("generate", "ingest-responses")
 
@@ -52,12 +55,8 @@ def bulk_insert_responses(session: Session, run_id: int, table: pa.Table) -> int
             f"SELECT ?, {', '.join(cols)}, 1, ? FROM _pv_incoming",
             [run_id, utcnow()],
         )
-    except Exception as exc:  # DuckDB constraint errors: name the run, keep DuckDB's message
-        if "Duplicate key" in str(exc) or "unique" in str(exc).lower():
-            raise DuplicateError(
-                f"run {run_id}: a response for the same persona/question/sample exists: {exc}"
-            ) from exc
-        raise
+    except duckdb.ConstraintException as exc:  # name the run, keep DuckDB's message
+        raise DuplicateError(f"run {run_id}: a response for the same persona/question/sample exists: {exc}") from exc
     finally:
         con.unregister("_pv_incoming")
     return table.num_rows
@@ -75,7 +74,44 @@ class ResolvedResponses:
     negative_sample: str | None = None  # where
 
 
-def resolve_response_keys(
+def ingest_response_table(
+    catalog: Catalog,
+    table: pa.Table,
+    *,
+    persona_set: str,
+    question_set: str,
+    config: dict,
+    model: str | None,
+    source: str,
+    source_sha256: str,
+) -> tuple[int | None, ResolvedResponses]:
+    """One unit of work: resolve an incoming table's persona names and question texts against the two sets and, if
+    every row resolves, create a done ``ingest-responses`` run holding them.
+
+    Returns ``(run_id, resolved)``; ``run_id`` is None (nothing written) when ``resolved`` names a problem."""
+    with catalog.session() as session:
+        pset = persona_set_in_session(session, persona_set)
+        qset = question_set_in_session(session, question_set)
+        resolved = _resolve_response_keys(session, table, pset.id, qset.id)
+        if resolved.table is None:
+            return None, resolved
+        run_id = create_run(session, "ingest-responses", config)
+        add_response_run(
+            session,
+            run_id,
+            persona_set_id=pset.id,
+            question_set_id=qset.id,
+            model=model,
+            source=source,
+            source_sha256=source_sha256,
+            n_samples=int(pa.compute.max(table["sample_index"]).as_py()) + 1,
+        )
+        bulk_insert_responses(session, run_id, resolved.table)
+        finish_run(session, run_id, "done")
+    return run_id, resolved
+
+
+def _resolve_response_keys(
     session: Session, table: pa.Table, persona_set_id: int, question_set_id: int
 ) -> ResolvedResponses:
     """Map ``persona``/``question`` strings of an incoming Arrow table (with ``sample_index``, ``text``,

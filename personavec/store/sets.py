@@ -11,21 +11,48 @@ from personavec.errors import DuplicateError, NotFoundError
 from personavec.store import models as m
 from personavec.store.engine import Catalog
 from personavec.store.records import Persona, PersonaSet, PersonaSpec, Question, QuestionSet
+from personavec.store.runs import create_run, finish_run
 
 
-def persona_set_exists(session: Session, name: str) -> bool:
+def _persona_set_exists(session: Session, name: str) -> bool:
     return session.scalar(sa.select(m.PersonaSet.id).where(m.PersonaSet.name == name)) is not None
 
 
-def question_set_exists(session: Session, name: str) -> bool:
+def _question_set_exists(session: Session, name: str) -> bool:
     return session.scalar(sa.select(m.QuestionSet.id).where(m.QuestionSet.name == name)) is not None
 
 
-def add_persona_set(
+def set_names(catalog: Catalog) -> tuple[set[str], set[str]]:
+    """Names of the persona sets and of the question sets in the catalog."""
+    with catalog.session() as session:
+        return set(session.scalars(sa.select(m.PersonaSet.name))), set(session.scalars(sa.select(m.QuestionSet.name)))
+
+
+def create_persona_set(
+    catalog: Catalog, name: str, personas: Sequence[PersonaSpec], config: dict, source: str | None
+) -> int:
+    """One unit of work: an ``ingest-personas`` run (done) and its persona set. Returns the run id."""
+    with catalog.session() as session:
+        run_id = create_run(session, "ingest-personas", config)
+        _add_persona_set(session, name, run_id, personas, source)
+        finish_run(session, run_id, "done")
+    return run_id
+
+
+def create_question_set(catalog: Catalog, name: str, questions: Sequence[str], config: dict, source: str | None) -> int:
+    """One unit of work: an ``ingest-questions`` run (done) and its question set. Returns the run id."""
+    with catalog.session() as session:
+        run_id = create_run(session, "ingest-questions", config)
+        _add_question_set(session, name, run_id, questions, source)
+        finish_run(session, run_id, "done")
+    return run_id
+
+
+def _add_persona_set(
     session: Session, name: str, run_id: int, personas: Sequence[PersonaSpec], source: str | None
 ) -> int:
     """Insert a persona set and its personas; fails if the name is taken."""
-    if persona_set_exists(session, name):
+    if _persona_set_exists(session, name):
         raise DuplicateError(f"persona set {name!r} already exists: choose another --name")
     pset = m.PersonaSet(name=name, run_id=run_id, source=source)
     session.add(pset)
@@ -38,9 +65,9 @@ def add_persona_set(
     return pset.id
 
 
-def add_question_set(session: Session, name: str, run_id: int, questions: Sequence[str], source: str | None) -> int:
+def _add_question_set(session: Session, name: str, run_id: int, questions: Sequence[str], source: str | None) -> int:
     """Insert a question set and its questions; fails if the name is taken."""
-    if question_set_exists(session, name):
+    if _question_set_exists(session, name):
         raise DuplicateError(f"question set {name!r} already exists: choose another --name")
     qset = m.QuestionSet(name=name, run_id=run_id, source=source)
     session.add(qset)
