@@ -8,13 +8,49 @@ has its own frozen config next to its module (``ExtractConfig`` in extract.py, `
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from personavec.errors import ConfigError
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+C = TypeVar("C")
+
+
+def default_layer(n_layers: int, layer_fraction: float = 0.65) -> int:
+    """The seed's default layer: ``int(n_layers * layer_fraction + 0.5)`` (a ``hidden_states`` index)."""
+    return int(n_layers * layer_fraction + 0.5)
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any], **overrides: Any) -> C:
+    """Rebuild a stage config from the JSON stored with its run (unknown keys, e.g. from newer versions or derived
+    provenance fields, are ignored; lists become tuples in the config's ``__post_init__``)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names} | overrides)
+
+
+def check_selection(
+    where: str,
+    personas: Iterable[str] | None,
+    questions: Iterable[int] | None,
+    known_personas: Iterable[str],
+    n_questions: int,
+) -> None:
+    """The one rule for ``--persona`` / ``--question`` filters: every persona name must exist and every question
+    position must be in ``0..n_questions-1``; ``where`` names what was filtered (e.g. "persona set 'builtin'")."""
+    known = list(dict.fromkeys(known_personas))
+    unknown = [p for p in personas or () if p not in known]
+    if unknown:
+        raise ConfigError(
+            f"{where} has no persona named {', '.join(map(repr, unknown))} (it has: {', '.join(known) or 'none'})"
+        )
+    bad = [q for q in questions or () if not 0 <= q < n_questions]
+    if bad:
+        raise ConfigError(f"{where} has {n_questions} questions (0-based positions 0..{n_questions - 1}); got {bad}")
 
 
 def config_dict(config: Any, *, secret_fields: tuple[str, ...] = ("api_key", "hf_token", "openrouter_api_key")) -> dict:
@@ -62,4 +98,4 @@ class PersonaVectorConfig:
 
     def layer_for(self, n_layers: int) -> int:
         """The seed's default layer: ``int(n_layers * layer_fraction + 0.5)``."""
-        return int(n_layers * self.layer_fraction + 0.5)
+        return default_layer(n_layers, self.layer_fraction)
