@@ -299,6 +299,37 @@ def _read_seed_json(path: Path) -> pa.Table:
     )
 
 
+TRANSCRIPT_ROLES = ("system", "user", "assistant")
+
+
+def read_transcript_file(path: Path) -> dict[str, list[dict[str, str]]]:
+    """Conversations to project, from JSON: one list of ``{role, content}`` messages, a list of such lists, or
+    ``{name: messages}``. Roles must be system/user/assistant; every transcript needs a non-empty assistant turn."""
+    doc = _load_structured(Path(path))
+    if isinstance(doc, list) and doc and all(isinstance(m, dict) for m in doc):
+        doc = {Path(path).stem: doc}
+    elif isinstance(doc, list):
+        doc = {f"transcript {i + 1}": t for i, t in enumerate(doc)}
+    if not isinstance(doc, dict) or not doc:
+        raise InputFileError(f"{path}: expected a list of messages, a list of transcripts or {{name: messages}}")
+    for name, msgs in doc.items():
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
+            raise InputFileError(f"{path}: transcript {name!r} must be a list of {{role, content}} messages")
+        for i, m in enumerate(msgs):
+            if m["role"] not in TRANSCRIPT_ROLES:
+                raise InputFileError(
+                    f"{path}: transcript {name!r} message {i}: unknown role {m['role']!r} "
+                    f"(expected {', '.join(TRANSCRIPT_ROLES)})"
+                )
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise InputFileError(f"{path}: transcript {name!r} message {i}: empty assistant message")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise InputFileError(f"{path}: transcript {name!r} has no assistant message to project")
+    return doc
+
+
 # ---------------------------------------------------------------------------------------------------- ingesting
 
 INGEST_KINDS = ("personas", "questions", "responses")

@@ -10,7 +10,7 @@ import pytest
 
 from personavec import analysis, plots
 from personavec.cli import app
-from personavec.report import build_report
+from personavec.report import ReportConfig, build_report
 from personavec.store.runs import list_runs
 from personavec.vectors import VectorConfig, compute_vectors, load_vectors
 
@@ -41,7 +41,7 @@ def _vector_run(workspace, make_extraction_run, **kw):
 
 def test_report_writes_pngs_and_self_contained_html(workspace, make_extraction_run, tmp_path):
     _, run_id = _vector_run(workspace, make_extraction_run)
-    res = build_report(run_id, workspace)
+    res = build_report(workspace, ReportConfig(run_id))
     assert res.directory == workspace.root / "reports" / f"run_{run_id}"
     assert set(res.pngs) == {"similarity", "pca", "variance", "axis_vs_pc1"}
     assert all(_is_png(p) for p in res.pngs.values())
@@ -79,12 +79,11 @@ def test_report_needs_three_vectors(workspace, make_extraction_run):
     from personavec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="at least 3"):
-        build_report(run_id, workspace)
+        build_report(workspace, ReportConfig(run_id))
 
 
 def _runs(ws, kind):
-    with ws.catalog(read_only=True) as cat:
-        return list_runs(cat, kind)
+    return list_runs(ws.catalog(read_only=True), kind)
 
 
 def test_cli_vectors_export_report_compare(cli, workspace, make_extraction_run, tmp_path):
@@ -141,10 +140,9 @@ def test_load_vectors_is_fast_enough(workspace, make_extraction_run):
     # the real benchmark (23 x 5376) is scripts/bench_vectors.py; this guards against accidental per-row paths
     ext = make_extraction_run(workspace, d_model=512)
     run_id = compute_vectors(workspace, VectorConfig(ext.run_id, layers=(5,))).run_id
-    with workspace.catalog(read_only=True) as cat:
-        import time
+    import time
 
-        load_vectors(run_id, catalog=cat)
-        t = time.perf_counter()
-        vs = load_vectors(run_id, catalog=cat)
-        assert time.perf_counter() - t < 0.5 and vs.d_model == 512
+    load_vectors(run_id, workspace=workspace)
+    t = time.perf_counter()
+    vs = load_vectors(run_id, workspace=workspace)
+    assert time.perf_counter() - t < 0.5 and vs.d_model == 512

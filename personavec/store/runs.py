@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from personavec.errors import RunNotFoundError
 from personavec.store.engine import Catalog
-from personavec.store.models import RUN_KINDS, Run
+from personavec.store.models import RUN_KINDS, RUN_STATUSES, Run
 from personavec.store.records import RunInfo, RunSummary
 
 
@@ -46,6 +46,8 @@ def create_run(session: Session, kind: str, config: dict[str, Any]) -> int:
 
 def finish_run(session: Session, run_id: int, status: str, error: str | None = None) -> None:
     """Mark a run ``done``/``failed``/``interrupted`` and record its wall time since creation."""
+    if status not in RUN_STATUSES or status == "running":
+        raise ValueError(f"a run finishes as done, failed or interrupted, not {status!r}")
     run = session.get(Run, run_id)
     if run is None:
         raise RunNotFoundError(f"run {run_id} does not exist")
