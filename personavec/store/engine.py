@@ -7,12 +7,21 @@ process holds DuckDB's single write lock).
 
 DuckDB allows one configuration (read-only or read-write) per file and process: :func:`open_catalog` keeps one
 :class:`Catalog` per file per process, which :class:`personavec.workspace.Workspace` hands out.
+
+DuckDB also allows one process at a time to write a file, and none to read it meanwhile. So that `personavec runs`,
+`sql`, `report` or `load_vectors` work while an hours-long generation or extraction writes, a catalog holds the file
+only inside a unit of work: each :meth:`Catalog.session` opens its own DuckDB connection (~15-25 ms) and closes it
+at the end, and a unit of work that finds the file held by another process retries with backoff for up to
+``lock_timeout_s`` (:data:`WRITE_LOCK_TIMEOUT_S` / :data:`READ_LOCK_TIMEOUT_S`) before :class:`CatalogLockedError`.
+Long writers therefore commit in batches (by time or rows), not per row.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +72,14 @@ def head_revision() -> str:
     return head
 
 
+#: How long a unit of work waits for another process to release the file: writers (long runs that must not die
+#: because a reader held the file) wait longer than readers (a person at a prompt). ``$PERSONAVEC_LOCK_TIMEOUT``
+#: (seconds) overrides both.
+WRITE_LOCK_TIMEOUT_S = 120.0
+READ_LOCK_TIMEOUT_S = 15.0
+LOCK_TIMEOUT_ENV = "PERSONAVEC_LOCK_TIMEOUT"
+
+
 def _translate(exc: BaseException, catalog_path: Path) -> CatalogError:
     orig = getattr(exc, "orig", exc)
     text = str(orig)
@@ -79,11 +96,9 @@ def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Eng
     engine = sa.create_engine(
         f"duckdb:///{catalog_path}",
         connect_args={"read_only": read_only},
-        # One pooled connection kept open (opening a DuckDB file costs ~10-20 ms); a second thread that needs one
-        # while it is checked out gets an overflow connection to the same in-process database, closed on return.
-        poolclass=sa.pool.QueuePool,
-        pool_size=1,
-        max_overflow=4,
+        # No pool: a connection lives for one unit of work, so the file is free for other processes between them
+        # (see the module docstring). Connections of one process share DuckDB's in-process database instance.
+        poolclass=sa.pool.NullPool,
     )
     try:
         with engine.connect():
@@ -92,6 +107,26 @@ def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Eng
         engine.dispose()
         raise _translate(exc, catalog_path) from exc
     return engine
+
+
+def _locked(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", exc)
+    return isinstance(orig, duckdb.IOException) and "lock" in str(orig).lower()
+
+
+def _with_lock_retry(connect, timeout_s: float):  # type: ignore[no-untyped-def]
+    """Call ``connect()`` until it does not fail on another process's file lock, backing off (with jitter) from
+    10 ms to 0.5 s, for at most ``timeout_s``; the last lock error is re-raised."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        try:
+            return connect()
+        except (DBAPIError, CatalogLockedError) as exc:
+            if not (isinstance(exc, CatalogLockedError) or _locked(exc)) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.5)
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -119,15 +154,30 @@ def check_schema(engine: Engine, catalog_path: Path) -> None:
 class Catalog:
     """An open catalog: one engine, one session factory, errors mapped to :class:`CatalogError`."""
 
-    def __init__(self, catalog_path: Path, *, read_only: bool = False, check: bool = True) -> None:
+    def __init__(
+        self, catalog_path: Path, *, read_only: bool = False, check: bool = True, lock_timeout_s: float | None = None
+    ) -> None:
         self.path = Path(catalog_path)
         self.read_only = read_only
         self.pid = os.getpid()
         self.closed = False
-        self.engine = create_catalog_engine(self.path, read_only=read_only)
+        if lock_timeout_s is None and os.environ.get(LOCK_TIMEOUT_ENV):
+            lock_timeout_s = float(os.environ[LOCK_TIMEOUT_ENV])
+        self.lock_timeout_s = (
+            lock_timeout_s if lock_timeout_s is not None else READ_LOCK_TIMEOUT_S if read_only else WRITE_LOCK_TIMEOUT_S
+        )
+        try:
+            self.engine = _with_lock_retry(
+                lambda: create_catalog_engine(self.path, read_only=read_only), self.lock_timeout_s
+            )
+        except DBAPIError as exc:
+            raise _translate(exc, self.path) from exc
         if check:
             try:
-                check_schema(self.engine, self.path)
+                _with_lock_retry(lambda: check_schema(self.engine, self.path), self.lock_timeout_s)
+            except DBAPIError as exc:
+                self.engine.dispose()
+                raise _translate(exc, self.path) from exc
             except BaseException:
                 self.engine.dispose()
                 raise
@@ -135,9 +185,11 @@ class Catalog:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One unit of work: commit on success, roll back on any error, always close."""
+        """One unit of work: its own connection (waiting out another process's lock), commit on success, roll back
+        on any error, always close (which releases the file)."""
         session = self._sessions()
         try:
+            _with_lock_retry(session.connection, self.lock_timeout_s)
             yield session
             session.commit()
         except SQLAlchemyError as exc:
