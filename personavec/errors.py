@@ -50,6 +50,26 @@ class RunNotFoundError(NotFoundError):
     """No run with that id (or of that kind)."""
 
 
+class RunBusyError(PersonavecError, RuntimeError):
+    """A run cannot be resumed because another live process is still running it."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A stage stopped by Ctrl-C or SIGTERM after marking its run ``interrupted``: carries the command that
+    resumes it. A ``KeyboardInterrupt``, so code that handles Ctrl-C handles this too."""
+
+    def __init__(self, run_id: int, resume_command: str, signal_exit: int = 130) -> None:
+        super().__init__(f"run {run_id} interrupted: resume with `{resume_command}`")
+        self.run_id = run_id
+        self.resume_command = resume_command
+        self.exit_code = signal_exit
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM (see ``personavec.cli.main``) so that runs unwind as on Ctrl-C and are
+    marked ``interrupted``, not ``failed``."""
+
+
 class DuplicateError(PersonavecError, ValueError):
     """Creating something that already exists, or a duplicate key in an input."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from personavec.cli import app
+from personavec.store.engine import head_revision
 from personavec.store.responses import responses_by_key
 from personavec.workspace import Workspace
 
@@ -65,4 +66,4 @@ def test_db_commands(cli, workspace):
     assert res.exit_code == 1 and "personavec db upgrade" in res.output
     assert cli.invoke(app, ["db", "upgrade", "-w", ws]).exit_code == 0
     res = cli.invoke(app, ["db", "current", "-w", ws])
-    assert res.exit_code == 0 and "0001" in res.stdout
+    assert res.exit_code == 0 and f"catalog: {head_revision()}" in res.stdout

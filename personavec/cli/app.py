@@ -16,7 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from personavec.errors import PersonavecError
+from personavec.errors import PersonavecError, RunInterrupted, Terminated
 from personavec.workspace import Workspace
 
 app = typer.Typer(
@@ -85,9 +85,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         except PersonavecError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: rerun the same command with the run id to resume")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            code = 143 if isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated) else 130
+            if isinstance(exc, RunInterrupted):
+                err_console.print(f"[yellow]interrupted[/]: resume with: {exc.resume_command}", soft_wrap=True)
+            else:
+                err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(code) from None
         finally:
             close_catalog()
 
