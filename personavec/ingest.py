@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from personavec.workspace import Workspace
 
 BUILTIN = "builtin"
+#: Longest persona name or question text, in UTF-8 bytes: both are unique keys, and DuckDB's index (ART) refuses keys
+#: over ~184 KiB with an error that names neither the file nor the row.
+MAX_KEY_BYTES = 100_000
 RESPONSE_FORMATS = ("seed-json", "jsonl", "csv", "parquet")
 
 
@@ -115,6 +118,15 @@ def _csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     return list(reader)
 
 
+def _check_key_size(path: Path, where: str, what: str, value: str) -> None:
+    size = len(value.encode("utf-8"))
+    if size > MAX_KEY_BYTES:
+        raise InputFileError(
+            f"{path}: {where}: the {what} is {size:,} bytes long; at most {MAX_KEY_BYTES:,} bytes are allowed "
+            f"(it is a unique key in the catalog)"
+        )
+
+
 def read_persona_file(path: Path) -> tuple[str | None, list[PersonaSpec]]:
     """Personas from JSON/YAML (``{name?, personas: [{name, system_prompt, groups?}]}`` or ``{name: prompt}``)
     or CSV (columns ``name``, ``system_prompt``, optional ``groups`` separated by ``;``)."""
@@ -158,6 +170,7 @@ def read_persona_file(path: Path) -> tuple[str | None, list[PersonaSpec]]:
             raise InputFileError(f"{path}: {where}: 'groups' must be a list of strings")
         if item["name"] in seen:
             raise InputFileError(f"{path}: {where}: duplicate persona name {item['name']!r}")
+        _check_key_size(path, where, "persona name", item["name"])
         seen.add(item["name"])
         personas.append(PersonaSpec(item["name"], prompt, tuple(groups)))
     if not personas:
@@ -185,6 +198,7 @@ def read_question_file(path: Path) -> tuple[str | None, list[str]]:
             raise InputFileError(f"{path}: {w}: each question must be a non-empty string")
         if q in seen:
             raise InputFileError(f"{path}: {w}: duplicate question {q!r}")
+        _check_key_size(path, w, "question", q)
         seen.add(q)
     if not items:
         raise InputFileError(f"{path}: no questions in the file")

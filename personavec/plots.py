@@ -24,11 +24,12 @@ _MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 130) -> Path:
-    """Write ``fig`` as a PNG (Agg canvas); returns the path."""
+    """Write ``fig`` as a PNG (Agg canvas, written whole then renamed into place); returns the path."""
+    from personavec.files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", facecolor="white"))
     return path
 
 

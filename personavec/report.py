@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from personavec import analysis, plots
-from personavec.errors import ConfigError
+from personavec.errors import ConfigError, InputFileError
 from personavec.files import atomic_write
 from personavec.vectors import load_vectors
 from personavec.workspace import Workspace
@@ -120,7 +120,12 @@ def build_report(
             f"(group by persona, question or persona_group)"
         )
     directory = Path(out_dir) if out_dir is not None else ws.root / "reports" / f"run_{run_id}"
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise InputFileError(f"{directory} is a file: the report's --out is a directory (its PNGs and index.html)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputFileError(f"cannot create the report directory {directory}: {exc.strerror or exc}") from exc
 
     dflt = analysis.default_personas_of(vset, defaults)
     sim = analysis.similarity_matrix(vset)

@@ -396,6 +396,8 @@ def export_vectors(
     fmt = fmt or EXPORT_FORMATS.get(path.suffix.lower())
     if fmt not in EXPORT_FORMATS.values():
         raise ConfigError(f"{path}: export format must be one of {', '.join(EXPORT_FORMATS)} (by suffix or --format)")
+    if path.is_dir():
+        raise InputFileError(f"{path} is a directory: give a file name such as {path / 'vectors.safetensors'}")
     if path.exists() and not overwrite:
         raise InputFileError(f"{path} exists: pass overwrite (--overwrite) to replace it")
     meta = json.dumps(vset.provenance, sort_keys=True, default=str)

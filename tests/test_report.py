@@ -146,3 +146,27 @@ def test_load_vectors_is_fast_enough(workspace, make_extraction_run):
     t = time.perf_counter()
     vs = load_vectors(run_id, workspace=workspace)
     assert time.perf_counter() - t < 0.5 and vs.d_model == 512
+
+
+def test_outputs_onto_directories_files_and_unwritable_paths(cli, workspace, make_extraction_run, tmp_path):
+    import os
+    import stat
+
+    ext = make_extraction_run(workspace)
+    run_id = compute_vectors(workspace, VectorConfig(ext.run_id, layers=(5,))).run_id
+    w = ["--workspace", str(workspace.root)]
+    (tmp_path / "adir").mkdir()
+    r = cli.invoke(app, ["export", str(run_id), str(tmp_path / "adir"), "--format", "pt", *w])
+    assert r.exit_code == 2 and "is a directory" in r.output
+    r = cli.invoke(app, ["export", str(run_id), "/proc/personavec.pt", *w])  # not writable, even for root
+    assert r.exit_code == 2 and "cannot write /proc/personavec.pt" in r.output
+    (tmp_path / "afile").write_text("x")
+    r = cli.invoke(app, ["report", str(run_id), "-o", str(tmp_path / "afile"), *w])
+    assert r.exit_code == 2 and "is a file" in r.output and (tmp_path / "afile").read_text() == "x"
+    old = os.umask(0o022)
+    try:
+        r = cli.invoke(app, ["export", str(run_id), str(tmp_path / "v.npz"), *w])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE((tmp_path / "v.npz").stat().st_mode) == 0o644  # the umask's, not mkstemp's 0600

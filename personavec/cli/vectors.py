@@ -185,10 +185,14 @@ def project(
 @app.command()
 @command
 def demo(
-    ws: WorkspaceOpt = None,
-    n_personas: Annotated[int, typer.Option(help="Built-in personas to use (the 4 defaults first).")] = 8,
-    n_questions: Annotated[int, typer.Option(help="Built-in questions to use.")] = 4,
-    max_tokens: Annotated[int, typer.Option(help="Tokens per generated answer.")] = 48,
+    ws: Annotated[
+        Path | None, typer.Option("--workspace", "-w", help="Workspace directory (default: ./personavec-demo).")
+    ] = None,
+    n_personas: Annotated[
+        int, typer.Option(help="Built-in personas to use, the 4 defaults first (5-14).", min=5, max=14)
+    ] = 8,
+    n_questions: Annotated[int, typer.Option(help="Built-in questions to use (2-18).", min=2, max=18)] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per generated answer (>= 1).", min=1)] = 48,
 ) -> None:
     """Run the whole pipeline offline on the embedded model: serve, generate, extract, vectors, report."""
 
