@@ -170,3 +170,22 @@ def test_outputs_onto_directories_files_and_unwritable_paths(cli, workspace, mak
         os.umask(old)
     assert r.exit_code == 0, r.output
     assert stat.S_IMODE((tmp_path / "v.npz").stat().st_mode) == 0o644  # the umask's, not mkstemp's 0600
+
+
+def test_point_labels_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Annotation, Text
+
+    rng = np.random.default_rng(0)
+    names = [f"persona_{i}" for i in range(20)]
+    vecs = {n: rng.normal(size=32) + (4.0 if i < 3 else 0.0) for i, n in enumerate(names)}  # one tight cluster
+    p = analysis.pca(vecs, defaults=names[:3])
+    stats = analysis.axis_vs_pc1(vecs, analysis.assistant_axis(vecs, names[:3]), p)
+    for fig in (plots.axis_vs_pc1(stats, p, defaults=names[:3]), plots.pca_scatter(p, stats.projections)):
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        # Text's own extent: an Annotation's includes its leader line
+        boxes = [Text.get_window_extent(a, renderer) for a in fig.axes[0].texts if isinstance(a, Annotation)]
+        assert len(boxes) == 20
+        overlaps = [(i, j) for i in range(20) for j in range(i + 1, 20) if boxes[i].overlaps(boxes[j])]
+        assert overlaps == []
