@@ -1,42 +1,50 @@
 """Generation stage: answers from any OpenAI-compatible chat endpoint, committed to the catalog as they arrive.
 
 One request path serves both the catalog pipeline (:func:`run_generation`) and the seed's
-:func:`generate_responses`: :class:`ChatEndpoint` sends one chat request with its own retry loop (the ``openai``
-client's retries are off so that ``Retry-After`` and the attempt count are ours), and :func:`_worker_pool` runs
-requests under the concurrency limit.
+:func:`generate_responses`: :class:`ChatEndpoint` sends one chat request through the ``openai`` client, whose own
+retries do the waiting (``max_retries=config.max_retries``), and :func:`_worker_pool` runs requests under the
+concurrency limit. The attempts of each answer (stored in ``responses.attempts``) are counted by a request hook on
+the client's HTTP client.
 
 What is sent: ``[{"role": "system", "content": <system prompt>}, {"role": "user", "content": <question>}]``. The
 system message is always sent, with empty content for an empty system prompt, exactly as extraction renders the
 conversation later.
 
-Failure policy: 429, 408/409/425, 5xx, timeouts and dropped connections are retried with exponential backoff and
-jitter (``Retry-After`` / ``retry-after-ms`` honoured); when the retries run out the pair is recorded as a failure
-(``text`` NULL, ``error`` and ``attempts`` set) and the run goes on. Any other 4xx (bad key, no permission, unknown
-model, bad parameters) and a 2xx that is not an OpenAI chat completion stop the run at once with
-:class:`EndpointError`. API keys are read from the environment when the run starts and are never stored or logged.
+Failure policy (the ``openai`` client's): 408, 409, 429, 5xx, timeouts and dropped connections are retried with
+exponential backoff (0.5 s doubling to 8 s, minus up to 25 % jitter), or after the server's ``retry-after-ms`` /
+``Retry-After`` when that is between 0 and 120 s. A longer ``Retry-After`` is not waited for: the client gives up on
+that request at once (our cap on huge waits is the client's). When a retryable error outlasts the retries the pair is
+recorded as a failure (``text`` NULL, ``error`` and ``attempts`` set) and the run goes on; resuming the run asks it
+again. Any other 4xx (bad key, no permission, unknown model, bad parameters, and 425, which the client does not retry)
+and a 2xx that is not an OpenAI chat completion stop the run at once with :class:`EndpointError`. API keys are read
+from the environment when the run starts and are never stored or logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
-import email.utils
 import json
 import logging
 import os
-import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import openai
 
-from personavec.config import OPENROUTER_BASE_URL, PersonaVectorConfig, config_dict
-from personavec.errors import ConfigError, EndpointError, NotFoundError
+from personavec.config import (
+    OPENROUTER_BASE_URL,
+    PersonaVectorConfig,
+    check_selection,
+    config_dict,
+    config_from_dict,
+)
+from personavec.errors import ConfigError, EndpointError
 from personavec.store.engine import Catalog
 from personavec.store.generation import (
     AnswerRow,
@@ -50,15 +58,16 @@ from personavec.store.generation import (
     resume_generation_run,
     upsert_answers,
 )
-from personavec.store.records import PersonaSet, QuestionSet
+from personavec.store.records import Persona, PersonaSet, Question, QuestionSet
 from personavec.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Statuses worth retrying: rate limits, request timeout, conflicts, "too early", and every server error.
-RETRY_STATUSES = frozenset({408, 409, 425, 429})
+#: Statuses the ``openai`` client retries (rate limits, request timeout, lock conflicts) besides every 5xx; when they
+#: outlast the retries the pair is recorded as a failure, any other error status stops the run.
+RETRY_STATUSES = frozenset({408, 409, 429})
 #: Hosts for which no API key is needed (a local `transformers serve` / vLLM server ignores it).
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0"})
 #: Fields that define what a run asks for; a resumed run must keep them (the others are operational knobs).
@@ -74,8 +83,6 @@ IDENTITY_FIELDS = (
     "top_p",
     "seed",
 )
-#: Longest wait we accept from a Retry-After header (a longer one is clipped, the run is not stalled for hours).
-MAX_RETRY_AFTER_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,8 @@ class GenerateConfig:
     asks a local ``personavec serve`` for every built-in persona x question.
 
     ``personas`` filters the persona set by name, ``questions`` the question set by position (0-based); empty means
-    all. ``max_retries`` counts retries after the first attempt. The API key is read from ``$api_key_env`` at run
-    time (not needed for a loopback ``base_url``).
+    all. ``max_retries`` counts retries after the first attempt (the ``openai`` client's backoff waits between
+    them). The API key is read from ``$api_key_env`` at run time (not needed for a loopback ``base_url``).
     """
 
     persona_set: str = "builtin"
@@ -105,8 +112,6 @@ class GenerateConfig:
     concurrency: int = 10
     timeout_s: float = 120.0
     max_retries: int = 6
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
 
     def __post_init__(self) -> None:
         # Lists from JSON (a stored run config) become tuples so the config stays hashable and comparable.
@@ -128,8 +133,6 @@ class GenerateConfig:
             raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
-        if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
-            raise ConfigError("need 0 <= backoff_base_s <= backoff_max_s")
         if any(q < 0 for q in self.questions):
             raise ConfigError(f"question positions must be >= 0, got {list(self.questions)}")
         url = urlparse(self.base_url)
@@ -156,10 +159,27 @@ class GenerateConfig:
         )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerateConfig:
-        """Rebuild a config from its stored JSON (unknown keys ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def resumed(cls, run_id: int, stored: Mapping[str, Any], **overrides: Any) -> GenerateConfig:
+        """The config that resumes generate run ``run_id``: its ``stored`` config with ``overrides`` on top (e.g. the
+        options given on the command line). Operational fields (endpoint, key variable, concurrency, timeout,
+        retries) may change; identity fields (what is asked: sets, filters, samples, model, sampling) must keep the
+        run's values, else :class:`ConfigError` names them."""
+        original = config_from_dict(cls, dict(stored))
+        config = dataclasses.replace(original, **overrides)
+        changed = [f for f in IDENTITY_FIELDS if getattr(config, f) != getattr(original, f)]
+        if changed:
+            detail = ", ".join(f"{f}: run has {getattr(original, f)!r}, got {getattr(config, f)!r}" for f in changed)
+            raise ConfigError(
+                f"run {run_id} was started with other settings ({detail}); resume it with the same settings "
+                f"or start a new run without --resume"
+            )
+        return config
+
+
+def resume_config(ws: Workspace, run_id: int, **overrides: Any) -> GenerateConfig:
+    """The config to resume generate run ``run_id`` of ``ws`` with: its stored config, ``overrides`` on top (see
+    :meth:`GenerateConfig.resumed`). Example: ``resume_config(ws, 5, base_url="http://127.0.0.1:8001/v1")``."""
+    return GenerateConfig.resumed(run_id, get_generation_run(ws.catalog(), run_id).run.config, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------- one chat request
@@ -186,28 +206,25 @@ class RequestFailed(Exception):
         self.attempts = attempts
 
 
-def _retry_after(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), if present."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+class _Attempts:
+    """HTTP requests sent for one answer so far, and when the last one left (set by :func:`_on_request`)."""
+
+    __slots__ = ("count", "started")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.started = time.perf_counter()
+
+
+# The answer being asked in the current task; the client's request hook counts its HTTP requests (its retries).
+_CURRENT: contextvars.ContextVar[_Attempts | None] = contextvars.ContextVar("personavec_attempts", default=None)
+
+
+async def _on_request(request: Any) -> None:
+    attempts = _CURRENT.get()
+    if attempts is not None:
+        attempts.count += 1
+        attempts.started = time.perf_counter()
 
 
 _HINTS = {
@@ -220,7 +237,7 @@ _HINTS = {
 
 
 class ChatEndpoint:
-    """An OpenAI-compatible chat endpoint with personavec's retry policy.
+    """An OpenAI-compatible chat endpoint, asked through the ``openai`` client with its retries.
 
     Example::
 
@@ -229,12 +246,15 @@ class ChatEndpoint:
         await endpoint.aclose()
     """
 
-    def __init__(self, config: GenerateConfig, api_key: str, *, rng: random.Random | None = None) -> None:
+    def __init__(self, config: GenerateConfig, api_key: str) -> None:
         self.config = config
-        self._rng = rng or random.Random()
-        # max_retries=0: the retry loop is ours (Retry-After, attempt counts, failure rows).
+        http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [_on_request]})
         self._client = openai.AsyncOpenAI(
-            api_key=api_key, base_url=config.base_url, max_retries=0, timeout=config.timeout_s
+            api_key=api_key,
+            base_url=config.base_url,
+            max_retries=config.max_retries,
+            timeout=config.timeout_s,
+            http_client=http_client,
         )
 
     async def aclose(self) -> None:
@@ -252,11 +272,6 @@ class ChatEndpoint:
         if self.config.seed is not None:
             params["seed"] = self.config.seed
         return params
-
-    def _backoff(self, retry: int) -> float:
-        # Exponential backoff with "equal jitter": half the step fixed, half random, so clients spread out.
-        step = min(self.config.backoff_max_s, self.config.backoff_base_s * 2**retry)
-        return step / 2 + self._rng.uniform(0, step / 2)
 
     def _fatal(self, exc: openai.APIStatusError) -> EndpointError:
         code = exc.status_code
@@ -297,42 +312,37 @@ class ChatEndpoint:
         )
 
     async def complete(self, system_prompt: str, question: str) -> Completion:
-        """Ask one question under one system prompt.
+        """Ask one question under one system prompt (the client retries transient errors).
 
-        Raises :class:`EndpointError` for errors retrying cannot fix and :class:`RequestFailed` once the retries
-        for transient errors are used up.
+        Raises :class:`EndpointError` for errors retrying cannot fix and :class:`RequestFailed` when a transient
+        error outlasts the retries.
         """
-        params = self._params(system_prompt, question)
-        last = ""
-        for attempt in range(1, self.config.max_retries + 2):
-            wait: float | None = None
-            start = time.perf_counter()
-            try:
-                raw = await self._client.chat.completions.with_raw_response.create(**params)
-                response = raw.http_response
-                return self._parse(
-                    response.status_code,
-                    response.headers.get("content-type", ""),
-                    response.text,
-                    time.perf_counter() - start,
-                    attempt,
-                )
-            except openai.APITimeoutError:
-                last = f"timed out after {self.config.timeout_s:g} s"
-            except openai.APIConnectionError as exc:
-                last = f"connection failed: {_cause(exc)}"
-            except openai.APIStatusError as exc:
-                if exc.status_code not in RETRY_STATUSES and exc.status_code < 500:
-                    raise self._fatal(exc) from None
-                last = f"HTTP {exc.status_code}: {_error_detail(exc)}"
-                wait = _retry_after(exc.response.headers)
-            if attempt > self.config.max_retries:
-                break
-            delay = min(wait, MAX_RETRY_AFTER_S) if wait is not None else self._backoff(attempt - 1)
-            log.info("attempt %d failed (%s); retrying in %.2f s", attempt, last, delay)
-            await asyncio.sleep(delay)
-        attempts = self.config.max_retries + 1
-        raise RequestFailed(f"gave up after {attempts} attempts: {last}", attempts)
+        attempts = _Attempts()
+        token = _CURRENT.set(attempts)
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**self._params(system_prompt, question))
+        except openai.APITimeoutError:
+            raise self._failed(f"timed out after {self.config.timeout_s:g} s", attempts) from None
+        except openai.APIConnectionError as exc:
+            raise self._failed(f"connection failed: {_cause(exc)}", attempts) from None
+        except openai.APIStatusError as exc:
+            if exc.status_code not in RETRY_STATUSES and exc.status_code < 500:
+                raise self._fatal(exc) from None
+            raise self._failed(f"HTTP {exc.status_code}: {_error_detail(exc)}", attempts) from None
+        finally:
+            _CURRENT.reset(token)
+        response = raw.http_response
+        return self._parse(
+            response.status_code,
+            response.headers.get("content-type", ""),
+            response.text,
+            time.perf_counter() - attempts.started,
+            attempts.count,
+        )
+
+    def _failed(self, last: str, attempts: _Attempts) -> RequestFailed:
+        n = max(attempts.count, 1)
+        return RequestFailed(f"gave up after {n} attempt{'s' if n > 1 else ''}: {last}", n)
 
 
 def _cause(exc: BaseException) -> str:
@@ -522,90 +532,51 @@ class _Sink:
             )
 
 
-def _select(config: GenerateConfig, pset: PersonaSet, qset: QuestionSet) -> tuple[list, list]:
-    personas = list(pset.personas)
-    if config.personas:
-        by_name = pset.by_name()
-        unknown = [n for n in config.personas if n not in by_name]
-        if unknown:
-            raise NotFoundError(
-                f"persona set {pset.name!r} has no persona named {', '.join(map(repr, unknown))} "
-                f"(it has: {', '.join(by_name)})"
-            )
-        personas = [by_name[n] for n in dict.fromkeys(config.personas)]
-    questions = list(qset.questions)
-    if config.questions:
-        bad = [q for q in config.questions if q >= len(questions)]
-        if bad:
-            raise ConfigError(
-                f"question set {qset.name!r} has {len(questions)} questions (positions 0..{len(questions) - 1}); "
-                f"got {bad}"
-            )
-        questions = [questions[q] for q in dict.fromkeys(config.questions)]
-    return personas, questions
-
-
-def _resolved_config(catalog: Catalog, config: GenerateConfig | None, run_id: int) -> GenerateConfig:
-    stored = GenerateConfig.from_dict(get_generation_run(catalog, run_id).run.config)
-    if config is None:
-        return stored
-    changed = [f for f in IDENTITY_FIELDS if getattr(config, f) != getattr(stored, f)]
-    if changed:
-        detail = ", ".join(f"{f}: run has {getattr(stored, f)!r}, got {getattr(config, f)!r}" for f in changed)
-        raise ConfigError(
-            f"run {run_id} was started with other settings ({detail}); resume it with the same settings "
-            f"or start a new run without --run-id"
-        )
-    return config
+def _selected(config: GenerateConfig, pset: PersonaSet, qset: QuestionSet) -> tuple[list[Persona], list[Question]]:
+    by_name = pset.by_name()
+    check_selection(f"persona set {pset.name!r}", config.personas, None, by_name, 0)
+    check_selection(f"question set {qset.name!r}", None, config.questions, (), len(qset.questions))
+    personas = [by_name[n] for n in dict.fromkeys(config.personas)] if config.personas else list(pset.personas)
+    questions = [qset.questions[q] for q in dict.fromkeys(config.questions)] if config.questions else qset.questions
+    return personas, list(questions)
 
 
 def run_generation(
-    target: Workspace | Catalog | str | os.PathLike[str],
-    config: GenerateConfig | None = None,
-    run_id: int | None = None,
+    ws: Workspace,
+    config: GenerateConfig | None,
+    *,
+    resume: int | None = None,
     progress: Callable[[GenerationProgress], None] | None = None,
 ) -> GenerationResult:
-    """Generate answers into the catalog: a new ``generate`` run, or resume ``run_id`` (only pairs/samples without a
-    successful answer are asked again; failures are retried and replaced).
+    """Generate answers into the workspace's catalog: a new ``generate`` run, or resume run ``resume`` (only
+    pairs/samples without a successful answer are asked again; failures are retried and replaced).
 
     Args:
-        target: a workspace (or its path) or an open catalog.
-        config: what and how to ask; may be None when resuming (the run's stored config is used). When resuming
-            with a config, its identity fields (sets, filters, samples, model, sampling) must match the run's;
-            operational ones (endpoint, key variable, concurrency, timeout, retries) may differ.
-        run_id: the generate run to resume.
-        progress: called with a :class:`GenerationProgress` at the start and after each answer or failure lands.
+        ws: the workspace.
+        config: what and how to ask. May be None when resuming: the run's stored config is used (see
+            :func:`resume_config` to change its operational fields first). When resuming with a config, its identity
+            fields (sets, filters, samples, model, sampling) must match the run's.
+        resume: the generate run to resume.
+        progress: called with a :class:`GenerationProgress` at the start and after each batch of answers lands.
 
     Returns:
         a :class:`GenerationResult`. Raises :class:`EndpointError` when the endpoint fails in a way retrying cannot
         fix (the run is marked failed, its answers kept; a new run with no answer at all is removed).
 
-    Example: ``run_generation(Workspace.resolve("ws"), GenerateConfig(model="m", base_url=url, max_tokens=32))``.
+    Example: ``run_generation(ws, GenerateConfig(model="m", base_url=url, max_tokens=32))``, later
+    ``run_generation(ws, None, resume=result.run_id)``.
     """
-    if config is None and run_id is None:
-        raise ConfigError("run_generation needs a config (new run) or a run_id (resume)")
-    if isinstance(target, Catalog):
-        return _generation(target, config, run_id, progress)
-    ws = target if isinstance(target, Workspace) else Workspace.resolve(Path(target))
-    with ws.catalog() as catalog:
-        return _generation(catalog, config, run_id, progress)
-
-
-def _generation(
-    catalog: Catalog,
-    config: GenerateConfig | None,
-    run_id: int | None,
-    progress: Callable[[GenerationProgress], None] | None,
-) -> GenerationResult:
     start = time.perf_counter()
-    resumed = run_id is not None
-    if run_id is not None:
-        config = _resolved_config(catalog, config, run_id)
-    assert config is not None  # narrowed above; run_generation checks the inputs
+    catalog = ws.catalog()
+    if resume is not None:
+        stored = get_generation_run(catalog, resume).run.config
+        config = GenerateConfig.resumed(resume, stored, **(dataclasses.asdict(config) if config else {}))
+    elif config is None:
+        raise ConfigError("run_generation needs a config (new run) or resume=RUN_ID")
     api_key = config.api_key()  # before anything is written: a missing key leaves no run behind
     pset, qset = load_sets(catalog, config.persona_set, config.question_set)
-    personas, questions = _select(config, pset, qset)
-    if run_id is None:
+    personas, questions = _selected(config, pset, qset)
+    if resume is None:
         run_id = create_generation_run(
             catalog,
             config_dict(config),
@@ -620,6 +591,7 @@ def _generation(
             seed=config.seed,
         )
     else:
+        run_id = resume
         resume_generation_run(catalog, run_id)
     done = answered_keys(catalog, run_id)
     jobs = [
@@ -646,10 +618,10 @@ def _generation(
         if jobs:
             _run_sync(main)
     except EndpointError as exc:
-        if not resumed and discard_empty_run(catalog, run_id):
+        if resume is None and discard_empty_run(catalog, run_id):
             raise  # bad input stopped a fresh run before any answer: nothing is left behind
         finish_generation_run(catalog, run_id, "failed", str(exc))
-        raise EndpointError(f"{exc} [run {run_id} stopped; resume with --run-id {run_id}]") from None
+        raise EndpointError(f"{exc} [run {run_id} stopped; resume with --resume {run_id}]") from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         finish_generation_run(catalog, run_id, "interrupted", "interrupted by the user")
         raise
@@ -661,13 +633,13 @@ def _generation(
         status = "failed"
         error = (
             f"{counts['failures']} of {total} requests failed after retries; "
-            f"rerun with --run-id {run_id} to retry only those"
+            f"rerun with --resume {run_id} to retry only those"
         )
     finish_generation_run(catalog, run_id, status, error)
     return GenerationResult(
         run_id=run_id,
         status=status,
-        resumed=resumed,
+        resumed=resume is not None,
         total=total,
         answers=counts["answers"],
         failures=counts["failures"],
@@ -732,5 +704,6 @@ __all__ = [
     "GenerationResult",
     "RequestFailed",
     "generate_responses",
+    "resume_config",
     "run_generation",
 ]

@@ -3,43 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 
 import pytest
 import sqlalchemy as sa
 from fault_server import FaultServer, answer_for
 
 from personavec.cli import app
-from personavec.config import PersonaVectorConfig
+from personavec.config import PersonaVectorConfig, config_from_dict
 from personavec.errors import ConfigError, EndpointError, NotFoundError
-from personavec.generate import GenerateConfig, _retry_after, generate_responses, run_generation
+from personavec.generate import GenerateConfig, generate_responses, resume_config, run_generation
 from personavec.workspace import Workspace
 
 PERSONAS = ("default", "jester")
-FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
+FAST = {"timeout_s": 5.0}
 
 
 def cfg(server: FaultServer, **kw) -> GenerateConfig:
-    """2 personas x 2 questions against the fault server, fast retries."""
+    """2 personas x 2 questions against the fault server."""
     base = {"personas": PERSONAS, "questions": (0, 1), "model": "fault-model", "base_url": server.base_url, **FAST}
     return GenerateConfig(**{**base, **kw})
 
 
 def rows(ws: Workspace, run_id: int | None = None) -> list[dict]:
-    with ws.catalog() as cat, cat.session() as s:
+    with ws.catalog().session() as s:
         q = "SELECT * FROM responses" + (" WHERE run_id = :r" if run_id is not None else "") + " ORDER BY id"
         return [dict(r._mapping) for r in s.execute(sa.text(q), {"r": run_id})]
 
 
 def runs(ws: Workspace, kind: str = "generate") -> list[dict]:
-    with ws.catalog() as cat, cat.session() as s:
+    with ws.catalog().session() as s:
         return [dict(r._mapping) for r in s.execute(sa.text("SELECT * FROM runs WHERE kind = :k"), {"k": kind})]
 
 
@@ -76,16 +75,16 @@ def test_config_rejects_bad_values(kw):
 
 def test_config_roundtrips_through_stored_json():
     c = GenerateConfig(personas=("a", "b"), questions=(1, 2), seed=3, top_p=0.9)
-    assert GenerateConfig.from_dict(json.loads(json.dumps(__import__("dataclasses").asdict(c)))) == c
+    assert config_from_dict(GenerateConfig, json.loads(json.dumps(dataclasses.asdict(c)))) == c
 
 
-def test_retry_after_parsing():
-    assert _retry_after({"retry-after": "2"}) == 2.0
-    assert _retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    assert 25 < _retry_after({"retry-after": later}) <= 30
-    assert _retry_after({}) is None
-    assert _retry_after({"retry-after": "soon"}) is None
+def test_resumed_config_takes_overrides_but_keeps_identity():
+    stored = dataclasses.asdict(GenerateConfig(model="m", max_tokens=32, concurrency=3))
+    stored["backoff_base_s"] = 1.0  # a field of older versions: ignored
+    c = GenerateConfig.resumed(7, stored, base_url="http://127.0.0.1:9/v1", concurrency=5)
+    assert (c.model, c.max_tokens, c.concurrency, c.base_url) == ("m", 32, 5, "http://127.0.0.1:9/v1")
+    with pytest.raises(ConfigError, match=r"run 7 .*max_tokens: run has 32, got 64.*without --resume"):
+        GenerateConfig.resumed(7, stored, max_tokens=64)
 
 
 # ------------------------------------------------------------------------------------------------ happy path
@@ -114,7 +113,7 @@ def test_run_lands_every_pair_with_usage(workspace):
 def test_resume_of_a_finished_run_asks_nothing(workspace):
     with FaultServer() as server:
         first = run_generation(workspace, cfg(server))
-        again = run_generation(workspace, None, run_id=first.run_id)
+        again = run_generation(workspace, None, resume=first.run_id)
         assert server.requests == 4
     assert again.requested == 0 and again.answers == 4 and again.resumed
     assert_exactly_once(workspace, first.run_id, 4)
@@ -124,9 +123,12 @@ def test_resume_with_other_identity_is_refused(workspace):
     with FaultServer() as server:
         first = run_generation(workspace, cfg(server))
         with pytest.raises(ConfigError, match="max_tokens"):
-            run_generation(workspace, cfg(server, max_tokens=99), run_id=first.run_id)
+            run_generation(workspace, cfg(server, max_tokens=99), resume=first.run_id)
         # Operational knobs may change (a restarted local server has a new port, a new concurrency...).
-        run_generation(workspace, cfg(server, concurrency=1, timeout_s=9.0), run_id=first.run_id)
+        run_generation(workspace, cfg(server, concurrency=1, timeout_s=9.0), resume=first.run_id)
+        assert resume_config(workspace, first.run_id, concurrency=2).concurrency == 2
+        with pytest.raises(NotFoundError):
+            resume_config(workspace, 999)
 
 
 # ------------------------------------------------------------------------------------------------ faults
@@ -134,17 +136,31 @@ def test_resume_with_other_identity_is_refused(workspace):
 
 def test_429_with_retry_after_then_success(workspace):
     def script(attempt, n, body):
-        return ("status", 429, {"Retry-After": "0.3"}, {"error": {"message": "slow down"}}) if attempt == 0 else "ok"
+        return ("status", 429, {"Retry-After": "1.2"}, {"error": {"message": "slow down"}}) if attempt == 0 else "ok"
 
     with FaultServer(script) as server:
         t0 = time.perf_counter()
-        result = run_generation(workspace, cfg(server, backoff_base_s=5.0, backoff_max_s=5.0))
+        result = run_generation(workspace, cfg(server))
         elapsed = time.perf_counter() - t0
     got = assert_exactly_once(workspace, result.run_id, 4)
     assert all(r["attempts"] == 2 for r in got)
-    # Retry-After (0.3 s) was honoured instead of the 5 s backoff.
-    assert 0.3 <= elapsed < 4.0
+    # Retry-After (1.2 s) was honoured instead of the first backoff step (at most 0.5 s).
+    assert 1.2 <= elapsed < 6.0
     assert result.status == "done"
+
+
+def test_huge_retry_after_is_not_waited_for(workspace):
+    # The client waits for a Retry-After of at most 120 s; a longer one ends the request at once as a failure.
+    def script(attempt, n, body):
+        return ("status", 429, {"Retry-After": "3600"}, {"error": {"message": "come back in an hour"}})
+
+    with FaultServer(script) as server:
+        t0 = time.perf_counter()
+        result = run_generation(workspace, cfg(server))
+        assert time.perf_counter() - t0 < 5.0 and server.requests == 4
+    assert result.status == "failed" and result.failures == 4
+    got = rows(workspace, result.run_id)
+    assert all(r["attempts"] == 1 and "come back in an hour" in r["error"] for r in got)
 
 
 def test_500_then_success(workspace):
@@ -187,7 +203,7 @@ def test_401_stops_the_run_keeping_earlier_answers(workspace):
         assert server.requests == 3  # stopped at once: no retry of a 401, no further pair asked
     run = runs(workspace)[0]
     assert run["status"] == "failed" and "401" in run["error"]
-    assert f"--run-id {run['id']}" in str(info.value)
+    assert f"--resume {run['id']}" in str(info.value)
     assert_exactly_once(workspace, run["id"], 2)
 
 
@@ -223,7 +239,7 @@ def test_exhausted_retries_are_recorded_then_replaced_on_resume(workspace):
             r["text"] is None and "503" in r["error"] and r["attempts"] == 2 for r in failed
         )
         bad["on"] = False
-        second = run_generation(workspace, None, run_id=first.run_id)
+        second = run_generation(workspace, None, resume=first.run_id)
     assert second.status == "done" and second.answers == 4 and second.failures == 0
     got = assert_exactly_once(workspace, first.run_id, 4)
     assert all(r["attempts"] == 3 for r in got)  # 2 failed attempts + 1 success
@@ -267,9 +283,9 @@ def test_unknown_persona_set_or_persona(workspace):
     with FaultServer() as server:
         with pytest.raises(NotFoundError, match="unknown persona set 'nope'"):
             run_generation(workspace, cfg(server, persona_set="nope"))
-        with pytest.raises(NotFoundError, match="no persona named 'nobody'"):
+        with pytest.raises(ConfigError, match="persona set 'builtin' has no persona named 'nobody'"):
             run_generation(workspace, cfg(server, personas=("nobody",)))
-        with pytest.raises(ConfigError, match="positions"):
+        with pytest.raises(ConfigError, match="question set 'builtin' has .* questions"):
             run_generation(workspace, cfg(server, questions=(999,)))
         assert server.requests == 0
     assert runs(workspace) == []
@@ -304,9 +320,15 @@ def test_cli_generate_json_and_resume(workspace, cli):
         assert res.exit_code == 0, res.output
         out = json.loads(res.stdout.strip().splitlines()[-1])
         assert out["answers"] == 4 and out["failures"] == 0 and out["status"] == "done"
-        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--run-id", str(out["run_id"]), "--json"])
+        resume = ["generate", "-w", str(workspace.root), "--resume", str(out["run_id"]), "--json"]
+        res = cli.invoke(app, resume)
         assert res.exit_code == 0, res.output
         assert json.loads(res.stdout.strip().splitlines()[-1])["requested"] == 0
+        # --run-id is still understood (hidden); an identity option that differs is refused with exit code 2.
+        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--run-id", str(out["run_id"]), "--json"])
+        assert res.exit_code == 0, res.output
+        res = cli.invoke(app, resume + ["--max-tokens", "9"])
+        assert res.exit_code == 2 and "max_tokens: run has 256, got 9" in res.output
         assert server.requests == 4
     assert_exactly_once(workspace, out["run_id"], 4)
 
@@ -362,7 +384,7 @@ def test_sigkill_mid_run_then_resume_answers_every_pair_once(workspace, cli):
         landed = len(rows(workspace, run["id"]))
         assert 1 <= landed < n_pairs
         before = server.requests
-        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--run-id", str(run["id"]), "--json"])
+        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--resume", str(run["id"]), "--json"])
         assert res.exit_code == 0, res.output
         assert server.requests - before == n_pairs - landed  # only the missing pairs were asked
     assert_exactly_once(workspace, run["id"], n_pairs)

@@ -187,13 +187,18 @@ def finish_generation_run(catalog: Catalog, run_id: int, status: str, error: str
 
 def discard_empty_run(catalog: Catalog, run_id: int) -> bool:
     """Delete a generate run that has no responses at all (a run stopped by bad input before any answer landed),
-    so bad input leaves nothing behind. Returns whether it was deleted."""
+    so bad input leaves nothing behind. Returns whether it was deleted.
+
+    Two transactions, not one, because of DuckDB 1.4's foreign keys: it has no ``ON DELETE CASCADE`` (refused at
+    ``CREATE TABLE``), and it still counts a ``runs`` row as referenced when its ``response_runs`` row was deleted
+    earlier in the same transaction, flushed or not ("still referenced by a foreign key in a different table",
+    see DuckDB's foreign-key limitations). So the detail row goes first and the run row in a second transaction; a
+    crash between the two leaves a ``running`` run without detail, which ``get_generation_run`` reports."""
     with catalog.session() as session:
         n = session.scalar(sa.select(sa.func.count()).select_from(m.Response).where(m.Response.run_id == run_id))
         if n:
             return False
         session.execute(sa.delete(m.ResponseRun).where(m.ResponseRun.run_id == run_id))
-    # A second transaction: DuckDB refuses to delete a row whose referencing row was deleted in the same one.
     with catalog.session() as session:
         session.execute(sa.delete(m.Run).where(m.Run.id == run_id, m.Run.kind == "generate"))
     return True
