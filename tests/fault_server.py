@@ -5,6 +5,8 @@ requests for the same conversation (0 for the first), ``n`` counts all requests 
 request. Actions: ``"ok"``, ``("status", code, headers, body)``, ``("hang", seconds)`` (then answers, too late),
 ``"drop"`` (closes the connection without a response), ``"html"``, ``"nochoices"``, ``("slow", seconds)`` (answers
 after a delay).
+
+Connections are kept alive (HTTP/1.1), as real servers (vLLM, SGLang, TGI, transformers serve) keep them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class FaultServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: one connection serves many requests
+
             def log_message(self, *args: Any) -> None:  # keep pytest output clean
                 pass
 

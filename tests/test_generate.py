@@ -17,7 +17,7 @@ from fault_server import FaultServer, answer_for
 
 from personavec.cli import app
 from personavec.config import PersonaVectorConfig, config_from_dict
-from personavec.errors import ConfigError, EndpointError, NotFoundError
+from personavec.errors import CatalogError, ConfigError, EndpointError, NotFoundError
 from personavec.generate import GenerateConfig, generate_responses, resume_config, run_generation
 from personavec.workspace import Workspace
 
@@ -400,3 +400,53 @@ def test_run_generation_inside_a_running_event_loop(workspace):
         result = asyncio.run(notebook_cell())
     assert result.answers == 4
     assert_exactly_once(workspace, result.run_id, 4)
+
+
+# ------------------------------------------------------------------------------------------------ replicas, writer
+
+
+def test_requests_go_round_robin_over_replicas(workspace):
+    with FaultServer() as a, FaultServer() as b:
+        config = cfg(a, replicas=(b.base_url,), n_samples=4, concurrency=3)
+        result = run_generation(workspace, config)
+        assert a.requests == b.requests == 8 and a.answered + b.answered == 16
+    assert result.status == "done" and result.answers == 16
+    assert_exactly_once(workspace, result.run_id, 16)
+    assert json.loads(runs(workspace)[0]["config"])["replicas"] == [b.base_url]
+
+
+def test_a_broken_replica_stops_the_run_naming_it(workspace):
+    with FaultServer() as a, FaultServer(lambda *_: ("status", 404, {}, {"error": {"message": "no such model"}})) as b:
+        with pytest.raises(EndpointError, match=f"{b.base_url} answered HTTP 404"):
+            run_generation(workspace, cfg(a, replicas=(b.base_url,), concurrency=1))
+
+
+def test_replicas_must_be_urls_and_distinct():
+    with pytest.raises(ConfigError, match="given twice"):
+        GenerateConfig(base_url="http://127.0.0.1:1/v1", replicas=("http://127.0.0.1:1/v1",))
+    with pytest.raises(ConfigError, match="http"):
+        GenerateConfig(replicas=("127.0.0.1:1",))
+
+
+def test_cli_repeated_base_url_spreads_requests(workspace, cli):
+    with FaultServer() as a, FaultServer() as b:
+        args = ["generate", "-w", str(workspace.root), "--model", "fault-model", "--json"]
+        args += ["--base-url", a.base_url, "--base-url", b.base_url, "--persona", "jester", "-n", "4"]
+        args += ["--question", "0", "--question", "1"]
+        res = cli.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert a.requests == b.requests == 4
+    assert json.loads(res.stdout.strip().splitlines()[-1])["answers"] == 8
+
+
+def test_a_failing_writer_stops_the_run_instead_of_hanging(workspace):
+    def break_the_catalog(p):
+        if p.answered:  # after the first commit: the next one cannot find its table
+            with workspace.catalog().session() as s:
+                s.execute(sa.text("ALTER TABLE responses RENAME TO responses_gone"))
+
+    with FaultServer(lambda *_: ("slow", 0.02)) as server:
+        with pytest.raises(CatalogError, match="responses"):
+            run_generation(workspace, cfg(server, n_samples=10, concurrency=2), progress=break_the_catalog)
+        assert server.requests < 40  # stopped early, not after asking everything
+    assert runs(workspace)[0]["status"] == "failed"

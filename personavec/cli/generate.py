@@ -34,7 +34,13 @@ def generate(
     model: Annotated[
         str | None, typer.Option(help=f"Model name the endpoint knows (default {_DEFAULTS.model}).")
     ] = None,
-    base_url: Annotated[str | None, typer.Option(help=f"Endpoint (default {_DEFAULTS.base_url}).")] = None,
+    base_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base-url",
+            help=f"Endpoint (default {_DEFAULTS.base_url}); repeat for replicas of one model (round-robin).",
+        ),
+    ] = None,
     api_key_env: Annotated[
         str | None, typer.Option(help=f"Env var holding the API key (default {_DEFAULTS.api_key_env}).")
     ] = None,
@@ -67,7 +73,8 @@ def generate(
         "questions": tuple(question) if question else None,
         "n_samples": n_samples,
         "model": model,
-        "base_url": base_url,
+        "base_url": base_url[0] if base_url else None,
+        "replicas": tuple(base_url[1:]) if base_url else None,
         "api_key_env": api_key_env,
         "temperature": temperature,
         "max_tokens": max_tokens,
