@@ -20,8 +20,14 @@ exponential backoff (0.5 s doubling to 8 s, minus up to 25 % jitter), or after t
 that request at once (our cap on huge waits is the client's). When a retryable error outlasts the retries the pair is
 recorded as a failure (``text`` NULL, ``error`` and ``attempts`` set) and the run goes on; resuming the run asks it
 again. Any other 4xx (bad key, no permission, unknown model, bad parameters, and 425, which the client does not retry)
-and a 2xx that is not an OpenAI chat completion stop the run at once with :class:`EndpointError`. API keys are read
-from the environment when the run starts and are never stored or logged.
+and a 2xx that is not an OpenAI chat completion stop the run at once with :class:`EndpointError`.
+
+API keys: read from the environment when the run starts, never stored, and sent only where the user named them. The
+variable named by ``api_key_env`` goes to the run's base URLs, except the default one, ``$OPENROUTER_API_KEY``, which
+goes only to OpenRouter (``openrouter.ai``): pointing ``--base-url`` elsewhere does not hand your OpenRouter key to
+that host. An endpoint without a key gets no ``Authorization`` header at all, and neither ``$OPENAI_API_KEY`` nor
+``$OPENAI_ORG_ID``/``$OPENAI_PROJECT_ID`` (which the ``openai`` client reads by itself) is sent anywhere. Key values are
+redacted from every error message that is stored or printed (an endpoint may echo the header back).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -76,6 +82,10 @@ T = TypeVar("T")
 RETRY_STATUSES = frozenset({408, 409, 429})
 #: Hosts for which no API key is needed (a local `transformers serve` / vLLM server ignores it).
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0"})
+#: The default key variable, and the only host it is ever sent to.
+DEFAULT_KEY_ENV = "OPENROUTER_API_KEY"
+DEFAULT_KEY_HOST = urlparse(OPENROUTER_BASE_URL).hostname
+REDACTED = "<redacted>"  # no square brackets: Rich would read them as markup
 #: Shortest time from one commit of answers to the next: under load answers are committed in batches at most this
 #: often (a DuckDB commit costs ~5-20 ms of CPU whatever its size); a lone answer is committed at once.
 COMMIT_INTERVAL_S = 0.1
@@ -105,7 +115,8 @@ class GenerateConfig:
     all. ``replicas`` are more base URLs serving the same model (e.g. several vLLM hosts): requests go round-robin
     over ``base_url`` and them (:attr:`base_urls`), a request's retries to the same one. ``max_retries`` counts
     retries after the first attempt (the ``openai`` client's backoff waits between them). The API key is read from
-    ``$api_key_env`` at run time (not needed for a loopback ``base_url``).
+    ``$api_key_env`` at run time and sent to every base URL, except ``$OPENROUTER_API_KEY`` (the default), which is
+    sent only to ``openrouter.ai``; see :meth:`api_keys`.
     """
 
     persona_set: str = "builtin"
@@ -116,7 +127,7 @@ class GenerateConfig:
     model: str = "google/gemma-3-27b-it"
     base_url: str = OPENROUTER_BASE_URL
     replicas: tuple[str, ...] = ()
-    api_key_env: str = "OPENROUTER_API_KEY"
+    api_key_env: str = DEFAULT_KEY_ENV
     temperature: float = 0.7
     max_tokens: int = 256
     top_p: float | None = None
@@ -167,26 +178,40 @@ class GenerateConfig:
         """Whether every endpoint is on this machine (then an API key is optional)."""
         return all((urlparse(url).hostname or "") in LOOPBACK_HOSTS for url in self.base_urls)
 
-    def api_key(self) -> str:
-        """The API key from ``$api_key_env`` (a placeholder for a loopback endpoint without one)."""
-        key = os.environ.get(self.api_key_env, "")
-        if key:
-            return key
-        if self.is_loopback:
-            return "not-needed"
-        raise ConfigError(
-            f"no API key: the environment variable {self.api_key_env} is not set. Export it "
-            f"(`export {self.api_key_env}=...`) or name another with --api-key-env."
-        )
+    def api_keys(self) -> dict[str, str | None]:
+        """The API key to send to each base URL (None: send no key), read from the environment now.
+
+        ``$api_key_env`` goes to every base URL, except the default variable ``$OPENROUTER_API_KEY``, which goes only
+        to ``openrouter.ai`` (other hosts get no key). Raises :class:`ConfigError` when a key is needed but its
+        variable is not set (a loopback endpoint needs none)."""
+        key = os.environ.get(self.api_key_env) or None
+        keys: dict[str, str | None] = {}
+        for url in self.base_urls:
+            host = urlparse(url).hostname or ""
+            if self.api_key_env == DEFAULT_KEY_ENV and host != DEFAULT_KEY_HOST:
+                keys[url] = None  # the user named no variable for this host
+            elif key is None and host not in LOOPBACK_HOSTS:
+                raise ConfigError(
+                    f"no API key for {url}: the environment variable {self.api_key_env} is not set. Export it "
+                    f"(`export {self.api_key_env}=...`) or name the variable that holds this endpoint's key with "
+                    "--api-key-env."
+                )
+            else:
+                keys[url] = key
+        return keys
 
     @classmethod
     def resumed(cls, run_id: int, stored: Mapping[str, Any], **overrides: Any) -> GenerateConfig:
         """The config that resumes generate run ``run_id``: its ``stored`` config with ``overrides`` on top (e.g. the
         options given on the command line). Operational fields (endpoint, key variable, concurrency, timeout,
         retries) may change; identity fields (what is asked: sets, filters, samples, model, sampling) must keep the
-        run's values, else :class:`ConfigError` names them."""
+        run's values, else :class:`ConfigError` names them. New base URLs without a new ``api_key_env`` fall back to
+        the default key rule: a key is sent only where its variable was named."""
         original = config_from_dict(cls, dict(stored))
         config = dataclasses.replace(original, **overrides)
+        if "api_key_env" not in overrides and config.base_urls != original.base_urls:
+            # The run's key variable was named for its endpoints, not for new ones: those get the default rule.
+            config = dataclasses.replace(config, api_key_env=DEFAULT_KEY_ENV)
         changed = [f for f in IDENTITY_FIELDS if getattr(config, f) != getattr(original, f)]
         if changed:
             detail = ", ".join(f"{f}: run has {getattr(original, f)!r}, got {getattr(config, f)!r}" for f in changed)
@@ -251,6 +276,8 @@ async def _on_request(request: Any) -> None:
 _HINTS = {
     400: "the endpoint rejected the request: check the model name (--model) and the sampling parameters",
     401: "the API key was refused: check the key in ${env}",
+    -401: "no API key was sent to this endpoint: name the environment variable holding its key with --api-key-env"
+    " ($OPENROUTER_API_KEY is only sent to openrouter.ai)",
     403: "the API key has no access to this model or endpoint",
     404: "not found: check --base-url (it usually ends in /v1) and the model name",
     422: "the endpoint rejected the request parameters",
@@ -272,23 +299,29 @@ class ChatEndpoint:
 
     Example::
 
-        endpoint = ChatEndpoint(config, api_key=config.api_key())
+        endpoint = ChatEndpoint(config, api_key=config.api_keys()[config.base_url])
         answer = await endpoint.complete("You are a pirate.", "How are you?")
         await endpoint.aclose()
 
-    ``base_url`` picks one of ``config.base_urls`` (default ``config.base_url``).
+    ``base_url`` picks one of ``config.base_urls`` (default ``config.base_url``); ``api_key`` None sends no
+    ``Authorization`` header. The key is redacted from every error this endpoint raises.
     """
 
-    def __init__(self, config: GenerateConfig, api_key: str, *, base_url: str | None = None) -> None:
+    def __init__(self, config: GenerateConfig, api_key: str | None, *, base_url: str | None = None) -> None:
         self.config = config
         self.base_url = base_url or config.base_url
+        self._secrets = (api_key,) if api_key else ()
         self._client = openai.AsyncOpenAI(
-            api_key=api_key,
+            api_key=api_key or "unused",  # never sent: the header is omitted per request below
             base_url=self.base_url,
             max_retries=config.max_retries,
             timeout=config.timeout_s,
             http_client=_http_client(),
         )
+        # The client would add $OPENAI_ORG_ID / $OPENAI_PROJECT_ID to every request, to any host: omit them, and
+        # the Authorization header where there is no key.
+        omit = ("OpenAI-Organization", "OpenAI-Project") + (() if api_key else ("Authorization",))
+        self._options: openai.RequestOptions = {"headers": dict.fromkeys(omit, openai.Omit())}
         self._fixed: dict[str, Any] = {"model": config.model, "max_tokens": config.max_tokens}
         self._fixed["temperature"] = config.temperature
         if config.top_p is not None:
@@ -299,11 +332,17 @@ class ChatEndpoint:
     async def aclose(self) -> None:
         await self._client.close()
 
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
     def _fatal(self, exc: openai.APIStatusError) -> EndpointError:
         code = exc.status_code
-        hint = _HINTS.get(code, "retrying cannot fix this").replace("${env}", f"${self.config.api_key_env}")
-        detail = _error_detail(exc)
-        return EndpointError(f"{self.base_url} answered HTTP {code} for model {self.config.model!r}: {detail} ({hint})")
+        hint = _HINTS.get(-code if code == 401 and not self._secrets else code, "retrying cannot fix this")
+        hint = hint.replace("${env}", f"${self.config.api_key_env}")
+        detail = _error_detail(exc, self._secrets)
+        return EndpointError(
+            self._redact(f"{self.base_url} answered HTTP {code} for model {self.config.model!r}: {detail} ({hint})")
+        )
 
     def _parse(self, response: httpx2.Response, latency: float, attempts: int) -> Completion:
         where = f"{self.base_url}/chat/completions"
@@ -312,15 +351,17 @@ class ChatEndpoint:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
             content_type = response.headers.get("content-type") or "no content-type"
+            start = self._redact(body.decode("utf-8", "replace"))[:80]
             raise EndpointError(
                 f"{where} is not an OpenAI-compatible endpoint: HTTP {response.status_code} with {content_type}"
-                f" and a body that is not JSON ({body[:80]!r}). Check --base-url (it usually ends in /v1)."
+                f" and a body that is not JSON ({start!r}). Check --base-url (it usually ends in /v1)."
             ) from None
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            start = self._redact(body.decode("utf-8", "replace"))[:120]
             raise EndpointError(
-                f"{where} is not an OpenAI-compatible endpoint: its JSON answer has no 'choices' "
-                f"({body[:120]!r}). Check --base-url."
+                f"{where} is not an OpenAI-compatible endpoint: its JSON answer has no 'choices' ({start!r}). "
+                "Check --base-url."
             )
         message = choices[0].get("message") or {}
         text = message.get("content") if isinstance(message, dict) else None
@@ -352,20 +393,30 @@ class ChatEndpoint:
         try:
             # ``post`` rather than ``chat.completions.create``: the same request, retries and errors, without the
             # typed-params transform and response model (~1 ms a request, half the client's time); we parse below.
-            response = await self._client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+            response = await self._client.post(
+                "/chat/completions", body=body, cast_to=httpx2.Response, options=self._options
+            )
         except openai.APIConnectionError as exc:  # APITimeoutError included
             raise self._failed(_connection_problem(exc, self.config.timeout_s), attempts) from None
         except openai.APIStatusError as exc:
             if exc.status_code not in RETRY_STATUSES and exc.status_code < 500:
                 raise self._fatal(exc) from None
-            raise self._failed(f"HTTP {exc.status_code}: {_error_detail(exc)}", attempts) from None
+            raise self._failed(f"HTTP {exc.status_code}: {_error_detail(exc, self._secrets)}", attempts) from None
         finally:
             _CURRENT.reset(token)
         return self._parse(response, time.perf_counter() - attempts.started, attempts.count)
 
     def _failed(self, last: str, attempts: _Attempts) -> RequestFailed:
         n = max(attempts.count, 1)
-        return RequestFailed(f"gave up after {n} attempt{'s' if n > 1 else ''}: {last}", n)
+        return RequestFailed(self._redact(f"gave up after {n} attempt{'s' if n > 1 else ''}: {last}"), n)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret value replaced by ``<redacted>`` (an endpoint may echo the key in an error)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 def _connection_problem(exc: openai.APIConnectionError, timeout_s: float) -> str:
@@ -378,18 +429,20 @@ def _connection_problem(exc: openai.APIConnectionError, timeout_s: float) -> str
     return f"connection failed: {type(root).__name__}: {root}"
 
 
-def _error_detail(exc: openai.APIStatusError) -> str:
+def _error_detail(exc: openai.APIStatusError, secrets: Iterable[str]) -> str:
+    """The endpoint's error message, secrets redacted before it is shortened (a cut could keep part of a key)."""
     body = exc.body
+    msg: Any = None
     if isinstance(body, dict):
         msg = body.get("message") or body.get("detail") or body.get("error")
         if isinstance(msg, dict):
             msg = msg.get("message")
-        if msg:
-            return str(msg)[:300]
-    try:
-        return exc.response.text[:300] or exc.message
-    except Exception:  # a streamed/closed body: fall back to the client's message
-        return exc.message
+    if not msg:
+        try:
+            msg = exc.response.text or exc.message
+        except Exception:  # a streamed/closed body: fall back to the client's message
+            msg = exc.message
+    return redact(str(msg), secrets)[:300]
 
 
 # ------------------------------------------------------------------------------------------------ concurrency
@@ -433,12 +486,13 @@ async def _worker_pool(
 
 async def _ask_all(
     config: GenerateConfig,
-    api_key: str,
+    keys: Mapping[str, str | None],
     jobs: Sequence[_Job],
     on_result: Callable[[_Job, Completion | RequestFailed], None],
 ) -> None:
-    """Ask ``jobs`` over one client per base URL of ``config``, closing the clients however it ends."""
-    endpoints = [ChatEndpoint(config, api_key, base_url=url) for url in config.base_urls]
+    """Ask ``jobs`` over one client per base URL of ``config`` (with its key from ``keys``), closing the clients
+    however it ends."""
+    endpoints = [ChatEndpoint(config, keys.get(url), base_url=url) for url in config.base_urls]
     try:
         await _worker_pool(endpoints, jobs, config.concurrency, on_result)
     finally:
@@ -651,7 +705,8 @@ def run_generation(
         config = GenerateConfig.resumed(resume, stored, **(dataclasses.asdict(config) if config else {}))
     elif config is None:
         raise ConfigError("run_generation needs a config (new run) or resume=RUN_ID")
-    api_key = config.api_key()  # before anything is written: a missing key leaves no run behind
+    keys = config.api_keys()  # before anything is written: a missing key leaves no run behind
+    secrets = [k for k in keys.values() if k]
     pset, qset = load_sets(catalog, config.persona_set, config.question_set)
     personas, questions = _selected(config, pset, qset)
     if resume is None:
@@ -686,7 +741,7 @@ def run_generation(
     async def main() -> None:
         sink.begin()
         try:
-            await _ask_all(config, api_key, jobs, sink.land)
+            await _ask_all(config, keys, jobs, sink.land)
         finally:
             await sink.close()  # whatever finished before a stop (fatal error, Ctrl-C) still lands
 
@@ -703,7 +758,7 @@ def run_generation(
         finish_generation_run(catalog, run_id, "interrupted", "interrupted by the user")
         raise
     except BaseException as exc:
-        finish_generation_run(catalog, run_id, "failed", f"{type(exc).__name__}: {exc}")
+        finish_generation_run(catalog, run_id, "failed", redact(f"{type(exc).__name__}: {exc}", secrets))
         raise
     counts = generation_counts(catalog, run_id)
     if counts["failures"]:
@@ -751,7 +806,8 @@ def generate_responses(
         max_tokens=config.max_tokens,
         concurrency=config.max_concurrent_requests,
     )
-    api_key = config.openrouter_api_key or gen.api_key()
+    # A key given in the config itself was named for this config's endpoint; else the environment rule applies.
+    keys = {url: config.openrouter_api_key for url in gen.base_urls} if config.openrouter_api_key else gen.api_keys()
     jobs = [_Job(prompt, q, (name, q)) for name, prompt in personas.items() for q in questions]
     out: dict[tuple[str, str], str] = {}
 
@@ -762,7 +818,7 @@ def generate_responses(
             out[job.key] = outcome.text
 
     async def main() -> None:
-        await _ask_all(gen, api_key, jobs, collect)
+        await _ask_all(gen, keys, jobs, collect)
 
     if jobs:
         _run_sync(main)

@@ -265,18 +265,75 @@ def test_missing_key_for_remote_endpoint(workspace, monkeypatch):
     assert runs(workspace) == []
 
 
-def test_key_is_sent_but_never_stored(workspace, monkeypatch):
+def catalog_bytes(ws: Workspace) -> bytes:
+    """The catalog as it is on disk (the file and its write-ahead log)."""
+    ws.close()
+    return b"".join(p.read_bytes() for p in ws.root.glob("catalog.duckdb*"))
+
+
+def test_named_key_is_sent_to_every_replica_but_never_stored(workspace, monkeypatch):
     monkeypatch.setenv("PV_TEST_KEY", "sk-secret-123")
-    seen = []
-
-    def script(attempt, n, body):
-        return "ok"
-
-    with FaultServer(script) as server:
-        result = run_generation(workspace, cfg(server, api_key_env="PV_TEST_KEY"), progress=seen.append)
+    with FaultServer() as a, FaultServer() as b:
+        result = run_generation(workspace, cfg(a, replicas=(b.base_url,), api_key_env="PV_TEST_KEY"))
     assert result.answers == 4
-    raw = workspace.catalog_path.read_bytes()
-    assert b"sk-secret-123" not in raw
+    assert [h.get("authorization") for h in a.headers + b.headers] == ["Bearer sk-secret-123"] * 4
+    assert b"sk-secret-123" not in catalog_bytes(workspace)
+
+
+def test_default_key_goes_only_to_openrouter(workspace, monkeypatch):
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-secret")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")  # the openai client would read these by itself
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-secret")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-secret")
+    with FaultServer() as server:
+        result = run_generation(workspace, cfg(server))  # api_key_env defaults to OPENROUTER_API_KEY
+    assert result.answers == 4
+    for headers in server.headers:
+        assert not {"authorization", "openai-organization", "openai-project"} & headers.keys()
+        assert "secret" not in json.dumps(headers)
+    other = "https://llm.example.com/v1"
+    assert GenerateConfig().api_keys() == {GenerateConfig().base_url: "sk-or-secret"}
+    assert GenerateConfig(base_url=other).api_keys() == {other: None}
+    mixed = GenerateConfig(replicas=(other,)).api_keys()
+    assert mixed == {GenerateConfig().base_url: "sk-or-secret", other: None}
+    monkeypatch.delenv("OPENROUTER_API_KEY")
+    with pytest.raises(ConfigError, match="OPENROUTER_API_KEY is not set"):
+        GenerateConfig().api_keys()
+    assert GenerateConfig(base_url=other).api_keys() == {other: None}  # no key needed, none sent
+
+
+def test_echoed_key_is_redacted_from_stored_and_printed_errors(workspace, monkeypatch, cli):
+    monkeypatch.setenv("PV_TEST_KEY", "sk-secret-123")
+    with FaultServer(lambda *_: ("echo", 503)) as server:
+        result = run_generation(workspace, cfg(server, api_key_env="PV_TEST_KEY", max_retries=0))
+        assert server.headers[0]["authorization"] == "Bearer sk-secret-123"  # it was sent, and echoed
+    assert result.failures == 4
+    for row in rows(workspace, result.run_id):
+        assert "Bearer <redacted>" in row["error"] and "sk-secret-123" not in row["error"]
+    with FaultServer(lambda *_: ("echo", 401)) as server:
+        with pytest.raises(EndpointError, match=r"HTTP 401") as info:
+            run_generation(workspace, cfg(server, api_key_env="PV_TEST_KEY", personas=("jester",), questions=(0,)))
+        assert "Bearer <redacted>" in str(info.value) and "sk-secret-123" not in str(info.value)
+        args = ["generate", "-w", str(workspace.root), "--model", "m", "--base-url", server.base_url]
+        res = cli.invoke(app, args + ["--api-key-env", "PV_TEST_KEY", "--persona", "jester", "--question", "0"])
+    assert res.exit_code == 1 and "<redacted>" in res.output and "sk-secret-123" not in res.output
+    assert b"sk-secret-123" not in catalog_bytes(workspace)
+
+
+def test_401_without_a_key_says_to_name_its_variable(workspace, monkeypatch):
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-secret")
+    with FaultServer(lambda *_: ("status", 401, {}, {"error": {"message": "key required"}})) as server:
+        with pytest.raises(EndpointError, match="no API key was sent to this endpoint.*--api-key-env"):
+            run_generation(workspace, cfg(server))
+
+
+def test_resume_on_new_endpoints_does_not_carry_the_key_variable_there():
+    stored = dataclasses.asdict(GenerateConfig(model="m", base_url="http://127.0.0.1:1/v1", api_key_env="PV_KEY"))
+    assert GenerateConfig.resumed(1, stored, concurrency=3).api_key_env == "PV_KEY"
+    moved = GenerateConfig.resumed(1, stored, base_url="https://elsewhere.example/v1")
+    assert moved.api_key_env == "OPENROUTER_API_KEY" and moved.api_keys() == {moved.base_url: None}
+    named = GenerateConfig.resumed(1, stored, base_url="https://elsewhere.example/v1", api_key_env="PV_KEY")
+    assert named.api_key_env == "PV_KEY"
 
 
 def test_unknown_persona_set_or_persona(workspace):

@@ -42,7 +42,11 @@ def generate(
         ),
     ] = None,
     api_key_env: Annotated[
-        str | None, typer.Option(help=f"Env var holding the API key (default {_DEFAULTS.api_key_env}).")
+        str | None,
+        typer.Option(
+            help=f"Env var holding the key for these --base-url endpoints (default {_DEFAULTS.api_key_env}, which is "
+            "only ever sent to openrouter.ai)."
+        ),
     ] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 0.7).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per answer (default 256).")] = None,
