@@ -38,16 +38,29 @@ class CatalogLockedError(CatalogError):
     """Another process holds the catalog's write lock (DuckDB allows one writer per file)."""
 
 
+class CatalogCorruptError(CatalogError):
+    """The catalog file is damaged (not a DuckDB file, or a block fails its checksum); personavec stops using it."""
+
+
 class SchemaVersionError(CatalogError):
     """The catalog's schema is not at this package's head revision."""
 
 
 class NotFoundError(PersonavecError, LookupError):
-    """A named thing (run, persona set, persona, question) does not exist in the catalog."""
+    """A named thing (run, persona set, persona, question) does not exist in the catalog: bad input, exit 2."""
+
+    exit_code = 2
 
 
 class RunNotFoundError(NotFoundError):
     """No run with that id (or of that kind)."""
+
+
+class QueryError(PersonavecError, ValueError):
+    """A query given to ``personavec sql`` is refused (not a read statement, or it would reach outside the catalog)
+    or fails on its own terms (syntax, unknown table or column, bad cast)."""
+
+    exit_code = 2
 
 
 class DuplicateError(PersonavecError, ValueError):

@@ -2,8 +2,8 @@
 
 Only ``personavec.store`` speaks SQL. Each public store function is one unit of work: it opens
 :meth:`Catalog.session` (commit on success, rollback on error, always close); helpers take the session as an
-argument. SQLAlchemy/DuckDB errors leave as :class:`CatalogError` (or :class:`CatalogLockedError` when another
-process holds DuckDB's single write lock).
+argument. SQLAlchemy/DuckDB errors leave as :class:`CatalogError` (:class:`CatalogLockedError` when another
+process holds DuckDB's single write lock, :class:`CatalogCorruptError` when the file is damaged).
 
 DuckDB allows one configuration (read-only or read-write) per file and process: :func:`open_catalog` keeps one
 :class:`Catalog` per file per process, which :class:`personavec.workspace.Workspace` hands out.
@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from personavec.errors import CatalogError, CatalogLockedError, SchemaVersionError
+from personavec.errors import CatalogCorruptError, CatalogError, CatalogLockedError, SchemaVersionError
 from personavec.files import resource_path
 
 
@@ -63,15 +63,29 @@ def head_revision() -> str:
     return head
 
 
-def _translate(exc: BaseException, catalog_path: Path) -> CatalogError:
+# DuckDB's own wording (IOException for both): a lock held by another process, and a damaged file. A plain
+# substring "lock" also matches "block", which every checksum failure names ("... in block at location N").
+_LOCK_MARKERS = ("could not set lock on file", "conflicting lock is held")
+_CORRUPT_MARKERS = ("corrupt database file", "not a valid duckdb database file")
+
+
+def translate_error(exc: BaseException, catalog_path: Path) -> CatalogError:
+    """A SQLAlchemy or DuckDB error as this package's: locked, corrupt, or a plain :class:`CatalogError`."""
     orig = getattr(exc, "orig", exc)
     text = str(orig)
-    if isinstance(orig, duckdb.IOException) and "lock" in text.lower():
+    first = text.splitlines()[0] if text else type(orig).__name__
+    lower = text.lower()
+    if isinstance(orig, duckdb.Error) and any(m in lower for m in _CORRUPT_MARKERS):
+        return CatalogCorruptError(
+            f"catalog {catalog_path} is corrupt: restore it from a backup (personavec will not write into it). "
+            f"DuckDB said: {first}"
+        )
+    if isinstance(orig, duckdb.IOException) and any(m in lower for m in _LOCK_MARKERS):
         return CatalogLockedError(
             f"catalog {catalog_path} is locked by another process (DuckDB allows one writer per file): "
-            f"wait for it to finish or stop it, then retry. DuckDB said: {text.splitlines()[0]}"
+            f"wait for it to finish or stop it, then retry. DuckDB said: {first}"
         )
-    return CatalogError(f"catalog {catalog_path}: {text.splitlines()[0] if text else type(orig).__name__}")
+    return CatalogError(f"catalog {catalog_path}: {first}")
 
 
 def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Engine:
@@ -90,7 +104,7 @@ def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Eng
             pass
     except DBAPIError as exc:
         engine.dispose()
-        raise _translate(exc, catalog_path) from exc
+        raise translate_error(exc, catalog_path) from exc
     return engine
 
 
@@ -128,6 +142,9 @@ class Catalog:
         if check:
             try:
                 check_schema(self.engine, self.path)
+            except DBAPIError as exc:
+                self.engine.dispose()
+                raise translate_error(exc, self.path) from exc
             except BaseException:
                 self.engine.dispose()
                 raise
@@ -142,7 +159,10 @@ class Catalog:
             session.commit()
         except SQLAlchemyError as exc:
             session.rollback()
-            raise _translate(exc, self.path) from exc
+            error = translate_error(exc, self.path)
+            if isinstance(error, CatalogCorruptError):
+                self.close()  # no later unit of work of this process writes into a damaged file
+            raise error from exc
         except BaseException:
             session.rollback()
             raise
