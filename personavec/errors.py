@@ -27,7 +27,9 @@ class InputFileError(PersonavecError, ValueError):
 
 
 class WorkspaceError(PersonavecError, FileNotFoundError):
-    """The workspace directory is missing or is not a personavec workspace."""
+    """The workspace directory is missing or is not a personavec workspace (a wrong --workspace: exit 2)."""
+
+    exit_code = 2
 
 
 class CatalogError(PersonavecError, RuntimeError):

@@ -74,10 +74,10 @@ class Workspace:
 
     def upgrade(self, revision: str = "head") -> None:
         """Bring the catalog's schema to ``revision`` with Alembic (creates the file if needed)."""
-        from alembic import command
+        from personavec.store.migrate import migrate
 
         self.root.mkdir(parents=True, exist_ok=True)
-        self._migrate(command.upgrade, revision)
+        migrate(self.catalog_path, revision, "upgrade")
 
     def downgrade(self, revision: str, *, allow_destructive: bool = False, dry_run: bool = False) -> MigrationPlan:
         """Take the catalog's schema down to ``revision`` (``base`` drops every table).
@@ -110,19 +110,6 @@ class Workspace:
                 f"back up {self.root}, then rerun with --yes (allow_destructive=True) to drop them"
             )
         return plan
-
-    def _migrate(self, step, revision: str) -> None:
-        from personavec.store.engine import alembic_config, create_catalog_engine
-
-        self.close()  # DuckDB: one configuration per file and process
-        engine = create_catalog_engine(self.catalog_path)
-        try:
-            cfg = alembic_config(self.catalog_path)
-            with engine.begin() as conn:
-                cfg.attributes["connection"] = conn
-                step(cfg, revision)
-        finally:
-            engine.dispose()
 
 
 def init_workspace(path: str | os.PathLike[str] | None = None) -> Workspace:

@@ -22,7 +22,7 @@ from personavec.cli.app import (
     print_table,
     workspace,
 )
-from personavec.store.engine import current_revision, head_revision
+from personavec.store.engine import catalog_revision, head_revision
 from personavec.store.query import run_readonly_sql
 from personavec.store.runs import list_runs
 from personavec.workspace import init_workspace
@@ -79,14 +79,9 @@ def db_downgrade(
 def db_current(ws: WorkspaceOpt = None) -> None:
     """Show the catalog's schema revision and the package's head."""
 
-    from personavec.store.engine import create_catalog_engine
-
     w = workspace(ws).require()
-    engine = create_catalog_engine(w.catalog_path, read_only=True)
-    try:
-        console.print(f"catalog: {current_revision(engine)}  head: {head_revision()}")
-    finally:
-        engine.dispose()
+    w.close()  # the revision is read on a read-only connection
+    console.print(f"catalog: {catalog_revision(w.catalog_path)}  head: {head_revision()}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ DuckDB allows one configuration (read-only or read-write) per file and process: 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +77,8 @@ def translate_error(exc: BaseException, catalog_path: Path) -> CatalogError:
     first = text.splitlines()[0] if text else type(orig).__name__
     lower = text.lower()
     if isinstance(orig, duckdb.Error) and any(m in lower for m in _CORRUPT_MARKERS):
+        # Remembered across processes: a later command whose writes never touch the damaged block must not write.
+        _remember_corrupt(Path(catalog_path), first)
         return CatalogCorruptError(
             f"catalog {catalog_path} is corrupt: restore it from a backup (personavec will not write into it). "
             f"DuckDB said: {first}"
@@ -88,8 +91,47 @@ def translate_error(exc: BaseException, catalog_path: Path) -> CatalogError:
     return CatalogError(f"catalog {catalog_path}: {first}")
 
 
+def corrupt_marker(catalog_path: Path) -> Path:
+    """``<catalog>.corrupt``: written when DuckDB reports the file damaged; while it matches the file (same size and
+    modification time), no read-write open is allowed. Restoring the file (or deleting the marker) lifts it."""
+    return catalog_path.with_name(catalog_path.name + ".corrupt")
+
+
+def _remember_corrupt(catalog_path: Path, message: str) -> None:
+    try:
+        stat = catalog_path.stat()
+        corrupt_marker(catalog_path).write_text(
+            json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "duckdb": message}) + "\n"
+        )
+    except OSError:  # a read-only directory: the error is still reported, just not remembered
+        pass
+
+
+def _refuse_if_known_corrupt(catalog_path: Path) -> None:
+    marker = corrupt_marker(catalog_path)
+    if not marker.is_file():
+        return
+    try:
+        known = json.loads(marker.read_text())
+        stat = catalog_path.stat()
+        same = (known["size"], known["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError):
+        same = True
+        known = {}
+    if not same:  # the file was replaced since (a restored backup)
+        marker.unlink(missing_ok=True)
+        return
+    raise CatalogCorruptError(
+        f"catalog {catalog_path} was found corrupt (DuckDB said: {known.get('duckdb', '?')}); personavec will "
+        f"not write into it: restore it from a backup (or delete {marker.name} to override)"
+    )
+
+
 def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Engine:
-    """An engine on one DuckDB file. ``read_only`` opens it so that no statement can write."""
+    """An engine on one DuckDB file. ``read_only`` opens it so that no statement can write; a read-write open is
+    refused while the file is known to be corrupt (:func:`corrupt_marker`)."""
+    if not read_only:
+        _refuse_if_known_corrupt(Path(catalog_path))
     engine = sa.create_engine(
         f"duckdb:///{catalog_path}",
         connect_args={"read_only": read_only},
@@ -117,6 +159,17 @@ def current_revision(engine: Engine) -> str | None:
         ).first():
             return None
         return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
+def catalog_revision(catalog_path: Path) -> str | None:
+    """The Alembic revision of a catalog file, read without the schema check (None for an empty file)."""
+    engine = create_catalog_engine(catalog_path, read_only=True)
+    try:
+        return current_revision(engine)
+    except DBAPIError as exc:
+        raise translate_error(exc, catalog_path) from exc
+    finally:
+        engine.dispose()
 
 
 def check_schema(engine: Engine, catalog_path: Path) -> None:
@@ -157,7 +210,7 @@ class Catalog:
         try:
             yield session
             session.commit()
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, duckdb.Error) as exc:  # duckdb.Error: from the raw connection (bulk Arrow paths)
             session.rollback()
             error = translate_error(exc, self.path)
             if isinstance(error, CatalogCorruptError):
