@@ -62,8 +62,8 @@ class MigrationPlan:
             parts.append("rows of " + ", ".join(f"{t.name} ({t.rows:,})" for t in self.deleted_rows))
         if self.dropped_groups:
             parts.append(
-                f"the activations of {len(self.dropped_groups)} runs no row will refer to "
-                f"(Zarr groups {', '.join(self.dropped_groups)})"
+                f"{len(self.dropped_groups)} Zarr group(s) of activations no run will refer to: "
+                f"{', '.join(self.dropped_groups)}"
             )
         return "; ".join(parts) if parts else "nothing"
 
