@@ -27,7 +27,9 @@ class InputFileError(PersonavecError, ValueError):
 
 
 class WorkspaceError(PersonavecError, FileNotFoundError):
-    """The workspace directory is missing or is not a personavec workspace."""
+    """The workspace directory is missing or is not a personavec workspace (a wrong --workspace: exit 2)."""
+
+    exit_code = 2
 
 
 class CatalogError(PersonavecError, RuntimeError):
@@ -38,12 +40,18 @@ class CatalogLockedError(CatalogError):
     """Another process holds the catalog's write lock (DuckDB allows one writer per file)."""
 
 
+class CatalogCorruptError(CatalogError):
+    """The catalog file is damaged (not a DuckDB file, or a block fails its checksum); personavec stops using it."""
+
+
 class SchemaVersionError(CatalogError):
     """The catalog's schema is not at this package's head revision."""
 
 
 class NotFoundError(PersonavecError, LookupError):
-    """A named thing (run, persona set, persona, question) does not exist in the catalog."""
+    """A named thing (run, persona set, persona, question) does not exist in the catalog: bad input, exit 2."""
+
+    exit_code = 2
 
 
 class RunNotFoundError(NotFoundError):
@@ -68,6 +76,13 @@ class RunInterrupted(KeyboardInterrupt):
 class Terminated(KeyboardInterrupt):
     """Raised in the main thread on SIGTERM (see ``personavec.cli.main``) so that runs unwind as on Ctrl-C and are
     marked ``interrupted``, not ``failed``."""
+
+
+class QueryError(PersonavecError, ValueError):
+    """A query given to ``personavec sql`` is refused (not a read statement, or it would reach outside the catalog)
+    or fails on its own terms (syntax, unknown table or column, bad cast)."""
+
+    exit_code = 2
 
 
 class DuplicateError(PersonavecError, ValueError):

@@ -8,6 +8,7 @@ Any problem raises :class:`InputFileError` naming the file and the row or key, a
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -51,10 +52,41 @@ class IngestResult:
 # ---------------------------------------------------------------------------------------------------- reading files
 
 
-def _read_text(path: Path) -> str:
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise InputFileError(f"{path}: is a directory, expected a file")
     if not path.is_file():
         raise InputFileError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+
+
+def _not_utf8(path: Path, offset: int, exc: UnicodeDecodeError) -> InputFileError:
+    bad = exc.object[exc.start : exc.start + 1]
+    return InputFileError(f"{path}: not UTF-8 text (byte {offset + exc.start} is {bad!r}): save it as UTF-8")
+
+
+def _check_utf8(path: Path) -> None:
+    """Arrow's CSV/JSON readers let invalid UTF-8 through (as binary, or as broken strings)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, offset, exc) from exc
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, offset, exc) from exc
+
+
+def _read_text(path: Path) -> str:
+    _require_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, 0, exc) from exc
     if not text.strip():
         raise InputFileError(f"{path}: the file is empty")
     return text
@@ -228,12 +260,13 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
     fmt = fmt or detect_response_format(path)
     if fmt not in RESPONSE_FORMATS:
         raise InputFileError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(RESPONSE_FORMATS)}")
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file")
+    _require_file(path)
     if path.stat().st_size == 0:
         raise InputFileError(f"{path}: the file is empty")
     if fmt == "seed-json":
         return _read_seed_json(path)
+    if fmt in ("jsonl", "csv"):
+        _check_utf8(path)
     try:
         if fmt == "jsonl":
             table = pajson.read_json(path)

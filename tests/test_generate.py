@@ -399,7 +399,7 @@ def test_cli_generate_errors(workspace, cli, monkeypatch):
     assert res.exit_code == 2 and "PV_NO_KEY" in res.output
     with FaultServer(lambda a, n, b: ("status", 401, {}, {"error": {"message": "bad key"}})) as server:
         res = cli.invoke(app, base + ["--base-url", server.base_url, "--persona-set", "missing"])
-        assert res.exit_code == 1 and "unknown persona set 'missing'" in res.output
+        assert res.exit_code == 2 and "unknown persona set 'missing'" in res.output
         res = cli.invoke(app, base + ["--base-url", server.base_url, "--persona", "jester", "--question", "0"])
         assert res.exit_code == 1 and "HTTP 401" in res.output
     assert runs(workspace) == []

@@ -121,19 +121,19 @@ def test_cli_bad_input_exit_codes_and_nothing_written(cli, workspace, make_extra
     ext = make_extraction_run(workspace)
     w = ["--workspace", str(workspace.root)]
     r = cli.invoke(app, ["vectors", "999", *w])
-    assert r.exit_code == 1 and "run 999 does not exist" in r.output
+    assert r.exit_code == 2 and "run 999 does not exist" in r.output
     r = cli.invoke(app, ["vectors", str(ext.response_run_id), *w])
-    assert r.exit_code == 1 and "of kind 'ingest-responses'" in r.output
+    assert r.exit_code == 2 and "of kind 'ingest-responses'" in r.output
     r = cli.invoke(app, ["vectors", str(ext.run_id), "--layer", "9", *w])
     assert r.exit_code == 2 and "no layer(s) 9" in r.output
     r = cli.invoke(app, ["vectors", str(ext.run_id), "--group-by", "mood", *w])
     assert r.exit_code == 2 and "group_by" in r.output
     assert _runs(workspace, "vectors") == []
     r = cli.invoke(app, ["report", str(ext.run_id), *w])
-    assert r.exit_code == 1 and "of kind 'extract'" in r.output
+    assert r.exit_code == 2 and "of kind 'extract'" in r.output
     assert not (workspace.root / "reports").exists()
     r = cli.invoke(app, ["export", "12345", str(tmp_path / "x.pt"), *w])
-    assert r.exit_code == 1 and not (tmp_path / "x.pt").exists()
+    assert r.exit_code == 2 and not (tmp_path / "x.pt").exists()
 
 
 def test_load_vectors_is_fast_enough(workspace, make_extraction_run):

@@ -72,7 +72,7 @@ def test_upgrade_downgrade_upgrade(tmp_path):
 
 def test_catalog_not_at_head_names_the_fix(tmp_path):
     ws = init_workspace(tmp_path / "ws")
-    ws.downgrade("base")
+    ws.downgrade("base", allow_destructive=True)
     with pytest.raises(SchemaVersionError, match="personavec db upgrade"):
         ws.catalog()
     ws.upgrade("head")

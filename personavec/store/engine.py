@@ -2,8 +2,8 @@
 
 Only ``personavec.store`` speaks SQL. Each public store function is one unit of work: it opens
 :meth:`Catalog.session` (commit on success, rollback on error, always close); helpers take the session as an
-argument. SQLAlchemy/DuckDB errors leave as :class:`CatalogError` (or :class:`CatalogLockedError` when another
-process holds DuckDB's single write lock).
+argument. SQLAlchemy/DuckDB errors leave as :class:`CatalogError` (:class:`CatalogLockedError` when another
+process holds DuckDB's single write lock, :class:`CatalogCorruptError` when the file is damaged).
 
 DuckDB allows one configuration (read-only or read-write) per file and process: :func:`open_catalog` keeps one
 :class:`Catalog` per file per process, which :class:`personavec.workspace.Workspace` hands out.
@@ -19,6 +19,7 @@ Long writers therefore commit in batches (by time or rows), not per row.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import time
@@ -36,7 +37,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from personavec.errors import CatalogError, CatalogLockedError, SchemaVersionError
+from personavec.errors import CatalogCorruptError, CatalogError, CatalogLockedError, SchemaVersionError
 from personavec.files import resource_path
 
 
@@ -80,19 +81,74 @@ READ_LOCK_TIMEOUT_S = 15.0
 LOCK_TIMEOUT_ENV = "PERSONAVEC_LOCK_TIMEOUT"
 
 
-def _translate(exc: BaseException, catalog_path: Path) -> CatalogError:
+# DuckDB's own wording (IOException for both): a lock held by another process, and a damaged file. A plain
+# substring "lock" also matches "block", which every checksum failure names ("... in block at location N").
+_LOCK_MARKERS = ("could not set lock on file", "conflicting lock is held")
+_CORRUPT_MARKERS = ("corrupt database file", "not a valid duckdb database file")
+
+
+def translate_error(exc: BaseException, catalog_path: Path) -> CatalogError:
+    """A SQLAlchemy or DuckDB error as this package's: locked, corrupt, or a plain :class:`CatalogError`."""
     orig = getattr(exc, "orig", exc)
     text = str(orig)
-    if isinstance(orig, duckdb.IOException) and "lock" in text.lower():
+    first = text.splitlines()[0] if text else type(orig).__name__
+    lower = text.lower()
+    if isinstance(orig, duckdb.Error) and any(m in lower for m in _CORRUPT_MARKERS):
+        # Remembered across processes: a later command whose writes never touch the damaged block must not write.
+        _remember_corrupt(Path(catalog_path), first)
+        return CatalogCorruptError(
+            f"catalog {catalog_path} is corrupt: restore it from a backup (personavec will not write into it). "
+            f"DuckDB said: {first}"
+        )
+    if isinstance(orig, duckdb.IOException) and any(m in lower for m in _LOCK_MARKERS):
         return CatalogLockedError(
             f"catalog {catalog_path} is locked by another process (DuckDB allows one writer per file): "
-            f"wait for it to finish or stop it, then retry. DuckDB said: {text.splitlines()[0]}"
+            f"wait for it to finish or stop it, then retry. DuckDB said: {first}"
         )
-    return CatalogError(f"catalog {catalog_path}: {text.splitlines()[0] if text else type(orig).__name__}")
+    return CatalogError(f"catalog {catalog_path}: {first}")
+
+
+def corrupt_marker(catalog_path: Path) -> Path:
+    """``<catalog>.corrupt``: written when DuckDB reports the file damaged; while it matches the file (same size and
+    modification time), no read-write open is allowed. Restoring the file (or deleting the marker) lifts it."""
+    return catalog_path.with_name(catalog_path.name + ".corrupt")
+
+
+def _remember_corrupt(catalog_path: Path, message: str) -> None:
+    try:
+        stat = catalog_path.stat()
+        corrupt_marker(catalog_path).write_text(
+            json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "duckdb": message}) + "\n"
+        )
+    except OSError:  # a read-only directory: the error is still reported, just not remembered
+        pass
+
+
+def _refuse_if_known_corrupt(catalog_path: Path) -> None:
+    marker = corrupt_marker(catalog_path)
+    if not marker.is_file():
+        return
+    try:
+        known = json.loads(marker.read_text())
+        stat = catalog_path.stat()
+        same = (known["size"], known["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError):
+        same = True
+        known = {}
+    if not same:  # the file was replaced since (a restored backup)
+        marker.unlink(missing_ok=True)
+        return
+    raise CatalogCorruptError(
+        f"catalog {catalog_path} was found corrupt (DuckDB said: {known.get('duckdb', '?')}); personavec will "
+        f"not write into it: restore it from a backup (or delete {marker.name} to override)"
+    )
 
 
 def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Engine:
-    """An engine on one DuckDB file. ``read_only`` opens it so that no statement can write."""
+    """An engine on one DuckDB file. ``read_only`` opens it so that no statement can write; a read-write open is
+    refused while the file is known to be corrupt (:func:`corrupt_marker`)."""
+    if not read_only:
+        _refuse_if_known_corrupt(Path(catalog_path))
     engine = sa.create_engine(
         f"duckdb:///{catalog_path}",
         connect_args={"read_only": read_only},
@@ -105,13 +161,13 @@ def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Eng
             pass
     except DBAPIError as exc:
         engine.dispose()
-        raise _translate(exc, catalog_path) from exc
+        raise translate_error(exc, catalog_path) from exc
     return engine
 
 
 def _locked(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", exc)
-    return isinstance(orig, duckdb.IOException) and "lock" in str(orig).lower()
+    return isinstance(orig, duckdb.IOException) and any(m in str(orig).lower() for m in _LOCK_MARKERS)
 
 
 def _with_lock_retry(connect, timeout_s: float):  # type: ignore[no-untyped-def]
@@ -138,6 +194,17 @@ def current_revision(engine: Engine) -> str | None:
         ).first():
             return None
         return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
+def catalog_revision(catalog_path: Path) -> str | None:
+    """The Alembic revision of a catalog file, read without the schema check (None for an empty file)."""
+    engine = create_catalog_engine(catalog_path, read_only=True)
+    try:
+        return current_revision(engine)
+    except DBAPIError as exc:
+        raise translate_error(exc, catalog_path) from exc
+    finally:
+        engine.dispose()
 
 
 def check_schema(engine: Engine, catalog_path: Path) -> None:
@@ -171,13 +238,13 @@ class Catalog:
                 lambda: create_catalog_engine(self.path, read_only=read_only), self.lock_timeout_s
             )
         except DBAPIError as exc:
-            raise _translate(exc, self.path) from exc
+            raise translate_error(exc, self.path) from exc
         if check:
             try:
                 _with_lock_retry(lambda: check_schema(self.engine, self.path), self.lock_timeout_s)
             except DBAPIError as exc:
                 self.engine.dispose()
-                raise _translate(exc, self.path) from exc
+                raise translate_error(exc, self.path) from exc
             except BaseException:
                 self.engine.dispose()
                 raise
@@ -192,9 +259,12 @@ class Catalog:
             _with_lock_retry(session.connection, self.lock_timeout_s)
             yield session
             session.commit()
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, duckdb.Error) as exc:  # duckdb.Error: from the raw connection (bulk Arrow paths)
             session.rollback()
-            raise _translate(exc, self.path) from exc
+            error = translate_error(exc, self.path)
+            if isinstance(error, CatalogCorruptError):
+                self.close()  # no later unit of work of this process writes into a damaged file
+            raise error from exc
         except BaseException:
             session.rollback()
             raise
