@@ -285,3 +285,11 @@ def test_library_downgrade_is_guarded(workspace):
     assert _digest(workspace.catalog_path) == before
     plan = workspace.downgrade("base", allow_destructive=True)
     assert plan.applied and plan.to_revision is None
+
+
+def test_error_messages_print_brackets_verbatim(cli, workspace, tmp_path):
+    # Rich markup must not eat "[...]" in a message (here: the seed key quoted from the file)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"[\\"nobody\\"]": "x"}')
+    res = cli.invoke(app, ["ingest", "responses", str(bad), "-w", str(workspace.root)])
+    assert res.exit_code == 2 and '["nobody"]' in res.output

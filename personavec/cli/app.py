@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
@@ -134,12 +135,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except PersonavecError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message quoting "[...]" (a list, a JSON key) must print as is, not as Rich markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
             code = 143 if isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated) else 130
             if isinstance(exc, RunInterrupted):
-                err_console.print(f"[yellow]interrupted[/]: resume with: {exc.resume_command}", soft_wrap=True)
+                err_console.print(f"[yellow]interrupted[/]: resume with: {escape(exc.resume_command)}", soft_wrap=True)
             else:
                 err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(code) from None

@@ -7,6 +7,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, err_console, print_table
@@ -98,7 +99,7 @@ def generate(
     else:
         _print_summary(result)
     if result.failures:
-        err_console.print(f"[yellow]{result.error}[/]")
+        err_console.print(f"[yellow]{escape(str(result.error))}[/]")
         raise typer.Exit(1)
 
 
