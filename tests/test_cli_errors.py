@@ -288,8 +288,8 @@ def test_library_downgrade_is_guarded(workspace):
 
 
 def test_error_messages_print_brackets_verbatim(cli, workspace, tmp_path):
-    # Rich markup must not eat "[...]" in a message (here: the seed key quoted from the file)
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"[\\"nobody\\"]": "x"}')
+    # Rich markup must not eat "[...]" in a message (here: a persona name quoted from the file)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"persona": "[red]pirate", "question": "q", "text": "arr"}) + "\n")
     res = cli.invoke(app, ["ingest", "responses", str(bad), "-w", str(workspace.root)])
-    assert res.exit_code == 2 and '["nobody"]' in res.output
+    assert res.exit_code == 2 and "unknown persona '[red]pirate'" in res.output
