@@ -20,8 +20,8 @@ from personavec.config import PersonaVectorConfig
 from personavec.workspace import Workspace, init_workspace
 
 _LAZY = {
-    "ActivationExtractor": "personavec.extract",
-    "extract_persona_vectors": "personavec.extract",
+    "ActivationExtractor": "personavec.seed",
+    "extract_persona_vectors": "personavec.seed",
     "load_responses": "personavec.seed",
     "save_responses": "personavec.seed",
     "load_persona_vectors": "personavec.seed",

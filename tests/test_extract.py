@@ -190,8 +190,10 @@ def _activations(workspace, run_id: int) -> np.ndarray:
 
 def test_run_extraction_provenance_and_rows(workspace, responses_run: int, tiny_root: Path) -> None:
     model = str(tiny_model_dir(tiny_root, "llama", "chatml"))
-    config = ExtractConfig(model=model, layers=(2, 4), chunk_rows=4, max_batch_tokens=300, device="cpu")
-    result = run_extraction(workspace, config, responses_run)
+    config = ExtractConfig(
+        responses_run=responses_run, model=model, layers=(2, 4), chunk_rows=4, max_batch_tokens=300, device="cpu"
+    )
+    result = run_extraction(workspace, config)
     info = get_extraction_run(workspace.catalog(), result.run_id)
     assert (info.layers, info.n_examples, info.span_rule, info.prompt_format) == ((2, 4), 25, "exact", "chat")
     assert info.dtype == "float32" and info.device == "cpu" and info.architecture == "LlamaForCausalLM"
@@ -219,6 +221,7 @@ def test_run_extraction_provenance_and_rows(workspace, responses_run: int, tiny_
 
 def test_interrupted_run_resumes_to_same_result(workspace, responses_run: int, tiny_root: Path) -> None:
     config = ExtractConfig(
+        responses_run=responses_run,
         model=str(tiny_model_dir(tiny_root, "llama", "chatml")),
         layers=(3,),
         chunk_rows=4,
@@ -226,7 +229,7 @@ def test_interrupted_run_resumes_to_same_result(workspace, responses_run: int, t
         max_batch_size=3,
         device="cpu",
     )
-    full = run_extraction(workspace, config, responses_run)
+    full = run_extraction(workspace, config)
     batches = []
 
     def interrupt_after_four(progress) -> None:
@@ -235,12 +238,12 @@ def test_interrupted_run_resumes_to_same_result(workspace, responses_run: int, t
             raise ExtractionInterrupted("simulated crash")
 
     with pytest.raises(ExtractionInterrupted):
-        run_extraction(workspace, config, responses_run, progress=interrupt_after_four)
+        run_extraction(workspace, config, progress=interrupt_after_four)
     run_id = full.run_id + 1
     assert get_run(workspace.catalog(), run_id).status == "interrupted"
     done_before = done_count(workspace.catalog(), run_id)
     assert 0 < done_before < 25 and done_before % 4 == 0  # whole chunks only
-    resumed = run_extraction(workspace, config, run_id=run_id)
+    resumed = run_extraction(workspace, None, resume=run_id)
     assert resumed.n_computed == 25 - done_before  # done rows are not recomputed
     assert get_run(workspace.catalog(), run_id).status == "done"
     np.testing.assert_allclose(_activations(workspace, run_id), _activations(workspace, full.run_id), atol=1e-5)
