@@ -17,9 +17,11 @@ Span rules:
   ``apply_chat_template([system, user, assistant], tokenize=False, add_generation_prompt=False)``; the span runs from
   ``len(tokenize(generation_prompt.rstrip())) + 1`` to the end of that sequence, where ``generation_prompt`` is
   ``apply_chat_template([system, user], tokenize=False, add_generation_prompt=True)``. So the template's
-  end-of-turn tokens after the response (``<|im_end|>\n``, ``<end_of_turn>\n``) are inside the mean, and the first
-  response token is not when the generation prompt ends in whitespace. With ``prompt_format="raw"`` the generation
-  prompt is ``"System: {system}\n\nUser: {user}\n\nAssistant:"`` and the input ``f"{generation_prompt} {response}"``.
+  end-of-turn tokens after the response (``<|im_end|>\n``, ``<end_of_turn>\n``) are inside the mean. With
+  ``prompt_format="raw"`` the generation prompt is ``"System: {system}\n\nUser: {user}\n\nAssistant:"`` and the
+  input ``f"{generation_prompt} {response}"``. The ``+ 1`` steps over the whitespace token that ``rstrip`` removed
+  (a chat template's newline after the assistant header); where there is none, as in the raw format (the space
+  merges into the response's first token), it skips the response's first token, as the seed does.
 
 Prompt formats:
 
