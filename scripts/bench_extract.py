@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The compute core needs only torch and transformers (no catalog stack), so this runs on a bare GPU box.
+# The compute core imports no catalog stack (tests/test_extract.py::test_core_imports_without_the_catalog_stack), so
+# this runs on a GPU box with only torch and transformers once `import personavec` itself is light too.
 from personavec.config import default_layer  # noqa: E402
 from personavec.extract.core import COMPILE_PAD, mean_activations  # noqa: E402
 from personavec.spans import Rendered, conversation, render  # noqa: E402

@@ -371,7 +371,7 @@ def run_extraction(
         if config.responses_run is None:
             raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
         loaded = loaded or load_for(config)
-        info, plan, array = _new_run(ws, catalog, config, loaded)
+        info, plan, array = _new_run(ws, catalog, config, config.responses_run, loaded)
     else:
         config = _resumed_config(catalog, resume, config)
         loaded = loaded or load_for(config)
@@ -379,9 +379,7 @@ def run_extraction(
     return _compute(catalog, info, config, loaded, plan, array, f"{ws.zarr_path}/{info.zarr_group}", progress)
 
 
-def _selected_responses(catalog: Catalog, config: ExtractConfig) -> list[ResponseRecord]:
-    run = config.responses_run
-    assert run is not None  # checked by run_extraction
+def _selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> list[ResponseRecord]:
     names, n_questions = xs.response_run_selection(catalog, run)
     check_selection(f"responses run {run}", config.personas, config.questions, names, n_questions)
     records = [
@@ -416,9 +414,9 @@ def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
 
 
 def _new_run(
-    ws: Workspace, catalog: Catalog, config: ExtractConfig, loaded: LoadedModel
+    ws: Workspace, catalog: Catalog, config: ExtractConfig, run: int, loaded: LoadedModel
 ) -> tuple[xs.ExtractionRunInfo, ExtractionPlan, Any]:
-    records = _selected_responses(catalog, config)
+    records = _selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
     examples = [encode_response(loaded, r.system_prompt, r.question, r.text, config) for r in records]
     rows = longest_first([ex.forward_length for ex in examples])
@@ -428,7 +426,7 @@ def _new_run(
         {**config_dict(config), "layers": list(layers)},
         _examples_table(records, examples, rows),
         zarr_group=arrays.group_name,
-        source_run_id=config.responses_run,
+        source_run_id=run,
         model=model_id,
         model_revision=revision or loaded.revision,
         architecture=loaded.architecture,
