@@ -359,11 +359,11 @@ def project_transcripts(
         ``{label: array of n_assistant_turns values}``.
     """
     from personavec.extract import mean_activations
-    from personavec.spans import max_length_of, render
+    from personavec.spans import render
 
     unit = _unit(np.asarray(axis, dtype=np.float64))
     if max_length is None:
-        max_length = max_length_of(loaded.model.config, loaded.tokenizer)
+        max_length = loaded.context_length
     labels = list(transcripts)
     rendered = [render(loaded.tokenizer, transcripts[k], prompt_format, span, max_length=max_length) for k in labels]
     for label, r in zip(labels, rendered, strict=True):

@@ -85,6 +85,11 @@ def open_activation_array(zarr_path: Path, name: str, mode: Literal["r", "r+"] =
         ) from exc
 
 
+def rows_per_chunk(array: zarr.Array) -> int:
+    """Rows of one chunk of an activation array (a chunk holds whole rows of one layer)."""
+    return int(array.chunks[0])
+
+
 def write_rows(array: zarr.Array, start: int, values: np.ndarray) -> None:
     """Write ``values`` ([k, n_layers, d_model]) into rows ``start:start+k``."""
     array[start : start + values.shape[0]] = values.astype(np.float32, copy=False)

@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses.
 
 ``PersonaVectorConfig`` is the seed's config (same fields and defaults) plus the knobs of this package; each stage
-has its own frozen config next to its module (``ExtractConfig`` in extract.py, ``GenerateConfig`` in generate.py,
+has its own frozen config next to its module (``ExtractConfig`` in extract/run.py, ``GenerateConfig`` in generate.py,
 ...), validated in ``__post_init__`` and serialised into the run row for provenance.
 """
 
@@ -77,7 +77,7 @@ class PersonaVectorConfig:
     # personavec additions
     dtype: str = "auto"
     device: str = "auto"
-    max_batch_tokens: int | None = None  # None: 1,024 on CPU, 16,384 on GPU (see personavec.extract)
+    max_batch_tokens: int | None = None  # None: 1,024 on CPU, 16,384 on GPU (see personavec.extract.core)
     max_batch_size: int = 64
     prompt_format: str = "chat"
     span: str = "exact"

@@ -139,7 +139,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
 
     t = step(4, f"extracting mean activations over each answer's tokens ({EMBEDDED_MODEL}, seed default layer)")
     ext = run_extraction(
-        ws, ExtractConfig(model=EMBEDDED_MODEL, dtype="float32", device=config.device), source_run_id=gen.run_id
+        ws, ExtractConfig(responses_run=gen.run_id, model=EMBEDDED_MODEL, dtype="float32", device=config.device)
     )
     say(
         f"      run {ext.run_id}: {ext.n_examples} examples at layer(s) {', '.join(map(str, ext.layers))}, "

@@ -15,7 +15,9 @@ sha256 (the provenance stored with extraction runs). Conversion writes into a te
 it into place, so a crash never leaves a half-written cache entry.
 
 ``load_model(name, ...)`` returns a :class:`LoadedModel`: the model, its tokenizer, and the decoder blocks resolved for
-every architecture family transformers serves (see :func:`decoder_layers`).
+every architecture family transformers serves (see :func:`decoder_layers`; ``layers_path`` names them for any other),
+and :func:`final_norm` finds the final norm next to them. :func:`max_positions` is the one lookup of a model's
+position limit.
 """
 
 from __future__ import annotations
@@ -183,10 +185,33 @@ def d_model_of(config: Any) -> int:
     raise ModelError(f"cannot find the hidden size in config of type {type(config).__name__}")
 
 
-# Paths to the decoder's ModuleList, tried in order. Covers Llama/Mistral/Qwen2/Qwen3/Gemma2/OLMo2/OLMo3/Phi3
-# (``model.layers``), Gemma3ForConditionalGeneration and other multimodal wrappers (``model.language_model.layers``,
-# ``language_model.model.layers`` in older transformers) and GPT-2-like models (``transformer.h``).
-_LAYER_PATHS = (
+def max_positions(config: Any) -> int | None:
+    """The model's position limit: ``max_position_embeddings`` of the text config (``n_positions`` for GPT-2-like
+    configs, ``max_sequence_length`` for some others), or None when the config names none."""
+    tc = text_config(config)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(tc, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def context_length(config: Any, tokenizer: Any = None) -> int | None:
+    """The context to truncate conversations to: :func:`max_positions`, else the tokenizer's ``model_max_length``
+    when it is a real limit (tokenizers without one report a huge sentinel)."""
+    limit = max_positions(config)
+    if limit is not None:
+        return limit
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None
+
+
+#: Paths to the decoder's ModuleList tried when none is given. Covers Llama/Mistral/Qwen2/Qwen3/Gemma2/OLMo2/OLMo3/
+#: Phi3 (``model.layers``), Gemma3ForConditionalGeneration and other multimodal wrappers
+#: (``model.language_model.layers``, ``language_model.model.layers`` in older transformers) and GPT-2-like models
+#: (``transformer.h``). Another model names its path with ``load_model(..., layers_path=)`` /
+#: ``ExtractConfig.layers_path`` / ``--layers-path``.
+LAYER_PATHS = (
     "model.layers",
     "model.language_model.layers",
     "language_model.model.layers",
@@ -198,6 +223,8 @@ _LAYER_PATHS = (
     "layers",
     "h",
 )
+#: Names of the final norm, looked up next to the decoder blocks (the module that holds ``layers_path``).
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
 
 
 def _get_path(obj: Any, path: str) -> Any:
@@ -208,17 +235,58 @@ def _get_path(obj: Any, path: str) -> Any:
     return obj
 
 
-def decoder_layers(model: Any) -> Any:
-    """The ``torch.nn.ModuleList`` of decoder blocks; ``hidden_states[L]`` is the output of block ``L - 1``."""
+def decoder_layers_path(model: Any, layers_path: str | None = None) -> str:
+    """The attribute path of the model's ``torch.nn.ModuleList`` of decoder blocks (e.g. ``"model.layers"``).
+
+    Args:
+        model: a loaded transformers model.
+        layers_path: the path to use instead of auto-detection (checked: it must name a non-empty ModuleList).
+    """
     import torch
 
-    for path in _LAYER_PATHS:
+    def is_blocks(path: str) -> bool:
         layers = _get_path(model, path)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-            return layers
+        return isinstance(layers, torch.nn.ModuleList) and len(layers) > 0
+
+    if layers_path is not None:
+        if not is_blocks(layers_path):
+            raise ModelError(
+                f"layers path {layers_path!r} does not name a non-empty torch.nn.ModuleList in "
+                f"{type(model).__name__}: print(model) shows its module tree (e.g. 'model.layers')"
+            )
+        return layers_path
+    for path in LAYER_PATHS:
+        if is_blocks(path):
+            return path
     raise ModelError(
-        f"cannot find the decoder blocks of {type(model).__name__}: tried {', '.join(_LAYER_PATHS)}; "
-        "add its path to personavec.modeling._LAYER_PATHS"
+        f"cannot find the decoder blocks of {type(model).__name__} (tried {', '.join(LAYER_PATHS)}): name their "
+        "ModuleList with --layers-path (ExtractConfig.layers_path, load_model(layers_path=)), e.g. 'model.layers'"
+    )
+
+
+def decoder_layers(model: Any, layers_path: str | None = None) -> Any:
+    """The ``torch.nn.ModuleList`` of decoder blocks; ``hidden_states[L]`` is the output of block ``L - 1``.
+
+    ``layers_path`` overrides auto-detection (see :func:`decoder_layers_path`)."""
+    return _get_path(model, decoder_layers_path(model, layers_path))
+
+
+def final_norm(model: Any, layers_path: str | None = None) -> Any:
+    """The final norm (whose output is ``hidden_states[n_layers]``): the norm module next to the decoder blocks
+    (``model.norm`` beside ``model.layers``, ``transformer.ln_f`` beside ``transformer.h``...)."""
+    import torch
+
+    path = decoder_layers_path(model, layers_path)
+    parent_path = path.rpartition(".")[0]
+    parent = _get_path(model, parent_path) if parent_path else model
+    for name in FINAL_NORM_NAMES:
+        norm = getattr(parent, name, None)
+        if isinstance(norm, torch.nn.Module):
+            return norm
+    where = f"{type(model).__name__}.{parent_path}" if parent_path else type(model).__name__
+    raise ModelError(
+        f"cannot find the final norm of {type(model).__name__} next to its decoder blocks ({where} has none of "
+        f"{', '.join(FINAL_NORM_NAMES)}): layer n_layers (the final-norm output) is unavailable; ask for a lower layer"
     )
 
 
@@ -258,11 +326,21 @@ class LoadedModel:
     revision: str | None
     device: str
     dtype: Any
+    layers_path: str | None = None  # where ``layers`` was found (None: auto-detected again when needed)
 
     @property
     def input_device(self) -> Any:
         """Where input ids must go (the embedding's device, also with ``device_map``)."""
         return self.model.get_input_embeddings().weight.device
+
+    @property
+    def context_length(self) -> int | None:
+        """The context conversations are truncated to (see :func:`context_length`)."""
+        return context_length(self.model.config, self.tokenizer)
+
+    def final_norm(self) -> Any:
+        """The final norm module (see :func:`final_norm`)."""
+        return final_norm(self.model, self.layers_path)
 
 
 def load_model(
@@ -272,6 +350,7 @@ def load_model(
     device: str = "auto",
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
+    layers_path: str | None = None,
 ) -> LoadedModel:
     """Load model and tokenizer for extraction (eval mode, no grad needed).
 
@@ -281,6 +360,8 @@ def load_model(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ignored when ``device_map`` is given.
         device_map: passed to ``from_pretrained`` for models larger than one device (e.g. ``"auto"``).
         attn_implementation: e.g. ``"sdpa"``; None lets transformers choose.
+        layers_path: attribute path of the decoder blocks' ModuleList (e.g. ``"model.layers"``) for a model whose
+            blocks auto-detection does not find (see :func:`decoder_layers_path`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -301,6 +382,7 @@ def load_model(
         # transformers' decorator on PreTrainedModel.to hides the bound method's signature from mypy.
         model.to(dev)  # type: ignore[arg-type]
     model.eval()
+    found = decoder_layers_path(model, layers_path)
     _, revision = model_provenance(name)
     if revision is None:
         revision = getattr(model.config, "_commit_hash", None)
@@ -309,11 +391,12 @@ def load_model(
         path=path,
         model=model,
         tokenizer=tokenizer,
-        layers=decoder_layers(model),
+        layers=_get_path(model, found),
         n_layers=n_layers_of(model.config),
         d_model=d_model_of(model.config),
         architecture=(model.config.architectures or [type(model).__name__])[0],
         revision=revision,
         device=dev if device_map is None else f"device_map={device_map}",
         dtype=torch_dtype,
+        layers_path=found,
     )

@@ -1,21 +1,30 @@
-"""The seed's file helpers, kept name for name: responses as the seed's JSON cache, vectors as a ``.pt`` dict.
+"""The seed's API, kept name for name, as thin wrappers over the stages.
 
-The seed's model-facing names (``ActivationExtractor``, ``extract_persona_vectors``, ``generate_responses``)
-live with their stages and are re-exported from ``personavec``.
+- ``ActivationExtractor`` / ``extract_persona_vectors``: the seed's extraction, over the compute core
+  (:mod:`personavec.extract.core`);
+- ``save_responses`` / ``load_responses``: responses as the seed's JSON cache;
+- ``save_persona_vectors`` / ``load_persona_vectors``: vectors as a ``.pt`` dict.
+
+``generate_responses`` lives with the generate stage; all are re-exported from ``personavec``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from personavec.errors import InputFileError
+from personavec.config import PersonaVectorConfig
+from personavec.errors import ConfigError, InputFileError
+from personavec.extract.core import mean_activations
+from personavec.extract.run import ExtractConfig, encode_response, load_for
 from personavec.files import atomic_write
 from personavec.ingest import read_response_file
+from personavec.modeling import LoadedModel
 
 
 def save_responses(responses: Mapping[tuple[str, str], str], path: str | os.PathLike[str]) -> None:
@@ -56,8 +65,121 @@ def load_persona_vectors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     return data
 
 
-# The seed's extraction names live with the extraction stage.
-from personavec.extract import ActivationExtractor, extract_persona_vectors  # noqa: E402
+class ActivationExtractor:
+    """The seed's extractor: lazy-loads ``config.model_name`` on first use and extracts mean response activations.
+
+    Example:
+        >>> extractor = ActivationExtractor(PersonaVectorConfig(model_name="smollm2-135m-instruct", dtype="float32"))
+        >>> extractor.extract_activations(["You are a pirate."], ["Hi?"], ["Arr!"], layer=20).shape
+        torch.Size([1, 576])
+    """
+
+    def __init__(self, config: PersonaVectorConfig | None = None) -> None:
+        self.config = config if config is not None else PersonaVectorConfig()
+        self._loaded: LoadedModel | None = None
+
+    @property
+    def extract_config(self) -> ExtractConfig:
+        """The extraction settings this extractor uses (model, dtype, device, batching, span rule, format)."""
+        c = self.config
+        return ExtractConfig(
+            model=c.model_name,
+            layer_fraction=c.layer_fraction,
+            dtype=c.dtype,
+            device=c.device,
+            max_batch_tokens=c.max_batch_tokens,
+            max_batch_size=c.max_batch_size,
+            span=c.span,
+            prompt_format=c.prompt_format,
+        )
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The loaded model (loads it on first access)."""
+        if self._loaded is None:
+            self._loaded = load_for(self.extract_config)
+        return self._loaded
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return self.loaded.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.loaded.d_model
+
+    def get_extraction_layer(self) -> int:
+        """The seed's default layer (:func:`personavec.config.default_layer` of ``config.layer_fraction``)."""
+        return self.config.layer_for(self.num_layers)
+
+    def extract_activations(
+        self,
+        system_prompts: Sequence[str],
+        questions: Sequence[str],
+        responses: Sequence[str],
+        layer: int | None = None,
+    ) -> torch.Tensor:
+        """Mean activation over each response's tokens at ``layer``: float32 ``[n, d_model]`` (CPU)."""
+        if not len(system_prompts) == len(questions) == len(responses):
+            raise ConfigError(
+                f"system_prompts, questions and responses differ in length: "
+                f"{len(system_prompts)}, {len(questions)}, {len(responses)}"
+            )
+        layer = self.get_extraction_layer() if layer is None else int(layer)
+        config = self.extract_config
+        examples = [
+            encode_response(self.loaded, s, q, r, config)
+            for s, q, r in zip(system_prompts, questions, responses, strict=True)
+        ]
+        if not examples:
+            return torch.empty((0, self.d_model), dtype=torch.float32)
+        out = mean_activations(
+            self.loaded,
+            examples,
+            [layer],
+            max_batch_tokens=config.max_batch_tokens,
+            max_batch_size=config.max_batch_size,
+        )
+        return out[:, 0]
+
+
+def extract_persona_vectors(
+    extractor: ActivationExtractor,
+    personas: dict[str, str],
+    questions: Sequence[str],
+    responses: dict[tuple[str, str], str],
+    layer: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The seed's persona vectors: per persona, the mean over its responses of the per-response mean activation.
+
+    Args:
+        personas: ``{name: system_prompt}``.
+        questions: the questions to use.
+        responses: ``{(persona, question): response_text}``; missing pairs are skipped.
+        layer: ``hidden_states`` index (default: the extractor's default layer).
+
+    Returns:
+        ``{persona: Tensor[d_model]}`` (float32), for every persona with at least one response.
+    """
+    keys = [(p, q) for p in personas for q in questions if (p, q) in responses]
+    acts = extractor.extract_activations(
+        [personas[p] for p, _ in keys], [q for _, q in keys], [responses[k] for k in keys], layer
+    )
+    vectors: dict[str, torch.Tensor] = {}
+    for name in personas:
+        rows = [i for i, (p, _) in enumerate(keys) if p == name]
+        if rows:
+            vectors[name] = acts[rows].mean(0)
+    return vectors
+
 
 __all__ = [
     "ActivationExtractor",

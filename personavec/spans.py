@@ -12,9 +12,16 @@ Span rules:
 - ``"exact"`` (default): the tokens of each assistant message's *content* inside the rendered text, located through the
   fast tokenizer's offset mapping. Template tokens before and after (turn headers, end-of-turn) are excluded. A token
   that straddles the start or end of the content (BPE merges across the boundary) is included.
-- ``"seed"``: the seed's rule, for comparing with vectors computed by the seed: the input is
-  ``tokenize(generation_prompt + response)`` with the tokenizer's default special tokens, and the span runs from
-  ``len(tokenize(generation_prompt.rstrip())) + 1`` to the end. Single-turn only (system?, user, assistant).
+- ``"seed"``: the seed's rule, for comparing with vectors computed by the seed. Single-turn only (system?, user,
+  assistant). The input is the tokenization, with the tokenizer's default special tokens, of the *full* rendering
+  ``apply_chat_template([system, user, assistant], tokenize=False, add_generation_prompt=False)``; the span runs from
+  ``len(tokenize(generation_prompt.rstrip())) + 1`` to the end of that sequence, where ``generation_prompt`` is
+  ``apply_chat_template([system, user], tokenize=False, add_generation_prompt=True)``. So the template's
+  end-of-turn tokens after the response (``<|im_end|>\n``, ``<end_of_turn>\n``) are inside the mean. With
+  ``prompt_format="raw"`` the generation prompt is ``"System: {system}\n\nUser: {user}\n\nAssistant:"`` and the
+  input ``f"{generation_prompt} {response}"``. The ``+ 1`` steps over the whitespace token that ``rstrip`` removed
+  (a chat template's newline after the assistant header); where there is none, as in the raw format (the space
+  merges into the response's first token), it skips the response's first token, as the seed does.
 
 Prompt formats:
 
@@ -60,6 +67,12 @@ class Rendered:
     @property
     def n_tokens(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def forward_length(self) -> int:
+        """Tokens a forward pass needs: up to the end of the last assistant span (at least 1). Attention is causal,
+        so the tokens after it never change the spans' activations."""
+        return max([e for _, e in self.assistant_spans] + [1])
 
 
 def conversation(system_prompt: str | None, question: str, response: str) -> list[dict[str, str]]:
@@ -207,23 +220,13 @@ def _render_seed(
     if messages[-1]["role"] != "assistant" or any(m["role"] == "assistant" for m in messages[:-1]):
         raise SpanError("span rule 'seed' handles single-turn conversations ending with the assistant's message")
     prompt = _template_text(tokenizer, messages[:-1], prompt_format, generation_prompt=True)
-    text = prompt + messages[-1]["content"]
+    if prompt_format == "raw":
+        prompt = prompt.rstrip()
+        text = f"{prompt} {messages[-1]['content']}"
+    else:
+        text = _template_text(tokenizer, messages, prompt_format, generation_prompt=False)
     ids = list(tokenizer(text)["input_ids"])
     start = len(tokenizer(prompt.rstrip())["input_ids"]) + 1
     spans = [(min(start, len(ids)), len(ids))]
     ids, spans, truncated, dropped = _truncate(ids, spans, max_length, bos_id)
     return Rendered(ids, spans, text, truncated, dropped)
-
-
-def max_length_of(model_config: Any, tokenizer: Any = None) -> int | None:
-    """The context length to truncate to: ``max_position_embeddings`` of the text config (or ``n_positions``),
-    else the tokenizer's ``model_max_length`` when it is a real limit."""
-    from personavec.modeling import text_config
-
-    tc = text_config(model_config)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(tc, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and limit < 1_000_000 else None

@@ -27,16 +27,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-if "--synthetic" in sys.argv:
-    # A bare GPU box has torch and transformers but not the catalog stack (duckdb, sqlalchemy, zarr) that
-    # personavec/__init__ imports; the compute core needs none of it, so import the modules without the package init.
-    import types
 
-    _pkg = types.ModuleType("personavec")
-    _pkg.__path__ = [str(ROOT / "personavec")]
-    sys.modules["personavec"] = _pkg
-
-from personavec.extract import COMPILE_PAD, mean_activations  # noqa: E402
+# The compute core imports no catalog stack (tests/test_extract.py::test_core_imports_without_the_catalog_stack), so
+# this runs on a GPU box with only torch and transformers once `import personavec` itself is light too.
+from personavec.config import default_layer  # noqa: E402
+from personavec.extract.core import COMPILE_PAD, mean_activations  # noqa: E402
 from personavec.spans import Rendered, conversation, render  # noqa: E402
 
 WORDS = (
@@ -96,6 +91,7 @@ def build_synthetic(name: str, device: str):
     return LoadedModel(
         name="synthetic:gemma-3-27b", path=Path("."), model=model, tokenizer=_Tok(), layers=decoder_layers(model),
         n_layers=62, d_model=5376, architecture="Gemma3ForCausalLM", revision=None, device=device, dtype=torch.bfloat16,
+        layers_path="model.layers",
     )  # fmt: skip
 
 
@@ -140,8 +136,8 @@ def main() -> None:
             for i, (p, q) in enumerate(pairs)
         ]
     load_s = time.perf_counter() - t0
-    layers = args.layer or [int(loaded.n_layers * 0.65 + 0.5)]
-    ntok = sum(max(e for _, e in ex.assistant_spans) for ex in examples)
+    layers = args.layer or [default_layer(loaded.n_layers)]
+    ntok = sum(ex.forward_length for ex in examples)
     resp_tok = sum(e - s for ex in examples for s, e in ex.assistant_spans)
     budgets = args.max_batch_tokens or ([16384, 65536] if device.startswith("cuda") else [1024, 4096])
     print(f"device={device} model={loaded.name} n={len(examples)} tokens={ntok} response_tokens={resp_tok} "

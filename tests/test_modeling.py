@@ -14,10 +14,13 @@ from personavec.errors import ModelError
 from personavec.modeling import (
     EMBEDDED_ALIAS,
     SOURCE_FILE,
+    context_length,
     d_model_of,
     decoder_layers,
+    final_norm,
     load_model,
     local_model_path,
+    max_positions,
     n_layers_of,
 )
 
@@ -37,6 +40,49 @@ def test_decoder_layers_every_family(arch: str) -> None:
     assert isinstance(layers, torch.nn.ModuleList)
     assert len(layers) == n_layers_of(config) == 4
     assert d_model_of(config) == 64
+    norm = final_norm(model)  # found next to the blocks
+    assert isinstance(norm, torch.nn.Module) and not isinstance(norm, torch.nn.ModuleList)
+    assert type(norm).__name__.lower().endswith(("norm", "layernorm"))
+
+
+class _Wrapped(torch.nn.Module):
+    """A layout no auto-detection knows: the decoder under ``backbone``."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = inner.model
+
+
+class _NoNorm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+
+def test_layers_path_names_an_unknown_layout() -> None:
+    odd = _Wrapped(AutoModelForCausalLM.from_config(tiny_config("llama")))
+    with pytest.raises(ModelError, match="name their ModuleList with --layers-path"):
+        decoder_layers(odd)
+    assert decoder_layers(odd, "backbone.layers") is odd.backbone.layers
+    assert final_norm(odd, "backbone.layers") is odd.backbone.norm
+    with pytest.raises(ModelError, match="'backbone.norm' does not name a non-empty torch.nn.ModuleList"):
+        decoder_layers(odd, "backbone.norm")
+    with pytest.raises(ModelError, match="cannot find the final norm"):
+        final_norm(_NoNorm(), "blocks")
+
+
+def test_max_positions_is_the_one_position_limit(tmp_path: Path) -> None:
+    assert max_positions(tiny_config("gpt2")) == 1024  # n_positions
+    assert max_positions(tiny_config("gemma3")) == max_positions(tiny_config("gemma3").text_config)  # text config
+    assert max_positions(object()) is None
+
+    class Tok:
+        model_max_length = 512
+
+    assert context_length(object(), Tok()) == 512
+    Tok.model_max_length = int(1e30)  # "no limit" sentinel of tokenizers
+    assert context_length(object(), Tok()) is None
+    assert context_length(tiny_config("llama"), Tok()) == tiny_config("llama").max_position_embeddings
 
 
 def test_local_dir_returned_as_is_and_hub_id_passthrough(tmp_path: Path) -> None:

@@ -52,3 +52,46 @@ def test_persona_vectors_are_mean_of_response_means(extractor: ActivationExtract
         qs = [q for q in questions if (name, q) in responses]
         per_response = extractor.extract_activations([prompt] * len(qs), qs, [responses[(name, q)] for q in qs], 12)
         torch.testing.assert_close(vectors[name], per_response.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def _seed_rule_reference(tok, model, system: str, question: str, answer: str, layer: int, raw: bool) -> torch.Tensor:
+    """The seed's rule written out with plain transformers: tokenize the full rendering, start after the rstripped
+    generation prompt + 1, output_hidden_states, slice to the end, mean."""
+    if raw:
+        prompt = f"System: {system}\n\nUser: {question}\n\nAssistant:"
+        full = f"{prompt} {answer}"
+    else:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(
+            [*messages, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False
+        )
+    start = tok(prompt.rstrip(), return_tensors="pt").input_ids.shape[1] + 1
+    ids = tok(full, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+    return hidden[0, start:].float().mean(0)
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "raw"])
+def test_seed_span_rule_matches_an_independent_reference(prompt_format: str) -> None:
+    extractor = ActivationExtractor(
+        PersonaVectorConfig(
+            model_name="smollm2-135m-instruct", dtype="float32", device="cpu", span="seed", prompt_format=prompt_format
+        )
+    )
+    personas = {name: PERSONAS[name] for name in list(PERSONAS)[:3]}
+    questions = EVAL_QUESTIONS[:2]
+    responses = {
+        (p, q): f"{p.replace('_', ' ')} says: it depends, {i}." for p in personas for i, q in enumerate(questions)
+    }
+    vectors = extract_persona_vectors(extractor, personas, questions, responses, layer=20)
+    for name, system in personas.items():
+        per_response = [
+            _seed_rule_reference(
+                extractor.tokenizer, extractor.model, system, q, responses[(name, q)], 20, prompt_format == "raw"
+            )
+            for q in questions
+        ]
+        reference = torch.stack(per_response).mean(0)
+        assert torch.nn.functional.cosine_similarity(vectors[name], reference, dim=0).item() >= 0.99999

@@ -6,7 +6,7 @@ import pytest
 from tiny_models import TEMPLATES, template_tokenizer
 
 from personavec.errors import ConfigError, SpanError
-from personavec.spans import conversation, render
+from personavec.spans import Rendered, conversation, render
 
 RESPONSE = "  Hello there!\nI am\tfine, thanks. Über-naïve 🙂 text.  "
 
@@ -59,15 +59,35 @@ def test_raw_format(tok) -> None:
     assert _decoded(tok, rendered)[0].strip() == RESPONSE.strip()
 
 
-def test_seed_rule_starts_after_rstripped_prompt_plus_one(tok) -> None:
+def test_seed_rule_is_the_full_rendering_from_rstripped_prompt_plus_one(tok) -> None:
     messages = conversation("Sys.", "Q?", "The answer is here.")
     rendered = render(tok, messages, span="seed")
+    full = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert rendered.input_ids == tok(full)["input_ids"]  # the default special tokens, as the seed
     start = len(tok(prompt.rstrip())["input_ids"]) + 1
     assert rendered.assistant_spans == [(start, len(rendered.input_ids))]
-    assert rendered.input_ids == tok(prompt + "The answer is here.")["input_ids"]
+    assert rendered.forward_length == len(rendered.input_ids)
+    # the template's end-of-turn tokens are inside the span
+    end_of_turn = {"<|im_end|>", "<end_of_turn>", "<|eot_id|>"}
+    assert any(t in tok.decode(rendered.input_ids[slice(*rendered.assistant_spans[0])]) for t in end_of_turn)
     with pytest.raises(SpanError):
         render(tok, messages + messages[1:], span="seed")
+
+
+def test_seed_rule_raw_format(tok) -> None:
+    rendered = render(tok, conversation("Sys.", "Q?", "The answer is here."), prompt_format="raw", span="seed")
+    prompt = "System: Sys.\n\nUser: Q?\n\nAssistant:"
+    assert rendered.text == prompt + " The answer is here."
+    assert rendered.input_ids == tok(rendered.text)["input_ids"]
+    assert rendered.assistant_spans == [(len(tok(prompt)["input_ids"]) + 1, len(rendered.input_ids))]
+
+
+def test_forward_length_ends_at_the_last_span() -> None:
+    tok = template_tokenizer("chatml")
+    rendered = render(tok, conversation("Sys.", "Q?", "Answer."))
+    assert rendered.forward_length == rendered.assistant_spans[-1][1] < rendered.n_tokens  # <|im_end|> not needed
+    assert Rendered([1, 2, 3], [(0, 0)], "").forward_length == 1  # a span truncated away still runs one token
 
 
 def test_truncation_keeps_response_and_records_it() -> None:

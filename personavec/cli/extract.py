@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,61 +17,85 @@ def extract(
     responses_run: Annotated[
         int | None, typer.Option("--responses-run", help="Responses run (generate / ingest-responses) to extract.")
     ] = None,
-    model: Annotated[str, typer.Option(help="Hub id, model dir, .gguf file or smollm2-135m-instruct.")] = (
-        "smollm2-135m-instruct"
-    ),
+    model: Annotated[
+        str | None, typer.Option(help="Hub id, model dir, .gguf file or smollm2-135m-instruct (the default).")
+    ] = None,
     layer: Annotated[
         list[int] | None, typer.Option("--layer", help="hidden_states index; repeat for several (default: 65%).")
     ] = None,
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.")] = (
-        "auto"
-    ),
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (default: bf16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto (default), cpu, cuda, cuda:N.")] = None,
     device_map: Annotated[
         str | None, typer.Option(help="from_pretrained device_map (e.g. auto) for big models.")
     ] = None,
-    span: Annotated[str, typer.Option(help="exact (response tokens) or seed (the seed's rule).")] = "exact",
-    prompt_format: Annotated[str, typer.Option("--format", help="chat (chat template) or raw (plaintext).")] = "chat",
+    span: Annotated[
+        str | None, typer.Option(help="exact (default: the response tokens) or seed (the seed's rule).")
+    ] = None,
+    prompt_format: Annotated[
+        str | None, typer.Option("--format", help="chat (default: chat template) or raw (plaintext).")
+    ] = None,
     max_batch_tokens: Annotated[
         int | None, typer.Option(help="Token budget per batch, padding included (default: 1024 on CPU, 16384 on GPU).")
     ] = None,
-    max_batch_size: Annotated[int, typer.Option(help="Most conversations per batch.")] = 64,
+    max_batch_size: Annotated[int | None, typer.Option(help="Most conversations per batch (default 64).")] = None,
     compile_blocks: Annotated[
-        bool,
-        typer.Option("--compile", help="torch.compile the decoder blocks (GPU: ~1.6x after a ~25 s compile)."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile", help="torch.compile the decoder blocks (GPU: ~1.6x after a ~25 s compile)."
+        ),
+    ] = None,
     persona: Annotated[
         list[str] | None, typer.Option("--persona", help="Only this persona's responses (repeatable).")
     ] = None,
     question: Annotated[
         list[int] | None, typer.Option("--question", help="Only this question (0-based position; repeatable).")
     ] = None,
-    resume: Annotated[int | None, typer.Option("--resume", help="Continue an interrupted extraction run.")] = None,
+    layers_path: Annotated[
+        str | None,
+        typer.Option(
+            "--layers-path", help="Path of the decoder blocks' ModuleList (e.g. model.layers) when not auto-detected."
+        ),
+    ] = None,
+    resume: Annotated[
+        int | None, typer.Option("--resume", help="Continue an interrupted or failed extraction run.")
+    ] = None,
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Extract mean response activations of a responses run into a new extraction run (prints its id)."""
+    """Extract mean response activations of a responses run into a new extraction run (prints its id).
 
+    With --resume RUN, the run's own settings are used; options given override them (those that define what the
+    run computes must match, the others, e.g. --device or --max-batch-tokens, apply to this session).
+    """
     from personavec.errors import ConfigError
-    from personavec.extract import ExtractConfig, run_extraction
+    from personavec.extract.run import ExtractConfig, ExtractionProgress, run_extraction, stored_config
 
-    if responses_run is None and resume is None:
-        raise ConfigError("give --responses-run N (or --resume RUN to continue an interrupted run)")
-    config = ExtractConfig(
-        model=model,
-        layers=tuple(layer) if layer else None,
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        span=span,
-        prompt_format=prompt_format,
-        max_batch_tokens=max_batch_tokens,
-        max_batch_size=max_batch_size,
-        compile=compile_blocks,
-        personas=tuple(persona) if persona else None,
-        questions=tuple(question) if question else None,
-    )
+    given: dict[str, Any] = {
+        "responses_run": responses_run,
+        "model": model,
+        "layers": tuple(layer) if layer else None,
+        "dtype": dtype,
+        "device": device,
+        "device_map": device_map,
+        "span": span,
+        "prompt_format": prompt_format,
+        "max_batch_tokens": max_batch_tokens,
+        "max_batch_size": max_batch_size,
+        "compile": compile_blocks,
+        "personas": tuple(persona) if persona else None,
+        "questions": tuple(question) if question else None,
+        "layers_path": layers_path,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
     w = workspace(ws).require()
+    if resume is not None:
+        config = dataclasses.replace(stored_config(w, resume), **given) if given else None
+    elif responses_run is None:
+        raise ConfigError("give --responses-run N (or --resume RUN to continue an interrupted run)")
+    else:
+        config = ExtractConfig(**given)
     with Progress(
         TextColumn("[bold]extract[/]"),
         BarColumn(),
@@ -83,10 +108,10 @@ def extract(
     ) as bar:
         task = bar.add_task("extract", total=None, tok_s=0.0)
 
-        def on_progress(p) -> None:
+        def on_progress(p: ExtractionProgress) -> None:
             bar.update(task, completed=p.done_examples, total=p.total_examples, tok_s=p.tok_s)
 
-        result = run_extraction(w, config, responses_run, run_id=resume, progress=on_progress)
+        result = run_extraction(w, config, resume=resume, progress=on_progress)
     if as_json:
         emit_json(result)
     else:

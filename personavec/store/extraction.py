@@ -1,7 +1,13 @@
-"""Extraction runs and their per-example rows (response -> Zarr row, token span, done flag)."""
+"""Extraction runs and their per-example rows (response -> Zarr row, token span, done flag).
+
+Units of work of a run's life: :func:`create_extraction_run` (run row, ``extraction_runs`` row and every planned
+example, all or nothing), :func:`resume_extraction_run`, :func:`mark_done` after each written Zarr chunk, and
+:func:`finish_extraction`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -11,7 +17,7 @@ from sqlalchemy.orm import Session
 from personavec.errors import NotFoundError
 from personavec.store import models as m
 from personavec.store.engine import Catalog, dbapi_connection
-from personavec.store.runs import run_in_session
+from personavec.store.runs import create_run, finish_run, mark_running, run_in_session
 
 
 @dataclass(frozen=True)
@@ -125,16 +131,6 @@ def extraction_run_config(catalog: Catalog, run_id: int) -> dict:
         return dict(run_in_session(session, run_id, ("extract",)).config)
 
 
-def set_run_status(catalog: Catalog, run_id: int, status: str) -> None:
-    """Mark a resumed run ``running`` again."""
-    from personavec.store.runs import mark_running
-
-    with catalog.session() as session:
-        run_in_session(session, run_id, ("extract",))
-        if status == "running":
-            mark_running(session, run_id)
-
-
 _PENDING = """
 SELECT a.row, a.response_id, p.system_prompt, q.text AS question, r.text
 FROM activations a
@@ -146,20 +142,68 @@ ORDER BY a.row
 """
 
 
-def pending_examples(catalog: Catalog, run_id: int) -> pa.Table:
-    """Rows of a run not yet done, with the conversation to rebuild (system_prompt, question, text), by row."""
+def create_extraction_run(
+    catalog: Catalog,
+    config: dict,
+    examples: pa.Table,
+    *,
+    zarr_group: Callable[[int], str],
+    **detail: object,
+) -> int:
+    """One unit of work: a ``running`` extract run with its config, its ``extraction_runs`` row (``detail``, and
+    ``zarr_group(run_id)`` as the group name) and every planned example (see :func:`add_examples`), not done.
+
+    Nothing is written if any part fails. Returns the run id; create the run's Zarr group after this returns, so
+    that a group never exists without its run."""
+    with catalog.session() as session:
+        run_id = create_run(session, "extract", config)
+        add_extraction_run(session, run_id, zarr_group=zarr_group(run_id), **detail)
+        add_examples(session, run_id, examples)
+    return run_id
+
+
+def resume_extraction_run(catalog: Catalog, run_id: int) -> pa.Table:
+    """One unit of work: mark an extract run ``running`` again and return its examples not yet done (``row``,
+    ``response_id`` and the conversation to rebuild: ``system_prompt``, ``question``, ``text``), by row."""
     with catalog.session() as session:
         extraction_run_in_session(session, run_id)
-        con = dbapi_connection(session)
-        return con.execute(_PENDING, [run_id]).fetch_arrow_table()
+        mark_running(session, run_id)
+        return dbapi_connection(session).execute(_PENDING, [run_id]).fetch_arrow_table()
 
 
-def finish_extraction(
-    catalog: Catalog, run_id: int, status: str, error: str | None, tokens: int, tok_s: float | None
-) -> None:
-    """Close a run (or a resumed session of it): status, total planned tokens, and this session's tokens/s."""
-    from personavec.store.runs import finish_run
+def mark_done(catalog: Catalog, run_id: int, ranges: Sequence[tuple[int, int]]) -> None:
+    """One unit of work: mark the Zarr row ranges ``[start, stop)`` of a run done (call only once they are written)."""
+    if not ranges:
+        return
+    with catalog.session() as session:
+        for start, stop in ranges:
+            mark_rows_done(session, run_id, start, stop)
 
+
+def response_run_selection(catalog: Catalog, run_id: int) -> tuple[list[str], int]:
+    """What persona/question filters on a responses run may name: its persona set's persona names (in order) and
+    the number of questions in its question set (positions ``0..n-1``)."""
+    with catalog.session() as session:
+        run_in_session(session, run_id)
+        detail = session.get(m.ResponseRun, run_id)
+        if detail is None:
+            raise NotFoundError(f"run {run_id} is not a responses run (generate or ingest-responses)")
+        names = session.scalars(
+            sa.select(m.Persona.name)
+            .where(m.Persona.persona_set_id == detail.persona_set_id)
+            .order_by(m.Persona.position)
+        ).all()
+        n_questions = session.scalar(
+            sa.select(sa.func.count())
+            .select_from(m.Question)
+            .where(m.Question.question_set_id == detail.question_set_id)
+        )
+    return list(names), int(n_questions or 0)
+
+
+def finish_extraction(catalog: Catalog, run_id: int, status: str, error: str | None, tok_s: float | None) -> None:
+    """One unit of work: close a run (or a resumed session of it) with its status and error, total planned tokens,
+    and this session's tokens/s."""
     with catalog.session() as session:
         total = session.execute(
             sa.select(sa.func.sum(m.Activation.n_tokens)).where(m.Activation.run_id == run_id)
