@@ -3,23 +3,23 @@
 The seed's API (``PersonaVectorConfig``, ``ActivationExtractor``, ``extract_persona_vectors``,
 ``generate_responses``, ``load_responses``, ``save_responses``, ``save_persona_vectors``,
 ``load_persona_vectors``, ``PERSONAS``, ``EVAL_QUESTIONS``) is importable from here; names that need torch or
-transformers are imported on first use so that ``import personavec`` and the CLI start fast.
+transformers (or the catalog stack, or the built-in sets) are imported on first use so that ``import personavec``
+and the CLI start fast. The stages (one function each, ``fn(ws, config, *, resume=None, progress=None)``) live in
+their modules: ``personavec.ingest.ingest``, ``personavec.generate.run_generation``,
+``personavec.extract.run_extraction``, ``personavec.vectors.compute_vectors``, ``personavec.report.build_report``.
 """
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-try:
-    __version__ = version("personavec")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
-
-from personavec.builtin import DEFAULT_PERSONAS, EVAL_QUESTIONS, PERSONAS
 from personavec.config import PersonaVectorConfig
 from personavec.workspace import Workspace, init_workspace
 
+# Imported on first use: ``import personavec`` stays light (no torch, DuckDB, SQLAlchemy or pyarrow).
 _LAZY = {
+    "PERSONAS": "personavec.builtin",
+    "EVAL_QUESTIONS": "personavec.builtin",
+    "DEFAULT_PERSONAS": "personavec.builtin",
     "ActivationExtractor": "personavec.seed",
     "extract_persona_vectors": "personavec.seed",
     "load_responses": "personavec.seed",
@@ -31,9 +31,6 @@ _LAZY = {
 }
 
 __all__ = [
-    "DEFAULT_PERSONAS",
-    "EVAL_QUESTIONS",
-    "PERSONAS",
     "PersonaVectorConfig",
     "Workspace",
     "__version__",
@@ -42,7 +39,19 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # ~30 ms: only when asked
+
+    try:
+        return version("personavec")
+    except PackageNotFoundError:  # running from a source tree without installation
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = value = _version()
+        return value
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value

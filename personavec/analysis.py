@@ -14,12 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from personavec.builtin import DEFAULT_PERSONAS
 from personavec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from personavec.vectors import VectorSet
+    from personavec.workspace import Workspace
 
 VectorsLike = Mapping[str, Any]
 
@@ -232,6 +236,25 @@ class ModelComparison:
     explained_variance_ratio: np.ndarray
     axis_cos: dict[tuple[str, str], float]
 
+    def pairs(self) -> list[dict[str, Any]]:
+        """One dict per pair of models: ``a``, ``b``, ``structure_corr``, ``mean_same_persona_cos`` (None when
+        d_model differs) and ``axis_cos`` (None without an axis), as numbers."""
+        out = []
+        for i, a in enumerate(self.models):
+            for j in range(i + 1, len(self.models)):
+                b = self.models[j]
+                diag = self.cross.get((a, b))
+                out.append(
+                    {
+                        "a": a,
+                        "b": b,
+                        "structure_corr": float(self.structure_corr[i, j]),
+                        "mean_same_persona_cos": float(diag.diagonal().mean()) if diag is not None else None,
+                        "axis_cos": self.axis_cos.get((a, b)),
+                    }
+                )
+        return out
+
 
 def _procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """``source`` rotated/reflected (orthogonal R) to best match ``target`` in least squares."""
@@ -356,3 +379,77 @@ def project_transcripts(
         out[label] = values[pos : pos + len(r.assistant_spans)]
         pos += len(r.assistant_spans)
     return out
+
+
+def default_personas_of(vset: VectorSet, defaults: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The assistant-end personas for a vector set: ``defaults`` if given, else the members of the persona group
+    ``default`` recorded in the run's provenance, else :data:`DEFAULT_PERSONAS`; only those present in ``vset``."""
+    if defaults:
+        chosen: Sequence[str] = defaults
+    else:
+        groups = vset.provenance.get("persona_groups") or {}
+        chosen = [p for p, g in groups.items() if "default" in g] or DEFAULT_PERSONAS
+    return tuple(n for n in vset.names if n in chosen)
+
+
+def compare_runs(
+    ws: Workspace, runs: Sequence[tuple[int, int | None]], *, defaults: Sequence[str] | None = None
+) -> ModelComparison:
+    """:func:`compare_models` over vectors runs of a workspace, each ``(run_id, layer or None)``; models are labelled
+    ``"run <id> <model> L<layer>"``."""
+    from personavec.vectors import load_vectors
+
+    if len(runs) < 2:
+        raise ConfigError("compare needs at least two vectors runs")
+    sets = {}
+    for run_id, layer in runs:
+        vs = load_vectors(run_id, layer, workspace=ws)
+        sets[f"run {run_id} {vs.model} L{vs.layer}"] = vs
+    return compare_models(sets, defaults=defaults)
+
+
+@dataclass(frozen=True)
+class RunProjection:
+    """Transcripts projected onto a vectors run's assistant axis, with the run's personas for reference."""
+
+    run_id: int
+    layer: int
+    values: dict[str, np.ndarray]  # one value per assistant turn
+    references: dict[str, float]  # each persona's centred projection
+
+
+def project_onto_run(
+    ws: Workspace,
+    run_id: int,
+    transcripts: Mapping[str, Sequence[Mapping[str, str]]],
+    *,
+    layer: int | None = None,
+    defaults: Sequence[str] | None = None,
+    model: str | None = None,
+    device: str = "auto",
+) -> RunProjection:
+    """Project transcripts onto the assistant axis of a vectors run (grouped by persona), on the run's scale.
+
+    The model is the run's extraction model (or ``model``), loaded in the dtype the extraction used; transcripts
+    are rendered with the run's prompt format and span rule; the origin is the mean of the run's persona vectors,
+    so values compare with the personas' centred projections (``references``)."""
+    from personavec.modeling import load_model
+    from personavec.vectors import load_vectors
+
+    vset = load_vectors(run_id, layer, workspace=ws)
+    axis = assistant_axis(vset, default_personas_of(vset, defaults) or None)
+    prov = vset.provenance
+    from personavec.config import DTYPES
+
+    dtype = str(prov.get("dtype"))
+    loaded = load_model(model or vset.model, dtype=dtype if dtype in DTYPES else "auto", device=device)
+    values = project_transcripts(
+        loaded,
+        transcripts,
+        axis,
+        vset.layer,
+        origin=vset.matrix.double().mean(dim=0).numpy(),
+        prompt_format=str(prov.get("prompt_format") or "chat"),
+        span=str(prov.get("span_rule") or "exact"),
+    )
+    return RunProjection(run_id, vset.layer, values, project(vset, axis))

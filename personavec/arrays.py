@@ -8,6 +8,7 @@ so a chunk has one writer; the catalog marks rows done only after their chunk is
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, cast
 
@@ -103,3 +104,23 @@ def read_rows(array: zarr.Array, rows: np.ndarray | None = None, layer_index: in
     if rows.size and np.all(np.diff(rows) == 1):
         return np.asarray(array[int(rows[0]) : int(rows[-1]) + 1, sel_layer])
     return np.asarray(array.get_orthogonal_selection((rows, sel_layer if layer_index is not None else slice(None))))
+
+
+def run_groups(zarr_path: Path) -> list[str]:
+    """Names of the run groups in the store (empty when it does not exist)."""
+    if not (Path(zarr_path) / "zarr.json").is_file():
+        return []
+    root = zarr.open_group(str(zarr_path), mode="r", zarr_format=3)
+    return sorted(name for name in root.group_keys() if name.startswith("run_"))
+
+
+def remove_groups(zarr_path: Path, names: Iterable[str]) -> list[str]:
+    """Delete the named run groups (and their arrays) that exist; returns the names removed. Used when the catalog
+    forgets runs (a schema downgrade), so that a reused run id never meets an old group."""
+    present = set(run_groups(zarr_path))
+    removed = [name for name in dict.fromkeys(names) if name in present]
+    if removed:
+        root = _root(zarr_path)
+        for name in removed:
+            del root[name]
+    return removed

@@ -88,7 +88,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
     """Run serve -> generate -> extract -> vectors -> report on the embedded model; ``log`` receives each line."""
     from personavec.extract import ExtractConfig, run_extraction
     from personavec.generate import GenerateConfig, run_generation
-    from personavec.report import build_report
+    from personavec.report import ReportConfig, build_report
     from personavec.serve import EMBEDDED_MODEL, local_server
     from personavec.vectors import VectorConfig, compute_vectors
     from personavec.workspace import init_workspace
@@ -147,24 +147,19 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
     )
 
     t = step(5, "persona vectors: mean of each persona's per-answer means")
-    # One read-write catalog for the last two steps: a read-only open would clash with any read-write connection
-    # still alive in this process (DuckDB allows one configuration per file per process).
-    catalog = ws.catalog()
-    try:
-        vec = compute_vectors(catalog, VectorConfig(extraction_run_id=ext.run_id))
-        dt = time.perf_counter() - t
-        say(f"      run {vec.run_id}: {vec.n_vectors} vectors ({len(vec.groups)} personas) in {dt:.2f}s")
+    vec = compute_vectors(ws, VectorConfig(extraction_run_id=ext.run_id))
+    dt = time.perf_counter() - t
+    say(f"      run {vec.run_id}: {vec.n_vectors} vectors ({len(vec.groups)} personas) in {dt:.2f}s")
 
-        t = step(6, "report: similarity heatmap, PCA, variance, assistant axis vs PC1")
-        rep = build_report(vec.run_id, catalog=catalog)
-        if rep.axis_stats is not None:
-            s = rep.axis_stats
-            say(
-                f"      |cos(assistant axis, PC1)| = {s.abs_cos_pc1:.3f}, R² = {s.r2_projection_pc1:.3f}, "
-                f"PC1 = {100 * s.pc1_variance_ratio:.1f}% of variance"
-            )
-    finally:
-        catalog.close()
+    t = step(6, "report: similarity heatmap, PCA, variance, assistant axis vs PC1")
+    rep = build_report(ws, ReportConfig(vec.run_id))
+    if rep.axis_stats is not None:
+        s = rep.axis_stats
+        say(
+            f"      |cos(assistant axis, PC1)| = {s.abs_cos_pc1:.3f}, R² = {s.r2_projection_pc1:.3f}, "
+            f"PC1 = {100 * s.pc1_variance_ratio:.1f}% of variance"
+        )
+    ws.close()
     wall = time.perf_counter() - t0
     say(f"\n[bold green]done in {wall:.0f}s.[/] Report: [bold]{rep.html}[/]")
     say(f"Heatmap: {rep.pngs['similarity']}")

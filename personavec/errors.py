@@ -27,7 +27,9 @@ class InputFileError(PersonavecError, ValueError):
 
 
 class WorkspaceError(PersonavecError, FileNotFoundError):
-    """The workspace directory is missing or is not a personavec workspace."""
+    """The workspace directory is missing or is not a personavec workspace (a wrong --workspace: exit 2)."""
+
+    exit_code = 2
 
 
 class CatalogError(PersonavecError, RuntimeError):
@@ -38,16 +40,49 @@ class CatalogLockedError(CatalogError):
     """Another process holds the catalog's write lock (DuckDB allows one writer per file)."""
 
 
+class CatalogCorruptError(CatalogError):
+    """The catalog file is damaged (not a DuckDB file, or a block fails its checksum); personavec stops using it."""
+
+
 class SchemaVersionError(CatalogError):
     """The catalog's schema is not at this package's head revision."""
 
 
 class NotFoundError(PersonavecError, LookupError):
-    """A named thing (run, persona set, persona, question) does not exist in the catalog."""
+    """A named thing (run, persona set, persona, question) does not exist in the catalog: bad input, exit 2."""
+
+    exit_code = 2
 
 
 class RunNotFoundError(NotFoundError):
     """No run with that id (or of that kind)."""
+
+
+class RunBusyError(PersonavecError, RuntimeError):
+    """A run cannot be resumed because another live process is still running it."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A stage stopped by Ctrl-C or SIGTERM after marking its run ``interrupted``: carries the command that
+    resumes it. A ``KeyboardInterrupt``, so code that handles Ctrl-C handles this too."""
+
+    def __init__(self, run_id: int, resume_command: str, signal_exit: int = 130) -> None:
+        super().__init__(f"run {run_id} interrupted: resume with `{resume_command}`")
+        self.run_id = run_id
+        self.resume_command = resume_command
+        self.exit_code = signal_exit
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM (see ``personavec.cli.main``) so that runs unwind as on Ctrl-C and are
+    marked ``interrupted``, not ``failed``."""
+
+
+class QueryError(PersonavecError, ValueError):
+    """A query given to ``personavec sql`` is refused (not a read statement, or it would reach outside the catalog)
+    or fails on its own terms (syntax, unknown table or column, bad cast)."""
+
+    exit_code = 2
 
 
 class DuplicateError(PersonavecError, ValueError):

@@ -34,14 +34,31 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place: a crash or an error
-    never leaves a half-written ``path`` (the temporary file is removed)."""
+    never leaves a half-written ``path`` (the temporary file is removed). The file gets the permissions a plain
+    ``open(path, "w")`` would (0666 minus the umask), not ``mkstemp``'s private 0600.
+
+    Raises :class:`InputFileError` when ``path`` is a directory or its directory cannot be written."""
+    from personavec.errors import InputFileError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    if path.is_dir():
+        raise InputFileError(f"{path} is a directory: give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as exc:
+        raise InputFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

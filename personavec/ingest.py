@@ -8,6 +8,7 @@ Any problem raises :class:`InputFileError` naming the file and the row or key, a
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from personavec.workspace import Workspace
 
 BUILTIN = "builtin"
+#: Longest persona name or question text, in UTF-8 bytes: both are unique keys, and DuckDB's index (ART) refuses keys
+#: over ~184 KiB with an error that names neither the file nor the row.
+MAX_KEY_BYTES = 100_000
 RESPONSE_FORMATS = ("seed-json", "jsonl", "csv", "parquet")
 
 
@@ -48,10 +52,41 @@ class IngestResult:
 # ---------------------------------------------------------------------------------------------------- reading files
 
 
-def _read_text(path: Path) -> str:
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise InputFileError(f"{path}: is a directory, expected a file")
     if not path.is_file():
         raise InputFileError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+
+
+def _not_utf8(path: Path, offset: int, exc: UnicodeDecodeError) -> InputFileError:
+    bad = exc.object[exc.start : exc.start + 1]
+    return InputFileError(f"{path}: not UTF-8 text (byte {offset + exc.start} is {bad!r}): save it as UTF-8")
+
+
+def _check_utf8(path: Path) -> None:
+    """Arrow's CSV/JSON readers let invalid UTF-8 through (as binary, or as broken strings)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, offset, exc) from exc
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, offset, exc) from exc
+
+
+def _read_text(path: Path) -> str:
+    _require_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, 0, exc) from exc
     if not text.strip():
         raise InputFileError(f"{path}: the file is empty")
     return text
@@ -115,6 +150,15 @@ def _csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     return list(reader)
 
 
+def _check_key_size(path: Path, where: str, what: str, value: str) -> None:
+    size = len(value.encode("utf-8"))
+    if size > MAX_KEY_BYTES:
+        raise InputFileError(
+            f"{path}: {where}: the {what} is {size:,} bytes long; at most {MAX_KEY_BYTES:,} bytes are allowed "
+            f"(it is a unique key in the catalog)"
+        )
+
+
 def read_persona_file(path: Path) -> tuple[str | None, list[PersonaSpec]]:
     """Personas from JSON/YAML (``{name?, personas: [{name, system_prompt, groups?}]}`` or ``{name: prompt}``)
     or CSV (columns ``name``, ``system_prompt``, optional ``groups`` separated by ``;``)."""
@@ -158,6 +202,7 @@ def read_persona_file(path: Path) -> tuple[str | None, list[PersonaSpec]]:
             raise InputFileError(f"{path}: {where}: 'groups' must be a list of strings")
         if item["name"] in seen:
             raise InputFileError(f"{path}: {where}: duplicate persona name {item['name']!r}")
+        _check_key_size(path, where, "persona name", item["name"])
         seen.add(item["name"])
         personas.append(PersonaSpec(item["name"], prompt, tuple(groups)))
     if not personas:
@@ -185,6 +230,7 @@ def read_question_file(path: Path) -> tuple[str | None, list[str]]:
             raise InputFileError(f"{path}: {w}: each question must be a non-empty string")
         if q in seen:
             raise InputFileError(f"{path}: {w}: duplicate question {q!r}")
+        _check_key_size(path, w, "question", q)
         seen.add(q)
     if not items:
         raise InputFileError(f"{path}: no questions in the file")
@@ -214,12 +260,13 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
     fmt = fmt or detect_response_format(path)
     if fmt not in RESPONSE_FORMATS:
         raise InputFileError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(RESPONSE_FORMATS)}")
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file")
+    _require_file(path)
     if path.stat().st_size == 0:
         raise InputFileError(f"{path}: the file is empty")
     if fmt == "seed-json":
         return _read_seed_json(path)
+    if fmt in ("jsonl", "csv"):
+        _check_utf8(path)
     try:
         if fmt == "jsonl":
             table = pajson.read_json(path)
@@ -297,6 +344,37 @@ def _read_seed_json(path: Path) -> pa.Table:
             "_where": [f"key {json.dumps([p, q])}" for p, q in zip(personas, questions, strict=True)],
         }
     )
+
+
+TRANSCRIPT_ROLES = ("system", "user", "assistant")
+
+
+def read_transcript_file(path: Path) -> dict[str, list[dict[str, str]]]:
+    """Conversations to project, from JSON: one list of ``{role, content}`` messages, a list of such lists, or
+    ``{name: messages}``. Roles must be system/user/assistant; every transcript needs a non-empty assistant turn."""
+    doc = _load_structured(Path(path))
+    if isinstance(doc, list) and doc and all(isinstance(m, dict) for m in doc):
+        doc = {Path(path).stem: doc}
+    elif isinstance(doc, list):
+        doc = {f"transcript {i + 1}": t for i, t in enumerate(doc)}
+    if not isinstance(doc, dict) or not doc:
+        raise InputFileError(f"{path}: expected a list of messages, a list of transcripts or {{name: messages}}")
+    for name, msgs in doc.items():
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
+            raise InputFileError(f"{path}: transcript {name!r} must be a list of {{role, content}} messages")
+        for i, m in enumerate(msgs):
+            if m["role"] not in TRANSCRIPT_ROLES:
+                raise InputFileError(
+                    f"{path}: transcript {name!r} message {i}: unknown role {m['role']!r} "
+                    f"(expected {', '.join(TRANSCRIPT_ROLES)})"
+                )
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise InputFileError(f"{path}: transcript {name!r} message {i}: empty assistant message")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise InputFileError(f"{path}: transcript {name!r} has no assistant message to project")
+    return doc
 
 
 # ---------------------------------------------------------------------------------------------------- ingesting

@@ -24,11 +24,12 @@ _MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 130) -> Path:
-    """Write ``fig`` as a PNG (Agg canvas); returns the path."""
+    """Write ``fig`` as a PNG (Agg canvas, written whole then renamed into place); returns the path."""
+    from personavec.files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", facecolor="white"))
     return path
 
 
@@ -80,8 +81,58 @@ def similarity_heatmap(
 
 
 def _label_points(ax, xs: np.ndarray, ys: np.ndarray, names: Sequence[str], fontsize: int = 8) -> None:
-    for x, y, name in zip(xs, ys, names, strict=True):
-        ax.annotate(_short(name, 20), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=fontsize)
+    """Label each point without labels overlapping: a label goes right of its point, else is moved up or down (or to
+    the left) in steps of one line until its box is free, joined to its point by a thin line when moved.
+
+    Call after the axis limits are final (margins set): positions are planned in display coordinates."""
+    fig = ax.figure
+    if fig.canvas is None or not hasattr(fig.canvas, "get_renderer"):
+        FigureCanvasAgg(fig)
+    ax.autoscale_view()
+    fig.tight_layout()
+    pts = ax.transData.transform(np.column_stack([xs, ys]))
+    scale = fig.dpi / 72.0  # points -> pixels
+    line_h = 1.25 * fontsize * scale
+    placed: list[tuple[float, float, float, float]] = []
+
+    def free(box: tuple[float, float, float, float]) -> bool:
+        x0, y0, x1, y1 = box
+        return all(x1 <= a0 or x0 >= a1 or y1 <= b0 or y0 >= b1 for a0, b0, a1, b1 in placed)
+
+    bx0, by0, bx1, by1 = ax.get_window_extent().extents
+    r = 4.0 * scale  # markers are obstacles too
+    placed += [(x - r, y - r, x + r, y + r) for x, y in pts]
+
+    def inside(box: tuple[float, float, float, float]) -> bool:
+        return box[0] >= bx0 and box[2] <= bx1 and box[1] >= by0 and box[3] <= by1
+
+    steps = [0] + [k * sign for k in range(1, 12) for sign in (-1, 1)]
+    order = np.argsort(-pts[:, 1], kind="stable")  # top to bottom: crowded columns stack downwards
+    for i in order:
+        text = _short(names[i], 20)
+        w = 0.6 * fontsize * scale * len(text)
+        px, py = pts[i]
+        # right of the point first, then left, each moved up/down by whole lines: the nearest free place wins
+        candidates = [(dx, 3.0 + k * line_h / scale) for k in steps for dx in (4.0, -4.0 - w / scale)]
+        candidates.sort(key=lambda c: abs(c[1] - 3.0) + (0.5 * line_h / scale if c[0] < 0 else 0.0))
+        chosen = candidates[0]
+        for dx, dy in candidates:
+            x0 = px + dx * scale
+            box = (x0, py + dy * scale, x0 + w, py + dy * scale + line_h)
+            if inside(box) and free(box):
+                chosen = (dx, dy)
+                break
+        x0 = px + chosen[0] * scale
+        placed.append((x0, py + chosen[1] * scale, x0 + w, py + chosen[1] * scale + line_h))
+        moved = abs(chosen[1] - 3.0) > 1 or chosen[0] < 0
+        ax.annotate(
+            text,
+            (xs[i], ys[i]),
+            xytext=chosen,
+            textcoords="offset points",
+            fontsize=fontsize,
+            arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5, "shrinkA": 0, "shrinkB": 3} if moved else None,
+        )
 
 
 def pca_scatter(
@@ -111,7 +162,6 @@ def pca_scatter(
         if mask.any():
             sub = {k: (v[mask] if k == "c" else v) for k, v in kw.items()}
             sc = ax.scatter(xs[mask], ys[mask], marker=marker, s=size, edgecolors="black", linewidths=0.6, **sub)
-    _label_points(ax, xs, ys, names)
     ax.margins(0.12)  # room for the labels of the outermost points
     ax.axhline(0, color="grey", lw=0.6, zorder=0)
     ax.axvline(0, color="grey", lw=0.6, zorder=0)
@@ -124,6 +174,7 @@ def pca_scatter(
         ax.scatter([], [], marker="*", s=120, color="white", edgecolors="black", label="default personas")
         ax.legend(loc="best", fontsize=8)
     ax.set_title(title or "Persona space: first two principal components", fontsize=12)
+    _label_points(ax, xs, ys, names)
     fig.tight_layout()
     return fig
 
@@ -140,12 +191,13 @@ def cumulative_variance(p: PCAResult, *, title: str | None = None) -> Figure:
         ax.axhline(level, color="grey", ls=":", lw=0.8)
         n_needed = int(np.searchsorted(np.cumsum(r) * 100, level - 1e-9) + 1)
         if n_needed <= len(r):
-            ax.annotate(f"{level}%: {n_needed} PCs", (len(r) + 0.3, level), fontsize=8, va="bottom", ha="right")
+            ax.annotate(f"{level}%: {n_needed} PCs", (len(r) + 0.4, level), fontsize=8, va="bottom", ha="right")
     ax.set_xlabel("principal component")
     ax.set_ylabel("% of variance of the centred vectors")
     ax.set_ylim(0, 105)
     ax.set_xticks(k)
-    ax.legend(loc="center right", fontsize=8)
+    # Below the 50% mark, right: away from the mark labels (right, at 50/80/90%) and the tall first bars (left).
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 0.12), fontsize=8)
     ax.set_title(title or "Variance explained", fontsize=12)
     fig.tight_layout()
     return fig
@@ -175,7 +227,6 @@ def axis_vs_pc1(stats: AxisStats, p: PCAResult, *, defaults: Sequence[str] = (),
         slope, icept = np.polyfit(xs, ys, 1)
         line = np.linspace(xs.min(), xs.max(), 2)
         ax.plot(line, slope * line + icept, color="grey", ls="--", lw=1)
-    _label_points(ax, xs, ys, names)
     ax.margins(0.12)
     ax.set_xlabel("projection on the assistant axis (centred)")
     ax.set_ylabel("PC1 coordinate")
@@ -186,6 +237,7 @@ def axis_vs_pc1(stats: AxisStats, p: PCAResult, *, defaults: Sequence[str] = (),
         f"PC1 = {100 * stats.pc1_variance_ratio:.1f}% of variance",
         fontsize=11,
     )
+    _label_points(ax, xs, ys, names)
     fig.tight_layout()
     return fig
 
@@ -193,10 +245,15 @@ def axis_vs_pc1(stats: AxisStats, p: PCAResult, *, defaults: Sequence[str] = (),
 def cross_model_similarity(cmp: ModelComparison, *, title: str | None = None) -> Figure:
     """Side by side: each model's centred similarity on the shared personas, then (equal d_model) the cross-model
     cosine matrix of the first two models; the structure correlation in the titles."""
-    panels = [(f"{m}\n(d_model {d})", cmp.within[m]) for m, d in zip(cmp.models, cmp.d_models, strict=True)]
+    import textwrap
+
+    def wrap(text: str) -> str:
+        return "\n".join(textwrap.wrap(text, 34, break_long_words=False, break_on_hyphens=False))
+
+    panels = [(f"{wrap(m)}\n(d_model {d})", cmp.within[m]) for m, d in zip(cmp.models, cmp.d_models, strict=True)]
     if cmp.cross:
         (a, b), mat = next(iter(cmp.cross.items()))
-        panels.append((f"{a} (rows) vs {b} (columns)", mat))
+        panels.append((f"{wrap(a)} (rows)\nvs {wrap(b)} (columns)", mat))
     n = len(cmp.personas)
     size = max(4.0, 0.3 * n + 2.0)
     fig = Figure(figsize=(size * len(panels) + 1.5, size + 0.8))
@@ -228,15 +285,16 @@ def cross_model_pca(cmp: ModelComparison, *, title: str | None = None) -> Figure
         ax.scatter(
             c[:, 0], c[:, 1], marker=_MODEL_MARKERS[k % len(_MODEL_MARKERS)], s=60, label=m, edgecolors="black", lw=0.5
         )
-    _label_points(ax, coords[0][:, 0], coords[0][:, 1], cmp.personas, fontsize=7)
     how = "joint PCA" if cmp.method == "joint-pca" else "per-model PCA, Procrustes-aligned to the first model"
     r = cmp.explained_variance_ratio
     ax.set_xlabel(f"PC1 ({100 * r[0]:.1f}%)" if len(r) else "PC1")
     ax.set_ylabel(f"PC2 ({100 * r[1]:.1f}%)" if len(r) > 1 else "PC2")
     ax.axhline(0, color="grey", lw=0.5, zorder=0)
     ax.axvline(0, color="grey", lw=0.5, zorder=0)
+    ax.margins(0.08)
     ax.legend(loc="best", fontsize=9)
     ax.set_title(title or f"Persona space across models ({how})", fontsize=11)
+    _label_points(ax, coords[0][:, 0], coords[0][:, 1], cmp.personas, fontsize=7)
     fig.tight_layout()
     return fig
 

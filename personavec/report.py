@@ -1,8 +1,8 @@
 """Report of one vector run: PNG figures and one self-contained HTML page (images embedded) with provenance.
 
-``build_report(run_id)`` loads one layer of a ``vectors`` run, runs the analyses (centred similarity, PCA, the
-assistant axis and its agreement with PC1) and writes ``similarity.png``, ``pca.png``, ``variance.png``,
-``axis_vs_pc1.png`` and ``index.html`` into ``<workspace>/reports/run_<id>/`` (or ``out_dir``).
+``build_report(ws, ReportConfig(run_id))`` loads one layer of a ``vectors`` run, runs the analyses (centred
+similarity, PCA, the assistant axis and its agreement with PC1) and writes ``similarity.png``, ``pca.png``,
+``variance.png``, ``axis_vs_pc1.png`` and ``index.html`` into ``<workspace>/reports/run_<id>/`` (or ``out_dir``).
 """
 
 from __future__ import annotations
@@ -10,18 +10,39 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from personavec import analysis, plots
-from personavec.builtin import DEFAULT_PERSONAS
-from personavec.errors import ConfigError
-from personavec.store.engine import Catalog
-from personavec.vectors import VectorSet, load_vectors
+from personavec.errors import ConfigError, InputFileError
+from personavec.files import atomic_write
+from personavec.vectors import load_vectors
 from personavec.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Which vectors run to report on, and how.
+
+    Attributes:
+        run_id: a ``vectors`` run.
+        out_dir: where to write (default ``<workspace>/reports/run_<id>/``).
+        layer: which layer (default as :func:`personavec.load_vectors`).
+        defaults: assistant-end personas (default: the ``default`` persona group).
+    """
+
+    run_id: int
+    out_dir: Path | None = None
+    layer: int | None = None
+    defaults: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.defaults is not None:
+            object.__setattr__(self, "defaults", tuple(self.defaults) or None)
 
 
 @dataclass(frozen=True)
@@ -34,17 +55,6 @@ class ReportResult:
     html: Path
     pngs: dict[str, Path]
     axis_stats: analysis.AxisStats | None
-
-
-def default_personas_of(vset: VectorSet, defaults: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The assistant-end personas for a vector set: ``defaults`` if given, else the members of the persona group
-    ``default`` recorded in the run's provenance, else :data:`DEFAULT_PERSONAS`; only those present in ``vset``."""
-    if defaults:
-        chosen: Sequence[str] = defaults
-    else:
-        groups = vset.provenance.get("persona_groups") or {}
-        chosen = [p for p, g in groups.items() if "default" in g] or DEFAULT_PERSONAS
-    return tuple(n for n in vset.names if n in chosen)
 
 
 def _img(path: Path, alt: str) -> str:
@@ -73,39 +83,51 @@ pre{padding:.6em;overflow-x:auto;font-size:.8em}
 """
 
 
+_HOW_TO_READ = """<h2>How to read this</h2>
+<p><b>Mean-centring.</b> Every vector here is a mean residual-stream activation; they all share a large common
+component (what any answer of this model looks like at this layer). Similarities and PCA use each vector minus the
+mean of all vectors shown, so they compare what is <i>specific</i> to each persona: a cosine of +1 means two
+personas move the activations the same way away from the average, -1 opposite ways.</p>
+<p><b>Assistant axis.</b> The unit vector from the mean of the other personas to the mean of the default
+(assistant-like) personas. A persona's projection on it says how assistant-like its answers are on this model's own
+scale: positive towards the assistant, negative away from it.</p>
+<p><b>Axis vs PC1 and R&sup2;.</b> PC1 is the direction along which the personas vary most. |cos(axis, PC1)| near 1
+means the main way personas differ is how assistant-like they are. R&sup2; is the squared correlation between the
+personas' axis projections and their PC1 coordinates: the share of PC1's spread that the axis explains.</p>
+"""
+
+
 def build_report(
-    run_id: int,
-    workspace: Workspace | str | os.PathLike[str] | None = None,
+    ws: Workspace,
+    config: ReportConfig,
     *,
-    out_dir: str | os.PathLike[str] | None = None,
-    layer: int | None = None,
-    defaults: Sequence[str] | None = None,
-    catalog: Catalog | None = None,
+    resume: int | None = None,
+    progress: Callable[[ReportResult], None] | None = None,
 ) -> ReportResult:
     """Write the PNGs and the HTML page of a vector run; returns where they are.
 
-    Args:
-        run_id: a ``vectors`` run.
-        workspace: its workspace (None = the default one); ignored when ``catalog`` is given.
-        out_dir: where to write (default ``<workspace>/reports/run_<id>/``).
-        layer: which layer (default as :func:`personavec.load_vectors`).
-        defaults: assistant-end personas (default: the ``default`` persona group).
+    A report is rewritten whole each time (``resume`` must be None); ``progress`` is called once with the result.
+
+    Example: ``build_report(Workspace.resolve("ws"), ReportConfig(run_id=5)).html``.
     """
-    ws = (
-        Workspace(catalog.path.parent)
-        if catalog is not None
-        else (workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace))
-    )
-    vset = load_vectors(run_id, layer, ws, catalog=catalog) if catalog else load_vectors(run_id, layer, ws)
+    if resume is not None:
+        raise ConfigError("a report is written whole each time and cannot be resumed: build it again")
+    run_id, out_dir, defaults = config.run_id, config.out_dir, config.defaults
+    vset = load_vectors(run_id, config.layer, workspace=ws)
     if len(vset) < 3:
         raise ConfigError(
             f"vectors run {run_id} has {len(vset)} vector(s) at layer {vset.layer}: a report needs at least 3 "
             f"(group by persona, question or persona_group)"
         )
     directory = Path(out_dir) if out_dir is not None else ws.root / "reports" / f"run_{run_id}"
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise InputFileError(f"{directory} is a file: the report's --out is a directory (its PNGs and index.html)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputFileError(f"cannot create the report directory {directory}: {exc.strerror or exc}") from exc
 
-    dflt = default_personas_of(vset, defaults)
+    dflt = analysis.default_personas_of(vset, defaults)
     sim = analysis.similarity_matrix(vset)
     p = analysis.pca(vset, defaults=dflt or None)
     stats: analysis.AxisStats | None = None
@@ -192,7 +214,7 @@ def build_report(
                 f"{p.coordinates[j, 1]:+.3f}" if p.coordinates.shape[1] > 1 else "",
             )
         )
-    config = {k: v for k, v in prov.items() if k not in ("norms", "persona_groups")}
+    run_config = {k: v for k, v in prov.items() if k not in ("norms", "persona_groups")}
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>personavec report: vectors run {run_id}</title>
 <style>{_CSS}</style></head><body>
@@ -200,18 +222,20 @@ def build_report(
 <p>{html.escape(subtitle)}</p>
 <h2>Provenance</h2>{_table(prov_rows)}
 <h2>Summary</h2><div class="stats">{_table(stat_rows)}</div>
+{_HOW_TO_READ}
 <h2>Figures</h2>
 {"".join(_img(pngs[n], captions[n]) for n in pngs)}
 <h2>{html.escape(what.capitalize())}</h2>
 {_table(group_rows, [vset.group_by, "examples", "norm", "axis projection", "PC1", "PC2"])}
-<h2>Run configuration</h2><pre>{html.escape(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>
+<h2>Run configuration</h2><pre>{html.escape(json.dumps(run_config, indent=2, sort_keys=True, default=str))}</pre>
 <p>Query these vectors in SQL: <code>personavec sql "SELECT a.group_key, b.group_key,
 list_cosine_similarity(a.vector, b.vector) AS cos FROM vectors a JOIN vectors b USING (run_id, layer)
 WHERE run_id = {run_id} AND layer = {vset.layer} ORDER BY cos DESC"</code></p>
 </body></html>
 """
     index = directory / "index.html"
-    tmp = directory / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(index)
-    return ReportResult(run_id, vset.layer, directory, index, pngs, stats)
+    atomic_write(index, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    result = ReportResult(run_id, vset.layer, directory, index, pngs, stats)
+    if progress is not None:
+        progress(result)
+    return result

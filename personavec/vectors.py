@@ -24,16 +24,10 @@ import pyarrow as pa
 import torch
 
 from personavec import arrays
+from personavec.config import default_layer
 from personavec.errors import ConfigError, InputFileError, StorageError
-from personavec.store.engine import Catalog
 from personavec.store.extraction import extraction_examples, get_extraction_run
-from personavec.store.runs import create_run, finish_run
-from personavec.store.vectors import (
-    add_vector_run,
-    insert_vectors,
-    persona_groups_for_responses,
-    read_vectors,
-)
+from personavec.store.vectors import create_vector_run, persona_groups_for_responses, read_vectors
 from personavec.workspace import Workspace
 
 #: Catalog columns a vector run can group examples by.
@@ -133,14 +127,6 @@ class VectorSet(Mapping[str, torch.Tensor]):
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
-def _open(where: Workspace | Catalog | str | os.PathLike[str] | None, read_only: bool) -> tuple[Catalog, Path, bool]:
-    """(catalog, zarr path, whether we opened the catalog and must close it)."""
-    if isinstance(where, Catalog):
-        return where, Workspace(where.path.parent).zarr_path, False
-    ws = where if isinstance(where, Workspace) else Workspace.resolve(where)
-    return ws.catalog(read_only=read_only), ws.zarr_path, True
-
-
 def _group_keys(table: pa.Table, group_by: str) -> list[list[str]]:
     """For each example, the groups it counts in (one, except for ``persona_group``)."""
     if group_by == "persona":
@@ -195,7 +181,11 @@ def group_means(
 
 
 def compute_vectors(
-    where: Workspace | Catalog | str | os.PathLike[str] | None, config: VectorConfig
+    ws: Workspace,
+    config: VectorConfig,
+    *,
+    resume: int | None = None,
+    progress: Callable[[VectorRunResult], None] | None = None,
 ) -> VectorRunResult:
     """Average an extraction run's per-example activations per group and layer into a new ``vectors`` run.
 
@@ -204,173 +194,166 @@ def compute_vectors(
     one transaction, so a failure leaves no vectors run behind.
 
     Args:
-        where: a workspace (or its path; None = the default workspace) or an open read-write catalog.
+        ws: the workspace.
         config: which extraction run, grouping and layers.
+        resume: must be None: a vectors run is one transaction, there is nothing to resume.
+        progress: called once with the result.
 
     Returns:
         :class:`VectorRunResult` with the new run id.
 
     Example:
-        >>> res = compute_vectors("ws", VectorConfig(extraction_run_id=3))
+        >>> res = compute_vectors(Workspace.resolve("ws"), VectorConfig(extraction_run_id=3))
         >>> load_vectors(res.run_id, workspace="ws")["default"].shape
     """
+    if resume is not None:
+        raise ConfigError("a vectors run is one transaction and cannot be resumed: compute it again")
     t0 = time.perf_counter()
-    catalog, zarr_path, owned = _open(where, read_only=False)
-    try:
-        ext = get_extraction_run(catalog, config.extraction_run_id)
-        layers = config.layers if config.layers is not None else ext.layers
-        missing = [layer for layer in layers if layer not in ext.layers]
-        if missing:
-            raise ConfigError(
-                f"extract run {ext.run_id} has no layer(s) {', '.join(map(str, missing))}; "
-                f"it stored layers {', '.join(map(str, ext.layers))}"
-            )
-        table = extraction_examples(catalog, ext.run_id)
-        if table.num_rows == 0:
-            raise ConfigError(f"extract run {ext.run_id} has no examples")
-        done = np.asarray(table["done"].to_numpy(zero_copy_only=False), dtype=bool)
-        n_undone = int((~done).sum())
-        if n_undone and not config.allow_partial:
-            raise ConfigError(
-                f"extract run {ext.run_id} has {n_undone} of {table.num_rows} examples not done: resume the "
-                f"extraction to finish it, or pass allow_partial (--allow-partial) to average the done rows only"
-            )
-        table = table.filter(pa.array(done))
-        if table.num_rows == 0:
-            raise ConfigError(f"extract run {ext.run_id} has no done examples yet")
+    catalog, zarr_path = ws.catalog(), ws.zarr_path
+    ext = get_extraction_run(catalog, config.extraction_run_id)
+    layers = config.layers if config.layers is not None else ext.layers
+    missing = [layer for layer in layers if layer not in ext.layers]
+    if missing:
+        raise ConfigError(
+            f"extract run {ext.run_id} has no layer(s) {', '.join(map(str, missing))}; "
+            f"it stored layers {', '.join(map(str, ext.layers))}"
+        )
+    table = extraction_examples(catalog, ext.run_id)
+    if table.num_rows == 0:
+        raise ConfigError(f"extract run {ext.run_id} has no examples")
+    done = np.asarray(table["done"].to_numpy(zero_copy_only=False), dtype=bool)
+    n_undone = int((~done).sum())
+    if n_undone and not config.allow_partial:
+        raise ConfigError(
+            f"extract run {ext.run_id} has {n_undone} of {table.num_rows} examples not done: resume the "
+            f"extraction to finish it, or pass allow_partial (--allow-partial) to average the done rows only"
+        )
+    table = table.filter(pa.array(done))
+    if table.num_rows == 0:
+        raise ConfigError(f"extract run {ext.run_id} has no done examples yet")
 
-        persona_groups = persona_groups_for_responses(catalog, ext.source_run_id)
-        keys = _group_keys(table, config.group_by)
-        groups = sorted({k for ks in keys for k in ks}, key=_group_order(table, config.group_by, list(persona_groups)))
-        if not groups:
-            raise ConfigError(f"extract run {ext.run_id}: no example has a {config.group_by} to group by")
-        gidx = {g: i for i, g in enumerate(groups)}
-        membership = np.zeros((len(groups), table.num_rows), dtype=np.float64)
-        for j, ks in enumerate(keys):
-            for k in ks:
-                membership[gidx[k], j] = 1.0
-        counts = membership.sum(axis=1).astype(np.int64)
-        rows = np.asarray(table["row"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    persona_groups = persona_groups_for_responses(catalog, ext.source_run_id)
+    keys = _group_keys(table, config.group_by)
+    groups = sorted({k for ks in keys for k in ks}, key=_group_order(table, config.group_by, list(persona_groups)))
+    if not groups:
+        raise ConfigError(f"extract run {ext.run_id}: no example has a {config.group_by} to group by")
+    gidx = {g: i for i, g in enumerate(groups)}
+    membership = np.zeros((len(groups), table.num_rows), dtype=np.float64)
+    for j, ks in enumerate(keys):
+        for k in ks:
+            membership[gidx[k], j] = 1.0
+    counts = membership.sum(axis=1).astype(np.int64)
+    rows = np.asarray(table["row"].to_numpy(zero_copy_only=False), dtype=np.int64)
 
-        array = arrays.open_activation_array(zarr_path, ext.zarr_group, "r")
-        if tuple(array.shape[1:]) != (len(ext.layers), ext.d_model):
+    array = arrays.open_activation_array(zarr_path, ext.zarr_group, "r")
+    if tuple(array.shape[1:]) != (len(ext.layers), ext.d_model):
+        raise StorageError(
+            f"Zarr group {ext.zarr_group} has shape {tuple(array.shape)}, the catalog says "
+            f"[*, {len(ext.layers)}, {ext.d_model}]: the activation store and the catalog disagree"
+        )
+    parts = []
+    for layer in layers:
+        means = group_means(array, rows, membership, ext.layers.index(layer)).astype(np.float32)
+        if not np.isfinite(means).all():
             raise StorageError(
-                f"Zarr group {ext.zarr_group} has shape {tuple(array.shape)}, the catalog says "
-                f"[*, {len(ext.layers)}, {ext.d_model}]: the activation store and the catalog disagree"
+                f"extract run {ext.run_id}, layer {layer}: rows marked done hold NaN/inf in Zarr "
+                f"({zarr_path}/{ext.zarr_group}); the store is inconsistent with the catalog"
             )
-        parts = []
-        for layer in layers:
-            means = group_means(array, rows, membership, ext.layers.index(layer)).astype(np.float32)
-            if not np.isfinite(means).all():
-                raise StorageError(
-                    f"extract run {ext.run_id}, layer {layer}: rows marked done hold NaN/inf in Zarr "
-                    f"({zarr_path}/{ext.zarr_group}); the store is inconsistent with the catalog"
-                )
-            norms = np.linalg.norm(means.astype(np.float64), axis=1)
-            parts.append(
-                pa.table(
-                    {
-                        "layer": pa.array([layer] * len(groups), pa.int32()),
-                        "group_key": pa.array(groups, pa.string()),
-                        "n_examples": pa.array(counts, pa.int32()),
-                        "norm": pa.array(norms, pa.float64()),
-                        "vector": pa.FixedSizeListArray.from_arrays(pa.array(means.ravel()), ext.d_model).cast(
-                            pa.list_(pa.float32())
-                        ),
-                    }
-                )
+        norms = np.linalg.norm(means.astype(np.float64), axis=1)
+        parts.append(
+            pa.table(
+                {
+                    "layer": pa.array([layer] * len(groups), pa.int32()),
+                    "group_key": pa.array(groups, pa.string()),
+                    "n_examples": pa.array(counts, pa.int32()),
+                    "norm": pa.array(norms, pa.float64()),
+                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(means.ravel()), ext.d_model).cast(
+                        pa.list_(pa.float32())
+                    ),
+                }
             )
-        vectors_table = pa.concat_tables(parts)
+        )
+    vectors_table = pa.concat_tables(parts)
 
-        provenance = {
-            "extraction_run_id": ext.run_id,
-            "response_run_id": ext.source_run_id,
-            "group_by": config.group_by,
-            "layers": list(layers),
-            "allow_partial": config.allow_partial,
-            "model": ext.model,
-            "model_revision": ext.model_revision,
-            "architecture": ext.architecture,
-            "n_model_layers": ext.n_model_layers,
-            "d_model": ext.d_model,
-            "dtype": ext.dtype,
-            "span_rule": ext.span_rule,
-            "prompt_format": ext.prompt_format,
-            "n_examples": int(table.num_rows),
-            "n_examples_not_done": n_undone,
-            "n_groups": len(groups),
-        }
-        if config.group_by == "persona":
-            provenance["persona_groups"] = {p: list(persona_groups.get(p, ())) for p in groups}
-        with catalog.session() as session:
-            run_id = create_run(session, "vectors", provenance)
-            add_vector_run(
-                session,
-                run_id,
-                extraction_run_id=ext.run_id,
-                group_by=config.group_by,
-                model=ext.model,
-                d_model=ext.d_model,
-            )
-            n = insert_vectors(session, run_id, vectors_table)
-            finish_run(session, run_id, "done")
-    finally:
-        if owned:
-            catalog.close()
-    return VectorRunResult(
+    provenance = {
+        "extraction_run_id": ext.run_id,
+        "response_run_id": ext.source_run_id,
+        "group_by": config.group_by,
+        "layers": list(layers),
+        "allow_partial": config.allow_partial,
+        "model": ext.model,
+        "model_revision": ext.model_revision,
+        "architecture": ext.architecture,
+        "n_model_layers": ext.n_model_layers,
+        "d_model": ext.d_model,
+        "dtype": ext.dtype,
+        "span_rule": ext.span_rule,
+        "prompt_format": ext.prompt_format,
+        "n_examples": int(table.num_rows),
+        "n_examples_not_done": n_undone,
+        "n_groups": len(groups),
+    }
+    if config.group_by == "persona":
+        provenance["persona_groups"] = {p: list(persona_groups.get(p, ())) for p in groups}
+    run_id = create_vector_run(
+        catalog,
+        provenance,
+        vectors_table,
+        extraction_run_id=ext.run_id,
+        group_by=config.group_by,
+        model=ext.model,
+        d_model=ext.d_model,
+    )
+    result = VectorRunResult(
         run_id=run_id,
         extraction_run_id=ext.run_id,
         group_by=config.group_by,
         layers=tuple(layers),
         groups=tuple(groups),
         n_examples=int(table.num_rows),
-        n_vectors=n,
+        n_vectors=vectors_table.num_rows,
         wall_s=time.perf_counter() - t0,
     )
+    if progress is not None:
+        progress(result)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------- load
 
 
-def default_layer(layers: Sequence[int], n_model_layers: int | None, layer_fraction: float = 0.65) -> int:
+def pick_layer(layers: Sequence[int], n_model_layers: int | None) -> int:
     """The layer :func:`load_vectors` picks when none is named: the only one, else the seed's default
-    ``int(n_layers * 0.65 + 0.5)`` when the run has it."""
+    (:func:`personavec.config.default_layer`) when the run has it."""
     if len(layers) == 1:
         return int(layers[0])
     if n_model_layers is not None:
-        seed_layer = int(n_model_layers * layer_fraction + 0.5)
+        seed_layer = default_layer(n_model_layers)
         if seed_layer in layers:
             return seed_layer
     raise ConfigError(f"the run has layers {', '.join(map(str, layers))}: name one (layer=..., --layer)")
 
 
 def load_vectors(
-    run_id: int,
-    layer: int | None = None,
-    workspace: Workspace | str | os.PathLike[str] | None = None,
-    *,
-    catalog: Catalog | None = None,
+    run_id: int, layer: int | None = None, *, workspace: Workspace | str | os.PathLike[str] | None = None
 ) -> VectorSet:
     """Load one layer of a vector run by id as a :class:`VectorSet` (a ``{name: Tensor}`` mapping + provenance).
 
     Args:
         run_id: a ``vectors`` run.
         layer: which layer; None = the run's only layer, else the seed's default layer if the run has it.
-        workspace: the workspace (None = ``$PERSONAVEC_WORKSPACE`` or ``./personavec-workspace``); opened read-only.
-        catalog: an already open catalog to use instead (e.g. inside a process that holds it read-write).
+        workspace: the workspace or its path (None = ``$PERSONAVEC_WORKSPACE`` or ``./personavec-workspace``); its
+            catalog is opened read-only unless this process already holds it.
 
     Example:
         >>> vs = personavec.load_vectors(7)
         >>> vs["default"].shape, vs.layer, vs.provenance["model"]
     """
-    if catalog is None:
-        ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
-        with ws.catalog(read_only=True) as cat:
-            return load_vectors(run_id, layer, catalog=cat)
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     info, stored = read_vectors(
-        catalog,
+        ws.catalog(read_only=True),
         run_id,
-        layer if layer is not None else lambda i: default_layer(i.layers, i.config.get("n_model_layers")),
+        layer if layer is not None else lambda i: pick_layer(i.layers, i.config.get("n_model_layers")),
     )
     chosen = stored.layer
     provenance = {
@@ -413,6 +396,8 @@ def export_vectors(
     fmt = fmt or EXPORT_FORMATS.get(path.suffix.lower())
     if fmt not in EXPORT_FORMATS.values():
         raise ConfigError(f"{path}: export format must be one of {', '.join(EXPORT_FORMATS)} (by suffix or --format)")
+    if path.is_dir():
+        raise InputFileError(f"{path} is a directory: give a file name such as {path / 'vectors.safetensors'}")
     if path.exists() and not overwrite:
         raise InputFileError(f"{path} exists: pass overwrite (--overwrite) to replace it")
     meta = json.dumps(vset.provenance, sort_keys=True, default=str)

@@ -8,14 +8,15 @@ opened on first use (:meth:`Workspace.catalog`) and kept open until :meth:`Works
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from personavec.errors import WorkspaceError
+from personavec.errors import ConfigError, WorkspaceError
 
 if TYPE_CHECKING:
     from personavec.store.engine import Catalog
+    from personavec.store.migrate import MigrationPlan
 
 ENV_VAR = "PERSONAVEC_WORKSPACE"
 DEFAULT_DIR = "personavec-workspace"
@@ -73,30 +74,42 @@ class Workspace:
 
     def upgrade(self, revision: str = "head") -> None:
         """Bring the catalog's schema to ``revision`` with Alembic (creates the file if needed)."""
-        from alembic import command
+        from personavec.store.migrate import migrate
 
         self.root.mkdir(parents=True, exist_ok=True)
-        self._migrate(command.upgrade, revision)
+        migrate(self.catalog_path, revision, "upgrade")
 
-    def downgrade(self, revision: str) -> None:
-        """Take the catalog's schema down to ``revision`` (``base`` drops every table)."""
-        from alembic import command
+    def downgrade(self, revision: str, *, allow_destructive: bool = False, dry_run: bool = False) -> MigrationPlan:
+        """Take the catalog's schema down to ``revision`` (``base`` drops every table).
+
+        The downgrade runs in one transaction and is kept only when it loses no data, or ``allow_destructive`` is
+        set; with ``dry_run`` it is always rolled back. Kept, it also removes the Zarr groups of the extraction runs
+        it dropped and any run group the catalog no longer refers to, so that a reused run id never meets an old
+        group. Returns the plan (what was or would be dropped; ``plan.applied``).
+
+        Raises :class:`ConfigError` (nothing changed) when it would lose data and ``allow_destructive`` is not set.
+        """
+        from personavec import arrays
+        from personavec.store.migrate import migrate
 
         self.require()
-        self._migrate(command.downgrade, revision)
+        stale: list[str] = []
 
-    def _migrate(self, step, revision: str) -> None:
-        from personavec.store.engine import alembic_config, create_catalog_engine
+        def apply(plan: MigrationPlan) -> bool:
+            known = set(plan.kept_groups)
+            stale.extend(g for g in arrays.run_groups(self.zarr_path) if g not in known)
+            return not dry_run and (allow_destructive or not (plan.destructive or stale))
 
-        self.close()  # DuckDB: one configuration per file and process
-        engine = create_catalog_engine(self.catalog_path)
-        try:
-            cfg = alembic_config(self.catalog_path)
-            with engine.begin() as conn:
-                cfg.attributes["connection"] = conn
-                step(cfg, revision)
-        finally:
-            engine.dispose()
+        plan = migrate(self.catalog_path, revision, "downgrade", apply=apply)
+        plan = replace(plan, dropped_groups=tuple(sorted({*plan.dropped_groups, *stale})))
+        if plan.applied:
+            arrays.remove_groups(self.zarr_path, plan.dropped_groups)
+        elif not dry_run:
+            raise ConfigError(
+                f"downgrading {self.catalog_path} to {revision} would drop {plan.describe()}; nothing was changed: "
+                f"back up {self.root}, then rerun with --yes (allow_destructive=True) to drop them"
+            )
+        return plan
 
 
 def init_workspace(path: str | os.PathLike[str] | None = None) -> Workspace:

@@ -4,7 +4,10 @@ A *script* decides what each request gets: ``script(attempt, n, body) -> action`
 requests for the same conversation (0 for the first), ``n`` counts all requests (0-based) and ``body`` is the JSON
 request. Actions: ``"ok"``, ``("status", code, headers, body)``, ``("hang", seconds)`` (then answers, too late),
 ``"drop"`` (closes the connection without a response), ``"html"``, ``"nochoices"``, ``("slow", seconds)`` (answers
-after a delay).
+after a delay), ``("echo", code)`` (an error that echoes the request's ``Authorization`` header, then all its
+headers, as some proxies do). ``server.headers`` keeps every request's headers (lower-case names).
+
+Connections are kept alive (HTTP/1.1), as real servers (vLLM, SGLang, TGI, transformers serve) keep them.
 """
 
 from __future__ import annotations
@@ -41,9 +44,12 @@ class FaultServer:
         self.attempts: Counter[str] = Counter()
         self.requests = 0
         self.answered = 0  # complete 200 answers written
+        self.headers: list[dict[str, str]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: one connection serves many requests
+
             def log_message(self, *args: Any) -> None:  # keep pytest output clean
                 pass
 
@@ -54,7 +60,9 @@ class FaultServer:
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 key = json.dumps(body.get("messages"), sort_keys=True)
+                headers = {k.lower(): v for k, v in self.headers.items()}
                 with outer.lock:
+                    outer.headers.append(headers)
                     attempt = outer.attempts[key]
                     outer.attempts[key] += 1
                     n = outer.requests
@@ -79,6 +87,11 @@ class FaultServer:
                     self._raw(200, "text/html", b"<html><body>Welcome to nginx!</body></html>")
                 elif kind == "nochoices":
                     self._json(200, {"object": "something.else", "data": []})
+                elif kind == "echo":
+                    auth = headers.get("authorization")
+                    self._json(
+                        action[1], {"error": {"message": f"refused Authorization: {auth}; {json.dumps(headers)}"}}
+                    )
                 elif kind == "status":
                     _, code, headers, payload = action
                     self._json(code, payload, headers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from personavec.cli import app
+from personavec.store.engine import head_revision
 from personavec.store.responses import responses_by_key
 from personavec.workspace import Workspace
 
@@ -40,8 +41,8 @@ def test_init_ingest_runs_sql(cli, tmp_path, seed_cache_file):
 
 def test_sql_is_read_only(cli, workspace):
     res = cli.invoke(app, ["sql", "DELETE FROM personas", "-w", str(workspace.root)])
-    assert res.exit_code != 0
-    assert "read-only" in res.output
+    assert res.exit_code == 2
+    assert "only read statements" in res.output
     with workspace.catalog() as catalog, catalog.session() as s:
         assert s.connection().exec_driver_sql("SELECT count(*) FROM personas").scalar() == 23
 
@@ -53,16 +54,17 @@ def test_bad_input_exit_codes(cli, workspace, tmp_path):
     assert res.exit_code == 2
     assert "bad.json" in res.output and "not a JSON-encoded" in res.output
     res = cli.invoke(app, ["runs", "-w", str(tmp_path / "nowhere")])
-    assert res.exit_code == 1 and "personavec init" in res.output
+    assert res.exit_code == 2 and "personavec init" in res.output
     res = cli.invoke(app, ["sql", "SELECT * FROM no_such_table", "-w", str(workspace.root)])
-    assert res.exit_code == 1 and "no_such_table" in res.output
+    assert res.exit_code == 2 and "no_such_table" in res.output
 
 
 def test_db_commands(cli, workspace):
     ws = str(workspace.root)
-    assert cli.invoke(app, ["db", "downgrade", "base", "-w", ws]).exit_code == 0
+    assert cli.invoke(app, ["db", "downgrade", "base", "-w", ws]).exit_code == 2  # would drop the built-in sets
+    assert cli.invoke(app, ["db", "downgrade", "base", "-w", ws, "--yes"]).exit_code == 0
     res = cli.invoke(app, ["runs", "-w", ws])
     assert res.exit_code == 1 and "personavec db upgrade" in res.output
     assert cli.invoke(app, ["db", "upgrade", "-w", ws]).exit_code == 0
     res = cli.invoke(app, ["db", "current", "-w", ws])
-    assert res.exit_code == 0 and "0001" in res.stdout
+    assert res.exit_code == 0 and f"catalog: {head_revision()}" in res.stdout

@@ -27,10 +27,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
         DemoConfig(workspace=tmp_path / "demo", n_personas=5, n_questions=2, max_tokens=12), log=lines.append
     )
     ws = Workspace.resolve(tmp_path / "demo")
-    # read-write, like the demo's own connections in this process (DuckDB: one configuration per file per process)
-    with ws.catalog() as cat:
-        kinds = {r.kind: r for r in list_runs(cat)}
-        vs = load_vectors(res.vectors_run_id, catalog=cat)
+    kinds = {r.kind: r for r in list_runs(ws.catalog())}
+    vs = load_vectors(res.vectors_run_id, workspace=ws)
     assert {"generate", "extract", "vectors"} <= set(kinds)
     assert all(kinds[k].status == "done" for k in ("generate", "extract", "vectors"))
     assert len(vs) == 5 and vs.d_model == 576 and vs.layer == 20

@@ -3,43 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 
 import pytest
 import sqlalchemy as sa
 from fault_server import FaultServer, answer_for
 
 from personavec.cli import app
-from personavec.config import PersonaVectorConfig
-from personavec.errors import ConfigError, EndpointError, NotFoundError
-from personavec.generate import GenerateConfig, _retry_after, generate_responses, run_generation
+from personavec.config import PersonaVectorConfig, config_from_dict
+from personavec.errors import CatalogError, ConfigError, EndpointError, NotFoundError
+from personavec.generate import GenerateConfig, generate_responses, resume_config, run_generation
 from personavec.workspace import Workspace
 
 PERSONAS = ("default", "jester")
-FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
+FAST = {"timeout_s": 5.0}
 
 
 def cfg(server: FaultServer, **kw) -> GenerateConfig:
-    """2 personas x 2 questions against the fault server, fast retries."""
+    """2 personas x 2 questions against the fault server."""
     base = {"personas": PERSONAS, "questions": (0, 1), "model": "fault-model", "base_url": server.base_url, **FAST}
     return GenerateConfig(**{**base, **kw})
 
 
 def rows(ws: Workspace, run_id: int | None = None) -> list[dict]:
-    with ws.catalog() as cat, cat.session() as s:
+    with ws.catalog().session() as s:
         q = "SELECT * FROM responses" + (" WHERE run_id = :r" if run_id is not None else "") + " ORDER BY id"
         return [dict(r._mapping) for r in s.execute(sa.text(q), {"r": run_id})]
 
 
 def runs(ws: Workspace, kind: str = "generate") -> list[dict]:
-    with ws.catalog() as cat, cat.session() as s:
+    with ws.catalog().session() as s:
         return [dict(r._mapping) for r in s.execute(sa.text("SELECT * FROM runs WHERE kind = :k"), {"k": kind})]
 
 
@@ -76,16 +75,16 @@ def test_config_rejects_bad_values(kw):
 
 def test_config_roundtrips_through_stored_json():
     c = GenerateConfig(personas=("a", "b"), questions=(1, 2), seed=3, top_p=0.9)
-    assert GenerateConfig.from_dict(json.loads(json.dumps(__import__("dataclasses").asdict(c)))) == c
+    assert config_from_dict(GenerateConfig, json.loads(json.dumps(dataclasses.asdict(c)))) == c
 
 
-def test_retry_after_parsing():
-    assert _retry_after({"retry-after": "2"}) == 2.0
-    assert _retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    assert 25 < _retry_after({"retry-after": later}) <= 30
-    assert _retry_after({}) is None
-    assert _retry_after({"retry-after": "soon"}) is None
+def test_resumed_config_takes_overrides_but_keeps_identity():
+    stored = dataclasses.asdict(GenerateConfig(model="m", max_tokens=32, concurrency=3))
+    stored["backoff_base_s"] = 1.0  # a field of older versions: ignored
+    c = GenerateConfig.resumed(7, stored, base_url="http://127.0.0.1:9/v1", concurrency=5)
+    assert (c.model, c.max_tokens, c.concurrency, c.base_url) == ("m", 32, 5, "http://127.0.0.1:9/v1")
+    with pytest.raises(ConfigError, match=r"run 7 .*max_tokens: run has 32, got 64.*without --resume"):
+        GenerateConfig.resumed(7, stored, max_tokens=64)
 
 
 # ------------------------------------------------------------------------------------------------ happy path
@@ -114,7 +113,7 @@ def test_run_lands_every_pair_with_usage(workspace):
 def test_resume_of_a_finished_run_asks_nothing(workspace):
     with FaultServer() as server:
         first = run_generation(workspace, cfg(server))
-        again = run_generation(workspace, None, run_id=first.run_id)
+        again = run_generation(workspace, None, resume=first.run_id)
         assert server.requests == 4
     assert again.requested == 0 and again.answers == 4 and again.resumed
     assert_exactly_once(workspace, first.run_id, 4)
@@ -124,9 +123,12 @@ def test_resume_with_other_identity_is_refused(workspace):
     with FaultServer() as server:
         first = run_generation(workspace, cfg(server))
         with pytest.raises(ConfigError, match="max_tokens"):
-            run_generation(workspace, cfg(server, max_tokens=99), run_id=first.run_id)
+            run_generation(workspace, cfg(server, max_tokens=99), resume=first.run_id)
         # Operational knobs may change (a restarted local server has a new port, a new concurrency...).
-        run_generation(workspace, cfg(server, concurrency=1, timeout_s=9.0), run_id=first.run_id)
+        run_generation(workspace, cfg(server, concurrency=1, timeout_s=9.0), resume=first.run_id)
+        assert resume_config(workspace, first.run_id, concurrency=2).concurrency == 2
+        with pytest.raises(NotFoundError):
+            resume_config(workspace, 999)
 
 
 # ------------------------------------------------------------------------------------------------ faults
@@ -134,17 +136,31 @@ def test_resume_with_other_identity_is_refused(workspace):
 
 def test_429_with_retry_after_then_success(workspace):
     def script(attempt, n, body):
-        return ("status", 429, {"Retry-After": "0.3"}, {"error": {"message": "slow down"}}) if attempt == 0 else "ok"
+        return ("status", 429, {"Retry-After": "1.2"}, {"error": {"message": "slow down"}}) if attempt == 0 else "ok"
 
     with FaultServer(script) as server:
         t0 = time.perf_counter()
-        result = run_generation(workspace, cfg(server, backoff_base_s=5.0, backoff_max_s=5.0))
+        result = run_generation(workspace, cfg(server))
         elapsed = time.perf_counter() - t0
     got = assert_exactly_once(workspace, result.run_id, 4)
     assert all(r["attempts"] == 2 for r in got)
-    # Retry-After (0.3 s) was honoured instead of the 5 s backoff.
-    assert 0.3 <= elapsed < 4.0
+    # Retry-After (1.2 s) was honoured instead of the first backoff step (at most 0.5 s).
+    assert 1.2 <= elapsed < 6.0
     assert result.status == "done"
+
+
+def test_huge_retry_after_is_not_waited_for(workspace):
+    # The client waits for a Retry-After of at most 120 s; a longer one ends the request at once as a failure.
+    def script(attempt, n, body):
+        return ("status", 429, {"Retry-After": "3600"}, {"error": {"message": "come back in an hour"}})
+
+    with FaultServer(script) as server:
+        t0 = time.perf_counter()
+        result = run_generation(workspace, cfg(server))
+        assert time.perf_counter() - t0 < 5.0 and server.requests == 4
+    assert result.status == "failed" and result.failures == 4
+    got = rows(workspace, result.run_id)
+    assert all(r["attempts"] == 1 and "come back in an hour" in r["error"] for r in got)
 
 
 def test_500_then_success(workspace):
@@ -187,7 +203,7 @@ def test_401_stops_the_run_keeping_earlier_answers(workspace):
         assert server.requests == 3  # stopped at once: no retry of a 401, no further pair asked
     run = runs(workspace)[0]
     assert run["status"] == "failed" and "401" in run["error"]
-    assert f"--run-id {run['id']}" in str(info.value)
+    assert f"--resume {run['id']}" in str(info.value)
     assert_exactly_once(workspace, run["id"], 2)
 
 
@@ -223,7 +239,7 @@ def test_exhausted_retries_are_recorded_then_replaced_on_resume(workspace):
             r["text"] is None and "503" in r["error"] and r["attempts"] == 2 for r in failed
         )
         bad["on"] = False
-        second = run_generation(workspace, None, run_id=first.run_id)
+        second = run_generation(workspace, None, resume=first.run_id)
     assert second.status == "done" and second.answers == 4 and second.failures == 0
     got = assert_exactly_once(workspace, first.run_id, 4)
     assert all(r["attempts"] == 3 for r in got)  # 2 failed attempts + 1 success
@@ -249,27 +265,84 @@ def test_missing_key_for_remote_endpoint(workspace, monkeypatch):
     assert runs(workspace) == []
 
 
-def test_key_is_sent_but_never_stored(workspace, monkeypatch):
+def catalog_bytes(ws: Workspace) -> bytes:
+    """The catalog as it is on disk (the file and its write-ahead log)."""
+    ws.close()
+    return b"".join(p.read_bytes() for p in ws.root.glob("catalog.duckdb*"))
+
+
+def test_named_key_is_sent_to_every_replica_but_never_stored(workspace, monkeypatch):
     monkeypatch.setenv("PV_TEST_KEY", "sk-secret-123")
-    seen = []
-
-    def script(attempt, n, body):
-        return "ok"
-
-    with FaultServer(script) as server:
-        result = run_generation(workspace, cfg(server, api_key_env="PV_TEST_KEY"), progress=seen.append)
+    with FaultServer() as a, FaultServer() as b:
+        result = run_generation(workspace, cfg(a, replicas=(b.base_url,), api_key_env="PV_TEST_KEY"))
     assert result.answers == 4
-    raw = workspace.catalog_path.read_bytes()
-    assert b"sk-secret-123" not in raw
+    assert [h.get("authorization") for h in a.headers + b.headers] == ["Bearer sk-secret-123"] * 4
+    assert b"sk-secret-123" not in catalog_bytes(workspace)
+
+
+def test_default_key_goes_only_to_openrouter(workspace, monkeypatch):
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-secret")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")  # the openai client would read these by itself
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-secret")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-secret")
+    with FaultServer() as server:
+        result = run_generation(workspace, cfg(server))  # api_key_env defaults to OPENROUTER_API_KEY
+    assert result.answers == 4
+    for headers in server.headers:
+        assert not {"authorization", "openai-organization", "openai-project"} & headers.keys()
+        assert "secret" not in json.dumps(headers)
+    other = "https://llm.example.com/v1"
+    assert GenerateConfig().api_keys() == {GenerateConfig().base_url: "sk-or-secret"}
+    assert GenerateConfig(base_url=other).api_keys() == {other: None}
+    mixed = GenerateConfig(replicas=(other,)).api_keys()
+    assert mixed == {GenerateConfig().base_url: "sk-or-secret", other: None}
+    monkeypatch.delenv("OPENROUTER_API_KEY")
+    with pytest.raises(ConfigError, match="OPENROUTER_API_KEY is not set"):
+        GenerateConfig().api_keys()
+    assert GenerateConfig(base_url=other).api_keys() == {other: None}  # no key needed, none sent
+
+
+def test_echoed_key_is_redacted_from_stored_and_printed_errors(workspace, monkeypatch, cli):
+    monkeypatch.setenv("PV_TEST_KEY", "sk-secret-123")
+    with FaultServer(lambda *_: ("echo", 503)) as server:
+        result = run_generation(workspace, cfg(server, api_key_env="PV_TEST_KEY", max_retries=0))
+        assert server.headers[0]["authorization"] == "Bearer sk-secret-123"  # it was sent, and echoed
+    assert result.failures == 4
+    for row in rows(workspace, result.run_id):
+        assert "Bearer <redacted>" in row["error"] and "sk-secret-123" not in row["error"]
+    with FaultServer(lambda *_: ("echo", 401)) as server:
+        with pytest.raises(EndpointError, match=r"HTTP 401") as info:
+            run_generation(workspace, cfg(server, api_key_env="PV_TEST_KEY", personas=("jester",), questions=(0,)))
+        assert "Bearer <redacted>" in str(info.value) and "sk-secret-123" not in str(info.value)
+        args = ["generate", "-w", str(workspace.root), "--model", "m", "--base-url", server.base_url]
+        res = cli.invoke(app, args + ["--api-key-env", "PV_TEST_KEY", "--persona", "jester", "--question", "0"])
+    assert res.exit_code == 1 and "<redacted>" in res.output and "sk-secret-123" not in res.output
+    assert b"sk-secret-123" not in catalog_bytes(workspace)
+
+
+def test_401_without_a_key_says_to_name_its_variable(workspace, monkeypatch):
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-secret")
+    with FaultServer(lambda *_: ("status", 401, {}, {"error": {"message": "key required"}})) as server:
+        with pytest.raises(EndpointError, match="no API key was sent to this endpoint.*--api-key-env"):
+            run_generation(workspace, cfg(server))
+
+
+def test_resume_on_new_endpoints_does_not_carry_the_key_variable_there():
+    stored = dataclasses.asdict(GenerateConfig(model="m", base_url="http://127.0.0.1:1/v1", api_key_env="PV_KEY"))
+    assert GenerateConfig.resumed(1, stored, concurrency=3).api_key_env == "PV_KEY"
+    moved = GenerateConfig.resumed(1, stored, base_url="https://elsewhere.example/v1")
+    assert moved.api_key_env == "OPENROUTER_API_KEY" and moved.api_keys() == {moved.base_url: None}
+    named = GenerateConfig.resumed(1, stored, base_url="https://elsewhere.example/v1", api_key_env="PV_KEY")
+    assert named.api_key_env == "PV_KEY"
 
 
 def test_unknown_persona_set_or_persona(workspace):
     with FaultServer() as server:
         with pytest.raises(NotFoundError, match="unknown persona set 'nope'"):
             run_generation(workspace, cfg(server, persona_set="nope"))
-        with pytest.raises(NotFoundError, match="no persona named 'nobody'"):
+        with pytest.raises(ConfigError, match="persona set 'builtin' has no persona named 'nobody'"):
             run_generation(workspace, cfg(server, personas=("nobody",)))
-        with pytest.raises(ConfigError, match="positions"):
+        with pytest.raises(ConfigError, match="question set 'builtin' has .* questions"):
             run_generation(workspace, cfg(server, questions=(999,)))
         assert server.requests == 0
     assert runs(workspace) == []
@@ -304,9 +377,15 @@ def test_cli_generate_json_and_resume(workspace, cli):
         assert res.exit_code == 0, res.output
         out = json.loads(res.stdout.strip().splitlines()[-1])
         assert out["answers"] == 4 and out["failures"] == 0 and out["status"] == "done"
-        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--run-id", str(out["run_id"]), "--json"])
+        resume = ["generate", "-w", str(workspace.root), "--resume", str(out["run_id"]), "--json"]
+        res = cli.invoke(app, resume)
         assert res.exit_code == 0, res.output
         assert json.loads(res.stdout.strip().splitlines()[-1])["requested"] == 0
+        # --run-id is still understood (hidden); an identity option that differs is refused with exit code 2.
+        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--run-id", str(out["run_id"]), "--json"])
+        assert res.exit_code == 0, res.output
+        res = cli.invoke(app, resume + ["--max-tokens", "9"])
+        assert res.exit_code == 2 and "max_tokens: run has 256, got 9" in res.output
         assert server.requests == 4
     assert_exactly_once(workspace, out["run_id"], 4)
 
@@ -320,7 +399,7 @@ def test_cli_generate_errors(workspace, cli, monkeypatch):
     assert res.exit_code == 2 and "PV_NO_KEY" in res.output
     with FaultServer(lambda a, n, b: ("status", 401, {}, {"error": {"message": "bad key"}})) as server:
         res = cli.invoke(app, base + ["--base-url", server.base_url, "--persona-set", "missing"])
-        assert res.exit_code == 1 and "unknown persona set 'missing'" in res.output
+        assert res.exit_code == 2 and "unknown persona set 'missing'" in res.output
         res = cli.invoke(app, base + ["--base-url", server.base_url, "--persona", "jester", "--question", "0"])
         assert res.exit_code == 1 and "HTTP 401" in res.output
     assert runs(workspace) == []
@@ -362,7 +441,7 @@ def test_sigkill_mid_run_then_resume_answers_every_pair_once(workspace, cli):
         landed = len(rows(workspace, run["id"]))
         assert 1 <= landed < n_pairs
         before = server.requests
-        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--run-id", str(run["id"]), "--json"])
+        res = cli.invoke(app, ["generate", "-w", str(workspace.root), "--resume", str(run["id"]), "--json"])
         assert res.exit_code == 0, res.output
         assert server.requests - before == n_pairs - landed  # only the missing pairs were asked
     assert_exactly_once(workspace, run["id"], n_pairs)
@@ -378,3 +457,53 @@ def test_run_generation_inside_a_running_event_loop(workspace):
         result = asyncio.run(notebook_cell())
     assert result.answers == 4
     assert_exactly_once(workspace, result.run_id, 4)
+
+
+# ------------------------------------------------------------------------------------------------ replicas, writer
+
+
+def test_requests_go_round_robin_over_replicas(workspace):
+    with FaultServer() as a, FaultServer() as b:
+        config = cfg(a, replicas=(b.base_url,), n_samples=4, concurrency=3)
+        result = run_generation(workspace, config)
+        assert a.requests == b.requests == 8 and a.answered + b.answered == 16
+    assert result.status == "done" and result.answers == 16
+    assert_exactly_once(workspace, result.run_id, 16)
+    assert json.loads(runs(workspace)[0]["config"])["replicas"] == [b.base_url]
+
+
+def test_a_broken_replica_stops_the_run_naming_it(workspace):
+    with FaultServer() as a, FaultServer(lambda *_: ("status", 404, {}, {"error": {"message": "no such model"}})) as b:
+        with pytest.raises(EndpointError, match=f"{b.base_url} answered HTTP 404"):
+            run_generation(workspace, cfg(a, replicas=(b.base_url,), concurrency=1))
+
+
+def test_replicas_must_be_urls_and_distinct():
+    with pytest.raises(ConfigError, match="given twice"):
+        GenerateConfig(base_url="http://127.0.0.1:1/v1", replicas=("http://127.0.0.1:1/v1",))
+    with pytest.raises(ConfigError, match="http"):
+        GenerateConfig(replicas=("127.0.0.1:1",))
+
+
+def test_cli_repeated_base_url_spreads_requests(workspace, cli):
+    with FaultServer() as a, FaultServer() as b:
+        args = ["generate", "-w", str(workspace.root), "--model", "fault-model", "--json"]
+        args += ["--base-url", a.base_url, "--base-url", b.base_url, "--persona", "jester", "-n", "4"]
+        args += ["--question", "0", "--question", "1"]
+        res = cli.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert a.requests == b.requests == 4
+    assert json.loads(res.stdout.strip().splitlines()[-1])["answers"] == 8
+
+
+def test_a_failing_writer_stops_the_run_instead_of_hanging(workspace):
+    def break_the_catalog(p):
+        if p.answered:  # after the first commit: the next one cannot find its table
+            with workspace.catalog().session() as s:
+                s.execute(sa.text("ALTER TABLE responses RENAME TO responses_gone"))
+
+    with FaultServer(lambda *_: ("slow", 0.02)) as server:
+        with pytest.raises(CatalogError, match="responses"):
+            run_generation(workspace, cfg(server, n_samples=10, concurrency=2), progress=break_the_catalog)
+        assert server.requests < 40  # stopped early, not after asking everything
+    assert runs(workspace)[0]["status"] == "failed"

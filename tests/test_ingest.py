@@ -184,3 +184,26 @@ def test_unknown_sets(workspace, seed_cache_file):
         with pytest.raises(NotFoundError, match="unknown question set 'nope'"):
             ingest(workspace, IngestConfig("responses", seed_cache_file, question_set="nope"))
         assert _counts(catalog)[1] == 0
+
+
+def test_huge_question_is_a_clear_error(workspace, tmp_path):
+    path = _write(tmp_path, "q.json", json.dumps(["short?", "x" * 10_000_000]))
+    with pytest.raises(InputFileError, match=r"questions\[1\]: the question is 10,000,000 bytes long"):
+        ingest(workspace, IngestConfig("questions", path))
+    assert _counts(workspace.catalog())[0] == 2  # the two built-in set runs only
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}], "unknown role 'narrator'"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "empty assistant message"),
+        ([{"role": "user", "content": "hi"}], "no assistant message"),
+        ({"a": "not a list"}, "must be a list of"),
+    ],
+)
+def test_bad_transcripts(tmp_path, doc, message):
+    from personavec.ingest import read_transcript_file
+
+    with pytest.raises(InputFileError, match=message):
+        read_transcript_file(_write(tmp_path, "t.json", json.dumps(doc)))

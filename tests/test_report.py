@@ -10,7 +10,7 @@ import pytest
 
 from personavec import analysis, plots
 from personavec.cli import app
-from personavec.report import build_report
+from personavec.report import ReportConfig, build_report
 from personavec.store.runs import list_runs
 from personavec.vectors import VectorConfig, compute_vectors, load_vectors
 
@@ -41,7 +41,7 @@ def _vector_run(workspace, make_extraction_run, **kw):
 
 def test_report_writes_pngs_and_self_contained_html(workspace, make_extraction_run, tmp_path):
     _, run_id = _vector_run(workspace, make_extraction_run)
-    res = build_report(run_id, workspace)
+    res = build_report(workspace, ReportConfig(run_id))
     assert res.directory == workspace.root / "reports" / f"run_{run_id}"
     assert set(res.pngs) == {"similarity", "pca", "variance", "axis_vs_pc1"}
     assert all(_is_png(p) for p in res.pngs.values())
@@ -79,12 +79,11 @@ def test_report_needs_three_vectors(workspace, make_extraction_run):
     from personavec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="at least 3"):
-        build_report(run_id, workspace)
+        build_report(workspace, ReportConfig(run_id))
 
 
 def _runs(ws, kind):
-    with ws.catalog(read_only=True) as cat:
-        return list_runs(cat, kind)
+    return list_runs(ws.catalog(read_only=True), kind)
 
 
 def test_cli_vectors_export_report_compare(cli, workspace, make_extraction_run, tmp_path):
@@ -122,29 +121,71 @@ def test_cli_bad_input_exit_codes_and_nothing_written(cli, workspace, make_extra
     ext = make_extraction_run(workspace)
     w = ["--workspace", str(workspace.root)]
     r = cli.invoke(app, ["vectors", "999", *w])
-    assert r.exit_code == 1 and "run 999 does not exist" in r.output
+    assert r.exit_code == 2 and "run 999 does not exist" in r.output
     r = cli.invoke(app, ["vectors", str(ext.response_run_id), *w])
-    assert r.exit_code == 1 and "of kind 'ingest-responses'" in r.output
+    assert r.exit_code == 2 and "of kind 'ingest-responses'" in r.output
     r = cli.invoke(app, ["vectors", str(ext.run_id), "--layer", "9", *w])
     assert r.exit_code == 2 and "no layer(s) 9" in r.output
     r = cli.invoke(app, ["vectors", str(ext.run_id), "--group-by", "mood", *w])
     assert r.exit_code == 2 and "group_by" in r.output
     assert _runs(workspace, "vectors") == []
     r = cli.invoke(app, ["report", str(ext.run_id), *w])
-    assert r.exit_code == 1 and "of kind 'extract'" in r.output
+    assert r.exit_code == 2 and "of kind 'extract'" in r.output
     assert not (workspace.root / "reports").exists()
     r = cli.invoke(app, ["export", "12345", str(tmp_path / "x.pt"), *w])
-    assert r.exit_code == 1 and not (tmp_path / "x.pt").exists()
+    assert r.exit_code == 2 and not (tmp_path / "x.pt").exists()
 
 
 def test_load_vectors_is_fast_enough(workspace, make_extraction_run):
     # the real benchmark (23 x 5376) is scripts/bench_vectors.py; this guards against accidental per-row paths
     ext = make_extraction_run(workspace, d_model=512)
     run_id = compute_vectors(workspace, VectorConfig(ext.run_id, layers=(5,))).run_id
-    with workspace.catalog(read_only=True) as cat:
-        import time
+    import time
 
-        load_vectors(run_id, catalog=cat)
-        t = time.perf_counter()
-        vs = load_vectors(run_id, catalog=cat)
-        assert time.perf_counter() - t < 0.5 and vs.d_model == 512
+    load_vectors(run_id, workspace=workspace)
+    t = time.perf_counter()
+    vs = load_vectors(run_id, workspace=workspace)
+    assert time.perf_counter() - t < 0.5 and vs.d_model == 512
+
+
+def test_outputs_onto_directories_files_and_unwritable_paths(cli, workspace, make_extraction_run, tmp_path):
+    import os
+    import stat
+
+    ext = make_extraction_run(workspace)
+    run_id = compute_vectors(workspace, VectorConfig(ext.run_id, layers=(5,))).run_id
+    w = ["--workspace", str(workspace.root)]
+    (tmp_path / "adir").mkdir()
+    r = cli.invoke(app, ["export", str(run_id), str(tmp_path / "adir"), "--format", "pt", *w])
+    assert r.exit_code == 2 and "is a directory" in r.output
+    r = cli.invoke(app, ["export", str(run_id), "/proc/personavec.pt", *w])  # not writable, even for root
+    assert r.exit_code == 2 and "cannot write /proc/personavec.pt" in r.output
+    (tmp_path / "afile").write_text("x")
+    r = cli.invoke(app, ["report", str(run_id), "-o", str(tmp_path / "afile"), *w])
+    assert r.exit_code == 2 and "is a file" in r.output and (tmp_path / "afile").read_text() == "x"
+    old = os.umask(0o022)
+    try:
+        r = cli.invoke(app, ["export", str(run_id), str(tmp_path / "v.npz"), *w])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE((tmp_path / "v.npz").stat().st_mode) == 0o644  # the umask's, not mkstemp's 0600
+
+
+def test_point_labels_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Annotation, Text
+
+    rng = np.random.default_rng(0)
+    names = [f"persona_{i}" for i in range(20)]
+    vecs = {n: rng.normal(size=32) + (4.0 if i < 3 else 0.0) for i, n in enumerate(names)}  # one tight cluster
+    p = analysis.pca(vecs, defaults=names[:3])
+    stats = analysis.axis_vs_pc1(vecs, analysis.assistant_axis(vecs, names[:3]), p)
+    for fig in (plots.axis_vs_pc1(stats, p, defaults=names[:3]), plots.pca_scatter(p, stats.projections)):
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        # Text's own extent: an Annotation's includes its leader line
+        boxes = [Text.get_window_extent(a, renderer) for a in fig.axes[0].texts if isinstance(a, Annotation)]
+        assert len(boxes) == 20
+        overlaps = [(i, j) for i in range(20) for j in range(i + 1, 20) if boxes[i].overlaps(boxes[j])]
+        assert overlaps == []

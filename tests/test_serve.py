@@ -45,7 +45,7 @@ def test_generation_against_transformers_serve_lands_every_pair_with_usage(serve
     )
     result = run_generation(workspace, config)
     assert result.status == "done" and result.answers == 4 and result.failures == 0
-    with workspace.catalog() as cat, cat.session() as s:
+    with workspace.catalog().session() as s:
         got = [dict(r._mapping) for r in s.execute(sa.text("SELECT * FROM responses"))]
     assert len(got) == 4
     for r in got:
@@ -123,6 +123,6 @@ def test_samples_differ_because_the_server_samples(server, workspace):
         concurrency=3,
     )
     run_generation(workspace, config)
-    with workspace.catalog() as cat, cat.session() as s:
+    with workspace.catalog().session() as s:
         texts = [r[0] for r in s.execute(sa.text("SELECT text FROM responses"))]
     assert len(texts) == 3 and len(set(texts)) > 1

@@ -72,7 +72,7 @@ def test_upgrade_downgrade_upgrade(tmp_path):
 
 def test_catalog_not_at_head_names_the_fix(tmp_path):
     ws = init_workspace(tmp_path / "ws")
-    ws.downgrade("base")
+    ws.downgrade("base", allow_destructive=True)
     with pytest.raises(SchemaVersionError, match="personavec db upgrade"):
         ws.catalog()
     ws.upgrade("head")
@@ -91,7 +91,7 @@ def test_not_a_workspace(tmp_path):
         init_workspace(tmp_path / "other")
 
 
-def test_locked_catalog_is_a_clear_error(workspace):
+def test_locked_catalog_is_a_clear_error(workspace, monkeypatch):
     import subprocess
     import sys
     import time
@@ -109,8 +109,11 @@ def test_locked_catalog_is_a_clear_error(workspace):
     )
     try:
         assert holder.stdout.readline().strip() == "ok"
+        monkeypatch.setenv("PERSONAVEC_LOCK_TIMEOUT", "0.5")  # units of work wait this long for the file
+        t = time.monotonic()
         with pytest.raises(CatalogLockedError, match="locked by another process"):
             workspace.catalog()
+        assert 0.3 < time.monotonic() - t < 5
     finally:
         holder.kill()
         holder.wait()

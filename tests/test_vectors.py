@@ -11,7 +11,7 @@ import torch
 from personavec.errors import ConfigError, InputFileError, RunNotFoundError
 from personavec.seed import load_persona_vectors
 from personavec.store.runs import list_runs
-from personavec.vectors import VectorConfig, compute_vectors, default_layer, export_vectors, load_vectors
+from personavec.vectors import VectorConfig, compute_vectors, export_vectors, load_vectors, pick_layer
 
 
 def _expected(ext, key, layer_pos, only_done=True):
@@ -32,7 +32,7 @@ def test_persona_vectors_equal_mean_of_zarr_rows(workspace, make_extraction_run)
     assert res.groups == ("default", "default_assistant", "assistant", "storyteller", "cynic", "ghost")
     assert res.n_examples == 18 and res.n_vectors == 12
     for li, layer in enumerate(ext.layers):
-        vs = load_vectors(res.run_id, layer, workspace)
+        vs = load_vectors(res.run_id, layer, workspace=workspace)
         assert vs.names == res.groups and vs.layer == layer
         for p in vs.names:
             want, n = _expected(ext, lambda e, p=p: e["persona"] == p, li)
@@ -49,14 +49,16 @@ def test_persona_vectors_equal_mean_of_zarr_rows(workspace, make_extraction_run)
 def test_group_by_question_persona_group_and_all(workspace, make_extraction_run):
     ext = make_extraction_run(workspace)
     by_q = load_vectors(
-        compute_vectors(workspace, VectorConfig(ext.run_id, "question", layers=(5,))).run_id, 5, workspace
+        compute_vectors(workspace, VectorConfig(ext.run_id, "question", layers=(5,))).run_id, 5, workspace=workspace
     )
     questions = list(dict.fromkeys(e["question"] for e in ext.examples))
     assert list(by_q.names) == sorted(questions, key=questions.index)
     for q in by_q.names:
         np.testing.assert_allclose(by_q[q].numpy(), _expected(ext, lambda e, q=q: e["question"] == q, 1)[0], atol=1e-6)
 
-    by_g = load_vectors(compute_vectors(workspace, VectorConfig(ext.run_id, "persona_group")).run_id, 2, workspace)
+    by_g = load_vectors(
+        compute_vectors(workspace, VectorConfig(ext.run_id, "persona_group")).run_id, 2, workspace=workspace
+    )
     # "default" personas are also "neutral": an example counts in each of its groups
     assert by_g.names[:2] == ("default", "neutral")
     for g in by_g.names:
@@ -66,7 +68,7 @@ def test_group_by_question_persona_group_and_all(workspace, make_extraction_run)
     assert sum(by_g.n_examples) > 18
 
     everything = load_vectors(
-        compute_vectors(workspace, VectorConfig(ext.run_id, "all", layers=(2,))).run_id, None, workspace
+        compute_vectors(workspace, VectorConfig(ext.run_id, "all", layers=(2,))).run_id, None, workspace=workspace
     )
     np.testing.assert_allclose(everything["all"].numpy(), ext.data[:, 0].mean(axis=0), atol=1e-6)
 
@@ -93,7 +95,7 @@ def test_partial_runs_refused_unless_allowed(workspace, make_extraction_run):
         compute_vectors(workspace, VectorConfig(ext.run_id))
     assert _n_runs(workspace) == 0
     res = compute_vectors(workspace, VectorConfig(ext.run_id, allow_partial=True))
-    vs = load_vectors(res.run_id, 2, workspace)
+    vs = load_vectors(res.run_id, 2, workspace=workspace)
     assert res.n_examples == 14 and vs.provenance["n_examples_not_done"] == 4
     # rows are in persona-set order: the last 4 are ghost's 3 and one of cynic's
     assert "ghost" not in vs and vs.n_examples[vs.names.index("cynic")] == 2
@@ -115,9 +117,9 @@ def test_bad_inputs_fail_clearly_and_write_nothing(workspace, make_extraction_ru
     run_id = compute_vectors(workspace, VectorConfig(ext.run_id)).run_id
     assert load_vectors(run_id, workspace=workspace).layer == 5  # the seed's default for 8 layers
     with pytest.raises(ConfigError, match="name one"):
-        default_layer((2, 3), 8)
+        pick_layer((2, 3), 8)
     with pytest.raises(ConfigError, match="no layer 3"):
-        load_vectors(run_id, 3, workspace)
+        load_vectors(run_id, 3, workspace=workspace)
     with pytest.raises(RunNotFoundError, match="of kind 'extract'"):
         load_vectors(ext.run_id, workspace=workspace)
 

@@ -12,11 +12,15 @@ from personavec.cli.app import app
 def main() -> None:
     import os
     import signal
-    import sys
+
+    from personavec.errors import Terminated
 
     # SIGTERM unwinds like Ctrl-C does: context managers run, so a local server started by `serve`/`demo` stops
-    # and a run in progress records how it stopped instead of staying "running".
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # and a run in progress is marked interrupted (resumable) instead of failed or staying "running".
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
     # A shell without job control starts background commands with SIGINT ignored, and Python then keeps it ignored:
     # `personavec serve &` could never be stopped with SIGINT. Ctrl-C / SIGINT always interrupts personavec.
     signal.signal(signal.SIGINT, signal.default_int_handler)

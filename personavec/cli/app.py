@@ -14,18 +14,70 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from personavec.errors import PersonavecError
+from personavec.errors import PersonavecError, RunInterrupted, Terminated
 from personavec.workspace import Workspace
 
-app = typer.Typer(
+
+def _untyped_flags(params: list[Any]) -> list[Any]:
+    # Typer's Rich help prints every option's type, flags included (`--overwrite <bool>`), though a flag takes no
+    # value (`--overwrite true` is refused). An empty metavar hides it; only flags are touched.
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
+class CliTyper(typer.Typer):
+    """A Typer whose commands and groups show flags without a value type in ``--help``; use it for sub-apps."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("cls", _Group)
+        kwargs.setdefault("pretty_exceptions_enable", False)
+        kwargs.setdefault("add_completion", False)
+        super().__init__(**kwargs)
+
+    def command(self, name: str | None = None, *, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(name, cls=cls or _Command, **kwargs)
+
+
+app = CliTyper(
     name="personavec",
     help="Extract persona vectors from transformer models; every step lands in a DuckDB catalog.",
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from personavec import __version__
+
+        console.print(f"personavec {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Extract persona vectors from transformer models; every step lands in a DuckDB catalog."""
+
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -83,11 +135,16 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except PersonavecError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message quoting "[...]" (a list, a JSON key) must print as is, not as Rich markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: rerun the same command with the run id to resume")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            code = 143 if isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated) else 130
+            if isinstance(exc, RunInterrupted):
+                err_console.print(f"[yellow]interrupted[/]: resume with: {escape(exc.resume_command)}", soft_wrap=True)
+            else:
+                err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(code) from None
         finally:
             close_catalog()
 

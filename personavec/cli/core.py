@@ -8,16 +8,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from personavec import ingest as ingest_mod
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, print_table, workspace
-from personavec.store.engine import current_revision, head_revision
+from personavec.cli.app import (
+    CliTyper,
+    JsonOpt,
+    WorkspaceOpt,
+    app,
+    command,
+    console,
+    emit_json,
+    print_table,
+    workspace,
+)
+from personavec.store.engine import catalog_revision, head_revision
 from personavec.store.query import run_readonly_sql
 from personavec.store.runs import list_runs
 from personavec.workspace import init_workspace
 
-db_app = typer.Typer(help="Catalog schema (Alembic) commands.", no_args_is_help=True)
-ingest_app = typer.Typer(help="Load persona sets, question sets and responses from files.", no_args_is_help=True)
+db_app = CliTyper(help="Catalog schema (Alembic) commands.", no_args_is_help=True)
+ingest_app = CliTyper(help="Load persona sets, question sets and responses from files.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(ingest_app, name="ingest")
 
@@ -46,9 +57,21 @@ def db_upgrade(ws: WorkspaceOpt = None, revision: str = "head") -> None:
 
 @db_app.command("downgrade")
 @command
-def db_downgrade(revision: str, ws: WorkspaceOpt = None) -> None:
-    """Migrate the catalog's schema down to REVISION (e.g. base)."""
-    workspace(ws).downgrade(revision)
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision, e.g. base (drops every table).")],
+    yes: Annotated[bool, typer.Option("--yes", help="Drop the tables, rows and activations it lists.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what it would drop.")] = False,
+    ws: WorkspaceOpt = None,
+) -> None:
+    """Migrate the catalog's schema down to REVISION; refuses (exit 2) to lose data without --yes."""
+    w = workspace(ws)
+    plan = w.downgrade(revision, allow_destructive=yes, dry_run=dry_run)
+    if plan.dropped_tables:
+        print_table(["table", "rows"], [(t.name, f"{t.rows:,}") for t in plan.dropped_tables])
+    verb = "dropped" if plan.applied else "would drop"
+    console.print(f"downgrade to {revision} {verb}: {plan.describe()}", highlight=False)
+    if plan.applied:
+        console.print(f"catalog {w.catalog_path} is at revision {plan.to_revision or 'base (no tables)'}")
 
 
 @db_app.command("current")
@@ -56,14 +79,9 @@ def db_downgrade(revision: str, ws: WorkspaceOpt = None) -> None:
 def db_current(ws: WorkspaceOpt = None) -> None:
     """Show the catalog's schema revision and the package's head."""
 
-    from personavec.store.engine import create_catalog_engine
-
     w = workspace(ws).require()
-    engine = create_catalog_engine(w.catalog_path, read_only=True)
-    try:
-        console.print(f"catalog: {current_revision(engine)}  head: {head_revision()}")
-    finally:
-        engine.dispose()
+    w.close()  # the revision is read on a read-only connection
+    console.print(f"catalog: {catalog_revision(w.catalog_path)}  head: {head_revision()}")
 
 
 @app.command()
@@ -100,28 +118,44 @@ def runs(
 @app.command()
 @command
 def sql(
-    query: Annotated[str, typer.Argument(help="A SQL query; the catalog is opened read-only.")],
+    query: Annotated[
+        str, typer.Argument(help="Read statements (SELECT, WITH, DESCRIBE, SHOW, EXPLAIN ...), several split by ;.")
+    ],
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     limit: Annotated[int, typer.Option(help="Rows shown in the table view (0 = all).")] = 200,
 ) -> None:
-    """Run a read-only SQL query on the catalog and print the result."""
+    """Run read-only SQL on the catalog and print every statement's result.
 
-    w = workspace(ws)
-    w.close()  # this process may hold it read-write; the query gets a read-only catalog
-    columns, rows = run_readonly_sql(w.catalog(read_only=True), query)
-    if as_json:
-        emit_json([dict(zip(columns, row, strict=True)) for row in rows])
-    elif as_csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows(rows)
-    else:
-        shown = rows if limit == 0 else rows[:limit]
-        print_table(columns, shown)
-        if len(shown) < len(rows):
-            console.print(f"({len(rows)} rows, {len(shown)} shown; --limit 0 for all)")
+    The catalog is opened read-only with external access (files, network, extensions) and configuration locked;
+    only read statements run. --json prints one JSON array of row objects per statement, one per line; --csv one
+    block per statement, blank-line separated. A column name that repeats gets _1, _2, ... (in every view)."""
+
+    w = workspace(ws).require()
+    results = run_readonly_sql(w.catalog_path, query)
+    for i, result in enumerate(results):
+        if as_json:
+            emit_json(result.records())
+        elif as_csv:
+            if i:
+                sys.stdout.write("\n")
+            writer = csv.writer(sys.stdout)
+            writer.writerow(result.keys)
+            writer.writerows(result.rows)
+        else:
+            shown = result.rows if limit == 0 else result.rows[:limit]
+            if len(results) > 1:
+                console.print(f"[bold]{escape(result.statement)}[/]", highlight=False)
+            print_table(result.keys, [tuple(_cell(v) for v in row) for row in shown])
+            if len(shown) < len(result.rows):
+                console.print(f"({len(result.rows)} rows, {len(shown)} shown; --limit 0 for all)")
+
+
+def _cell(value: object, width: int = 200) -> object:
+    """A table cell cut to ``width`` characters (a vector or a blob would fill the screen; --json/--csv keep all)."""
+    text = "" if value is None else str(value)
+    return text if len(text) <= width else f"{text[:width]}… ({len(text):,} chars)"
 
 
 FileArg = Annotated[Path, typer.Argument(help="Input file.", exists=False)]

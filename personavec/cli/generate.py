@@ -7,12 +7,14 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, err_console, print_table
 from personavec.cli.app import workspace as resolve_workspace
-from personavec.generate import GenerateConfig, GenerationProgress, GenerationResult, run_generation
-from personavec.store.generation import get_generation_run
+from personavec.errors import ConfigError
+from personavec.generate import GenerateConfig, GenerationProgress, GenerationResult, resume_config, run_generation
+from personavec.workspace import Workspace
 
 _DEFAULTS = GenerateConfig()
 
@@ -33,9 +35,19 @@ def generate(
     model: Annotated[
         str | None, typer.Option(help=f"Model name the endpoint knows (default {_DEFAULTS.model}).")
     ] = None,
-    base_url: Annotated[str | None, typer.Option(help=f"Endpoint (default {_DEFAULTS.base_url}).")] = None,
+    base_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base-url",
+            help=f"Endpoint (default {_DEFAULTS.base_url}); repeat for replicas of one model (round-robin).",
+        ),
+    ] = None,
     api_key_env: Annotated[
-        str | None, typer.Option(help=f"Env var holding the API key (default {_DEFAULTS.api_key_env}).")
+        str | None,
+        typer.Option(
+            help=f"Env var holding the key for these --base-url endpoints (default {_DEFAULTS.api_key_env}, which is "
+            "only ever sent to openrouter.ai)."
+        ),
     ] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 0.7).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per answer (default 256).")] = None,
@@ -44,15 +56,21 @@ def generate(
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight (default 10).")] = None,
     timeout: Annotated[float | None, typer.Option(help="Per-request timeout in seconds (default 120).")] = None,
     max_retries: Annotated[int | None, typer.Option(help="Retries on 429/5xx/timeouts (default 6).")] = None,
-    run_id: Annotated[
-        int | None, typer.Option("--run-id", help="Resume this generate run (asks only what is missing).")
+    resume: Annotated[
+        int | None,
+        typer.Option("--resume", help="Resume this generate run (asks only what is missing; given options override)."),
     ] = None,
+    run_id: Annotated[int | None, typer.Option("--run-id", hidden=True, help="Old spelling of --resume.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask an OpenAI-compatible endpoint every persona x question; answers land in the catalog as they arrive.
 
-    Rerun with --run-id to resume a stopped run: only pairs without an answer are asked again.
+    Rerun with --resume RUN to continue a stopped run: only pairs without an answer are asked again, with the run's
+    stored settings; options given on the command line override the operational ones (endpoint, concurrency...).
     """
+    if resume is not None and run_id is not None and resume != run_id:
+        raise ConfigError(f"--resume {resume} and --run-id {run_id} name different runs; give only --resume")
+    resume = resume if resume is not None else run_id
     given: dict[str, Any] = {
         "persona_set": persona_set,
         "question_set": question_set,
@@ -60,7 +78,8 @@ def generate(
         "questions": tuple(question) if question else None,
         "n_samples": n_samples,
         "model": model,
-        "base_url": base_url,
+        "base_url": base_url[0] if base_url else None,
+        "replicas": tuple(base_url[1:]) if base_url else None,
         "api_key_env": api_key_env,
         "temperature": temperature,
         "max_tokens": max_tokens,
@@ -73,25 +92,18 @@ def generate(
     given = {k: v for k, v in given.items() if v is not None}
 
     w = resolve_workspace(ws).require()
-    with w.catalog() as catalog:
-        if run_id is not None:
-            # Resume: start from the run's own settings; options given on the command line override them
-            # (identity settings that differ are refused by run_generation).
-            stored = GenerateConfig.from_dict(get_generation_run(catalog, run_id).run.config)
-            config = dataclasses.replace(stored, **given)
-        else:
-            config = GenerateConfig(**given)
-        result = _run_with_progress(catalog, config, run_id, quiet=as_json)
+    config = resume_config(w, resume, **given) if resume is not None else GenerateConfig(**given)
+    result = _run_with_progress(w, config, resume, quiet=as_json)
     if as_json:
         emit_json(dataclasses.asdict(result))
     else:
         _print_summary(result)
     if result.failures:
-        err_console.print(f"[yellow]{result.error}[/]")
+        err_console.print(f"[yellow]{escape(str(result.error))}[/]")
         raise typer.Exit(1)
 
 
-def _run_with_progress(catalog, config: GenerateConfig, run_id: int | None, *, quiet: bool) -> GenerationResult:
+def _run_with_progress(ws: Workspace, config: GenerateConfig, resume: int | None, *, quiet: bool) -> GenerationResult:
     progress = Progress(
         TextColumn("[bold]generate run {task.fields[run]}"),
         BarColumn(),
@@ -116,7 +128,7 @@ def _run_with_progress(catalog, config: GenerateConfig, run_id: int | None, *, q
         )
 
     with progress:
-        return run_generation(catalog, config, run_id=run_id, progress=update)
+        return run_generation(ws, config, resume=resume, progress=update)
 
 
 def _print_summary(r: GenerationResult) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated
 
 import typer
 
 from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, print_table, workspace
-from personavec.errors import ConfigError, InputFileError
+from personavec.errors import ConfigError
 
 LayerOpt = Annotated[int | None, typer.Option("--layer", "-l", help="Layer (default: the run's only/seed layer).")]
 DefaultOpt = Annotated[
@@ -60,10 +59,9 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export one layer of a vectors run to the seed's .pt, .safetensors or .npz."""
-
     from personavec.vectors import export_vectors, load_vectors
 
-    vset = load_vectors(run, layer, workspace(ws))
+    vset = load_vectors(run, layer, workspace=workspace(ws))
     path = export_vectors(vset, out, fmt, overwrite=overwrite)
     if as_json:
         emit_json({"run_id": run, "layer": vset.layer, "path": path.resolve(), "n": len(vset)})
@@ -84,10 +82,10 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Write PNG figures and one self-contained HTML page (similarity, PCA, axis) for a vectors run."""
+    from personavec.report import ReportConfig, build_report
 
-    from personavec.report import build_report
-
-    res = build_report(run, workspace(ws), out_dir=out, layer=layer, defaults=default)
+    config = ReportConfig(run, out_dir=out, layer=layer, defaults=tuple(default) if default else None)
+    res = build_report(workspace(ws).require(), config)
     if as_json:
         emit_json({"run_id": run, "layer": res.layer, "html": res.html, "pngs": res.pngs})
     else:
@@ -113,76 +111,37 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Compare persona vectors of several models (or layers) on their shared personas."""
-
     from personavec import analysis, plots
-    from personavec.vectors import load_vectors
 
-    if len(runs) < 2:
-        raise ConfigError("compare needs at least two vectors runs")
-    w = workspace(ws)
-    sets = {}
-    for spec in runs:
-        run_id, layer = _run_spec(spec)
-        vs = load_vectors(run_id, layer, w)
-        sets[f"run {run_id} {vs.model} L{vs.layer}"] = vs
-    cmp = analysis.compare_models(sets, defaults=default)
+    cmp = analysis.compare_runs(workspace(ws).require(), [_run_spec(s) for s in runs], defaults=default)
     pngs = {}
     if out is not None:
         pngs["similarity"] = plots.save_png(plots.cross_model_similarity(cmp), out / "cross_similarity.png")
         pngs["pca"] = plots.save_png(plots.cross_model_pca(cmp), out / "cross_pca.png")
-    pairs = [(a, b) for i, a in enumerate(cmp.models) for b in cmp.models[i + 1 :]]
-    rows = []
-    for a, b in pairs:
-        i, j = cmp.models.index(a), cmp.models.index(b)
-        diag = cmp.cross.get((a, b))
-        rows.append(
-            (
-                a,
-                b,
-                f"{cmp.structure_corr[i, j]:.4f}",
-                f"{float(diag.diagonal().mean()):.4f}" if diag is not None else "n/a (d_model differs)",
-                f"{cmp.axis_cos[(a, b)]:.4f}" if (a, b) in cmp.axis_cos else "n/a",
-            )
-        )
+    pairs = cmp.pairs()
     if as_json:
-        emit_json(
-            {
-                "models": cmp.models,
-                "personas": cmp.personas,
-                "method": cmp.method,
-                "pairs": [
-                    dict(zip(["a", "b", "structure_corr", "mean_same_persona_cos", "axis_cos"], r, strict=True))
-                    for r in rows
-                ],
-                "pngs": pngs,
-            }
-        )
+        emit_json({"models": cmp.models, "personas": cmp.personas, "method": cmp.method, "pairs": pairs, "pngs": pngs})
         return
     console.print(f"{len(cmp.personas)} shared personas; coordinates by {cmp.method}")
-    print_table(["model a", "model b", "similarity-structure r", "same-persona cos", "axis cos"], rows)
+
+    def fmt(x: float | None, missing: str) -> str:
+        return f"{x:.4f}" if x is not None else missing
+
+    print_table(
+        ["model a", "model b", "similarity-structure r", "same-persona cos", "axis cos"],
+        [
+            (
+                p["a"],
+                p["b"],
+                fmt(p["structure_corr"], "n/a"),
+                fmt(p["mean_same_persona_cos"], "n/a (d_model differs)"),
+                fmt(p["axis_cos"], "n/a"),
+            )
+            for p in pairs
+        ],
+    )
     for path in pngs.values():
         console.print(f"wrote {path}")
-
-
-def _read_transcripts(path: Path) -> dict[str, list[dict[str, str]]]:
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputFileError(f"{path}: not valid JSON: {exc}") from exc
-    if isinstance(doc, list) and doc and all(isinstance(m, dict) for m in doc):
-        doc = {path.stem: doc}
-    elif isinstance(doc, list):
-        doc = {f"transcript {i + 1}": t for i, t in enumerate(doc)}
-    if not isinstance(doc, dict) or not doc:
-        raise InputFileError(f"{path}: expected a list of messages, a list of transcripts or {{name: messages}}")
-    for name, msgs in doc.items():
-        if not isinstance(msgs, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
-        ):
-            raise InputFileError(f"{path}: transcript {name!r} must be a list of {{role, content}} messages")
-    return doc
 
 
 @app.command()
@@ -199,39 +158,23 @@ def project(
     as_json: JsonOpt = False,
 ) -> None:
     """Project multi-turn transcripts onto the run's assistant axis: one value per assistant turn."""
-
     from personavec import analysis, plots
-    from personavec.modeling import load_model
-    from personavec.report import default_personas_of
-    from personavec.vectors import load_vectors
+    from personavec.ingest import read_transcript_file
 
-    convs = _read_transcripts(transcripts)
-    vset = load_vectors(run, layer, workspace(ws))
-    dflt = default_personas_of(vset, default)
-    axis = analysis.assistant_axis(vset, dflt or None)
-    origin = vset.matrix.double().mean(dim=0).numpy()
-    prov = vset.provenance
-    dtype = cast(str, prov.get("dtype")) if prov.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
-    loaded = load_model(model or vset.model, dtype=dtype, device=device)
-    values = analysis.project_transcripts(
-        loaded,
-        convs,
-        axis,
-        vset.layer,
-        origin=origin,
-        prompt_format=prov.get("prompt_format", "chat"),
-        span=prov.get("span_rule", "exact") if prov.get("span_rule") in ("exact", "seed") else "exact",
+    convs = read_transcript_file(transcripts)
+    res = analysis.project_onto_run(
+        workspace(ws).require(), run, convs, layer=layer, defaults=default, model=model, device=device
     )
-    refs = analysis.project(vset, axis)
+    refs = res.references
     if out is not None:
         shown = {n: refs[n] for n in (max(refs, key=refs.__getitem__), min(refs, key=refs.__getitem__))}
-        plots.save_png(plots.transcript_projection(values, references=shown), out)
+        plots.save_png(plots.transcript_projection(res.values, references=shown), out)
     if as_json:
-        emit_json({"run_id": run, "layer": vset.layer, "projections": {k: v.tolist() for k, v in values.items()}})
+        emit_json({"run_id": run, "layer": res.layer, "projections": {k: v.tolist() for k, v in res.values.items()}})
         return
     print_table(
         ["transcript", "turn", "projection"],
-        [(k, i + 1, f"{x:+.4f}") for k, v in values.items() for i, x in enumerate(v)],
+        [(k, i + 1, f"{x:+.4f}") for k, v in res.values.items() for i, x in enumerate(v)],
     )
     console.print(
         f"persona range on this axis: {min(refs.values()):+.3f} .. {max(refs.values()):+.3f}"
@@ -242,10 +185,14 @@ def project(
 @app.command()
 @command
 def demo(
-    ws: WorkspaceOpt = None,
-    n_personas: Annotated[int, typer.Option(help="Built-in personas to use (the 4 defaults first).")] = 8,
-    n_questions: Annotated[int, typer.Option(help="Built-in questions to use.")] = 4,
-    max_tokens: Annotated[int, typer.Option(help="Tokens per generated answer.")] = 48,
+    ws: Annotated[
+        Path | None, typer.Option("--workspace", "-w", help="Workspace directory (default: ./personavec-demo).")
+    ] = None,
+    n_personas: Annotated[
+        int, typer.Option(help="Built-in personas to use, the 4 defaults first (5-14).", min=5, max=14)
+    ] = 8,
+    n_questions: Annotated[int, typer.Option(help="Built-in questions to use (2-18).", min=2, max=18)] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per generated answer (>= 1).", min=1)] = 48,
 ) -> None:
     """Run the whole pipeline offline on the embedded model: serve, generate, extract, vectors, report."""
 

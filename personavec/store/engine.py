@@ -2,17 +2,27 @@
 
 Only ``personavec.store`` speaks SQL. Each public store function is one unit of work: it opens
 :meth:`Catalog.session` (commit on success, rollback on error, always close); helpers take the session as an
-argument. SQLAlchemy/DuckDB errors leave as :class:`CatalogError` (or :class:`CatalogLockedError` when another
-process holds DuckDB's single write lock).
+argument. SQLAlchemy/DuckDB errors leave as :class:`CatalogError` (:class:`CatalogLockedError` when another
+process holds DuckDB's single write lock, :class:`CatalogCorruptError` when the file is damaged).
 
 DuckDB allows one configuration (read-only or read-write) per file and process: :func:`open_catalog` keeps one
 :class:`Catalog` per file per process, which :class:`personavec.workspace.Workspace` hands out.
+
+DuckDB also allows one process at a time to write a file, and none to read it meanwhile. So that `personavec runs`,
+`sql`, `report` or `load_vectors` work while an hours-long generation or extraction writes, a catalog holds the file
+only inside a unit of work: each :meth:`Catalog.session` opens its own DuckDB connection (~15-25 ms) and closes it
+at the end, and a unit of work that finds the file held by another process retries with backoff for up to
+``lock_timeout_s`` (:data:`WRITE_LOCK_TIMEOUT_S` / :data:`READ_LOCK_TIMEOUT_S`) before :class:`CatalogLockedError`.
+Long writers therefore commit in batches (by time or rows), not per row.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +37,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from personavec.errors import CatalogError, CatalogLockedError, SchemaVersionError
+from personavec.errors import CatalogCorruptError, CatalogError, CatalogLockedError, SchemaVersionError
 from personavec.files import resource_path
 
 
@@ -63,35 +73,116 @@ def head_revision() -> str:
     return head
 
 
-def _translate(exc: BaseException, catalog_path: Path) -> CatalogError:
+#: How long a unit of work waits for another process to release the file: writers (long runs that must not die
+#: because a reader held the file) wait longer than readers (a person at a prompt). ``$PERSONAVEC_LOCK_TIMEOUT``
+#: (seconds) overrides both.
+WRITE_LOCK_TIMEOUT_S = 120.0
+READ_LOCK_TIMEOUT_S = 15.0
+LOCK_TIMEOUT_ENV = "PERSONAVEC_LOCK_TIMEOUT"
+
+
+# DuckDB's own wording (IOException for both): a lock held by another process, and a damaged file. A plain
+# substring "lock" also matches "block", which every checksum failure names ("... in block at location N").
+_LOCK_MARKERS = ("could not set lock on file", "conflicting lock is held")
+_CORRUPT_MARKERS = ("corrupt database file", "not a valid duckdb database file")
+
+
+def translate_error(exc: BaseException, catalog_path: Path) -> CatalogError:
+    """A SQLAlchemy or DuckDB error as this package's: locked, corrupt, or a plain :class:`CatalogError`."""
     orig = getattr(exc, "orig", exc)
     text = str(orig)
-    if isinstance(orig, duckdb.IOException) and "lock" in text.lower():
+    first = text.splitlines()[0] if text else type(orig).__name__
+    lower = text.lower()
+    if isinstance(orig, duckdb.Error) and any(m in lower for m in _CORRUPT_MARKERS):
+        # Remembered across processes: a later command whose writes never touch the damaged block must not write.
+        _remember_corrupt(Path(catalog_path), first)
+        return CatalogCorruptError(
+            f"catalog {catalog_path} is corrupt: restore it from a backup (personavec will not write into it). "
+            f"DuckDB said: {first}"
+        )
+    if isinstance(orig, duckdb.IOException) and any(m in lower for m in _LOCK_MARKERS):
         return CatalogLockedError(
             f"catalog {catalog_path} is locked by another process (DuckDB allows one writer per file): "
-            f"wait for it to finish or stop it, then retry. DuckDB said: {text.splitlines()[0]}"
+            f"wait for it to finish or stop it, then retry. DuckDB said: {first}"
         )
-    return CatalogError(f"catalog {catalog_path}: {text.splitlines()[0] if text else type(orig).__name__}")
+    return CatalogError(f"catalog {catalog_path}: {first}")
+
+
+def corrupt_marker(catalog_path: Path) -> Path:
+    """``<catalog>.corrupt``: written when DuckDB reports the file damaged; while it matches the file (same size and
+    modification time), no read-write open is allowed. Restoring the file (or deleting the marker) lifts it."""
+    return catalog_path.with_name(catalog_path.name + ".corrupt")
+
+
+def _remember_corrupt(catalog_path: Path, message: str) -> None:
+    try:
+        stat = catalog_path.stat()
+        corrupt_marker(catalog_path).write_text(
+            json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "duckdb": message}) + "\n"
+        )
+    except OSError:  # a read-only directory: the error is still reported, just not remembered
+        pass
+
+
+def _refuse_if_known_corrupt(catalog_path: Path) -> None:
+    marker = corrupt_marker(catalog_path)
+    if not marker.is_file():
+        return
+    try:
+        known = json.loads(marker.read_text())
+        stat = catalog_path.stat()
+        same = (known["size"], known["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError):
+        same = True
+        known = {}
+    if not same:  # the file was replaced since (a restored backup)
+        marker.unlink(missing_ok=True)
+        return
+    raise CatalogCorruptError(
+        f"catalog {catalog_path} was found corrupt (DuckDB said: {known.get('duckdb', '?')}); personavec will "
+        f"not write into it: restore it from a backup (or delete {marker.name} to override)"
+    )
 
 
 def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Engine:
-    """An engine on one DuckDB file. ``read_only`` opens it so that no statement can write."""
+    """An engine on one DuckDB file. ``read_only`` opens it so that no statement can write; a read-write open is
+    refused while the file is known to be corrupt (:func:`corrupt_marker`)."""
+    if not read_only:
+        _refuse_if_known_corrupt(Path(catalog_path))
     engine = sa.create_engine(
         f"duckdb:///{catalog_path}",
         connect_args={"read_only": read_only},
-        # One pooled connection kept open (opening a DuckDB file costs ~10-20 ms); a second thread that needs one
-        # while it is checked out gets an overflow connection to the same in-process database, closed on return.
-        poolclass=sa.pool.QueuePool,
-        pool_size=1,
-        max_overflow=4,
+        # No pool: a connection lives for one unit of work, so the file is free for other processes between them
+        # (see the module docstring). Connections of one process share DuckDB's in-process database instance.
+        poolclass=sa.pool.NullPool,
     )
     try:
         with engine.connect():
             pass
     except DBAPIError as exc:
         engine.dispose()
-        raise _translate(exc, catalog_path) from exc
+        raise translate_error(exc, catalog_path) from exc
     return engine
+
+
+def _locked(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", exc)
+    return isinstance(orig, duckdb.IOException) and any(m in str(orig).lower() for m in _LOCK_MARKERS)
+
+
+def _with_lock_retry(connect, timeout_s: float):  # type: ignore[no-untyped-def]
+    """Call ``connect()`` until it does not fail on another process's file lock, backing off (with jitter) from
+    10 ms to 0.5 s, for at most ``timeout_s``; the last lock error is re-raised."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        try:
+            return connect()
+        except (DBAPIError, CatalogLockedError) as exc:
+            if not (isinstance(exc, CatalogLockedError) or _locked(exc)) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.5)
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -103,6 +194,17 @@ def current_revision(engine: Engine) -> str | None:
         ).first():
             return None
         return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
+def catalog_revision(catalog_path: Path) -> str | None:
+    """The Alembic revision of a catalog file, read without the schema check (None for an empty file)."""
+    engine = create_catalog_engine(catalog_path, read_only=True)
+    try:
+        return current_revision(engine)
+    except DBAPIError as exc:
+        raise translate_error(exc, catalog_path) from exc
+    finally:
+        engine.dispose()
 
 
 def check_schema(engine: Engine, catalog_path: Path) -> None:
@@ -119,15 +221,30 @@ def check_schema(engine: Engine, catalog_path: Path) -> None:
 class Catalog:
     """An open catalog: one engine, one session factory, errors mapped to :class:`CatalogError`."""
 
-    def __init__(self, catalog_path: Path, *, read_only: bool = False, check: bool = True) -> None:
+    def __init__(
+        self, catalog_path: Path, *, read_only: bool = False, check: bool = True, lock_timeout_s: float | None = None
+    ) -> None:
         self.path = Path(catalog_path)
         self.read_only = read_only
         self.pid = os.getpid()
         self.closed = False
-        self.engine = create_catalog_engine(self.path, read_only=read_only)
+        if lock_timeout_s is None and os.environ.get(LOCK_TIMEOUT_ENV):
+            lock_timeout_s = float(os.environ[LOCK_TIMEOUT_ENV])
+        self.lock_timeout_s = (
+            lock_timeout_s if lock_timeout_s is not None else READ_LOCK_TIMEOUT_S if read_only else WRITE_LOCK_TIMEOUT_S
+        )
+        try:
+            self.engine = _with_lock_retry(
+                lambda: create_catalog_engine(self.path, read_only=read_only), self.lock_timeout_s
+            )
+        except DBAPIError as exc:
+            raise translate_error(exc, self.path) from exc
         if check:
             try:
-                check_schema(self.engine, self.path)
+                _with_lock_retry(lambda: check_schema(self.engine, self.path), self.lock_timeout_s)
+            except DBAPIError as exc:
+                self.engine.dispose()
+                raise translate_error(exc, self.path) from exc
             except BaseException:
                 self.engine.dispose()
                 raise
@@ -135,14 +252,19 @@ class Catalog:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One unit of work: commit on success, roll back on any error, always close."""
+        """One unit of work: its own connection (waiting out another process's lock), commit on success, roll back
+        on any error, always close (which releases the file)."""
         session = self._sessions()
         try:
+            _with_lock_retry(session.connection, self.lock_timeout_s)
             yield session
             session.commit()
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, duckdb.Error) as exc:  # duckdb.Error: from the raw connection (bulk Arrow paths)
             session.rollback()
-            raise _translate(exc, self.path) from exc
+            error = translate_error(exc, self.path)
+            if isinstance(error, CatalogCorruptError):
+                self.close()  # no later unit of work of this process writes into a damaged file
+            raise error from exc
         except BaseException:
             session.rollback()
             raise

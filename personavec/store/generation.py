@@ -7,7 +7,6 @@ success is never overwritten, so rerunning a run can neither duplicate nor lose 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,7 @@ class GenerationRunInfo:
     question_set: QuestionSet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AnswerRow:
     """One outcome of one request, ready to land: an answer (``text`` set) or a failure (``error`` set)."""
 
@@ -145,17 +144,19 @@ _ANSWER_SCHEMA = pa.schema(
         ("attempts", pa.int32()),
     ]
 )
+_COLUMNS = tuple(_ANSWER_SCHEMA.names)
 
 
 def upsert_answers(catalog: Catalog, run_id: int, rows: Sequence[AnswerRow]) -> None:
-    """Land answers/failures in one transaction and one statement (DuckDB's per-statement cost, ~10 ms, dominates).
+    """Land answers/failures in one transaction and one statement (DuckDB's per-statement cost, ~5-10 ms, dominates;
+    it releases the GIL meanwhile, so this may run on a writer thread while an event loop goes on).
 
     A row replaces an earlier failure of the same key (attempts add up); an existing successful answer is never
     touched. Keys within ``rows`` must be distinct (DuckDB refuses to update one row twice in a statement).
     """
     if not rows:
         return
-    table = pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=_ANSWER_SCHEMA)
+    table = pa.Table.from_pydict({name: [getattr(r, name) for r in rows] for name in _COLUMNS}, schema=_ANSWER_SCHEMA)
     with catalog.raw() as con:
         con.register("_pv_answers", table)
         try:
@@ -187,13 +188,18 @@ def finish_generation_run(catalog: Catalog, run_id: int, status: str, error: str
 
 def discard_empty_run(catalog: Catalog, run_id: int) -> bool:
     """Delete a generate run that has no responses at all (a run stopped by bad input before any answer landed),
-    so bad input leaves nothing behind. Returns whether it was deleted."""
+    so bad input leaves nothing behind. Returns whether it was deleted.
+
+    Two transactions, not one, because of DuckDB 1.4's foreign keys: it has no ``ON DELETE CASCADE`` (refused at
+    ``CREATE TABLE``), and it still counts a ``runs`` row as referenced when its ``response_runs`` row was deleted
+    earlier in the same transaction, flushed or not ("still referenced by a foreign key in a different table",
+    see DuckDB's foreign-key limitations). So the detail row goes first and the run row in a second transaction; a
+    crash between the two leaves a ``running`` run without detail, which ``get_generation_run`` reports."""
     with catalog.session() as session:
         n = session.scalar(sa.select(sa.func.count()).select_from(m.Response).where(m.Response.run_id == run_id))
         if n:
             return False
         session.execute(sa.delete(m.ResponseRun).where(m.ResponseRun.run_id == run_id))
-    # A second transaction: DuckDB refuses to delete a row whose referencing row was deleted in the same one.
     with catalog.session() as session:
         session.execute(sa.delete(m.Run).where(m.Run.id == run_id, m.Run.kind == "generate"))
     return True

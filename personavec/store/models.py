@@ -76,6 +76,18 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(String)
 
 
+class RunOwner(Base):
+    """The process writing a run (host, pid, and the pid's start time so a reused pid is not mistaken for it).
+    Keyed by run id without a foreign key (see migration 0002 for why)."""
+
+    __tablename__ = "run_owners"
+    run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    host: Mapped[str] = mapped_column(String, nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    process_start: Mapped[int | None] = mapped_column(BigInteger)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
 class PersonaSet(Base):
     __tablename__ = "persona_sets"
     id: Mapped[int] = _id(PERSONA_SET_SEQ)

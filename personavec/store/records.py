@@ -74,6 +74,3 @@ class QuestionSet:
     name: str
     run_id: int
     questions: tuple[Question, ...] = field(default=())
-
-    def by_text(self) -> dict[str, Question]:
-        return {q.text: q for q in self.questions}

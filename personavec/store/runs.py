@@ -1,8 +1,15 @@
-"""Runs of every kind: create, finish, look up, list."""
+"""Runs of every kind: create, finish, look up, list; and who owns a running run.
+
+A run that stays ``running`` while its process is gone (killed, machine rebooted) is shown as ``interrupted``: each
+run records its owner (host, pid, and the pid's start time, so a reused pid is not mistaken for it) in
+``run_owners``; on this host a dead owner is detected from ``/proc`` (or ``os.kill(pid, 0)`` elsewhere). A run
+owned by a live process on another host cannot be judged and keeps its status.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 from datetime import UTC, datetime
 from typing import Any
@@ -10,9 +17,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from personavec.errors import RunNotFoundError
+from personavec.errors import RunBusyError, RunNotFoundError
 from personavec.store.engine import Catalog
-from personavec.store.models import RUN_KINDS, Run
+from personavec.store.models import RUN_KINDS, RUN_STATUSES, Run, RunOwner
 from personavec.store.records import RunInfo, RunSummary
 
 
@@ -25,6 +32,54 @@ def package_version() -> str:
     from personavec import __version__
 
     return __version__
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), None if unknown or gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: fields after the last ')' are fixed.
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def _owner_alive(host: str, pid: int, process_start: int | None) -> bool:
+    """Whether the process that owns a run still runs (True when it cannot be told: another host)."""
+    if host != platform.node():
+        return True
+    if os.path.isdir("/proc"):
+        return process_start is not None and _process_start(pid) == process_start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(session: Session, run_id: int) -> None:
+    """Record this process as the run's owner."""
+    session.merge(
+        RunOwner(
+            run_id=run_id,
+            host=platform.node(),
+            pid=os.getpid(),
+            process_start=_process_start(os.getpid()),
+            claimed_at=utcnow(),
+        )
+    )
+
+
+def _effective_status(status: str, owner: RunOwner | tuple | None) -> str:
+    if status != "running" or owner is None:
+        return status
+    host, pid, start = (owner.host, owner.pid, owner.process_start) if isinstance(owner, RunOwner) else owner
+    if host is None:
+        return status
+    return status if _owner_alive(host, pid, start) else "interrupted"
 
 
 def create_run(session: Session, kind: str, config: dict[str, Any]) -> int:
@@ -41,11 +96,14 @@ def create_run(session: Session, kind: str, config: dict[str, Any]) -> int:
     )
     session.add(run)
     session.flush()
+    _claim(session, run.id)
     return run.id
 
 
 def finish_run(session: Session, run_id: int, status: str, error: str | None = None) -> None:
     """Mark a run ``done``/``failed``/``interrupted`` and record its wall time since creation."""
+    if status not in RUN_STATUSES or status == "running":
+        raise ValueError(f"a run finishes as done, failed or interrupted, not {status!r}")
     run = session.get(Run, run_id)
     if run is None:
         raise RunNotFoundError(f"run {run_id} does not exist")
@@ -57,19 +115,27 @@ def finish_run(session: Session, run_id: int, status: str, error: str | None = N
 
 
 def mark_running(session: Session, run_id: int) -> None:
-    """A resumed run is running again."""
+    """A resumed run is running again, owned by this process. Refused while another live process still runs it."""
     run = session.get(Run, run_id)
     if run is None:
         raise RunNotFoundError(f"run {run_id} does not exist")
+    owner = session.get(RunOwner, run_id)
+    if run.status == "running" and owner is not None and (owner.host, owner.pid) != (platform.node(), os.getpid()):
+        if _effective_status("running", owner) == "running":
+            raise RunBusyError(
+                f"run {run_id} is still running (process {owner.pid} on {owner.host}, since "
+                f"{owner.claimed_at:%Y-%m-%d %H:%M} UTC): stop it first, or wait for it to finish"
+            )
     run.status = "running"
     run.error = None
+    _claim(session, run_id)
 
 
-def _info(run: Run) -> RunInfo:
+def _info(run: Run, owner: RunOwner | None) -> RunInfo:
     return RunInfo(
         id=run.id,
         kind=run.kind,
-        status=run.status,
+        status=_effective_status(run.status, owner),
         created_at=run.created_at,
         finished_at=run.finished_at,
         wall_s=run.wall_s,
@@ -92,7 +158,7 @@ def run_in_session(session: Session, run_id: int, kinds: tuple[str, ...] | None 
     run = session.get(Run, run_id)
     require_kind(run_id, run.kind if run is not None else None, kinds)
     assert run is not None  # require_kind raised for a missing run
-    return _info(run)
+    return _info(run, session.get(RunOwner, run_id))
 
 
 def get_run(catalog: Catalog, run_id: int, kinds: tuple[str, ...] | None = None) -> RunInfo:
@@ -106,7 +172,7 @@ WITH c AS (
     SELECT run_id, count(*) FILTER (WHERE text IS NOT NULL) AS items,
            count(*) FILTER (WHERE text IS NULL) AS failed FROM responses GROUP BY run_id
     UNION ALL
-    SELECT run_id, count(*) FILTER (WHERE done), count(*) FILTER (WHERE NOT done) FROM activations GROUP BY run_id
+    SELECT run_id, count(*) FILTER (WHERE done), 0 FROM activations GROUP BY run_id  -- not done is pending, not failed
     UNION ALL
     SELECT run_id, count(*), 0 FROM vectors GROUP BY run_id
     UNION ALL
@@ -127,15 +193,20 @@ d AS (
     SELECT run_id, 'question set ' || name FROM question_sets
 )
 SELECT r.id, r.kind, r.status, r.created_at, r.wall_s,
-       coalesce(sum(c.items), 0), coalesce(sum(c.failed), 0), coalesce(any_value(d.detail), '')
-FROM runs r LEFT JOIN c ON c.run_id = r.id LEFT JOIN d ON d.run_id = r.id
+       coalesce(sum(c.items), 0), coalesce(sum(c.failed), 0), coalesce(any_value(d.detail), ''),
+       any_value(o.host), any_value(o.pid), any_value(o.process_start)
+FROM runs r LEFT JOIN c ON c.run_id = r.id LEFT JOIN d ON d.run_id = r.id LEFT JOIN run_owners o ON o.run_id = r.id
 WHERE (:kind IS NULL OR r.kind = :kind)
 GROUP BY ALL ORDER BY r.id
 """
 
 
 def list_runs(catalog: Catalog, kind: str | None = None) -> list[RunSummary]:
-    """Every run (or those of one kind) with its item count (answers, examples, vectors, personas...)."""
+    """Every run (or those of one kind) with its item count (answers, examples, vectors, personas...); a running
+    run whose process is gone shows as ``interrupted``."""
     with catalog.session() as session:
         rows = session.execute(sa.text(_COUNTS), {"kind": kind}).all()
-    return [RunSummary(*row) for row in rows]
+    return [
+        RunSummary(r[0], r[1], _effective_status(r[2], (r[8], r[9], r[10])), *r[3:8])  # type: ignore[arg-type]
+        for r in rows
+    ]

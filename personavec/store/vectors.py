@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from personavec.errors import ConfigError, NotFoundError
 from personavec.store import models as m
 from personavec.store.engine import Catalog, dbapi_connection
-from personavec.store.runs import require_kind
+from personavec.store.runs import create_run, finish_run, require_kind
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,32 @@ class StoredVectors:
     matrix: np.ndarray
 
 
-def add_vector_run(
-    session: Session, run_id: int, *, extraction_run_id: int, group_by: str, model: str, d_model: int
-) -> None:
-    """Attach the ``vector_runs`` detail row to a ``vectors`` run."""
-    session.add(
-        m.VectorRun(run_id=run_id, extraction_run_id=extraction_run_id, group_by=group_by, model=model, d_model=d_model)
-    )
-    session.flush()
+def create_vector_run(
+    catalog: Catalog,
+    provenance: dict[str, Any],
+    vectors: pa.Table,
+    *,
+    extraction_run_id: int,
+    group_by: str,
+    model: str,
+    d_model: int,
+) -> int:
+    """One unit of work: a done ``vectors`` run (provenance as its config), its ``vector_runs`` row and every vector
+    (see :func:`_insert_vectors` for the table's columns). Returns the run id; on any error nothing is written."""
+    with catalog.session() as session:
+        run_id = create_run(session, "vectors", provenance)
+        session.add(
+            m.VectorRun(
+                run_id=run_id, extraction_run_id=extraction_run_id, group_by=group_by, model=model, d_model=d_model
+            )
+        )
+        session.flush()
+        _insert_vectors(session, run_id, vectors)
+        finish_run(session, run_id, "done")
+    return run_id
 
 
-def insert_vectors(session: Session, run_id: int, table: pa.Table) -> int:
+def _insert_vectors(session: Session, run_id: int, table: pa.Table) -> int:
     """Bulk-insert vectors from an Arrow table with ``layer``, ``group_key``, ``n_examples``, ``norm`` and
     ``vector`` (``list<float32>``) in one DuckDB statement. Returns the number of rows inserted."""
     # DuckDB preserves insertion order, so ids follow the table's row order (persona-set order for personas).
@@ -109,10 +124,6 @@ def _info(con: Any, run_id: int) -> VectorRunInfo:
     )
 
 
-def _dbapi(session: Session) -> Any:
-    return dbapi_connection(session)
-
-
 _READ = "SELECT group_key, n_examples, norm, vector FROM vectors WHERE run_id = ? AND layer = ? ORDER BY id"
 
 
@@ -124,7 +135,7 @@ def read_vectors(
     ``layer`` is a layer number or a function choosing one from the run's info (e.g. a default layer rule).
     """
     with catalog.session() as session:
-        con = _dbapi(session)
+        con = dbapi_connection(session)
         info = _info(con, run_id)
         if not info.layers:
             raise ConfigError(f"vectors run {run_id} holds no vectors (status {info.status})")
