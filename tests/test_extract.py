@@ -22,7 +22,7 @@ from tiny_models import tiny_model_dir
 from personavec import EVAL_QUESTIONS, PERSONAS, arrays
 from personavec.cli import app
 from personavec.config import config_dict
-from personavec.errors import CatalogError, ConfigError, ModelError, StorageError
+from personavec.errors import CatalogError, ConfigError, ModelError, RunInterrupted, StorageError
 from personavec.extract import (
     ChunkWriter,
     ExtractConfig,
@@ -537,6 +537,19 @@ def test_resume_checks_identity_fields_and_takes_operational_ones(
     assert get_run(workspace.catalog(), run_id).status == "done"
     with pytest.raises(ConfigError, match="needs a config"):
         run_extraction(workspace, None)
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_names_the_resume_command(
+    workspace, responses_run: int, tiny_root: Path
+) -> None:
+    def ctrl_c(progress) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted) as info:
+        run_extraction(workspace, _failing_config(responses_run, tiny_root), progress=ctrl_c)
+    run_id = info.value.run_id
+    assert info.value.resume_command == f"personavec extract --resume {run_id}"
+    assert get_run(workspace.catalog(), run_id).status == "interrupted"
 
 
 def test_core_imports_without_the_catalog_stack() -> None:

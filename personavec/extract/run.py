@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from personavec import arrays
 from personavec.config import DTYPES, check_selection, config_dict, config_from_dict, default_layer
-from personavec.errors import ConfigError, ModelError, StorageError
+from personavec.errors import ConfigError, ModelError, RunInterrupted, StorageError
 from personavec.extract.core import default_batch_tokens, iter_mean_activations, plan_batches
 from personavec.modeling import LoadedModel, load_model, model_provenance
 from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, render
@@ -352,8 +352,10 @@ def run_extraction(
             run's (a :class:`ConfigError` names those that differ) and its other fields (device, batching,
             compilation, layers path) apply to this session.
         resume: an extract run to continue: only rows not yet done are computed.
-        progress: called after each batch with an :class:`ExtractionProgress`; an exception it raises interrupts the
-            run (marked ``interrupted``; every complete chunk stays done).
+        progress: called after each batch with an :class:`ExtractionProgress`; raising
+            :class:`ExtractionInterrupted` from it stops the run (marked ``interrupted``; every complete chunk stays
+            done). Ctrl-C (or SIGTERM in the CLI) does the same and leaves as :class:`RunInterrupted`, which names the
+            resume command; any other exception marks the run ``failed``.
         loaded: an already loaded model matching the config (skips loading).
 
     Returns:
@@ -585,6 +587,8 @@ def _compute(
         writer.close(raise_errors=False)
         if isinstance(exc, StorageError):
             raise StorageError(f"{exc}; {_resume_hint(run_id)}") from exc
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):  # Ctrl-C, SIGTERM
+            raise RunInterrupted(run_id, f"personavec extract --resume {run_id}") from exc
         raise
     finally:
         batches.close()  # removes the capture hooks now, not when the generator is collected
