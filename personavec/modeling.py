@@ -11,9 +11,9 @@
 
 The cache lives under ``$PERSONAVEC_CACHE`` (default ``~/.cache/personavec``) in ``models/<stem>-<key>`` where the key
 is the start of the file's sha256 (so every copy of the same file shares one conversion; the hash is remembered per
-path, size and mtime so it is computed once per copy); ``personavec_source.json`` in that directory records the source file and its
-sha256 (the provenance stored with extraction runs). Conversion writes into a temporary sibling directory and renames
-it into place, so a crash never leaves a half-written cache entry.
+path, size and mtime so it is computed once per copy); ``personavec_source.json`` in that directory records the source
+file and its sha256 (the provenance stored with extraction runs). Conversion writes into a temporary sibling directory
+and renames it into place, so a crash never leaves a half-written cache entry.
 
 ``load_model(name, ...)`` returns a :class:`LoadedModel`: the model, its tokenizer, and the decoder blocks resolved for
 every architecture family transformers serves (see :func:`decoder_layers`; ``layers_path`` names them for any other),
