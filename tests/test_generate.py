@@ -533,3 +533,14 @@ def test_a_failing_writer_stops_the_run_instead_of_hanging(workspace):
             run_generation(workspace, cfg(server, n_samples=10, concurrency=2), progress=break_the_catalog)
         assert server.requests < 40  # stopped early, not after asking everything
     assert runs(workspace)[0]["status"] == "failed"
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(workspace):
+    # CI logs, nohup, pipes: Rich draws no bar there, so plain progress lines go to stderr instead
+    with FaultServer() as server:
+        cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "generate", "-w", str(workspace.root)]
+        cmd += ["--model", "fault-model", "--base-url", server.base_url, "--persona", "default", "--question", "0"]
+        cmd += ["--question", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "generate: 2/2 2 done, 0 failed" in proc.stderr
