@@ -37,6 +37,9 @@ import openai
 
 from personavec.config import OPENROUTER_BASE_URL, PersonaVectorConfig, config_dict
 from personavec.errors import ConfigError, EndpointError, NotFoundError
+from personavec.local_engine import LocalOptions, run_local_generation
+from personavec.local_engine import check_local_fields as _local_fields
+from personavec.steering import SteeringConfig
 from personavec.store.engine import Catalog
 from personavec.store.generation import (
     AnswerRow,
@@ -73,6 +76,8 @@ IDENTITY_FIELDS = (
     "max_tokens",
     "top_p",
     "seed",
+    "engine",
+    "steering",
 )
 #: Longest wait we accept from a Retry-After header (a longer one is clipped, the run is not stalled for hours).
 MAX_RETRY_AFTER_S = 600.0
@@ -107,8 +112,13 @@ class GenerateConfig:
     max_retries: int = 6
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
+    # Local engine (personavec.local_engine): transformers in this process, optionally steered (personavec.steering).
+    engine: str = "remote"
+    local: LocalOptions = LocalOptions()
+    steering: SteeringConfig | None = None
 
     def __post_init__(self) -> None:
+        _local_fields(self)
         # Lists from JSON (a stored run config) become tuples so the config stays hashable and comparable.
         object.__setattr__(self, "personas", tuple(self.personas))
         object.__setattr__(self, "questions", tuple(int(q) for q in self.questions))
@@ -602,6 +612,8 @@ def _generation(
     if run_id is not None:
         config = _resolved_config(catalog, config, run_id)
     assert config is not None  # narrowed above; run_generation checks the inputs
+    if config.engine == "local":  # transformers in this process: personavec.local_engine
+        return run_local_generation(Workspace(catalog.path.parent), config, resume=run_id, progress=progress)
     api_key = config.api_key()  # before anything is written: a missing key leaves no run behind
     pset, qset = load_sets(catalog, config.persona_set, config.question_set)
     personas, questions = _select(config, pset, qset)

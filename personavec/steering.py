@@ -303,13 +303,19 @@ def plan_steering(
     from personavec.vectors import load_vectors
 
     ref = config.ref
+
+    def check(layers: Sequence[int]) -> None:
+        bad = [layer for layer in layers if not 1 <= layer <= n_layers - 1]
+        if bad:
+            raise ConfigError(
+                f"layer(s) {bad} cannot be steered: a model with {n_layers} layers has steerable layers "
+                f"1..{n_layers - 1}"
+            )
+
+    check(config.layers)
     first = load_vectors(ref.run_id, config.layers[0] if config.layers else None, workspace=ws)
     layers = config.layers or (first.layer,)
-    bad = [layer for layer in layers if not 1 <= layer <= n_layers - 1]
-    if bad:
-        raise ConfigError(
-            f"layer(s) {bad} cannot be steered: a model with {n_layers} layers has steerable layers 1..{n_layers - 1}"
-        )
+    check(layers)
     if first.d_model != d_model:
         raise ConfigError(
             f"vectors run {ref.run_id} has d_model {first.d_model} ({first.model}), the model has {d_model}: "
