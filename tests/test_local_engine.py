@@ -4,6 +4,7 @@ runs with their intervention stored and queryable; sweeps; per-token monitoring.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 import torch
 from tiny_models import template_tokenizer, tiny_config
 
+from personavec.cli import app
 from personavec.errors import ConfigError, RunInterrupted
 from personavec.extract import mean_activations
 from personavec.generate import GenerateConfig, run_generation
@@ -253,3 +255,103 @@ def test_local_options_roundtrip_through_stored_json(workspace, tiny8, vectors_r
     assert stored == _config(tiny8, steering=steering, personas=("default",), questions=(0,))
     with pytest.raises(ConfigError, match="engine must be"):
         GenerateConfig(model="m", engine="vllm")
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def _last_json(res) -> dict:
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_cli_generate_local_steer_sweep_report_and_monitor(workspace, tiny8, vectors_run, cli, tmp_path):
+    w = ["-w", str(workspace.root)]
+    local = ["--model", tiny8, "--device", "cpu", "--dtype", "float32", "--max-tokens", "5", "--temperature", "0"]
+    pick = ["--persona", "default", "--question", "0", "--question", "1"]
+    out = _last_json(
+        cli.invoke(app, ["generate", *w, "--engine", "local", "--batch-size", "1", *local, *pick, "--json"])
+    )
+    assert (out["answers"], out["status"]) == (2, "done")
+    assert get_run(workspace.catalog(), out["run_id"]).config["local"]["batch_size"] == 1
+
+    vector = f"{vectors_run}:storyteller-default"
+    args = ["steer", *w, "--vector", vector, "--layer", "5", "--coef", "-6", "--coef", "0", "--coef", "6"]
+    sweep = _last_json(cli.invoke(app, [*args, *local, *pick, "--json"]))
+    assert [r["coef"] for r in sweep["runs"]] == [-6.0, 0.0, 6.0] and sweep["sweep_id"] is not None
+    assert {r["answers"] for r in sweep["runs"]} == {2}
+
+    res = cli.invoke(app, ["sweep-report", str(sweep["sweep_id"]), *w])
+    assert res.exit_code == 0, res.output
+    page = workspace.root / "reports" / f"sweep_{sweep['sweep_id']}" / "index.html"
+    assert page.is_file() and "Answers side by side" in page.read_text() and "c = 6" in page.read_text()
+    assert (page.parent / "projection.png").read_bytes()[:4] == b"\x89PNG"
+
+    csv_path = tmp_path / "monitor.csv"
+    res = cli.invoke(
+        app,
+        [
+            "monitor",
+            *w,
+            "--vector",
+            vector,
+            "--layer",
+            "5",
+            "--run",
+            str(out["run_id"]),
+            "--model",
+            tiny8,
+            "--device",
+            "cpu",
+            "--out",
+            str(csv_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert csv_path.read_text().splitlines()[0].endswith("projection")
+    text = _last_json(
+        cli.invoke(
+            app,
+            ["monitor", *w, "--vector", vector, "--text", "Ahoy there", "--model", tiny8, "--device", "cpu", "--json"],
+        )
+    )
+    assert text["layer"] == 5 and len(text["items"][0]["values"]) == len(text["items"][0]["tokens"]) > 1
+
+    capped = _last_json(
+        cli.invoke(
+            app,
+            [
+                "steer",
+                *w,
+                "--vector",
+                f"{vectors_run}:-axis",
+                "--kind",
+                "cap",
+                "--cap-reference",
+                str(out["run_id"]),
+                "--percentile",
+                "50",
+                "--layer",
+                "2",
+                *local,
+                *pick,
+                "--json",
+            ],
+        )
+    )
+    record = get_intervention(workspace.catalog(), capped["runs"][0]["run_id"])
+    assert record.kind == "cap" and record.percentile == 50.0 and record.per_layer[0].tau is not None
+
+
+def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):
+    w = ["-w", str(workspace.root), "--model", tiny8, "--device", "cpu"]
+    res = cli.invoke(app, ["steer", *w, "--vector", "pirate"])
+    assert res.exit_code == 2 and "RUN:NAME" in res.output
+    res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:cynic", "--kind", "cap"])
+    assert res.exit_code == 2 and "cap needs thresholds" in res.output
+    res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:nobody", "--persona", "default"])
+    assert res.exit_code == 2 and "has no vector 'nobody'" in res.output
+    res = cli.invoke(app, ["monitor", "-w", str(workspace.root), "--vector", f"{vectors_run}:cynic"])
+    assert res.exit_code == 2 and "--run RUN" in res.output
+    res = cli.invoke(app, ["sweep-report", "99", "-w", str(workspace.root)])
+    assert res.exit_code == 1 and "sweep 99 does not exist" in res.output

@@ -234,3 +234,44 @@ def test_steering_config_roundtrips_and_labels():
     assert SteeringConfig.from_dict({**cfg.__dict__, "unknown": 1}) == cfg
     assert cfg.label() == "cap 7:-axis tau=inf,3 @20,21"
     assert SteeringConfig("7:a-b", coef=4, normalize=True).label() == "add 7:a-b x4 (normalized) @default"
+
+
+# ------------------------------------------------------------------------------------------------ embedded model
+
+
+@pytest.mark.slow
+def test_steering_towards_a_persona_moves_the_answers_along_its_direction():
+    """Neutral system prompt, +c * (v_persona - v_default) at the default layer: the answers, extracted at that
+    layer by the unsteered model, project further onto the direction as c grows (two personas, c = 0..3)."""
+    from personavec.builtin import EVAL_QUESTIONS, PERSONAS
+    from personavec.config import default_layer
+    from personavec.extract import mean_activations
+    from personavec.spans import conversation, render
+
+    loaded = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    layer = default_layer(loaded.n_layers)
+    questions = EVAL_QUESTIONS[:3]
+    neutral = PERSONAS["default"]
+
+    def answers(system: str, interventions=()) -> list[str]:
+        prompts = [prompt_ids(loaded.tokenizer, system, q) for q in questions]
+        with Steerer(loaded.model, list(interventions)) as steerer:
+            return [g.text for g in generate_batch(loaded, prompts, max_new_tokens=24, steerer=steerer)]
+
+    def means(system: str, texts: list[str]) -> np.ndarray:
+        examples = [render(loaded.tokenizer, conversation(system, q, t)) for q, t in zip(questions, texts, strict=True)]
+        return mean_activations(loaded, examples, [layer])[:, 0].double().numpy()
+
+    unsteered = answers(neutral)
+    v_default = means(neutral, unsteered).mean(axis=0)
+    coefs = (0.0, 1.0, 2.0, 3.0)
+    for persona in ("trader", "jester"):
+        v = means(PERSONAS[persona], answers(PERSONAS[persona])).mean(axis=0) - v_default
+        unit = v / np.linalg.norm(v)
+        projections = []
+        for c in coefs:
+            texts = answers(neutral, [LayerIntervention(layer, "add", v.astype(np.float32), scale=c)])
+            if c == 0.0:
+                assert texts == unsteered
+            projections.append(float((means(neutral, texts) @ unit).mean()))
+        assert np.all(np.diff(projections) > 0), (persona, projections)

@@ -47,6 +47,12 @@ def generate(
     run_id: Annotated[
         int | None, typer.Option("--run-id", help="Resume this generate run (asks only what is missing).")
     ] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="remote (an endpoint, default) or local (transformers in this process).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="local engine: auto, cpu, cuda:0 ...")] = None,
+    dtype: Annotated[str | None, typer.Option(help="local engine: auto, float32, bfloat16, float16.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="local engine: answers generated together.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask an OpenAI-compatible endpoint every persona x question; answers land in the catalog as they arrive.
@@ -71,6 +77,11 @@ def generate(
         "max_retries": max_retries,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    local: dict[str, Any] = {
+        k: v for k, v in {"device": device, "dtype": dtype, "batch_size": batch_size}.items() if v is not None
+    }
+    if engine is not None:
+        given["engine"] = engine
 
     w = resolve_workspace(ws).require()
     with w.catalog() as catalog:
@@ -81,6 +92,8 @@ def generate(
             config = dataclasses.replace(stored, **given)
         else:
             config = GenerateConfig(**given)
+        if local:  # personavec.local_engine.LocalOptions
+            config = dataclasses.replace(config, local=dataclasses.replace(config.local, **local))
         result = _run_with_progress(catalog, config, run_id, quiet=as_json)
     if as_json:
         emit_json(dataclasses.asdict(result))

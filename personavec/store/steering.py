@@ -204,3 +204,13 @@ def list_sweeps(catalog: Catalog) -> list[SweepInfo]:
     with catalog.session() as session:
         ids = session.scalars(sa.select(m.SteeringSweep.id).order_by(m.SteeringSweep.id)).all()
     return [get_sweep(catalog, i) for i in ids]
+
+
+def sweeps_using(catalog: Catalog, vector_run_id: int) -> list[tuple[int, str | None]]:
+    """``(sweep id, label)`` of every sweep with a run steered by vectors of ``vector_run_id``."""
+    q = sa.text(
+        "SELECT DISTINCT s.id, s.label FROM steering_sweeps s JOIN run_interventions i ON i.sweep_id = s.id "
+        "WHERE i.vector_run_id = :run ORDER BY s.id"
+    )
+    with catalog.session() as session:
+        return [(r[0], r[1]) for r in session.execute(q, {"run": vector_run_id})]
