@@ -35,7 +35,7 @@ class DemoConfig:
     device: str = "cpu"
     #: Steering sweep on the local engine (empty: none): the neutral persona steered towards the first non-default
     #: demo persona (its vector minus the default one) at the default layer, greedy, ``steer_tokens`` long.
-    steer_coefs: tuple[float, ...] = (0.0, 4.0, 8.0)
+    steer_coefs: tuple[float, ...] = (0.0, 1.0, 2.0)
     steer_tokens: int = 32
 
     def __post_init__(self) -> None:
