@@ -475,7 +475,7 @@ def run_sweep(
     loaded = loaded or load_for(config)
     sweep_id = create_sweep(
         ws.catalog(),
-        label=label or config.steering.label(),
+        label=label or config.steering.label(coefs),
         parameter="coef",
         config={"coefs": coefs, "generate": config_dict(config)},
     )

@@ -203,13 +203,14 @@ class SteeringConfig:
     def ref(self) -> VectorRef:
         return VectorRef.parse(self.vector)
 
-    def label(self) -> str:
-        """A short human label, e.g. ``add 7:mystic-default x4 @20``."""
+    def label(self, coefs: Sequence[float] | None = None) -> str:
+        """A short human label, e.g. ``add 7:mystic-default x4 @20`` (``x-8,0,8`` with ``coefs``, for a sweep)."""
         layers = ",".join(map(str, self.layers)) or "default"
         if self.kind == "cap":
             how = f"tau={','.join(f'{t:g}' for t in self.tau)}" if self.tau else f"p{self.percentile:g}"
         else:
-            how = f"x{self.coef:g}{' (normalized)' if self.normalize else ''}"
+            values = ",".join(f"{c:g}" for c in (coefs if coefs is not None else [self.coef]))
+            how = f"x{values}{' (normalized)' if self.normalize else ''}"
         where = "" if self.positions == "all" else " generated only"
         return f"{self.kind} {self.vector} {how} @{layers}{where}"
 

@@ -6,10 +6,11 @@ Same persona x question set, same max_tokens, greedy (temperature 0), answers la
 - local: ``--engine local`` at each ``--batch-size``, the model loaded once beforehand (load time printed apart);
 - local + steering: the same with ``add`` at the default layer, coefficient 0 (the hooks' cost alone).
 
-    .venv/bin/python scripts/bench_steer.py [--personas 8] [--questions 4] [--max-tokens 48] [--batch-size 1 8 32]
-        [--concurrency 2 8] [--device cpu] [--no-serve]
+    .venv/bin/python scripts/bench_steer.py [--personas 4] [--questions 4] [--max-tokens 32] [--batch-size 1 16]
+        [--concurrency 2] [--device cpu] [--no-serve]
 
-Completion tokens per second count generated tokens (up to and including end-of-turn) over the run's wall time.
+Completion tokens per second count generated tokens (up to and including end-of-turn) over the run's wall time;
+``load_avg`` is the machine's 1-minute load average when the row finished (a shared machine skews every figure).
 Prints a table; the last line is one JSON object with the figures.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import tempfile
 import time
@@ -36,11 +38,11 @@ from personavec.workspace import init_workspace
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=EMBEDDED_MODEL)
-    ap.add_argument("--personas", type=int, default=8)
+    ap.add_argument("--personas", type=int, default=4)
     ap.add_argument("--questions", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[2, 8])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[2])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-serve", action="store_true")
     args = ap.parse_args()
@@ -69,15 +71,10 @@ def main() -> None:
                     "wall_s": round(res.wall_s, 2),
                     "tok_s": round(res.completion_tokens / res.wall_s, 1),
                     "answers_s": round(res.answers / res.wall_s, 2),
+                    "load_avg": round(os.getloadavg()[0], 1),
                 }
             )
             print(rows[-1], flush=True)
-
-        if not args.no_serve:
-            with local_server(args.model, device=args.device) as server:
-                for c in args.concurrency:
-                    cfg = dataclasses.replace(base, model=server.model, base_url=server.base_url, concurrency=c)
-                    record("serve", f"concurrency {c}", run_generation(ws, cfg))
 
         local = dataclasses.replace(base, engine="local", local=LocalOptions(device=args.device))
         t0 = time.perf_counter()
@@ -96,13 +93,23 @@ def main() -> None:
         with Steerer(loaded.model, [LayerIntervention(layer, "add", vector, scale=0.0)]):
             record("local+hook", f"batch {b}", run_local_generation(ws, cfg, loaded=loaded))
 
-    print(f"\nmodel {args.model} on {args.device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads); model load for the local engine {load_s:.1f} s")
-    print(f"{'engine':<12}{'setting':<16}{'answers':>8}{'tokens':>8}{'wall s':>9}{'tok/s':>8}{'answers/s':>11}")
+        if not args.no_serve:
+            with local_server(args.model, device=args.device) as server:
+                for c in args.concurrency:
+                    cfg = dataclasses.replace(base, model=server.model, base_url=server.base_url, concurrency=c)
+                    record("serve", f"concurrency {c}", run_generation(ws, cfg))
+
+    print(
+        f"\nmodel {args.model} on {args.device} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads); model load for the local engine {load_s:.1f} s"
+    )
+    print(
+        f"{'engine':<12}{'setting':<16}{'answers':>8}{'tokens':>8}{'wall s':>9}{'tok/s':>8}{'answers/s':>11}{'load':>6}"
+    )
     for r in rows:
         print(
             f"{r['engine']:<12}{r['setting']:<16}{r['answers']:>8}{r['completion_tokens']:>8}{r['wall_s']:>9}"
-            f"{r['tok_s']:>8}{r['answers_s']:>11}"
+            f"{r['tok_s']:>8}{r['answers_s']:>11}{r['load_avg']:>6}"
         )
     print(json.dumps({"model": args.model, "device": args.device, "load_s": round(load_s, 2), "rows": rows}))
 

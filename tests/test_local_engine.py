@@ -189,7 +189,9 @@ def test_sweep_makes_one_linked_run_per_coefficient(workspace, tiny8, vectors_ru
     res = run_sweep(workspace, _config(tiny8, steering=steering, personas=("default",)), [-8, 0, 8])
     sweep = get_sweep(workspace.catalog(), res.sweep_id)
     assert [r.coef for r in sweep.runs] == [-8.0, 0.0, 8.0] and {r.status for r in sweep.runs} == {"done"}
-    assert sweep.parameter == "coef" and sweep.label == steering.label()
+    assert (
+        sweep.parameter == "coef" and sweep.label == f"add {vectors_run}:storyteller-default x-8,0,8 @5 generated only"
+    )
     rows = _sql(
         workspace,
         f"SELECT i.coef, count(r.id) FROM run_interventions i JOIN responses r ON r.run_id = i.run_id "
