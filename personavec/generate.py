@@ -57,6 +57,9 @@ from personavec.config import (
     config_from_dict,
 )
 from personavec.errors import ConfigError, EndpointError, RunInterrupted, Terminated
+from personavec.local_engine import LocalOptions, run_local_generation
+from personavec.local_engine import check_local_fields as _local_fields
+from personavec.steering import SteeringConfig
 from personavec.store.engine import Catalog
 from personavec.store.generation import (
     AnswerRow,
@@ -101,6 +104,8 @@ IDENTITY_FIELDS = (
     "max_tokens",
     "top_p",
     "seed",
+    "engine",
+    "steering",
 )
 
 
@@ -135,8 +140,13 @@ class GenerateConfig:
     concurrency: int = 10
     timeout_s: float = 120.0
     max_retries: int = 6
+    # Local engine (personavec.local_engine): transformers in this process, optionally steered (personavec.steering).
+    engine: str = "remote"
+    local: LocalOptions = LocalOptions()
+    steering: SteeringConfig | None = None
 
     def __post_init__(self) -> None:
+        _local_fields(self)
         # Lists from JSON (a stored run config) become tuples so the config stays hashable and comparable.
         object.__setattr__(self, "personas", tuple(self.personas))
         object.__setattr__(self, "replicas", tuple(self.replicas))
@@ -705,9 +715,13 @@ def run_generation(
     catalog = ws.catalog()
     if resume is not None:
         stored = get_generation_run(catalog, resume).run.config
+        if (config.engine if config is not None else stored.get("engine", "remote")) == "local":
+            return run_local_generation(ws, config, resume=resume, progress=progress)
         config = GenerateConfig.resumed(resume, stored, **(dataclasses.asdict(config) if config else {}))
     elif config is None:
         raise ConfigError("run_generation needs a config (new run) or resume=RUN_ID")
+    elif config.engine == "local":  # transformers in this process: personavec.local_engine
+        return run_local_generation(ws, config, progress=progress)
     keys = config.api_keys()  # before anything is written: a missing key leaves no run behind
     secrets = [k for k in keys.values() if k]
     pset, qset = load_sets(catalog, config.persona_set, config.question_set)
