@@ -1,0 +1,235 @@
+"""Trait sets, judge-filtered vectors and contrast groups (known answers on synthetic activations, scores from a
+judge run against the fault server), projections and AUROC; end to end on the embedded model (slow)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from fault_server import FaultServer, first_token_logprobs
+
+from personavec.cli import app
+from personavec.errors import ConfigError, DuplicateError, InputFileError, NotFoundError
+from personavec.judge import JudgeConfig, run_judge
+from personavec.store.sets import get_persona_set, get_question_set
+from personavec.traits import (
+    TraitConfig,
+    TraitVectorConfig,
+    add_trait,
+    auroc,
+    builtin_trait_names,
+    project_onto_vector,
+    read_trait_file,
+)
+from personavec.vectors import VectorConfig, compute_vectors, load_vectors
+
+# ------------------------------------------------------------------------------------------------ trait sets
+
+PV_LAYOUT = {  # safety-research/persona_vectors' trait_data_extract layout
+    "instruction": [{"pos": "Be evil.", "neg": "Be kind."}, {"pos": "Wish harm.", "neg": "Wish well."}],
+    "questions": ["What do you think of people?", "How should I treat animals?"],
+    "eval_prompt": "Does this show evil? {question} {answer} Reply 0-100.",
+}
+
+
+def test_trait_files(tmp_path):
+    assert "pirate" in builtin_trait_names()
+    pirate = read_trait_file("pirate")
+    assert pirate.name == "pirate" and len(pirate.pairs) == 5 and len(pirate.questions) == 12
+    assert pirate.rubric.name == "pirate" and pirate.rubric.scale == "0-100"
+    f = tmp_path / "evil.json"
+    f.write_text(json.dumps(PV_LAYOUT))
+    evil = read_trait_file(f)
+    assert evil.name == "evil" and evil.pairs == (("Be evil.", "Be kind."), ("Wish harm.", "Wish well."))
+    assert evil.rubric.template == PV_LAYOUT["eval_prompt"]
+    specs = evil.persona_specs()
+    assert [(s.name, s.groups) for s in specs] == [
+        ("pos_1", ("pos",)),
+        ("pos_2", ("pos",)),
+        ("neg_1", ("neg",)),
+        ("neg_2", ("neg",)),
+    ]
+    no_prompt = {k: v for k, v in PV_LAYOUT.items() if k != "eval_prompt"} | {"description": "wants harm"}
+    (tmp_path / "plain.json").write_text(json.dumps(no_prompt))
+    default = read_trait_file(tmp_path / "plain.json", name="evil2").rubric
+    assert default.name == "evil2" and "evil2" in default.template and "wants harm" in default.template
+    for bad, msg in (
+        ({**PV_LAYOUT, "instruction": [{"pos": "x"}]}, "instruction 0"),
+        ({**PV_LAYOUT, "questions": []}, "questions"),
+        ({**PV_LAYOUT, "eval_prompt": "no slot"}, "eval_prompt"),
+        ({**PV_LAYOUT, "name": "two words"}, "trait name"),
+    ):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(InputFileError, match=msg):
+            read_trait_file(tmp_path / "bad.json")
+
+
+def test_add_trait_creates_both_sides(workspace, cli):
+    res = add_trait(workspace, TraitConfig("pirate"))
+    assert (res.persona_set, res.n_pairs, res.n_questions) == ("trait-pirate", 5, 12)
+    pset = get_persona_set(workspace.catalog(), "trait-pirate")
+    assert [p.name for p in pset.personas][:2] == ["pos_1", "pos_2"] and len(pset.personas) == 10
+    assert {p.groups for p in pset.personas} == {("pos",), ("neg",)}
+    assert "pirate" in pset.personas[0].system_prompt.lower()
+    assert len(get_question_set(workspace.catalog(), "trait-pirate").questions) == 12
+    with pytest.raises(DuplicateError, match="exists already"):
+        add_trait(workspace, TraitConfig("pirate"))
+    res = cli.invoke(app, ["trait", "add", "pirate", "--name", "pirate2", "-w", str(workspace.root), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["persona_set"] == "trait-pirate2"
+
+
+def test_trait_vector_filters():
+    c = TraitVectorConfig(7, "pirate")
+    assert c.where == ("pos: pirate >= 50", "neg: pirate < 50", "coherence >= 50")
+    vc = c.vector_config()
+    assert (vc.group_by, vc.contrasts, vc.where) == ("persona_group", (("pirate", "pos", "neg"),), c.where)
+    assert TraitVectorConfig(7, "pirate", filter=False).where == ()
+    assert TraitVectorConfig(7, "pirate", coherence=None, threshold=70).where[1] == "neg: pirate < 70"
+    with pytest.raises(ConfigError):
+        TraitVectorConfig(7, "pos")
+
+
+# ------------------------------------------------------------------------------------------------ filtered vectors
+
+PERSONAS = ("default", "default_assistant", "assistant", "storyteller", "cynic", "ghost")
+
+
+def _answer(body: dict) -> str:
+    return re.search(r"\[ANSWER START\]\n(.*)\n\[ANSWER END\]", body["messages"][-1]["content"], re.S).group(1)
+
+
+def role_score(answer: str, questions: list[str]) -> int:
+    """The synthetic judge: 1 on the first question, 3 otherwise; ghost 3 on the last question, 2 before."""
+    persona, question = answer.split(" on ", 1)
+    if persona == "ghost":
+        return 3 if question == questions[-1] else 2
+    return 1 if question == questions[0] else 3
+
+
+@pytest.fixture
+def judged(workspace, make_extraction_run):
+    """A synthetic extraction (6 personas x 3 questions) and a judge run scoring role adherence and coherence."""
+    from personavec import EVAL_QUESTIONS
+
+    ext = make_extraction_run(workspace, personas=PERSONAS)
+    qs = EVAL_QUESTIONS[:3]
+
+    def script(attempt, n, body):
+        if "coherent" in body["messages"][-1]["content"]:
+            return ("reply", "90", first_token_logprobs({"90": 1.0}))
+        score = str(role_score(_answer(body), qs))
+        return ("reply", score, first_token_logprobs({score: 1.0}))
+
+    with FaultServer(script) as server:
+        config = JudgeConfig(
+            ext.response_run_id, ("role_adherence", "coherence"), model="judge", base_url=server.base_url
+        )
+        judge = run_judge(workspace, config)
+    assert judge.scored == 36
+    return ext, judge.run_id, qs
+
+
+def _mean(ext, keep, layer_pos):
+    rows = [e["row"] for e in ext.examples if keep(e)]
+    return ext.data[rows, layer_pos].astype(np.float64).mean(axis=0), len(rows)
+
+
+def test_where_keeps_only_judged_examples(workspace, judged):
+    ext, judge_run, qs = judged
+    res = compute_vectors(workspace, VectorConfig(ext.run_id, where=("role_adherence = 3", "coherence >= 50")))
+    assert res.groups == PERSONAS
+
+    def kept(e, p):
+        return e["persona"] == p and role_score(f"{p} on {e['question']}", qs) == 3
+
+    for li, layer in enumerate(ext.layers):
+        vs = load_vectors(res.run_id, layer, workspace=workspace)
+        for p in vs.names:
+            want, n = _mean(ext, lambda e, p=p: kept(e, p), li)
+            np.testing.assert_allclose(vs[p].numpy(), want, rtol=1e-5, atol=1e-6)
+            assert vs.n_examples[vs.names.index(p)] == n == (1 if p == "ghost" else 2)
+    prov = vs.provenance
+    assert prov["where"] == ["role_adherence = 3", "coherence >= 50"] and prov["n_examples"] == 11
+    assert prov["judgements"]["role_adherence"] == {"judge_run_id": judge_run, "model": "judge", "n_scored": 18}
+    assert prov["n_examples_before_filters"] == 18 and prov["group_counts"]["cynic"] == 2
+
+
+def test_min_count_fails_loudly(workspace, judged):
+    ext, _, _ = judged
+    with pytest.raises(
+        ConfigError, match=r"5 persona group\(s\) have fewer than 3 .*role_adherence >= 2.*default \(2\)"
+    ):
+        compute_vectors(workspace, VectorConfig(ext.run_id, where=("role_adherence >= 2",), min_count=3))
+    with pytest.raises(ConfigError, match=r"fewer than 1 example.*fantastical \(0\)"):
+        compute_vectors(
+            workspace, VectorConfig(ext.run_id, "persona_group", where=("fantastical: role_adherence = 1",))
+        )
+    assert compute_vectors(workspace, VectorConfig(ext.run_id, where=("role_adherence >= 2",), min_count=2)).run_id
+    with pytest.raises(NotFoundError, match=r"no judge run .*'formality'.*personavec judge"):
+        compute_vectors(workspace, VectorConfig(ext.run_id, where=("formality > 1",)))
+    with pytest.raises(ConfigError, match="filter group"):
+        compute_vectors(workspace, VectorConfig(ext.run_id, where=("nobody: coherence > 1",)))
+
+
+def test_contrast_group_is_the_difference_of_filtered_means(workspace, judged, cli):
+    ext, judge_run, qs = judged
+    config = VectorConfig(
+        ext.run_id,
+        where=("storyteller: role_adherence = 3",),
+        contrasts=(("story_vs_default", "storyteller", "default"),),
+        judge_runs=(judge_run,),
+    )
+    res = compute_vectors(workspace, config)
+    assert res.groups[-1] == "story_vs_default"
+    vs = load_vectors(res.run_id, ext.layers[1], workspace=workspace)
+    story, n_story = _mean(ext, lambda e: e["persona"] == "storyteller" and e["question"] != qs[0], 1)
+    default, n_default = _mean(ext, lambda e: e["persona"] == "default", 1)  # the filter was scoped to storyteller
+    np.testing.assert_allclose(vs["story_vs_default"].numpy(), story - default, rtol=1e-5, atol=1e-5)
+    assert vs.n_examples[-1] == n_story + n_default == 5
+    assert vs.provenance["contrasts"] == [{"name": "story_vs_default", "pos": "storyteller", "neg": "default"}]
+    with pytest.raises(ConfigError, match="no group 'nobody'"):
+        compute_vectors(workspace, VectorConfig(ext.run_id, contrasts=(("x", "nobody", "default"),)))
+    with pytest.raises(ConfigError, match="name of a persona group"):
+        compute_vectors(workspace, VectorConfig(ext.run_id, contrasts=(("ghost", "cynic", "default"),)))
+    # the CLI: --where, --min-count, --contrast
+    args = ["vectors", str(ext.run_id), "-w", str(workspace.root), "--where", "role_adherence = 3", "--json"]
+    res = cli.invoke(app, args + ["--contrast", "d=storyteller,default", "--min-count", "2", "--group-by", "persona"])
+    assert res.exit_code == 2, res.output  # ghost keeps 1 answer: refused loudly
+    assert "fewer than 2" in res.output and "ghost (1)" in res.output
+    res = cli.invoke(app, args[:-3] + ["--where", "coherence > 10", "--contrast", "d=storyteller,default", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["groups"][-1] == "d"
+    res = cli.invoke(app, args + ["--contrast", "nonsense"])
+    assert res.exit_code == 2 and "NAME=POS,NEG" in res.output
+
+
+# ------------------------------------------------------------------------------------------------ projection
+
+
+def test_auroc_known_values():
+    assert auroc([3, 4], [1, 2]) == 1.0 and auroc([1, 2], [3, 4]) == 0.0
+    assert auroc([1, 3], [2, 2]) == 0.5 and auroc([2], [2]) == 0.5
+    with pytest.raises(ConfigError):
+        auroc([], [1])
+
+
+def test_projection_onto_a_vector(workspace, make_extraction_run, cli):
+    ext = make_extraction_run(workspace, personas=PERSONAS)
+    res = compute_vectors(
+        workspace, VectorConfig(ext.run_id, "persona_group", contrasts=(("axis", "fantastical", "neutral"),))
+    )
+    p = project_onto_vector(workspace, res.run_id, "axis", ext.run_id, 5)
+    v = load_vectors(res.run_id, 5, workspace=workspace)["axis"].numpy().astype(np.float64)
+    by_response = {e["response_id"]: e["row"] for e in ext.examples}
+    want = [ext.data[by_response[r], 1].astype(np.float64) @ v / np.linalg.norm(v) for r in p.response_ids]
+    np.testing.assert_allclose(p.values, want, rtol=1e-5)
+    assert len(p.by_group("fantastical")) == 3 and len(p.by_group("neutral")) == 6
+    with pytest.raises(ConfigError, match="no group"):
+        project_onto_vector(workspace, res.run_id, "nope", ext.run_id, 5)
+    res_cli = cli.invoke(
+        app, ["trait", "project", str(res.run_id), str(ext.run_id), "-g", "axis", "-l", "5", "-w", str(workspace.root)]
+    )
+    assert res_cli.exit_code == 0, res_cli.output and "projection" in res_cli.output
