@@ -233,3 +233,116 @@ def test_projection_onto_a_vector(workspace, make_extraction_run, cli):
         app, ["trait", "project", str(res.run_id), str(ext.run_id), "-g", "axis", "-l", "5", "-w", str(workspace.root)]
     )
     assert res_cli.exit_code == 0, res_cli.output and "projection" in res_cli.output
+
+
+# ------------------------------------------------------------------------------------------------ the embedded model
+
+PIRATE_WORDS = re.compile(
+    r"\b(arr+|ahoy|matey|ye|aye|hearty|shiver|timbers|captain|ship|treasure|seas?|sail\w*|pirates?|buccaneer|crew|"
+    r"scurvy)\b",
+    re.I,
+)
+
+
+def generate_answers(loaded, prompts: list[tuple[str, str]], max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers of the embedded model to (system prompt, question) pairs, batched with left padding."""
+    import torch
+
+    tok = loaded.tokenizer
+    tok.padding_side = "left"
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "system", "content": s}, {"role": "user", "content": q}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for s, q in prompts
+    ]
+    out: list[str] = []
+    for i in range(0, len(texts), 50):
+        enc = tok(texts[i : i + 50], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            ids = loaded.model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
+            )
+        out += [
+            a.strip() or "..." for a in tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
+    return out
+
+
+@pytest.mark.slow
+def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path):
+    """The whole recipe on SmolLM2-135M-Instruct: trait set -> answers under 5 pos/neg instruction pairs x 10
+    questions -> judged (a word-count judge on the fault server) -> trait vector from questions 0-4 -> projection of
+    the 25 + 25 held-out answers (questions 5-9) -> AUROC; then the vector as a llama.cpp control vector."""
+    import gguf
+
+    from personavec.exports import export_direction, load_direction
+    from personavec.extract import ExtractConfig, run_extraction
+    from personavec.ingest import IngestConfig, ingest
+    from personavec.modeling import load_model
+    from personavec.traits import compute_trait_vectors
+
+    trait = add_trait(workspace, TraitConfig("pirate"))
+    spec = read_trait_file("pirate")
+    questions = spec.questions[:10]
+    personas = spec.persona_specs()
+    loaded = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    pairs = [(p, q) for p in personas for q in questions]
+    answers = generate_answers(loaded, [(p.system_prompt, q) for p, q in pairs])
+    path = tmp_path / "pirate.jsonl"
+    path.write_text(
+        "\n".join(
+            json.dumps({"persona": p.name, "question": q, "text": a}) for (p, q), a in zip(pairs, answers, strict=True)
+        )
+    )
+    sets = {"persona_set": trait.persona_set, "question_set": trait.question_set}
+    responses = ingest(workspace, IngestConfig("responses", path, model="smollm2-135m-instruct", **sets)).run_id
+
+    def judge_script(attempt, n, body):  # a judge that counts pirate words (25 points each)
+        prompt = body["messages"][-1]["content"]
+        if "coherent" in prompt:
+            return ("reply", "90", first_token_logprobs({"90": 0.9, "80": 0.1}))
+        score = str(min(100, 25 * len(PIRATE_WORDS.findall(_answer(body)))))
+        return ("reply", score, first_token_logprobs({score: 1.0}))
+
+    with FaultServer(judge_script) as server:
+        judged = run_judge(
+            workspace, JudgeConfig(responses, ("pirate", "coherence"), model="words", base_url=server.base_url)
+        )
+    assert judged.scored == 200
+
+    layers = (1, 10, 20, 25, 30)
+    base = {"layers": layers, "dtype": "float32", "device": "cpu"}
+    train = run_extraction(workspace, ExtractConfig(questions=(0, 1, 2, 3, 4), **base), responses, loaded=loaded)
+    held = run_extraction(workspace, ExtractConfig(questions=(5, 6, 7, 8, 9), **base), responses, loaded=loaded)
+
+    results = {}
+    for filtered in (False, True):
+        config = TraitVectorConfig(train.run_id, "pirate", filter=filtered, min_count=5)
+        run = compute_trait_vectors(workspace, config).run_id
+        results[filtered] = run
+        p = project_onto_vector(workspace, run, "pirate", held.run_id, 25)
+        pos, neg = p.by_group("pos"), p.by_group("neg")
+        assert len(pos) == len(neg) == 25
+        # measured: 0.965 unfiltered, 0.971 filtered (7 of 25 pos kept, 25 neg) at layer 25
+        assert auroc(pos, neg) >= 0.9, (filtered, auroc(pos, neg))
+    vs = load_vectors(results[True], 25, workspace=workspace)
+    counts = dict(zip(vs.names, vs.n_examples, strict=True))
+    assert counts["neg"] == 25 and 5 <= counts["pos"] < 25 and counts["pirate"] == counts["pos"] + counts["neg"]
+
+    out = export_direction(load_direction(results[True], "pirate", workspace=workspace), tmp_path / "pirate.gguf")
+    assert out.layers == {10: 9, 20: 19, 25: 24} and sorted(out.skipped) == [1, 30] and out.model_hint == "llama"
+    reader = gguf.GGUFReader(tmp_path / "pirate.gguf")
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "controlvector"
+    assert bytes(reader.fields["controlvector.model_hint"].parts[-1]).decode() == "llama"
+    assert int(reader.fields["controlvector.layer_count"].parts[-1][0]) == 3
+    tensors = {t.name: t for t in reader.tensors}
+    assert sorted(tensors) == ["direction.19", "direction.24", "direction.9"]
+    for ours, theirs in out.layers.items():
+        t = tensors[f"direction.{theirs}"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32 and tuple(t.shape) == (576,)
+        np.testing.assert_array_equal(
+            np.array(t.data), load_vectors(results[True], ours, workspace=workspace)["pirate"]
+        )

@@ -137,6 +137,14 @@ def judge(
             ],
             title="judge",
         )
+    if result.unscored and not as_json:
+        err_console.print(
+            f"[yellow]{result.unscored} judge answer(s) gave no score[/]: see "
+            f'personavec sql "SELECT raw_output, error FROM judgements WHERE run_id = {result.run_id} '
+            'AND score IS NULL"',
+            soft_wrap=True,
+            highlight=False,
+        )
     if result.failures:
         err_console.print(f"[yellow]{result.error}[/]")
         raise typer.Exit(1)
