@@ -206,8 +206,8 @@ def add_trait(
 class TraitVectorConfig:
     """The trait vector of an extraction run over a trait's answers (``trait-<name>`` personas).
 
-    ``filter`` applies persona_vectors' thresholds with scores from the judge stage (rubrics ``trait`` and
-    ``coherence``); ``min_count`` answers must remain on each side. Example:
+    ``filter`` applies persona_vectors' thresholds with scores from the judge stage (the rubric ``rubric``, by
+    default named like the trait, and ``coherence``); ``min_count`` answers must remain on each side. Example:
     ``TraitVectorConfig(extraction_run_id=5, trait="pirate")``.
     """
 
@@ -220,8 +220,11 @@ class TraitVectorConfig:
     min_count: int = 1
     judge_runs: tuple[int, ...] = ()
     allow_partial: bool = False
+    rubric: str | None = None
 
     def __post_init__(self) -> None:
+        if self.rubric is not None and not _NAME.match(self.rubric):
+            raise ConfigError(f"rubric name {self.rubric!r} must hold only letters, digits, _ and -")
         if not _NAME.match(self.trait):
             raise ConfigError(f"trait name {self.trait!r} must hold only letters, digits, _ and -")
         if self.trait in (POS, NEG):
@@ -234,7 +237,8 @@ class TraitVectorConfig:
         """The judgement filters of :class:`personavec.vectors.VectorConfig`."""
         if not self.filter:
             return ()
-        out = [f"{POS}: {self.trait} >= {self.threshold:g}", f"{NEG}: {self.trait} < {self.threshold:g}"]
+        rubric = self.rubric or self.trait
+        out = [f"{POS}: {rubric} >= {self.threshold:g}", f"{NEG}: {rubric} < {self.threshold:g}"]
         if self.coherence is not None:
             out.append(f"coherence >= {self.coherence:g}")
         return tuple(out)

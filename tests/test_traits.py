@@ -88,6 +88,7 @@ def test_trait_vector_filters():
     assert (vc.group_by, vc.contrasts, vc.where) == ("persona_group", (("pirate", "pos", "neg"),), c.where)
     assert TraitVectorConfig(7, "pirate", filter=False).where == ()
     assert TraitVectorConfig(7, "pirate", coherence=None, threshold=70).where[1] == "neg: pirate < 70"
+    assert TraitVectorConfig(7, "pirate2", rubric="pirate").where[0] == "pos: pirate >= 50"
     with pytest.raises(ConfigError):
         TraitVectorConfig(7, "pos")
 

@@ -179,7 +179,7 @@ def trait_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a trait set: persona set and question set trait-NAME (pos_i / neg_i instructions, the questions)."""
-    from personavec.traits import TraitConfig, add_trait
+    from personavec.traits import TraitConfig, add_trait, read_trait_file
 
     res = add_trait(resolve_workspace(ws).require(), TraitConfig(trait, name))
     if as_json:
@@ -189,8 +189,8 @@ def trait_add(
         f"trait [bold]{res.name}[/]: {res.n_pairs} instruction pairs (personas pos_1..pos_{res.n_pairs}, "
         f"neg_1..neg_{res.n_pairs}) x {res.n_questions} questions in sets {res.persona_set!r}; next:\n"
         f"  personavec generate --persona-set {res.persona_set} --question-set {res.question_set} ...\n"
-        f"  personavec judge RUN --rubric {res.rubric.source if res.rubric.source != 'trait' else res.name} "
-        f"--rubric coherence ...",
+        f"  personavec judge RUN --rubric {trait} --rubric coherence ...   (the trait's rubric: "
+        f"{read_trait_file(trait).rubric.name!r})",
         soft_wrap=True,
         highlight=False,
     )
@@ -207,6 +207,7 @@ def trait_vectors(
     coherence: Annotated[float, typer.Option(help="Both sides keep coherence >= this.")] = 50.0,
     min_count: Annotated[int, typer.Option("--min-count", help="Fail unless each side keeps this many.")] = 1,
     judge_run: Annotated[list[int] | None, typer.Option("--judge-run", help="Judge run(s) to read.")] = None,
+    rubric: Annotated[str | None, typer.Option(help="The judge rubric scoring the trait (default: the trait).")] = None,
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -222,6 +223,7 @@ def trait_vectors(
         coherence=coherence,
         min_count=min_count,
         judge_runs=tuple(judge_run or ()),
+        rubric=rubric,
     )
     res = compute_trait_vectors(resolve_workspace(ws).require(), config)
     if as_json:
