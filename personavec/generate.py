@@ -252,6 +252,7 @@ class Completion:
     latency_s: float
     model_reported: str | None
     attempts: int
+    logprobs: Any = None  # ``choices[0].logprobs`` as the endpoint sent it (asked for by the judge), else None
 
 
 class RequestFailed(Exception):
@@ -314,10 +315,18 @@ class ChatEndpoint:
         await endpoint.aclose()
 
     ``base_url`` picks one of ``config.base_urls`` (default ``config.base_url``); ``api_key`` None sends no
-    ``Authorization`` header. The key is redacted from every error this endpoint raises.
+    ``Authorization`` header. The key is redacted from every error this endpoint raises. ``extra_body`` adds fields
+    to every request (the judge asks for ``logprobs``/``top_logprobs`` this way).
     """
 
-    def __init__(self, config: GenerateConfig, api_key: str | None, *, base_url: str | None = None) -> None:
+    def __init__(
+        self,
+        config: GenerateConfig,
+        api_key: str | None,
+        *,
+        base_url: str | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.base_url = base_url or config.base_url
         self._secrets = (api_key,) if api_key else ()
@@ -338,6 +347,7 @@ class ChatEndpoint:
             self._fixed["top_p"] = config.top_p
         if config.seed is not None:
             self._fixed["seed"] = config.seed
+        self._fixed.update(extra_body or {})
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -386,18 +396,20 @@ class ChatEndpoint:
             latency_s=latency,
             model_reported=data.get("model"),
             attempts=attempts,
+            logprobs=choices[0].get("logprobs"),
         )
 
-    async def complete(self, system_prompt: str, question: str) -> Completion:
-        """Ask one question under one system prompt (the client retries transient errors).
+    async def complete(self, system_prompt: str | None, question: str) -> Completion:
+        """Ask one question under one system prompt (the client retries transient errors); a ``None`` system
+        prompt sends the user message alone (the judge's requests).
 
         Raises :class:`EndpointError` for errors retrying cannot fix and :class:`RequestFailed` when a transient
         error outlasts the retries.
         """
-        body = {
-            **self._fixed,
-            "messages": [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}],
-        }
+        messages = [{"role": "user", "content": question}]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        body = {**self._fixed, "messages": messages}
         attempts = _Attempts()
         token = _CURRENT.set(attempts)
         try:
@@ -460,7 +472,7 @@ def _error_detail(exc: openai.APIStatusError, secrets: Iterable[str]) -> str:
 
 @dataclass(frozen=True)
 class _Job:
-    system_prompt: str
+    system_prompt: str | None
     question: str
     key: Any
 
@@ -502,10 +514,11 @@ async def _ask_all(
     jobs: Iterable[_Job],
     n_jobs: int,
     on_result: Callable[[_Job, Completion | RequestFailed], None],
+    extra_body: Mapping[str, Any] | None = None,
 ) -> None:
     """Ask ``n_jobs`` jobs over one client per base URL of ``config`` (with its key from ``keys``), closing the clients
     however it ends."""
-    endpoints = [ChatEndpoint(config, keys.get(url), base_url=url) for url in config.base_urls]
+    endpoints = [ChatEndpoint(config, keys.get(url), base_url=url, extra_body=extra_body) for url in config.base_urls]
     try:
         await _worker_pool(endpoints, jobs, n_jobs, config.concurrency, on_result)
     finally:

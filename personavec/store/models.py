@@ -35,7 +35,7 @@ NAMING_CONVENTION = {
 }
 
 #: Run kinds, as stored in ``runs.kind``.
-RUN_KINDS = ("ingest-personas", "ingest-questions", "ingest-responses", "generate", "extract", "vectors")
+RUN_KINDS = ("ingest-personas", "ingest-questions", "ingest-responses", "generate", "extract", "vectors", "judge")
 #: Run statuses, as stored in ``runs.status``.
 RUN_STATUSES = ("running", "done", "failed", "interrupted")
 
@@ -269,3 +269,39 @@ class InterventionLayer(Base):
     tau: Mapped[float | None] = mapped_column(Double)
     n_reference_tokens: Mapped[int | None] = mapped_column(Integer)
     vector: Mapped[list[float]] = mapped_column(ARRAY(Float), nullable=False)
+
+
+JUDGEMENT_SEQ = _seq("judgements_id_seq")
+
+
+class JudgeRun(Base):
+    """Detail of a ``judge`` run: the responses run it judged, the judge model and endpoint, the rubric names."""
+
+    __tablename__ = "judge_runs"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    responses_run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    model: Mapped[str] = mapped_column(String, nullable=False)
+    endpoint: Mapped[str | None] = mapped_column(String)
+    rubrics: Mapped[list[str]] = mapped_column(ARRAY(String), nullable=False)
+
+
+class Judgement(Base):
+    """One judge answer about one response under one rubric: a ``score``, or ``error`` set and ``score`` NULL
+    (an unparsable answer keeps its ``raw_output``; a request that failed after retries has none)."""
+
+    __tablename__ = "judgements"
+    __table_args__ = (UniqueConstraint("run_id", "response_id", "rubric"),)
+    id: Mapped[int] = _id(JUDGEMENT_SEQ)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), nullable=False)
+    rubric: Mapped[str] = mapped_column(String, nullable=False)
+    score: Mapped[float | None] = mapped_column(Double)
+    method: Mapped[str | None] = mapped_column(String)
+    numeric_mass: Mapped[float | None] = mapped_column(Double)
+    raw_output: Mapped[str | None] = mapped_column(String)
+    top_logprobs: Mapped[str | None] = mapped_column(String)
+    error: Mapped[str | None] = mapped_column(String)
+    latency_s: Mapped[float | None] = mapped_column(Double)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    model_reported: Mapped[str | None] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
