@@ -103,7 +103,7 @@ def steer(
         vector=vector,
         kind=kind,
         layers=tuple(layer or ()),
-        coef=coefs[0] if kind != "cap" else 0.0,
+        coef=coefs[0],
         positions=positions,
         normalize=normalize,
         tau=tuple(tau or ()),
