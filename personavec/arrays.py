@@ -87,8 +87,8 @@ def _root(zarr_path: Path, mode: Literal["r", "a"] = "a") -> zarr.Group:
         raise
     except _DECODE_ERRORS as exc:
         raise StorageCorruptError(
-            f"activation store {zarr_path}: its zarr.json cannot be read ({_one_line(exc)}); restore it from a "
-            "backup (personavec verify checks every run)"
+            f"activation store {zarr_path}: its zarr.json (metadata) cannot be read ({_one_line(exc)}); restore it "
+            "from a backup (personavec verify checks every run)"
         ) from exc
 
 
@@ -173,7 +173,7 @@ def open_activation_array(zarr_path: Path, name: str, mode: Literal["r", "r+"] =
         raise
     except _DECODE_ERRORS as exc:
         raise StorageCorruptError(
-            f"activation store {zarr_path}/{name}: its metadata (zarr.json) cannot be read ({_one_line(exc)}); "
+            f"activation store {zarr_path}/{name}: its zarr.json (metadata) cannot be read ({_one_line(exc)}); "
             f"restore it from a backup, or check the store with `personavec verify`"
         ) from exc
     return array.with_config({"write_empty_chunks": True}) if mode == "r+" else array

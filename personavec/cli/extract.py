@@ -121,3 +121,46 @@ def extract(
             f"{result.n_tokens:,} tokens at {result.tok_s:,.0f} tok/s"
         )
         console.print(result.run_id)
+
+
+@app.command()
+@command
+def verify(
+    run: Annotated[int | None, typer.Argument(help="Extraction run to check (default: every one).")] = None,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Mark damaged rows not done (and drop their damaged shards) for --resume.")
+    ] = False,
+    ws: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check extraction runs' activations against the catalog: rows present, finite, checksums valid, counts.
+
+    Prints one line per run with the fix; exits 1 when something is wrong (0 after --repair when the rest is left to
+    `personavec extract --resume RUN`).
+    """
+    from personavec.verify import describe, verify_runs
+
+    w = workspace(ws).require()
+    with Progress(
+        TextColumn("[bold]verify[/] run {task.fields[run]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=as_json,
+    ) as bar:
+        task = bar.add_task("verify", total=None, run="")
+
+        def on_progress(run_id: int, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, run=run_id)
+
+        checks = verify_runs(w, run, repair=repair, progress=on_progress)
+    if as_json:
+        emit_json([{**dataclasses.asdict(c), "ok": c.ok, "fix": c.fix} for c in checks])
+    else:
+        for check in checks:
+            console.print(describe(check), highlight=False, markup=False, soft_wrap=True)
+    unfixed = [c for c in checks if not c.ok and not (repair and all(p.repairable for p in c.problems))]
+    if unfixed:
+        raise typer.Exit(1)
