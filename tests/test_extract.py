@@ -143,7 +143,7 @@ def test_config_validation() -> None:
         ExtractConfig(span="nope")
     with pytest.raises(ConfigError):
         ExtractConfig(layers=(3, 3))
-    with pytest.raises(ModelError, match="out of range"):
+    with pytest.raises(ConfigError, match="out of range"):
         ExtractConfig(layers=(31,)).resolve_layers(30)
     assert ExtractConfig().resolve_layers(30) == (20,)
     assert ExtractConfig().resolve_layers(62) == (40,)
@@ -270,7 +270,7 @@ def test_cli_extract(cli, workspace, responses_run: int, tiny_root: Path) -> Non
     assert out["layers"] == [3, 1] and out["n_examples"] == 25
     assert _activations(workspace, out["run_id"]).shape == (25, 2, 64)
     bad = cli.invoke(app, [*args, "--layer", "9"])
-    assert bad.exit_code != 0 and "out of range" in bad.output
+    assert bad.exit_code == 2 and "out of range" in bad.output
 
 
 def test_persona_and_question_filters(workspace, responses_run: int, tiny_root: Path) -> None:

@@ -19,6 +19,7 @@ from personavec.cli import app
 from personavec.config import PersonaVectorConfig, config_from_dict
 from personavec.errors import CatalogError, ConfigError, EndpointError, NotFoundError
 from personavec.generate import GenerateConfig, generate_responses, resume_config, run_generation
+from personavec.store.runs import get_run
 from personavec.workspace import Workspace
 
 PERSONAS = ("default", "jester")
@@ -437,7 +438,8 @@ def test_sigkill_mid_run_then_resume_answers_every_pair_once(workspace, cli):
             proc.wait(timeout=10)
         assert proc.returncode == -signal.SIGKILL
         [run] = runs(workspace)
-        assert run["status"] == "running"  # killed: nobody could mark it
+        assert run["status"] == "running"  # killed: nobody could mark it...
+        assert get_run(workspace.catalog(), run["id"]).status == "interrupted"  # ...but its owner is gone
         landed = len(rows(workspace, run["id"]))
         assert 1 <= landed < n_pairs
         before = server.requests
@@ -446,6 +448,30 @@ def test_sigkill_mid_run_then_resume_answers_every_pair_once(workspace, cli):
         assert server.requests - before == n_pairs - landed  # only the missing pairs were asked
     assert_exactly_once(workspace, run["id"], n_pairs)
     assert runs(workspace)[0]["status"] == "done"
+
+
+@pytest.mark.slow
+def test_sigterm_on_a_billion_requests_marks_the_run_interrupted_and_names_the_resume(workspace):
+    # A billion requests are generated lazily (no plan in memory); SIGTERM unwinds as an interrupt, not a failure.
+    with FaultServer() as server:
+        cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "generate", "-w", str(workspace.root)]
+        cmd += ["--model", "fault-model", "--base-url", server.base_url, "-n", "1000000000", "--max-tokens", "1"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while server.answered < 200 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            rss_kb = int(next(x for x in open(f"/proc/{proc.pid}/status") if x.startswith("VmRSS")).split()[1])
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert rss_kb < 1_500_000  # planning 1e9 requests eagerly took 23.8 GB before it was OOM-killed
+    assert proc.returncode == 143
+    [run] = runs(workspace)
+    assert run["status"] == "interrupted" and "SIGTERM" in run["error"]
+    assert f"personavec generate --resume {run['id']}" in err
+    assert len(rows(workspace, run["id"])) > 0
 
 
 def test_run_generation_inside_a_running_event_loop(workspace):
@@ -507,3 +533,14 @@ def test_a_failing_writer_stops_the_run_instead_of_hanging(workspace):
             run_generation(workspace, cfg(server, n_samples=10, concurrency=2), progress=break_the_catalog)
         assert server.requests < 40  # stopped early, not after asking everything
     assert runs(workspace)[0]["status"] == "failed"
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(workspace):
+    # CI logs, nohup, pipes: Rich draws no bar there, so plain progress lines go to stderr instead
+    with FaultServer() as server:
+        cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "generate", "-w", str(workspace.root)]
+        cmd += ["--model", "fault-model", "--base-url", server.base_url, "--persona", "default", "--question", "0"]
+        cmd += ["--question", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "generate: 2/2 2 done, 0 failed" in proc.stderr

@@ -207,3 +207,18 @@ def test_bad_transcripts(tmp_path, doc, message):
 
     with pytest.raises(InputFileError, match=message):
         read_transcript_file(_write(tmp_path, "t.json", json.dumps(doc)))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1.5, r"r.jsonl: line 2: sample_index must be a whole number >= 0, got 1.5"),
+        (1e12, r"r.jsonl: line 2: sample_index must be a whole number >= 0"),
+        ("two", r"r.jsonl: cannot be read as jsonl: .*sample_index"),
+    ],
+)
+def test_sample_index_must_be_a_whole_number(workspace, tmp_path, value, message):
+    row = {"persona": "default", "question": EVAL_QUESTIONS[0], "text": "a", "sample_index": 0}
+    path = _write(tmp_path, "r.jsonl", json.dumps(row) + "\n" + json.dumps(row | {"sample_index": value}) + "\n")
+    with pytest.raises(InputFileError, match=message):
+        ingest(workspace, IngestConfig("responses", path))

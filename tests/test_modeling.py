@@ -112,3 +112,37 @@ def test_embedded_model_cached_and_fast_to_load() -> None:
     # SmolLM2's template injects its default system prompt when none is given.
     text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert "You are a helpful AI assistant named SmolLM" in text
+
+
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    from personavec import modeling
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    a = tmp_path / "a" / "m.gguf"
+    b = tmp_path / "b" / "m.gguf"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    assert modeling._cache_dir_for(a) == modeling._cache_dir_for(b)  # two copies (clones, venvs): one conversion
+    b.write_bytes(b"GGUF" + bytes(255 - i for i in range(256)) * 64)
+    assert modeling._cache_dir_for(a) != modeling._cache_dir_for(b)
+
+
+def test_bad_model_inputs_fail_fast_with_one_line(cli, workspace, tmp_path, monkeypatch):
+    import time
+
+    from personavec.cli import app
+
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"this is not a gguf file" * 100)
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    w = ["-w", str(workspace.root), "--responses-run", "1"]
+    res = cli.invoke(app, ["extract", "--model", str(garbage), *w])
+    assert res.exit_code == 2 and "not a GGUF model transformers can load" in res.output
+    assert not list((tmp_path / "cache" / "models").glob("garbage*"))  # nothing half-converted left behind
+    res = cli.invoke(app, ["extract", "--device", "cuda", *w])
+    assert res.exit_code == 2 and "sees no CUDA device" in res.output
+    t = time.monotonic()
+    res = cli.invoke(app, ["extract", "--model", "no-such-org/no-such-model-xyz", *w])
+    assert res.exit_code != 0 and "not in the local Hugging Face cache" in res.output
+    assert time.monotonic() - t < 15  # this machine is offline: no minute of retries

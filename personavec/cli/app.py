@@ -6,7 +6,9 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +17,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
@@ -120,6 +123,52 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     console.print(table)
+
+
+#: Seconds between progress lines when stderr is not a terminal (CI logs, nohup, pipes).
+LOG_EVERY_S = 10.0
+
+
+@contextmanager
+def stage_progress(label: str, *, quiet: bool = False, every_s: float = LOG_EVERY_S) -> Iterator[Callable[..., None]]:
+    """Progress of a long stage, as ``update(done, total, detail="")``: a Rich bar on a terminal; elsewhere one plain
+    line on stderr every ``every_s`` seconds and one at the end, so logs of long runs show where they are."""
+    if quiet:
+        yield lambda done, total, detail="": None
+        return
+    if err_console.is_terminal:
+        with Progress(
+            TextColumn(f"[bold]{escape(label)}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+        ) as bar:
+            task = bar.add_task(label, total=None, detail="")
+            yield lambda done, total, detail="": bar.update(task, completed=done, total=total, detail=detail)
+        return
+    start = time.monotonic()
+    state: dict[str, Any] = {"logged": start - every_s, "last": None}
+
+    def line() -> None:
+        done, total, detail = state["last"]
+        text = f"{label}: {done}/{total}" + (f" {detail}" if detail else "") + f" [{time.monotonic() - start:.0f}s]"
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def update(done: int, total: int | None, detail: str = "") -> None:
+        state["last"] = (done, total if total is not None else "?", detail)
+        if time.monotonic() - state["logged"] >= every_s:
+            state["logged"] = time.monotonic()
+            line()
+
+    try:
+        yield update
+    finally:
+        if state["last"] is not None:
+            line()
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,9 +6,8 @@ import dataclasses
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, workspace
+from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, stage_progress, workspace
 
 
 @app.command()
@@ -96,20 +95,10 @@ def extract(
         raise ConfigError("give --responses-run N (or --resume RUN to continue an interrupted run)")
     else:
         config = ExtractConfig(**given)
-    with Progress(
-        TextColumn("[bold]extract[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=as_json,
-    ) as bar:
-        task = bar.add_task("extract", total=None, tok_s=0.0)
+    with stage_progress("extract", quiet=as_json) as show:
 
         def on_progress(p: ExtractionProgress) -> None:
-            bar.update(task, completed=p.done_examples, total=p.total_examples, tok_s=p.tok_s)
+            show(p.done_examples, p.total_examples, f"{p.tok_s:,.0f} tok/s")
 
         result = run_extraction(w, config, resume=resume, progress=on_progress)
     if as_json:

@@ -8,9 +8,18 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, err_console, print_table
+from personavec.cli.app import (
+    JsonOpt,
+    WorkspaceOpt,
+    app,
+    command,
+    console,
+    emit_json,
+    err_console,
+    print_table,
+    stage_progress,
+)
 from personavec.cli.app import workspace as resolve_workspace
 from personavec.errors import ConfigError
 from personavec.generate import GenerateConfig, GenerationProgress, GenerationResult, resume_config, run_generation
@@ -104,30 +113,18 @@ def generate(
 
 
 def _run_with_progress(ws: Workspace, config: GenerateConfig, resume: int | None, *, quiet: bool) -> GenerationResult:
-    progress = Progress(
-        TextColumn("[bold]generate run {task.fields[run]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/]"),
-        TextColumn("{task.fields[rate]:.2f} answers/s"),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=quiet,
-        transient=False,
-    )
-    task: list[TaskID] = []
+    announced: list[int] = []
 
-    def update(p: GenerationProgress) -> None:
-        if not task:
-            if not quiet:
-                todo = p.total - p.answered
-                err_console.print(f"generate run [bold]{p.run_id}[/]: {todo} of {p.total} answers to ask")
-            task.append(progress.add_task("generate", total=p.total, run=p.run_id, done=0, failed=0, rate=0.0))
-        progress.update(
-            task[0], completed=p.answered + p.failed, done=p.answered, failed=p.failed, rate=p.rate, run=p.run_id
-        )
+    with stage_progress("generate", quiet=quiet) as show:
 
-    with progress:
+        def update(p: GenerationProgress) -> None:
+            if not announced and not quiet:
+                announced.append(p.run_id)
+                err_console.print(
+                    f"generate run [bold]{p.run_id}[/]: {p.total - p.answered} of {p.total} answers to ask"
+                )
+            show(p.answered + p.failed, p.total, f"{p.answered} done, {p.failed} failed, {p.rate:.2f} answers/s")
+
         return run_generation(ws, config, resume=resume, progress=update)
 
 

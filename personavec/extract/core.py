@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from personavec.errors import ConfigError, ModelError
+from personavec.errors import ConfigError
 from personavec.modeling import LoadedModel, max_positions
 from personavec.spans import Rendered
 
@@ -87,7 +87,7 @@ class SpanCapture:
         if not layers:
             raise ConfigError("no layers requested")
         if max(layers) > loaded.n_layers or min(layers) < 0:
-            raise ModelError(f"layers {list(layers)} out of range: {loaded.name} has layers 0..{loaded.n_layers}")
+            raise ConfigError(f"layers {list(layers)} out of range: {loaded.name} has layers 0..{loaded.n_layers}")
         self.loaded = loaded
         self.layers = list(layers)
         self._weights: torch.Tensor | None = None

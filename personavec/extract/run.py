@@ -144,7 +144,7 @@ class ExtractConfig:
         layers = self.layers if self.layers is not None else (default_layer(n_layers, self.layer_fraction),)
         bad = [x for x in layers if x > n_layers]
         if bad:
-            raise ModelError(f"layers {bad} out of range: the model has {n_layers} layers (valid 0..{n_layers})")
+            raise ConfigError(f"layers {bad} out of range: the model has {n_layers} layers (valid 0..{n_layers})")
         return layers
 
 

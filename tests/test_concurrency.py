@@ -1,0 +1,62 @@
+"""Readers during a long write: `runs`, `sql`, `export`, `report` and `load_vectors` work while an extraction runs
+in another process (the catalog holds the DuckDB file only inside a unit of work; each side waits out the other)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from personavec import EVAL_QUESTIONS, PERSONAS
+from personavec.cli import app
+from personavec.ingest import IngestConfig, ingest
+from personavec.report import ReportConfig, build_report
+from personavec.store.runs import list_runs
+from personavec.vectors import VectorConfig, compute_vectors, load_vectors
+
+
+@pytest.mark.slow
+def test_reads_succeed_while_an_extraction_writes(cli, workspace, make_extraction_run, tmp_path):
+    vectors_run = compute_vectors(workspace, VectorConfig(make_extraction_run(workspace).run_id)).run_id
+    rng = random.Random(0)
+    answers = {
+        json.dumps([p, q]): " ".join(f"word{rng.randint(0, 999)}" for _ in range(40))
+        for p in list(PERSONAS)[:4]
+        for q in EVAL_QUESTIONS[:4]
+    }
+    (tmp_path / "answers.json").write_text(json.dumps(answers))
+    responses = ingest(workspace, IngestConfig("responses", tmp_path / "answers.json")).run_id
+    workspace.close()
+    cmd = [sys.executable, "-m", "personavec", "extract", "-w", str(workspace.root), "--responses-run", str(responses)]
+    cmd += ["--max-batch-size", "1", "--device", "cpu", "--json"]  # 16 batches: many commits to collide with
+    writer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reads_during = 0
+    try:
+        deadline = time.monotonic() + 300
+        while writer.poll() is None and time.monotonic() < deadline:
+            running = [r for r in list_runs(workspace.catalog(read_only=True)) if r.kind == "extract"]
+            if not any(r.status == "running" for r in running):
+                time.sleep(0.2)
+                continue
+            res = cli.invoke(app, ["runs", "-w", str(workspace.root), "--json"])
+            assert res.exit_code == 0, res.output
+            res = cli.invoke(app, ["sql", "SELECT count(*) AS n FROM activations", "-w", str(workspace.root)])
+            assert res.exit_code == 0, res.output
+            out = tmp_path / f"v{reads_during}.safetensors"
+            res = cli.invoke(app, ["export", str(vectors_run), str(out), "--layer", "5", "-w", str(workspace.root)])
+            assert res.exit_code == 0, res.output
+            assert len(load_vectors(vectors_run, 5, workspace=workspace)) == 6
+            build_report(workspace, ReportConfig(vectors_run, out_dir=tmp_path / "report", layer=5))
+            workspace.close()
+            if writer.poll() is None:
+                reads_during += 1
+        out, err = writer.communicate(timeout=300)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    assert reads_during >= 2  # every kind of read succeeded while the writer was mid-run, more than once
+    assert json.loads(out)["n_examples"] == 16
