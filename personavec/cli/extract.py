@@ -130,19 +130,10 @@ def verify(
     from personavec.verify import describe, verify_runs
 
     w = workspace(ws).require()
-    with Progress(
-        TextColumn("[bold]verify[/] run {task.fields[run]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=as_json,
-    ) as bar:
-        task = bar.add_task("verify", total=None, run="")
+    with stage_progress("verify", quiet=as_json) as show:
 
         def on_progress(run_id: int, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, run=run_id)
+            show(done, total, f"run {run_id}")
 
         checks = verify_runs(w, run, repair=repair, progress=on_progress)
     if as_json:
