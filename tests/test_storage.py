@@ -229,9 +229,10 @@ import personavec.store.extraction as xs
 config = ExtractConfig(**json.loads(sys.argv[2]))
 mode = sys.argv[3]
 if mode == "die-before-marking":  # the worst moment: a unit is on disk, the catalog does not know yet
-    def mark_done(catalog, run_id, ranges):
+    def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
-    xs.mark_done = mark_done
+    xs.mark_done = die  # marking on the way
+    xs.finish_extraction = die  # marking the last rows as the run closes
 
 def slow(progress):  # a slower model: leaves time to be killed half way
     time.sleep(float(sys.argv[4]))

@@ -57,6 +57,16 @@ def extract(
             "--layers-path", help="Path of the decoder blocks' ModuleList (e.g. model.layers) when not auto-detected."
         ),
     ] = None,
+    storage_dtype: Annotated[
+        str | None,
+        typer.Option(help="Stored activations: float32 (default), bfloat16 or float16 (half the bytes)."),
+    ] = None,
+    flush_seconds: Annotated[
+        float | None, typer.Option(help="Make computed rows durable at least this often (default 30 s).")
+    ] = None,
+    flush_rows: Annotated[
+        int | None, typer.Option(help="... or after this many computed rows, whichever first (default 8192).")
+    ] = None,
     resume: Annotated[
         int | None, typer.Option("--resume", help="Continue an interrupted or failed extraction run.")
     ] = None,
@@ -86,6 +96,9 @@ def extract(
         "personas": tuple(persona) if persona else None,
         "questions": tuple(question) if question else None,
         "layers_path": layers_path,
+        "storage_dtype": storage_dtype,
+        "flush_seconds": flush_seconds,
+        "flush_rows": flush_rows,
     }
     given = {k: v for k, v in given.items() if v is not None}
     w = workspace(ws).require()

@@ -15,6 +15,7 @@ marked done, and computes only the rest.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -40,7 +41,7 @@ from personavec.errors import (
 )
 from personavec.extract.core import default_batch_tokens, iter_mean_activations, plan_batches
 from personavec.modeling import LoadedModel, load_model, model_provenance
-from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, render
+from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, render, render_many
 from personavec.store import extraction as xs
 from personavec.store.responses import ResponseRecord, answered_responses
 
@@ -185,6 +186,20 @@ def encode_response(
     return render(
         loaded.tokenizer,
         conversation(system_prompt, question, response),
+        config.prompt_format,
+        config.span,
+        max_length=config.max_length or loaded.context_length,
+    )
+
+
+def encode_responses(
+    loaded: LoadedModel, conversations: Iterable[tuple[str | None, str, str]], config: ExtractConfig
+) -> list[Rendered]:
+    """:func:`encode_response` for many ``(system_prompt, question, response)`` at once (batched tokenization,
+    shared prefixes rendered once; the same result)."""
+    return render_many(
+        loaded.tokenizer,
+        [conversation(sp, q, r) for sp, q, r in conversations],
         config.prompt_format,
         config.span,
         max_length=config.max_length or loaded.context_length,
@@ -496,19 +511,19 @@ class DoneMarker:
             self._future = self._pool.submit(xs.mark_done, self.catalog, self.run_id, batch)
             self._last = time.monotonic()
 
-    def close(self, ranges: Sequence[tuple[int, int]] = (), *, raise_errors: bool = True) -> None:
-        """Commit everything queued (and ``ranges``) before returning."""
+    def drain(self, ranges: Sequence[tuple[int, int]] = (), *, raise_errors: bool = True) -> list[tuple[int, int]]:
+        """Wait for the commit in flight and stop the thread; returns what is still to be marked (queued and
+        ``ranges``), for the unit of work that closes the run."""
         try:
-            try:
-                self._collect(wait=True)
-            except Exception:
-                if raise_errors:
-                    raise
-            queued = row_ranges([r for a, b in [*self._queued, *ranges] for r in range(a, b)])
-            self._queued = []
-            xs.mark_done(self.catalog, self.run_id, queued)
+            self._collect(wait=True)
+        except Exception:
+            if raise_errors:
+                raise
         finally:
             self._pool.shutdown(wait=True)
+        left = row_ranges([r for a, b in [*self._queued, *ranges] for r in range(a, b)])
+        self._queued = []
+        return left
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------
@@ -547,24 +562,37 @@ def run_extraction(
         3
     """
     catalog = ws.catalog()
-    if resume is None:
-        if config is None:
-            raise ConfigError("run_extraction needs a config (new run) or resume=RUN_ID")
-        if config.responses_run is None:
-            raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
-        loaded = loaded or load_for(config)
-        t0 = time.perf_counter()
-        info, plan, array, present, adopted = _new_run(ws, catalog, config, config.responses_run, loaded)
-    else:
-        config = _resumed_config(catalog, resume, config)
-        loaded = loaded or load_for(config)
-        t0 = time.perf_counter()
-        info, plan, array, present, adopted = _resumed_run(ws, catalog, resume, config, loaded)
-    plan_s = time.perf_counter() - t0
-    return _compute(
-        catalog, info, config, loaded, plan, array, f"{ws.zarr_path}/{info.zarr_group}", progress, present,
-        adopted, plan_s,
-    )  # fmt: skip
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-plan") as pool:
+        if resume is None:
+            if config is None:
+                raise ConfigError("run_extraction needs a config (new run) or resume=RUN_ID")
+            if config.responses_run is None:
+                raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
+            loaded = loaded or load_for(config)
+            t0 = time.perf_counter()
+            plan, layers, n_examples, create = _new_run(ws, catalog, config, config.responses_run, loaded)
+            # The plan's rows and the run's array are recorded while the model computes the first batch.
+            opening = pool.submit(create)
+        else:
+            config = _resumed_config(catalog, resume, config)
+            loaded = loaded or load_for(config)
+            t0 = time.perf_counter()
+            opened, plan = _resumed_run(ws, catalog, resume, config, loaded)
+            layers, n_examples = opened.info.layers, opened.info.n_examples
+            opening = Future()
+            opening.set_result(opened)
+        plan_s = time.perf_counter() - t0
+        return _compute(ws, catalog, opening, config, loaded, plan, layers, n_examples, progress, plan_s)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A run ready to be written: its catalog info, array, the write units already in the store, rows adopted."""
+
+    info: xs.ExtractionRunInfo
+    array: Any
+    present: set[int] = field(default_factory=set)
+    n_adopted: int = 0
 
 
 def _selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> list[ResponseRecord]:
@@ -605,42 +633,49 @@ def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
 
 def _new_run(
     ws: Workspace, catalog: Catalog, config: ExtractConfig, run: int, loaded: LoadedModel
-) -> tuple[xs.ExtractionRunInfo, ExtractionPlan, Any, set[int], int]:
+) -> tuple[ExtractionPlan, tuple[int, ...], int, Callable[[], _Opened]]:
+    """Select and tokenize; returns the plan, the layers, the number of examples and the function that records the
+    run (one transaction) and then creates its array."""
     records = _selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
-    examples = [encode_response(loaded, r.system_prompt, r.question, r.text, config) for r in records]
+    examples = encode_responses(loaded, ((r.system_prompt, r.question, r.text) for r in records), config)
     rows = longest_first([ex.forward_length if has_span(ex) else 0 for ex in examples])
-    model_id, revision = model_provenance(config.model)
-    run_id = xs.create_extraction_run(
-        catalog,
-        {**config_dict(config), "layers": list(layers)},
-        _examples_table(records, examples, rows),
-        zarr_group=arrays.group_name,
-        source_run_id=run,
-        model=model_id,
-        model_revision=revision or loaded.revision,
-        architecture=loaded.architecture,
-        n_model_layers=loaded.n_layers,
-        d_model=loaded.d_model,
-        layers=list(layers),
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        span_rule=config.span,
-        prompt_format=config.prompt_format,
-        device=loaded.device,
-        n_examples=len(records),
-    )
-    info = xs.get_extraction_run(catalog, run_id)
-    array = _array(ws, catalog, info, config, create=True)
     spanned = [i for i, ex in enumerate(examples) if has_span(ex)]
+    itemsize = 4 if config.storage_dtype == "float32" else 2
     plan = ExtractionPlan.build(
         [examples[i] for i in spanned],
         [rows[i] for i in spanned],
         n_rows=len(records),
-        chunk_rows=arrays.rows_per_chunk(array),
+        chunk_rows=config.chunk_rows or arrays.shard_rows_for(len(layers), loaded.d_model, itemsize),
         max_batch_tokens=_budget(config, loaded),
         max_batch_size=config.max_batch_size,
     )
-    return info, plan, array, set(), 0
+    table = _examples_table(records, examples, rows)
+
+    def create() -> _Opened:
+        model_id, revision = model_provenance(config.model)
+        run_id = xs.create_extraction_run(
+            catalog,
+            {**config_dict(config), "layers": list(layers)},
+            table,
+            zarr_group=arrays.group_name,
+            source_run_id=run,
+            model=model_id,
+            model_revision=revision or loaded.revision,
+            architecture=loaded.architecture,
+            n_model_layers=loaded.n_layers,
+            d_model=loaded.d_model,
+            layers=list(layers),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            span_rule=config.span,
+            prompt_format=config.prompt_format,
+            device=loaded.device,
+            n_examples=len(records),
+        )
+        info = xs.get_extraction_run(catalog, run_id)
+        return _Opened(info, _array(ws, catalog, info, config, create=True))
+
+    return plan, layers, len(records), create
 
 
 def _array(
@@ -739,7 +774,7 @@ def adopt_written_rows(array: Any, pending: np.ndarray) -> tuple[list[tuple[int,
 
 def _resumed_run(
     ws: Workspace, catalog: Catalog, run_id: int, config: ExtractConfig, loaded: LoadedModel
-) -> tuple[xs.ExtractionRunInfo, ExtractionPlan, Any, set[int], int]:
+) -> tuple[_Opened, ExtractionPlan]:
     info = xs.get_extraction_run(catalog, run_id)
     if (loaded.n_layers, loaded.d_model) != (info.n_model_layers, info.d_model):
         raise ModelError(
@@ -750,20 +785,20 @@ def _resumed_run(
     array = _array(ws, catalog, info, config, create=True, resume=True)
     pending = xs.resume_extraction_run(catalog, run_id)
     adopted, present = adopt_written_rows(array, np.asarray(pending["row"].to_numpy(), dtype=np.int64))
-    n_adopted = sum(b - a for a, b in adopted)
     if adopted:
         xs.mark_done(catalog, run_id, adopted)
         keep = ~np.isin(pending["row"].to_numpy(), [r for a, b in adopted for r in range(a, b)])
         pending = pending.filter(pa.array(keep))
-    examples = [
-        encode_response(loaded, sp, q, r, config)
-        for sp, q, r in zip(
+    examples = encode_responses(
+        loaded,
+        zip(
             pending["system_prompt"].to_pylist(),
             pending["question"].to_pylist(),
             pending["text"].to_pylist(),
             strict=True,
-        )
-    ]
+        ),
+        config,
+    )
     plan = ExtractionPlan.build(
         examples,
         pending["row"].to_pylist(),
@@ -772,7 +807,7 @@ def _resumed_run(
         max_batch_tokens=_budget(config, loaded),
         max_batch_size=config.max_batch_size,
     )
-    return info, plan, array, present, n_adopted
+    return _Opened(info, array, present, sum(b - a for a, b in adopted)), plan
 
 
 def store_batches(
@@ -810,50 +845,65 @@ def store_batches(
 
 
 def _compute(
+    ws: Workspace,
     catalog: Catalog,
-    info: xs.ExtractionRunInfo,
+    opening: Future[_Opened],
     config: ExtractConfig,
     loaded: LoadedModel,
     plan: ExtractionPlan,
-    array: Any,
-    where: str,
+    layers: tuple[int, ...],
+    n_examples: int,
     progress: Callable[[ExtractionProgress], None] | None,
-    present: set[int],
-    n_adopted: int,
     plan_s: float,
 ) -> ExtractionResult:
-    run_id = info.run_id
-    writer = ChunkWriter(array, where, threads=config.writer_threads)
-    marker = DoneMarker(catalog, run_id)
-    state = {"tokens": 0, "done": info.n_examples - len(plan.examples)}
     start_t = time.perf_counter()
-    status, error = "done", None
+    batches = iter_mean_activations(loaded, plan.examples, layers, batches=plan.batches, compile=config.compile)
+    early: list[tuple[list[int], Any, int]] = []
+    early_exc: BaseException | None = None
+    try:  # the first batch runs while the run is being recorded (new runs)
+        early.extend(itertools.islice(batches, 1))
+    except BaseException as exc:
+        early_exc = exc
+    try:
+        opened = opening.result()
+    except BaseException:
+        batches.close()
+        raise
+    info, array = opened.info, opened.array
+    run_id = info.run_id
+    open_s = time.perf_counter() - start_t
+    writer = ChunkWriter(array, f"{ws.zarr_path}/{info.zarr_group}", threads=config.writer_threads)
+    marker = DoneMarker(catalog, run_id)
+    state = {"tokens": 0, "done": n_examples - len(plan.examples)}
+    status, error, left = "done", None, []
     drain_s = elapsed = tok_s = 0.0
-    batches = iter_mean_activations(loaded, plan.examples, info.layers, batches=plan.batches, compile=config.compile)
+    counts = (0, 0)
 
     def on_batch(rows: int, tokens: int) -> None:
         state["tokens"] += tokens
         state["done"] += rows
         if progress is not None:
             elapsed = time.perf_counter() - start_t
-            progress(ExtractionProgress(run_id, state["done"], info.n_examples, state["tokens"], elapsed))
+            progress(ExtractionProgress(run_id, state["done"], n_examples, state["tokens"], elapsed))
 
     try:
         try:
+            if early_exc is not None:
+                raise early_exc
             store_batches(
-                plan, array, batches, writer, n_layers=len(info.layers), d_model=info.d_model, present=present,
-                on_written=marker.add, on_batch=on_batch, flush_seconds=config.flush_seconds,
-                flush_rows=config.flush_rows,
+                plan, array, itertools.chain(early, batches), writer, n_layers=len(layers), d_model=info.d_model,
+                present=opened.present, on_written=marker.add, on_batch=on_batch,
+                flush_seconds=config.flush_seconds, flush_rows=config.flush_rows,
             )  # fmt: skip
             t_drain = time.perf_counter()
             writer.close()
-            marker.close(writer.written())
+            left = marker.drain(writer.written())
             drain_s = time.perf_counter() - t_drain
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt | ExtractionInterrupted) else "failed"
             error = f"{type(exc).__name__}: {exc}"
             writer.close(raise_errors=False)
-            marker.close(writer.written(), raise_errors=False)
+            left = marker.drain(writer.written(), raise_errors=False)
             if isinstance(exc, StorageError) and not isinstance(exc, StorageOverflowError):
                 raise StorageError(f"{exc}; {_resume_hint(run_id)}") from exc
             if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):  # Ctrl-C, SIGTERM
@@ -863,7 +913,7 @@ def _compute(
         batches.close()  # removes the capture hooks now, not when the generator is collected
         elapsed = time.perf_counter() - start_t
         tok_s = state["tokens"] / elapsed if elapsed > 0 and state["tokens"] else 0.0
-        xs.finish_extraction(catalog, run_id, status, error, tok_s or None)
+        counts = xs.finish_extraction(catalog, run_id, status, error, tok_s or None, left)
     return ExtractionResult(
         run_id,
         info.zarr_group,
@@ -872,12 +922,13 @@ def _compute(
         len(plan.examples),
         state["tokens"],
         tok_s,
-        xs.count_truncated(catalog, run_id),
-        n_no_span=xs.count_no_span(catalog, run_id),
-        n_adopted=n_adopted,
+        counts[0],
+        n_no_span=counts[1],
+        n_adopted=opened.n_adopted,
         timings={
             "plan_s": round(plan_s, 3),
             "compute_s": round(elapsed, 3),
+            "first_batch_s": round(open_s, 3),
             "stall_s": round(writer.stall_s, 3),
             "drain_s": round(drain_s, 3),
         },

@@ -244,18 +244,33 @@ def response_run_selection(catalog: Catalog, run_id: int) -> tuple[list[str], in
     return list(names), int(n_questions or 0)
 
 
-def finish_extraction(catalog: Catalog, run_id: int, status: str, error: str | None, tok_s: float | None) -> None:
-    """One unit of work: close a run (or a resumed session of it) with its status and error, total planned tokens,
-    and this session's tokens/s."""
+def finish_extraction(
+    catalog: Catalog,
+    run_id: int,
+    status: str,
+    error: str | None,
+    tok_s: float | None,
+    done: Sequence[tuple[int, int]] = (),
+) -> tuple[int, int]:
+    """One unit of work: mark the last written row ranges ``done``, then close a run (or a resumed session of it)
+    with its status and error, total planned tokens, and this session's tokens/s. Returns the run's numbers of
+    truncated examples and of examples with no span."""
     with catalog.session() as session:
-        total = session.execute(
-            sa.select(sa.func.sum(m.Activation.n_tokens)).where(m.Activation.run_id == run_id)
-        ).scalar_one()
+        for start, stop in done:
+            mark_rows_done(session, run_id, start, stop)
+        total, truncated, no_span = session.execute(
+            sa.select(
+                sa.func.sum(m.Activation.n_tokens),
+                sa.func.count().filter(m.Activation.truncated),
+                sa.func.count().filter(m.Activation.n_response_tokens <= 0),
+            ).where(m.Activation.run_id == run_id)
+        ).one()
         values: dict[str, object] = {"n_tokens": int(total or 0)}
         if tok_s is not None:
             values["tok_s"] = float(tok_s)
         update_extraction_run(session, run_id, **values)
         finish_run(session, run_id, status, error)
+    return int(truncated or 0), int(no_span or 0)
 
 
 def _count_examples(catalog: Catalog, run_id: int, flag: sa.orm.InstrumentedAttribute[bool]) -> int:
