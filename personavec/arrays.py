@@ -1,35 +1,77 @@
 """The activation store: the only module that touches Zarr.
 
-Layout: ``<workspace>/activations.zarr`` is a Zarr v3 group; each extraction run owns the subgroup
-``run_<id>`` holding ``activations``: float32 ``[n_examples, n_layers, d_model]``, chunked along examples
-(``chunk_rows`` x 1 layer x d_model, at least about 1 MB per chunk). Rows are written a whole chunk at a time,
-so a chunk has one writer; the catalog marks rows done only after their chunk is on disk.
+Layout: ``<workspace>/activations.zarr`` is a Zarr v3 group; each extraction run owns the subgroup ``run_<id>``
+holding ``activations``, ``[n_examples, n_layers, d_model]``, fill value NaN (rows never written read as NaN).
+
+Arrays made by this version (``personavec_layout = 2``):
+
+- **Sharded** (zarr's sharding codec): one shard, one file, holds ``shard_rows`` whole rows x every layer, so a
+  330k-row, 63-layer run is a few thousand files, not millions. Inside a shard each layer of those rows is its own
+  chunk (``chunk_rows`` x 1 x ``d_model``, about 1 MB), so reading one layer of every row (the vector stage) reads
+  1/n_layers of the bytes.
+- **Checksummed**: every inner chunk ends with a crc32c (zarr's ``crc32c`` codec) and so does the shard index
+  (zarr's default), so a flipped bit is an error, never a silently wrong vector. No compression: activations do not
+  compress (random-like float mantissas) and compressing costs writer time.
+- **Storage dtype** ``float32`` (default), ``float16`` or ``bfloat16`` (half the bytes). Zarr v3 has no bfloat16,
+  so it is stored as its ``uint16`` bit pattern with the attribute ``personavec_dtype: bfloat16``; :func:`read_rows`
+  always returns float32. A value the storage dtype cannot hold is refused (:class:`StorageOverflowError`), never
+  stored as inf.
+
+The write unit is a whole shard (:func:`rows_per_chunk` rows): a writer holds it in memory and writes it in one
+go, so every shard has one writer and nothing is read back. Arrays made before (layout 1: float32 chunks of
+``rows x 1 x d_model``, zstd, no shards, no checksums) are read and resumed as they are; their write unit is one
+row block of chunks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.sync import sync
 
-from personavec.errors import StorageError
+from personavec.errors import StorageConflictError, StorageCorruptError, StorageError, StorageOverflowError
 
 ARRAY_NAME = "activations"
+#: Storage dtypes an activation array may have.
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+#: The layout of arrays this version creates (attribute ``personavec_layout``; absent on layout-1 arrays).
+LAYOUT = 2
+_BF16_NAN = 0x7FC0
+# Errors zarr and its codecs raise on bytes they cannot decode: a checksum mismatch is a ValueError, a truncated
+# shard index an IndexError/ValueError, a damaged zstd frame (layout 1) a RuntimeError, garbage JSON a ValueError.
+_DECODE_ERRORS = (ValueError, KeyError, TypeError, IndexError, RuntimeError, OSError)
 
 
 def group_name(run_id: int) -> str:
     return f"run_{run_id}"
 
 
-def chunk_rows_for(d_model: int, target_bytes: int = 1 << 20) -> int:
-    """Rows per chunk so that one chunk (rows x 1 layer x d_model float32) is at least ``target_bytes``."""
+def chunk_rows_for(d_model: int, target_bytes: int = 1 << 20, itemsize: int = 4) -> int:
+    """Rows per chunk so that one chunk (rows x 1 layer x d_model) is at least ``target_bytes``."""
     rows = 1
-    while rows * d_model * 4 < target_bytes:
+    while rows * d_model * itemsize < target_bytes:
         rows *= 2
     return max(16, min(rows, 4096))
+
+
+def shard_rows_for(n_layers: int, d_model: int, itemsize: int = 4, target_bytes: int = 64 << 20) -> int:
+    """Rows per shard (the write unit): about ``target_bytes`` of whole rows, a multiple of the inner chunk rows when
+    a shard holds more than one chunk of rows, and at most 16,384 rows (small models: bounded buffers)."""
+    rows = max(1, target_bytes // (n_layers * d_model * itemsize))
+    inner = chunk_rows_for(d_model, itemsize=itemsize)
+    if rows >= inner:
+        rows = rows // inner * inner
+    return int(min(rows, 16384))
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
 
 
 def _activations(root: zarr.Group, name: str) -> zarr.Array:
@@ -38,8 +80,21 @@ def _activations(root: zarr.Group, name: str) -> zarr.Array:
     return cast(zarr.Array, group[ARRAY_NAME])
 
 
-def _root(zarr_path: Path) -> zarr.Group:
-    return zarr.open_group(str(zarr_path), mode="a", zarr_format=3)
+def _root(zarr_path: Path, mode: Literal["r", "a"] = "a") -> zarr.Group:
+    try:
+        return zarr.open_group(str(zarr_path), mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise StorageCorruptError(
+            f"activation store {zarr_path}: its zarr.json (metadata) cannot be read ({_one_line(exc)}); restore it "
+            "from a backup (personavec verify checks every run)"
+        ) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def create_activation_array(
@@ -50,67 +105,233 @@ def create_activation_array(
     d_model: int,
     attrs: dict | None = None,
     chunk_rows: int | None = None,
+    *,
+    dtype: str = "float32",
+    resume: bool = False,
 ) -> str:
-    """Create (or reopen, when resuming) the run's array; returns its group name. Shapes must match on reopen.
+    """Create the run's array (layout 2, see the module docstring); returns its group name.
 
-    ``chunk_rows`` overrides :func:`chunk_rows_for` (rows per chunk)."""
+    Args:
+        chunk_rows: rows per shard, the write unit (default :func:`shard_rows_for`); the inner chunks hold
+            ``min(chunk_rows, chunk_rows_for(d_model))`` rows of one layer.
+        dtype: storage dtype, one of :data:`STORAGE_DTYPES`.
+        resume: reopen the group when it exists (shapes must match). A new run (the default) refuses a group that
+            exists: it belongs to a run the catalog no longer knows (e.g. a catalog restored from an older backup
+            reuses run ids), and mixing its rows with the new run's would be silent corruption.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise StorageError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     name = group_name(run_id)
     root = _root(zarr_path)
     shape = (n_examples, n_layers, d_model)
     if name in root:
+        if not resume:
+            raise StorageConflictError(
+                f"{zarr_path}/{name} already exists although run {run_id} is new: it was left by another run with "
+                f"the same id (a catalog restored from an older backup reuses run ids). Move it aside (or delete it "
+                f"if no run needs it), then `personavec extract --resume {run_id}`"
+            )
         arr = _activations(root, name)
         if tuple(arr.shape) != shape:
             raise StorageError(f"{zarr_path}/{name}: existing array has shape {arr.shape}, expected {shape}")
         return name
+    itemsize = _itemsize(dtype)
+    shard = chunk_rows or shard_rows_for(n_layers, d_model, itemsize)
+    inner = min(shard, chunk_rows_for(d_model, itemsize=itemsize))
+    if shard % inner:
+        inner = math.gcd(shard, inner)
     group = root.create_group(name)
     if attrs:
         group.attrs.update(attrs)
+    array_attrs: dict[str, Any] = {"personavec_layout": LAYOUT, "personavec_dtype": dtype}
     group.create_array(
         ARRAY_NAME,
         shape=shape,
-        chunks=(chunk_rows or chunk_rows_for(d_model), 1, d_model),
-        dtype="float32",
-        fill_value=np.nan,
+        shards=(shard, n_layers, d_model),
+        chunks=(inner, 1, d_model),
+        dtype="uint16" if dtype == "bfloat16" else dtype,
+        fill_value=_BF16_NAN if dtype == "bfloat16" else np.nan,
+        serializer=BytesCodec(),
+        compressors=[Crc32cCodec()],
+        filters=None,
+        attributes=array_attrs,
     )
     return name
 
 
 def open_activation_array(zarr_path: Path, name: str, mode: Literal["r", "r+"] = "r") -> zarr.Array:
-    """The ``activations`` array of one run's group."""
+    """The ``activations`` array of one run's group (writes store every chunk, even all-NaN ones: no
+    fill-value comparison on the writer's path)."""
     try:
-        return _activations(zarr.open_group(str(zarr_path), mode=mode, zarr_format=3), name)
+        root = _root(zarr_path, "r" if mode == "r" else "a")
+        array = _activations(root, name)
     except (KeyError, FileNotFoundError) as exc:
         raise StorageError(
             f"activation store {zarr_path} has no group {name!r}: the Zarr store and the catalog disagree"
         ) from exc
+    except StorageError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise StorageCorruptError(
+            f"activation store {zarr_path}/{name}: its zarr.json (metadata) cannot be read ({_one_line(exc)}); "
+            f"restore it from a backup, or check the store with `personavec verify`"
+        ) from exc
+    return array.with_config({"write_empty_chunks": True}) if mode == "r+" else array
+
+
+def storage_dtype(array: zarr.Array) -> str:
+    """The dtype values are stored in: ``float32``, ``float16`` or ``bfloat16``."""
+    if array.dtype == np.uint16:
+        return "bfloat16"
+    return str(array.dtype)
+
+
+def is_checksummed(array: zarr.Array) -> bool:
+    """Whether the array's chunks carry checksums (layout 2); layout-1 arrays cannot tell a flipped bit."""
+    layout = array.attrs.get("personavec_layout", 1)
+    return isinstance(layout, int) and layout >= 2
 
 
 def rows_per_chunk(array: zarr.Array) -> int:
-    """Rows of one chunk of an activation array (a chunk holds whole rows of one layer)."""
-    return int(array.chunks[0])
+    """Rows of one write unit: a shard (layout 2) or a row block of chunks (layout 1)."""
+    return int(array.shards[0] if array.shards else array.chunks[0])
+
+
+def to_storage(values: np.ndarray, dtype: str, first_row: int = 0) -> np.ndarray:
+    """``values`` (float32) in the storage representation of ``dtype``; refuses values the dtype cannot hold.
+
+    Raises:
+        StorageOverflowError: a finite value became inf (float16 above 65,504; bfloat16 near float32's limit).
+    """
+    if dtype == "float32":
+        return values.astype(np.float32, copy=False)
+    out: np.ndarray
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            out = values.astype(np.float16)
+        finite = np.isfinite(out)
+    else:
+        import torch
+
+        as_bf16 = torch.from_numpy(np.ascontiguousarray(values, np.float32)).to(torch.bfloat16)
+        out = as_bf16.view(torch.int16).numpy().view(np.uint16)
+        finite = (out & 0x7F80) != 0x7F80
+    if not finite.all():
+        lost = ~finite & np.isfinite(values)
+        if lost.any():
+            idx = np.argwhere(lost)[0]
+            biggest = float(np.abs(values[lost]).max())
+            raise StorageOverflowError(
+                f"storage dtype {dtype} cannot hold this run's activations: |value| {biggest:.4g} (first at row "
+                f"{first_row + int(idx[0])}, layer index {int(idx[1])}) would be stored as inf; extract again with "
+                f"storage dtype {'bfloat16 or ' if dtype == 'float16' else ''}float32 (a new run)"
+            )
+    return out
+
+
+def from_storage(values: np.ndarray) -> np.ndarray:
+    """Stored values as float32 (bfloat16 bit patterns widened exactly)."""
+    if values.dtype == np.uint16:
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
 
 
 def write_rows(array: zarr.Array, start: int, values: np.ndarray) -> None:
-    """Write ``values`` ([k, n_layers, d_model]) into rows ``start:start+k``."""
-    array[start : start + values.shape[0]] = values.astype(np.float32, copy=False)
+    """Write ``values`` (float32 ``[k, n_layers, d_model]``) into rows ``start:start+k``, converted to the
+    array's storage dtype (see :func:`to_storage`)."""
+    array[start : start + values.shape[0]] = to_storage(values, storage_dtype(array), start)
+
+
+def _where(array: zarr.Array) -> str:
+    return f"{array.store_path}"
 
 
 def read_rows(array: zarr.Array, rows: np.ndarray | None = None, layer_index: int | None = None) -> np.ndarray:
-    """Read rows (all if ``rows`` is None), optionally one layer index, as float32."""
+    """Read rows (all if ``rows`` is None), optionally one layer index, as float32.
+
+    Raises:
+        StorageCorruptError: a chunk fails its checksum or cannot be decoded (one line naming the rows and the fix).
+    """
     sel_layer = slice(None) if layer_index is None else layer_index
-    if rows is None:
-        return np.asarray(array[:, sel_layer])
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.size and np.all(np.diff(rows) == 1):
-        return np.asarray(array[int(rows[0]) : int(rows[-1]) + 1, sel_layer])
-    return np.asarray(array.get_orthogonal_selection((rows, sel_layer if layer_index is not None else slice(None))))
+    try:
+        if rows is None:
+            out = np.asarray(array[:, sel_layer])
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.size and np.all(np.diff(rows) == 1):
+                out = np.asarray(array[int(rows[0]) : int(rows[-1]) + 1, sel_layer])
+            else:
+                out = np.asarray(
+                    array.get_orthogonal_selection((rows, sel_layer if layer_index is not None else slice(None)))
+                )
+    except _DECODE_ERRORS as exc:
+        span = "all rows" if rows is None or not len(rows) else f"rows {int(rows[0])}..{int(rows[-1])}"
+        raise StorageCorruptError(
+            f"activation store {_where(array)}: {span} cannot be read, a chunk is corrupt ({_one_line(exc)}); "
+            "`personavec verify RUN` names the damaged rows and `--repair` queues them for recomputation"
+        ) from exc
+    return from_storage(out)
+
+
+# -- write units: what exists, what to delete (resume adoption, verify) ------------------------------------------
+
+
+def _block_keys(array: zarr.Array, block: int) -> list[str]:
+    """Store keys (relative to the array) of write unit ``block``: its shard, or its row of layout-1 chunks."""
+    if array.shards:
+        return [array.metadata.encode_chunk_key((block, 0, 0))]
+    n_layer_chunks = -(-int(array.shape[1]) // int(array.chunks[1]))
+    return [array.metadata.encode_chunk_key((block, j, 0)) for j in range(n_layer_chunks)]
+
+
+def n_blocks(array: zarr.Array) -> int:
+    """Write units of the array (the last one may be short)."""
+    return -(-int(array.shape[0]) // rows_per_chunk(array))
+
+
+async def _list(store: Any, prefix: str) -> set[str]:
+    return {key async for key in store.list_prefix(prefix)}
+
+
+def written_blocks(array: zarr.Array) -> set[int]:
+    """Write units with at least one chunk in the store (written whole, or flushed partly: read them to know)."""
+    prefix = f"{array.store_path.path}/" if array.store_path.path else ""
+    present = {key[len(prefix) :] for key in sync(_list(array.store_path.store, prefix))}
+    return {b for b in range(n_blocks(array)) if any(key in present for key in _block_keys(array, b))}
+
+
+def delete_blocks(array: zarr.Array, blocks: Iterable[int]) -> None:
+    """Remove write units from the store (their rows read as NaN again); used to repair corrupt ones."""
+    store = array.store_path.store
+    prefix = f"{array.store_path.path}/" if array.store_path.path else ""
+    for block in blocks:
+        for key in _block_keys(array, block):
+            sync(store.delete(prefix + key))
+
+
+def block_rows(array: zarr.Array, block: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of write unit ``block``."""
+    per = rows_per_chunk(array)
+    return block * per, min((block + 1) * per, int(array.shape[0]))
+
+
+def partial_files(zarr_path: Path, name: str) -> list[Path]:
+    """Temporary files a killed writer left inside a run's group (zarr writes ``<key>.<uuid>.partial``, then
+    renames): garbage, never data."""
+    root = Path(zarr_path) / name
+    return sorted(root.rglob("*.partial")) if root.is_dir() else []
+
+
+def nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``values`` (``[k, ...]``) that hold a NaN or inf."""
+    return np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(axis=1))
 
 
 def run_groups(zarr_path: Path) -> list[str]:
     """Names of the run groups in the store (empty when it does not exist)."""
     if not (Path(zarr_path) / "zarr.json").is_file():
         return []
-    root = zarr.open_group(str(zarr_path), mode="r", zarr_format=3)
+    root = _root(zarr_path, "r")
     return sorted(name for name in root.group_keys() if name.startswith("run_"))
 
 

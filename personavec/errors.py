@@ -105,3 +105,15 @@ class EndpointError(PersonavecError, RuntimeError):
 
 class StorageError(PersonavecError, OSError):
     """The activation store (Zarr) is missing, inconsistent with the catalog, or cannot be written."""
+
+
+class StorageCorruptError(StorageError):
+    """Bytes in the activation store fail their checksum or cannot be decoded (a damaged chunk or zarr.json)."""
+
+
+class StorageConflictError(StorageError):
+    """The activation store holds a group for a run id the catalog is creating anew (left by a forgotten run)."""
+
+
+class StorageOverflowError(StorageError):
+    """A value does not fit the run's storage dtype (float16 above 65,504): refused, never stored as inf."""

@@ -267,9 +267,13 @@ def compute_vectors(
             f"extract run {ext.run_id} has {n_undone} of {table.num_rows} examples not done: resume the "
             f"extraction to finish it, or pass allow_partial (--allow-partial) to average the done rows only"
         )
-    table = table.filter(pa.array(done))
+    # Examples with no span (empty answers) are done but have no activations: left out of every mean, counted.
+    spanned = np.asarray(table["n_response_tokens"].to_numpy(zero_copy_only=False)) > 0
+    n_no_span = int((done & ~spanned).sum())
+    table = table.filter(pa.array(done & spanned))
     if table.num_rows == 0:
-        raise ConfigError(f"extract run {ext.run_id} has no done examples yet")
+        which = f" ({n_no_span} done examples have no span: empty answers)" if n_no_span else ""
+        raise ConfigError(f"extract run {ext.run_id} has no done examples with activations yet{which}")
 
     persona_groups = persona_groups_for_responses(catalog, ext.source_run_id)
     keys = _group_keys(table, config.group_by)
@@ -359,6 +363,7 @@ def compute_vectors(
         "prompt_format": ext.prompt_format,
         "n_examples": int(table.num_rows),
         "n_examples_not_done": n_undone,
+        "n_examples_no_span": n_no_span,
         "n_groups": len(out_groups),
     }
     if config.where or config.contrasts or config.min_count > 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from personavec import EVAL_QUESTIONS, PERSONAS
@@ -67,7 +68,8 @@ def make_extraction_run(tmp_path: Path):
     """Factory: ``make(workspace, personas=..., n_questions=3, layers=(2, 5), d_model=32, undone=0)`` ingests a
     seed-JSON responses file over built-in personas/questions and creates a real extract run (catalog rows +
     Zarr array of seeded random data); the last ``undone`` rows are written as NaN-free data but not marked done.
-    Persona ``p`` gets a mean offset of ``p_index`` on dimension 0 so groups differ."""
+    Persona ``p`` gets a mean offset of ``p_index`` on dimension 0 so groups differ. ``legacy=True`` writes the
+    array in the layout personavec used before sharding and checksums (old stores must keep loading)."""
     from personavec import arrays
     from personavec.builtin import PERSONA_GROUPS
     from personavec.ingest import IngestConfig, ingest
@@ -86,6 +88,7 @@ def make_extraction_run(tmp_path: Path):
         undone: int = 0,
         seed: int = 0,
         model: str = "synthetic/model",
+        legacy: bool = False,
     ) -> SyntheticExtraction:
         questions = EVAL_QUESTIONS[:n_questions]
         path = tmp_path / f"responses_{next(counter)}.json"
@@ -112,7 +115,16 @@ def make_extraction_run(tmp_path: Path):
                         "done": row < n - undone,
                     }
                 )
-            group = arrays.create_activation_array(ws.zarr_path, run_id, n, len(layers), d_model, {"run_id": run_id})
+            if legacy:  # as personavec wrote before sharding: float32 (rows, 1, d) chunks, zstd, no checksums
+                group = arrays.group_name(run_id)
+                root = zarr.open_group(str(ws.zarr_path), mode="a", zarr_format=3)
+                root.create_group(group).create_array(
+                    arrays.ARRAY_NAME, shape=(n, len(layers), d_model), chunks=(16, 1, d_model), dtype="float32",
+                    fill_value=np.nan,
+                )  # fmt: skip
+            else:
+                attrs = {"run_id": run_id}
+                group = arrays.create_activation_array(ws.zarr_path, run_id, n, len(layers), d_model, attrs)
             arr = arrays.open_activation_array(ws.zarr_path, group, "r+")
             arrays.write_rows(arr, 0, data)
             table = pa.table(

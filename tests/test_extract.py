@@ -435,7 +435,7 @@ class _FailingStore(zarr.storage.WrapperStore):
 def test_writer_surfaces_errors_instead_of_hanging(tmp_path: Path) -> None:
     store = _FailingStore(zarr.storage.LocalStore(str(tmp_path / "a.zarr")), ok=1)
     array = zarr.create_array(store, shape=(64, 1, 4), chunks=(2, 1, 4), dtype="float32")
-    writer = ChunkWriter(array, "a.zarr", max_in_flight=2)
+    writer = ChunkWriter(array, "a.zarr", max_in_flight=2, threads=1)  # one thread: the failing write is known
 
     def flood() -> None:  # far more chunks than the writer holds in flight: the old writer blocked here forever
         for start in range(0, 64, 2):

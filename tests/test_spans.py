@@ -113,3 +113,23 @@ def test_errors() -> None:
     tok.chat_template = None
     with pytest.raises(ConfigError, match="raw"):
         render(tok, conversation("s", "q", "a"))
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "raw"])
+def test_render_many_equals_render_one_by_one(tok, prompt_format) -> None:
+    """The batched planner of a whole run gives exactly what rendering each conversation does: empty answers,
+    truncation, shared and distinct prefixes, multi-turn, awkward whitespace and characters."""
+    convs = []
+    for i in range(23):
+        system = [None, "", "You are a pirate.", "  Sys with spaces  "][i % 4]
+        answer = ["", RESPONSE, f"answer {i} " * (i % 7), "🙂", " x "][i % 5]
+        convs.append(conversation(system, f"Question {i % 3}?", answer))
+    convs.append(conversation("Sys.", "Q1?", "First.") + [{"role": "user", "content": "Q2?"},
+                 {"role": "assistant", "content": "Second, longer answer."}])  # fmt: skip
+    from personavec.spans import render_many
+
+    for max_length in (None, 24):
+        many = render_many(tok, convs, prompt_format, max_length=max_length, batch_size=5)
+        assert many == [render(tok, c, prompt_format, max_length=max_length) for c in convs]
+    seed = render_many(tok, convs[:-1], prompt_format, "seed")
+    assert seed == [render(tok, c, prompt_format, "seed") for c in convs[:-1]]

@@ -57,6 +57,16 @@ def extract(
             "--layers-path", help="Path of the decoder blocks' ModuleList (e.g. model.layers) when not auto-detected."
         ),
     ] = None,
+    storage_dtype: Annotated[
+        str | None,
+        typer.Option(help="Stored activations: float32 (default), bfloat16 or float16 (half the bytes)."),
+    ] = None,
+    flush_seconds: Annotated[
+        float | None, typer.Option(help="Make computed rows durable at least this often (default 30 s).")
+    ] = None,
+    flush_rows: Annotated[
+        int | None, typer.Option(help="... or after this many computed rows, whichever first (default 8192).")
+    ] = None,
     resume: Annotated[
         int | None, typer.Option("--resume", help="Continue an interrupted or failed extraction run.")
     ] = None,
@@ -86,6 +96,9 @@ def extract(
         "personas": tuple(persona) if persona else None,
         "questions": tuple(question) if question else None,
         "layers_path": layers_path,
+        "storage_dtype": storage_dtype,
+        "flush_seconds": flush_seconds,
+        "flush_rows": flush_rows,
     }
     given = {k: v for k, v in given.items() if v is not None}
     w = workspace(ws).require()
@@ -110,3 +123,37 @@ def extract(
             f"{result.n_tokens:,} tokens at {result.tok_s:,.0f} tok/s"
         )
         console.print(result.run_id)
+
+
+@app.command()
+@command
+def verify(
+    run: Annotated[int | None, typer.Argument(help="Extraction run to check (default: every one).")] = None,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Mark damaged rows not done (and drop their damaged shards) for --resume.")
+    ] = False,
+    ws: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check extraction runs' activations against the catalog: rows present, finite, checksums valid, counts.
+
+    Prints one line per run with the fix; exits 1 when something is wrong (0 after --repair when the rest is left to
+    `personavec extract --resume RUN`).
+    """
+    from personavec.verify import describe, verify_runs
+
+    w = workspace(ws).require()
+    with stage_progress("verify", quiet=as_json) as show:
+
+        def on_progress(run_id: int, done: int, total: int) -> None:
+            show(done, total, f"run {run_id}")
+
+        checks = verify_runs(w, run, repair=repair, progress=on_progress)
+    if as_json:
+        emit_json([{**dataclasses.asdict(c), "ok": c.ok, "fix": c.fix} for c in checks])
+    else:
+        for check in checks:
+            console.print(describe(check), highlight=False, markup=False, soft_wrap=True)
+    unfixed = [c for c in checks if not c.ok and not (repair and all(p.repairable for p in c.problems))]
+    if unfixed:
+        raise typer.Exit(1)

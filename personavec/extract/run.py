@@ -3,30 +3,45 @@
 ``run_extraction(ws, ExtractConfig(responses_run=N, ...))`` plans every selected answered response (Zarr row, token
 span, token counts, truncation), records the plan in one catalog transaction, creates the run's Zarr array once that
 has committed, then computes with :mod:`personavec.extract.core`. Rows are assigned longest-first, so consecutive
-batches fill consecutive Zarr chunks; a chunk is written whole by a background writer and its rows are marked done
-only after the write completed. ``run_extraction(ws, None, resume=RUN)`` rebuilds the run's stored config and
-computes only the rows not yet done.
+batches fill consecutive write units (shards, see :mod:`personavec.arrays`); a write unit is assembled and written
+whole by a pool of writer threads, and its rows are marked done (on a catalog thread, at most once a second) only
+after the write completed. Partly filled units are also written every ``flush_seconds`` / ``flush_rows``, so a kill
+loses a bounded amount of work. An answer with no tokens to average (an empty answer) is planned with an empty span
+and marked done at once: it has no row of activations (NaN) and the vector stage leaves it out.
+``run_extraction(ws, None, resume=RUN)`` rebuilds the run's stored config, adopts rows that were written but not yet
+marked done, and computes only the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from personavec import arrays
+from personavec.arrays import STORAGE_DTYPES
 from personavec.config import DTYPES, check_selection, config_dict, config_from_dict, default_layer
-from personavec.errors import ConfigError, ModelError, RunInterrupted, StorageError
+from personavec.errors import (
+    ConfigError,
+    ModelError,
+    PersonavecError,
+    RunInterrupted,
+    StorageConflictError,
+    StorageCorruptError,
+    StorageError,
+    StorageOverflowError,
+)
 from personavec.extract.core import default_batch_tokens, iter_mean_activations, plan_batches
 from personavec.modeling import LoadedModel, load_model, model_provenance
-from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, render
+from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, render, render_many
 from personavec.store import extraction as xs
 from personavec.store.responses import ResponseRecord, answered_responses
 
@@ -64,6 +79,12 @@ class ExtractConfig:
         questions: only responses to these questions (0-based positions in the question set), or None for all.
         layers_path: attribute path of the model's decoder-block ModuleList (e.g. ``"model.layers"``), for a model
             whose blocks auto-detection does not find; None = auto-detect.
+        storage_dtype: how activations are stored: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"`` (half
+            the bytes; a value float16 cannot hold fails the run, never stored as inf).
+        writer_threads: threads writing shards while the model computes.
+        flush_seconds, flush_rows: durability bound: partly filled shards are written (and their rows marked done)
+            once this many seconds or computed rows have passed since the last time, whichever comes first; a kill
+            loses at most that much work.
     """
 
     responses_run: int | None = None
@@ -84,6 +105,10 @@ class ExtractConfig:
     personas: tuple[str, ...] | None = None
     questions: tuple[int, ...] | None = None
     layers_path: str | None = None
+    storage_dtype: str = "float32"
+    writer_threads: int = 4
+    flush_seconds: float = 30.0
+    flush_rows: int = 8192
 
     def __post_init__(self) -> None:
         for name in ("personas", "questions"):
@@ -108,6 +133,10 @@ class ExtractConfig:
             raise ConfigError("chunk_rows must be > 0")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
+        if self.writer_threads < 1 or self.flush_seconds <= 0 or self.flush_rows < 1:
+            raise ConfigError("writer_threads and flush_rows must be >= 1 and flush_seconds > 0")
         if self.layers_path is not None and not self.layers_path.strip(". "):
             raise ConfigError("layers_path is empty: give the decoder blocks' path (e.g. 'model.layers') or None")
 
@@ -134,6 +163,7 @@ IDENTITY_FIELDS = (
     "chunk_rows",
     "personas",
     "questions",
+    "storage_dtype",
 )
 
 
@@ -162,6 +192,20 @@ def encode_response(
     )
 
 
+def encode_responses(
+    loaded: LoadedModel, conversations: Iterable[tuple[str | None, str, str]], config: ExtractConfig
+) -> list[Rendered]:
+    """:func:`encode_response` for many ``(system_prompt, question, response)`` at once (batched tokenization,
+    shared prefixes rendered once; the same result)."""
+    return render_many(
+        loaded.tokenizer,
+        [conversation(sp, q, r) for sp, q, r in conversations],
+        config.prompt_format,
+        config.span,
+        max_length=config.max_length or loaded.context_length,
+    )
+
+
 @dataclass(frozen=True)
 class ExtractionProgress:
     """What the progress callback receives after each batch."""
@@ -179,6 +223,12 @@ class ExtractionProgress:
 
 @dataclass(frozen=True)
 class ExtractionResult:
+    """What :func:`run_extraction` did. ``n_no_span``: examples with no tokens to average (empty answers), done
+    without a row of activations; ``n_adopted``: rows a resumed session found written but not marked done and kept.
+    ``timings``: seconds spent planning (``plan_s``: selection, tokenization, catalog insert, array creation), waiting
+    for the writers while the model could have computed (``stall_s``), and finishing writes at the end (``drain_s``).
+    """
+
     run_id: int
     zarr_group: str
     layers: tuple[int, ...]
@@ -187,6 +237,9 @@ class ExtractionResult:
     n_tokens: int
     tok_s: float
     n_truncated: int
+    n_no_span: int = 0
+    n_adopted: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class ExtractionInterrupted(Exception):
@@ -198,10 +251,16 @@ class ExtractionInterrupted(Exception):
 
 def longest_first(lengths: Sequence[int]) -> list[int]:
     """The Zarr row of each example: longest first (ties in input order), so batches fill chunks in row order."""
-    rows = [0] * len(lengths)
-    for row, i in enumerate(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))):
-        rows[i] = row
-    return rows
+    order = np.lexsort((np.arange(len(lengths)), -np.asarray(lengths, dtype=np.int64)))
+    rows = np.empty(len(lengths), dtype=np.int64)
+    rows[order] = np.arange(len(lengths))
+    return rows.tolist()
+
+
+def has_span(example: Rendered) -> bool:
+    """Whether an example has tokens to average (an empty answer, or one truncated away, has none)."""
+    start, end = example.assistant_spans[0]
+    return end > start
 
 
 @dataclass(frozen=True)
@@ -209,7 +268,8 @@ class ExtractionPlan:
     """What a run (or a resumed session of it) computes, worked out once.
 
     ``examples[i]`` goes to Zarr row ``rows[i]``; examples are in row order, and ``batches`` (lists of indices into
-    ``examples``) cover consecutive rows, so chunks of ``chunk_rows`` rows complete one after another.
+    ``examples``) cover consecutive rows, so write units (``chunk_rows`` rows: a shard) complete one after another.
+    Examples without a span are not in the plan (they are done when the run is created).
     """
 
     examples: list[Rendered]
@@ -242,78 +302,168 @@ class ExtractionPlan:
         return min(self.chunk_rows, self.n_rows - chunk * self.chunk_rows)
 
 
-class _ChunkBuffers:
-    """Collects computed rows into whole chunks; a chunk leaves once all its rows are in."""
+# -- chunk assembly ----------------------------------------------------------------------------------------------
 
-    def __init__(self, plan: ExtractionPlan, array: Any, n_layers: int, d_model: int) -> None:
+
+def row_ranges(rows: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
+    """Sorted rows as ``[start, stop)`` ranges of consecutive rows."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    if not rows.size:
+        return []
+    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, cuts)]
+
+
+@dataclass
+class _Block:
+    """One write unit being filled: rows ``[start, stop)``; ``pieces`` are computed rows (``(first row, float32
+    [k, n_layers, d_model])`` views of batch outputs, never copied on the model's thread)."""
+
+    start: int
+    stop: int
+    missing: int
+    read_base: bool
+    pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    flushed: int = 0
+
+
+class ChunkAssembler:
+    """Collects computed rows into whole write units; a unit leaves once all its planned rows are in.
+
+    The model's thread only keeps references to batch outputs; :meth:`job` returns a function that builds the unit
+    (NaN where nothing was computed, or what the store holds for rows done in an earlier session), checks the
+    computed rows are finite, and writes it: that runs on a writer thread.
+    """
+
+    def __init__(
+        self, plan: ExtractionPlan, array: Any, n_layers: int, d_model: int, present: Collection[int] = ()
+    ) -> None:
         self.plan = plan
+        self.array = array
         self.shape = (n_layers, d_model)
-        self.buffers: dict[int, np.ndarray] = {}
-        self.missing: dict[int, int] = {}
-        for row in plan.rows:
-            chunk = row // plan.chunk_rows
-            self.missing[chunk] = self.missing.get(chunk, 0) + 1
-        for chunk, missing in self.missing.items():
-            if missing < plan.chunk_len(chunk):  # rows done before in a chunk not written whole: keep them
-                start = chunk * plan.chunk_rows
-                self.buffers[chunk] = arrays.read_rows(array, np.arange(start, start + plan.chunk_len(chunk)))
+        per = plan.chunk_rows
+        counts = np.bincount(np.asarray(plan.rows, dtype=np.int64) // per) if plan.rows else np.zeros(0, np.int64)
+        # A unit not fully planned holds rows done earlier: they are read back before it is rewritten, if it exists.
+        self.blocks: dict[int, _Block] = {
+            b: _Block(b * per, b * per + plan.chunk_len(b), int(n), int(n) < plan.chunk_len(b) and b in present)
+            for b, n in enumerate(counts)
+            if n
+        }
 
-    def add(self, row: int, values: np.ndarray) -> tuple[int, np.ndarray] | None:
-        """Put one row in; returns ``(start row, values)`` of its chunk when that chunk is now complete."""
-        chunk = row // self.plan.chunk_rows
-        buf = self.buffers.get(chunk)
-        if buf is None:
-            buf = self.buffers[chunk] = np.full((self.plan.chunk_len(chunk), *self.shape), np.nan, dtype=np.float32)
-        buf[row - chunk * self.plan.chunk_rows] = values
-        self.missing[chunk] -= 1
-        if self.missing[chunk]:
-            return None
-        return chunk * self.plan.chunk_rows, self.buffers.pop(chunk)
+    def add(self, rows: Sequence[int], values: np.ndarray) -> list[_Block]:
+        """Add a batch's rows (``values[j]`` is row ``rows[j]``); returns the units now complete."""
+        per = self.plan.chunk_rows
+        complete = []
+        j = 0
+        while j < len(rows):
+            block = self.blocks[rows[j] // per]
+            k = j + 1
+            while k < len(rows) and rows[k] == rows[k - 1] + 1 and rows[k] < block.stop:
+                k += 1
+            block.pieces.append((rows[j], values[j:k]))
+            block.missing -= k - j
+            if block.missing == 0:
+                complete.append(self.blocks.pop(rows[j] // per))
+            j = k
+        return complete
+
+    def unflushed(self) -> list[_Block]:
+        """Units partly filled with rows computed since their last write (for a durability flush)."""
+        out = [b for b in self.blocks.values() if len(b.pieces) > b.flushed]
+        for block in out:
+            block.flushed = len(block.pieces)
+        return out
+
+    def job(self, block: _Block) -> tuple[Callable[[], list[tuple[int, int]]], list[tuple[int, int]]]:
+        """The write of ``block`` as it is now (a snapshot of its pieces) and the row ranges it makes durable."""
+        pieces = list(block.pieces)
+        done = row_ranges([r for first, v in pieces for r in range(first, first + len(v))])
+        array, start, stop, read_base, shape = self.array, block.start, block.stop, block.read_base, self.shape
+
+        def write() -> list[tuple[int, int]]:
+            for first, values in pieces:
+                bad = arrays.nonfinite_rows(values)
+                if bad.size:
+                    raise ModelError(
+                        f"the model produced NaN/inf activations for Zarr row(s) {[first + int(i) for i in bad[:5]]}"
+                        " (half-precision overflow?): extract again with --dtype float32 or bfloat16"
+                    )
+            if len(pieces) == 1 and pieces[0][0] == start and len(pieces[0][1]) == stop - start:
+                out = pieces[0][1]
+            else:
+                if read_base:
+                    out = arrays.read_rows(array, np.arange(start, stop))
+                else:
+                    out = np.full((stop - start, *shape), np.nan, dtype=np.float32)
+                for first, values in pieces:
+                    out[first - start : first - start + len(values)] = values
+            arrays.write_rows(array, start, out)
+            return done
+
+        return write, done
 
 
 # -- the writer --------------------------------------------------------------------------------------------------
 
+Job = Callable[[], Any]
+
 
 class ChunkWriter:
-    """Writes whole Zarr chunks on a background thread while the model computes the next batches.
+    """Writes whole write units on background threads while the model computes the next batches.
 
-    At most ``max_in_flight`` chunks wait or are being written: :meth:`submit` first waits for the oldest when that
-    many are pending. A write that failed raises :class:`StorageError` at the next :meth:`submit` and at
-    :meth:`close`, so a failing store stops the producer instead of blocking it (there is no queue for a dead thread
-    to leave full). :meth:`written` returns only rows whose write completed.
+    At most ``max_in_flight`` units wait or are being written: :meth:`submit` first waits for the oldest when that
+    many are pending, and for an earlier write of the same unit (a durability flush) before queueing a newer one.
+    A write that failed raises at the next :meth:`submit` and at :meth:`close` (a store error as
+    :class:`StorageError`, a value the storage dtype cannot hold as :class:`StorageOverflowError`), so a failing
+    store stops the producer instead of blocking it (there is no queue for a dead thread to leave full).
+    :meth:`written` returns only rows whose write completed; :attr:`stall_s` is how long :meth:`submit` waited.
     """
 
-    def __init__(self, array: Any, where: str, max_in_flight: int = 4) -> None:
+    def __init__(self, array: Any, where: str, max_in_flight: int | None = None, threads: int = 4) -> None:
         self.array = array
         self.where = where
-        self.max_in_flight = max_in_flight
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-zarr-writer")
-        self._pending: deque[tuple[tuple[int, int], Future[None]]] = deque()
+        self.max_in_flight = max_in_flight or 2 * threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="personavec-zarr-writer")
+        self._pending: deque[tuple[int, list[tuple[int, int]], Future[Any]]] = deque()
         self._written: list[tuple[int, int]] = []
-        self._error: StorageError | None = None
+        self._error: BaseException | None = None
+        self.stall_s = 0.0
 
     def _reap(self, wait_for: int) -> None:
         """Collect finished writes in submission order, waiting for the oldest ``wait_for`` of them."""
-        while self._pending and (wait_for > 0 or self._pending[0][1].done()):
-            (start, stop), future = self._pending.popleft()
+        while self._pending and (wait_for > 0 or self._pending[0][2].done()):
+            _, ranges, future = self._pending.popleft()
             wait_for -= 1
             exc = future.exception()
             if exc is None:
-                self._written.append((start, stop))
+                self._written.extend(ranges)
             elif self._error is None:
-                self._error = StorageError(f"writing activation rows {start}:{stop} to {self.where} failed: {exc}")
-                self._error.__cause__ = exc
+                if isinstance(exc, PersonavecError):
+                    self._error = exc
+                else:
+                    where = ", ".join(f"{a}:{b}" for a, b in ranges)
+                    self._error = StorageError(f"writing activation rows {where} to {self.where} failed: {exc}")
+                    self._error.__cause__ = exc
 
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def submit(self, start: int, values: np.ndarray) -> None:
-        """Queue rows ``start:start+len(values)`` for writing; raises the error of an earlier failed write."""
-        self._reap(wait_for=len(self._pending) - self.max_in_flight + 1)
+    def submit(self, start: int, values: np.ndarray | Job, *, done: Sequence[tuple[int, int]] | None = None) -> None:
+        """Queue a write: ``values`` (rows ``start:start+len(values)``), or a function that writes a unit starting
+        at row ``start`` and makes the rows ``done`` durable. Raises the error of an earlier failed write."""
+        t0 = time.perf_counter()
+        same = [i for i, (key, _, _) in enumerate(self._pending) if key == start]
+        self._reap(wait_for=max(len(self._pending) - self.max_in_flight + 1, same[-1] + 1 if same else 0))
+        self.stall_s += time.perf_counter() - t0
         self._check()
-        future = self._pool.submit(arrays.write_rows, self.array, start, values)
-        self._pending.append(((start, start + len(values)), future))
+        if callable(values):
+            future = self._pool.submit(values)
+            ranges = list(done or [])
+        else:
+            future = self._pool.submit(arrays.write_rows, self.array, start, values)
+            ranges = [(start, start + len(values))] if done is None else list(done)
+        self._pending.append((start, ranges, future))
 
     def written(self) -> list[tuple[int, int]]:
         """Row ranges whose write completed since the last call (never raises: errors surface in submit/close)."""
@@ -322,7 +472,7 @@ class ChunkWriter:
         return out
 
     def close(self, *, raise_errors: bool = True) -> None:
-        """Wait for every pending write and stop the thread; then raise the first failure unless ``raise_errors``
+        """Wait for every pending write and stop the threads; then raise the first failure unless ``raise_errors``
         is False (the run is stopping for another reason)."""
         try:
             self._reap(wait_for=len(self._pending))
@@ -330,6 +480,50 @@ class ChunkWriter:
             self._pool.shutdown(wait=True)
         if raise_errors:
             self._check()
+
+
+class DoneMarker:
+    """Marks written rows done in the catalog on a thread of its own, at most every ``interval`` seconds, so the
+    model's thread never waits for a DuckDB commit. A failed commit raises at the next :meth:`add` and at
+    :meth:`close`; rows written but not marked when the process dies are adopted by the next resume."""
+
+    def __init__(self, catalog: Catalog, run_id: int, interval: float = 1.0) -> None:
+        self.catalog = catalog
+        self.run_id = run_id
+        self.interval = interval
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-catalog")
+        self._queued: list[tuple[int, int]] = []
+        self._future: Future[None] | None = None
+        self._last = time.monotonic()
+
+    def _collect(self, wait: bool) -> None:
+        if self._future is not None and (wait or self._future.done()):
+            future, self._future = self._future, None
+            future.result()
+
+    def add(self, ranges: Sequence[tuple[int, int]], *, now: bool = False) -> None:
+        """Queue ranges; commit the queue in the background when ``interval`` has passed (or ``now``)."""
+        self._collect(wait=False)
+        self._queued.extend(ranges)
+        due = now or time.monotonic() - self._last >= self.interval
+        if self._queued and due and self._future is None:
+            batch, self._queued = row_ranges([r for a, b in self._queued for r in range(a, b)]), []
+            self._future = self._pool.submit(xs.mark_done, self.catalog, self.run_id, batch)
+            self._last = time.monotonic()
+
+    def drain(self, ranges: Sequence[tuple[int, int]] = (), *, raise_errors: bool = True) -> list[tuple[int, int]]:
+        """Wait for the commit in flight and stop the thread; returns what is still to be marked (queued and
+        ``ranges``), for the unit of work that closes the run."""
+        try:
+            self._collect(wait=True)
+        except Exception:
+            if raise_errors:
+                raise
+        finally:
+            self._pool.shutdown(wait=True)
+        left = row_ranges([r for a, b in [*self._queued, *ranges] for r in range(a, b)])
+        self._queued = []
+        return left
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------
@@ -350,10 +544,11 @@ def run_extraction(
         config: what to extract; ``config.responses_run`` names the responses run. May be None with ``resume``
             (the run's stored config is used); given with ``resume``, its :data:`IDENTITY_FIELDS` must match the
             run's (a :class:`ConfigError` names those that differ) and its other fields (device, batching,
-            compilation, layers path) apply to this session.
-        resume: an extract run to continue: only rows not yet done are computed.
+            compilation, layers path, writer threads, flush bounds) apply to this session.
+        resume: an extract run to continue: rows written but not marked done are adopted (when finite and their
+            checksums hold), and only the rest is computed.
         progress: called after each batch with an :class:`ExtractionProgress`; raising
-            :class:`ExtractionInterrupted` from it stops the run (marked ``interrupted``; every complete chunk stays
+            :class:`ExtractionInterrupted` from it stops the run (marked ``interrupted``; every written unit stays
             done). Ctrl-C (or SIGTERM in the CLI) does the same and leaves as :class:`RunInterrupted`, which names the
             resume command; any other exception marks the run ``failed``.
         loaded: an already loaded model matching the config (skips loading).
@@ -367,18 +562,37 @@ def run_extraction(
         3
     """
     catalog = ws.catalog()
-    if resume is None:
-        if config is None:
-            raise ConfigError("run_extraction needs a config (new run) or resume=RUN_ID")
-        if config.responses_run is None:
-            raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
-        loaded = loaded or load_for(config)
-        info, plan, array = _new_run(ws, catalog, config, config.responses_run, loaded)
-    else:
-        config = _resumed_config(catalog, resume, config)
-        loaded = loaded or load_for(config)
-        info, plan, array = _resumed_run(ws, catalog, resume, config, loaded)
-    return _compute(catalog, info, config, loaded, plan, array, f"{ws.zarr_path}/{info.zarr_group}", progress)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-plan") as pool:
+        if resume is None:
+            if config is None:
+                raise ConfigError("run_extraction needs a config (new run) or resume=RUN_ID")
+            if config.responses_run is None:
+                raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
+            loaded = loaded or load_for(config)
+            t0 = time.perf_counter()
+            plan, layers, n_examples, create = _new_run(ws, catalog, config, config.responses_run, loaded)
+            # The plan's rows and the run's array are recorded while the model computes the first batch.
+            opening = pool.submit(create)
+        else:
+            config = _resumed_config(catalog, resume, config)
+            loaded = loaded or load_for(config)
+            t0 = time.perf_counter()
+            opened, plan = _resumed_run(ws, catalog, resume, config, loaded)
+            layers, n_examples = opened.info.layers, opened.info.n_examples
+            opening = Future()
+            opening.set_result(opened)
+        plan_s = time.perf_counter() - t0
+        return _compute(ws, catalog, opening, config, loaded, plan, layers, n_examples, progress, plan_s)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A run ready to be written: its catalog info, array, the write units already in the store, rows adopted."""
+
+    info: xs.ExtractionRunInfo
+    array: Any
+    present: set[int] = field(default_factory=set)
+    n_adopted: int = 0
 
 
 def _selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> list[ResponseRecord]:
@@ -407,6 +621,8 @@ def _examples_table(records: Sequence[ResponseRecord], examples: Sequence[Render
             "n_tokens": pa.array([ex.forward_length for ex in examples], pa.int32()),
             "n_response_tokens": pa.array([e - s for s, e in first], pa.int32()),
             "truncated": pa.array([ex.truncated for ex in examples], pa.bool_()),
+            # no tokens to average: nothing to compute, so done from the start (no row of activations)
+            "done": pa.array([e <= s for s, e in first], pa.bool_()),
         }
     )
 
@@ -417,44 +633,60 @@ def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
 
 def _new_run(
     ws: Workspace, catalog: Catalog, config: ExtractConfig, run: int, loaded: LoadedModel
-) -> tuple[xs.ExtractionRunInfo, ExtractionPlan, Any]:
+) -> tuple[ExtractionPlan, tuple[int, ...], int, Callable[[], _Opened]]:
+    """Select and tokenize; returns the plan, the layers, the number of examples and the function that records the
+    run (one transaction) and then creates its array."""
     records = _selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
-    examples = [encode_response(loaded, r.system_prompt, r.question, r.text, config) for r in records]
-    rows = longest_first([ex.forward_length for ex in examples])
-    model_id, revision = model_provenance(config.model)
-    run_id = xs.create_extraction_run(
-        catalog,
-        {**config_dict(config), "layers": list(layers)},
-        _examples_table(records, examples, rows),
-        zarr_group=arrays.group_name,
-        source_run_id=run,
-        model=model_id,
-        model_revision=revision or loaded.revision,
-        architecture=loaded.architecture,
-        n_model_layers=loaded.n_layers,
-        d_model=loaded.d_model,
-        layers=list(layers),
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        span_rule=config.span,
-        prompt_format=config.prompt_format,
-        device=loaded.device,
-        n_examples=len(records),
-    )
-    info = xs.get_extraction_run(catalog, run_id)
-    array = _array(ws, catalog, info, config, create=True)
+    examples = encode_responses(loaded, ((r.system_prompt, r.question, r.text) for r in records), config)
+    rows = longest_first([ex.forward_length if has_span(ex) else 0 for ex in examples])
+    spanned = [i for i, ex in enumerate(examples) if has_span(ex)]
+    itemsize = 4 if config.storage_dtype == "float32" else 2
     plan = ExtractionPlan.build(
-        examples,
-        rows,
+        [examples[i] for i in spanned],
+        [rows[i] for i in spanned],
         n_rows=len(records),
-        chunk_rows=arrays.rows_per_chunk(array),
+        chunk_rows=config.chunk_rows or arrays.shard_rows_for(len(layers), loaded.d_model, itemsize),
         max_batch_tokens=_budget(config, loaded),
         max_batch_size=config.max_batch_size,
     )
-    return info, plan, array
+    table = _examples_table(records, examples, rows)
+
+    def create() -> _Opened:
+        model_id, revision = model_provenance(config.model)
+        run_id = xs.create_extraction_run(
+            catalog,
+            {**config_dict(config), "layers": list(layers)},
+            table,
+            zarr_group=arrays.group_name,
+            source_run_id=run,
+            model=model_id,
+            model_revision=revision or loaded.revision,
+            architecture=loaded.architecture,
+            n_model_layers=loaded.n_layers,
+            d_model=loaded.d_model,
+            layers=list(layers),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            span_rule=config.span,
+            prompt_format=config.prompt_format,
+            device=loaded.device,
+            n_examples=len(records),
+        )
+        info = xs.get_extraction_run(catalog, run_id)
+        return _Opened(info, _array(ws, catalog, info, config, create=True))
+
+    return plan, layers, len(records), create
 
 
-def _array(ws: Workspace, catalog: Catalog, info: xs.ExtractionRunInfo, config: ExtractConfig, *, create: bool) -> Any:
+def _array(
+    ws: Workspace,
+    catalog: Catalog,
+    info: xs.ExtractionRunInfo,
+    config: ExtractConfig,
+    *,
+    create: bool,
+    resume: bool = False,
+) -> Any:
     """The run's Zarr array, created when ``create`` (after the run's rows committed: no group without its run).
     A store that fails here marks the run failed (resume creates the array again)."""
     try:
@@ -467,11 +699,15 @@ def _array(ws: Workspace, catalog: Catalog, info: xs.ExtractionRunInfo, config: 
                 info.d_model,
                 attrs={"layers": list(info.layers), "model": info.model, "run_id": info.run_id},
                 chunk_rows=config.chunk_rows,
+                dtype=config.storage_dtype,
+                resume=resume,
             )
         return arrays.open_activation_array(ws.zarr_path, info.zarr_group, mode="r+")
     except Exception as exc:
         error = exc if isinstance(exc, StorageError) else StorageError(f"{ws.zarr_path}/{info.zarr_group}: {exc}")
         xs.finish_extraction(catalog, info.run_id, "failed", f"StorageError: {error}", None)
+        if isinstance(error, StorageConflictError):
+            raise error from exc
         raise StorageError(f"{error}; {_resume_hint(info.run_id)}") from exc
 
 
@@ -518,27 +754,51 @@ def _resumed_config(catalog: Catalog, run_id: int, given: ExtractConfig | None) 
     return dataclasses.replace(stored, **{f: getattr(given, f) for f in operational})
 
 
+def adopt_written_rows(array: Any, pending: np.ndarray) -> tuple[list[tuple[int, int]], set[int]]:
+    """Rows of ``pending`` that the store already holds, finite and with valid checksums (written before the
+    process died, before they were marked done), as ranges; and the write units present in the store."""
+    present = arrays.written_blocks(array)
+    per = arrays.rows_per_chunk(array)
+    adopted: list[int] = []
+    pending = np.asarray(pending, dtype=np.int64)
+    for block in sorted(set((pending // per).tolist()) & present):
+        rows = pending[(pending >= block * per) & (pending < (block + 1) * per)]
+        try:
+            values = arrays.read_rows(array, rows)
+        except StorageCorruptError:
+            continue  # recomputed, and the unit rewritten
+        bad = set(arrays.nonfinite_rows(values).tolist())
+        adopted.extend(int(r) for i, r in enumerate(rows) if i not in bad)
+    return row_ranges(adopted), present
+
+
 def _resumed_run(
     ws: Workspace, catalog: Catalog, run_id: int, config: ExtractConfig, loaded: LoadedModel
-) -> tuple[xs.ExtractionRunInfo, ExtractionPlan, Any]:
+) -> tuple[_Opened, ExtractionPlan]:
     info = xs.get_extraction_run(catalog, run_id)
     if (loaded.n_layers, loaded.d_model) != (info.n_model_layers, info.d_model):
         raise ModelError(
             f"extraction run {run_id} was made with a model of {info.n_model_layers} layers x {info.d_model}; "
             f"{loaded.name} has {loaded.n_layers} x {loaded.d_model}"
         )
-    # Rows done before need the existing array; a run with none may have failed before its array was created.
-    array = _array(ws, catalog, info, config, create=xs.done_count(catalog, run_id) == 0)
+    # A run may have failed before its array was created: create it (or reopen the one this run made).
+    array = _array(ws, catalog, info, config, create=True, resume=True)
     pending = xs.resume_extraction_run(catalog, run_id)
-    examples = [
-        encode_response(loaded, sp, q, r, config)
-        for sp, q, r in zip(
+    adopted, present = adopt_written_rows(array, np.asarray(pending["row"].to_numpy(), dtype=np.int64))
+    if adopted:
+        xs.mark_done(catalog, run_id, adopted)
+        keep = ~np.isin(pending["row"].to_numpy(), [r for a, b in adopted for r in range(a, b)])
+        pending = pending.filter(pa.array(keep))
+    examples = encode_responses(
+        loaded,
+        zip(
             pending["system_prompt"].to_pylist(),
             pending["question"].to_pylist(),
             pending["text"].to_pylist(),
             strict=True,
-        )
-    ]
+        ),
+        config,
+    )
     plan = ExtractionPlan.build(
         examples,
         pending["row"].to_pylist(),
@@ -547,62 +807,129 @@ def _resumed_run(
         max_batch_tokens=_budget(config, loaded),
         max_batch_size=config.max_batch_size,
     )
-    return info, plan, array
+    return _Opened(info, array, present, sum(b - a for a, b in adopted)), plan
+
+
+def store_batches(
+    plan: ExtractionPlan,
+    array: Any,
+    batches: Iterable[tuple[list[int], Any, int]],
+    writer: ChunkWriter,
+    *,
+    n_layers: int,
+    d_model: int,
+    present: Collection[int] = (),
+    on_written: Callable[[list[tuple[int, int]]], None] = lambda ranges: None,
+    on_batch: Callable[[int, int], None] = lambda rows, tokens: None,
+    flush_seconds: float = 30.0,
+    flush_rows: int = 8192,
+) -> None:
+    """Feed the core's batches (``(example indices, means [B, n_layers, d_model], n_tokens)``) into whole write
+    units: complete units go to ``writer``; partly filled ones too every ``flush_seconds`` or ``flush_rows``
+    computed rows. ``on_written(ranges)`` gets the rows whose write completed (mark them done), ``on_batch(rows,
+    tokens)`` is called after each batch. The loop a data-parallel rank runs over its own units, too."""
+    chunks = ChunkAssembler(plan, array, n_layers, d_model, present)
+    since_rows, since_t = 0, time.monotonic()
+    for batch, means, n_tok in batches:
+        values = means.numpy() if hasattr(means, "numpy") else np.asarray(means)
+        ready = chunks.add([plan.rows[i] for i in batch], values)
+        since_rows += len(batch)
+        if since_rows >= flush_rows or time.monotonic() - since_t >= flush_seconds:
+            ready += chunks.unflushed()
+            since_rows, since_t = 0, time.monotonic()
+        for block in ready:
+            job, done = chunks.job(block)
+            writer.submit(block.start, job, done=done)
+        on_written(writer.written())
+        on_batch(len(batch), n_tok)
 
 
 def _compute(
+    ws: Workspace,
     catalog: Catalog,
-    info: xs.ExtractionRunInfo,
+    opening: Future[_Opened],
     config: ExtractConfig,
     loaded: LoadedModel,
     plan: ExtractionPlan,
-    array: Any,
-    where: str,
+    layers: tuple[int, ...],
+    n_examples: int,
     progress: Callable[[ExtractionProgress], None] | None,
+    plan_s: float,
 ) -> ExtractionResult:
-    run_id = info.run_id
-    writer = ChunkWriter(array, where)
-    tokens = 0
-    done = info.n_examples - len(plan.examples)
     start_t = time.perf_counter()
-    status, error = "done", None
-    batches = iter_mean_activations(loaded, plan.examples, info.layers, batches=plan.batches, compile=config.compile)
-    try:
-        chunks = _ChunkBuffers(plan, array, len(info.layers), info.d_model)
-        for batch, means, n_tok in batches:
-            values = means.numpy()
-            for j, i in enumerate(batch):
-                full = chunks.add(plan.rows[i], values[j])
-                if full is not None:
-                    writer.submit(*full)
-            xs.mark_done(catalog, run_id, writer.written())
-            tokens += n_tok
-            done += len(batch)
-            if progress is not None:
-                progress(ExtractionProgress(run_id, done, info.n_examples, tokens, time.perf_counter() - start_t))
-        writer.close()
+    batches = iter_mean_activations(loaded, plan.examples, layers, batches=plan.batches, compile=config.compile)
+    early: list[tuple[list[int], Any, int]] = []
+    early_exc: BaseException | None = None
+    try:  # the first batch runs while the run is being recorded (new runs)
+        early.extend(itertools.islice(batches, 1))
     except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt | ExtractionInterrupted) else "failed"
-        error = f"{type(exc).__name__}: {exc}"
-        writer.close(raise_errors=False)
-        if isinstance(exc, StorageError):
-            raise StorageError(f"{exc}; {_resume_hint(run_id)}") from exc
-        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):  # Ctrl-C, SIGTERM
-            raise RunInterrupted(run_id, f"personavec extract --resume {run_id}") from exc
+        early_exc = exc
+    try:
+        opened = opening.result()
+    except BaseException:
+        batches.close()
         raise
+    info, array = opened.info, opened.array
+    run_id = info.run_id
+    open_s = time.perf_counter() - start_t
+    writer = ChunkWriter(array, f"{ws.zarr_path}/{info.zarr_group}", threads=config.writer_threads)
+    marker = DoneMarker(catalog, run_id)
+    state = {"tokens": 0, "done": n_examples - len(plan.examples)}
+    status, error, left = "done", None, []
+    drain_s = elapsed = tok_s = 0.0
+    counts = (0, 0)
+
+    def on_batch(rows: int, tokens: int) -> None:
+        state["tokens"] += tokens
+        state["done"] += rows
+        if progress is not None:
+            elapsed = time.perf_counter() - start_t
+            progress(ExtractionProgress(run_id, state["done"], n_examples, state["tokens"], elapsed))
+
+    try:
+        try:
+            if early_exc is not None:
+                raise early_exc
+            store_batches(
+                plan, array, itertools.chain(early, batches), writer, n_layers=len(layers), d_model=info.d_model,
+                present=opened.present, on_written=marker.add, on_batch=on_batch,
+                flush_seconds=config.flush_seconds, flush_rows=config.flush_rows,
+            )  # fmt: skip
+            t_drain = time.perf_counter()
+            writer.close()
+            left = marker.drain(writer.written())
+            drain_s = time.perf_counter() - t_drain
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt | ExtractionInterrupted) else "failed"
+            error = f"{type(exc).__name__}: {exc}"
+            writer.close(raise_errors=False)
+            left = marker.drain(writer.written(), raise_errors=False)
+            if isinstance(exc, StorageError) and not isinstance(exc, StorageOverflowError):
+                raise StorageError(f"{exc}; {_resume_hint(run_id)}") from exc
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):  # Ctrl-C, SIGTERM
+                raise RunInterrupted(run_id, f"personavec extract --resume {run_id}") from exc
+            raise
     finally:
         batches.close()  # removes the capture hooks now, not when the generator is collected
-        xs.mark_done(catalog, run_id, writer.written())
         elapsed = time.perf_counter() - start_t
-        tok_s = tokens / elapsed if elapsed > 0 and tokens else 0.0
-        xs.finish_extraction(catalog, run_id, status, error, tok_s if tokens else None)
+        tok_s = state["tokens"] / elapsed if elapsed > 0 and state["tokens"] else 0.0
+        counts = xs.finish_extraction(catalog, run_id, status, error, tok_s or None, left)
     return ExtractionResult(
         run_id,
         info.zarr_group,
         info.layers,
         info.n_examples,
         len(plan.examples),
-        tokens,
+        state["tokens"],
         tok_s,
-        xs.count_truncated(catalog, run_id),
+        counts[0],
+        n_no_span=counts[1],
+        n_adopted=opened.n_adopted,
+        timings={
+            "plan_s": round(plan_s, 3),
+            "compute_s": round(elapsed, 3),
+            "first_batch_s": round(open_s, 3),
+            "stall_s": round(writer.stall_s, 3),
+            "drain_s": round(drain_s, 3),
+        },
     )

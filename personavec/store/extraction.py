@@ -81,14 +81,16 @@ def get_extraction_run(catalog: Catalog, run_id: int) -> ExtractionRunInfo:
 
 def add_examples(session: Session, run_id: int, table: pa.Table) -> None:
     """Bulk-insert the planned examples of a run (``response_id``, ``row``, ``span_start``, ``span_end``,
-    ``n_tokens``, ``n_response_tokens``, ``truncated``), all not done."""
+    ``n_tokens``, ``n_response_tokens``, ``truncated``, and optionally ``done``: true for examples with nothing to
+    compute, e.g. an empty answer; not done otherwise)."""
     con = dbapi_connection(session)
     con.register("_pv_examples", table)
+    done = "done" if "done" in table.column_names else "false"
     try:
         con.execute(
             "INSERT INTO activations (run_id, response_id, row, span_start, span_end, n_tokens, n_response_tokens, "
-            "truncated, done) SELECT ?, response_id, row, span_start, span_end, n_tokens, n_response_tokens, "
-            "truncated, false FROM _pv_examples",
+            f"truncated, done) SELECT ?, response_id, row, span_start, span_end, n_tokens, n_response_tokens, "
+            f"truncated, {done} FROM _pv_examples",
             [run_id],
         )
     finally:
@@ -180,6 +182,47 @@ def mark_done(catalog: Catalog, run_id: int, ranges: Sequence[tuple[int, int]]) 
             mark_rows_done(session, run_id, start, stop)
 
 
+def mark_not_done(catalog: Catalog, run_id: int, ranges: Sequence[tuple[int, int]]) -> int:
+    """One unit of work: mark the Zarr row ranges ``[start, stop)`` of a run not done (their data is damaged; a
+    resume recomputes them) and the run ``interrupted`` if it was ``done``. Examples with no span stay done.
+    Returns how many rows changed."""
+    changed = 0
+    with catalog.session() as session:
+        extraction_run_in_session(session, run_id)
+        for start, stop in ranges:
+            result = session.execute(
+                sa.update(m.Activation)
+                .where(
+                    m.Activation.run_id == run_id,
+                    m.Activation.row >= start,
+                    m.Activation.row < stop,
+                    m.Activation.done,
+                    m.Activation.n_response_tokens > 0,
+                )
+                .values(done=False)
+            )
+            changed += int(getattr(result, "rowcount", 0) or 0)
+        if changed:
+            session.execute(
+                sa.update(m.Run).where(m.Run.id == run_id, m.Run.status == "done").values(status="interrupted")
+            )
+    return changed
+
+
+def example_states(catalog: Catalog, run_id: int) -> pa.Table:
+    """``row``, ``done`` and ``has_span`` (``n_response_tokens > 0``) of every example of a run, by row."""
+    with catalog.session() as session:
+        extraction_run_in_session(session, run_id)
+        return (
+            dbapi_connection(session)
+            .execute(
+                "SELECT row, done, n_response_tokens > 0 AS has_span FROM activations WHERE run_id = ? ORDER BY row",
+                [run_id],
+            )
+            .fetch_arrow_table()
+        )
+
+
 def response_run_selection(catalog: Catalog, run_id: int) -> tuple[list[str], int]:
     """What persona/question filters on a responses run may name: its persona set's persona names (in order) and
     the number of questions in its question set (positions ``0..n-1``)."""
@@ -201,18 +244,33 @@ def response_run_selection(catalog: Catalog, run_id: int) -> tuple[list[str], in
     return list(names), int(n_questions or 0)
 
 
-def finish_extraction(catalog: Catalog, run_id: int, status: str, error: str | None, tok_s: float | None) -> None:
-    """One unit of work: close a run (or a resumed session of it) with its status and error, total planned tokens,
-    and this session's tokens/s."""
+def finish_extraction(
+    catalog: Catalog,
+    run_id: int,
+    status: str,
+    error: str | None,
+    tok_s: float | None,
+    done: Sequence[tuple[int, int]] = (),
+) -> tuple[int, int]:
+    """One unit of work: mark the last written row ranges ``done``, then close a run (or a resumed session of it)
+    with its status and error, total planned tokens, and this session's tokens/s. Returns the run's numbers of
+    truncated examples and of examples with no span."""
     with catalog.session() as session:
-        total = session.execute(
-            sa.select(sa.func.sum(m.Activation.n_tokens)).where(m.Activation.run_id == run_id)
-        ).scalar_one()
+        for start, stop in done:
+            mark_rows_done(session, run_id, start, stop)
+        total, truncated, no_span = session.execute(
+            sa.select(
+                sa.func.sum(m.Activation.n_tokens),
+                sa.func.count().filter(m.Activation.truncated),
+                sa.func.count().filter(m.Activation.n_response_tokens <= 0),
+            ).where(m.Activation.run_id == run_id)
+        ).one()
         values: dict[str, object] = {"n_tokens": int(total or 0)}
         if tok_s is not None:
             values["tok_s"] = float(tok_s)
         update_extraction_run(session, run_id, **values)
         finish_run(session, run_id, status, error)
+    return int(truncated or 0), int(no_span or 0)
 
 
 def _count_examples(catalog: Catalog, run_id: int, flag: sa.orm.InstrumentedAttribute[bool]) -> int:
@@ -227,5 +285,16 @@ def count_truncated(catalog: Catalog, run_id: int) -> int:
 
 
 def done_count(catalog: Catalog, run_id: int) -> int:
-    """Rows of a run whose activations are written."""
+    """Rows of a run with nothing left to compute (written, or with no span)."""
     return _count_examples(catalog, run_id, m.Activation.done)
+
+
+def count_no_span(catalog: Catalog, run_id: int) -> int:
+    """Examples of a run with no tokens to average (empty answers): done without activations."""
+    with catalog.session() as session:
+        query = (
+            sa.select(sa.func.count())
+            .select_from(m.Activation)
+            .where(m.Activation.run_id == run_id, m.Activation.n_response_tokens <= 0)
+        )
+        return int(session.execute(query).scalar_one())
