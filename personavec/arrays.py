@@ -60,14 +60,20 @@ def chunk_rows_for(d_model: int, target_bytes: int = 1 << 20, itemsize: int = 4)
     return max(16, min(rows, 4096))
 
 
-def shard_rows_for(n_layers: int, d_model: int, itemsize: int = 4, target_bytes: int = 64 << 20) -> int:
-    """Rows per shard (the write unit): about ``target_bytes`` of whole rows, a multiple of the inner chunk rows when
-    a shard holds more than one chunk of rows, and at most 16,384 rows (small models: bounded buffers)."""
-    rows = max(1, target_bytes // (n_layers * d_model * itemsize))
+def shard_rows_for(
+    n_layers: int, d_model: int, itemsize: int = 4, target_bytes: int = 64 << 20, n_rows: int | None = None
+) -> int:
+    """Rows per shard (the write unit): at most about ``target_bytes`` of whole rows and 16,384 rows (small models:
+    bounded buffers), a multiple of the inner chunk rows when a shard holds more than one chunk of rows. Given
+    ``n_rows``, shards of one chunk of rows are evened out so that the last one is not mostly padding (zarr stores
+    edge chunks whole)."""
+    rows = int(min(max(1, target_bytes // (n_layers * d_model * itemsize)), 16384))
     inner = chunk_rows_for(d_model, itemsize=itemsize)
     if rows >= inner:
-        rows = rows // inner * inner
-    return int(min(rows, 16384))
+        return rows // inner * inner
+    if n_rows:
+        rows = -(-n_rows // -(-n_rows // rows))  # the same number of shards, as even as can be
+    return rows
 
 
 def _itemsize(dtype: str) -> int:
@@ -136,7 +142,7 @@ def create_activation_array(
             raise StorageError(f"{zarr_path}/{name}: existing array has shape {arr.shape}, expected {shape}")
         return name
     itemsize = _itemsize(dtype)
-    shard = chunk_rows or shard_rows_for(n_layers, d_model, itemsize)
+    shard = chunk_rows or shard_rows_for(n_layers, d_model, itemsize, n_rows=n_examples)
     inner = min(shard, chunk_rows_for(d_model, itemsize=itemsize))
     if shard % inner:
         inner = math.gcd(shard, inner)

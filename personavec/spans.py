@@ -42,6 +42,8 @@ into the dropped part become empty ``(0, 0)``.
 
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +108,21 @@ def _template_text(tokenizer: Any, messages: Sequence[Message], prompt_format: s
         )
     return tokenizer.apply_chat_template(
         [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _template_texts(
+    tokenizer: Any, many: Sequence[Sequence[Message]], prompt_format: str, generation_prompt: bool
+) -> list[str]:
+    """:func:`_template_text` of many conversations in one call (transformers renders a batch with one template)."""
+    if prompt_format == "raw" or len(many) < 2:
+        return [_template_text(tokenizer, m, prompt_format, generation_prompt) for m in many]
+    if not getattr(tokenizer, "chat_template", None):
+        return [_template_text(tokenizer, m, prompt_format, generation_prompt) for m in many]  # raises
+    return list(
+        tokenizer.apply_chat_template(
+            [[dict(m) for m in messages] for messages in many], tokenize=False, add_generation_prompt=generation_prompt
+        )
     )
 
 
@@ -235,31 +252,46 @@ def render_many(
     *,
     max_length: int | None = None,
     batch_size: int = 2048,
+    workers: int | None = None,
 ) -> list[Rendered]:
     """:func:`render` for many conversations: the same result, one by one, made faster for a whole run.
 
     Conversations are rendered a batch at a time and tokenized in one call per batch (the fast tokenizer encodes a
     batch on all cores, without the GIL, while the next batch is rendered); the rendered prefixes that locate each
     assistant turn are computed once per distinct prefix (a run repeats each system prompt and question many
-    times). The seed rule and slow tokenizers go through :func:`render` one conversation at a time.
+    times). ``workers`` > 1 spreads batches over that many processes (the Python part of rendering holds the GIL);
+    None: one process per spare core for :data:`PARALLEL_FROM` conversations or more, else one. The seed rule and
+    slow tokenizers go through :func:`render` one conversation at a time.
     """
     _check(prompt_format, span)
     if span == "seed" or not getattr(tokenizer, "is_fast", False) or len(conversations) < 2:
         return [render(tokenizer, c, prompt_format, span, max_length=max_length) for c in conversations]
+    if workers is None:
+        workers = min(16, (os.cpu_count() or 1) - 1) if len(conversations) >= PARALLEL_FROM else 1
+    if workers > 1 and len(conversations) > batch_size:
+        return _render_parallel(tokenizer, conversations, prompt_format, span, max_length, batch_size, workers)
     from concurrent.futures import ThreadPoolExecutor
 
     bos_id = getattr(tokenizer, "bos_token_id", None)
     special = prompt_format == "raw"
     prefixes: dict[tuple[tuple[str, str], ...], str] = {}
 
-    def prefix_of(messages: Sequence[Message]) -> Callable[[int], str]:
-        def prefix(i: int) -> str:
-            key = tuple((m["role"], m["content"]) for m in messages[:i])
-            if key not in prefixes:
-                prefixes[key] = _template_text(tokenizer, messages[:i], prompt_format, True)
-            return prefixes[key]
+    def key(messages: Sequence[Message]) -> tuple[tuple[str, str], ...]:
+        return tuple((m["role"], m["content"]) for m in messages)
 
-        return prefix
+    def render_prefixes(chunk: Sequence[Sequence[Message]]) -> None:
+        """Render, in one call, the prefixes (before each assistant turn) of ``chunk`` not rendered yet."""
+        todo = {}
+        for messages in chunk:
+            for i, message in enumerate(messages):
+                if i and message["role"] == "assistant" and key(messages[:i]) not in prefixes:
+                    todo[key(messages[:i])] = messages[:i]
+        if todo:
+            texts = _template_texts(tokenizer, list(todo.values()), prompt_format, True)
+            prefixes.update(zip(todo, texts, strict=True))
+
+    def prefix_of(messages: Sequence[Message]) -> Callable[[int], str]:
+        return lambda i: prefixes[key(messages[:i])]
 
     def encode(texts: list[str]) -> Any:
         return tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True)
@@ -269,8 +301,9 @@ def render_many(
         pending = None
         for lo in [*range(0, len(conversations), batch_size), len(conversations)]:
             chunk = conversations[lo : lo + batch_size]
-            texts = [_template_text(tokenizer, c, prompt_format, False) for c in chunk] if chunk else []
+            texts = _template_texts(tokenizer, chunk, prompt_format, False) if chunk else []
             future = pool.submit(encode, texts) if texts else None
+            render_prefixes(chunk)
             if pending is not None:
                 done_chunk, done_texts, done_future = pending
                 enc = done_future.result()
@@ -282,6 +315,50 @@ def render_many(
                     out.append(Rendered(ids, spans, text, truncated, dropped))
             pending = (chunk, texts, future) if future is not None else None
     return out
+
+
+#: Conversations from which :func:`render_many` spreads the work over processes by default.
+PARALLEL_FROM = 20_000
+_WORKER_TOKENIZER: Any = None
+
+
+def _init_worker(tokenizer_bytes: bytes) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process; the processes are the parallelism
+    _WORKER_TOKENIZER = pickle.loads(tokenizer_bytes)
+
+
+def _render_chunk(args: tuple[Sequence[Sequence[Message]], str, str, int | None, int]) -> list[Rendered]:
+    conversations, prompt_format, span, max_length, batch_size = args
+    return render_many(
+        _WORKER_TOKENIZER, conversations, prompt_format, span, max_length=max_length, batch_size=batch_size, workers=1
+    )
+
+
+def _render_parallel(
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    prompt_format: str,
+    span: str,
+    max_length: int | None,
+    batch_size: int,
+    workers: int,
+) -> list[Rendered]:
+    """Batches of :func:`render_many` in ``workers`` spawned processes (safe next to CUDA), in order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        tokenizer_bytes = pickle.dumps(tokenizer)
+    except (pickle.PicklingError, TypeError, AttributeError):  # a tokenizer that cannot travel: one process
+        return render_many(tokenizer, conversations, prompt_format, span, max_length=max_length, workers=1)
+    chunks = [
+        (conversations[lo : lo + batch_size], prompt_format, span, max_length, batch_size)
+        for lo in range(0, len(conversations), batch_size)
+    ]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(tokenizer_bytes,)) as pool:
+        return [rendered for part in pool.map(_render_chunk, chunks) for rendered in part]
 
 
 def _render_seed(

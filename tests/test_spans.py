@@ -133,3 +133,12 @@ def test_render_many_equals_render_one_by_one(tok, prompt_format) -> None:
         assert many == [render(tok, c, prompt_format, max_length=max_length) for c in convs]
     seed = render_many(tok, convs[:-1], prompt_format, "seed")
     assert seed == [render(tok, c, prompt_format, "seed") for c in convs[:-1]]
+
+
+def test_render_many_in_worker_processes_equals_render() -> None:
+    from personavec.spans import render_many
+
+    tok = template_tokenizer("gemma")
+    convs = [conversation(f"Sys {i % 3}.", f"Q {i % 4}?", ["", RESPONSE, f"answer {i}"][i % 3]) for i in range(40)]
+    many = render_many(tok, convs, max_length=30, batch_size=8, workers=2)
+    assert many == [render(tok, c, max_length=30) for c in convs]

@@ -642,11 +642,12 @@ def _new_run(
     rows = longest_first([ex.forward_length if has_span(ex) else 0 for ex in examples])
     spanned = [i for i, ex in enumerate(examples) if has_span(ex)]
     itemsize = 4 if config.storage_dtype == "float32" else 2
+    per = config.chunk_rows or arrays.shard_rows_for(len(layers), loaded.d_model, itemsize, n_rows=len(records))
     plan = ExtractionPlan.build(
         [examples[i] for i in spanned],
         [rows[i] for i in spanned],
         n_rows=len(records),
-        chunk_rows=config.chunk_rows or arrays.shard_rows_for(len(layers), loaded.d_model, itemsize),
+        chunk_rows=per,
         max_batch_tokens=_budget(config, loaded),
         max_batch_size=config.max_batch_size,
     )

@@ -1,0 +1,175 @@
+"""Benchmark: planning an extraction run of assistant-axis size (what runs before the GPU's first batch).
+
+Builds a workspace with ``--roles`` synthetic personas x ``--questions`` questions x ``--samples`` answers (default
+275 x 240 x 5 = 330,000 responses of ~150-250 tokens), then times each step of planning a new extraction run exactly
+as ``run_extraction`` does it: selecting the answered responses (catalog), rendering and tokenizing them with exact
+spans (``encode_responses``: batched templates and tokenization), assigning rows longest-first, planning the batches,
+and recording the run with every planned example (one transaction) and creating its Zarr array. The baseline, measured
+in the same run on ``--baseline-n`` conversations and scaled, is rendering one conversation at a time (``render``,
+what extraction did before). No model is loaded: only its tokenizer (the embedded SmolLM2's by default).
+
+    .venv/bin/python scripts/bench_plan.py [--roles 275 --questions 240 --samples 5] [--tokenizer smollm2|word]
+
+Prints a table; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_extract import WORDS, synth_response  # noqa: E402
+
+from personavec import arrays  # noqa: E402
+from personavec.extract.run import (  # noqa: E402
+    ExtractConfig,
+    ExtractionPlan,
+    _examples_table,
+    _selected_responses,
+    encode_responses,
+    has_span,
+    longest_first,
+)
+from personavec.ingest import IngestConfig, ingest  # noqa: E402
+from personavec.spans import conversation, render  # noqa: E402
+from personavec.store import extraction as xs  # noqa: E402
+from personavec.workspace import init_workspace  # noqa: E402
+
+
+def build(work: Path, roles: int, questions: int, samples: int, rng: random.Random) -> int:
+    """Ingest a persona set, a question set and the responses; returns the responses run id."""
+    ws = init_workspace(work / "ws")
+    personas = {
+        f"role_{i}": "You are " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "."
+        for i in range(roles)
+    }
+    qs = [
+        f"Question {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24))) + "?"
+        for i in range(questions)
+    ]
+    (work / "personas.json").write_text(json.dumps({"name": "roles", "personas": [
+        {"name": k, "system_prompt": v} for k, v in personas.items()]}))  # fmt: skip
+    (work / "questions.json").write_text(json.dumps({"name": "qs", "questions": qs}))
+    ingest(ws, IngestConfig("personas", work / "personas.json"))
+    ingest(ws, IngestConfig("questions", work / "questions.json"))
+    with (work / "responses.jsonl").open("w") as f:
+        i = 0
+        for p in personas:
+            for q in qs:
+                for s in range(samples):
+                    f.write(
+                        json.dumps({"persona": p, "question": q, "sample_index": s, "text": synth_response(i, rng)})
+                    )
+                    f.write("\n")
+                    i += 1
+    cfg = IngestConfig("responses", work / "responses.jsonl", persona_set="roles", question_set="qs", model="bench")
+    return ingest(ws, cfg).run_id
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--roles", type=int, default=275)
+    ap.add_argument("--questions", type=int, default=240)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--tokenizer", default="smollm2", choices=["smollm2", "word"])
+    ap.add_argument("--baseline-n", type=int, default=2000, help="conversations rendered one by one (scaled)")
+    ap.add_argument("--layers", type=int, default=63, help="layers of the planned run (for the array's shape)")
+    ap.add_argument("--d-model", type=int, default=5376)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    rng = random.Random(0)
+    work = Path(args.dir or tempfile.mkdtemp(prefix="pv-plan-"))
+    t = time.perf_counter()
+    run = build(work, args.roles, args.questions, args.samples, rng)
+    setup_s = time.perf_counter() - t
+    if args.tokenizer == "word":
+        from bench_pipeline import word_tokenizer
+
+        tok = word_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        from personavec.modeling import local_model_path
+
+        tok = AutoTokenizer.from_pretrained(local_model_path("smollm2-135m-instruct"))
+
+    @dataclasses.dataclass
+    class _Loaded:  # what planning reads of a loaded model
+        tokenizer: object
+        d_model: int
+        context_length: int | None = 8192
+
+    loaded = _Loaded(tok, args.d_model)
+    ws = init_workspace(work / "ws")
+    catalog = ws.catalog()
+    config = ExtractConfig(responses_run=run, layers=tuple(range(args.layers)), device="cuda", max_batch_tokens=16384)
+    steps: dict[str, float] = {}
+
+    def step(name: str, fn):
+        t = time.perf_counter()
+        out = fn()
+        steps[name] = round(time.perf_counter() - t, 3)
+        return out
+
+    records = step("select", lambda: _selected_responses(catalog, config, run))
+    n = len(records)
+    print(f"{n:,} responses ({args.roles} roles x {args.questions} questions x {args.samples}); setup {setup_s:.0f} s; "
+          f"tokenizer {args.tokenizer}", flush=True)  # fmt: skip
+    examples = step(
+        "tokenize", lambda: encode_responses(loaded, ((r.system_prompt, r.question, r.text) for r in records), config)
+    )  # type: ignore[arg-type]
+    rows = step("rows", lambda: longest_first([ex.forward_length if has_span(ex) else 0 for ex in examples]))
+    per = arrays.shard_rows_for(args.layers, args.d_model, n_rows=n)
+    plan = step("batches", lambda: ExtractionPlan.build(examples, rows, n_rows=n, chunk_rows=per,
+                                                         max_batch_tokens=16384, max_batch_size=64))  # fmt: skip
+
+    def record() -> int:
+        run_id = xs.create_extraction_run(
+            catalog, {"bench": True}, _examples_table(records, examples, rows), zarr_group=arrays.group_name,
+            source_run_id=run, model="bench", n_model_layers=args.layers, d_model=args.d_model,
+            layers=list(range(args.layers)), dtype="bfloat16", span_rule="exact", prompt_format="chat",
+            device="cuda", n_examples=n,
+        )  # fmt: skip
+        arrays.create_activation_array(ws.zarr_path, run_id, n, args.layers, args.d_model)
+        return run_id
+
+    step("record", record)
+    total = sum(steps.values())
+    ntok = sum(ex.n_tokens for ex in examples)
+    # the baseline: one conversation at a time, as before
+    sample = records[: args.baseline_n]
+    t = time.perf_counter()
+    for r in sample:
+        render(tok, conversation(r.system_prompt, r.question, r.text), max_length=8192)
+    one_by_one = (time.perf_counter() - t) / len(sample) * n
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"{'step':10s} {'seconds':>9s}")
+    for k, v in steps.items():
+        print(f"{k:10s} {v:9.2f}")
+    print(
+        f"{'total':10s} {total:9.2f}   ({n / total:,.0f} responses/s, {ntok / total / 1e6:.2f} M tokens/s; "
+        f"{len(plan.batches):,} batches)"
+    )
+    print(f"baseline: render one by one {one_by_one:,.0f} s (scaled from {len(sample):,}); peak RSS {peak_gb:.1f} GB")
+    print(json.dumps({
+        "n": n, "tokens": ntok, "steps_s": steps, "total_s": round(total, 2), "responses_per_s": round(n / total),
+        "baseline_tokenize_s": round(one_by_one, 1), "tokenize_speedup": round(one_by_one / steps["tokenize"], 2),
+        "batches": len(plan.batches), "peak_rss_gb": round(peak_gb, 2), "tokenizer": args.tokenizer,
+        "machine": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
