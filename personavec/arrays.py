@@ -228,7 +228,7 @@ def to_storage(values: np.ndarray, dtype: str, first_row: int = 0) -> np.ndarray
             idx = np.argwhere(lost)[0]
             biggest = float(np.abs(values[lost]).max())
             raise StorageOverflowError(
-                f"storage dtype {dtype} cannot hold this run's activations: |value| {biggest:.4g} (first at row "
+                f"storage dtype {dtype} cannot hold this run's activations: magnitude {biggest:.4g} (first at row "
                 f"{first_row + int(idx[0])}, layer index {int(idx[1])}) would be stored as inf; extract again with "
                 f"storage dtype {'bfloat16 or ' if dtype == 'float16' else ''}float32 (a new run)"
             )

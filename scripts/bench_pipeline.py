@@ -367,6 +367,10 @@ def stress_mode(args) -> dict:
             xs.finish_extraction(ws.catalog(), run_id, "done", None, None, marker.drain(writer.written()))
         wall = time.perf_counter() - t
         size, files = store_bytes(ws, group)
+        reader = arrays.open_activation_array(ws.zarr_path, group)
+        t = time.perf_counter()
+        arrays.read_rows(reader, None, n_layers * 2 // 3)  # one layer of every row: what the vector stage reads
+        read_s = time.perf_counter() - t
         arrays.remove_groups(ws.zarr_path, [group])
         compute = slept[0]
         res = {
@@ -374,6 +378,7 @@ def stress_mode(args) -> dict:
             "lost_s": round(wall - compute, 3), "overhead": round(1 - compute / wall, 4) if compute else None,
             "stall_s": round(writer.stall_s, 3), "drain_s": round(wall - loop_s, 3),
             "store_mb_s": round(size / 1e6 / wall, 1), "mb": round(size / 1e6, 1), "files": files,
+            "read_one_layer_s": round(read_s, 3),
         }  # fmt: skip
         print(f"{layout:8s} threads={threads}: {res}", flush=True)
         return res

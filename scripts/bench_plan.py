@@ -117,10 +117,17 @@ def main() -> None:
     config = ExtractConfig(responses_run=run, layers=tuple(range(args.layers)), device="cuda", max_batch_tokens=16384)
     steps: dict[str, float] = {}
 
+    cpu: dict[str, float] = {}
+
+    def cpu_s() -> float:  # this process's threads and the worker processes it waited for
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
     def step(name: str, fn):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_s()
         out = fn()
         steps[name] = round(time.perf_counter() - t, 3)
+        cpu[name] = round(cpu_s() - c, 3)
         return out
 
     records = step("select", lambda: _selected_responses(catalog, config, run))
@@ -150,21 +157,24 @@ def main() -> None:
     ntok = sum(ex.n_tokens for ex in examples)
     # the baseline: one conversation at a time, as before
     sample = records[: args.baseline_n]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_s()
     for r in sample:
         render(tok, conversation(r.system_prompt, r.question, r.text), max_length=8192)
     one_by_one = (time.perf_counter() - t) / len(sample) * n
+    one_by_one_cpu = (cpu_s() - c) / len(sample) * n
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"{'step':10s} {'seconds':>9s}")
+    print(f"{'step':10s} {'seconds':>9s} {'cpu s':>9s}")
     for k, v in steps.items():
-        print(f"{k:10s} {v:9.2f}")
+        print(f"{k:10s} {v:9.2f} {cpu[k]:9.2f}")
     print(
         f"{'total':10s} {total:9.2f}   ({n / total:,.0f} responses/s, {ntok / total / 1e6:.2f} M tokens/s; "
         f"{len(plan.batches):,} batches)"
     )
-    print(f"baseline: render one by one {one_by_one:,.0f} s (scaled from {len(sample):,}); peak RSS {peak_gb:.1f} GB")
+    print(f"baseline: render one by one {one_by_one:,.0f} s, {one_by_one_cpu:,.0f} cpu s "
+          f"(scaled from {len(sample):,}); peak RSS {peak_gb:.1f} GB")  # fmt: skip
     print(json.dumps({
-        "n": n, "tokens": ntok, "steps_s": steps, "total_s": round(total, 2), "responses_per_s": round(n / total),
+        "n": n, "tokens": ntok, "steps_s": steps, "steps_cpu_s": cpu, "total_s": round(total, 2),
+        "responses_per_s": round(n / total), "baseline_tokenize_cpu_s": round(one_by_one_cpu, 1),
         "baseline_tokenize_s": round(one_by_one, 1), "tokenize_speedup": round(one_by_one / steps["tokenize"], 2),
         "batches": len(plan.batches), "peak_rss_gb": round(peak_gb, 2), "tokenizer": args.tokenizer,
         "machine": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
