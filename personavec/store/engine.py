@@ -170,15 +170,26 @@ def _locked(exc: BaseException) -> bool:
     return isinstance(orig, duckdb.IOException) and any(m in str(orig).lower() for m in _LOCK_MARKERS)
 
 
-def _with_lock_retry(connect, timeout_s: float):  # type: ignore[no-untyped-def]
+def lock_timeout(read_only: bool, override: float | None = None) -> float:
+    """Seconds to wait out another process's lock: ``override``, else ``$PERSONAVEC_LOCK_TIMEOUT``, else
+    :data:`READ_LOCK_TIMEOUT_S` or :data:`WRITE_LOCK_TIMEOUT_S`."""
+    if override is not None:
+        return override
+    if os.environ.get(LOCK_TIMEOUT_ENV):
+        return float(os.environ[LOCK_TIMEOUT_ENV])
+    return READ_LOCK_TIMEOUT_S if read_only else WRITE_LOCK_TIMEOUT_S
+
+
+def with_lock_retry(connect, timeout_s: float):  # type: ignore[no-untyped-def]
     """Call ``connect()`` until it does not fail on another process's file lock, backing off (with jitter) from
-    10 ms to 0.5 s, for at most ``timeout_s``; the last lock error is re-raised."""
+    10 ms to 0.5 s, for at most ``timeout_s``; the last lock error is re-raised. Lock errors may come as
+    SQLAlchemy's ``DBAPIError``, DuckDB's ``IOException`` (a raw ``duckdb.connect``) or :class:`CatalogLockedError`."""
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while True:
         try:
             return connect()
-        except (DBAPIError, CatalogLockedError) as exc:
+        except (DBAPIError, duckdb.IOException, CatalogLockedError) as exc:
             if not (isinstance(exc, CatalogLockedError) or _locked(exc)) or time.monotonic() + delay > deadline:
                 raise
         time.sleep(delay * (0.5 + random.random()))
@@ -228,20 +239,16 @@ class Catalog:
         self.read_only = read_only
         self.pid = os.getpid()
         self.closed = False
-        if lock_timeout_s is None and os.environ.get(LOCK_TIMEOUT_ENV):
-            lock_timeout_s = float(os.environ[LOCK_TIMEOUT_ENV])
-        self.lock_timeout_s = (
-            lock_timeout_s if lock_timeout_s is not None else READ_LOCK_TIMEOUT_S if read_only else WRITE_LOCK_TIMEOUT_S
-        )
+        self.lock_timeout_s = lock_timeout(read_only, lock_timeout_s)
         try:
-            self.engine = _with_lock_retry(
+            self.engine = with_lock_retry(
                 lambda: create_catalog_engine(self.path, read_only=read_only), self.lock_timeout_s
             )
         except DBAPIError as exc:
             raise translate_error(exc, self.path) from exc
         if check:
             try:
-                _with_lock_retry(lambda: check_schema(self.engine, self.path), self.lock_timeout_s)
+                with_lock_retry(lambda: check_schema(self.engine, self.path), self.lock_timeout_s)
             except DBAPIError as exc:
                 self.engine.dispose()
                 raise translate_error(exc, self.path) from exc
@@ -256,7 +263,7 @@ class Catalog:
         on any error, always close (which releases the file)."""
         session = self._sessions()
         try:
-            _with_lock_retry(session.connection, self.lock_timeout_s)
+            with_lock_retry(session.connection, self.lock_timeout_s)
             yield session
             session.commit()
         except (SQLAlchemyError, duckdb.Error) as exc:  # duckdb.Error: from the raw connection (bulk Arrow paths)

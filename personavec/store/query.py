@@ -25,7 +25,7 @@ import duckdb
 import pyarrow as pa
 
 from personavec.errors import CatalogError, QueryError
-from personavec.store.engine import close_catalog, translate_error
+from personavec.store.engine import close_catalog, lock_timeout, translate_error, with_lock_retry
 
 # Set when the connection opens; lock_configuration (last) forbids any later SET/PRAGMA/RESET of any option.
 LOCKED_CONFIG: dict[str, str | bool | int | float | list[str]] = {
@@ -98,7 +98,10 @@ def run_readonly_sql(catalog_path: Path, query: str) -> list[SqlResult]:
         raise CatalogError(f"catalog {path} does not exist")
     close_catalog(path)
     try:
-        con = duckdb.connect(str(path), read_only=True, config=LOCKED_CONFIG)
+        # A writer in another process holds the file only for one unit of work: wait it out like any reader.
+        con = with_lock_retry(
+            lambda: duckdb.connect(str(path), read_only=True, config=LOCKED_CONFIG), lock_timeout(read_only=True)
+        )
     except duckdb.ConnectionException as exc:
         raise CatalogError(
             f"catalog {path} is still open in this process with another configuration; close it "
