@@ -43,7 +43,7 @@ from personavec.extract.core import default_batch_tokens, iter_mean_activations,
 from personavec.modeling import LoadedModel, load_model, model_provenance
 from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, render, render_many
 from personavec.store import extraction as xs
-from personavec.store.responses import ResponseRecord, answered_responses
+from personavec.store.responses import ResponseRecord
 
 if TYPE_CHECKING:
     from personavec.store.engine import Catalog
@@ -645,11 +645,11 @@ class _Opened:
 
 
 def _selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> list[ResponseRecord]:
-    names, n_questions = xs.response_run_selection(catalog, run)
+    names, n_questions, answered = xs.responses_to_extract(catalog, run)
     check_selection(f"responses run {run}", config.personas, config.questions, names, n_questions)
     records = [
         r
-        for r in answered_responses(catalog, run)
+        for r in answered
         if (config.personas is None or r.persona in config.personas)
         and (config.questions is None or r.question_position in config.questions)
     ]
