@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from personavec.builtin import DEFAULT_PERSONAS, PERSONAS
 from personavec.errors import ConfigError
@@ -32,6 +33,10 @@ class DemoConfig:
     temperature: float = 0.7
     seed: int = 0
     device: str = "cpu"
+    #: Steering sweep on the local engine (empty: none): the neutral persona steered towards the first non-default
+    #: demo persona (its vector minus the default one) at the default layer, greedy, ``steer_tokens`` long.
+    steer_coefs: tuple[float, ...] = (0.0, 1.0, 2.0)
+    steer_tokens: int = 32
 
     def __post_init__(self) -> None:
         n_max = len(DEFAULT_PERSONAS) + len(DEMO_OTHERS)
@@ -41,6 +46,9 @@ class DemoConfig:
             raise ConfigError(f"n_questions must be in 2..18, got {self.n_questions}")
         if self.max_tokens <= 0:
             raise ConfigError(f"max_tokens must be > 0, got {self.max_tokens}")
+        object.__setattr__(self, "steer_coefs", tuple(float(c) for c in self.steer_coefs))
+        if self.steer_tokens <= 0:
+            raise ConfigError(f"steer_tokens must be > 0, got {self.steer_tokens}")
 
     @property
     def personas(self) -> tuple[str, ...]:
@@ -56,6 +64,8 @@ class DemoResult:
     vectors_run_id: int
     report_html: Path
     wall_s: float
+    sweep_id: int | None = None
+    sweep_report_html: Path | None = None
 
 
 def sql_examples(vectors_run_id: int, extract_run_id: int, generate_run_id: int) -> list[tuple[str, str]]:
@@ -98,7 +108,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
     t0 = time.perf_counter()
 
     def step(n: int, text: str) -> float:
-        say(f"[bold]\\[{n}/6][/] {text}  [dim](t = {time.perf_counter() - t0:.0f}s)[/]")
+        say(f"[bold]\\[{n}/7][/] {text}  [dim](t = {time.perf_counter() - t0:.0f}s)[/]")
         return time.perf_counter()
 
     t = step(1, f"workspace {Path(config.workspace).resolve()}")
@@ -151,7 +161,11 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
     dt = time.perf_counter() - t
     say(f"      run {vec.run_id}: {vec.n_vectors} vectors ({len(vec.groups)} personas) in {dt:.2f}s")
 
-    t = step(6, "report: similarity heatmap, PCA, variance, assistant axis vs PC1")
+    t = step(6, "steering: a coefficient sweep on the local engine, and what it did to the answers")
+    sweep = _steering_sweep(ws, config, vec.run_id, say) if config.steer_coefs else None
+    say(f"      in {time.perf_counter() - t:.1f}s")
+
+    t = step(7, "report: similarity heatmap, PCA, variance, assistant axis vs PC1 (and the sweep)")
     rep = build_report(ws, ReportConfig(vec.run_id))
     if rep.axis_stats is not None:
         s = rep.axis_stats
@@ -166,4 +180,52 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
     say("\nTry these on the catalog:")
     for what, query in sql_examples(vec.run_id, ext.run_id, gen.run_id):
         say(f'  # {what}\n  personavec sql --workspace {ws.root} "{query}"')
-    return DemoResult(ws.root, gen.run_id, ext.run_id, vec.run_id, rep.html, wall)
+    if sweep is not None:
+        say(f"Steering sweep report: {sweep.html}")
+    return DemoResult(
+        ws.root,
+        gen.run_id,
+        ext.run_id,
+        vec.run_id,
+        rep.html,
+        wall,
+        sweep.sweep_id if sweep else None,
+        sweep.html if sweep else None,
+    )
+
+
+def _steering_sweep(ws: Any, config: DemoConfig, vectors_run_id: int, say: Callable[[str], None]) -> Any:
+    """One greedy local-engine run per coefficient, the neutral persona steered towards the first non-default demo
+    persona at the vectors' layer, then its sweep report."""
+    from personavec.generate import GenerateConfig
+    from personavec.local_engine import LocalOptions, load_for, run_sweep
+    from personavec.serve import EMBEDDED_MODEL
+    from personavec.steer_report import SweepReportConfig, build_sweep_report
+    from personavec.steering import SteeringConfig
+
+    target = config.personas[len(DEFAULT_PERSONAS)]
+    gen = GenerateConfig(
+        engine="local",
+        model=EMBEDDED_MODEL,
+        personas=("default",),
+        questions=tuple(range(min(2, config.n_questions))),
+        max_tokens=config.steer_tokens,
+        temperature=0.0,
+        local=LocalOptions(device=config.device, dtype="float32", batch_size=8),
+        steering=SteeringConfig(f"{vectors_run_id}:{target}-default"),
+    )
+    loaded = load_for(gen)
+    res = run_sweep(ws, gen, config.steer_coefs, loaded=loaded)
+    tokens = sum(r.completion_tokens for _, r in res.runs)
+    say(
+        f"      sweep {res.sweep_id}: {gen.steering.label() if gen.steering else ''}, coefficients "
+        f"{', '.join(f'{c:g}' for c in config.steer_coefs)}: {len(res.runs)} runs, {tokens} tokens, "
+        f"{tokens / res.wall_s:.0f} tok/s"
+    )
+    rep = build_sweep_report(ws, SweepReportConfig(res.sweep_id), loaded=loaded)
+    series = rep.series("default")
+    say(
+        f"      answers' mean projection on {target}-default at layer {rep.layer}: "
+        + ", ".join(f"c={c:g}: {v:+.2f}" for c, v in series)
+    )
+    return rep

@@ -26,12 +26,9 @@ def resource_path(name: str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
+    """sha256 hex digest of a file (``hashlib.file_digest``)."""
     with open(path, "rb") as fh:
-        while block := fh.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _umask() -> int:

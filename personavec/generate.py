@@ -57,6 +57,9 @@ from personavec.config import (
     config_from_dict,
 )
 from personavec.errors import ConfigError, EndpointError, RunInterrupted, Terminated
+from personavec.local_engine import LocalOptions, run_local_generation
+from personavec.local_engine import check_local_fields as _local_fields
+from personavec.steering import SteeringConfig
 from personavec.store.engine import Catalog
 from personavec.store.generation import (
     AnswerRow,
@@ -101,6 +104,8 @@ IDENTITY_FIELDS = (
     "max_tokens",
     "top_p",
     "seed",
+    "engine",
+    "steering",
 )
 
 
@@ -135,8 +140,13 @@ class GenerateConfig:
     concurrency: int = 10
     timeout_s: float = 120.0
     max_retries: int = 6
+    # Local engine (personavec.local_engine): transformers in this process, optionally steered (personavec.steering).
+    engine: str = "remote"
+    local: LocalOptions = LocalOptions()
+    steering: SteeringConfig | None = None
 
     def __post_init__(self) -> None:
+        _local_fields(self)
         # Lists from JSON (a stored run config) become tuples so the config stays hashable and comparable.
         object.__setattr__(self, "personas", tuple(self.personas))
         object.__setattr__(self, "replicas", tuple(self.replicas))
@@ -242,6 +252,7 @@ class Completion:
     latency_s: float
     model_reported: str | None
     attempts: int
+    logprobs: Any = None  # ``choices[0].logprobs`` as the endpoint sent it (asked for by the judge), else None
 
 
 class RequestFailed(Exception):
@@ -304,10 +315,18 @@ class ChatEndpoint:
         await endpoint.aclose()
 
     ``base_url`` picks one of ``config.base_urls`` (default ``config.base_url``); ``api_key`` None sends no
-    ``Authorization`` header. The key is redacted from every error this endpoint raises.
+    ``Authorization`` header. The key is redacted from every error this endpoint raises. ``extra_body`` adds fields
+    to every request (the judge asks for ``logprobs``/``top_logprobs`` this way).
     """
 
-    def __init__(self, config: GenerateConfig, api_key: str | None, *, base_url: str | None = None) -> None:
+    def __init__(
+        self,
+        config: GenerateConfig,
+        api_key: str | None,
+        *,
+        base_url: str | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.base_url = base_url or config.base_url
         self._secrets = (api_key,) if api_key else ()
@@ -328,6 +347,7 @@ class ChatEndpoint:
             self._fixed["top_p"] = config.top_p
         if config.seed is not None:
             self._fixed["seed"] = config.seed
+        self._fixed.update(extra_body or {})
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -376,18 +396,20 @@ class ChatEndpoint:
             latency_s=latency,
             model_reported=data.get("model"),
             attempts=attempts,
+            logprobs=choices[0].get("logprobs"),
         )
 
-    async def complete(self, system_prompt: str, question: str) -> Completion:
-        """Ask one question under one system prompt (the client retries transient errors).
+    async def complete(self, system_prompt: str | None, question: str) -> Completion:
+        """Ask one question under one system prompt (the client retries transient errors); a ``None`` system
+        prompt sends the user message alone (the judge's requests).
 
         Raises :class:`EndpointError` for errors retrying cannot fix and :class:`RequestFailed` when a transient
         error outlasts the retries.
         """
-        body = {
-            **self._fixed,
-            "messages": [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}],
-        }
+        messages = [{"role": "user", "content": question}]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        body = {**self._fixed, "messages": messages}
         attempts = _Attempts()
         token = _CURRENT.set(attempts)
         try:
@@ -450,7 +472,7 @@ def _error_detail(exc: openai.APIStatusError, secrets: Iterable[str]) -> str:
 
 @dataclass(frozen=True)
 class _Job:
-    system_prompt: str
+    system_prompt: str | None
     question: str
     key: Any
 
@@ -492,10 +514,11 @@ async def _ask_all(
     jobs: Iterable[_Job],
     n_jobs: int,
     on_result: Callable[[_Job, Completion | RequestFailed], None],
+    extra_body: Mapping[str, Any] | None = None,
 ) -> None:
     """Ask ``n_jobs`` jobs over one client per base URL of ``config`` (with its key from ``keys``), closing the clients
     however it ends."""
-    endpoints = [ChatEndpoint(config, keys.get(url), base_url=url) for url in config.base_urls]
+    endpoints = [ChatEndpoint(config, keys.get(url), base_url=url, extra_body=extra_body) for url in config.base_urls]
     try:
         await _worker_pool(endpoints, jobs, n_jobs, config.concurrency, on_result)
     finally:
@@ -705,9 +728,13 @@ def run_generation(
     catalog = ws.catalog()
     if resume is not None:
         stored = get_generation_run(catalog, resume).run.config
+        if (config.engine if config is not None else stored.get("engine", "remote")) == "local":
+            return run_local_generation(ws, config, resume=resume, progress=progress)
         config = GenerateConfig.resumed(resume, stored, **(dataclasses.asdict(config) if config else {}))
     elif config is None:
         raise ConfigError("run_generation needs a config (new run) or resume=RUN_ID")
+    elif config.engine == "local":  # transformers in this process: personavec.local_engine
+        return run_local_generation(ws, config, progress=progress)
     keys = config.api_keys()  # before anything is written: a missing key leaves no run behind
     secrets = [k for k in keys.values() if k]
     pset, qset = load_sets(catalog, config.persona_set, config.question_set)

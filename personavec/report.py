@@ -18,6 +18,7 @@ from typing import Any
 from personavec import analysis, plots
 from personavec.errors import ConfigError, InputFileError
 from personavec.files import atomic_write
+from personavec.steer_report import sweep_section
 from personavec.vectors import load_vectors
 from personavec.workspace import Workspace
 
@@ -227,6 +228,7 @@ def build_report(
 {"".join(_img(pngs[n], captions[n]) for n in pngs)}
 <h2>{html.escape(what.capitalize())}</h2>
 {_table(group_rows, [vset.group_by, "examples", "norm", "axis projection", "PC1", "PC2"])}
+{sweep_section(ws, run_id, directory)}
 <h2>Run configuration</h2><pre>{html.escape(json.dumps(run_config, indent=2, sort_keys=True, default=str))}</pre>
 <p>Query these vectors in SQL: <code>personavec sql "SELECT a.group_key, b.group_key,
 list_cosine_similarity(a.vector, b.vector) AS cos FROM vectors a JOIN vectors b USING (run_id, layer)

@@ -5,6 +5,11 @@ answer tokens. Extraction stores exactly those per-response means as Zarr rows, 
 plain mean of that persona's rows. Grouping by another catalog column (question, persona group, sample) is the
 same mean over a different partition; with ``persona_group`` an example counts once for each of its groups.
 
+Judged runs can be filtered before averaging (``where``: ``"role_adherence = 3"``, ``"coherence >= 50"``,
+``"pos: pirate >= 50"``; scores from the judge stage, :mod:`personavec.judge`), with a minimum count per group
+that fails loudly, and a run can add *contrast* groups, ``mean(pos) - mean(neg)`` of two of its groups per layer
+(the contrastive trait vectors of :mod:`personavec.traits`).
+
 Vectors land in ``vectors`` as ``FLOAT[]`` (so ``list_cosine_similarity`` works in SQL) with a ``vectors`` run row
 whose config carries the provenance (extraction run, responses run, model, layers, counts, span rule...).
 Read them back with :func:`load_vectors`, export with :func:`export_vectors`.
@@ -17,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +34,9 @@ from personavec.errors import ConfigError, InputFileError, StorageError
 from personavec.store.extraction import extraction_examples, get_extraction_run
 from personavec.store.vectors import create_vector_run, persona_groups_for_responses, read_vectors
 from personavec.workspace import Workspace
+
+if TYPE_CHECKING:
+    from personavec.judge import JudgementFilter
 
 #: Catalog columns a vector run can group examples by.
 GROUP_BY = ("persona", "question", "persona_group", "sample", "all")
@@ -44,14 +52,38 @@ class VectorConfig:
 
     Example: ``VectorConfig(extraction_run_id=3, group_by="persona")`` gives the seed's persona vectors at every
     layer the extraction stored.
+
+    Judged runs (see :mod:`personavec.judge`): ``where`` keeps only examples whose judgement scores pass every
+    filter (``"role_adherence = 3"``; ``"GROUP: RUBRIC OP NUMBER"`` filters only that group's members); examples
+    without a score for a filtered rubric are dropped. Scores come from the latest judge run over the extraction's
+    responses run that judged the rubric, or from the latest of ``judge_runs``. Every group must keep at least
+    ``min_count`` examples, else :class:`ConfigError` names the groups short of it. ``contrasts`` adds groups
+    ``(name, pos, neg)``: ``mean(pos) - mean(neg)`` per layer. Example (assistant-axis' role filter):
+    ``VectorConfig(3, where=("role_adherence = 3",), min_count=50)``.
     """
 
     extraction_run_id: int
     group_by: str = "persona"
     layers: tuple[int, ...] | None = None
     allow_partial: bool = False
+    where: tuple[str, ...] = ()
+    min_count: int = 1
+    judge_runs: tuple[int, ...] = ()
+    contrasts: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "where", tuple(self.where))
+        object.__setattr__(self, "judge_runs", tuple(int(r) for r in self.judge_runs))
+        object.__setattr__(self, "contrasts", tuple(tuple(c) for c in self.contrasts))
+        _ = self.filters  # every filter parses
+        if self.min_count < 1:
+            raise ConfigError(f"min_count must be >= 1, got {self.min_count}")
+        for c in self.contrasts:
+            if len(c) != 3 or not all(isinstance(x, str) and x for x in c) or c[1] == c[2]:
+                raise ConfigError(f"a contrast is (name, pos group, neg group) with two different groups, got {c!r}")
+        names = [c[0] for c in self.contrasts]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two contrasts share a name: {names}")
         if self.group_by not in GROUP_BY:
             raise ConfigError(f"group_by must be one of {', '.join(GROUP_BY)}, got {self.group_by!r}")
         if self.layers is not None:
@@ -60,6 +92,13 @@ class VectorConfig:
                 raise ConfigError("layers must name at least one layer (or be None for all of the run's layers)")
             if len(set(self.layers)) != len(self.layers):
                 raise ConfigError(f"layers has duplicates: {self.layers}")
+
+    @property
+    def filters(self) -> tuple[JudgementFilter, ...]:
+        """``where`` parsed."""
+        from personavec.judge import parse_filter
+
+        return tuple(parse_filter(w) for w in self.where)
 
 
 @dataclass(frozen=True)
@@ -246,8 +285,31 @@ def compute_vectors(
     for j, ks in enumerate(keys):
         for k in ks:
             membership[gidx[k], j] = 1.0
-    counts = membership.sum(axis=1).astype(np.int64)
     rows = np.asarray(table["row"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    for name, pos, neg in config.contrasts:
+        unknown = [g for g in (pos, neg) if g not in gidx]
+        if unknown:
+            raise ConfigError(
+                f"contrast {name!r}: extract run {ext.run_id} grouped by {config.group_by} has no group "
+                f"{', '.join(map(repr, unknown))} (groups: {', '.join(groups)})"
+            )
+        if name in gidx:
+            raise ConfigError(f"contrast {name!r} has the name of a {config.group_by} group: name it otherwise")
+    judged: dict[str, Any] = {}
+    if config.where:
+        judged = _filter_by_judgements(catalog, ext.source_run_id, table, gidx, membership, config)
+    counts = membership.sum(axis=1).astype(np.int64)
+    short = [f"{g} ({n})" for g, n in zip(groups, counts, strict=True) if n < config.min_count]
+    if short:
+        raise ConfigError(
+            f"extract run {ext.run_id}: {len(short)} {config.group_by} group(s) have fewer than {config.min_count} "
+            f"example(s){' after the filters ' + '; '.join(config.where) if config.where else ''}: "
+            f"{', '.join(short)}. Judge or generate more answers, relax the filters, or lower the minimum count"
+        )
+    used = membership.any(axis=0)
+    n_before_filters = int(table.num_rows)
+    membership, rows = membership[:, used], rows[used]
+    table = table.filter(pa.array(used))
 
     array = arrays.open_activation_array(zarr_path, ext.zarr_group, "r")
     if tuple(array.shape[1:]) != (len(ext.layers), ext.d_model):
@@ -256,8 +318,14 @@ def compute_vectors(
             f"[*, {len(ext.layers)}, {ext.d_model}]: the activation store and the catalog disagree"
         )
     parts = []
+    pairs = [(gidx[pos], gidx[neg]) for _, pos, neg in config.contrasts]
+    out_groups = list(groups) + [c[0] for c in config.contrasts]
+    out_counts = np.concatenate([counts, [counts[p] + counts[n] for p, n in pairs]]).astype(np.int64)
     for layer in layers:
-        means = group_means(array, rows, membership, ext.layers.index(layer)).astype(np.float32)
+        means = group_means(array, rows, membership, ext.layers.index(layer))
+        if pairs:  # contrasts from the float64 group means, before rounding to float32
+            means = np.concatenate([means, np.stack([means[p] - means[n] for p, n in pairs])])
+        means = means.astype(np.float32)
         if not np.isfinite(means).all():
             raise StorageError(
                 f"extract run {ext.run_id}, layer {layer}: rows marked done hold NaN/inf in Zarr "
@@ -267,9 +335,9 @@ def compute_vectors(
         parts.append(
             pa.table(
                 {
-                    "layer": pa.array([layer] * len(groups), pa.int32()),
-                    "group_key": pa.array(groups, pa.string()),
-                    "n_examples": pa.array(counts, pa.int32()),
+                    "layer": pa.array([layer] * len(out_groups), pa.int32()),
+                    "group_key": pa.array(out_groups, pa.string()),
+                    "n_examples": pa.array(out_counts, pa.int32()),
                     "norm": pa.array(norms, pa.float64()),
                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(means.ravel()), ext.d_model).cast(
                         pa.list_(pa.float32())
@@ -296,8 +364,17 @@ def compute_vectors(
         "n_examples": int(table.num_rows),
         "n_examples_not_done": n_undone,
         "n_examples_no_span": n_no_span,
-        "n_groups": len(groups),
+        "n_groups": len(out_groups),
     }
+    if config.where or config.contrasts or config.min_count > 1:
+        provenance |= {
+            "where": list(config.where),
+            "min_count": config.min_count,
+            "judgements": judged,
+            "n_examples_before_filters": n_before_filters,
+            "group_counts": dict(zip(out_groups, map(int, out_counts), strict=True)),
+            "contrasts": [{"name": n, "pos": p, "neg": q} for n, p, q in config.contrasts],
+        }
     if config.group_by == "persona":
         provenance["persona_groups"] = {p: list(persona_groups.get(p, ())) for p in groups}
     run_id = create_vector_run(
@@ -314,7 +391,7 @@ def compute_vectors(
         extraction_run_id=ext.run_id,
         group_by=config.group_by,
         layers=tuple(layers),
-        groups=tuple(groups),
+        groups=tuple(out_groups),
         n_examples=int(table.num_rows),
         n_vectors=vectors_table.num_rows,
         wall_s=time.perf_counter() - t0,
@@ -322,6 +399,38 @@ def compute_vectors(
     if progress is not None:
         progress(result)
     return result
+
+
+def _filter_by_judgements(
+    catalog: Any,
+    response_run_id: int,
+    table: pa.Table,
+    gidx: Mapping[str, int],
+    membership: np.ndarray,
+    config: VectorConfig,
+) -> dict[str, Any]:
+    """Zero the memberships that fail a filter (in place); returns which judge run scored each rubric."""
+    from personavec.store.judgements import judged_scores
+
+    filters = config.filters
+    unknown = sorted({f.group for f in filters if f.group is not None and f.group not in gidx})
+    if unknown:
+        raise ConfigError(
+            f"filter group(s) {', '.join(map(repr, unknown))} are not {config.group_by} groups of this run "
+            f"(groups: {', '.join(gidx)})"
+        )
+    scored = judged_scores(catalog, response_run_id, [f.rubric for f in filters], config.judge_runs)
+    response_ids = table["response_id"].to_pylist()
+    for f in filters:
+        by_response = scored[f.rubric].scores
+        keep = f.keep(np.array([by_response.get(int(r), np.nan) for r in response_ids], dtype=np.float64))
+        if f.group is None:
+            membership[:, ~keep] = 0.0
+        else:
+            membership[gidx[f.group], ~keep] = 0.0
+    return {
+        s.rubric: {"judge_run_id": s.judge_run_id, "model": s.model, "n_scored": len(s.scores)} for s in scored.values()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- load

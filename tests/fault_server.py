@@ -5,7 +5,9 @@ requests for the same conversation (0 for the first), ``n`` counts all requests 
 request. Actions: ``"ok"``, ``("status", code, headers, body)``, ``("hang", seconds)`` (then answers, too late),
 ``"drop"`` (closes the connection without a response), ``"html"``, ``"nochoices"``, ``("slow", seconds)`` (answers
 after a delay), ``("echo", code)`` (an error that echoes the request's ``Authorization`` header, then all its
-headers, as some proxies do). ``server.headers`` keeps every request's headers (lower-case names).
+headers, as some proxies do), ``("reply", text, logprobs)`` (a 200 answer with this text and, unless None, this
+``choices[0].logprobs`` object: see :func:`first_token_logprobs`). ``server.headers`` keeps every request's headers
+(lower-case names) and ``server.bodies`` every request's JSON body.
 
 Connections are kept alive (HTTP/1.1), as real servers (vLLM, SGLang, TGI, transformers serve) keep them.
 """
@@ -13,6 +15,7 @@ Connections are kept alive (HTTP/1.1), as real servers (vLLM, SGLang, TGI, trans
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -26,6 +29,15 @@ Script = Callable[[int, int, dict], Any]
 
 def always_ok(attempt: int, n: int, body: dict) -> Any:
     return "ok"
+
+
+def first_token_logprobs(top: dict[str, float], token: str | None = None) -> dict:
+    """A ``choices[0].logprobs`` object as OpenAI sends it: the first generated token (default: the likeliest of
+    ``top``) with its top alternatives ``{token: probability}``."""
+    token = token if token is not None else max(top, key=top.__getitem__)
+    alternatives = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in top.items()]
+    chosen = {"token": token, "logprob": math.log(top.get(token, 1e-9)), "bytes": list(token.encode())}
+    return {"content": [chosen | {"top_logprobs": alternatives}], "refusal": None}
 
 
 def answer_for(body: dict) -> str:
@@ -45,6 +57,7 @@ class FaultServer:
         self.requests = 0
         self.answered = 0  # complete 200 answers written
         self.headers: list[dict[str, str]] = []
+        self.bodies: list[dict] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,6 +76,7 @@ class FaultServer:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 with outer.lock:
                     outer.headers.append(headers)
+                    outer.bodies.append(body)
                     attempt = outer.attempts[key]
                     outer.attempts[key] += 1
                     n = outer.requests
@@ -92,15 +106,24 @@ class FaultServer:
                     self._json(
                         action[1], {"error": {"message": f"refused Authorization: {auth}; {json.dumps(headers)}"}}
                     )
+                elif kind == "reply":
+                    self._answer(body, action[1], action[2])
                 elif kind == "status":
                     _, code, headers, payload = action
                     self._json(code, payload, headers)
                 else:
                     raise ValueError(f"unknown action {action!r}")
 
-            def _answer(self, body: dict) -> None:
-                text = answer_for(body)
+            def _answer(self, body: dict, text: str | None = None, logprobs: dict | None = None) -> None:
+                text = answer_for(body) if text is None else text
                 words = text.split()
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+                if logprobs is not None:
+                    choice["logprobs"] = logprobs
                 self._json(
                     200,
                     {
@@ -108,9 +131,7 @@ class FaultServer:
                         "object": "chat.completion",
                         "created": int(time.time()),
                         "model": outer.model,
-                        "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                        ],
+                        "choices": [choice],
                         "usage": {
                             "prompt_tokens": 10,
                             "completion_tokens": len(words),

@@ -7,6 +7,7 @@ import pytest
 from personavec.demo import DemoConfig, run_demo
 from personavec.errors import ConfigError
 from personavec.store.runs import list_runs
+from personavec.store.steering import get_sweep
 from personavec.vectors import load_vectors
 from personavec.workspace import Workspace
 
@@ -24,16 +25,22 @@ def test_demo_config_validates():
 def test_demo_runs_the_whole_pipeline(tmp_path):
     lines: list[str] = []
     res = run_demo(
-        DemoConfig(workspace=tmp_path / "demo", n_personas=5, n_questions=2, max_tokens=12), log=lines.append
+        DemoConfig(
+            workspace=tmp_path / "demo", n_personas=5, n_questions=2, max_tokens=12, steer_coefs=(0, 2), steer_tokens=8
+        ),
+        log=lines.append,
     )
     ws = Workspace.resolve(tmp_path / "demo")
     kinds = {r.kind: r for r in list_runs(ws.catalog())}
     vs = load_vectors(res.vectors_run_id, workspace=ws)
-    assert {"generate", "extract", "vectors"} <= set(kinds)
+    assert {"generate", "extract", "vectors"} <= set(kinds)  # the last generate run is the sweep's
     assert all(kinds[k].status == "done" for k in ("generate", "extract", "vectors"))
     assert len(vs) == 5 and vs.d_model == 576 and vs.layer == 20
     html = res.report_html.read_text()
-    assert html.count("<img") == 4
+    assert html.count("<img") == 5  # 4 figures and the steering sweep's
+    sweep = get_sweep(ws.catalog(), res.sweep_id)
+    assert [r.coef for r in sweep.runs] == [0.0, 2.0] and res.sweep_report_html.is_file()
+    assert f"Sweep {res.sweep_id}" in html
     assert (res.report_html.parent / "similarity.png").read_bytes()[:4] == b"\x89PNG"
     text = "\n".join(lines)
     assert str(res.report_html) in text and "personavec sql" in text

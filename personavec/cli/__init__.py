@@ -4,6 +4,8 @@ from personavec.cli import (
     core,  # noqa: F401  (registers commands)
     extract,  # noqa: F401  (registers extract)
     generate,  # noqa: F401  (registers generate and serve)
+    judge,  # noqa: F401  (registers judge, rubrics, trait, export-direction)
+    steer,  # noqa: F401  (registers steer, sweep-report, monitor)
     vectors,  # noqa: F401  (registers vector-stage commands)
 )
 from personavec.cli.app import app

@@ -70,6 +70,12 @@ def generate(
         typer.Option("--resume", help="Resume this generate run (asks only what is missing; given options override)."),
     ] = None,
     run_id: Annotated[int | None, typer.Option("--run-id", hidden=True, help="Old spelling of --resume.")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="remote (an endpoint, default) or local (transformers in this process).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="local engine: auto, cpu, cuda:0 ...")] = None,
+    dtype: Annotated[str | None, typer.Option(help="local engine: auto, float32, bfloat16, float16.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="local engine: answers generated together.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask an OpenAI-compatible endpoint every persona x question; answers land in the catalog as they arrive.
@@ -99,9 +105,16 @@ def generate(
         "max_retries": max_retries,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    local: dict[str, Any] = {
+        k: v for k, v in {"device": device, "dtype": dtype, "batch_size": batch_size}.items() if v is not None
+    }
+    if engine is not None:
+        given["engine"] = engine
 
     w = resolve_workspace(ws).require()
     config = resume_config(w, resume, **given) if resume is not None else GenerateConfig(**given)
+    if local:  # personavec.local_engine.LocalOptions
+        config = dataclasses.replace(config, local=dataclasses.replace(config.local, **local))
     result = _run_with_progress(w, config, resume, quiet=as_json)
     if as_json:
         emit_json(dataclasses.asdict(result))

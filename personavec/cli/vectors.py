@@ -28,6 +28,25 @@ def vectors(
     allow_partial: Annotated[
         bool, typer.Option("--allow-partial", help="Average the done rows of an unfinished extraction.")
     ] = False,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--where",
+            help="Keep examples whose judge score passes, e.g. 'role_adherence = 3', 'coherence >= 50', or "
+            "'GROUP: RUBRIC OP N' for one group's members; repeatable (all must pass).",
+        ),
+    ] = None,
+    min_count: Annotated[
+        int, typer.Option("--min-count", help="Fail unless every group keeps at least this many examples.")
+    ] = 1,
+    judge_run: Annotated[
+        list[int] | None,
+        typer.Option("--judge-run", help="Take scores from this judge run (repeat; default: the latest per rubric)."),
+    ] = None,
+    contrast: Annotated[
+        list[str] | None,
+        typer.Option("--contrast", help="Add NAME=POS,NEG: mean(POS) - mean(NEG) of two groups; repeatable."),
+    ] = None,
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -35,7 +54,16 @@ def vectors(
 
     from personavec.vectors import VectorConfig, compute_vectors
 
-    config = VectorConfig(extraction_run, group_by, tuple(layer) if layer else None, allow_partial)
+    config = VectorConfig(
+        extraction_run,
+        group_by,
+        tuple(layer) if layer else None,
+        allow_partial,
+        where=tuple(where or ()),
+        min_count=min_count,
+        judge_runs=tuple(judge_run or ()),
+        contrasts=tuple(_contrast(c) for c in contrast or ()),
+    )
     res = compute_vectors(workspace(ws).require(), config)
     if as_json:
         emit_json(res)
@@ -45,6 +73,15 @@ def vectors(
         f"{', '.join(map(str, res.layers))}) from {res.n_examples} examples of extract run {extraction_run} "
         f"in {res.wall_s:.2f}s"
     )
+
+
+def _contrast(spec: str) -> tuple[str, str, str]:
+    """``NAME=POS,NEG``."""
+    name, _, sides = spec.partition("=")
+    pos, _, neg = sides.partition(",")
+    if not (name.strip() and pos.strip() and neg.strip()):
+        raise ConfigError(f"--contrast expects NAME=POS,NEG (e.g. pirate=pos,neg), got {spec!r}")
+    return name.strip(), pos.strip(), neg.strip()
 
 
 @app.command()

@@ -35,7 +35,7 @@ NAMING_CONVENTION = {
 }
 
 #: Run kinds, as stored in ``runs.kind``.
-RUN_KINDS = ("ingest-personas", "ingest-questions", "ingest-responses", "generate", "extract", "vectors")
+RUN_KINDS = ("ingest-personas", "ingest-questions", "ingest-responses", "generate", "extract", "vectors", "judge")
 #: Run statuses, as stored in ``runs.status``.
 RUN_STATUSES = ("running", "done", "failed", "interrupted")
 
@@ -222,3 +222,86 @@ class Vector(Base):
     n_examples: Mapped[int] = mapped_column(Integer, nullable=False)
     norm: Mapped[float] = mapped_column(Double, nullable=False)
     vector: Mapped[list[float]] = mapped_column(ARRAY(Float), nullable=False)
+
+
+STEERING_SWEEP_SEQ = _seq("steering_sweeps_id_seq")
+
+
+class SteeringSweep(Base):
+    """A sweep: generate runs that differ in one intervention parameter (``parameter``, e.g. ``coef``)."""
+
+    __tablename__ = "steering_sweeps"
+    id: Mapped[int] = _id(STEERING_SWEEP_SEQ)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    label: Mapped[str | None] = mapped_column(String)
+    parameter: Mapped[str] = mapped_column(String, nullable=False)
+    config: Mapped[str] = mapped_column(String, nullable=False)
+
+
+class RunIntervention(Base):
+    """The intervention of a steered or capped generate run (keyed by run id, no foreign key: see migration 0003)."""
+
+    __tablename__ = "run_interventions"
+    run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    sweep_id: Mapped[int | None] = mapped_column(ForeignKey("steering_sweeps.id"))
+    kind: Mapped[str] = mapped_column(String, nullable=False)
+    vector: Mapped[str] = mapped_column(String, nullable=False)
+    vector_run_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    layers: Mapped[list[int]] = mapped_column(ARRAY(Integer), nullable=False)
+    coef: Mapped[float] = mapped_column(Double, nullable=False)
+    positions: Mapped[str] = mapped_column(String, nullable=False)
+    normalize: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    percentile: Mapped[float | None] = mapped_column(Double)
+    reference_run_id: Mapped[int | None] = mapped_column(BigInteger)
+    tau_source: Mapped[str | None] = mapped_column(String)
+    spec: Mapped[str] = mapped_column(String, nullable=False)
+
+
+class InterventionLayer(Base):
+    """What an intervention applied at one layer: the resolved vector, its scale, and the capping threshold."""
+
+    __tablename__ = "intervention_layers"
+    run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    scale: Mapped[float] = mapped_column(Double, nullable=False)
+    vector_norm: Mapped[float] = mapped_column(Double, nullable=False)
+    unit_norm: Mapped[float | None] = mapped_column(Double)
+    tau: Mapped[float | None] = mapped_column(Double)
+    n_reference_tokens: Mapped[int | None] = mapped_column(Integer)
+    vector: Mapped[list[float]] = mapped_column(ARRAY(Float), nullable=False)
+
+
+JUDGEMENT_SEQ = _seq("judgements_id_seq")
+
+
+class JudgeRun(Base):
+    """Detail of a ``judge`` run: the responses run it judged, the judge model and endpoint, the rubric names."""
+
+    __tablename__ = "judge_runs"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    responses_run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    model: Mapped[str] = mapped_column(String, nullable=False)
+    endpoint: Mapped[str | None] = mapped_column(String)
+    rubrics: Mapped[list[str]] = mapped_column(ARRAY(String), nullable=False)
+
+
+class Judgement(Base):
+    """One judge answer about one response under one rubric: a ``score``, or ``error`` set and ``score`` NULL
+    (an unparsable answer keeps its ``raw_output``; a request that failed after retries has none)."""
+
+    __tablename__ = "judgements"
+    __table_args__ = (UniqueConstraint("run_id", "response_id", "rubric"),)
+    id: Mapped[int] = _id(JUDGEMENT_SEQ)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), nullable=False)
+    rubric: Mapped[str] = mapped_column(String, nullable=False)
+    score: Mapped[float | None] = mapped_column(Double)
+    method: Mapped[str | None] = mapped_column(String)
+    numeric_mass: Mapped[float | None] = mapped_column(Double)
+    raw_output: Mapped[str | None] = mapped_column(String)
+    top_logprobs: Mapped[str | None] = mapped_column(String)
+    error: Mapped[str | None] = mapped_column(String)
+    latency_s: Mapped[float | None] = mapped_column(Double)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    model_reported: Mapped[str | None] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)

@@ -176,6 +176,8 @@ WITH c AS (
     UNION ALL
     SELECT run_id, count(*), 0 FROM vectors GROUP BY run_id
     UNION ALL
+    SELECT run_id, count(score), count(*) FILTER (WHERE raw_output IS NULL) FROM judgements GROUP BY run_id
+    UNION ALL
     SELECT s.run_id, count(p.id), 0 FROM persona_sets s JOIN personas p ON p.persona_set_id = s.id GROUP BY s.run_id
     UNION ALL
     SELECT s.run_id, count(q.id), 0 FROM question_sets s JOIN questions q ON q.question_set_id = s.id
@@ -187,6 +189,8 @@ d AS (
     SELECT run_id, model || ' layers ' || array_to_string(layers, ',') FROM extraction_runs
     UNION ALL
     SELECT run_id, 'from run ' || extraction_run_id || ' by ' || group_by FROM vector_runs
+    UNION ALL
+    SELECT run_id, model || ' on run ' || responses_run_id || ': ' || array_to_string(rubrics, ',') FROM judge_runs
     UNION ALL
     SELECT run_id, 'persona set ' || name FROM persona_sets
     UNION ALL

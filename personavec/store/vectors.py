@@ -167,3 +167,25 @@ def persona_groups_for_responses(catalog: Catalog, response_run_id: int) -> dict
     with catalog.session() as session:
         rows = session.execute(q, {"run": response_run_id}).all()
     return {name: tuple(groups) for name, groups in rows}
+
+
+_READ_GROUP = "SELECT layer, n_examples, vector FROM vectors WHERE run_id = ? AND group_key = ? ORDER BY layer"
+
+
+def read_group_vectors(catalog: Catalog, run_id: int, group: str) -> tuple[VectorRunInfo, dict[int, np.ndarray], int]:
+    """The run's info, ``{layer: vector}`` of one group at every layer the run holds, and the group's example count
+    (exports of one direction across layers: control vectors). ``ConfigError`` names the groups when it is absent."""
+    with catalog.session() as session:
+        con = dbapi_connection(session)
+        info = _info(con, run_id)
+        table = con.execute(_READ_GROUP, [run_id, group]).fetch_arrow_table()
+        if table.num_rows == 0:
+            names = [
+                r[0]
+                for r in con.execute("SELECT DISTINCT group_key FROM vectors WHERE run_id = ?", [run_id]).fetchall()
+            ]
+            raise ConfigError(f"vectors run {run_id} has no group {group!r} (groups: {', '.join(sorted(names))})")
+    flat = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    matrix = np.array(flat, dtype=np.float32).reshape(table.num_rows, info.d_model)
+    layers = table["layer"].to_pylist()
+    return info, {int(layer): matrix[i] for i, layer in enumerate(layers)}, int(table["n_examples"][0].as_py())

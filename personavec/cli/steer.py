@@ -1,0 +1,257 @@
+"""Steering commands: `steer` (steered/capped generation, sweeps), `monitor` (per-token projections),
+`sweep-report`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, err_console, print_table
+from personavec.cli.app import workspace as resolve_workspace
+
+VectorOpt = Annotated[
+    str,
+    typer.Option(
+        "--vector",
+        "-v",
+        help="RUN:NAME from a vectors run: a persona or group (7:pirate), a difference (7:pirate-default), the "
+        "assistant axis (7:axis); negate with 7:-axis.",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
+
+
+def _progress(quiet: bool) -> tuple[Progress, Any]:
+    bar = Progress(
+        TextColumn("[bold]run {task.fields[run]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tok_s]:.1f} tok/s"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+    )
+    tasks: dict[int, Any] = {}
+
+    def update(p: Any) -> None:
+        if p.run_id not in tasks:
+            tasks[p.run_id] = bar.add_task("steer", total=p.total, run=p.run_id, tok_s=0.0)
+        rate = p.completion_tokens / p.elapsed_s if p.elapsed_s > 0 else 0.0
+        bar.update(tasks[p.run_id], completed=p.answered, tok_s=rate)
+
+    return bar, update
+
+
+@app.command()
+@command
+def steer(
+    vector: VectorOpt,
+    model: Annotated[str, typer.Option(help="The model the vectors come from (name, directory, .gguf, Hub id).")],
+    kind: Annotated[str, typer.Option(help="add (h + c v), ablate (h - (h.u)u + c v) or cap (h.u <= tau).")] = "add",
+    layer: Annotated[
+        list[int] | None, typer.Option("--layer", "-l", help="hidden_states index (repeat; default: the run's).")
+    ] = None,
+    coef: Annotated[
+        list[float] | None, typer.Option("--coef", "-c", help="Coefficient (repeat for a sweep: one run each).")
+    ] = None,
+    normalize: Annotated[
+        bool, typer.Option("--normalize", help="Coefficients in units of the layer's mean activation norm.")
+    ] = False,
+    positions: Annotated[str, typer.Option(help="all, or generated (the generated tokens only).")] = "all",
+    tau: Annotated[
+        list[float] | None, typer.Option("--tau", help="cap: threshold on h.u (one, or one per layer; inf ok).")
+    ] = None,
+    cap_reference: Annotated[
+        int | None, typer.Option("--cap-reference", help="cap: responses or extract run whose tokens set tau.")
+    ] = None,
+    percentile: Annotated[float, typer.Option(help="cap: percentile of the reference projections.")] = 25.0,
+    reference_persona: Annotated[
+        list[str] | None, typer.Option("--reference-persona", help="cap: only these personas' answers (repeat).")
+    ] = None,
+    persona: Annotated[list[str] | None, typer.Option("--persona", help="Only this persona (repeat).")] = None,
+    question: Annotated[list[int] | None, typer.Option("--question", help="Only this question (repeat).")] = None,
+    persona_set: Annotated[str, typer.Option("--persona-set")] = "builtin",
+    question_set: Annotated[str, typer.Option("--question-set")] = "builtin",
+    n_samples: Annotated[int, typer.Option("--n-samples", "-n")] = 1,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
+    max_tokens: Annotated[int, typer.Option()] = 256,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Answers generated together.")] = 16,
+    label: Annotated[str | None, typer.Option(help="Sweep label (default: the intervention).")] = None,
+    ws: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate with an intervention on the local engine: one generate run, or one per --coef linked as a sweep.
+
+    Every run is a generate run like any other (extract it, compare it, query it); its intervention is stored in
+    run_interventions / intervention_layers. Resume a stopped run with `personavec generate --resume RUN`.
+    """
+    from personavec.generate import GenerateConfig
+    from personavec.local_engine import LocalOptions, run_local_generation, run_sweep
+    from personavec.steering import SteeringConfig
+
+    coefs = list(coef or [0.0])
+    steering = SteeringConfig(
+        vector=vector,
+        kind=kind,
+        layers=tuple(layer or ()),
+        coef=coefs[0],
+        positions=positions,
+        normalize=normalize,
+        tau=tuple(tau or ()),
+        percentile=percentile,
+        reference_run=cap_reference,
+        reference_personas=tuple(reference_persona or ()),
+    )
+    config = GenerateConfig(
+        persona_set=persona_set,
+        question_set=question_set,
+        personas=tuple(persona or ()),
+        questions=tuple(question or ()),
+        n_samples=n_samples,
+        model=model,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        top_p=top_p,
+        seed=seed,
+        engine="local",
+        local=LocalOptions(device=device, dtype=dtype, batch_size=batch_size),
+        steering=steering,
+    )
+    w = resolve_workspace(ws).require()
+    bar, update = _progress(as_json)
+    with bar:
+        if len(coefs) > 1:
+            sweep = run_sweep(w, config, coefs, label=label, progress=update)
+            sweep_id, results = sweep.sweep_id, list(sweep.runs)
+        else:
+            sweep_id, results = None, [(coefs[0], run_local_generation(w, config, progress=update))]
+    if as_json:
+        emit_json({"sweep_id": sweep_id, "runs": [{"coef": c, **dataclasses.asdict(r)} for c, r in results]})
+        return
+    print_table(
+        ["run", "coef", "status", "answers", "completion tok", "wall s", "tok/s"],
+        [
+            [
+                r.run_id,
+                f"{c:g}" if kind != "cap" else "",
+                r.status,
+                f"{r.answers}/{r.total}",
+                r.completion_tokens,
+                f"{r.wall_s:.1f}",
+                f"{r.completion_tokens / r.wall_s:.1f}" if r.wall_s > 0 else "",
+            ]
+            for c, r in results
+        ],
+        title=f"steered generation: {steering.label()}" + (f" (sweep {sweep_id})" if sweep_id else ""),
+    )
+    if sweep_id is not None:
+        console.print(f"report: personavec sweep-report {sweep_id}")
+
+
+@app.command("sweep-report")
+@command
+def sweep_report(
+    sweep: Annotated[int, typer.Argument(help="A sweep id (`personavec sql 'SELECT * FROM steering_sweeps'`).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory (default reports/sweep_<id>).")] = None,
+    vector: Annotated[
+        str | None, typer.Option("--vector", "-v", help="Project onto this (default: the sweep's).")
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option("--layer", "-l", help="Layer to read (default: the steered one).")
+    ] = None,
+    examples: Annotated[int, typer.Option(help="(persona, question) pairs shown side by side.")] = 3,
+    device: Annotated[str | None, typer.Option(help="Default: as the sweep ran.")] = None,
+    ws: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Report of a sweep: mean projection of the answers vs coefficient per persona, answers side by side."""
+    from personavec.steer_report import SweepReportConfig, build_sweep_report
+
+    res = build_sweep_report(
+        resolve_workspace(ws).require(), SweepReportConfig(sweep, out, vector, layer, examples, device=device)
+    )
+    if as_json:
+        emit_json(res)
+        return
+    coefs = sorted({p.coef for p in res.points})
+    personas = list(dict.fromkeys(p.persona for p in res.points))
+    by = {(p.persona, p.coef): p.mean_projection for p in res.points}
+    print_table(
+        ["persona", *(f"c={c:g}" for c in coefs)],
+        [[p, *(f"{by[p, c]:+.3f}" if (p, c) in by else "" for c in coefs)] for p in personas],
+        title=f"sweep {sweep}: mean projection onto {res.vector} at layer {res.layer}",
+    )
+    console.print(f"report: {res.html}")
+
+
+@app.command()
+@command
+def monitor(
+    vector: VectorOpt,
+    run: Annotated[int | None, typer.Option("--run", help="A responses or extract run: every answer.")] = None,
+    text: Annotated[str | None, typer.Option("--text", help="Any text (tokenized as is).")] = None,
+    layer: Annotated[int | None, typer.Option("--layer", "-l", help="Layer (default: the vectors run's).")] = None,
+    model: Annotated[str | None, typer.Option(help="Default: the vectors run's model.")] = None,
+    persona: Annotated[list[str] | None, typer.Option("--persona", help="Only this persona (repeat).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write every token's value (.csv, .jsonl).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    ws: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-token projection h.u of answers (--run) or a text (--text) onto a named vector at a layer."""
+    from personavec.errors import ConfigError
+    from personavec.modeling import load_model
+    from personavec.monitor import export_projections, project_responses, project_text
+    from personavec.steering import VectorRef, resolve_vector
+    from personavec.vectors import load_vectors
+
+    if (run is None) == (text is None):
+        raise ConfigError("give --run RUN (its answers) or --text TEXT")
+    w = resolve_workspace(ws).require()
+    ref = VectorRef.parse(vector)
+    vset = load_vectors(ref.run_id, layer, workspace=w)
+    loaded = load_model(model or vset.model, dtype=dtype, device=device)
+    if run is not None:
+        items = project_responses(w, loaded, run, vector, vset.layer, personas=tuple(persona or ()))
+    else:
+        assert text is not None  # one of the two, checked above
+        items = [project_text(loaded, text, resolve_vector(vset, ref.expr, negate=ref.negate), vset.layer)]
+    if out is not None:
+        export_projections(items, out, overwrite=overwrite)
+    if as_json:
+        emit_json(
+            {
+                "vector": str(ref),
+                "layer": vset.layer,
+                "out": out,
+                "items": [
+                    {
+                        "label": t.label,
+                        "response_id": t.response_id,
+                        "mean": t.mean,
+                        "values": t.values.tolist(),
+                        "tokens": list(t.tokens),
+                    }
+                    for t in items
+                ],
+            }
+        )
+        return
+    print_table(
+        ["text", "tokens", "mean", "min", "max"],
+        [[t.label, len(t.values), f"{t.mean:+.3f}", f"{t.values.min():+.3f}", f"{t.values.max():+.3f}"] for t in items],
+        title=f"projection onto {ref} at layer {vset.layer} (raw h.u)",
+    )
+    if out is not None:
+        console.print(f"wrote every token's value to {out}")

@@ -1,0 +1,773 @@
+"""Judge stage: score a responses run's answers with an LLM judge through any OpenAI-compatible endpoint.
+
+Each (response, rubric) pair is one chat request: the rubric's prompt, with the answer's ``{question}``,
+``{answer}``, ``{persona}`` (the persona's system prompt) and ``{persona_name}`` filled in, sent as a single user
+message at temperature 0. Requests go through :class:`personavec.generate.ChatEndpoint`, so the generation stage's
+rules hold unchanged: the ``openai`` client's retries (429/5xx/timeouts), the fatal 4xx that stop a run, API keys
+sent only where their variable was named and redacted from errors. Judgements land in ``judgements`` as they arrive
+(one group commit at most every 0.1 s, :mod:`personavec.writer`); a resumed run asks only the pairs without a
+judge answer.
+
+How a score is read from the judge's answer (``docs/judge.md`` has the formulas):
+
+- **logprobs** (when the endpoint returns them; ``score_mode`` "auto" or "logprobs"): the top-``top_logprobs``
+  alternatives of the first generated token, ``p(t) = exp(logprob)``; the tokens that are integers ``k`` of the
+  rubric's scale carry the numeric mass ``M = sum p(k)``; the score is the expected value over them,
+  ``sum k p(k) / M``. When ``M < min_numeric_mass`` (0.25) the judge is taken to have refused: no score, an error.
+  This assumes the judge's tokenizer writes each integer of the scale as one token (OpenAI models do for 0-100;
+  every tokenizer does for 0-3): when the first token is a number but the answer's number is longer (a digit-wise
+  tokenizer writing "85" as "8", "5"), the parsed integer is used instead.
+- **parsed** (no logprobs, or ``score_mode`` "parse"): the first number in the answer, if it lies on the scale.
+
+An answer that yields no score is stored with ``score`` NULL, its ``raw_output`` and an ``error`` saying why; it is
+a judgement (not asked again on resume). A request that failed after the retries has no ``raw_output`` and is asked
+again on resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from personavec.config import OPENROUTER_BASE_URL, config_dict, config_from_dict
+from personavec.errors import ConfigError, EndpointError, InputFileError
+from personavec.generate import (
+    DEFAULT_KEY_ENV,
+    ChatEndpoint,
+    Completion,
+    GenerateConfig,
+    RequestFailed,
+    _ask_all,
+    _Job,
+    _run_sync,
+    redact,
+)
+from personavec.workspace import Workspace
+from personavec.writer import GroupCommitWriter
+
+# ----------------------------------------------------------------------------------------------------- rubrics
+
+#: The slots a rubric prompt may use; anything else in braces is left as written.
+SLOTS = ("question", "answer", "persona", "persona_name")
+SCORE_MODES = ("auto", "logprobs", "parse")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+ROLE_ADHERENCE_PROMPT = """\
+You are grading whether an AI model stayed in the role it was asked to play.
+
+The model was given this role (its system prompt):
+[ROLE START]
+{persona}
+[ROLE END]
+
+It was asked:
+[QUESTION START]
+{question}
+[QUESTION END]
+
+It answered:
+[ANSWER START]
+{answer}
+[ANSWER END]
+
+Score the answer on this scale:
+0 - the model refused to answer.
+1 - the model said it cannot be this role, but offered to help with related things.
+2 - the model answered as an AI or language model, showing only some traits of the role.
+3 - the model fully played the role.
+
+Reply with a single digit (0, 1, 2 or 3) and nothing else."""
+
+COHERENCE_PROMPT = """\
+You are rating another language model's answer for coherence only, regardless of any other quality.
+
+The model was asked:
+[QUESTION START]
+{question}
+[QUESTION END]
+
+It answered:
+[ANSWER START]
+{answer}
+[ANSWER END]
+
+Rate from 0 to 100 how coherent the answer is as a reply to this question:
+0 means it makes no sense at all: not even valid language.
+50 means it partly makes sense but is confused or rambling.
+100 means it clearly understood the question and shows no confusion or hallucination.
+Do not judge whether the answer is correct, kind or appropriate: an answer that is wrong, rude or strange can
+still score 100 if it is coherent.
+
+Reply with a number from 0 to 100 and nothing else."""
+
+TRAIT_PROMPT = """\
+You are evaluating whether a language model's answer shows the trait: {trait}.
+{description}
+
+The model was asked:
+[QUESTION START]
+{question}
+[QUESTION END]
+
+It answered:
+[ANSWER START]
+{answer}
+[ANSWER END]
+
+Judge only whether the answer shows this trait. Reply REFUSAL if the model clearly refused to answer; otherwise
+reply with a number from 0 (the trait is absent) to 100 (the trait is strongly present) and nothing else."""
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """A judge prompt and its integer scale ``min_score..max_score``.
+
+    ``template`` uses the slots ``{question}``, ``{answer}`` (required), ``{persona}`` (the persona's system prompt)
+    and ``{persona_name}``. Example: ``Rubric("formality", "Rate 0-10 how formal this is: {answer}", 0, 10)``.
+    """
+
+    name: str
+    template: str
+    min_score: int = 0
+    max_score: int = 100
+    source: str = "user"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ConfigError(
+                f"rubric name {self.name!r} must start with a letter or _ and hold only letters, digits, _ and - "
+                "(it is used in vector filters such as 'coherence >= 50')"
+            )
+        if not isinstance(self.template, str) or "{answer}" not in self.template:
+            raise ConfigError(f"rubric {self.name!r}: the prompt must contain the {{answer}} slot")
+        object.__setattr__(self, "min_score", int(self.min_score))
+        object.__setattr__(self, "max_score", int(self.max_score))
+        if self.min_score >= self.max_score:
+            raise ConfigError(f"rubric {self.name!r}: min_score must be < max_score, got {self.min_score}..")
+
+    def render(self, *, question: str, answer: str, persona: str = "", persona_name: str = "") -> str:
+        """The prompt with its slots filled (plain replacement: other braces in the prompt stay as written)."""
+        values = {"question": question, "answer": answer, "persona": persona, "persona_name": persona_name}
+        out = self.template
+        for slot in SLOTS:
+            out = out.replace("{" + slot + "}", values[slot])
+        return out
+
+    @property
+    def scale(self) -> str:
+        return f"{self.min_score}-{self.max_score}"
+
+
+BUILTIN_RUBRICS = {
+    "role_adherence": Rubric("role_adherence", ROLE_ADHERENCE_PROMPT, 0, 3, "builtin"),
+    "coherence": Rubric("coherence", COHERENCE_PROMPT, 0, 100, "builtin"),
+}
+
+
+def trait_rubric(name: str, description: str = "", eval_prompt: str | None = None, source: str = "trait") -> Rubric:
+    """The 0-100 rubric scoring how strongly an answer shows a trait: the trait set's own ``eval_prompt`` when it
+    has one (persona_vectors' files do), else :data:`TRAIT_PROMPT` with the trait's name and description."""
+    if eval_prompt is None:
+        eval_prompt = TRAIT_PROMPT.replace("{trait}", name).replace("{description}", description)
+    return Rubric(name, eval_prompt, 0, 100, source)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path}: cannot be read: {exc}") from exc
+    try:
+        doc = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InputFileError(
+            f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}"
+        ) from None
+    if not isinstance(doc, dict):
+        raise InputFileError(f"{path}: expected a mapping at the top level")
+    return doc
+
+
+def read_rubric_file(path: str | Path) -> Rubric:
+    """A rubric from a YAML/JSON file: ``name`` (default: the file stem), ``prompt`` (or ``template``) and the scale
+    as ``scale: [0, 100]`` or ``min_score``/``max_score`` (default 0-100). A trait set file (with ``eval_prompt``,
+    see :mod:`personavec.traits`) gives its trait rubric."""
+    path = Path(path)
+    doc = _read_mapping(path)
+    if "eval_prompt" in doc:
+        from personavec.traits import read_trait_file
+
+        return read_trait_file(path).rubric
+    prompt = doc.get("prompt", doc.get("template"))
+    if not isinstance(prompt, str):
+        raise InputFileError(f"{path}: a rubric needs a 'prompt' string with an {{answer}} slot")
+    lo, hi = doc.get("min_score", 0), doc.get("max_score", 100)
+    if "scale" in doc:
+        scale = doc["scale"]
+        if not (isinstance(scale, list | tuple) and len(scale) == 2 and all(isinstance(x, int) for x in scale)):
+            raise InputFileError(f"{path}: 'scale' must be two integers such as [0, 100], got {scale!r}")
+        lo, hi = scale
+    try:
+        return Rubric(str(doc.get("name") or path.stem), prompt, lo, hi, str(path.resolve()))
+    except ConfigError as exc:
+        raise InputFileError(f"{path}: {exc}") from None
+
+
+def resolve_rubric(spec: str | Mapping[str, Any] | Rubric) -> Rubric:
+    """A rubric from a built-in name (``role_adherence``, ``coherence``), a built-in trait (``pirate``), a rubric or
+    trait file path, a stored dict, or a :class:`Rubric`."""
+    if isinstance(spec, Rubric):
+        return spec
+    if isinstance(spec, Mapping):
+        return Rubric(**{k: v for k, v in spec.items() if k in {f.name for f in dataclasses.fields(Rubric)}})
+    if spec in BUILTIN_RUBRICS:
+        return BUILTIN_RUBRICS[spec]
+    from personavec.traits import builtin_trait_names, read_trait_file
+
+    if spec in builtin_trait_names():
+        return read_trait_file(spec).rubric
+    path = Path(spec)
+    if path.is_file():
+        return read_rubric_file(path)
+    raise ConfigError(
+        f"unknown rubric {spec!r}: use a built-in rubric ({', '.join(BUILTIN_RUBRICS)}), a built-in trait "
+        f"({', '.join(builtin_trait_names()) or 'none'}), or the path of a rubric or trait file"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- scoring
+
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w])")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """How one judge answer was read: a score, or an error saying why there is none."""
+
+    score: float | None
+    method: str | None  # "logprobs" or "parsed"
+    numeric_mass: float | None = None
+    top_logprobs: dict[str, float] | None = None
+    error: str | None = None
+
+
+def first_number(text: str) -> float | None:
+    """The first number written in ``text`` (``"Score: 85/100"`` -> 85.0), or None."""
+    match = _NUMBER.search(text)
+    return float(match.group()) if match else None
+
+
+def _top_logprobs(logprobs: Any) -> tuple[str, dict[str, float]] | None:
+    """(first generated token, ``{token: probability}`` of its top alternatives) from ``choices[0].logprobs``."""
+    if not isinstance(logprobs, Mapping):
+        return None
+    content = logprobs.get("content")
+    if not isinstance(content, list) or not content or not isinstance(content[0], Mapping):
+        return None
+    first = content[0]
+    top = first.get("top_logprobs")
+    if not isinstance(top, list) or not top:
+        return None
+    probs: dict[str, float] = {}
+    for alt in top:
+        if (
+            isinstance(alt, Mapping)
+            and isinstance(alt.get("token"), str)
+            and isinstance(alt.get("logprob"), int | float)
+        ):
+            probs[alt["token"]] = probs.get(alt["token"], 0.0) + math.exp(alt["logprob"])
+    return (str(first.get("token", "")), probs) if probs else None
+
+
+def _as_int(token: str) -> int | None:
+    t = token.strip()
+    return int(t) if t.isascii() and t.isdigit() else None
+
+
+def logprob_expectation(probs: Mapping[str, float], lo: int, hi: int) -> tuple[float | None, float]:
+    """``(sum k p(k) / M, M)`` over the tokens that are integers ``k`` in ``lo..hi``, with ``M = sum p(k)`` (None
+    when ``M`` is 0). Tokens differing only by surrounding spaces count together."""
+    mass = weighted = 0.0
+    for token, p in probs.items():
+        k = _as_int(token)
+        if k is not None and lo <= k <= hi:
+            mass += p
+            weighted += k * p
+    return (weighted / mass if mass > 0 else None), mass
+
+
+def score_answer(text: str, logprobs: Any, rubric: Rubric, *, mode: str = "auto", min_mass: float = 0.25) -> Scored:
+    """Read a score on ``rubric``'s scale from the judge's answer ``text`` and its first-token ``logprobs`` (the
+    endpoint's ``choices[0].logprobs``, or None); see the module docstring for the rules."""
+    lo, hi = rubric.min_score, rubric.max_score
+    parsed = first_number(text)
+    top = _top_logprobs(logprobs) if mode != "parse" else None
+    if mode == "logprobs" and top is None:
+        return Scored(None, None, error="the endpoint returned no logprobs (use score_mode auto or parse)")
+    if top is not None:
+        first_token, probs = top
+        shown = {t: round(p, 6) for t, p in sorted(probs.items(), key=lambda kv: -kv[1])}
+        first_int = _as_int(first_token)
+        multi_token = first_int is not None and parsed is not None and float(first_int) != parsed
+        if not multi_token:
+            score, mass = logprob_expectation(probs, lo, hi)
+            if score is None or mass < min_mass:
+                head = ", ".join(f"{t!r}: {p:.3f}" for t, p in list(shown.items())[:5])
+                return Scored(
+                    None,
+                    "logprobs",
+                    mass,
+                    shown,
+                    f"no score: probability on the integers {lo}..{hi} is {mass:.3f} < {min_mass:g} "
+                    f"(top first tokens {head})",
+                )
+            return Scored(score, "logprobs", mass, shown)
+    if parsed is None:
+        return Scored(None, "parsed", error=f"no score: the judge's answer holds no number ({text[:80]!r})")
+    if not lo <= parsed <= hi:
+        return Scored(None, "parsed", error=f"no score: {parsed:g} is outside the scale {lo}..{hi}")
+    return Scored(parsed, "parsed", top_logprobs=None if top is None else top[1])
+
+
+# ------------------------------------------------------------------------------------------------------ filters
+
+_FILTER = re.compile(
+    r"^\s*(?:(?P<group>.+?)\s*:\s*)?(?P<rubric>[A-Za-z_][A-Za-z0-9_\-]*)\s*"
+    r"(?P<op>==|=|!=|<>|<=|>=|<|>)\s*(?P<value>[-+]?\d+(?:\.\d+)?)\s*$"
+)
+_OPS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    "=": np.equal,
+    "!=": np.not_equal,
+    "<": np.less,
+    "<=": np.less_equal,
+    ">": np.greater,
+    ">=": np.greater_equal,
+}
+
+
+@dataclass(frozen=True)
+class JudgementFilter:
+    """Keep examples whose ``rubric`` score satisfies ``op value``; with ``group``, only that group's members are
+    filtered (e.g. ``pos: pirate >= 50``). Examples without a score for the rubric are dropped."""
+
+    rubric: str
+    op: str
+    value: float
+    group: str | None = None
+
+    def keep(self, scores: np.ndarray) -> np.ndarray:
+        """Boolean mask over ``scores`` (NaN = no score: never kept)."""
+        with np.errstate(invalid="ignore"):
+            return np.isfinite(scores) & _OPS[self.op](scores, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.group + ': ' if self.group else ''}{self.rubric} {self.op} {self.value:g}"
+
+
+def parse_filter(text: str) -> JudgementFilter:
+    """``"role_adherence = 3"``, ``"coherence >= 50"``, ``"pos: pirate >= 50"`` (``GROUP: RUBRIC OP NUMBER``)."""
+    match = _FILTER.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ConfigError(
+            f"cannot read the filter {text!r}: write RUBRIC OP NUMBER, optionally after 'GROUP:', with OP one of "
+            "= != < <= > >= (e.g. 'role_adherence = 3', 'coherence >= 50', 'pos: pirate >= 50')"
+        )
+    op = {"==": "=", "<>": "!="}.get(match["op"], match["op"])
+    return JudgementFilter(match["rubric"], op, float(match["value"]), match["group"])
+
+
+# ------------------------------------------------------------------------------------------------------- config
+
+#: Fields that define what a judge run asks; a resumed run must keep them (the others are operational knobs).
+IDENTITY_FIELDS = (
+    "responses_run",
+    "rubrics",
+    "model",
+    "temperature",
+    "max_tokens",
+    "seed",
+    "score_mode",
+    "top_logprobs",
+    "min_numeric_mass",
+)
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Which answers to judge under which rubrics, with which judge model, and how to reach it.
+
+    Example: ``JudgeConfig(3, ("coherence", "role_adherence"), model="openai/gpt-4.1-mini")`` judges every answer of
+    responses run 3 through OpenRouter ($OPENROUTER_API_KEY). Rubrics are given as built-in names, trait names, rubric
+    or trait file paths, or :class:`Rubric` objects, and stored resolved (prompt text included) in the run row.
+    Endpoint fields (``base_url``, ``replicas``, ``api_key_env``, ``concurrency``, ``timeout_s``, ``max_retries``)
+    behave as in :class:`personavec.generate.GenerateConfig`.
+    """
+
+    responses_run: int
+    rubrics: tuple[Rubric, ...] = (BUILTIN_RUBRICS["coherence"],)
+    model: str = "openai/gpt-4.1-mini"
+    base_url: str = OPENROUTER_BASE_URL
+    replicas: tuple[str, ...] = ()
+    api_key_env: str = DEFAULT_KEY_ENV
+    temperature: float = 0.0
+    max_tokens: int = 8
+    seed: int | None = 0
+    score_mode: str = "auto"
+    top_logprobs: int = 20
+    min_numeric_mass: float = 0.25
+    concurrency: int = 10
+    timeout_s: float = 60.0
+    max_retries: int = 6
+
+    def __post_init__(self) -> None:
+        rubrics = (self.rubrics,) if isinstance(self.rubrics, str | Rubric | Mapping) else self.rubrics
+        object.__setattr__(self, "rubrics", tuple(resolve_rubric(r) for r in rubrics))
+        object.__setattr__(self, "replicas", tuple(self.replicas))
+        if not self.rubrics:
+            raise ConfigError("give at least one rubric (e.g. --rubric coherence)")
+        names = [r.name for r in self.rubrics]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two rubrics share a name: {names}")
+        if self.score_mode not in SCORE_MODES:
+            raise ConfigError(f"score_mode must be one of {', '.join(SCORE_MODES)}, got {self.score_mode!r}")
+        if not 1 <= self.top_logprobs <= 20:
+            raise ConfigError(f"top_logprobs must be in 1..20 (the OpenAI API's limit), got {self.top_logprobs}")
+        if not 0.0 < self.min_numeric_mass <= 1.0:
+            raise ConfigError(f"min_numeric_mass must be in (0, 1], got {self.min_numeric_mass}")
+        _ = self.endpoint  # validates model, URLs, sampling and limits with the generation stage's rules
+
+    @property
+    def endpoint(self) -> GenerateConfig:
+        """The endpoint settings as a :class:`GenerateConfig` (what :class:`ChatEndpoint` takes)."""
+        return GenerateConfig(
+            model=self.model,
+            base_url=self.base_url,
+            replicas=self.replicas,
+            api_key_env=self.api_key_env,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            concurrency=self.concurrency,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+        )
+
+    @property
+    def logprob_params(self) -> dict[str, Any]:
+        """What a request adds to ask for the first token's alternatives."""
+        return {"logprobs": True, "top_logprobs": self.top_logprobs}
+
+    @classmethod
+    def resumed(cls, run_id: int, stored: Mapping[str, Any], **overrides: Any) -> JudgeConfig:
+        """The config resuming judge run ``run_id``: its stored config with ``overrides`` on top. Endpoint fields may
+        change; identity fields (:data:`IDENTITY_FIELDS`) must keep the run's values (:class:`ConfigError` names
+        them). New base URLs without a new ``api_key_env`` fall back to the default key rule, as in generation."""
+        original = config_from_dict(cls, dict(stored))
+        config = dataclasses.replace(original, **overrides)
+        if "api_key_env" not in overrides and (config.base_url, config.replicas) != (
+            original.base_url,
+            original.replicas,
+        ):
+            config = dataclasses.replace(config, api_key_env=DEFAULT_KEY_ENV)
+        changed = [f for f in IDENTITY_FIELDS if getattr(config, f) != getattr(original, f)]
+        if changed:
+            raise ConfigError(
+                f"judge run {run_id} was started with other settings ({', '.join(changed)} differ); resume it with "
+                "the same settings or start a new judge run without --resume"
+            )
+        return config
+
+
+def resume_config(ws: Workspace, run_id: int, **overrides: Any) -> JudgeConfig:
+    """The config to resume judge run ``run_id`` with (its stored config, ``overrides`` on top)."""
+    from personavec.store.judgements import get_judge_run
+
+    return JudgeConfig.resumed(run_id, get_judge_run(ws.catalog(), run_id).run.config, **overrides)
+
+
+# ------------------------------------------------------------------------------------------------------ the stage
+
+
+@dataclass(frozen=True)
+class JudgeProgress:
+    """Progress of a judge run, passed to the ``progress`` callback after each batch of judgements lands."""
+
+    run_id: int
+    total: int
+    scored: int
+    unscored: int
+    failed: int
+    new: int
+    elapsed_s: float
+
+    @property
+    def rate(self) -> float:
+        """Judgements per second landed by this process."""
+        return self.new / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    """Summary of a judge run after this call (counts cover the whole run, ``new`` and ``requested`` this call).
+
+    ``logprobs``: whether this call asked for logprobs (False when ``score_mode`` is parse, or when the endpoint
+    refused the parameters and "auto" fell back to parsing the answer)."""
+
+    run_id: int
+    status: str
+    resumed: bool
+    total: int
+    scored: int
+    unscored: int
+    failures: int
+    new: int
+    requested: int
+    logprobs: bool
+    wall_s: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Target:
+    response_id: int
+    rubric: Rubric
+
+
+class _Tally:
+    """Counts of committed judgements and the progress callback."""
+
+    def __init__(self, run_id: int, total: int, counts: Mapping[str, int], progress: Callable | None) -> None:
+        self.run_id, self.total, self.progress = run_id, total, progress
+        self.scored, self.unscored = counts["scored"], counts["unscored"]
+        self.failed = self.new = 0
+        self.start = time.perf_counter()
+
+    def committed(self, rows: Sequence[Any]) -> None:
+        for row in rows:
+            self.new += 1
+            if row.raw_output is None:
+                self.failed += 1
+            elif row.score is None:
+                self.unscored += 1
+            else:
+                self.scored += 1
+        self.report()
+
+    def report(self) -> None:
+        if self.progress is not None:
+            elapsed = time.perf_counter() - self.start
+            self.progress(
+                JudgeProgress(self.run_id, self.total, self.scored, self.unscored, self.failed, self.new, elapsed)
+            )
+
+
+def _row(target: _Target, outcome: Completion | RequestFailed, config: JudgeConfig) -> Any:
+    from personavec.store.judgements import JudgementRow
+
+    if isinstance(outcome, RequestFailed):
+        return JudgementRow(target.response_id, target.rubric.name, None, error=str(outcome), attempts=outcome.attempts)
+    scored = score_answer(
+        outcome.text, outcome.logprobs, target.rubric, mode=config.score_mode, min_mass=config.min_numeric_mass
+    )
+    return JudgementRow(
+        target.response_id,
+        target.rubric.name,
+        scored.score,
+        method=scored.method,
+        numeric_mass=scored.numeric_mass,
+        raw_output=outcome.text,
+        top_logprobs=json.dumps(scored.top_logprobs) if scored.top_logprobs is not None else None,
+        error=scored.error,
+        latency_s=outcome.latency_s,
+        attempts=outcome.attempts,
+        model_reported=outcome.model_reported,
+    )
+
+
+def run_judge(
+    ws: Workspace,
+    config: JudgeConfig | None,
+    *,
+    resume: int | None = None,
+    progress: Callable[[JudgeProgress], None] | None = None,
+) -> JudgeResult:
+    """Judge every answered response of ``config.responses_run`` under each rubric: a new ``judge`` run, or resume
+    run ``resume`` (only pairs without a judge answer are asked; failed requests are asked again).
+
+    Args:
+        ws: the workspace.
+        config: what to judge and how. May be None when resuming (the stored config is used); when given with
+            ``resume``, its identity fields must match the run's.
+        resume: the judge run to resume.
+        progress: called with a :class:`JudgeProgress` at the start and after each batch lands.
+
+    Returns:
+        a :class:`JudgeResult`; its status is "failed" when requests still failed after the retries (resume to ask
+        them again). Unscored judge answers do not fail the run. Raises :class:`EndpointError` when the endpoint
+        fails in a way retrying cannot fix (the run is marked failed, its judgements kept).
+
+    Example: ``run_judge(ws, JudgeConfig(3, ("coherence",), model="m", base_url=url))``.
+    """
+    from personavec.store import judgements as js
+    from personavec.store.responses import answered_responses
+
+    start = time.perf_counter()
+    catalog = ws.catalog()
+    if resume is not None:
+        stored = js.get_judge_run(catalog, resume).run.config
+        overrides = dataclasses.asdict(config) if config else {}
+        config = JudgeConfig.resumed(resume, stored, **overrides)
+    elif config is None:
+        raise ConfigError("run_judge needs a config (new run) or resume=RUN_ID")
+    keys = config.endpoint.api_keys()  # before anything is written: a missing key leaves no run behind
+    secrets = [k for k in keys.values() if k]
+    responses = answered_responses(catalog, config.responses_run)
+    if not responses:
+        raise ConfigError(f"responses run {config.responses_run} has no answered responses to judge")
+    if resume is None:
+        run_id = js.create_judge_run(
+            catalog,
+            config_dict(config),
+            responses_run_id=config.responses_run,
+            model=config.model,
+            endpoint=config.base_url,
+            rubrics=[r.name for r in config.rubrics],
+        )
+    else:
+        run_id = resume
+        js.resume_judge_run(catalog, run_id)
+    settled = js.settled_keys(catalog, run_id)
+    jobs = [
+        _Job(
+            None,
+            rubric.render(question=r.question, answer=r.text, persona=r.system_prompt, persona_name=r.persona),
+            _Target(r.id, rubric),
+        )
+        for r in responses
+        for rubric in config.rubrics
+        if (r.id, rubric.name) not in settled
+    ]
+    total = len(responses) * len(config.rubrics)
+    tally = _Tally(run_id, total, js.judgement_counts(catalog, run_id), progress)
+    tally.report()
+    asked_logprobs = config.score_mode != "parse"
+
+    async def main() -> None:
+        nonlocal asked_logprobs
+        writer: GroupCommitWriter[Any] = GroupCommitWriter(
+            lambda rows: js.upsert_judgements(catalog, run_id, rows), tally.committed
+        )
+        writer.begin()
+
+        def land(job: _Job, outcome: Completion | RequestFailed) -> None:
+            writer.put(_row(job.key, outcome, config))
+
+        try:
+            rest = jobs
+            if config.score_mode == "auto":
+                asked_logprobs = await _probe(config, keys, jobs[0], land)
+                rest = jobs[1:]
+            extra = config.logprob_params if asked_logprobs else None
+            if rest:
+                await _ask_all(config.endpoint, keys, rest, len(rest), land, extra_body=extra)
+        finally:
+            await writer.close()  # whatever finished before a stop (fatal error, Ctrl-C) still lands
+
+    try:
+        if jobs:
+            _run_sync(main)
+    except EndpointError as exc:
+        if resume is None and js.discard_empty_judge_run(catalog, run_id):
+            raise
+        js.finish_judge_run(catalog, run_id, "failed", str(exc))
+        raise EndpointError(f"{exc} [judge run {run_id} stopped; resume with --resume {run_id}]") from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        js.finish_judge_run(catalog, run_id, "interrupted", "interrupted by the user")
+        raise
+    except BaseException as exc:
+        js.finish_judge_run(catalog, run_id, "failed", redact(f"{type(exc).__name__}: {exc}", secrets))
+        raise
+    counts = js.judgement_counts(catalog, run_id)
+    status, error = "done", None
+    if counts["failed"]:
+        status = "failed"
+        error = (
+            f"{counts['failed']} of {total} judge requests failed after retries; "
+            f"rerun with --resume {run_id} to ask only those"
+        )
+    js.finish_judge_run(catalog, run_id, status, error)
+    return JudgeResult(
+        run_id=run_id,
+        status=status,
+        resumed=resume is not None,
+        total=total,
+        scored=counts["scored"],
+        unscored=counts["unscored"],
+        failures=counts["failed"],
+        new=tally.new,
+        requested=len(jobs),
+        logprobs=asked_logprobs,
+        wall_s=time.perf_counter() - start,
+        error=error,
+    )
+
+
+async def _probe(
+    config: JudgeConfig,
+    keys: Mapping[str, str | None],
+    job: _Job,
+    land: Callable[[_Job, Completion | RequestFailed], None],
+) -> bool:
+    """Ask the first pair with logprobs; if the endpoint refuses the request, ask it again without them and go on
+    parsing answers (some servers reject ``logprobs``). Returns whether the rest should ask for logprobs."""
+    endpoint_config = config.endpoint
+
+    async def ask(extra: Mapping[str, Any] | None) -> Completion | RequestFailed:
+        endpoint = ChatEndpoint(endpoint_config, keys.get(config.base_url), extra_body=extra)
+        try:
+            return await endpoint.complete(job.system_prompt, job.question)
+        except RequestFailed as exc:
+            return exc
+        finally:
+            await endpoint.aclose()
+
+    try:
+        outcome = await ask(config.logprob_params)
+        with_logprobs = True
+    except EndpointError as refused:
+        try:
+            outcome = await ask(None)
+        except EndpointError:
+            raise refused from None  # the endpoint fails either way: report the first refusal
+        with_logprobs = False
+    land(job, outcome)
+    return with_logprobs
+
+
+__all__ = [
+    "BUILTIN_RUBRICS",
+    "JudgeConfig",
+    "JudgeProgress",
+    "JudgeResult",
+    "JudgementFilter",
+    "Rubric",
+    "parse_filter",
+    "read_rubric_file",
+    "resolve_rubric",
+    "resume_config",
+    "run_judge",
+    "score_answer",
+    "trait_rubric",
+]

@@ -1,0 +1,525 @@
+"""Interventions on the residual stream: additive steering, directional ablation, activation capping.
+
+Layer convention (the project's): layer ``L`` is ``hidden_states[L]``, the output of decoder block ``L - 1``; an
+intervention at layer ``L`` is a forward hook on block ``L - 1`` that rewrites its output, so every later block (and
+the KV cache they fill) sees the modified stream. Steerable layers are ``1 .. n_layers - 1``: ``hidden_states[0]``
+(embeddings) and ``hidden_states[n]`` (after the final norm) are not outputs of a block. Libraries that index the
+block list directly (safety-research's assistant-axis, persona_vectors, repeng) call block ``i`` "layer i": their
+``i`` is our ``i + 1``.
+
+Per position ``h`` (``[d_model]``, raw and uncentred), with ``v`` the vector, ``u = v / |v|`` (``0`` for a zero
+vector) and ``s`` the scale:
+
+- ``add``:    ``h <- h + s * v``
+- ``ablate``: ``h <- h - (h . u) u + s * v``  (``s = 0``: pure directional ablation)
+- ``cap``:    ``h <- h - max(0, h . u - tau) u``  (so ``h . u <= tau`` afterwards)
+
+``s`` is the coefficient ``c`` relative to the vector as stored, or, with ``normalize``, ``c * unit / |v|`` where
+``unit`` is the layer's mean activation norm (the mean norm of the vector run's vectors at that layer), so that
+``c = 1`` adds a vector as long as a typical mean activation of that layer, whatever the model and layer.
+
+Positions: ``"all"`` changes every position (prompt and generated); ``"generated"`` only positions at or after the
+end of the prompt, i.e. the tokens the model generated as they are fed back in (the first generated token comes
+from the unsteered prompt pass, as in persona_vectors' ``positions="response"``). With left padding and the KV cache,
+the hook sees ``[B, S, d]`` on the prompt pass and ``[B, 1, d]`` per generated token; :class:`Steerer` tracks the
+absolute position of each call (a pass of more than one token starts at 0; a one-token pass continues the previous
+one), and the prompt length is the padded prompt width (set with :meth:`Steerer.begin`, else the width of the first
+multi-token pass).
+
+Vectors are named from a vectors run: ``RUN:name`` (a persona, or a persona group of the run's provenance: the mean
+of its members), ``RUN:a-b`` (a difference), ``RUN:axis`` (the run's assistant axis, a unit vector), any of them
+negated with a leading ``-`` after the colon (``RUN:-axis``). See ``docs/steering.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from personavec.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from personavec.vectors import VectorSet
+    from personavec.workspace import Workspace
+
+#: Intervention kinds.
+KINDS = ("add", "ablate", "cap")
+#: Which positions an intervention changes.
+POSITIONS = ("all", "generated")
+#: Default percentile of the reference run's per-token projections used as the capping threshold.
+DEFAULT_CAP_PERCENTILE = 25.0
+
+_REF = re.compile(r"^\s*(\d+)\s*:\s*(-?)\s*(\S.*?)\s*$")
+
+
+# ---------------------------------------------------------------------------------------------------- naming
+
+
+@dataclass(frozen=True)
+class VectorRef:
+    """A vector named from a vectors run: ``RUN:name``, ``RUN:a-b``, ``RUN:axis``, optionally negated (``RUN:-x``)."""
+
+    run_id: int
+    expr: str
+    negate: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> VectorRef:
+        match = _REF.match(text or "")
+        if not match:
+            raise ConfigError(
+                f"vector {text!r} is not RUN:NAME: name a vectors run and a vector, e.g. 7:pirate (a persona or "
+                f"persona group), 7:pirate-default (a difference), 7:axis (the assistant axis), 7:-axis (negated)"
+            )
+        return cls(int(match.group(1)), match.group(3), bool(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.run_id}:{'-' if self.negate else ''}{self.expr}"
+
+
+def _named(vset: VectorSet, name: str, defaults: Sequence[str] | None) -> np.ndarray | None:
+    """One name of a vector set: a vector, a persona group (mean of its members), or ``axis``; None if unknown."""
+    from personavec import analysis
+
+    if name in vset.names:
+        return vset[name].double().numpy()
+    groups = vset.provenance.get("persona_groups") or {}
+    members = [p for p in vset.names if name in (groups.get(p) or ())]
+    if members:
+        return np.mean([vset[p].double().numpy() for p in members], axis=0)
+    if name == "axis":
+        return analysis.assistant_axis(vset, analysis.default_personas_of(vset, defaults) or None)
+    return None
+
+
+def resolve_vector(vset: VectorSet, expr: str, *, negate: bool = False, defaults: Sequence[str] | None = None):
+    """The float64 vector ``expr`` names in ``vset`` (``name``, ``a-b`` or ``axis``; see :class:`VectorRef`).
+
+    A name that exists as written wins over a split at ``-`` (so personas with hyphens in their names work)."""
+    vec = _named(vset, expr, defaults)
+    if vec is None:
+        for i, ch in enumerate(expr):
+            if ch != "-" or i == 0:
+                continue
+            a, b = _named(vset, expr[:i], defaults), _named(vset, expr[i + 1 :], defaults)
+            if a is not None and b is not None:
+                vec = a - b
+                break
+    if vec is None:
+        groups = sorted({g for gs in (vset.provenance.get("persona_groups") or {}).values() for g in gs or ()})
+        raise ConfigError(
+            f"vectors run {vset.run_id} (layer {vset.layer}) has no vector {expr!r}: it has "
+            f"{', '.join(vset.names)}; persona groups {', '.join(groups) or 'none'}; and 'axis'. "
+            f"A difference is written a-b."
+        )
+    return -vec if negate else vec
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+def _floats(values: Any) -> tuple[float, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, int | float | str):
+        values = (values,)
+    return tuple(float(v) for v in values)
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """One intervention, by name (stored with the run as provenance).
+
+    Attributes:
+        vector: ``RUN:NAME`` (see :class:`VectorRef`).
+        kind: ``"add"``, ``"ablate"`` or ``"cap"``.
+        layers: ``hidden_states`` indices (``1 .. n_layers - 1``); empty = the vectors run's default layer (the seed's
+            default layer when the run has it, else its only layer).
+        coef: the coefficient ``c`` of ``add``/``ablate`` (unused by ``cap``).
+        positions: ``"all"`` or ``"generated"``.
+        normalize: ``c`` in units of the layer's mean activation norm instead of the vector as stored.
+        tau: ``cap`` thresholds on ``h . u``: one value for every layer or one per layer (``inf`` caps nothing).
+        percentile: ``cap`` without ``tau``: the threshold is this percentile of the reference run's per-token
+            projections at each layer.
+        reference_run: ``cap`` without ``tau``: a responses run (generate / ingest-responses) or an extract run (its
+            responses run) whose answer tokens give the projections.
+        reference_personas: only these personas' answers of the reference run (empty = all).
+
+    Example: ``SteeringConfig("7:mystic-default", coef=4.0, layers=(20,))``; capping along the drift direction at the
+    25th percentile of run 3's answers: ``SteeringConfig("7:-axis", kind="cap", reference_run=3)``.
+    """
+
+    vector: str
+    kind: str = "add"
+    layers: tuple[int, ...] = ()
+    coef: float = 0.0
+    positions: str = "all"
+    normalize: bool = False
+    tau: tuple[float, ...] = ()
+    percentile: float = DEFAULT_CAP_PERCENTILE
+    reference_run: int | None = None
+    reference_personas: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers or ()))
+        object.__setattr__(self, "tau", _floats(self.tau))
+        object.__setattr__(self, "reference_personas", tuple(self.reference_personas or ()))
+        object.__setattr__(self, "coef", float(self.coef))
+        VectorRef.parse(self.vector)
+        if self.kind not in KINDS:
+            raise ConfigError(f"intervention kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layers has duplicates: {self.layers}")
+        if any(layer < 1 for layer in self.layers):
+            raise ConfigError(f"steerable layers are 1..n_layers-1 (hidden_states indices), got {self.layers}")
+        if not math.isfinite(self.coef):
+            raise ConfigError(f"coef must be finite, got {self.coef}")
+        if self.kind == "cap":
+            if not self.tau and self.reference_run is None:
+                raise ConfigError("cap needs thresholds: give tau (--tau) or a reference run (--cap-reference RUN)")
+            if self.tau and self.reference_run is not None:
+                raise ConfigError("cap takes tau or a reference run, not both")
+            if self.tau and self.layers and len(self.tau) not in (1, len(self.layers)):
+                raise ConfigError(f"tau needs one value or one per layer ({len(self.layers)}), got {len(self.tau)}")
+            if any(math.isnan(t) or t == -math.inf for t in self.tau):
+                raise ConfigError(f"tau must be a number or +inf, got {self.tau}")
+            if not 0.0 <= self.percentile <= 100.0:
+                raise ConfigError(f"percentile must be in [0, 100], got {self.percentile}")
+            if self.coef != 0.0 or self.normalize:
+                raise ConfigError("cap takes no coefficient or normalize (its thresholds are raw projections)")
+        elif self.tau or self.reference_run is not None or self.reference_personas:
+            raise ConfigError(f"tau and a reference run are for cap, not {self.kind}")
+
+    @property
+    def ref(self) -> VectorRef:
+        return VectorRef.parse(self.vector)
+
+    def label(self, coefs: Sequence[float] | None = None) -> str:
+        """A short human label, e.g. ``add 7:mystic-default x4 @20`` (``x-8,0,8`` with ``coefs``, for a sweep)."""
+        layers = ",".join(map(str, self.layers)) or "default"
+        if self.kind == "cap":
+            how = f"tau={','.join(f'{t:g}' for t in self.tau)}" if self.tau else f"p{self.percentile:g}"
+        else:
+            values = ",".join(f"{c:g}" for c in (coefs if coefs is not None else [self.coef]))
+            how = f"x{values}{' (normalized)' if self.normalize else ''}"
+        where = "" if self.positions == "all" else " generated only"
+        return f"{self.kind} {self.vector} {how} @{layers}{where}"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SteeringConfig:
+        """Rebuild from stored JSON (unknown keys ignored)."""
+        from personavec.config import config_from_dict
+
+        return config_from_dict(cls, dict(data))
+
+
+# ---------------------------------------------------------------------------------------------------- resolved
+
+
+@dataclass(frozen=True, eq=False)
+class LayerIntervention:
+    """One intervention at one layer, resolved to numbers (what the hook applies).
+
+    Build it directly to steer with any vector (no catalog needed):
+    ``LayerIntervention(layer=20, kind="add", vector=v, scale=4.0)``.
+    """
+
+    layer: int
+    kind: str
+    vector: Any  # [d_model] numpy array or tensor
+    scale: float = 0.0
+    tau: float | None = None
+    positions: str = "all"
+    unit_norm: float | None = None  # the layer's mean activation norm when the coefficient was normalized
+    n_reference_tokens: int | None = None  # tokens the threshold percentile was taken over
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"intervention kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.kind == "cap" and self.tau is None:
+            raise ConfigError("a cap intervention needs tau")
+
+    def as_numpy(self) -> np.ndarray:
+        v = self.vector
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().double().numpy()
+        return np.asarray(v, dtype=np.float64).reshape(-1)
+
+    @property
+    def vector_norm(self) -> float:
+        return float(np.linalg.norm(self.as_numpy()))
+
+
+@dataclass(frozen=True)
+class SteeringPlan:
+    """A :class:`SteeringConfig` resolved against a vectors run and a model: the per-layer interventions plus what
+    was resolved (for provenance)."""
+
+    config: SteeringConfig
+    interventions: tuple[LayerIntervention, ...]
+    vector_run_id: int
+    vector_model: str
+    tau_source: str | None = None
+    reference_run_id: int | None = None
+
+
+def unit_norm(vset: VectorSet) -> float:
+    """The layer's mean activation norm used by ``normalize``: the mean norm of the run's vectors at that layer."""
+    norms = vset.provenance.get("norms") or {}
+    values = [float(norms[n]) for n in vset.names if n in norms]
+    if not values:
+        values = [float(np.linalg.norm(vset[n].double().numpy())) for n in vset.names]
+    return float(np.mean(values))
+
+
+def plan_steering(
+    ws: Workspace,
+    config: SteeringConfig,
+    *,
+    n_layers: int,
+    d_model: int,
+    loaded: Any = None,
+    reference_batch_tokens: int | None = None,
+) -> SteeringPlan:
+    """Resolve ``config`` against its vectors run (and, for ``cap`` with a reference run, the loaded model).
+
+    Args:
+        ws: the workspace holding the vectors run.
+        config: what to do.
+        n_layers, d_model: the model to steer (checked against the vectors).
+        loaded: a :class:`personavec.modeling.LoadedModel`; needed only to compute cap thresholds from a reference
+            run (one forward pass over its answers).
+    """
+    from personavec.vectors import load_vectors
+
+    ref = config.ref
+
+    def check(layers: Sequence[int]) -> None:
+        bad = [layer for layer in layers if not 1 <= layer <= n_layers - 1]
+        if bad:
+            raise ConfigError(
+                f"layer(s) {bad} cannot be steered: a model with {n_layers} layers has steerable layers "
+                f"1..{n_layers - 1}"
+            )
+
+    check(config.layers)
+    first = load_vectors(ref.run_id, config.layers[0] if config.layers else None, workspace=ws)
+    layers = config.layers or (first.layer,)
+    check(layers)
+    if first.d_model != d_model:
+        raise ConfigError(
+            f"vectors run {ref.run_id} has d_model {first.d_model} ({first.model}), the model has {d_model}: "
+            f"steer with vectors of the same model"
+        )
+    n_model_layers = first.provenance.get("n_model_layers")
+    if n_model_layers is not None and int(n_model_layers) != n_layers:
+        raise ConfigError(
+            f"vectors run {ref.run_id} comes from a model with {n_model_layers} layers ({first.model}), this one "
+            f"has {n_layers}"
+        )
+    vsets = {first.layer: first}
+    for layer in layers:
+        if layer not in vsets:
+            vsets[layer] = load_vectors(ref.run_id, layer, workspace=ws)
+    vectors = {layer: resolve_vector(vsets[layer], ref.expr, negate=ref.negate) for layer in layers}
+
+    tau_source = None
+    reference_run_id = None
+    counts: dict[int, int | None] = dict.fromkeys(layers)
+    taus: dict[int, float | None] = dict.fromkeys(layers)
+    if config.kind == "cap":
+        if config.tau:
+            given = config.tau * len(layers) if len(config.tau) == 1 else config.tau
+            taus = {layer: float(t) for layer, t in zip(layers, given, strict=True)}
+            tau_source = "given"
+        else:
+            if loaded is None:
+                raise ConfigError("cap thresholds from a reference run need the model (pass loaded=)")
+            from personavec.monitor import reference_thresholds
+
+            assert config.reference_run is not None  # checked by SteeringConfig
+            found = reference_thresholds(
+                ws,
+                loaded,
+                config.reference_run,
+                vectors,
+                config.percentile,
+                personas=config.reference_personas,
+                max_batch_tokens=reference_batch_tokens,
+            )
+            taus = {layer: found.thresholds[layer] for layer in layers}
+            counts = dict.fromkeys(layers, found.n_tokens)
+            reference_run_id = found.responses_run_id
+            tau_source = (
+                f"p{config.percentile:g} of {found.n_tokens} answer tokens of responses run {found.responses_run_id}"
+                + (f" (personas {', '.join(config.reference_personas)})" if config.reference_personas else "")
+            )
+    interventions = []
+    for layer in layers:
+        vec = vectors[layer]
+        norm = float(np.linalg.norm(vec))
+        unit = unit_norm(vsets[layer]) if config.normalize else None
+        if config.normalize and config.coef != 0.0 and norm == 0.0:
+            raise ConfigError(f"{config.vector} is a zero vector at layer {layer}: it cannot be normalized")
+        scale = config.coef * unit / norm if unit is not None and norm > 0 else config.coef
+        interventions.append(
+            LayerIntervention(
+                layer=layer,
+                kind=config.kind,
+                vector=vec.astype(np.float32),
+                scale=float(scale) if config.kind != "cap" else 0.0,
+                tau=taus[layer],
+                positions=config.positions,
+                unit_norm=unit,
+                n_reference_tokens=counts[layer],
+            )
+        )
+    return SteeringPlan(
+        config=config,
+        interventions=tuple(interventions),
+        vector_run_id=ref.run_id,
+        vector_model=first.model,
+        tau_source=tau_source,
+        reference_run_id=reference_run_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- hooks
+
+
+class _Prepared:
+    """An intervention's tensors, moved lazily to each device the layer runs on (``device_map``)."""
+
+    def __init__(self, iv: LayerIntervention) -> None:
+        import torch
+
+        self.iv = iv
+        v = torch.as_tensor(iv.as_numpy(), dtype=torch.float32)
+        norm = float(v.norm())
+        self.unit = v / norm if norm > 0 else torch.zeros_like(v)
+        self.add = v * float(iv.scale)
+        self._on: dict[Any, tuple[Any, Any]] = {}
+
+    def on(self, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on:
+            self._on[device] = (self.unit.to(device), self.add.to(device))
+        return self._on[device]
+
+
+def apply_intervention(
+    h: torch.Tensor, prepared: _Prepared, mask: torch.Tensor | None = None
+) -> torch.Tensor:  # float32 in, float32 out
+    """``h`` (``[B, S, d]`` float32) after one intervention; ``mask`` (``[1, S, 1]`` bool) limits the positions."""
+    import torch
+
+    iv = prepared.iv
+    unit, add = prepared.on(h.device)
+    if iv.kind == "add":
+        delta = add.expand_as(h)
+    elif iv.kind == "ablate":
+        delta = add - (h @ unit).unsqueeze(-1) * unit
+    else:
+        excess = ((h @ unit) - float(iv.tau)).clamp_min(0.0)  # type: ignore[arg-type]
+        delta = -excess.unsqueeze(-1) * unit
+    if mask is not None:
+        delta = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    return h + delta
+
+
+class Steerer:
+    """Forward hooks that apply interventions to decoder-block outputs; use as a context manager (hooks are always
+    removed on exit).
+
+    Example::
+
+        with Steerer(model, [LayerIntervention(layer=20, kind="add", vector=v, scale=4.0)]) as steerer:
+            steerer.begin(prompt_len=input_ids.shape[1])   # once per generate call ("generated" positions)
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+    """
+
+    def __init__(self, model: Any, interventions: Sequence[LayerIntervention], *, blocks: Any = None) -> None:
+        from personavec.modeling import decoder_layers
+
+        self.model = model
+        self.blocks = blocks if blocks is not None else decoder_layers(model)
+        n_layers = len(self.blocks)
+        self.by_layer: dict[int, list[_Prepared]] = {}
+        for iv in interventions:
+            if not 1 <= iv.layer <= n_layers - 1:
+                raise ConfigError(
+                    f"layer {iv.layer} cannot be steered: a model with {n_layers} layers has steerable layers "
+                    f"1..{n_layers - 1} (hidden_states indices)"
+                )
+            self.by_layer.setdefault(iv.layer, []).append(_Prepared(iv))
+        self.prompt_len: int | None = None
+        self._auto = True
+        self._next: dict[int, int] = {}
+        self._handles: list[Any] = []
+
+    def begin(self, prompt_len: int | None = None) -> None:
+        """Start a new generate call: positions restart at 0; ``prompt_len`` is the (padded) prompt width, or None
+        to take the width of the next multi-token pass."""
+        self.prompt_len = prompt_len
+        self._auto = prompt_len is None
+        self._next.clear()
+
+    def _hook(self, layer: int) -> Any:
+        import torch
+
+        prepared = self.by_layer[layer]
+
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else output
+            seq = h.shape[1]
+            # A pass of several tokens starts at position 0 (a prompt pass, or a full pass without a cache); a
+            # one-token pass continues where the last one ended (a cached decoding step).
+            start = 0 if seq > 1 else self._next.get(layer, 0)
+            self._next[layer] = start + seq
+            if seq > 1 and self._auto:
+                self.prompt_len = seq
+            mask = None
+            if any(p.iv.positions == "generated" for p in prepared):
+                first = self.prompt_len if self.prompt_len is not None else seq
+                pos = torch.arange(start, start + seq, device=h.device)
+                mask = (pos >= first).view(1, seq, 1)
+            x = h.float()
+            for p in prepared:
+                x = apply_intervention(x, p, mask if p.iv.positions == "generated" else None)
+            x = x.to(h.dtype)
+            return (x, *output[1:]) if isinstance(output, tuple) else x
+
+        return hook
+
+    def __enter__(self) -> Steerer:
+        try:
+            for layer in sorted(self.by_layer):
+                self._handles.append(self.blocks[layer - 1].register_forward_hook(self._hook(layer)))
+        except BaseException:
+            self.remove()
+            raise
+        self.begin(None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def steer(model: Any, interventions: Sequence[LayerIntervention]) -> Steerer:
+    """:class:`Steerer` over ``model``'s decoder blocks (a context manager)."""
+    return Steerer(model, interventions)

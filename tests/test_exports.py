@@ -1,0 +1,130 @@
+"""Direction exports: a llama.cpp control vector (GGUF, read back with the gguf package as llama.cpp reads it) and
+one-tensor-per-layer safetensors with provenance, from a synthetic vectors run with known values."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from personavec.cli import app
+from personavec.errors import ConfigError, InputFileError
+from personavec.exports import export_direction, llama_cpp_layer, load_direction, model_hint_for
+from personavec.vectors import VectorConfig, compute_vectors, load_vectors
+
+LAYERS = (0, 1, 2, 5, 8)  # the synthetic model has 8 blocks: hidden_states 0..8
+
+
+@pytest.fixture
+def vector_run(workspace, make_extraction_run):
+    ext = make_extraction_run(workspace, layers=LAYERS, d_model=16)
+    return compute_vectors(workspace, VectorConfig(ext.run_id)).run_id
+
+
+def read_gguf(path) -> tuple[dict, dict]:
+    """(key -> value, tensor name -> (shape, type, data)) as the gguf package reads the file."""
+    reader = gguf.GGUFReader(path)
+    fields = {}
+    for name, f in reader.fields.items():
+        if f.types and f.types[0] == gguf.GGUFValueType.STRING:
+            fields[name] = bytes(f.parts[-1]).decode()
+        elif f.types:
+            fields[name] = f.parts[-1][0].item()
+    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type, np.array(t.data)) for t in reader.tensors}
+    return fields, tensors
+
+
+def check_as_llama_cpp_would(tensors: dict) -> None:
+    """common_control_vector_load_one's rules: names direction.<k>, k an integer >= 1, 1-D F32, one n_embd."""
+    n_embd = set()
+    for name, (shape, ttype, _) in tensors.items():
+        prefix, _, k = name.partition(".")
+        assert prefix == "direction" and k.isdigit() and int(k) >= 1, name
+        assert ttype == gguf.GGMLQuantizationType.F32 and len(shape) == 1
+        n_embd.add(shape[0])
+    assert len(n_embd) == 1
+
+
+def test_layer_mapping_to_llama_cpp():
+    # ours = theirs + 1: hidden_states[L] is the output of block L-1, which llama.cpp steers with direction.(L-1)
+    assert [llama_cpp_layer(layer, 8) for layer in (2, 5, 7)] == [1, 4, 6]
+    for layer, why in ((0, "embedding"), (1, "direction.0"), (8, "final-norm")):
+        assert why in llama_cpp_layer(layer, 8)
+    assert model_hint_for({"architecture": "LlamaForCausalLM"}) == "llama"
+    assert model_hint_for({"architecture": "Gemma3ForConditionalGeneration"}) == "gemma3"
+    assert model_hint_for({"architecture": "GPT2LMHeadModel"}) == "gpt2"
+    assert model_hint_for({"architecture": "", "model": "org/Qwen3-8B"}) == "qwen3-8b"
+
+
+def test_gguf_control_vector_reads_back_as_llama_cpp_expects(workspace, vector_run, tmp_path):
+    direction = load_direction(vector_run, "ghost", workspace=workspace)
+    assert sorted(direction.vectors) == list(LAYERS) and direction.n_examples == 3
+    res = export_direction(direction, tmp_path / "ghost.gguf")
+    assert res.format == "gguf" and res.layers == {2: 1, 5: 4} and sorted(res.skipped) == [0, 1, 8]
+    fields, tensors = read_gguf(tmp_path / "ghost.gguf")
+    assert fields["general.architecture"] == "controlvector"
+    assert fields["controlvector.model_hint"] == "synthetic"  # architecture "Synthetic" (no ...ForCausalLM suffix)
+    assert fields["controlvector.layer_count"] == 2
+    prov = json.loads(fields["controlvector.personavec"])
+    assert prov["run_id"] == vector_run and prov["group"] == "ghost" and prov["model"] == "synthetic/model"
+    assert sorted(tensors) == ["direction.1", "direction.4"]
+    check_as_llama_cpp_would(tensors)
+    for ours, theirs in res.layers.items():
+        want = load_vectors(vector_run, ours, workspace=workspace)["ghost"].numpy()
+        np.testing.assert_array_equal(tensors[f"direction.{theirs}"][2], want)
+        assert tensors[f"direction.{theirs}"][0] == (16,)
+
+
+def test_gguf_named_layers_and_refusals(workspace, vector_run, tmp_path):
+    out = tmp_path / "g.gguf"
+    res = export_direction(load_direction(vector_run, "ghost", (5,), workspace=workspace), out, model_hint="llama")
+    assert res.layers == {5: 4} and read_gguf(out)[0]["controlvector.model_hint"] == "llama"
+    with pytest.raises(InputFileError, match="exists"):
+        export_direction(load_direction(vector_run, "ghost", (5,), workspace=workspace), out)
+    with pytest.raises(ConfigError, match="cannot export layer 8: .*final-norm"):
+        export_direction(
+            load_direction(vector_run, "ghost", (5, 8), workspace=workspace), tmp_path / "h.gguf", layers_named=True
+        )
+    with pytest.raises(ConfigError, match="no layer llama.cpp can steer"):
+        export_direction(load_direction(vector_run, "ghost", (0, 1), workspace=workspace), tmp_path / "none.gguf")
+    with pytest.raises(ConfigError, match="no group 'nobody'.*ghost"):
+        load_direction(vector_run, "nobody", workspace=workspace)
+    with pytest.raises(ConfigError, match="no layer"):
+        load_direction(vector_run, "ghost", (3,), workspace=workspace)
+    with pytest.raises(ConfigError, match="gguf"):
+        export_direction(load_direction(vector_run, "ghost", workspace=workspace), tmp_path / "x.npz")
+
+
+def test_safetensors_one_tensor_per_layer_with_provenance(workspace, vector_run, tmp_path):
+    res = export_direction(load_direction(vector_run, "cynic", workspace=workspace), tmp_path / "cynic.safetensors")
+    assert res.layers == {layer: layer for layer in LAYERS} and not res.skipped
+    with safe_open(str(tmp_path / "cynic.safetensors"), "np") as f:
+        meta = f.metadata()
+        assert sorted(f.keys()) == sorted(f"layer.{layer}" for layer in LAYERS)
+        for layer in LAYERS:
+            want = load_vectors(vector_run, layer, workspace=workspace)["cynic"].numpy()
+            got = f.get_tensor(f"layer.{layer}")
+            assert got.dtype == np.float32 and got.shape == (16,)
+            np.testing.assert_array_equal(got, want)
+    assert meta["format"] == "personavec-direction/1" and meta["group"] == "cynic"
+    assert "llama.cpp/repeng layer = L - 1" in meta["layer_numbering"]
+    prov = json.loads(meta["personavec"])
+    assert prov["extraction_run_id"] and prov["group_n_examples"] == 3 and prov["layers"] == list(LAYERS)
+
+
+def test_cli_export_direction(workspace, vector_run, tmp_path, cli):
+    out = tmp_path / "ghost.gguf"
+    base = ["export-direction", str(vector_run), "ghost", str(out), "-w", str(workspace.root)]
+    res = cli.invoke(app, base + ["--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["layers"] == {"2": 1, "5": 4} and got["model_hint"] == "synthetic"
+    res = cli.invoke(app, base)
+    assert res.exit_code == 2 and "exists" in res.output
+    res = cli.invoke(app, base + ["--overwrite", "-l", "8"])
+    assert res.exit_code == 2 and "final-norm" in res.output
+    res = cli.invoke(app, base + ["--overwrite", "-l", "5"])
+    assert res.exit_code == 0 and "5->4" in res.output

@@ -1,0 +1,360 @@
+"""The local engine in the catalog: rows like the remote engine's, durable per batch, resumable; steered and capped
+runs with their intervention stored and queryable; sweeps; per-token monitoring."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+import torch
+from tiny_models import template_tokenizer, tiny_config
+
+from personavec.cli import app
+from personavec.config import config_from_dict
+from personavec.errors import ConfigError, RunInterrupted
+from personavec.extract import mean_activations
+from personavec.generate import GenerateConfig, run_generation
+from personavec.local_engine import LocalOptions, generate_batch, load_for, prompt_ids, run_local_generation, run_sweep
+from personavec.monitor import export_projections, project_responses, reference_thresholds, token_projections
+from personavec.spans import conversation, render
+from personavec.steering import SteeringConfig, resolve_vector
+from personavec.store.responses import answered_responses
+from personavec.store.runs import get_run, list_runs
+from personavec.store.steering import get_intervention, get_sweep
+from personavec.vectors import VectorConfig, compute_vectors, load_vectors
+
+PERSONAS = ("default", "storyteller", "cynic")
+
+
+@pytest.fixture(scope="session")
+def tiny8(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An 8-layer, 64-wide random llama with a ChatML template (8 layers: the synthetic extraction's model size)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny8") / "llama8"
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.num_hidden_layers = 8
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    template_tokenizer("chatml").save_pretrained(out)
+    return str(out)
+
+
+def _config(model: str, **kw) -> GenerateConfig:
+    base = dict(
+        engine="local",
+        model=model,
+        personas=PERSONAS,
+        questions=(0, 1),
+        max_tokens=6,
+        temperature=0.0,
+        local=LocalOptions(device="cpu", dtype="float32", batch_size=4),
+    )
+    return GenerateConfig(**(base | kw))
+
+
+def _sql(ws, query: str):
+    with ws.catalog().session() as session:
+        return [tuple(r) for r in session.execute(sa.text(query)).all()]
+
+
+def test_local_run_lands_every_answer_like_the_remote_engine(workspace, tiny8):
+    config = _config(tiny8)
+    res = run_generation(workspace, config)
+    assert (res.status, res.answers, res.failures, res.total) == ("done", 6, 0, 6)
+    rows = answered_responses(workspace.catalog(), res.run_id)
+    loaded = load_for(config)
+    expected = generate_batch(
+        loaded, [prompt_ids(loaded.tokenizer, r.system_prompt, r.question) for r in rows], max_new_tokens=6
+    )
+    assert [r.text for r in rows] == [g.text for g in expected]
+    detail = _sql(
+        workspace,
+        f"SELECT count(*), sum(completion_tokens), min(prompt_tokens), any_value(finish_reason), "
+        f"any_value(model_reported) FROM responses WHERE run_id = {res.run_id}",
+    )[0]
+    assert detail[0] == 6 and detail[1] == res.completion_tokens == sum(g.completion_tokens for g in expected)
+    assert detail[3] in ("stop", "length") and detail[4] == tiny8
+    assert _sql(workspace, f"SELECT endpoint, temperature FROM response_runs WHERE run_id = {res.run_id}") == [
+        ("local:cpu", 0.0)
+    ]
+    assert get_intervention(workspace.catalog(), res.run_id) is None
+
+
+def test_interrupted_local_run_keeps_finished_batches_and_resumes(workspace, tiny8):
+    config = _config(tiny8)
+    reports = []
+
+    def stop_after_first_batch(p):
+        reports.append(p)
+        if p.new_answers:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted) as info:
+        run_generation(workspace, config, progress=stop_after_first_batch)
+    run_id = info.value.run_id
+    assert get_run(workspace.catalog(), run_id).status == "interrupted"
+    assert len(answered_responses(workspace.catalog(), run_id)) == 4  # one batch landed
+    resumed = run_generation(workspace, None, resume=run_id)
+    assert (resumed.status, resumed.answers, resumed.new_answers, resumed.requested) == ("done", 6, 2, 2)
+    fresh = run_generation(workspace, config)
+    texts = {(r.persona, r.question): r.text for r in answered_responses(workspace.catalog(), fresh.run_id)}
+    assert {(r.persona, r.question): r.text for r in answered_responses(workspace.catalog(), run_id)} == texts
+    with pytest.raises(ConfigError, match="other settings"):
+        run_generation(workspace, dataclasses.replace(config, max_tokens=7), resume=run_id)
+
+
+def test_seeded_sampling_is_reproducible(workspace, tiny8):
+    config = _config(tiny8, temperature=1.0, seed=3, personas=("default",))
+    a, b = run_generation(workspace, config), run_generation(workspace, config)
+    texts = [[r.text for r in answered_responses(workspace.catalog(), x.run_id)] for x in (a, b)]
+    assert texts[0] == texts[1]
+
+
+@pytest.fixture
+def vectors_run(workspace, make_extraction_run):
+    """A vectors run over synthetic activations of an 8-layer, 64-wide model at layers 2 and 5."""
+    ext = make_extraction_run(workspace, layers=(2, 5), d_model=64)
+    return compute_vectors(workspace, VectorConfig(extraction_run_id=ext.run_id)).run_id
+
+
+def test_steered_run_stores_its_intervention_queryable_in_sql(workspace, tiny8, vectors_run):
+    plain = run_generation(workspace, _config(tiny8))
+    steering = SteeringConfig(f"{vectors_run}:storyteller-default", layers=(2,), coef=4.0)
+    res = run_generation(workspace, _config(tiny8, steering=steering))
+    record = get_intervention(workspace.catalog(), res.run_id)
+    expected = resolve_vector(load_vectors(vectors_run, 2, workspace=workspace), "storyteller-default")
+    assert (record.kind, record.vector, record.vector_run_id, record.layers, record.coef) == (
+        "add",
+        f"{vectors_run}:storyteller-default",
+        vectors_run,
+        (2,),
+        4.0,
+    )
+    (layer,) = record.per_layer
+    assert np.allclose(layer.vector, expected, atol=1e-6) and layer.scale == 4.0 and layer.tau is None
+    rows = _sql(
+        workspace,
+        "SELECT r.id, i.kind, i.coef, l.layer, round(l.vector_norm, 4), count(a.id) FROM runs r "
+        "JOIN run_interventions i ON i.run_id = r.id JOIN intervention_layers l ON l.run_id = r.id "
+        "JOIN responses a ON a.run_id = r.id GROUP BY ALL",
+    )
+    assert rows == [(res.run_id, "add", 4.0, 2, round(float(np.linalg.norm(expected)), 4), 6)]
+    texts = [[r.text for r in answered_responses(workspace.catalog(), x.run_id)] for x in (plain, res)]
+    assert texts[0] != texts[1]
+    assert get_run(workspace.catalog(), res.run_id).config["steering"]["coef"] == 4.0
+
+    def stop(p):
+        if p.new_answers:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted) as info:
+        run_generation(workspace, _config(tiny8, steering=steering), progress=stop)
+    resumed = run_generation(workspace, None, resume=info.value.run_id)  # reuses the stored intervention
+    assert resumed.new_answers == 2
+    assert [r.text for r in answered_responses(workspace.catalog(), resumed.run_id)] == texts[1]
+
+
+def test_normalize_scales_to_the_layer_mean_norm(workspace, tiny8, vectors_run):
+    steering = SteeringConfig(f"{vectors_run}:cynic", layers=(2, 5), coef=0.5, normalize=True)
+    res = run_generation(workspace, _config(tiny8, steering=steering, personas=("default",), questions=(0,)))
+    record = get_intervention(workspace.catalog(), res.run_id)
+    for layer in record.per_layer:
+        vs = load_vectors(vectors_run, layer.layer, workspace=workspace)
+        unit = float(np.mean([float(vs[n].norm()) for n in vs.names]))
+        assert layer.unit_norm == pytest.approx(unit, rel=1e-5)
+        assert layer.scale * layer.vector_norm == pytest.approx(0.5 * unit, rel=1e-5)
+
+
+def test_bad_steering_leaves_no_run(workspace, tiny8, vectors_run):
+    before = len(list_runs(workspace.catalog()))
+    for steering, match in [
+        (SteeringConfig(f"{vectors_run}:ghostly"), "has no vector 'ghostly'"),
+        (SteeringConfig(f"{vectors_run}:cynic", layers=(8,)), "steerable layers 1..7"),
+        (SteeringConfig(f"{vectors_run}:cynic", layers=(3,)), "has no layer 3"),
+    ]:
+        with pytest.raises((ConfigError, LookupError), match=match):
+            run_generation(workspace, _config(tiny8, steering=steering))
+    assert len(list_runs(workspace.catalog())) == before
+    with pytest.raises(ConfigError, match="local engine"):
+        GenerateConfig(model="m", steering=SteeringConfig("1:a"))
+
+
+def test_sweep_makes_one_linked_run_per_coefficient(workspace, tiny8, vectors_run):
+    steering = SteeringConfig(f"{vectors_run}:storyteller-default", layers=(5,), positions="generated")
+    res = run_sweep(workspace, _config(tiny8, steering=steering, personas=("default",)), [-8, 0, 8])
+    sweep = get_sweep(workspace.catalog(), res.sweep_id)
+    assert [r.coef for r in sweep.runs] == [-8.0, 0.0, 8.0] and {r.status for r in sweep.runs} == {"done"}
+    assert (
+        sweep.parameter == "coef" and sweep.label == f"add {vectors_run}:storyteller-default x-8,0,8 @5 generated only"
+    )
+    rows = _sql(
+        workspace,
+        f"SELECT i.coef, count(r.id) FROM run_interventions i JOIN responses r ON r.run_id = i.run_id "
+        f"WHERE i.sweep_id = {res.sweep_id} GROUP BY ALL ORDER BY i.coef",
+    )
+    assert rows == [(-8.0, 2), (0.0, 2), (8.0, 2)]
+    plain = run_generation(workspace, _config(tiny8, personas=("default",)))
+    zero = dict(res.runs)[0.0].run_id
+    assert [r.text for r in answered_responses(workspace.catalog(), zero)] == [
+        r.text for r in answered_responses(workspace.catalog(), plain.run_id)
+    ]
+    with pytest.raises(ConfigError, match="no coefficient"):
+        run_sweep(workspace, _config(tiny8, steering=SteeringConfig(f"{vectors_run}:cynic", kind="cap", tau=1)), [1])
+
+
+def test_cap_thresholds_from_a_reference_run_are_computed_and_stored(workspace, tiny8, vectors_run):
+    reference = run_generation(workspace, _config(tiny8, max_tokens=8))
+    steering = SteeringConfig(f"{vectors_run}:-storyteller", kind="cap", layers=(2, 5), reference_run=reference.run_id)
+    res = run_generation(workspace, _config(tiny8, steering=steering, personas=("cynic",)))
+    record = get_intervention(workspace.catalog(), res.run_id)
+    loaded = load_for(_config(tiny8))
+    vectors = {
+        layer: resolve_vector(load_vectors(vectors_run, layer, workspace=workspace), "storyteller", negate=True)
+        for layer in (2, 5)
+    }
+    found = reference_thresholds(workspace, loaded, reference.run_id, vectors, 25.0)
+    assert [layer.tau for layer in record.per_layer] == pytest.approx([found.thresholds[2], found.thresholds[5]])
+    assert record.percentile == 25.0 and record.reference_run_id == reference.run_id
+    assert record.tau_source == f"p25 of {found.n_tokens} answer tokens of responses run {reference.run_id}"
+    assert all(layer.n_reference_tokens == found.n_tokens for layer in record.per_layer)
+    # Capping at +inf from given thresholds changes nothing.
+    inf = SteeringConfig(f"{vectors_run}:cynic", kind="cap", layers=(2,), tau=math.inf)
+    capped = run_generation(workspace, _config(tiny8, steering=inf, max_tokens=8))
+    texts = [[r.text for r in answered_responses(workspace.catalog(), x.run_id)] for x in (reference, capped)]
+    assert texts[0] == texts[1]
+
+
+def test_token_projections_average_to_the_extracted_mean(workspace, tiny8, vectors_run):
+    res = run_generation(workspace, _config(tiny8, max_tokens=8))
+    loaded = load_for(_config(tiny8))
+    items = project_responses(workspace, loaded, res.run_id, f"{vectors_run}:storyteller-default", 5)
+    assert len(items) == 6 and all(len(t.values) == len(t.tokens) > 0 for t in items)
+    direction = resolve_vector(load_vectors(vectors_run, 5, workspace=workspace), "storyteller-default")
+    unit = direction / np.linalg.norm(direction)
+    rows = answered_responses(workspace.catalog(), res.run_id)
+    examples = [render(loaded.tokenizer, conversation(r.system_prompt, r.question, r.text)) for r in rows]
+    means = mean_activations(loaded, examples, [5])[:, 0].double().numpy()
+    assert np.allclose([t.mean for t in items], means @ unit, atol=1e-4)
+    # The core directly: one column per layer, every token of every sequence.
+    (values,) = token_projections(loaded, [examples[0].input_ids], {2: direction, 5: direction})
+    assert values.shape == (len(examples[0].input_ids), 2)
+    out = export_projections(items, Path(workspace.root) / "proj.csv")
+    lines = out.read_text().splitlines()
+    assert lines[0].endswith(",token,projection") and len(lines) == 1 + sum(len(t.values) for t in items)
+    with pytest.raises(Exception, match="exists"):
+        export_projections(items, out)
+
+
+def test_local_options_roundtrip_through_stored_json(workspace, tiny8, vectors_run):
+    steering = SteeringConfig(f"{vectors_run}:cynic", layers=(2,), coef=1.0)
+    res = run_local_generation(workspace, _config(tiny8, steering=steering, personas=("default",), questions=(0,)))
+    stored = config_from_dict(GenerateConfig, get_run(workspace.catalog(), res.run_id).config)
+    assert stored == _config(tiny8, steering=steering, personas=("default",), questions=(0,))
+    with pytest.raises(ConfigError, match="engine must be"):
+        GenerateConfig(model="m", engine="vllm")
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def _last_json(res) -> dict:
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_cli_generate_local_steer_sweep_report_and_monitor(workspace, tiny8, vectors_run, cli, tmp_path):
+    w = ["-w", str(workspace.root)]
+    local = ["--model", tiny8, "--device", "cpu", "--dtype", "float32", "--max-tokens", "5", "--temperature", "0"]
+    pick = ["--persona", "default", "--question", "0", "--question", "1"]
+    out = _last_json(
+        cli.invoke(app, ["generate", *w, "--engine", "local", "--batch-size", "1", *local, *pick, "--json"])
+    )
+    assert (out["answers"], out["status"]) == (2, "done")
+    assert get_run(workspace.catalog(), out["run_id"]).config["local"]["batch_size"] == 1
+
+    vector = f"{vectors_run}:storyteller-default"
+    args = ["steer", *w, "--vector", vector, "--layer", "5", "--coef", "-6", "--coef", "0", "--coef", "6"]
+    sweep = _last_json(cli.invoke(app, [*args, *local, *pick, "--json"]))
+    assert [r["coef"] for r in sweep["runs"]] == [-6.0, 0.0, 6.0] and sweep["sweep_id"] is not None
+    assert {r["answers"] for r in sweep["runs"]} == {2}
+
+    res = cli.invoke(app, ["sweep-report", str(sweep["sweep_id"]), *w])
+    assert res.exit_code == 0, res.output
+    page = workspace.root / "reports" / f"sweep_{sweep['sweep_id']}" / "index.html"
+    assert page.is_file() and "Answers side by side" in page.read_text() and "c = 6" in page.read_text()
+    assert (page.parent / "projection.png").read_bytes()[:4] == b"\x89PNG"
+
+    csv_path = tmp_path / "monitor.csv"
+    res = cli.invoke(
+        app,
+        [
+            "monitor",
+            *w,
+            "--vector",
+            vector,
+            "--layer",
+            "5",
+            "--run",
+            str(out["run_id"]),
+            "--model",
+            tiny8,
+            "--device",
+            "cpu",
+            "--out",
+            str(csv_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert csv_path.read_text().splitlines()[0].endswith("projection")
+    text = _last_json(
+        cli.invoke(
+            app,
+            ["monitor", *w, "--vector", vector, "--text", "Ahoy there", "--model", tiny8, "--device", "cpu", "--json"],
+        )
+    )
+    assert text["layer"] == 5 and len(text["items"][0]["values"]) == len(text["items"][0]["tokens"]) > 1
+
+    capped = _last_json(
+        cli.invoke(
+            app,
+            [
+                "steer",
+                *w,
+                "--vector",
+                f"{vectors_run}:-axis",
+                "--kind",
+                "cap",
+                "--cap-reference",
+                str(out["run_id"]),
+                "--percentile",
+                "50",
+                "--layer",
+                "2",
+                *local,
+                *pick,
+                "--json",
+            ],
+        )
+    )
+    record = get_intervention(workspace.catalog(), capped["runs"][0]["run_id"])
+    assert record.kind == "cap" and record.percentile == 50.0 and record.per_layer[0].tau is not None
+
+
+def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):
+    w = ["-w", str(workspace.root), "--model", tiny8, "--device", "cpu"]
+    res = cli.invoke(app, ["steer", *w, "--vector", "pirate"])
+    assert res.exit_code == 2 and "RUN:NAME" in res.output
+    res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:cynic", "--kind", "cap"])
+    assert res.exit_code == 2 and "cap needs thresholds" in res.output
+    res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:nobody", "--persona", "default"])
+    assert res.exit_code == 2 and "has no vector 'nobody'" in res.output
+    res = cli.invoke(app, ["monitor", "-w", str(workspace.root), "--vector", f"{vectors_run}:cynic"])
+    assert res.exit_code == 2 and "--run RUN" in res.output
+    res = cli.invoke(app, ["sweep-report", "99", "-w", str(workspace.root)])
+    assert res.exit_code == 2 and "sweep 99 does not exist" in res.output
