@@ -162,7 +162,6 @@ def local_model_path(name: str) -> Path:
             return path
         if path.exists():
             raise ModelError(f"{path} is neither a model directory nor a .gguf file")
-        _require_hub_reachable_or_cached(name)
         return Path(name)  # a Hub id
     out = _cache_dir_for(gguf)
     if (out / "config.json").is_file():
@@ -428,6 +427,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = local_model_path(name)
+    if not path.exists():  # a Hub id: fail at once when it is not cached and the Hub is unreachable
+        _require_hub_reachable_or_cached(name)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev if device_map is None else "cuda")
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
