@@ -690,8 +690,7 @@ def _new_run(
     records = _selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
     n = len(records)
-    itemsize = 4 if config.storage_dtype == "float32" else 2
-    per = config.chunk_rows or arrays.shard_rows_for(len(layers), loaded.d_model, itemsize, n_rows=n)
+    per = arrays.layout_for(n, len(layers), loaded.d_model, config.storage_dtype, config.chunk_rows)[0]
     budget = _budget(config, loaded)
 
     def triples(part: Sequence[ResponseRecord]) -> Iterable[tuple[str | None, str, str]]:
