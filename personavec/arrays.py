@@ -25,7 +25,6 @@ row block of chunks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -76,6 +75,20 @@ def shard_rows_for(
     return rows
 
 
+def layout_for(
+    n_rows: int, n_layers: int, d_model: int, dtype: str = "float32", chunk_rows: int | None = None
+) -> tuple[int, int]:
+    """``(rows per shard, rows per inner chunk)`` of a new array: shards of ``chunk_rows`` rows (default
+    :func:`shard_rows_for`), never more than the array holds, made of one-layer chunks of at most about 1 MB
+    (:func:`chunk_rows_for`) that divide the shard evenly (zarr stores an edge chunk whole: small runs waste little)."""
+    itemsize = _itemsize(dtype)
+    shard = chunk_rows or shard_rows_for(n_layers, d_model, itemsize, n_rows=n_rows)
+    shard = max(1, min(shard, n_rows)) if n_rows else shard
+    most = chunk_rows_for(d_model, itemsize=itemsize)
+    inner = -(-shard // -(-shard // most))  # the fewest chunks of at most `most` rows, as even as can be
+    return -(-shard // inner) * inner, inner
+
+
 def _itemsize(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
@@ -118,8 +131,7 @@ def create_activation_array(
     """Create the run's array (layout 2, see the module docstring); returns its group name.
 
     Args:
-        chunk_rows: rows per shard, the write unit (default :func:`shard_rows_for`); the inner chunks hold
-            ``min(chunk_rows, chunk_rows_for(d_model))`` rows of one layer.
+        chunk_rows: rows per shard, the write unit (default :func:`shard_rows_for`); see :func:`layout_for`.
         dtype: storage dtype, one of :data:`STORAGE_DTYPES`.
         resume: reopen the group when it exists (shapes must match). A new run (the default) refuses a group that
             exists: it belongs to a run the catalog no longer knows (e.g. a catalog restored from an older backup
@@ -141,11 +153,7 @@ def create_activation_array(
         if tuple(arr.shape) != shape:
             raise StorageError(f"{zarr_path}/{name}: existing array has shape {arr.shape}, expected {shape}")
         return name
-    itemsize = _itemsize(dtype)
-    shard = chunk_rows or shard_rows_for(n_layers, d_model, itemsize, n_rows=n_examples)
-    inner = min(shard, chunk_rows_for(d_model, itemsize=itemsize))
-    if shard % inner:
-        inner = math.gcd(shard, inner)
+    shard, inner = layout_for(n_examples, n_layers, d_model, dtype, chunk_rows)
     group = root.create_group(name)
     if attrs:
         group.attrs.update(attrs)

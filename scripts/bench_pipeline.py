@@ -59,6 +59,7 @@ from personavec import EVAL_QUESTIONS, PERSONAS, arrays  # noqa: E402
 from personavec.config import default_layer  # noqa: E402
 from personavec.extract.core import iter_mean_activations  # noqa: E402
 from personavec.extract.run import (  # noqa: E402
+    ChunkAssembler,
     ChunkWriter,
     DoneMarker,
     ExtractConfig,
@@ -361,7 +362,7 @@ def stress_mode(args) -> dict:
             xs.finish_extraction(ws.catalog(), run_id, "done", None, None)
         else:
             marker = DoneMarker(ws.catalog(), run_id)
-            store_batches(plan, array, batches(), writer, n_layers=n_layers, d_model=d_model, on_written=marker.add)
+            store_batches(ChunkAssembler(plan, array, n_layers, d_model), batches(), writer, on_written=marker.add)
             loop_s = time.perf_counter() - t
             writer.close()
             xs.finish_extraction(ws.catalog(), run_id, "done", None, None, marker.drain(writer.written()))

@@ -138,7 +138,7 @@ def main() -> None:
         "tokenize", lambda: encode_responses(loaded, ((r.system_prompt, r.question, r.text) for r in records), config)
     )  # type: ignore[arg-type]
     rows = step("rows", lambda: longest_first([ex.forward_length if has_span(ex) else 0 for ex in examples]))
-    per = arrays.shard_rows_for(args.layers, args.d_model, n_rows=n)
+    per = arrays.layout_for(n, args.layers, args.d_model)[0]
     plan = step("batches", lambda: ExtractionPlan.build(examples, rows, n_rows=n, chunk_rows=per,
                                                          max_batch_tokens=16384, max_batch_size=64))  # fmt: skip
 

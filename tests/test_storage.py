@@ -22,7 +22,7 @@ from personavec import EVAL_QUESTIONS, PERSONAS, arrays
 from personavec.cli import app
 from personavec.errors import ModelError, StorageConflictError, StorageCorruptError, StorageOverflowError
 from personavec.extract import ExtractConfig, ExtractionInterrupted, run_extraction
-from personavec.extract.run import ChunkWriter, ExtractionPlan, store_batches
+from personavec.extract.run import ChunkAssembler, ChunkWriter, ExtractionPlan, store_batches
 from personavec.ingest import IngestConfig, ingest
 from personavec.modeling import load_model
 from personavec.spans import Rendered
@@ -397,7 +397,31 @@ def test_old_unsharded_store_loads_verifies_and_resumes(workspace, make_extracti
     rw = arrays.open_activation_array(workspace.zarr_path, f"run_{synth.run_id}", "r+")
     writer = ChunkWriter(rw, "old store", threads=2)
     batches = ((b, 2 * synth.data[b], 3 * len(b)) for b in plan.batches)
-    store_batches(plan, rw, batches, writer, n_layers=2, d_model=synth.d_model)
+    store_batches(ChunkAssembler(plan, rw, 2, synth.d_model), batches, writer)
     writer.close()
     np.testing.assert_array_equal(arrays.read_rows(rw), 2 * synth.data)
     assert sorted(writer.written()) == [(s, min(s + 16, n)) for s in range(0, n, 16)]
+
+
+def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: Path) -> None:
+    """A new run's plan comes in two windows (the first batch, then the rest): a unit straddling them leaves only
+    once the second window has planned its rows, even when they need no computing (no span)."""
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(10, 1, 2), chunks=(4, 1, 2), dtype="float32",
+                              fill_value=np.nan)  # fmt: skip
+    ex = Rendered([1, 2], [(0, 2)], "")
+
+    def plan(rows: list[int]) -> ExtractionPlan:
+        return ExtractionPlan.build([ex] * len(rows), rows, n_rows=10, chunk_rows=4, max_batch_tokens=100,
+                                    max_batch_size=8)  # fmt: skip
+
+    asm = ChunkAssembler(plan([0, 1, 2]), array, 1, 2, planned_to=3)
+    values = np.arange(20, dtype=np.float32).reshape(10, 1, 2)
+    assert asm.add([0, 1, 2], values[0:3]) == []  # row 3 is not planned yet
+    asm.extend(plan([4, 5, 6, 7, 8]))  # rows 3 and 9 turn out to have no span
+    done = asm.add([4, 5, 6, 7, 8], values[4:9])
+    assert sorted((b.start, b.stop) for b in done) == [(0, 4), (4, 8), (8, 10)]
+    for block in done:
+        asm.job(block)[0]()
+    expected = values.copy()
+    expected[[3, 9]] = np.nan
+    np.testing.assert_array_equal(arrays.read_rows(array), expected)

@@ -14,11 +14,11 @@ marked done, and computes only the rest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ from personavec.extract.core import default_batch_tokens, iter_mean_activations,
 from personavec.modeling import LoadedModel, load_model, model_provenance
 from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, render, render_many
 from personavec.store import extraction as xs
-from personavec.store.responses import ResponseRecord, answered_responses
+from personavec.store.responses import ResponseRecord
 
 if TYPE_CHECKING:
     from personavec.store.engine import Catalog
@@ -70,7 +70,7 @@ class ExtractConfig:
         prompt_format: ``"chat"`` (chat template) or ``"raw"`` (seed's plaintext format).
         max_length: context to truncate to; None = the model's position limit.
         attn_implementation: passed to ``from_pretrained`` (``"sdpa"`` by default).
-        chunk_rows: Zarr rows per chunk; None = ``arrays.chunk_rows_for(d_model)``.
+        chunk_rows: Zarr rows per shard, the write unit; None = ``arrays.shard_rows_for(...)`` (~64 MB of rows).
         compile: ``torch.compile`` each decoder block that runs (regional compilation: the blocks share code, so they
             compile once), with sequence widths padded to a multiple of 8. For GPUs: 1.6x the eager throughput on
             an H100 (gemma-3-27b shapes) after a one-off compile of ~25 s paid by the first batches; same means up to
@@ -317,14 +317,24 @@ def row_ranges(rows: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
 @dataclass
 class _Block:
     """One write unit being filled: rows ``[start, stop)``; ``pieces`` are computed rows (``(first row, float32
-    [k, n_layers, d_model])`` views of batch outputs, never copied on the model's thread)."""
+    [k, n_layers, d_model])`` views of batch outputs, never copied on the model's thread). ``sealed``: every row of
+    it is planned (a unit straddling the end of a plan window waits for the next window)."""
 
     start: int
     stop: int
     missing: int
     read_base: bool
+    sealed: bool = True
     pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)
     flushed: int = 0
+
+
+def _resolve(array: Any) -> Any:
+    """The array, or what a future of it (the run's array, created while the first batch computes) holds."""
+    if isinstance(array, Future):
+        opened = array.result()
+        return getattr(opened, "array", opened)
+    return array
 
 
 class ChunkAssembler:
@@ -332,28 +342,61 @@ class ChunkAssembler:
 
     The model's thread only keeps references to batch outputs; :meth:`job` returns a function that builds the unit
     (NaN where nothing was computed, or what the store holds for rows done in an earlier session), checks the
-    computed rows are finite, and writes it: that runs on a writer thread.
+    computed rows are finite, and writes it: that runs on a writer thread. ``array`` may be a future (a new run's
+    array is created while the first batch computes): the writer threads wait for it, not the model's.
+
+    A plan may come in windows (:meth:`extend`): rows at and above ``planned_to`` are not planned yet, and a unit
+    holding some of them leaves only once a later window has planned them.
     """
 
     def __init__(
-        self, plan: ExtractionPlan, array: Any, n_layers: int, d_model: int, present: Collection[int] = ()
+        self,
+        plan: ExtractionPlan,
+        array: Any,
+        n_layers: int,
+        d_model: int,
+        present: Collection[int] = (),
+        planned_to: int | None = None,
     ) -> None:
-        self.plan = plan
         self.array = array
         self.shape = (n_layers, d_model)
-        per = plan.chunk_rows
-        counts = np.bincount(np.asarray(plan.rows, dtype=np.int64) // per) if plan.rows else np.zeros(0, np.int64)
-        # A unit not fully planned holds rows done earlier: they are read back before it is rewritten, if it exists.
-        self.blocks: dict[int, _Block] = {
-            b: _Block(b * per, b * per + plan.chunk_len(b), int(n), int(n) < plan.chunk_len(b) and b in present)
-            for b, n in enumerate(counts)
-            if n
-        }
+        self.per = plan.chunk_rows
+        self.n_rows = plan.n_rows
+        self.present = set(present)
+        self.blocks: dict[int, _Block] = {}
+        self._ready: list[_Block] = []
+        self.extend(plan, planned_to)
+
+    def extend(self, plan: ExtractionPlan, planned_to: int | None = None) -> None:
+        """Add a window of the plan: its rows, and that every row below ``planned_to`` (default: all) is planned.
+        Units it completes leave with the next :meth:`add`."""
+        per = self.per
+        planned_to = self.n_rows if planned_to is None else planned_to
+        if plan.rows:
+            counts = np.bincount(np.asarray(plan.rows, dtype=np.int64) // per)
+            for b in np.flatnonzero(counts).tolist():
+                block = self.blocks.get(b)
+                if block is None:
+                    length = min(per, self.n_rows - b * per)
+                    # A unit not fully planned holds rows done earlier: read back before it is rewritten, if it exists.
+                    read_base = int(counts[b]) < length and b in self.present
+                    block = self.blocks[b] = _Block(b * per, b * per + length, 0, read_base, sealed=False)
+                block.missing += int(counts[b])
+        for b, block in list(self.blocks.items()):
+            if not block.sealed and block.stop <= planned_to:
+                block.sealed = True
+                if block.missing == 0:
+                    self._ready.append(self.blocks.pop(b))
+
+    def ready(self) -> list[_Block]:
+        """Units completed by :meth:`extend` and not returned yet."""
+        out, self._ready = self._ready, []
+        return out
 
     def add(self, rows: Sequence[int], values: np.ndarray) -> list[_Block]:
         """Add a batch's rows (``values[j]`` is row ``rows[j]``); returns the units now complete."""
-        per = self.plan.chunk_rows
-        complete = []
+        per = self.per
+        complete = self.ready()
         j = 0
         while j < len(rows):
             block = self.blocks[rows[j] // per]
@@ -362,7 +405,7 @@ class ChunkAssembler:
                 k += 1
             block.pieces.append((rows[j], values[j:k]))
             block.missing -= k - j
-            if block.missing == 0:
+            if block.missing == 0 and block.sealed:
                 complete.append(self.blocks.pop(rows[j] // per))
             j = k
         return complete
@@ -378,7 +421,7 @@ class ChunkAssembler:
         """The write of ``block`` as it is now (a snapshot of its pieces) and the row ranges it makes durable."""
         pieces = list(block.pieces)
         done = row_ranges([r for first, v in pieces for r in range(first, first + len(v))])
-        array, start, stop, read_base, shape = self.array, block.start, block.stop, block.read_base, self.shape
+        source, start, stop, read_base, shape = self.array, block.start, block.stop, block.read_base, self.shape
 
         def write() -> list[tuple[int, int]]:
             for first, values in pieces:
@@ -388,6 +431,7 @@ class ChunkAssembler:
                         f"the model produced NaN/inf activations for Zarr row(s) {[first + int(i) for i in bad[:5]]}"
                         " (half-precision overflow?): extract again with --dtype float32 or bfloat16"
                     )
+            array = _resolve(source)
             if len(pieces) == 1 and pieces[0][0] == start and len(pieces[0][1]) == stop - start:
                 out = pieces[0][1]
             else:
@@ -461,7 +505,7 @@ class ChunkWriter:
             future = self._pool.submit(values)
             ranges = list(done or [])
         else:
-            future = self._pool.submit(arrays.write_rows, self.array, start, values)
+            future = self._pool.submit(lambda: arrays.write_rows(_resolve(self.array), start, values))
             ranges = [(start, start + len(values))] if done is None else list(done)
         self._pending.append((start, ranges, future))
 
@@ -487,9 +531,9 @@ class DoneMarker:
     model's thread never waits for a DuckDB commit. A failed commit raises at the next :meth:`add` and at
     :meth:`close`; rows written but not marked when the process dies are adopted by the next resume."""
 
-    def __init__(self, catalog: Catalog, run_id: int, interval: float = 1.0) -> None:
+    def __init__(self, catalog: Catalog, run_id: int | Callable[[], int], interval: float = 1.0) -> None:
         self.catalog = catalog
-        self.run_id = run_id
+        self.run_id = run_id  # or how to get it (a new run is recorded while its first batch computes)
         self.interval = interval
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-catalog")
         self._queued: list[tuple[int, int]] = []
@@ -508,7 +552,8 @@ class DoneMarker:
         due = now or time.monotonic() - self._last >= self.interval
         if self._queued and due and self._future is None:
             batch, self._queued = row_ranges([r for a, b in self._queued for r in range(a, b)]), []
-            self._future = self._pool.submit(xs.mark_done, self.catalog, self.run_id, batch)
+            run_id = self.run_id() if callable(self.run_id) else self.run_id
+            self._future = self._pool.submit(xs.mark_done, self.catalog, run_id, batch)
             self._last = time.monotonic()
 
     def drain(self, ranges: Sequence[tuple[int, int]] = (), *, raise_errors: bool = True) -> list[tuple[int, int]]:
@@ -547,7 +592,8 @@ def run_extraction(
             compilation, layers path, writer threads, flush bounds) apply to this session.
         resume: an extract run to continue: rows written but not marked done are adopted (when finite and their
             checksums hold), and only the rest is computed.
-        progress: called after each batch with an :class:`ExtractionProgress`; raising
+        progress: called after each batch with an :class:`ExtractionProgress` (a new run is recorded while its first
+            batch computes; the first call waits for that, since it carries the run id); raising
             :class:`ExtractionInterrupted` from it stops the run (marked ``interrupted``; every written unit stays
             done). Ctrl-C (or SIGTERM in the CLI) does the same and leaves as :class:`RunInterrupted`, which names the
             resume command; any other exception marks the run ``failed``.
@@ -570,37 +616,40 @@ def run_extraction(
                 raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
             loaded = loaded or load_for(config)
             t0 = time.perf_counter()
-            plan, layers, n_examples, create = _new_run(ws, catalog, config, config.responses_run, loaded)
-            # The plan's rows and the run's array are recorded while the model computes the first batch.
-            opening = pool.submit(create)
+            first, layers, n_examples, rest = _new_run(ws, catalog, config, config.responses_run, loaded)
+            # The rest of the plan is tokenized, the run recorded and its array created while the model computes
+            # the first batch.
+            opening = pool.submit(rest)
         else:
             config = _resumed_config(catalog, resume, config)
             loaded = loaded or load_for(config)
             t0 = time.perf_counter()
-            opened, plan = _resumed_run(ws, catalog, resume, config, loaded)
+            opened, first = _resumed_run(ws, catalog, resume, config, loaded)
             layers, n_examples = opened.info.layers, opened.info.n_examples
             opening = Future()
             opening.set_result(opened)
         plan_s = time.perf_counter() - t0
-        return _compute(ws, catalog, opening, config, loaded, plan, layers, n_examples, progress, plan_s)
+        return _compute(ws, catalog, opening, config, loaded, first, layers, n_examples, progress, plan_s)
 
 
 @dataclass(frozen=True)
 class _Opened:
-    """A run ready to be written: its catalog info, array, the write units already in the store, rows adopted."""
+    """A run ready to be written: its catalog info, array, the write units already in the store, rows adopted, and
+    the plan of the rows after the first batch (new runs)."""
 
     info: xs.ExtractionRunInfo
     array: Any
     present: set[int] = field(default_factory=set)
     n_adopted: int = 0
+    rest: ExtractionPlan | None = None
 
 
 def _selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> list[ResponseRecord]:
-    names, n_questions = xs.response_run_selection(catalog, run)
+    names, n_questions, answered = xs.responses_to_extract(catalog, run)
     check_selection(f"responses run {run}", config.personas, config.questions, names, n_questions)
     records = [
         r
-        for r in answered_responses(catalog, run)
+        for r in answered
         if (config.personas is None or r.persona in config.personas)
         and (config.questions is None or r.question_position in config.questions)
     ]
@@ -634,26 +683,49 @@ def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
 def _new_run(
     ws: Workspace, catalog: Catalog, config: ExtractConfig, run: int, loaded: LoadedModel
 ) -> tuple[ExtractionPlan, tuple[int, ...], int, Callable[[], _Opened]]:
-    """Select and tokenize; returns the plan, the layers, the number of examples and the function that records the
-    run (one transaction) and then creates its array."""
+    """Select the responses and plan the first batch only; returns that plan (rows ``0..k-1``), the layers, the
+    number of examples, and the function that plans the rest (rows ``k..n-1``, longest first), records the run (one
+    transaction, every example) and then creates its array. Splitting keeps tokenizing a whole run off the GPU's
+    path: the model starts on the first batch right away."""
     records = _selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
-    examples = encode_responses(loaded, ((r.system_prompt, r.question, r.text) for r in records), config)
-    rows = longest_first([ex.forward_length if has_span(ex) else 0 for ex in examples])
-    spanned = [i for i, ex in enumerate(examples) if has_span(ex)]
-    itemsize = 4 if config.storage_dtype == "float32" else 2
-    per = config.chunk_rows or arrays.shard_rows_for(len(layers), loaded.d_model, itemsize, n_rows=len(records))
-    plan = ExtractionPlan.build(
-        [examples[i] for i in spanned],
-        [rows[i] for i in spanned],
-        n_rows=len(records),
-        chunk_rows=per,
-        max_batch_tokens=_budget(config, loaded),
-        max_batch_size=config.max_batch_size,
-    )
-    table = _examples_table(records, examples, rows)
+    n = len(records)
+    per = arrays.layout_for(n, len(layers), loaded.d_model, config.storage_dtype, config.chunk_rows)[0]
+    budget = _budget(config, loaded)
 
-    def create() -> _Opened:
+    def triples(part: Sequence[ResponseRecord]) -> Iterable[tuple[str | None, str, str]]:
+        return ((r.system_prompt, r.question, r.text) for r in part)
+
+    # The first batch: the longest of the first max_batch_size answers that fit the token budget.
+    head = list(records[: config.max_batch_size])
+    head_examples = encode_responses(loaded, triples(head), config)
+    spanned = [i for i, ex in enumerate(head_examples) if has_span(ex)]
+    lengths = [head_examples[i].forward_length for i in spanned]
+    batch = [spanned[i] for i in plan_batches(lengths, budget, config.max_batch_size)[0]] if spanned else []
+    in_first = set(batch)
+    first = ExtractionPlan.build(
+        [head_examples[i] for i in batch], list(range(len(batch))), n_rows=n, chunk_rows=per,
+        max_batch_tokens=budget, max_batch_size=config.max_batch_size,
+    )  # fmt: skip
+
+    def rest() -> _Opened:
+        carried = [i for i in range(len(head)) if i not in in_first]
+        rest_records = [head[i] for i in carried] + list(records[len(head) :])
+        rest_examples = [head_examples[i] for i in carried] + encode_responses(
+            loaded, triples(records[len(head) :]), config
+        )
+        rest_rows = [len(batch) + r for r in longest_first([ex.forward_length if has_span(ex) else 0
+                                                             for ex in rest_examples])]  # fmt: skip
+        keep = [i for i, ex in enumerate(rest_examples) if has_span(ex)]
+        plan = ExtractionPlan.build(
+            [rest_examples[i] for i in keep], [rest_rows[i] for i in keep], n_rows=n, chunk_rows=per,
+            max_batch_tokens=budget, max_batch_size=config.max_batch_size,
+        )  # fmt: skip
+        table = _examples_table(
+            [head[i] for i in batch] + rest_records,
+            first.examples + rest_examples,
+            list(range(len(batch))) + rest_rows,
+        )
         model_id, revision = model_provenance(config.model)
         run_id = xs.create_extraction_run(
             catalog,
@@ -671,12 +743,12 @@ def _new_run(
             span_rule=config.span,
             prompt_format=config.prompt_format,
             device=loaded.device,
-            n_examples=len(records),
+            n_examples=n,
         )
         info = xs.get_extraction_run(catalog, run_id)
-        return _Opened(info, _array(ws, catalog, info, config, create=True))
+        return _Opened(info, _array(ws, catalog, info, config, create=True), rest=plan)
 
-    return plan, layers, len(records), create
+    return first, layers, n, rest
 
 
 def _array(
@@ -812,37 +884,35 @@ def _resumed_run(
 
 
 def store_batches(
-    plan: ExtractionPlan,
-    array: Any,
-    batches: Iterable[tuple[list[int], Any, int]],
+    assembler: ChunkAssembler,
+    batches: Iterable[tuple[Sequence[int], Any, int]],
     writer: ChunkWriter,
     *,
-    n_layers: int,
-    d_model: int,
-    present: Collection[int] = (),
     on_written: Callable[[list[tuple[int, int]]], None] = lambda ranges: None,
     on_batch: Callable[[int, int], None] = lambda rows, tokens: None,
     flush_seconds: float = 30.0,
     flush_rows: int = 8192,
 ) -> None:
-    """Feed the core's batches (``(example indices, means [B, n_layers, d_model], n_tokens)``) into whole write
-    units: complete units go to ``writer``; partly filled ones too every ``flush_seconds`` or ``flush_rows``
-    computed rows. ``on_written(ranges)`` gets the rows whose write completed (mark them done), ``on_batch(rows,
-    tokens)`` is called after each batch. The loop a data-parallel rank runs over its own units, too."""
-    chunks = ChunkAssembler(plan, array, n_layers, d_model, present)
+    """Feed computed batches (``(Zarr rows, means [B, n_layers, d_model], n_tokens)``) into whole write units:
+    complete units go to ``writer``; partly filled ones too every ``flush_seconds`` or ``flush_rows`` computed rows.
+    ``on_written(ranges)`` gets the rows whose write completed (mark them done), ``on_batch(rows, tokens)`` is
+    called after each batch. The loop a data-parallel rank runs over its own units, too."""
     since_rows, since_t = 0, time.monotonic()
-    for batch, means, n_tok in batches:
+    for rows, means, n_tok in batches:
         values = means.numpy() if hasattr(means, "numpy") else np.asarray(means)
-        ready = chunks.add([plan.rows[i] for i in batch], values)
-        since_rows += len(batch)
+        ready = assembler.add(rows, values)
+        since_rows += len(rows)
         if since_rows >= flush_rows or time.monotonic() - since_t >= flush_seconds:
-            ready += chunks.unflushed()
+            ready += assembler.unflushed()
             since_rows, since_t = 0, time.monotonic()
         for block in ready:
-            job, done = chunks.job(block)
+            job, done = assembler.job(block)
             writer.submit(block.start, job, done=done)
         on_written(writer.written())
-        on_batch(len(batch), n_tok)
+        on_batch(len(rows), n_tok)
+    for block in assembler.ready():  # completed by the last window's plan, with nothing left to compute in them
+        job, done = assembler.job(block)
+        writer.submit(block.start, job, done=done)
 
 
 def _compute(
@@ -851,49 +921,56 @@ def _compute(
     opening: Future[_Opened],
     config: ExtractConfig,
     loaded: LoadedModel,
-    plan: ExtractionPlan,
+    first: ExtractionPlan,
     layers: tuple[int, ...],
     n_examples: int,
     progress: Callable[[ExtractionProgress], None] | None,
     plan_s: float,
 ) -> ExtractionResult:
     start_t = time.perf_counter()
-    batches = iter_mean_activations(loaded, plan.examples, layers, batches=plan.batches, compile=config.compile)
-    early: list[tuple[list[int], Any, int]] = []
-    early_exc: BaseException | None = None
-    try:  # the first batch runs while the run is being recorded (new runs)
-        early.extend(itertools.islice(batches, 1))
-    except BaseException as exc:
-        early_exc = exc
-    try:
-        opened = opening.result()
-    except BaseException:
-        batches.close()
-        raise
-    info, array = opened.info, opened.array
-    run_id = info.run_id
-    open_s = time.perf_counter() - start_t
-    writer = ChunkWriter(array, f"{ws.zarr_path}/{info.zarr_group}", threads=config.writer_threads)
-    marker = DoneMarker(catalog, run_id)
-    state = {"tokens": 0, "done": n_examples - len(plan.examples)}
+    resumed = opening.done()  # a resumed run is open before computing; a new one opens during its first batch
+    if resumed and opening.exception() is not None:
+        raise opening.exception()  # type: ignore[misc]
+    present = opening.result().present if resumed else set()
+    assembler = ChunkAssembler(
+        first, opening, len(layers), loaded.d_model, present, planned_to=None if resumed else len(first.examples)
+    )
+    writer = ChunkWriter(opening, str(ws.zarr_path), threads=config.writer_threads)
+    marker = DoneMarker(catalog, lambda: opening.result().info.run_id)
+    state = {"tokens": 0, "computed": 0}
     status, error, left = "done", None, []
     drain_s = elapsed = tok_s = 0.0
     counts = (0, 0)
 
+    def windows() -> Iterator[ExtractionPlan]:
+        yield first
+        rest = opening.result().rest  # waits only if tokenizing the rest takes longer than the first batch
+        if rest is not None:
+            assembler.extend(rest)
+            yield rest
+
+    def computed() -> Generator[tuple[list[int], Any, int]]:
+        for plan in windows():
+            batches = iter_mean_activations(loaded, plan.examples, layers, batches=plan.batches, compile=config.compile)
+            with contextlib.closing(batches):  # removes the capture hooks at once, however the loop ends
+                for batch, means, n_tok in batches:
+                    yield [plan.rows[i] for i in batch], means, n_tok
+
     def on_batch(rows: int, tokens: int) -> None:
         state["tokens"] += tokens
-        state["done"] += rows
-        if progress is not None:
+        state["computed"] += rows
+        if progress is not None:  # it gets the run id: after the first batch, wait for the run to be recorded
+            opened = opening.result()
+            planned = len(first.examples) + (len(opened.rest.examples) if opened.rest is not None else 0)
+            done = n_examples - planned + state["computed"]
             elapsed = time.perf_counter() - start_t
-            progress(ExtractionProgress(run_id, state["done"], n_examples, state["tokens"], elapsed))
+            progress(ExtractionProgress(opened.info.run_id, done, n_examples, state["tokens"], elapsed))
 
+    stream = computed()
     try:
         try:
-            if early_exc is not None:
-                raise early_exc
             store_batches(
-                plan, array, itertools.chain(early, batches), writer, n_layers=len(layers), d_model=info.d_model,
-                present=opened.present, on_written=marker.add, on_batch=on_batch,
+                assembler, stream, writer, on_written=marker.add, on_batch=on_batch,
                 flush_seconds=config.flush_seconds, flush_rows=config.flush_rows,
             )  # fmt: skip
             t_drain = time.perf_counter()
@@ -905,22 +982,27 @@ def _compute(
             error = f"{type(exc).__name__}: {exc}"
             writer.close(raise_errors=False)
             left = marker.drain(writer.written(), raise_errors=False)
+            if opening.exception() is not None:  # the run was never recorded, or recording it failed
+                raise opening.exception() from None  # type: ignore[misc]
+            run_id = opening.result().info.run_id
             if isinstance(exc, StorageError) and not isinstance(exc, StorageOverflowError):
                 raise StorageError(f"{exc}; {_resume_hint(run_id)}") from exc
             if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):  # Ctrl-C, SIGTERM
                 raise RunInterrupted(run_id, f"personavec extract --resume {run_id}") from exc
             raise
     finally:
-        batches.close()  # removes the capture hooks now, not when the generator is collected
+        stream.close()
         elapsed = time.perf_counter() - start_t
         tok_s = state["tokens"] / elapsed if elapsed > 0 and state["tokens"] else 0.0
-        counts = xs.finish_extraction(catalog, run_id, status, error, tok_s or None, left)
+        if opening.exception() is None:
+            counts = xs.finish_extraction(catalog, opening.result().info.run_id, status, error, tok_s or None, left)
+    info, opened = opening.result().info, opening.result()
     return ExtractionResult(
-        run_id,
+        info.run_id,
         info.zarr_group,
         info.layers,
         info.n_examples,
-        len(plan.examples),
+        state["computed"],
         state["tokens"],
         tok_s,
         counts[0],
@@ -929,7 +1011,6 @@ def _compute(
         timings={
             "plan_s": round(plan_s, 3),
             "compute_s": round(elapsed, 3),
-            "first_batch_s": round(open_s, 3),
             "stall_s": round(writer.stall_s, 3),
             "drain_s": round(drain_s, 3),
         },

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from personavec.errors import NotFoundError
 from personavec.store import models as m
 from personavec.store.engine import Catalog, dbapi_connection
+from personavec.store.responses import RESPONSE_RUN_KINDS, ResponseRecord
 from personavec.store.runs import create_run, finish_run, mark_running, run_in_session
 
 
@@ -242,6 +243,37 @@ def response_run_selection(catalog: Catalog, run_id: int) -> tuple[list[str], in
             .where(m.Question.question_set_id == detail.question_set_id)
         )
     return list(names), int(n_questions or 0)
+
+
+_ANSWERED = """
+SELECT r.id, p.name, p.system_prompt, p.groups, q.text, q.position, r.sample_index, r.text
+FROM responses r JOIN personas p ON p.id = r.persona_id JOIN questions q ON q.id = r.question_id
+WHERE r.run_id = ? AND r.text IS NOT NULL
+ORDER BY p.position, q.position, r.sample_index
+"""
+
+
+def responses_to_extract(catalog: Catalog, run_id: int) -> tuple[list[str], int, list[ResponseRecord]]:
+    """One unit of work: what :func:`response_run_selection` returns (persona names, number of questions) and every
+    answered response of the run (as ``responses.answered_responses``), in one session: the start of a run."""
+    with catalog.session() as session:
+        run_in_session(session, run_id, RESPONSE_RUN_KINDS)
+        detail = session.get(m.ResponseRun, run_id)
+        if detail is None:
+            raise NotFoundError(f"run {run_id} is not a responses run (generate or ingest-responses)")
+        con = dbapi_connection(session)
+        names = [
+            r[0]
+            for r in con.execute(
+                "SELECT name FROM personas WHERE persona_set_id = ? ORDER BY position", [detail.persona_set_id]
+            ).fetchall()
+        ]
+        (n_questions,) = con.execute(
+            "SELECT count(*) FROM questions WHERE question_set_id = ?", [detail.question_set_id]
+        ).fetchone() or (0,)
+        rows = con.execute(_ANSWERED, [run_id]).fetchall()
+    records = [ResponseRecord(r[0], r[1], r[2], tuple(r[3] or ()), r[4], r[5], r[6], r[7]) for r in rows]
+    return names, int(n_questions), records
 
 
 def finish_extraction(
