@@ -4,6 +4,9 @@ Layout: ``<workspace>/activations.zarr`` is a Zarr v3 group; each extraction run
 ``run_<id>`` holding ``activations``: float32 ``[n_examples, n_layers, d_model]``, chunked along examples
 (``chunk_rows`` x 1 layer x d_model, at least about 1 MB per chunk). Rows are written a whole chunk at a time,
 so a chunk has one writer; the catalog marks rows done only after their chunk is on disk.
+
+A store is a local path or an fsspec URL (``file:///shared/acts.zarr``, ``s3://bucket/acts.zarr``: zarr's
+``FsspecStore``); every function here takes either, as :attr:`personavec.workspace.Workspace.zarr_location` gives it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import zarr
 from personavec.errors import StorageError
 
 ARRAY_NAME = "activations"
+
+#: A local path or an fsspec URL.
+StoreLocation = Path | str
 
 
 def group_name(run_id: int) -> str:
@@ -38,12 +44,22 @@ def _activations(root: zarr.Group, name: str) -> zarr.Array:
     return cast(zarr.Array, group[ARRAY_NAME])
 
 
-def _root(zarr_path: Path) -> zarr.Group:
-    return zarr.open_group(str(zarr_path), mode="a", zarr_format=3)
+def is_url(location: StoreLocation) -> bool:
+    return isinstance(location, str) and "://" in location
+
+
+def _open(location: StoreLocation, mode: Literal["r", "r+", "a"]) -> zarr.Group:
+    # fsspec's local filesystem does not create parent directories unless asked (other filesystems have none)
+    options = {"auto_mkdir": True} if is_url(location) and str(location).startswith(("file://", "local://")) else None
+    return zarr.open_group(str(location), mode=mode, zarr_format=3, storage_options=options)
+
+
+def _root(zarr_path: StoreLocation) -> zarr.Group:
+    return _open(zarr_path, "a")
 
 
 def create_activation_array(
-    zarr_path: Path,
+    zarr_path: StoreLocation,
     run_id: int,
     n_examples: int,
     n_layers: int,
@@ -75,10 +91,10 @@ def create_activation_array(
     return name
 
 
-def open_activation_array(zarr_path: Path, name: str, mode: Literal["r", "r+"] = "r") -> zarr.Array:
+def open_activation_array(zarr_path: StoreLocation, name: str, mode: Literal["r", "r+"] = "r") -> zarr.Array:
     """The ``activations`` array of one run's group."""
     try:
-        return _activations(zarr.open_group(str(zarr_path), mode=mode, zarr_format=3), name)
+        return _activations(_open(zarr_path, mode), name)
     except (KeyError, FileNotFoundError) as exc:
         raise StorageError(
             f"activation store {zarr_path} has no group {name!r}: the Zarr store and the catalog disagree"
@@ -106,15 +122,21 @@ def read_rows(array: zarr.Array, rows: np.ndarray | None = None, layer_index: in
     return np.asarray(array.get_orthogonal_selection((rows, sel_layer if layer_index is not None else slice(None))))
 
 
-def run_groups(zarr_path: Path) -> list[str]:
+def run_groups(zarr_path: StoreLocation) -> list[str]:
     """Names of the run groups in the store (empty when it does not exist)."""
-    if not (Path(zarr_path) / "zarr.json").is_file():
+    if is_url(zarr_path):
+        try:
+            root = _open(zarr_path, "r")
+        except FileNotFoundError:  # zarr's GroupNotFoundError is one
+            return []
+    elif not (Path(zarr_path) / "zarr.json").is_file():
         return []
-    root = zarr.open_group(str(zarr_path), mode="r", zarr_format=3)
+    else:
+        root = _open(zarr_path, "r")
     return sorted(name for name in root.group_keys() if name.startswith("run_"))
 
 
-def remove_groups(zarr_path: Path, names: Iterable[str]) -> list[str]:
+def remove_groups(zarr_path: StoreLocation, names: Iterable[str]) -> list[str]:
     """Delete the named run groups (and their arrays) that exist; returns the names removed. Used when the catalog
     forgets runs (a schema downgrade), so that a reused run id never meets an old group."""
     present = set(run_groups(zarr_path))

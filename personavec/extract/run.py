@@ -64,6 +64,9 @@ class ExtractConfig:
         questions: only responses to these questions (0-based positions in the question set), or None for all.
         layers_path: attribute path of the model's decoder-block ModuleList (e.g. ``"model.layers"``), for a model
             whose blocks auto-detection does not find; None = auto-detect.
+        gpus_per_process: with several processes (data parallel, :mod:`personavec.extract.distributed`), the GPUs
+            each process shards its replica over with ``device_map`` (process ``r`` of a node takes GPUs
+            ``r*K .. r*K+K-1``); 1 = one whole replica per GPU.
     """
 
     responses_run: int | None = None
@@ -84,6 +87,7 @@ class ExtractConfig:
     personas: tuple[str, ...] | None = None
     questions: tuple[int, ...] | None = None
     layers_path: str | None = None
+    gpus_per_process: int = 1
 
     def __post_init__(self) -> None:
         for name in ("personas", "questions"):
@@ -108,6 +112,8 @@ class ExtractConfig:
             raise ConfigError("chunk_rows must be > 0")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.gpus_per_process, int) or self.gpus_per_process < 1:
+            raise ConfigError(f"gpus_per_process must be an integer >= 1, got {self.gpus_per_process!r}")
         if self.layers_path is not None and not self.layers_path.strip(". "):
             raise ConfigError("layers_path is empty: give the decoder blocks' path (e.g. 'model.layers') or None")
 
@@ -160,6 +166,18 @@ def encode_response(
         config.span,
         max_length=config.max_length or loaded.context_length,
     )
+
+
+#: Renders ``(system prompt, question, response)`` conversations for a run's plan, in order. The default renders them
+#: here; the data-parallel path (:mod:`personavec.extract.distributed`) spreads them over its processes.
+Renderer = Callable[[LoadedModel, ExtractConfig, Sequence[tuple[str | None, str, str]]], list[Rendered]]
+
+
+def render_all(
+    loaded: LoadedModel, config: ExtractConfig, conversations: Sequence[tuple[str | None, str, str]]
+) -> list[Rendered]:
+    """Render every ``(system prompt, question, response)`` with :func:`encode_response` (the default Renderer)."""
+    return [encode_response(loaded, sp, q, r, config) for sp, q, r in conversations]
 
 
 @dataclass(frozen=True)
@@ -366,6 +384,13 @@ def run_extraction(
         >>> run_extraction(ws, ExtractConfig(responses_run=2, layers=(10, 20), device="cpu")).run_id
         3
     """
+    # -- data-parallel hook: under `accelerate launch` (world size > 1) every process takes the distributed path,
+    # where rank 0 alone plans and writes the catalog (personavec.extract.distributed).
+    from personavec.extract import distributed
+
+    if distributed.world_size() > 1:
+        return distributed.run_distributed(ws, config, resume=resume, progress=progress, loaded=loaded)
+    # -- end of the data-parallel hook
     catalog = ws.catalog()
     if resume is None:
         if config is None:
@@ -378,7 +403,8 @@ def run_extraction(
         config = _resumed_config(catalog, resume, config)
         loaded = loaded or load_for(config)
         info, plan, array = _resumed_run(ws, catalog, resume, config, loaded)
-    return _compute(catalog, info, config, loaded, plan, array, f"{ws.zarr_path}/{info.zarr_group}", progress)
+    where = f"{ws.zarr_location}/{info.zarr_group}"
+    return _compute(RunSink(catalog, info.run_id), info, config, loaded, plan, array, where, progress)
 
 
 def _selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> list[ResponseRecord]:
@@ -416,11 +442,16 @@ def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
 
 
 def _new_run(
-    ws: Workspace, catalog: Catalog, config: ExtractConfig, run: int, loaded: LoadedModel
+    ws: Workspace,
+    catalog: Catalog,
+    config: ExtractConfig,
+    run: int,
+    loaded: LoadedModel,
+    render: Renderer = render_all,
 ) -> tuple[xs.ExtractionRunInfo, ExtractionPlan, Any]:
     records = _selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
-    examples = [encode_response(loaded, r.system_prompt, r.question, r.text, config) for r in records]
+    examples = render(loaded, config, [(r.system_prompt, r.question, r.text) for r in records])
     rows = longest_first([ex.forward_length for ex in examples])
     model_id, revision = model_provenance(config.model)
     run_id = xs.create_extraction_run(
@@ -460,7 +491,7 @@ def _array(ws: Workspace, catalog: Catalog, info: xs.ExtractionRunInfo, config: 
     try:
         if create:
             arrays.create_activation_array(
-                ws.zarr_path,
+                ws.zarr_location,
                 info.run_id,
                 info.n_examples,
                 len(info.layers),
@@ -468,9 +499,9 @@ def _array(ws: Workspace, catalog: Catalog, info: xs.ExtractionRunInfo, config: 
                 attrs={"layers": list(info.layers), "model": info.model, "run_id": info.run_id},
                 chunk_rows=config.chunk_rows,
             )
-        return arrays.open_activation_array(ws.zarr_path, info.zarr_group, mode="r+")
+        return arrays.open_activation_array(ws.zarr_location, info.zarr_group, mode="r+")
     except Exception as exc:
-        error = exc if isinstance(exc, StorageError) else StorageError(f"{ws.zarr_path}/{info.zarr_group}: {exc}")
+        error = exc if isinstance(exc, StorageError) else StorageError(f"{ws.zarr_location}/{info.zarr_group}: {exc}")
         xs.finish_extraction(catalog, info.run_id, "failed", f"StorageError: {error}", None)
         raise StorageError(f"{error}; {_resume_hint(info.run_id)}") from exc
 
@@ -519,7 +550,12 @@ def _resumed_config(catalog: Catalog, run_id: int, given: ExtractConfig | None) 
 
 
 def _resumed_run(
-    ws: Workspace, catalog: Catalog, run_id: int, config: ExtractConfig, loaded: LoadedModel
+    ws: Workspace,
+    catalog: Catalog,
+    run_id: int,
+    config: ExtractConfig,
+    loaded: LoadedModel,
+    render: Renderer = render_all,
 ) -> tuple[xs.ExtractionRunInfo, ExtractionPlan, Any]:
     info = xs.get_extraction_run(catalog, run_id)
     if (loaded.n_layers, loaded.d_model) != (info.n_model_layers, info.d_model):
@@ -530,15 +566,10 @@ def _resumed_run(
     # Rows done before need the existing array; a run with none may have failed before its array was created.
     array = _array(ws, catalog, info, config, create=xs.done_count(catalog, run_id) == 0)
     pending = xs.resume_extraction_run(catalog, run_id)
-    examples = [
-        encode_response(loaded, sp, q, r, config)
-        for sp, q, r in zip(
-            pending["system_prompt"].to_pylist(),
-            pending["question"].to_pylist(),
-            pending["text"].to_pylist(),
-            strict=True,
-        )
-    ]
+    conversations = zip(
+        pending["system_prompt"].to_pylist(), pending["question"].to_pylist(), pending["text"].to_pylist(), strict=True
+    )
+    examples = render(loaded, config, list(conversations))
     plan = ExtractionPlan.build(
         examples,
         pending["row"].to_pylist(),
@@ -550,8 +581,32 @@ def _resumed_run(
     return info, plan, array
 
 
+class RunSink:
+    """Where the compute loop reports rows whose chunk is written and how the session ended: the catalog.
+
+    The data-parallel path (:mod:`personavec.extract.distributed`) passes its own: on rank 0 it also takes the
+    other ranks' finished chunks into the catalog and waits for them before closing the run; on the others it sends
+    them to rank 0 (which alone writes the catalog)."""
+
+    def __init__(self, catalog: Catalog, run_id: int) -> None:
+        self.catalog = catalog
+        self.run_id = run_id
+
+    def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Rows ``[start, stop)`` whose chunk write completed."""
+        xs.mark_done(self.catalog, self.run_id, ranges)
+
+    def finish(self, status: str, error: str | None, tokens: int, elapsed_s: float) -> None:
+        """The session ended with ``status`` (done, interrupted, failed) after computing ``tokens`` tokens."""
+        tok_s = tokens / elapsed_s if elapsed_s > 0 and tokens else None
+        xs.finish_extraction(self.catalog, self.run_id, status, error, tok_s)
+
+    def n_truncated(self) -> int:
+        return xs.count_truncated(self.catalog, self.run_id)
+
+
 def _compute(
-    catalog: Catalog,
+    sink: RunSink,
     info: xs.ExtractionRunInfo,
     config: ExtractConfig,
     loaded: LoadedModel,
@@ -575,7 +630,7 @@ def _compute(
                 full = chunks.add(plan.rows[i], values[j])
                 if full is not None:
                     writer.submit(*full)
-            xs.mark_done(catalog, run_id, writer.written())
+            sink.mark_done(writer.written())
             tokens += n_tok
             done += len(batch)
             if progress is not None:
@@ -592,10 +647,10 @@ def _compute(
         raise
     finally:
         batches.close()  # removes the capture hooks now, not when the generator is collected
-        xs.mark_done(catalog, run_id, writer.written())
+        sink.mark_done(writer.written())
         elapsed = time.perf_counter() - start_t
         tok_s = tokens / elapsed if elapsed > 0 and tokens else 0.0
-        xs.finish_extraction(catalog, run_id, status, error, tok_s if tokens else None)
+        sink.finish(status, error, tokens, elapsed)
     return ExtractionResult(
         run_id,
         info.zarr_group,
@@ -604,5 +659,5 @@ def _compute(
         len(plan.examples),
         tokens,
         tok_s,
-        xs.count_truncated(catalog, run_id),
+        sink.n_truncated(),
     )
