@@ -41,6 +41,10 @@ def extract(
         int | None, typer.Option(help="Token budget per batch, padding included (default: 1024 on CPU, 16384 on GPU).")
     ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Most conversations per batch (default 64).")] = None,
+    chunk_rows: Annotated[
+        int | None,
+        typer.Option(help="Zarr rows per chunk (default: ~1 MB a chunk); a chunk is what one process computes."),
+    ] = None,
     compile_blocks: Annotated[
         bool | None,
         typer.Option(
@@ -111,6 +115,7 @@ def extract(
         "prompt_format": prompt_format,
         "max_batch_tokens": max_batch_tokens,
         "max_batch_size": max_batch_size,
+        "chunk_rows": chunk_rows,
         "compile": compile_blocks,
         "personas": tuple(persona) if persona else None,
         "questions": tuple(question) if question else None,

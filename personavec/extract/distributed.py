@@ -36,7 +36,9 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -327,7 +329,11 @@ def _spread_rendering(channel: _Channel) -> Renderer:
 
 
 class _LeadSink(RunSink):
-    """Rank 0's sink: its own chunks and the other ranks' reports go to the catalog; the run closes when all ended."""
+    """Rank 0's sink: its own chunks and the other ranks' reports go to the catalog; the run closes when all ended.
+
+    The catalog's units of work run on a background thread (one at a time, in order), so that rank 0's model does
+    not wait for them: rank 0 marks every rank's chunks, which would otherwise slow it alone. A failed one raises
+    at the next report and fails the run at the end."""
 
     def __init__(
         self,
@@ -350,6 +356,29 @@ class _LeadSink(RunSink):
         self.status = "running"
         self.error: str | None = None
         self.tok_s = 0.0
+        self._catalog_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-dp-catalog")
+        self._marks: deque[Future[None]] = deque()
+        self._failed = False
+
+    def _mark(self, ranges: Sequence[tuple[int, int]]) -> None:
+        while self._marks and self._marks[0].done() and not self._failed:
+            exc = self._marks[0].exception()
+            if exc is not None:  # stop the run (once; finish records it)
+                self._failed = True
+                raise exc
+            self._marks.popleft()
+        if ranges:
+            self._marks.append(self._catalog_thread.submit(xs.mark_done, self.catalog, self.run_id, list(ranges)))
+
+    def _settle(self) -> str | None:
+        """Wait for every unit of work; the first error, if one failed."""
+        error = None
+        while self._marks:
+            exc = self._marks.popleft().exception()
+            if exc is not None and error is None:
+                error = f"marking rows done in the catalog failed: {_describe(exc)}"
+        self._catalog_thread.shutdown(wait=True)
+        return error
 
     def _accept(self, sender: int, ranges: Sequence[tuple[int, int]]) -> None:
         good = []
@@ -360,7 +389,7 @@ class _LeadSink(RunSink):
                 continue
             self.seen.add(chunk)
             good.append((start, stop))
-        xs.mark_done(self.catalog, self.run_id, good)
+        self._mark(good)
 
     def _take(self, sender: int, message: tuple) -> None:
         kind = message[0]
@@ -373,8 +402,8 @@ class _LeadSink(RunSink):
             self.running.discard(sender)
             if status != "done":
                 self.problems["failed" if status == "failed" else "interrupted"].append(f"rank {sender}: {error}")
-        elif kind == "lost":
-            self.problems["failed"].append(f"lost contact with rank(s) {sorted(self.running)}: {message[1]}")
+        elif kind == "lost":  # a rank died (killed, machine lost): stopped rather than failed
+            self.problems["interrupted"].append(f"lost contact with rank(s) {sorted(self.running)}: {message[1]}")
             self.running.clear()
         else:
             self.problems["failed"].append(f"rank {sender} sent {kind!r} during the run")
@@ -390,7 +419,7 @@ class _LeadSink(RunSink):
     def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
         for start, _ in ranges:
             self.seen.add(start // self.chunk_rows)
-        super().mark_done(ranges)
+        self._mark(ranges)
         self.drain()
 
     def finish(self, status: str, error: str | None, tokens: int, elapsed_s: float) -> None:
@@ -400,9 +429,14 @@ class _LeadSink(RunSink):
             self.drain(wait=status == "done")
         except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM while waiting for the others
             status, error, stopped = "interrupted", _describe(exc), exc
-        if status == "done" and (self.problems["failed"] or self.problems["interrupted"]):
+        marking = self._settle()
+        if marking is not None:
+            self.problems["failed"].append(marking)
+        others = self.problems["failed"] + self.problems["interrupted"]
+        if status == "done" and others:
             status = "failed" if self.problems["failed"] else "interrupted"
-            error = "; ".join(self.problems["failed"] + self.problems["interrupted"])
+        if others:
+            error = "; ".join(([error] if error and error not in others else []) + others)
         if status == "done":
             missing = self.info.n_examples - xs.done_count(self.catalog, self.run_id)
             if missing:
