@@ -85,6 +85,8 @@ def test_num_processes_launches_the_same_command(cli, workspace, monkeypatch: py
     assert forwarded[forwarded.index("--chunk-rows") + 1] == "4" and str(workspace.root) in forwarded
     monkeypatch.setattr(dp, "launch", lambda args, n: 3)
     assert cli.invoke(app, [*args, "--num-processes", "2"]).exit_code == 3  # a failed rank's exit code
+    bad = cli.invoke(app, [*args, "--num-processes", "0"])
+    assert bad.exit_code == 2 and "--num-processes must be >= 1" in bad.output
 
 
 # -- the activation store at an fsspec URL (one process) -----------------------------------------------------------

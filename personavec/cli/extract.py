@@ -94,6 +94,8 @@ def extract(
 
     # -- data-parallel hooks: launch the processes, or run as one of them (only rank 0 reads the workspace)
     rank, world = distributed.launched_rank()
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
     if world == 1 and num_processes is not None and num_processes > 1:
         code = distributed.launch(["extract", *_forwarded(ctx, skip=("num_processes",))], num_processes)
         if code:
