@@ -8,7 +8,7 @@ questions, responses of 120-256 words: prompt ~40-140 tokens, response ~130-280)
 count. One process runs this script as is; N > 1 run it under ``accelerate launch --multi_gpu --num_processes N``.
 Timed: ``run_extraction`` on rank 0, from a barrier after every process built its model to its return (every rank
 finished, the run marked done). Then the activations of each N are compared with those of the first.
-CPU smoke test: ``--synthetic gemma-3-tiny --device cpu --n 64 --processes 1 2``.
+CPU smoke test: ``--synthetic gemma-3-tiny --device cpu --n 512 --chunk-rows 32 --processes 1 2``.
 Last line: one JSON object (tok/s per process count, speedup over the first, min cosine of the rows).
 """
 
@@ -74,12 +74,16 @@ def word_tokenizer(texts: list[str]):
 
 def worker(args: argparse.Namespace) -> None:
     """One process: build the model, (rank 0) make the workspace, then time run_extraction."""
+    import logging
+
     from personavec.builtin import EVAL_QUESTIONS, PERSONAS
     from personavec.config import default_layer
     from personavec.extract import ExtractConfig, run_extraction
     from personavec.ingest import IngestConfig, ingest
     from personavec.workspace import Workspace, init_workspace
 
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("personavec.extract.distributed").setLevel(logging.INFO)  # each rank's share and time
     rank, world = launched_rank()
     state = None
     device = args.device
@@ -108,6 +112,7 @@ def worker(args: argparse.Namespace) -> None:
         dtype=str(dtype).removeprefix("torch."),
         device=device,
         max_batch_tokens=args.max_batch_tokens,
+        chunk_rows=args.chunk_rows,
         compile=args.compile,
     )
     if state is not None:
@@ -137,6 +142,7 @@ def launch(args: argparse.Namespace, n: int, workspace: Path) -> dict:
     forwarded += ["--device", args.device] + (["--compile"] if args.compile else [])
     forwarded += ["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else []
     forwarded += ["--layer", str(args.layer)] if args.layer else []
+    forwarded += ["--chunk-rows", str(args.chunk_rows)] if args.chunk_rows else []
     cmd = [sys.executable]
     if n > 1:
         cmd += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1"]
@@ -185,6 +191,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda (a GPU per process) or cpu")
     ap.add_argument("--layer", type=int, default=None, help="layer to extract (default: the seed's 65%%)")
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="token budget (default: 16384 on GPU)")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="Zarr rows per chunk (default ~1 MB: 64 for 27B)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the blocks (ExtractConfig.compile)")
     ap.add_argument("--keep", default=None, help="keep the workspaces under this directory")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

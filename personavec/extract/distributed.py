@@ -30,6 +30,7 @@ mounted at the same path, or an fsspec URL (``personavec init --zarr-url``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import queue
@@ -62,6 +63,8 @@ from personavec.store import extraction as xs
 if TYPE_CHECKING:
     from personavec.store.engine import Catalog
     from personavec.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 #: Share of a GPU's memory a process that shards its model (``gpus_per_process > 1``) lets ``device_map`` fill with
 #: weights; the rest is for activations.
@@ -351,6 +354,7 @@ class _LeadSink(RunSink):
         self.problems: dict[str, list[str]] = {"failed": [], "interrupted": []}
         self.computed = [0] * channel.world
         self.tokens = [0] * channel.world
+        self.seconds = [0.0] * channel.world  # each rank's compute time, for the log
         self.seen: set[int] = set()
         self.started = time.perf_counter()
         self.status = "running"
@@ -397,7 +401,7 @@ class _LeadSink(RunSink):
             _, ranges, self.computed[sender], self.tokens[sender] = message
             self._accept(sender, ranges)
         elif kind == "finished":
-            _, status, error, ranges, self.computed[sender], self.tokens[sender] = message
+            _, status, error, ranges, self.computed[sender], self.tokens[sender], self.seconds[sender] = message
             self._accept(sender, ranges)
             self.running.discard(sender)
             if status != "done":
@@ -423,7 +427,7 @@ class _LeadSink(RunSink):
         self.drain()
 
     def finish(self, status: str, error: str | None, tokens: int, elapsed_s: float) -> None:
-        self.tokens[0] = tokens
+        self.tokens[0], self.seconds[0] = tokens, elapsed_s
         stopped: BaseException | None = None
         try:
             self.drain(wait=status == "done")
@@ -446,23 +450,30 @@ class _LeadSink(RunSink):
         self.tok_s = total / elapsed if elapsed > 0 and total else 0.0
         xs.finish_extraction(self.catalog, self.run_id, status, error, self.tok_s or None)
         self.status, self.error = status, error
+        for rank in range(self.channel.world):
+            log.info(
+                "extraction run %d, rank %d: %d examples, %d tokens in %.1f s",
+                self.run_id, rank, self.computed[rank], self.tokens[rank], self.seconds[rank],
+            )  # fmt: skip
+        log.info("extraction run %d: %s, %d tokens in %.1f s on %d ranks", self.run_id, status, total, elapsed,
+                 self.channel.world)  # fmt: skip
         if stopped is not None:
             raise RunInterrupted(self.run_id, f"personavec extract --resume {self.run_id}") from stopped
 
     def progress_for(
         self, progress: Callable[[ExtractionProgress], None] | None, own: int
-    ) -> Callable[[ExtractionProgress], None] | None:
-        """The user's callback, given the whole run's numbers (``own``: examples in rank 0's share)."""
-        if progress is None:
-            return None
+    ) -> Callable[[ExtractionProgress], None]:
+        """Counts rank 0's own work and calls the user's callback with the whole run's numbers (``own``: examples
+        in rank 0's share)."""
         before = self.info.n_examples - self.n_pending
         own_base = self.info.n_examples - own
 
         def report(p: ExtractionProgress) -> None:
             self.computed[0] = p.done_examples - own_base
             self.tokens[0] = p.tokens
-            done = before + sum(self.computed)
-            progress(ExtractionProgress(p.run_id, done, p.total_examples, sum(self.tokens), p.elapsed_s))
+            if progress is not None:
+                done = before + sum(self.computed)
+                progress(ExtractionProgress(p.run_id, done, p.total_examples, sum(self.tokens), p.elapsed_s))
 
         return report
 
@@ -576,7 +587,7 @@ class _FollowSink(RunSink):
     def finish(self, status: str, error: str | None, tokens: int, elapsed_s: float) -> None:
         # rank 0 may be gone: then the rows not reported are computed again on resume
         with contextlib.suppress(Exception):
-            self.channel.send(0, ("finished", status, error, self._take_ranges(), self.computed, tokens))
+            self.channel.send(0, ("finished", status, error, self._take_ranges(), self.computed, tokens, elapsed_s))
 
     def n_truncated(self) -> int:
         return 0  # rank 0 counts them for the run's result
@@ -625,7 +636,7 @@ def _follow(
         raise
     except BaseException as exc:  # tell rank 0, which would otherwise wait for this rank
         with contextlib.suppress(Exception):
-            channel.send(0, ("finished", "failed", _describe(exc), [], 0, 0))
+            channel.send(0, ("finished", "failed", _describe(exc), [], 0, 0, 0.0))
         raise
     sink = _FollowSink(channel, info.run_id, info.n_examples - len(share.rows))
     where = f"{share.location}/{info.zarr_group}"
