@@ -21,6 +21,9 @@ The write unit is a whole shard (:func:`rows_per_chunk` rows): a writer holds it
 go, so every shard has one writer and nothing is read back. Arrays made before (layout 1: float32 chunks of
 ``rows x 1 x d_model``, zstd, no shards, no checksums) are read and resumed as they are; their write unit is one
 row block of chunks.
+
+A store is a local path or an fsspec URL (``file:///shared/acts.zarr``, ``s3://bucket/acts.zarr``: zarr's
+``FsspecStore``); every function here takes either, as :attr:`personavec.workspace.Workspace.zarr_location` gives it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ _BF16_NAN = 0x7FC0
 # Errors zarr and its codecs raise on bytes they cannot decode: a checksum mismatch is a ValueError, a truncated
 # shard index an IndexError/ValueError, a damaged zstd frame (layout 1) a RuntimeError, garbage JSON a ValueError.
 _DECODE_ERRORS = (ValueError, KeyError, TypeError, IndexError, RuntimeError, OSError)
+
+#: A local path or an fsspec URL.
+StoreLocation = Path | str
 
 
 def group_name(run_id: int) -> str:
@@ -99,9 +105,19 @@ def _activations(root: zarr.Group, name: str) -> zarr.Array:
     return cast(zarr.Array, group[ARRAY_NAME])
 
 
-def _root(zarr_path: Path, mode: Literal["r", "a"] = "a") -> zarr.Group:
+def is_url(location: StoreLocation) -> bool:
+    return isinstance(location, str) and "://" in location
+
+
+def _open(location: StoreLocation, mode: Literal["r", "r+", "a"]) -> zarr.Group:
+    # fsspec's local filesystem does not create parent directories unless asked (other filesystems have none)
+    options = {"auto_mkdir": True} if is_url(location) and str(location).startswith(("file://", "local://")) else None
+    return zarr.open_group(str(location), mode=mode, zarr_format=3, storage_options=options)
+
+
+def _root(zarr_path: StoreLocation, mode: Literal["r", "a"] = "a") -> zarr.Group:
     try:
-        return zarr.open_group(str(zarr_path), mode=mode, zarr_format=3)
+        return _open(zarr_path, mode)
     except FileNotFoundError:
         raise
     except _DECODE_ERRORS as exc:
@@ -117,7 +133,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def create_activation_array(
-    zarr_path: Path,
+    zarr_path: StoreLocation,
     run_id: int,
     n_examples: int,
     n_layers: int,
@@ -173,7 +189,7 @@ def create_activation_array(
     return name
 
 
-def open_activation_array(zarr_path: Path, name: str, mode: Literal["r", "r+"] = "r") -> zarr.Array:
+def open_activation_array(zarr_path: StoreLocation, name: str, mode: Literal["r", "r+"] = "r") -> zarr.Array:
     """The ``activations`` array of one run's group (writes store every chunk, even all-NaN ones: no
     fill-value comparison on the writer's path)."""
     try:
@@ -236,7 +252,7 @@ def to_storage(values: np.ndarray, dtype: str, first_row: int = 0) -> np.ndarray
             idx = np.argwhere(lost)[0]
             biggest = float(np.abs(values[lost]).max())
             raise StorageOverflowError(
-                f"storage dtype {dtype} cannot hold this run's activations: magnitude {biggest:.4g} (first at row "
+                f"storage dtype {dtype} cannot hold this run's activations: |value| {biggest:.4g} (first at row "
                 f"{first_row + int(idx[0])}, layer index {int(idx[1])}) would be stored as inf; extract again with "
                 f"storage dtype {'bfloat16 or ' if dtype == 'float16' else ''}float32 (a new run)"
             )
@@ -329,9 +345,11 @@ def block_rows(array: zarr.Array, block: int) -> tuple[int, int]:
     return block * per, min((block + 1) * per, int(array.shape[0]))
 
 
-def partial_files(zarr_path: Path, name: str) -> list[Path]:
+def partial_files(zarr_path: StoreLocation, name: str) -> list[Path]:
     """Temporary files a killed writer left inside a run's group (zarr writes ``<key>.<uuid>.partial``, then
-    renames): garbage, never data."""
+    renames): garbage, never data. Local stores only (an fsspec URL has none to list: empty)."""
+    if is_url(zarr_path):
+        return []
     root = Path(zarr_path) / name
     return sorted(root.rglob("*.partial")) if root.is_dir() else []
 
@@ -341,15 +359,21 @@ def nonfinite_rows(values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(axis=1))
 
 
-def run_groups(zarr_path: Path) -> list[str]:
+def run_groups(zarr_path: StoreLocation) -> list[str]:
     """Names of the run groups in the store (empty when it does not exist)."""
-    if not (Path(zarr_path) / "zarr.json").is_file():
+    if is_url(zarr_path):
+        try:
+            root = _root(zarr_path, "r")
+        except FileNotFoundError:  # zarr's GroupNotFoundError is one
+            return []
+    elif not (Path(zarr_path) / "zarr.json").is_file():
         return []
-    root = _root(zarr_path, "r")
+    else:
+        root = _root(zarr_path, "r")
     return sorted(name for name in root.group_keys() if name.startswith("run_"))
 
 
-def remove_groups(zarr_path: Path, names: Iterable[str]) -> list[str]:
+def remove_groups(zarr_path: StoreLocation, names: Iterable[str]) -> list[str]:
     """Delete the named run groups (and their arrays) that exist; returns the names removed. Used when the catalog
     forgets runs (a schema downgrade), so that a reused run id never meets an old group."""
     present = set(run_groups(zarr_path))

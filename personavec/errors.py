@@ -62,6 +62,11 @@ class RunBusyError(PersonavecError, RuntimeError):
     """A run cannot be resumed because another live process is still running it."""
 
 
+class DistributedError(PersonavecError, RuntimeError):
+    """A process of a data-parallel run stopped, failed or lost contact with the others; the message names the
+    rank and the cause (the run is left resumable with ``personavec extract --resume RUN``)."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """A stage stopped by Ctrl-C or SIGTERM after marking its run ``interrupted``: carries the command that
     resumes it. A ``KeyboardInterrupt``, so code that handles Ctrl-C handles this too."""

@@ -412,6 +412,7 @@ def load_model(
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
     layers_path: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
 ) -> LoadedModel:
     """Load model and tokenizer for extraction (eval mode, no grad needed).
 
@@ -423,6 +424,8 @@ def load_model(
         attn_implementation: e.g. ``"sdpa"``; None lets transformers choose.
         layers_path: attribute path of the decoder blocks' ModuleList (e.g. ``"model.layers"``) for a model whose
             blocks auto-detection does not find (see :func:`decoder_layers_path`).
+        max_memory: with ``device_map``, the memory each device may take (``{2: "60GiB", 3: "60GiB"}``); devices
+            left out are not used (how a data-parallel process keeps to its own GPUs).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -434,6 +437,8 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

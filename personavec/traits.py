@@ -331,7 +331,7 @@ def project_onto_vector(
     norm = np.linalg.norm(direction)
     if norm == 0:
         raise ConfigError(f"vector {group!r} of run {vector_run_id} is zero: nothing to project onto")
-    array = arrays.open_activation_array(ws.zarr_path, ext.zarr_group, "r")
+    array = arrays.open_activation_array(ws.zarr_location, ext.zarr_group, "r")
     rows = np.asarray(table["row"].to_numpy(zero_copy_only=False), dtype=np.int64)
     order = np.argsort(rows)
     x = np.empty((len(rows), ext.d_model), dtype=np.float32)

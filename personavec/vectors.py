@@ -248,7 +248,7 @@ def compute_vectors(
     if resume is not None:
         raise ConfigError("a vectors run is one transaction and cannot be resumed: compute it again")
     t0 = time.perf_counter()
-    catalog, zarr_path = ws.catalog(), ws.zarr_path
+    catalog, zarr_path = ws.catalog(), ws.zarr_location
     ext = get_extraction_run(catalog, config.extraction_run_id)
     layers = config.layers if config.layers is not None else ext.layers
     missing = [layer for layer in layers if layer not in ext.layers]

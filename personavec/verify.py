@@ -134,12 +134,12 @@ def verify_run(
         )
     needed = done & spanned
     try:
-        array = arrays.open_activation_array(ws.zarr_path, info.zarr_group, "r+" if repair else "r")
+        array = arrays.open_activation_array(ws.zarr_location, info.zarr_group, "r+" if repair else "r")
     except StorageCorruptError as exc:
         problems.append(
             Problem(
                 "metadata",
-                f"{exc}; fix: restore {ws.zarr_path / info.zarr_group} from a backup, or extract the run again",
+                f"{exc}; fix: restore {ws.zarr_location}/{info.zarr_group} from a backup, or extract the run again",
                 repairable=False,
             )
         )
@@ -203,7 +203,7 @@ def verify_run(
         problems.append(Problem("nonfinite", f"{len(nonfinite)} done row(s) hold NaN/inf", _ranges(nonfinite)))
     if missing:
         problems.append(Problem("missing_rows", f"{len(missing)} done row(s) were never written", _ranges(missing)))
-    leftovers = arrays.partial_files(ws.zarr_path, info.zarr_group)
+    leftovers = arrays.partial_files(ws.zarr_location, info.zarr_group)
     if leftovers:
         problems.append(
             Problem("partial_files", f"{len(leftovers)} temporary *.partial file(s) left by a killed writer")

@@ -1,5 +1,10 @@
 """The workspace: one directory holding ``catalog.duckdb`` (the SQL catalog) and ``activations.zarr``.
 
+The activations may live elsewhere: ``init_workspace(path, zarr_url="s3://bucket/acts.zarr")`` (``personavec init
+--zarr-url``) records an fsspec URL in ``workspace.json``, for several machines that share an object store or a
+filesystem mounted at another path (``file:///shared/acts.zarr``); :attr:`Workspace.zarr_location` is what every
+stage opens.
+
 Resolved from ``--workspace``, else ``$PERSONAVEC_WORKSPACE``, else ``./personavec-workspace``. Every stage takes a
 ``Workspace`` first: ``fn(ws, config, *, resume=None, progress=None)``. The workspace owns this process's catalog,
 opened on first use (:meth:`Workspace.catalog`) and kept open until :meth:`Workspace.close`.
@@ -7,6 +12,7 @@ opened on first use (:meth:`Workspace.catalog`) and kept open until :meth:`Works
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +28,7 @@ ENV_VAR = "PERSONAVEC_WORKSPACE"
 DEFAULT_DIR = "personavec-workspace"
 CATALOG_FILE = "catalog.duckdb"
 ZARR_DIR = "activations.zarr"
+SETTINGS_FILE = "workspace.json"
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,25 @@ class Workspace:
 
     @property
     def zarr_path(self) -> Path:
+        """The default, local activation store (``activations.zarr`` in the workspace)."""
         return self.root / ZARR_DIR
+
+    @property
+    def zarr_url(self) -> str | None:
+        """The fsspec URL of the activation store when the workspace sets one (``init --zarr-url``), else None."""
+        path = self.root / SETTINGS_FILE
+        if not path.is_file():
+            return None
+        try:
+            url = json.loads(path.read_text()).get("zarr_url")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise WorkspaceError(f"{path} is not a JSON object of workspace settings: {exc}") from exc
+        return str(url) if url else None
+
+    @property
+    def zarr_location(self) -> str:
+        """Where the activations live, as Zarr opens it: the workspace's ``zarr_url``, else :attr:`zarr_path`."""
+        return self.zarr_url or str(self.zarr_path)
 
     @classmethod
     def resolve(cls, path: str | os.PathLike[str] | None = None) -> Workspace:
@@ -97,13 +122,13 @@ class Workspace:
 
         def apply(plan: MigrationPlan) -> bool:
             known = set(plan.kept_groups)
-            stale.extend(g for g in arrays.run_groups(self.zarr_path) if g not in known)
+            stale.extend(g for g in arrays.run_groups(self.zarr_location) if g not in known)
             return not dry_run and (allow_destructive or not (plan.destructive or stale))
 
         plan = migrate(self.catalog_path, revision, "downgrade", apply=apply)
         plan = replace(plan, dropped_groups=tuple(sorted({*plan.dropped_groups, *stale})))
         if plan.applied:
-            arrays.remove_groups(self.zarr_path, plan.dropped_groups)
+            arrays.remove_groups(self.zarr_location, plan.dropped_groups)
         elif not dry_run:
             raise ConfigError(
                 f"downgrading {self.catalog_path} to {revision} would drop {plan.describe()}; nothing was changed: "
@@ -112,10 +137,16 @@ class Workspace:
         return plan
 
 
-def init_workspace(path: str | os.PathLike[str] | None = None) -> Workspace:
+def init_workspace(path: str | os.PathLike[str] | None = None, *, zarr_url: str | None = None) -> Workspace:
     """Create (or bring up to date) a workspace at the head schema, with the built-in persona and question sets.
 
     Idempotent: running it on an existing workspace upgrades the schema and leaves the data alone.
+
+    Args:
+        path: the workspace directory (see :meth:`Workspace.resolve`).
+        zarr_url: keep the activations at this fsspec URL (``file:///shared/acts.zarr``, ``s3://bucket/acts.zarr``
+            with ``s3fs`` installed) instead of ``<workspace>/activations.zarr``: for processes on several machines,
+            which all open it. Refused when the workspace already keeps activations elsewhere.
     """
     from personavec.ingest import register_builtin_sets
 
@@ -128,6 +159,26 @@ def init_workspace(path: str | os.PathLike[str] | None = None) -> Workspace:
             "pick an empty or new directory for the workspace"
         )
     ws.upgrade("head")
+    if zarr_url is not None:
+        _set_zarr_url(ws, zarr_url)
     register_builtin_sets(ws)
     ws.close()  # a workspace just made is often used next by another process
     return ws
+
+
+def _set_zarr_url(ws: Workspace, url: str) -> None:
+    from personavec import arrays
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme or not rest.strip("/"):
+        raise ConfigError(f"zarr_url must be an fsspec URL such as file:///shared/acts.zarr or s3://bucket/acts.zarr, "
+                          f"got {url!r}")  # fmt: skip
+    current = ws.zarr_url
+    if current == url:
+        return
+    if current is not None or arrays.run_groups(ws.zarr_path):
+        raise ConfigError(
+            f"workspace {ws.root} already keeps activations at {current or ws.zarr_path}: a workspace's activation "
+            "store cannot move (its runs point there); make a new workspace for another store"
+        )
+    (ws.root / SETTINGS_FILE).write_text(json.dumps({"zarr_url": url}, indent=2) + "\n")

@@ -66,21 +66,33 @@ def seed_style(model, examples: list[Rendered], layers: list[int], device: str) 
     return torch.stack(rows)
 
 
-def build_synthetic(name: str, device: str):
+#: Random-weight Gemma-3 text shapes: the 27B (GPU benchmarks) and a tiny one that runs the same code on a CPU.
+SYNTHETIC = {
+    "gemma-3-27b": dict(
+        hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
+        num_key_value_heads=16, head_dim=128, vocab_size=262208, sliding_window=1024, query_pre_attn_scalar=168,
+    ),
+    "gemma-3-tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=262208, sliding_window=1024, query_pre_attn_scalar=16,
+    ),
+}  # fmt: skip
+
+
+def build_synthetic(name: str, device: str, tokenizer=None, dtype=torch.bfloat16):
+    """The named SYNTHETIC shape with random weights (seed 0: every process builds the same model) on ``device``;
+    ``tokenizer`` defaults to a stub with pad/eos ids only (for workloads of token ids)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from personavec.modeling import LoadedModel, decoder_layers
 
-    if name != "gemma-3-27b":
-        raise SystemExit(f"unknown synthetic model {name}")
-    cfg = Gemma3TextConfig(
-        hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
-        num_key_value_heads=16, head_dim=128, vocab_size=262208, sliding_window=1024, query_pre_attn_scalar=168,
-    )  # fmt: skip
+    if name not in SYNTHETIC:
+        raise SystemExit(f"unknown synthetic model {name} (known: {', '.join(SYNTHETIC)})")
+    cfg = Gemma3TextConfig(**SYNTHETIC[name])
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     with torch.device(device):
-        model = Gemma3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+        model = Gemma3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     torch.set_default_dtype(torch.float32)
     model.eval()
 
@@ -89,9 +101,9 @@ def build_synthetic(name: str, device: str):
         eos_token_id = 1
 
     return LoadedModel(
-        name="synthetic:gemma-3-27b", path=Path("."), model=model, tokenizer=_Tok(), layers=decoder_layers(model),
-        n_layers=62, d_model=5376, architecture="Gemma3ForCausalLM", revision=None, device=device, dtype=torch.bfloat16,
-        layers_path="model.layers",
+        name=f"synthetic:{name}", path=Path("."), model=model, tokenizer=tokenizer or _Tok(),
+        layers=decoder_layers(model), n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size,
+        architecture="Gemma3ForCausalLM", revision=None, device=device, dtype=dtype, layers_path="model.layers",
     )  # fmt: skip
 
 

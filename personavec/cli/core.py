@@ -35,14 +35,34 @@ app.add_typer(ingest_app, name="ingest")
 
 @app.command()
 @command
-def init(ws: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
+def init(
+    ws: WorkspaceOpt = None,
+    zarr_url: Annotated[
+        str | None,
+        typer.Option(
+            "--zarr-url",
+            help="Keep activations at this fsspec URL (file:///shared/acts.zarr, s3://bucket/acts.zarr) for "
+            "processes on several machines.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Create a workspace (catalog at the head schema, built-in persona and question sets)."""
 
-    w = init_workspace(ws)
+    w = init_workspace(ws, zarr_url=zarr_url)
     if as_json:
-        emit_json({"workspace": w.root, "catalog": w.catalog_path, "revision": head_revision()})
+        emit_json(
+            {
+                "workspace": w.root,
+                "catalog": w.catalog_path,
+                "activations": w.zarr_location,
+                "revision": head_revision(),
+            }
+        )
     else:
         console.print(f"workspace ready at [bold]{w.root}[/] (schema {head_revision()})")
+        if w.zarr_url:
+            console.print(f"activations at {escape(w.zarr_url)}", highlight=False)
 
 
 @db_app.command("upgrade")

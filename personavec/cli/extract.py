@@ -13,6 +13,7 @@ from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emi
 @app.command()
 @command
 def extract(
+    ctx: typer.Context,
     responses_run: Annotated[
         int | None, typer.Option("--responses-run", help="Responses run (generate / ingest-responses) to extract.")
     ] = None,
@@ -39,6 +40,10 @@ def extract(
         int | None, typer.Option(help="Token budget per batch, padding included (default: 1024 on CPU, 16384 on GPU).")
     ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Most conversations per batch (default 64).")] = None,
+    chunk_rows: Annotated[
+        int | None,
+        typer.Option(help="Zarr rows per chunk (default: ~1 MB a chunk); a chunk is what one process computes."),
+    ] = None,
     compile_blocks: Annotated[
         bool | None,
         typer.Option(
@@ -70,6 +75,17 @@ def extract(
     resume: Annotated[
         int | None, typer.Option("--resume", help="Continue an interrupted or failed extraction run.")
     ] = None,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-processes",
+            help="Data parallel on this machine: N processes (one model replica each) through accelerate's launcher.",
+        ),
+    ] = None,
+    gpus_per_process: Annotated[
+        int | None,
+        typer.Option("--gpus-per-process", help="With several processes: GPUs each one shards its model over (1)."),
+    ] = None,
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -77,9 +93,27 @@ def extract(
 
     With --resume RUN, the run's own settings are used; options given override them (those that define what the
     run computes must match, the others, e.g. --device or --max-batch-tokens, apply to this session).
+
+    Data parallel: --num-processes N here, or `accelerate launch [--num_machines M ...] -m personavec extract ...`
+    (see the README); rank 0 alone writes the catalog.
     """
     from personavec.errors import ConfigError
+    from personavec.extract import distributed
     from personavec.extract.run import ExtractConfig, ExtractionProgress, run_extraction, stored_config
+
+    # -- data-parallel hooks: launch the processes, or run as one of them (only rank 0 reads the workspace)
+    rank, world = distributed.launched_rank()
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
+    if world == 1 and num_processes is not None and num_processes > 1:
+        code = distributed.launch(["extract", *_forwarded(ctx, skip=("num_processes",))], num_processes)
+        if code:
+            raise typer.Exit(code)
+        return
+    if world > 1 and num_processes not in (None, world):
+        raise ConfigError(f"--num-processes {num_processes} inside a launch of {world} processes: leave it out")
+    lead = rank == 0
+    # -- end of the data-parallel hooks
 
     given: dict[str, Any] = {
         "responses_run": responses_run,
@@ -92,28 +126,32 @@ def extract(
         "prompt_format": prompt_format,
         "max_batch_tokens": max_batch_tokens,
         "max_batch_size": max_batch_size,
+        "chunk_rows": chunk_rows,
         "compile": compile_blocks,
         "personas": tuple(persona) if persona else None,
         "questions": tuple(question) if question else None,
         "layers_path": layers_path,
+        "gpus_per_process": gpus_per_process,
         "storage_dtype": storage_dtype,
         "flush_seconds": flush_seconds,
         "flush_rows": flush_rows,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    w = workspace(ws).require()
+    w = workspace(ws).require() if lead else workspace(ws)  # the catalog lives on rank 0's machine
     if resume is not None:
-        config = dataclasses.replace(stored_config(w, resume), **given) if given else None
+        config = dataclasses.replace(stored_config(w, resume), **given) if given and lead else None
     elif responses_run is None:
         raise ConfigError("give --responses-run N (or --resume RUN to continue an interrupted run)")
     else:
         config = ExtractConfig(**given)
-    with stage_progress("extract", quiet=as_json) as show:
+    with stage_progress("extract", quiet=as_json or not lead) as show:
 
         def on_progress(p: ExtractionProgress) -> None:
             show(p.done_examples, p.total_examples, f"{p.tok_s:,.0f} tok/s")
 
         result = run_extraction(w, config, resume=resume, progress=on_progress)
+    if not lead:
+        return
     if as_json:
         emit_json(result)
     else:
@@ -123,6 +161,23 @@ def extract(
             f"{result.n_tokens:,} tokens at {result.tok_s:,.0f} tok/s"
         )
         console.print(result.run_id)
+
+
+def _forwarded(ctx: typer.Context, skip: tuple[str, ...]) -> list[str]:
+    """The command line that gives this command's options again (for the launched processes)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if param.param_type_name != "option" or param.name in skip or value is None:
+            continue
+        if getattr(param, "is_flag", False):
+            flag = param.opts[0] if value else next(iter(param.secondary_opts), None)
+            if flag and value != param.default:
+                args.append(flag)
+            continue
+        for item in value if isinstance(value, list | tuple) else [value]:
+            args += [param.opts[0], str(item)]
+    return args
 
 
 @app.command()

@@ -4,6 +4,8 @@
   ``mean_activations``, regional compilation, ``default_batch_tokens``); needs only torch and transformers.
 - :mod:`personavec.extract.run`: the ``extract`` stage, ``run_extraction(ws, ExtractConfig(...))``: a catalogued,
   resumable run (plan, chunk assembly, Zarr writer).
+- :mod:`personavec.extract.distributed`: the same stage over several processes (``accelerate launch``,
+  ``--num-processes``): rank 0 plans and alone writes the catalog, every rank computes and writes its own chunks.
 
 The seed's ``ActivationExtractor`` and ``extract_persona_vectors`` live in :mod:`personavec.seed`. The stage's names
 are imported from :mod:`personavec.extract.run` on first use, so importing the core does not load the catalog stack.

@@ -79,6 +79,9 @@ class ExtractConfig:
         questions: only responses to these questions (0-based positions in the question set), or None for all.
         layers_path: attribute path of the model's decoder-block ModuleList (e.g. ``"model.layers"``), for a model
             whose blocks auto-detection does not find; None = auto-detect.
+        gpus_per_process: with several processes (data parallel, :mod:`personavec.extract.distributed`), the GPUs
+            each process shards its replica over with ``device_map`` (process ``r`` of a node takes GPUs
+            ``r*K .. r*K+K-1``); 1 = one whole replica per GPU.
         storage_dtype: how activations are stored: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"`` (half
             the bytes; a value float16 cannot hold fails the run, never stored as inf).
         writer_threads: threads writing shards while the model computes.
@@ -105,6 +108,7 @@ class ExtractConfig:
     personas: tuple[str, ...] | None = None
     questions: tuple[int, ...] | None = None
     layers_path: str | None = None
+    gpus_per_process: int = 1
     storage_dtype: str = "float32"
     writer_threads: int = 4
     flush_seconds: float = 30.0
@@ -133,6 +137,8 @@ class ExtractConfig:
             raise ConfigError("chunk_rows must be > 0")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.gpus_per_process, int) or self.gpus_per_process < 1:
+            raise ConfigError(f"gpus_per_process must be an integer >= 1, got {self.gpus_per_process!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise ConfigError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
         if self.writer_threads < 1 or self.flush_seconds <= 0 or self.flush_rows < 1:
@@ -204,6 +210,19 @@ def encode_responses(
         config.span,
         max_length=config.max_length or loaded.context_length,
     )
+
+
+#: Renders ``(system prompt, question, response)`` conversations for a run's plan, in order. The default renders them
+#: here (batched, :func:`encode_responses`); the data-parallel path (:mod:`personavec.extract.distributed`) spreads
+#: them over its processes.
+Renderer = Callable[[LoadedModel, ExtractConfig, Sequence[tuple[str | None, str, str]]], list[Rendered]]
+
+
+def render_all(
+    loaded: LoadedModel, config: ExtractConfig, conversations: Sequence[tuple[str | None, str, str]]
+) -> list[Rendered]:
+    """Render every ``(system prompt, question, response)`` with :func:`encode_responses` (the default Renderer)."""
+    return encode_responses(loaded, conversations, config)
 
 
 @dataclass(frozen=True)
@@ -607,6 +626,13 @@ def run_extraction(
         >>> run_extraction(ws, ExtractConfig(responses_run=2, layers=(10, 20), device="cpu")).run_id
         3
     """
+    # -- data-parallel hook: under `accelerate launch` (world size > 1) every process takes the distributed path,
+    # where rank 0 alone plans and writes the catalog (personavec.extract.distributed).
+    from personavec.extract import distributed
+
+    if distributed.world_size() > 1:
+        return distributed.run_distributed(ws, config, resume=resume, progress=progress, loaded=loaded)
+    # -- end of the data-parallel hook
     catalog = ws.catalog()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-plan") as pool:
         if resume is None:
@@ -629,7 +655,8 @@ def run_extraction(
             opening = Future()
             opening.set_result(opened)
         plan_s = time.perf_counter() - t0
-        return _compute(ws, catalog, opening, config, loaded, first, layers, n_examples, progress, plan_s)
+        sink = RunSink(catalog, lambda: opening.result().info.run_id)
+        return _compute(ws.zarr_location, opening, config, loaded, first, layers, n_examples, progress, plan_s, sink)
 
 
 @dataclass(frozen=True)
@@ -681,7 +708,12 @@ def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
 
 
 def _new_run(
-    ws: Workspace, catalog: Catalog, config: ExtractConfig, run: int, loaded: LoadedModel
+    ws: Workspace,
+    catalog: Catalog,
+    config: ExtractConfig,
+    run: int,
+    loaded: LoadedModel,
+    render: Renderer = render_all,
 ) -> tuple[ExtractionPlan, tuple[int, ...], int, Callable[[], _Opened]]:
     """Select the responses and plan the first batch only; returns that plan (rows ``0..k-1``), the layers, the
     number of examples, and the function that plans the rest (rows ``k..n-1``, longest first), records the run (one
@@ -693,12 +725,12 @@ def _new_run(
     per = arrays.layout_for(n, len(layers), loaded.d_model, config.storage_dtype, config.chunk_rows)[0]
     budget = _budget(config, loaded)
 
-    def triples(part: Sequence[ResponseRecord]) -> Iterable[tuple[str | None, str, str]]:
-        return ((r.system_prompt, r.question, r.text) for r in part)
+    def triples(part: Sequence[ResponseRecord]) -> list[tuple[str | None, str, str]]:
+        return [(r.system_prompt, r.question, r.text) for r in part]
 
     # The first batch: the longest of the first max_batch_size answers that fit the token budget.
     head = list(records[: config.max_batch_size])
-    head_examples = encode_responses(loaded, triples(head), config)
+    head_examples = render(loaded, config, triples(head))
     spanned = [i for i, ex in enumerate(head_examples) if has_span(ex)]
     lengths = [head_examples[i].forward_length for i in spanned]
     batch = [spanned[i] for i in plan_batches(lengths, budget, config.max_batch_size)[0]] if spanned else []
@@ -711,9 +743,7 @@ def _new_run(
     def rest() -> _Opened:
         carried = [i for i in range(len(head)) if i not in in_first]
         rest_records = [head[i] for i in carried] + list(records[len(head) :])
-        rest_examples = [head_examples[i] for i in carried] + encode_responses(
-            loaded, triples(records[len(head) :]), config
-        )
+        rest_examples = [head_examples[i] for i in carried] + render(loaded, config, triples(records[len(head) :]))
         rest_rows = [len(batch) + r for r in longest_first([ex.forward_length if has_span(ex) else 0
                                                              for ex in rest_examples])]  # fmt: skip
         keep = [i for i, ex in enumerate(rest_examples) if has_span(ex)]
@@ -765,7 +795,7 @@ def _array(
     try:
         if create:
             arrays.create_activation_array(
-                ws.zarr_path,
+                ws.zarr_location,
                 info.run_id,
                 info.n_examples,
                 len(info.layers),
@@ -775,9 +805,9 @@ def _array(
                 dtype=config.storage_dtype,
                 resume=resume,
             )
-        return arrays.open_activation_array(ws.zarr_path, info.zarr_group, mode="r+")
+        return arrays.open_activation_array(ws.zarr_location, info.zarr_group, mode="r+")
     except Exception as exc:
-        error = exc if isinstance(exc, StorageError) else StorageError(f"{ws.zarr_path}/{info.zarr_group}: {exc}")
+        error = exc if isinstance(exc, StorageError) else StorageError(f"{ws.zarr_location}/{info.zarr_group}: {exc}")
         xs.finish_extraction(catalog, info.run_id, "failed", f"StorageError: {error}", None)
         if isinstance(error, StorageConflictError):
             raise error from exc
@@ -846,7 +876,12 @@ def adopt_written_rows(array: Any, pending: np.ndarray) -> tuple[list[tuple[int,
 
 
 def _resumed_run(
-    ws: Workspace, catalog: Catalog, run_id: int, config: ExtractConfig, loaded: LoadedModel
+    ws: Workspace,
+    catalog: Catalog,
+    run_id: int,
+    config: ExtractConfig,
+    loaded: LoadedModel,
+    render: Renderer = render_all,
 ) -> tuple[_Opened, ExtractionPlan]:
     info = xs.get_extraction_run(catalog, run_id)
     if (loaded.n_layers, loaded.d_model) != (info.n_model_layers, info.d_model):
@@ -862,16 +897,10 @@ def _resumed_run(
         xs.mark_done(catalog, run_id, adopted)
         keep = ~np.isin(pending["row"].to_numpy(), [r for a, b in adopted for r in range(a, b)])
         pending = pending.filter(pa.array(keep))
-    examples = encode_responses(
-        loaded,
-        zip(
-            pending["system_prompt"].to_pylist(),
-            pending["question"].to_pylist(),
-            pending["text"].to_pylist(),
-            strict=True,
-        ),
-        config,
+    conversations = zip(
+        pending["system_prompt"].to_pylist(), pending["question"].to_pylist(), pending["text"].to_pylist(), strict=True
     )
+    examples = render(loaded, config, list(conversations))
     plan = ExtractionPlan.build(
         examples,
         pending["row"].to_pylist(),
@@ -915,9 +944,44 @@ def store_batches(
         writer.submit(block.start, job, done=done)
 
 
+class RunSink:
+    """Where the compute loop reports rows whose write unit is written and how the session ended: the catalog
+    (rows marked done on a :class:`DoneMarker` thread, the last ones in the unit of work that closes the run).
+    ``run_id`` may be a function giving it (a new run is recorded while its first batch computes).
+
+    The data-parallel path (:mod:`personavec.extract.distributed`) passes its own: on rank 0 it also takes the
+    other ranks' written rows into the catalog and waits for them before closing the run; on the others it sends
+    them to rank 0 (which alone writes the catalog)."""
+
+    def __init__(self, catalog: Catalog, run_id: int | Callable[[], int]) -> None:
+        self.catalog = catalog
+        self._run_id = run_id
+        self.marker = DoneMarker(catalog, run_id)
+
+    @property
+    def run_id(self) -> int:
+        return self._run_id() if callable(self._run_id) else self._run_id
+
+    def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Rows ``[start, stop)`` whose write completed (marked in the background)."""
+        self.marker.add(ranges)
+
+    def drain(self, ranges: Sequence[tuple[int, int]], *, raise_errors: bool = True) -> list[tuple[int, int]]:
+        """The loop ended: wait for marks in flight; returns the rows still to be marked when the run closes."""
+        return self.marker.drain(ranges, raise_errors=raise_errors)
+
+    def finish(
+        self, status: str, error: str | None, tokens: int, elapsed_s: float, left: Sequence[tuple[int, int]]
+    ) -> tuple[int, int]:
+        """The session ended with ``status`` (done, interrupted, failed) after computing ``tokens`` tokens; marks
+        ``left`` done and closes the run. Returns the run's numbers of truncated examples and of examples with no
+        span."""
+        tok_s = tokens / elapsed_s if elapsed_s > 0 and tokens else None
+        return xs.finish_extraction(self.catalog, self.run_id, status, error, tok_s, left)
+
+
 def _compute(
-    ws: Workspace,
-    catalog: Catalog,
+    location: arrays.StoreLocation,
     opening: Future[_Opened],
     config: ExtractConfig,
     loaded: LoadedModel,
@@ -926,7 +990,11 @@ def _compute(
     n_examples: int,
     progress: Callable[[ExtractionProgress], None] | None,
     plan_s: float,
+    sink: RunSink,
 ) -> ExtractionResult:
+    """Compute ``first`` (then the rest of a new run's plan, once ``opening`` has it) and write it through a
+    :class:`ChunkWriter`; ``sink`` receives the written rows and closes the session. ``location``: the activation
+    store, for messages."""
     start_t = time.perf_counter()
     resumed = opening.done()  # a resumed run is open before computing; a new one opens during its first batch
     if resumed and opening.exception() is not None:
@@ -935,8 +1003,7 @@ def _compute(
     assembler = ChunkAssembler(
         first, opening, len(layers), loaded.d_model, present, planned_to=None if resumed else len(first.examples)
     )
-    writer = ChunkWriter(opening, str(ws.zarr_path), threads=config.writer_threads)
-    marker = DoneMarker(catalog, lambda: opening.result().info.run_id)
+    writer = ChunkWriter(opening, str(location), threads=config.writer_threads)
     state = {"tokens": 0, "computed": 0}
     status, error, left = "done", None, []
     drain_s = elapsed = tok_s = 0.0
@@ -970,18 +1037,18 @@ def _compute(
     try:
         try:
             store_batches(
-                assembler, stream, writer, on_written=marker.add, on_batch=on_batch,
+                assembler, stream, writer, on_written=sink.mark_done, on_batch=on_batch,
                 flush_seconds=config.flush_seconds, flush_rows=config.flush_rows,
             )  # fmt: skip
             t_drain = time.perf_counter()
             writer.close()
-            left = marker.drain(writer.written())
+            left = sink.drain(writer.written())
             drain_s = time.perf_counter() - t_drain
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt | ExtractionInterrupted) else "failed"
             error = f"{type(exc).__name__}: {exc}"
             writer.close(raise_errors=False)
-            left = marker.drain(writer.written(), raise_errors=False)
+            left = sink.drain(writer.written(), raise_errors=False)
             if opening.exception() is not None:  # the run was never recorded, or recording it failed
                 raise opening.exception() from None  # type: ignore[misc]
             run_id = opening.result().info.run_id
@@ -995,7 +1062,7 @@ def _compute(
         elapsed = time.perf_counter() - start_t
         tok_s = state["tokens"] / elapsed if elapsed > 0 and state["tokens"] else 0.0
         if opening.exception() is None:
-            counts = xs.finish_extraction(catalog, opening.result().info.run_id, status, error, tok_s or None, left)
+            counts = sink.finish(status, error, state["tokens"], elapsed, left)
     info, opened = opening.result().info, opening.result()
     return ExtractionResult(
         info.run_id,

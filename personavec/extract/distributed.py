@@ -1,0 +1,772 @@
+"""Data-parallel extraction: one model replica per process, launched by accelerate, one catalog writer.
+
+``accelerate launch -m personavec extract ...`` (or ``personavec extract --num-processes N``, which calls
+accelerate's launcher) starts N processes; in each, :func:`personavec.extract.run_extraction` sees a world size > 1
+and calls :func:`run_distributed`. Who does what:
+
+- **Rank 0 alone opens the catalog** (DuckDB has one writer per file; the catalog lives on rank 0's machine). It
+  resolves the config (a new run, or ``resume``: the stored config), sends it to the other ranks, and plans the run
+  as one process would (same Zarr rows, the run's rows in one transaction, the array created after the commit).
+- **Tokenizing is spread**: each rank renders one contiguous stripe of the conversations for the plan.
+- **Shares are whole write units (shards), balanced by tokens** (:func:`split_chunks`): a unit belongs to one rank,
+  which alone writes it (with the single-process writer pool, :func:`personavec.extract.run.store_batches`, including
+  its durability flushes), so no two processes ever write one shard.
+- **Rank 0 takes the finished chunks into the catalog**: the other ranks report each chunk once it is written;
+  rank 0 checks that it came from the rank that owns it, marks it done with its own, and closes the run ``done``
+  only when every rank finished and every row is done. A rank that fails or dies leaves the run ``failed`` or
+  ``interrupted`` (or ``running`` with a dead owner, shown as ``interrupted``): ``--resume`` with any number of
+  processes computes only the rows not done.
+
+Messages travel on two gloo process groups of their own (the backend accelerate chose, NCCL on GPUs, is not used):
+rank 0 -> others (``config``, ``render``, ``plan``, ``result``, ``error``) and others -> rank 0 (``rendered``,
+``batch``, ``finished``). Each process receives on a thread into a queue, because a gloo receive can neither be
+polled nor abandoned (a timed-out wait closes the connection); the main thread waits on the queue with a timeout,
+so Ctrl-C and SIGTERM still reach a waiting rank.
+
+Several machines: the same command with accelerate's multi-node options. The workspace (catalog) is needed only on
+rank 0's machine; the activation store must be reachable from every rank under one name: a shared filesystem
+mounted at the same path, or an fsspec URL (``personavec init --zarr-url``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pickle
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from personavec import arrays
+from personavec.errors import ConfigError, DistributedError, RunInterrupted
+from personavec.extract import run as run_mod
+from personavec.extract.run import (
+    ExtractConfig,
+    ExtractionInterrupted,
+    ExtractionPlan,
+    ExtractionProgress,
+    ExtractionResult,
+    Renderer,
+    RunSink,
+)
+from personavec.modeling import LoadedModel, load_model
+from personavec.spans import Rendered
+from personavec.store import extraction as xs
+
+if TYPE_CHECKING:
+    from personavec.store.engine import Catalog
+    from personavec.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+#: Share of a GPU's memory a process that shards its model (``gpus_per_process > 1``) lets ``device_map`` fill with
+#: weights; the rest is for activations.
+WEIGHT_MEMORY_FRACTION = 0.9
+#: How long a rank waits for another one's next message; liveness comes from the connections (a dead rank's
+#: connection closes at once) and from the launcher, which stops every rank when one fails.
+MESSAGE_TIMEOUT = timedelta(days=7)
+_HEADER_TAG, _PAYLOAD_TAG = 17, 18
+_POLL_S = 0.2
+
+
+# -- where a process stands ----------------------------------------------------------------------------------------
+
+
+def launched_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process as the launcher (accelerate / torchrun) set them; ``(0, 1)`` alone.
+
+    Reads the environment only (initializes nothing), so the CLI can tell rank 0 from the others up front."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def world_size() -> int:
+    """How many processes this run has (``WORLD_SIZE`` under ``accelerate launch``, else 1)."""
+    return launched_rank()[1]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one process puts its model: ``device``, or a ``device_map`` limited by ``max_memory`` to ``gpus``."""
+
+    device: str
+    device_map: str | None = None
+    max_memory: dict[int | str, int | str] | None = None
+    gpus: tuple[int, ...] = ()
+
+
+def rank_placement(
+    local_rank: int,
+    local_world_size: int,
+    gpus_per_process: int,
+    gpu_memory: Sequence[int],
+    *,
+    device: str = "auto",
+    device_map: str | None = None,
+) -> Placement:
+    """The devices of process ``local_rank`` (of ``local_world_size`` on its machine).
+
+    Args:
+        local_rank: the process's index on its machine (``LOCAL_RANK``).
+        local_world_size: processes on its machine.
+        gpus_per_process: ``K``: process ``r`` takes GPUs ``r*K .. r*K+K-1``; with ``K > 1`` its model is sharded
+            over them by ``device_map`` (``"auto"`` unless given), kept to them by ``max_memory``.
+        gpu_memory: total bytes of each visible GPU (empty: no GPU, the process runs on CPU).
+        device: the config's device; ``"cpu"`` keeps every process on the CPU, anything else lets the rank decide.
+        device_map: the config's ``device_map`` (used with ``K > 1``).
+
+    Example:
+        >>> rank_placement(1, 2, 2, [80 << 30] * 4).gpus
+        (2, 3)
+    """
+    if device == "cpu" or not gpu_memory:
+        return Placement("cpu")
+    need = local_world_size * gpus_per_process
+    if need > len(gpu_memory):
+        raise ConfigError(
+            f"{local_world_size} processes x {gpus_per_process} GPUs per process need {need} GPUs; this machine has "
+            f"{len(gpu_memory)}: launch at most {len(gpu_memory) // gpus_per_process} processes per machine"
+        )
+    gpus = tuple(range(local_rank * gpus_per_process, (local_rank + 1) * gpus_per_process))
+    if gpus_per_process == 1:
+        return Placement(f"cuda:{gpus[0]}", gpus=gpus)
+    budget: dict[int | str, int | str] = {g: int(gpu_memory[g] * WEIGHT_MEMORY_FRACTION) for g in gpus}
+    return Placement(f"cuda:{gpus[0]}", device_map=device_map or "auto", max_memory=budget, gpus=gpus)
+
+
+def _load(config: ExtractConfig, local_rank: int, local_world_size: int) -> LoadedModel:
+    import torch
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    memory = [torch.cuda.get_device_properties(i).total_memory for i in range(n_gpus)]
+    where = rank_placement(
+        local_rank,
+        local_world_size,
+        config.gpus_per_process,
+        memory,
+        device=config.device,
+        device_map=config.device_map,
+    )
+    if where.gpus:
+        torch.cuda.set_device(where.gpus[0])  # accelerate made cuda:LOCAL_RANK current; K > 1 starts elsewhere
+    return load_model(
+        config.model,
+        dtype=config.dtype,
+        device=where.device,
+        device_map=where.device_map,
+        attn_implementation=config.attn_implementation,
+        layers_path=config.layers_path,
+        max_memory=where.max_memory,
+    )
+
+
+# -- the split ---------------------------------------------------------------------------------------------------
+
+
+def split_chunks(rows: Sequence[int], costs: Sequence[int], chunk_rows: int, n_ranks: int) -> list[list[int]]:
+    """Indices into ``rows`` for each rank: every Zarr chunk (``row // chunk_rows``) whole to one rank, the
+    costliest chunk first to the least loaded rank (longest-processing-time), so ranks get about equal tokens.
+
+    Args:
+        rows: Zarr row of each example to compute.
+        costs: its cost (forward tokens).
+        chunk_rows: rows per Zarr chunk.
+        n_ranks: processes.
+
+    Returns:
+        ``n_ranks`` lists of indices, each in row order; together they hold every index exactly once.
+    """
+    chunks: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        chunks.setdefault(row // chunk_rows, []).append(i)
+    cost = {c: sum(costs[i] for i in members) for c, members in chunks.items()}
+    load = [0] * n_ranks
+    shares: list[list[int]] = [[] for _ in range(n_ranks)]
+    for c in sorted(chunks, key=lambda c: (-cost[c], c)):
+        rank = min(range(n_ranks), key=lambda r: (load[r], r))
+        shares[rank].extend(chunks[c])
+        load[rank] += cost[c]
+    return [sorted(share, key=rows.__getitem__) for share in shares]
+
+
+def _stripes(n: int, n_ranks: int) -> list[tuple[int, int]]:
+    size = -(-n // n_ranks)
+    return [(min(r * size, n), min((r + 1) * size, n)) for r in range(n_ranks)]
+
+
+# -- messages ----------------------------------------------------------------------------------------------------
+
+
+class _Channel:
+    """Objects between rank 0 and the others over two gloo groups, received on a thread (see the module doc)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world = rank, world
+        # every rank creates both groups, in the same order (new_group is collective)
+        self._up = dist.new_group(backend="gloo", timeout=MESSAGE_TIMEOUT)
+        self._down = dist.new_group(backend="gloo", timeout=MESSAGE_TIMEOUT)
+        self.inbox: queue.Queue[tuple[int, Any]] = queue.Queue()
+        self.lost: str | None = None
+        self._open = set(range(1, world)) if rank == 0 else {0}  # who may still send to us
+        self._thread = threading.Thread(target=self._receive, name="personavec-dp-receive", daemon=True)
+        self._thread.start()
+
+    def send(self, dst: int, message: tuple) -> None:
+        import torch
+        import torch.distributed as dist
+
+        group = self._down if self.rank == 0 else self._up
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        dist.send(torch.tensor([self.rank, len(payload)], dtype=torch.int64), dst=dst, group=group, tag=_HEADER_TAG)
+        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst=dst, group=group, tag=_PAYLOAD_TAG)
+
+    def tell_others(self, message: tuple, *, quiet: bool = False) -> None:
+        """Rank 0: send ``message`` to every other rank (``quiet``: skip ranks that cannot be reached)."""
+        for dst in range(1, self.world):
+            try:
+                self.send(dst, message)
+            except Exception:
+                if not quiet:
+                    raise
+
+    def _receive(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        group, src = (self._up, None) if self.rank == 0 else (self._down, 0)
+        header = torch.zeros(2, dtype=torch.int64)
+        while self._open:
+            try:
+                dist.recv(header, src=src, group=group, tag=_HEADER_TAG)
+                sender, size = (int(x) for x in header.tolist())
+                data = torch.empty(size, dtype=torch.uint8)
+                dist.recv(data, src=sender, group=group, tag=_PAYLOAD_TAG)
+                message = pickle.loads(data.numpy().tobytes())
+            except Exception as exc:  # a peer's connection closed: it died, or stopped without a word
+                self.lost = f"{type(exc).__name__}: {exc}"
+                self.inbox.put((-1, ("lost", self.lost)))
+                return
+            if message[0] in ("finished", "result", "error"):  # the last message a peer sends us
+                self._open.discard(sender)
+            self.inbox.put((sender, message))
+
+    def get(self, timeout: float | None = None) -> tuple[int, tuple] | None:
+        """The next ``(sender, message)``; None when ``timeout`` seconds pass without one. Waits in short steps,
+        so that signals (Ctrl-C, SIGTERM) are handled while waiting."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = _POLL_S if deadline is None else min(_POLL_S, max(deadline - time.monotonic(), 0.0))
+            try:
+                return self.inbox.get(timeout=step)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+
+    def expect(self, *kinds: str) -> tuple:
+        """The next message from rank 0, which must be one of ``kinds``; an ``error`` or a lost rank 0 raises."""
+        got = self.get()
+        assert got is not None  # no timeout: get() only returns with a message
+        _, message = got
+        if message[0] == "error":
+            raise DistributedError(message[1])
+        if message[0] == "lost":
+            raise DistributedError(f"rank {self.rank} lost contact with rank 0 ({message[1]})")
+        if message[0] not in kinds:
+            raise DistributedError(f"rank {self.rank} expected {'/'.join(kinds)} from rank 0, got {message[0]!r}")
+        return message
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+# -- what rank 0 sends each rank ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Share:
+    info: xs.ExtractionRunInfo
+    location: str  # the activation store, as every rank opens it
+    examples: list[Rendered]
+    rows: list[int]
+    chunk_rows: int
+    present: frozenset[int]  # write units already in the store (resume): the writer completes them, never blanks
+
+
+def _spread_rendering(channel: _Channel) -> Renderer:
+    """A Renderer for rank 0: stripe ``r`` of the conversations is tokenized by rank ``r``."""
+
+    def render(
+        loaded: LoadedModel, config: ExtractConfig, conversations: Sequence[tuple[str | None, str, str]]
+    ) -> list[Rendered]:
+        stripes = _stripes(len(conversations), channel.world)
+        for rank in range(1, channel.world):
+            start, stop = stripes[rank]
+            channel.send(rank, ("render", list(conversations[start:stop])))
+        got = {0: run_mod.render_all(loaded, config, conversations[stripes[0][0] : stripes[0][1]])}
+        while len(got) < channel.world:
+            received = channel.get()
+            assert received is not None
+            sender, message = received
+            if message[0] != "rendered":
+                detail = message[2] if message[0] == "finished" else message[1]
+                raise DistributedError(f"rank {sender} could not tokenize its share of the plan: {detail}")
+            got[sender] = message[1]
+        return [ex for rank in range(channel.world) for ex in got[rank]]
+
+    return render
+
+
+# -- rank 0 ------------------------------------------------------------------------------------------------------
+
+
+class _LeadSink(RunSink):
+    """Rank 0's sink: its own chunks and the other ranks' reports go to the catalog; the run closes when all ended.
+
+    The catalog's units of work run on a background thread (one at a time, in order), so that rank 0's model does
+    not wait for them: rank 0 marks every rank's chunks, which would otherwise slow it alone. A failed one raises
+    at the next report and fails the run at the end."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        info: xs.ExtractionRunInfo,
+        channel: _Channel,
+        owners: dict[int, int],
+        chunk_rows: int,
+        n_pending: int,
+    ) -> None:
+        self.catalog, self._run_id = catalog, info.run_id  # no DoneMarker: rank 0 marks on its own thread (_mark)
+        self.info, self.channel, self.owners, self.n_pending = info, channel, owners, n_pending
+        self.chunk_rows = chunk_rows
+        self.running = set(range(1, channel.world))
+        self.problems: dict[str, list[str]] = {"failed": [], "interrupted": []}
+        self.computed = [0] * channel.world
+        self.tokens = [0] * channel.world
+        self.seconds = [0.0] * channel.world  # each rank's compute time, for the log
+        self.started = time.perf_counter()
+        self.status = "running"
+        self.error: str | None = None
+        self.tok_s = 0.0
+        self._catalog_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-dp-catalog")
+        self._marks: deque[Future[None]] = deque()
+        self._failed = False
+        self.counts = (0, 0)
+
+    def _mark(self, ranges: Sequence[tuple[int, int]]) -> None:
+        while self._marks and self._marks[0].done() and not self._failed:
+            exc = self._marks[0].exception()
+            if exc is not None:  # stop the run (once; finish records it)
+                self._failed = True
+                raise exc
+            self._marks.popleft()
+        if ranges:
+            self._marks.append(self._catalog_thread.submit(xs.mark_done, self.catalog, self.run_id, list(ranges)))
+
+    def _settle(self) -> str | None:
+        """Wait for every unit of work; the first error, if one failed."""
+        error = None
+        while self._marks:
+            exc = self._marks.popleft().exception()
+            if exc is not None and error is None:
+                error = f"marking rows done in the catalog failed: {_describe(exc)}"
+        self._catalog_thread.shutdown(wait=True)
+        return error
+
+    def _accept(self, sender: int, ranges: Sequence[tuple[int, int]]) -> None:
+        # Ranges are rows whose write completed: whole write units, or (durability flushes) part of one, possibly
+        # again later as the unit fills; every unit they touch must be the sender's.
+        good = []
+        for start, stop in ranges:
+            units = range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1)
+            if stop <= start or any(self.owners.get(unit) != sender for unit in units):
+                self.problems["failed"].append(f"rank {sender} reported rows {start}:{stop}, not in units it owns")
+                continue
+            good.append((start, stop))
+        self._mark(good)
+
+    def _take(self, sender: int, message: tuple) -> None:
+        kind = message[0]
+        if kind == "batch":
+            _, ranges, self.computed[sender], self.tokens[sender] = message
+            self._accept(sender, ranges)
+        elif kind == "finished":
+            _, status, error, ranges, self.computed[sender], self.tokens[sender], self.seconds[sender] = message
+            self._accept(sender, ranges)
+            self.running.discard(sender)
+            if status != "done":
+                self.problems["failed" if status == "failed" else "interrupted"].append(f"rank {sender}: {error}")
+        elif kind == "lost":  # a rank died (killed, machine lost): stopped rather than failed
+            self.problems["interrupted"].append(f"lost contact with rank(s) {sorted(self.running)}: {message[1]}")
+            self.running.clear()
+        else:
+            self.problems["failed"].append(f"rank {sender} sent {kind!r} during the run")
+
+    def receive(self, wait: bool = False) -> None:
+        """Take every report that arrived; with ``wait``, until every other rank finished (or was lost)."""
+        while True:
+            got = self.channel.get(None if wait and self.running else 0.0)
+            if got is None:
+                return
+            self._take(*got)
+
+    def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
+        self._mark(ranges)
+        self.receive()
+
+    def drain(self, ranges: Sequence[tuple[int, int]], *, raise_errors: bool = True) -> list[tuple[int, int]]:
+        # rank 0's last rows join the queue; finish waits for it (after the other ranks) before closing the run
+        try:
+            self._mark(ranges)
+        except Exception:
+            if raise_errors:
+                raise
+        return []
+
+    def finish(
+        self, status: str, error: str | None, tokens: int, elapsed_s: float, left: Sequence[tuple[int, int]]
+    ) -> tuple[int, int]:
+        self.tokens[0], self.seconds[0] = tokens, elapsed_s
+        stopped: BaseException | None = None
+        try:
+            self.receive(wait=status == "done")
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM while waiting for the others
+            status, error, stopped = "interrupted", _describe(exc), exc
+        marking = self._settle()
+        if marking is not None:
+            self.problems["failed"].append(marking)
+        others = self.problems["failed"] + self.problems["interrupted"]
+        if status == "done" and others:
+            status = "failed" if self.problems["failed"] else "interrupted"
+        if others:
+            error = "; ".join(([error] if error and error not in others else []) + others)
+        if status == "done":
+            missing = self.info.n_examples - xs.done_count(self.catalog, self.run_id)
+            if missing:
+                status, error = "failed", f"{missing} rows were not reported written by any rank"
+        elapsed = time.perf_counter() - self.started
+        total = sum(self.tokens)
+        self.tok_s = total / elapsed if elapsed > 0 and total else 0.0
+        self.counts = xs.finish_extraction(self.catalog, self.run_id, status, error, self.tok_s or None, left)
+        self.status, self.error = status, error
+        for rank in range(self.channel.world):
+            log.info(
+                "extraction run %d, rank %d: %d examples, %d tokens in %.1f s",
+                self.run_id, rank, self.computed[rank], self.tokens[rank], self.seconds[rank],
+            )  # fmt: skip
+        log.info("extraction run %d: %s, %d tokens in %.1f s on %d ranks", self.run_id, status, total, elapsed,
+                 self.channel.world)  # fmt: skip
+        if stopped is not None:
+            raise RunInterrupted(self.run_id, f"personavec extract --resume {self.run_id}") from stopped
+        return self.counts
+
+    def progress_for(
+        self, progress: Callable[[ExtractionProgress], None] | None, own: int
+    ) -> Callable[[ExtractionProgress], None]:
+        """Counts rank 0's own work and calls the user's callback with the whole run's numbers (``own``: examples
+        in rank 0's share)."""
+        before = self.info.n_examples - self.n_pending
+        own_base = self.info.n_examples - own
+
+        def report(p: ExtractionProgress) -> None:
+            self.computed[0] = p.done_examples - own_base
+            self.tokens[0] = p.tokens
+            if progress is not None:
+                done = before + sum(self.computed)
+                progress(ExtractionProgress(p.run_id, done, p.total_examples, sum(self.tokens), p.elapsed_s))
+
+        return report
+
+
+def _new_config(config: ExtractConfig | None) -> tuple[ExtractConfig, int]:
+    if config is None:
+        raise ConfigError("run_extraction needs a config (new run) or resume=RUN_ID")
+    if config.responses_run is None:
+        raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
+    return config, config.responses_run
+
+
+def _lead(
+    ws: Workspace,
+    config: ExtractConfig | None,
+    resume: int | None,
+    progress: Callable[[ExtractionProgress], None] | None,
+    loaded: LoadedModel | None,
+    channel: _Channel,
+    local: tuple[int, int],
+) -> ExtractionResult:
+    info: xs.ExtractionRunInfo | None = None
+    catalog = None
+    try:
+        catalog = ws.catalog()
+        if resume is None:
+            config, source = _new_config(config)
+        else:
+            config = run_mod._resumed_config(catalog, resume, config)
+        channel.tell_others(("config", config))
+        loaded = loaded or _load(config, *local)
+        render = _spread_rendering(channel)
+        t0 = time.perf_counter()
+        if resume is None:
+            # The whole run is planned before the shares go out (they need every row), and every rank opens the array.
+            first, _, _, rest = run_mod._new_run(ws, catalog, config, source, loaded, render)
+            opened = rest()
+            after = opened.rest.examples if opened.rest is not None else []
+            plan = ExtractionPlan(first.examples + after, first.rows + (opened.rest.rows if opened.rest else []),
+                                  first.n_rows, first.chunk_rows, [])  # fmt: skip
+            opened = dataclasses.replace(opened, rest=None)
+        else:
+            opened, plan = run_mod._resumed_run(ws, catalog, resume, config, loaded, render)
+        info = opened.info
+        plan_s = time.perf_counter() - t0
+        shares = split_chunks(plan.rows, [ex.forward_length for ex in plan.examples], plan.chunk_rows, channel.world)
+        for rank in range(1, channel.world):
+            share = _Share(
+                info,
+                ws.zarr_location,
+                [plan.examples[i] for i in shares[rank]],
+                [plan.rows[i] for i in shares[rank]],
+                plan.chunk_rows,
+                frozenset(opened.present),
+            )
+            channel.send(rank, ("plan", share))
+    except BaseException as exc:
+        channel.tell_others(("error", f"rank 0 could not plan the run: {_describe(exc)}"), quiet=True)
+        if info is not None and catalog is not None:  # the run exists: leave it resumable, not "running"
+            xs.finish_extraction(catalog, info.run_id, "failed", _describe(exc), None)
+        raise
+    owners = {plan.rows[i] // plan.chunk_rows: rank for rank, share in enumerate(shares) for i in share}
+    mine = ExtractionPlan.build(
+        [plan.examples[i] for i in shares[0]],
+        [plan.rows[i] for i in shares[0]],
+        n_rows=plan.n_rows,
+        chunk_rows=plan.chunk_rows,
+        max_batch_tokens=run_mod._budget(config, loaded),
+        max_batch_size=config.max_batch_size,
+    )
+    sink = _LeadSink(catalog, info, channel, owners, plan.chunk_rows, len(plan.rows))
+    opening: Future[run_mod._Opened] = Future()
+    opening.set_result(opened)
+    try:
+        own = run_mod._compute(
+            ws.zarr_location,
+            opening,
+            config,
+            loaded,
+            mine,
+            info.layers,
+            info.n_examples,
+            sink.progress_for(progress, len(shares[0])),
+            plan_s,
+            sink,
+        )
+    except BaseException as exc:
+        channel.tell_others(("error", f"rank 0 stopped: {_describe(exc)}"), quiet=True)
+        raise
+    if sink.status != "done":
+        message = (
+            f"extraction run {info.run_id} is marked {sink.status}: {sink.error}; resume it with "
+            f"`personavec extract --resume {info.run_id}` (with any number of processes)"
+        )
+        channel.tell_others(("error", message), quiet=True)
+        raise DistributedError(message)
+    result = ExtractionResult(
+        info.run_id,
+        info.zarr_group,
+        info.layers,
+        info.n_examples,
+        len(plan.rows),
+        sum(sink.tokens),
+        sink.tok_s,
+        sink.counts[0],
+        n_no_span=sink.counts[1],
+        n_adopted=opened.n_adopted,
+        timings=own.timings,  # rank 0's session
+    )
+    channel.tell_others(("result", result))
+    return result
+
+
+# -- the other ranks ---------------------------------------------------------------------------------------------
+
+
+class _Stopped(ExtractionInterrupted):
+    """Rank 0 stopped (or was lost): the other ranks stop at their next batch."""
+
+
+class _FollowSink(RunSink):
+    """A non-zero rank's sink: finished chunks and counts go to rank 0 (which alone writes the catalog)."""
+
+    def __init__(self, channel: _Channel, run_id: int, own_base: int) -> None:
+        self.channel, self._run_id, self.own_base = channel, run_id, own_base
+        self.ranges: list[tuple[int, int]] = []
+        self.computed = 0
+
+    def _take_ranges(self) -> list[tuple[int, int]]:
+        ranges, self.ranges = self.ranges, []
+        return ranges
+
+    def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
+        self.ranges.extend(ranges)
+
+    def drain(self, ranges: Sequence[tuple[int, int]], *, raise_errors: bool = True) -> list[tuple[int, int]]:
+        self.ranges.extend(ranges)
+        return []
+
+    def finish(
+        self, status: str, error: str | None, tokens: int, elapsed_s: float, left: Sequence[tuple[int, int]]
+    ) -> tuple[int, int]:
+        # rank 0 may be gone: then the rows not reported are adopted (or computed again) on resume
+        with contextlib.suppress(Exception):
+            self.channel.send(
+                0, ("finished", status, error, [*self._take_ranges(), *left], self.computed, tokens, elapsed_s)
+            )
+        return (0, 0)  # rank 0 counts them for the run's result
+
+    def progress_for(
+        self, progress: Callable[[ExtractionProgress], None] | None
+    ) -> Callable[[ExtractionProgress], None]:
+        def report(p: ExtractionProgress) -> None:
+            self.computed = p.done_examples - self.own_base
+            self.channel.send(0, ("batch", self._take_ranges(), self.computed, p.tokens))
+            if not self.channel.inbox.empty():  # rank 0 only writes now to stop us
+                _, message = self.channel.inbox.get()
+                raise _Stopped(message[1] if message[0] == "error" else f"lost contact with rank 0 ({message[1]})")
+            if progress is not None:
+                progress(p)
+
+        return report
+
+
+def _follow(
+    progress: Callable[[ExtractionProgress], None] | None,
+    loaded: LoadedModel | None,
+    channel: _Channel,
+    local: tuple[int, int],
+) -> ExtractionResult:
+    try:
+        config: ExtractConfig = channel.expect("config")[1]
+        loaded = loaded or _load(config, *local)
+        while True:
+            message = channel.expect("render", "plan")
+            if message[0] == "plan":
+                break
+            channel.send(0, ("rendered", run_mod.render_all(loaded, config, message[1])))
+        share: _Share = message[1]
+        info = share.info
+        array = arrays.open_activation_array(share.location, info.zarr_group, "r+")
+        plan = ExtractionPlan.build(
+            share.examples,
+            share.rows,
+            n_rows=info.n_examples,
+            chunk_rows=share.chunk_rows,
+            max_batch_tokens=run_mod._budget(config, loaded),
+            max_batch_size=config.max_batch_size,
+        )
+    except DistributedError:
+        raise
+    except BaseException as exc:  # tell rank 0, which would otherwise wait for this rank
+        with contextlib.suppress(Exception):
+            channel.send(0, ("finished", "failed", _describe(exc), [], 0, 0, 0.0))
+        raise
+    sink = _FollowSink(channel, info.run_id, info.n_examples - len(share.rows))
+    opening: Future[run_mod._Opened] = Future()
+    opening.set_result(run_mod._Opened(info, array, set(share.present)))
+    try:
+        run_mod._compute(
+            share.location,
+            opening,
+            config,
+            loaded,
+            plan,
+            info.layers,
+            info.n_examples,
+            sink.progress_for(progress),
+            0.0,
+            sink,
+        )
+    except _Stopped as exc:
+        raise DistributedError(f"rank {channel.rank} stopped: {exc}") from exc
+    return channel.expect("result")[1]
+
+
+# -- the entry point ---------------------------------------------------------------------------------------------
+
+
+def run_distributed(
+    ws: Workspace,
+    config: ExtractConfig | None,
+    *,
+    resume: int | None = None,
+    progress: Callable[[ExtractionProgress], None] | None = None,
+    loaded: LoadedModel | None = None,
+) -> ExtractionResult:
+    """:func:`personavec.extract.run_extraction` in one process of a data-parallel group (call that instead).
+
+    Every process calls it with the same arguments; rank 0's ``ws``, ``config`` and ``resume`` decide (the others
+    receive the config from rank 0 and never open the workspace, which may not exist on their machine). ``loaded``
+    is this process's own model; without it each process loads the config's model on its own devices
+    (:func:`rank_placement`). ``progress`` gets the whole run's numbers on rank 0 and the process's own elsewhere.
+
+    Returns:
+        the run's :class:`ExtractionResult` (the same on every rank). A rank that fails makes every rank raise
+        (:class:`DistributedError` where another rank's failure is the cause), and the run is left resumable.
+    """
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world = state.process_index, state.num_processes
+    local = (state.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", world) or world))
+    channel = _Channel(rank, world)
+    if rank == 0:
+        return _lead(ws, config, resume, progress, loaded, channel, local)
+    return _follow(progress, loaded, channel, local)
+
+
+# -- the launcher ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for the launcher's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(args: Sequence[str], num_processes: int, *, main_process_port: int | None = None) -> int:
+    """Run ``python -m personavec ARGS`` in ``num_processes`` processes on this machine with accelerate's launcher
+    (``accelerate launch --multi_gpu --num_processes N -m personavec ARGS``); returns the exit code (rank 0's when
+    it failed, else the first failing rank's; 0 when every rank succeeded).
+
+    Example:
+        >>> launch(["extract", "--responses-run", "2", "-w", "ws"], 2)
+        0
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    argv = ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
+    argv += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    argv += ["--main_process_port", str(main_process_port or free_port()), "-m", "personavec", *args]
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        code = codes.get(0, next(iter(codes.values()), 1))
+        return 128 - code if code < 0 else code or 1  # a rank killed by signal N exits -N: report 128+N
+    return 0

@@ -1,0 +1,296 @@
+"""Data-parallel extraction: the split, the device mapping, the fsspec activation store, and real runs of 2 gloo
+processes (``accelerate launch``, one and two "machines") and of a rank killed mid-run, against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from personavec import EVAL_QUESTIONS, PERSONAS, arrays
+from personavec.cli import app
+from personavec.errors import ConfigError
+from personavec.extract import ExtractConfig, run_extraction
+from personavec.extract import distributed as dp
+from personavec.ingest import IngestConfig, ingest
+from personavec.store.extraction import done_count, extraction_examples, get_extraction_run
+from personavec.store.responses import answered_responses
+from personavec.store.runs import get_run, list_runs
+from personavec.vectors import VectorConfig, compute_vectors, load_vectors
+from personavec.workspace import Workspace, init_workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = (6, 20)
+N_PERSONAS, N_QUESTIONS = 4, 3  # 12 examples: 6 chunks of 2 rows, 3 per process
+
+
+# -- the split and the device mapping (no processes) ---------------------------------------------------------------
+
+
+def test_split_gives_whole_chunks_once_and_balances_tokens() -> None:
+    rng = random.Random(0)
+    lengths = sorted((rng.randint(20, 900) for _ in range(1000)), reverse=True)
+    rows = list(range(1000))
+    for n_ranks, chunk_rows in ((2, 64), (3, 16), (8, 7)):
+        shares = dp.split_chunks(rows, lengths, chunk_rows, n_ranks)
+        assert sorted(i for share in shares for i in share) == rows  # every example exactly once
+        owner = {}
+        for rank, share in enumerate(shares):
+            assert share == sorted(share)
+            for i in share:
+                assert owner.setdefault(rows[i] // chunk_rows, rank) == rank  # a chunk has one owner
+        loads = [sum(lengths[i] for i in share) for share in shares]
+        biggest_chunk = max(sum(lengths[r : r + chunk_rows]) for r in range(0, 1000, chunk_rows))
+        assert max(loads) - min(loads) <= biggest_chunk
+    # a resumed run: only some rows of a chunk are left, and they still go together
+    shares = dp.split_chunks([5, 6, 7, 40, 41], [10, 10, 10, 50, 50], 4, 2)
+    assert shares == [[3, 4], [0, 1, 2]]
+    assert dp.split_chunks([], [], 4, 3) == [[], [], []]
+
+
+def test_rank_placement_maps_groups_of_gpus() -> None:
+    gib = 1 << 30
+    assert dp.rank_placement(1, 2, 1, []) == dp.Placement("cpu")
+    assert dp.rank_placement(0, 2, 1, [80 * gib] * 2, device="cpu") == dp.Placement("cpu")
+    assert dp.rank_placement(1, 2, 1, [80 * gib] * 2) == dp.Placement("cuda:1", gpus=(1,))
+    # 8 GPUs, 4 processes of 2: process 2 shards its model over GPUs 4 and 5 only
+    place = dp.rank_placement(2, 4, 2, [80 * gib] * 8)
+    assert (place.device, place.gpus, place.device_map) == ("cuda:4", (4, 5), "auto")
+    assert place.max_memory == {4: int(80 * gib * dp.WEIGHT_MEMORY_FRACTION), 5: int(80 * gib * 0.9)}
+    assert dp.rank_placement(1, 2, 3, [80 * gib] * 6, device_map="balanced").device_map == "balanced"
+    assert dp.rank_placement(1, 2, 3, [80 * gib] * 6).gpus == (3, 4, 5)
+    with pytest.raises(ConfigError, match="need 6 GPUs; this machine has 4: launch at most 2"):
+        dp.rank_placement(0, 3, 2, [80 * gib] * 4)
+    with pytest.raises(ConfigError, match="gpus_per_process"):
+        ExtractConfig(gpus_per_process=0)
+
+
+def test_num_processes_launches_the_same_command(cli, workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(dp, "launch", lambda args, n: calls.append((args, n)) or 0)
+    args = ["extract", "-w", str(workspace.root), "--responses-run", "3", "--layer", "2", "--layer", "5"]
+    result = cli.invoke(app, [*args, "--no-compile", "--num-processes", "2", "--chunk-rows", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    forwarded, n = calls[0]
+    assert n == 2 and "--num-processes" not in forwarded
+    assert forwarded[0] == "extract" and forwarded[forwarded.index("--responses-run") + 1] == "3"
+    assert forwarded.count("--layer") == 2 and "--no-compile" in forwarded and "--json" in forwarded
+    assert forwarded[forwarded.index("--chunk-rows") + 1] == "4" and str(workspace.root) in forwarded
+    monkeypatch.setattr(dp, "launch", lambda args, n: 3)
+    assert cli.invoke(app, [*args, "--num-processes", "2"]).exit_code == 3  # a failed rank's exit code
+    bad = cli.invoke(app, [*args, "--num-processes", "0"])
+    assert bad.exit_code == 2 and "--num-processes must be >= 1" in bad.output
+
+
+# -- the activation store at an fsspec URL (one process) -----------------------------------------------------------
+
+
+def _ingest(ws: Workspace, path: Path) -> int:
+    return ingest(ws, IngestConfig("responses", path)).run_id
+
+
+@pytest.fixture(scope="module")
+def responses_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = random.Random(7)
+    words = "the a persona answer question reply think calm bright careful sea ship story".split()
+    data = {
+        json.dumps([p, q]): f"{p} says: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 18)))
+        for p in list(PERSONAS)[:N_PERSONAS]
+        for q in EVAL_QUESTIONS[:N_QUESTIONS]
+    }
+    path = tmp_path_factory.mktemp("responses") / "responses.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_zarr_url_workspace_keeps_activations_there(tmp_path: Path, responses_file: Path) -> None:
+    from tiny_models import tiny_model_dir
+
+    url = f"file://{tmp_path}/elsewhere/acts.zarr"
+    ws = init_workspace(tmp_path / "ws", zarr_url=url)
+    assert ws.zarr_url == url and ws.zarr_location == url
+    assert init_workspace(tmp_path / "ws", zarr_url=url).zarr_url == url  # idempotent
+    model = str(tiny_model_dir(tmp_path / "tiny", "llama", "chatml"))
+    config = ExtractConfig(responses_run=_ingest(ws, responses_file), model=model, layers=(2,), device="cpu")
+    result = run_extraction(ws, config)
+    assert not ws.zarr_path.exists()  # nothing in the workspace directory
+    assert (tmp_path / "elsewhere" / "acts.zarr" / result.zarr_group / arrays.ARRAY_NAME / "zarr.json").is_file()
+    assert arrays.run_groups(url) == [result.zarr_group]
+    vectors = compute_vectors(ws, VectorConfig(extraction_run_id=result.run_id))
+    assert vectors.n_examples == N_PERSONAS * N_QUESTIONS
+    with pytest.raises(ConfigError, match="cannot move"):
+        init_workspace(tmp_path / "ws", zarr_url="file:///somewhere/else.zarr")
+    with pytest.raises(ConfigError, match="fsspec URL"):
+        init_workspace(tmp_path / "ws2", zarr_url="/not/a/url")
+    # one process may also keep them in memory (not shared between processes: no use for data parallel)
+    mem = init_workspace(tmp_path / "ws3", zarr_url="memory://personavec-test/acts.zarr")
+    config = ExtractConfig(responses_run=_ingest(mem, responses_file), model=model, layers=(2,), device="cpu")
+    done = run_extraction(mem, config)
+    assert arrays.open_activation_array(mem.zarr_location, done.zarr_group).shape == (12, 1, 64)
+
+
+def test_cli_init_zarr_url(cli, tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/shared/acts.zarr"
+    out = cli.invoke(app, ["init", "-w", str(tmp_path / "ws"), "--zarr-url", url, "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["activations"] == url
+    assert Workspace.resolve(tmp_path / "ws").zarr_location == url
+
+
+# -- real processes on the embedded model ----------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    # the ranks import this checkout (not an installed copy) and the worker script next to this file
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1"}
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _accelerate(n: int, *, port: int, machines: int = 1, machine_rank: int = 0) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n)]
+    cmd += ["--num_machines", str(machines), "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+    return cmd + ["--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _extract_args(ws: Path | str, responses_run: int) -> list[str]:
+    args = ["extract", "-w", str(ws), "--responses-run", str(responses_run), "--dtype", "float32", "--device", "cpu"]
+    args += ["--layer", str(LAYERS[0]), "--layer", str(LAYERS[1]), "--chunk-rows", "2", "--json"]
+    return args + ["--max-batch-tokens", "1"]  # one example per batch, as the reference: the same float32 sums
+
+
+def _json_line(output: str) -> dict:
+    return json.loads(next(line for line in output.splitlines() if line.startswith('{"run_id"')))
+
+
+def _vectors(ws: Workspace, run_id: int) -> dict[tuple[int, str], np.ndarray]:
+    vrun = compute_vectors(ws, VectorConfig(extraction_run_id=run_id)).run_id
+    out = {}
+    for layer in LAYERS:
+        vset = load_vectors(vrun, layer, workspace=ws)
+        out.update({(layer, name): vset[name].numpy() for name in vset})
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, responses_file: Path) -> dict:
+    """The reference: the same extraction in this one process, and its persona vectors. One example per batch
+    everywhere: batches padded differently give float32 sums that differ in the last bit (1.5e-5 at |x| ~ 128)."""
+    ws = init_workspace(tmp_path_factory.mktemp("one") / "ws")
+    config = ExtractConfig(
+        responses_run=_ingest(ws, responses_file),
+        layers=LAYERS,
+        dtype="float32",
+        device="cpu",
+        chunk_rows=2,
+        max_batch_tokens=1,
+    )
+    result = run_extraction(ws, config)
+    vectors = _vectors(ws, result.run_id)
+    ws.close()
+    return vectors
+
+
+def _check_consistent(ws: Workspace, run_id: int, reference: dict) -> None:
+    """The run is done, every answered response is in it exactly once, every row is written, and its vectors equal
+    the one-process run's."""
+    catalog = ws.catalog()
+    assert get_run(catalog, run_id).status == "done"
+    info = get_extraction_run(catalog, run_id)
+    table = extraction_examples(catalog, run_id)
+    answered = sorted(r.id for r in answered_responses(catalog, info.source_run_id))
+    assert sorted(table["response_id"].to_pylist()) == answered  # each response once
+    assert sorted(table["row"].to_pylist()) == list(range(len(answered)))  # each Zarr row once
+    assert pc.all(table["done"]).as_py() and done_count(catalog, run_id) == info.n_examples
+    values = arrays.read_rows(arrays.open_activation_array(ws.zarr_location, info.zarr_group))
+    assert values.shape == (len(answered), len(LAYERS), 576) and np.isfinite(values).all()
+    got = _vectors(ws, run_id)
+    assert got.keys() == reference.keys()
+    diff = max(float(np.abs(got[k] - reference[k]).max()) for k in got)
+    assert diff <= 1e-5, f"max abs diff {diff} between the data-parallel and the one-process vectors"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path: Path, responses_file: Path, one_process: dict) -> None:
+    ws = init_workspace(tmp_path / "ws")
+    run = _ingest(ws, responses_file)
+    ws.close()
+    out = _run([sys.executable, "-m", "personavec", *_extract_args(ws.root, run), "--num-processes", "2"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = _json_line(out.stdout)  # rank 0 alone prints
+    assert out.stdout.count('{"run_id"') == 1
+    assert (result["n_examples"], result["n_computed"]) == (12, 12)
+    _check_consistent(ws, result["run_id"], one_process)
+
+
+@pytest.mark.slow
+def test_two_machines_share_an_fsspec_store(tmp_path: Path, responses_file: Path, one_process: dict) -> None:
+    """Two "machines" on one host: two launches, `--num_machines 2`; the workspace (catalog) exists only on machine
+    0's side, the activations at a file:// URL in a third directory both open."""
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    for m in machines:
+        m.mkdir()
+    ws = init_workspace(machines[0] / "ws", zarr_url=f"file://{tmp_path}/shared/acts.zarr")
+    run = _ingest(ws, responses_file)
+    ws.close()
+    port = dp.free_port()
+    # the same command on both: `-w ws` names the workspace only where it exists (machine 0)
+    procs = [
+        subprocess.Popen(
+            [*_accelerate(2, port=port, machines=2, machine_rank=i), "-m", "personavec", *_extract_args("ws", run)],
+            cwd=m,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, m in enumerate(machines)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert not (machines[1] / "ws").exists()
+    result = _json_line(outs[0][0])
+    assert '{"run_id"' not in outs[1][0]
+    assert not ws.zarr_path.exists() and arrays.run_groups(ws.zarr_location) == [result["zarr_group"]]
+    _check_consistent(ws, result["run_id"], one_process)
+
+
+@pytest.mark.slow
+def test_killed_rank_leaves_a_run_any_number_of_processes_resume(
+    tmp_path: Path, responses_file: Path, one_process: dict
+) -> None:
+    ws = init_workspace(tmp_path / "ws")
+    run = _ingest(ws, responses_file)
+    ws.close()
+    worker = [str(ROOT / "tests" / "dist_worker.py"), "--workspace", str(ws.root)]
+    layers = [a for layer in LAYERS for a in ("--layer", str(layer))]
+    # rank 1 dies (SIGKILL) after its first batch (one example: its first shard is not complete, so nothing of
+    # its share is written); the launcher then stops rank 0 (SIGTERM), which may have finished its own share
+    out = _run([*_accelerate(2, port=dp.free_port()), *worker, "--responses-run", str(run), *layers], tmp_path)
+    assert out.returncode != 0
+    run_id = list_runs(ws.catalog(), "extract")[0].id
+    assert get_run(ws.catalog(), run_id).status == "interrupted"
+    first = done_count(ws.catalog(), run_id)
+    assert first <= 8 and first % 2 == 0, out.stderr[-3000:]  # whole shards only; rank 1's share is left
+    # resumed on 2 processes (rank 1's unwritten share is split again, so rank 0 has work), rank 0 dies this time
+    # (SIGKILL: its run stays "running" with a dead owner)
+    ws.close()
+    cmd = [*_accelerate(2, port=dp.free_port()), *worker, "--resume", str(run_id), "--die-rank", "0"]
+    out = _run(cmd, tmp_path)
+    assert out.returncode != 0, out.stderr[-3000:]
+    assert get_run(ws.catalog(), run_id).status == "interrupted"  # "running", owner gone
+    second = done_count(ws.catalog(), run_id)
+    assert first <= second < 12
+    # and one process finishes it: only the rows not done are computed
+    result = run_extraction(ws, None, resume=run_id)
+    assert result.n_computed == 12 - second
+    _check_consistent(ws, run_id, one_process)
