@@ -224,11 +224,17 @@ def test_two_processes_match_one(tmp_path: Path, responses_file: Path, one_proce
     ws = init_workspace(tmp_path / "ws")
     run = _ingest(ws, responses_file)
     ws.close()
-    out = _run([sys.executable, "-m", "personavec", *_extract_args(ws.root, run), "--num-processes", "2"], tmp_path)
+    args = _extract_args(ws.root, run)
+    args = args[: args.index("--chunk-rows")] + args[args.index("--chunk-rows") + 2 :]  # the default layout
+    out = _run([sys.executable, "-m", "personavec", *args, "--num-processes", "2"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = _json_line(out.stdout)  # rank 0 alone prints
     assert out.stdout.count('{"run_id"') == 1
     assert (result["n_examples"], result["n_computed"]) == (12, 12)
+    # without --chunk-rows a data-parallel run has shards enough to share (one 12-row shard would go to one rank),
+    # and the array's shards are the plan's write units
+    array = arrays.open_activation_array(ws.zarr_location, result["zarr_group"])
+    assert arrays.n_blocks(array) == 12 and arrays.rows_per_chunk(array) == 1
     _check_consistent(ws, result["run_id"], one_process)
 
 

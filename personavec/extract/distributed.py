@@ -68,6 +68,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Write units (shards) a new run has per process at least, unless ``--chunk-rows`` says otherwise: shares are
+#: whole units, so a run of a few large shards (one layer of a 27B model: ~3,000 rows a shard) would split badly.
+UNITS_PER_RANK = 16
+
 #: Share of a GPU's memory a process that shards its model (``gpus_per_process > 1``) lets ``device_map`` fill with
 #: weights; the rest is for activations.
 WEIGHT_MEMORY_FRACTION = 0.9
@@ -523,7 +527,9 @@ def _lead(
         t0 = time.perf_counter()
         if resume is None:
             # The whole run is planned before the shares go out (they need every row), and every rank opens the array.
-            first, _, _, rest = run_mod._new_run(ws, catalog, config, source, loaded, render)
+            first, _, _, rest = run_mod._new_run(
+                ws, catalog, config, source, loaded, render, min_units=channel.world * UNITS_PER_RANK
+            )
             opened = rest()
             after = opened.rest.examples if opened.rest is not None else []
             plan = ExtractionPlan(first.examples + after, first.rows + (opened.rest.rows if opened.rest else []),

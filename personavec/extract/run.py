@@ -714,15 +714,19 @@ def _new_run(
     run: int,
     loaded: LoadedModel,
     render: Renderer = render_all,
+    min_units: int = 1,
 ) -> tuple[ExtractionPlan, tuple[int, ...], int, Callable[[], _Opened]]:
     """Select the responses and plan the first batch only; returns that plan (rows ``0..k-1``), the layers, the
     number of examples, and the function that plans the rest (rows ``k..n-1``, longest first), records the run (one
     transaction, every example) and then creates its array. Splitting keeps tokenizing a whole run off the GPU's
-    path: the model starts on the first batch right away."""
+    path: the model starts on the first batch right away. ``min_units``: without ``config.chunk_rows``, shards are
+    made small enough that the run has at least this many (data parallel: work to share out)."""
     records = _selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
     n = len(records)
     per = arrays.layout_for(n, len(layers), loaded.d_model, config.storage_dtype, config.chunk_rows)[0]
+    if config.chunk_rows is None and min_units > 1 and n:
+        per = arrays.layout_for(n, len(layers), loaded.d_model, config.storage_dtype, min(per, -(-n // min_units)))[0]
     budget = _budget(config, loaded)
 
     def triples(part: Sequence[ResponseRecord]) -> list[tuple[str | None, str, str]]:
@@ -776,7 +780,11 @@ def _new_run(
             n_examples=n,
         )
         info = xs.get_extraction_run(catalog, run_id)
-        return _Opened(info, _array(ws, catalog, info, config, create=True), rest=plan)
+        array = _array(ws, catalog, info, config, create=True, chunk_rows=per)
+        if arrays.rows_per_chunk(array) != per:  # the plan's write units must be the array's shards, or rows are lost
+            raise StorageError(f"{info.zarr_group}: array made with shards of {arrays.rows_per_chunk(array)} rows, "
+                               f"planned {per}")  # fmt: skip
+        return _Opened(info, array, rest=plan)
 
     return first, layers, n, rest
 
@@ -789,9 +797,11 @@ def _array(
     *,
     create: bool,
     resume: bool = False,
+    chunk_rows: int | None = None,
 ) -> Any:
-    """The run's Zarr array, created when ``create`` (after the run's rows committed: no group without its run).
-    A store that fails here marks the run failed (resume creates the array again)."""
+    """The run's Zarr array, created when ``create`` (after the run's rows committed: no group without its run)
+    with ``chunk_rows`` rows per shard (default ``config.chunk_rows``). A store that fails here marks the run failed
+    (resume creates the array again)."""
     try:
         if create:
             arrays.create_activation_array(
@@ -801,7 +811,7 @@ def _array(
                 len(info.layers),
                 info.d_model,
                 attrs={"layers": list(info.layers), "model": info.model, "run_id": info.run_id},
-                chunk_rows=config.chunk_rows,
+                chunk_rows=chunk_rows or config.chunk_rows,
                 dtype=config.storage_dtype,
                 resume=resume,
             )
