@@ -96,6 +96,8 @@ class VectorConfig:
     @property
     def filters(self) -> tuple[JudgementFilter, ...]:
         """``where`` parsed."""
+        if not self.where:
+            return ()  # without importing the judge stage (and the openai client it loads: ~0.5-0.8 s)
         from personavec.judge import parse_filter
 
         return tuple(parse_filter(w) for w in self.where)
