@@ -132,6 +132,7 @@ def worker(args: argparse.Namespace) -> None:
             "n": result.n_examples,
             "run_id": result.run_id,
             "build_s": round(build_s, 1),
+            "timings": result.timings,  # rank 0's session: plan_s is the time before the shares go out
         }
         print(RESULT + json.dumps(out), flush=True)
 
