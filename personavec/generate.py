@@ -7,8 +7,8 @@ requests under the concurrency limit, round-robin over the base URLs (replicas o
 answer (stored in ``responses.attempts``) are counted by a request hook on the client's HTTP client.
 
 Speed (``scripts/bench_generate.py``): the event loop only asks and parses; answers are committed by one writer on
-a worker thread (:class:`_Sink`), in batches at most every :data:`COMMIT_INTERVAL_S`, so the loop never waits for
-DuckDB and one commit's fixed cost is shared by every answer that arrived meanwhile.
+a worker thread (:class:`_Sink`), in batches at most every :data:`personavec.writer.COMMIT_INTERVAL_S`, so the loop
+never waits for DuckDB and one commit's fixed cost is shared by every answer that arrived meanwhile.
 
 What is sent: ``[{"role": "system", "content": <system prompt>}, {"role": "user", "content": <question>}]``. The
 system message is always sent, with empty content for an empty system prompt, exactly as extraction renders the
@@ -75,6 +75,7 @@ from personavec.store.generation import (
 )
 from personavec.store.records import Persona, PersonaSet, Question, QuestionSet
 from personavec.workspace import Workspace
+from personavec.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,6 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0"})
 DEFAULT_KEY_ENV = "OPENROUTER_API_KEY"
 DEFAULT_KEY_HOST = urlparse(OPENROUTER_BASE_URL).hostname
 REDACTED = "<redacted>"  # no square brackets: Rich would read them as markup
-#: Shortest time from one commit of answers to the next: under load answers are committed in batches at most this
-#: often (a DuckDB commit costs ~5-20 ms of CPU whatever its size); a lone answer is committed at once.
-COMMIT_INTERVAL_S = 0.1
 #: Fields that define what a run asks for; a resumed run must keep them (the others are operational knobs).
 IDENTITY_FIELDS = (
     "persona_set",
@@ -579,70 +577,33 @@ class GenerationResult:
 
 
 class _Sink:
-    """The one writer of answers: outcomes are queued on the event-loop thread and committed by one writer task whose
-    DuckDB statements run on a worker thread (DuckDB releases the GIL), so requests keep flowing during a commit.
-
-    Group commit: one statement and one transaction cost ~5-10 ms in DuckDB whatever the row count, so while one
-    commit runs the outcomes that arrive wait and go together in the next; batches grow with the answer rate. An
-    answer is committed at most one commit after it arrives: a killed process loses only requests in flight and the
-    latest batch or two. A failing writer raises its error in the producer at the next :meth:`land`, and at
-    :meth:`close`, which commits whatever is still queued.
+    """The one writer of answers: a :class:`personavec.writer.GroupCommitWriter` that upserts them (outcomes queued on
+    the event-loop thread, committed in groups by one writer task on a worker thread, so requests keep flowing during
+    a commit; see that module for the group-commit rule), and the run's counts and progress, updated once a group is
+    committed. A failing writer raises its error in the producer at the next :meth:`land`, and at :meth:`close`,
+    which commits whatever is still queued.
     """
 
     def __init__(
         self, catalog: Catalog, run_id: int, total: int, answered: int, progress: Callable | None, start: float
     ) -> None:
-        self.catalog, self.run_id, self.total, self.progress, self.start = catalog, run_id, total, progress, start
+        self.run_id, self.total, self.progress, self.start = run_id, total, progress, start
         self.answered, self.failed, self.new_answers, self.new_failures = answered, 0, 0, 0
         self.prompt_tokens = self.completion_tokens = 0
-        self.commits = 0
-        self._pending: list[AnswerRow] = []
-        self._closed = False
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-writer")
+        self._writer: GroupCommitWriter[AnswerRow] = GroupCommitWriter(
+            lambda rows: upsert_answers(catalog, run_id, rows), self._count
+        )
 
     def begin(self) -> None:
         """Start the writer task (inside the running event loop)."""
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._write())
+        self._writer.begin()
 
     def land(self, job: _Job, outcome: Completion | RequestFailed) -> None:
-        assert self._task is not None and self._wake is not None, "begin() first"
-        if self._task.done():
-            self._task.result()  # the writer failed: raise its error here, in the producer
-        self._pending.append(_answer_row(job.key, outcome))
-        self._wake.set()
+        self._writer.put(_answer_row(job.key, outcome))
 
     async def close(self) -> None:
         """Commit everything queued and stop the writer; raises the writer's error if it failed."""
-        if self._task is None or self._wake is None:
-            return
-        self._closed = True
-        self._wake.set()
-        try:
-            await self._task
-        finally:
-            self._thread.shutdown(wait=True)
-
-    async def _write(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                if self._closed:
-                    return
-                await self._wake.wait()
-                self._wake.clear()
-                continue
-            rows, self._pending = self._pending, []
-            started = time.perf_counter()
-            await loop.run_in_executor(self._thread, upsert_answers, self.catalog, self.run_id, rows)
-            self.commits += 1
-            self._count(rows)
-            rest = COMMIT_INTERVAL_S - (time.perf_counter() - started)
-            if rest > 0 and not self._closed:
-                await asyncio.sleep(rest)  # let a batch gather: a commit costs the same for 1 row or 500
+        await self._writer.close()
 
     def _count(self, rows: list[AnswerRow]) -> None:
         for row in rows:  # counted only once committed: the progress bar never shows what a crash would lose

@@ -5,7 +5,7 @@ The event loop only asks and parses; rows are committed by one writer task whose
 that arrive while a commit runs wait and go together in the next. A row is committed at most one commit after it
 arrives, so a killed process loses only the requests in flight and the latest batch or two. A failing write raises
 its error in the producer at the next :meth:`GroupCommitWriter.put`, and at :meth:`GroupCommitWriter.close`, which
-commits whatever is still queued. (The generation stage's ``_Sink`` follows the same design.)
+commits whatever is still queued. The generation and judge stages both write through it.
 """
 
 from __future__ import annotations
