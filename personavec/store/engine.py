@@ -182,17 +182,19 @@ def lock_timeout(read_only: bool, override: float | None = None) -> float:
 
 def with_lock_retry(connect, timeout_s: float):  # type: ignore[no-untyped-def]
     """Call ``connect()`` until it does not fail on another process's file lock, backing off (with jitter) from
-    10 ms to 0.5 s, for at most ``timeout_s``; the last lock error is re-raised. Lock errors may come as
-    SQLAlchemy's ``DBAPIError``, DuckDB's ``IOException`` (a raw ``duckdb.connect``) or :class:`CatalogLockedError`."""
+    10 ms to 0.5 s, for ``timeout_s`` (the last wait is cut short at the deadline, then one last try); the last lock
+    error is re-raised. Lock errors may come as SQLAlchemy's ``DBAPIError``, DuckDB's ``IOException`` (a raw
+    ``duckdb.connect``) or :class:`CatalogLockedError`."""
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while True:
         try:
             return connect()
         except (DBAPIError, duckdb.IOException, CatalogLockedError) as exc:
-            if not (isinstance(exc, CatalogLockedError) or _locked(exc)) or time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if not (isinstance(exc, CatalogLockedError) or _locked(exc)) or left <= 0:
                 raise
-        time.sleep(delay * (0.5 + random.random()))
+        time.sleep(min(delay * (0.5 + random.random()), left))
         delay = min(delay * 2, 0.5)
 
 
