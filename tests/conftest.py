@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +19,34 @@ from typer.testing import CliRunner
 
 from personavec import EVAL_QUESTIONS, PERSONAS
 from personavec.workspace import Workspace, init_workspace
+
+
+@contextmanager
+def _hold(path: Path, seconds: float = 60) -> Iterator[subprocess.Popen]:
+    """Another process holding DuckDB's write lock on ``path`` for ``seconds`` (DuckDB's lock is per process);
+    killed on exit."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb,time; c=duckdb.connect({str(path)!r}); print('ok', flush=True); "
+            f"time.sleep({seconds}); c.close()",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.fixture
+def hold_catalog():
+    """``with hold_catalog(path, seconds=60):`` another process holds DuckDB's write lock on the catalog file."""
+    return _hold
 
 
 @pytest.fixture

@@ -220,48 +220,21 @@ def test_sql_on_a_catalog_locked_by_another_process(cli, workspace):
     assert "locked by another process" in _one_error_line(res)
 
 
-def _hold_catalog(path: Path, seconds: float):
-    """Another process holding DuckDB's write lock on ``path`` for ``seconds`` (DuckDB's lock is per process)."""
-    import subprocess
-    import sys
-
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import duckdb,time; c=duckdb.connect({str(path)!r}); print('ok', flush=True); "
-            f"time.sleep({seconds}); c.close()",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline().strip() == "ok"
-    return holder
-
-
-def test_sql_waits_out_a_writer_like_any_reader(workspace, monkeypatch):
+def test_sql_waits_out_a_writer_like_any_reader(workspace, monkeypatch, hold_catalog):
     """A writer holds the file for one unit of work at a time; `sql` waits for it (CI saw `sql` fail at once)."""
     import time
 
     from personavec.errors import CatalogLockedError
 
     workspace.close()
-    holder = _hold_catalog(workspace.catalog_path, 1.0)
-    try:
+    with hold_catalog(workspace.catalog_path, 1.0):
         t = time.monotonic()
         [result] = run_readonly_sql(workspace.catalog_path, "SELECT count(*) FROM personas")
         assert time.monotonic() - t > 0.3  # it did wait
         assert result.rows[0][0] >= 0
-    finally:
-        holder.kill()
-        holder.wait()
-    holder = _hold_catalog(workspace.catalog_path, 60)
-    try:
+    with hold_catalog(workspace.catalog_path):
         monkeypatch.setenv("PERSONAVEC_LOCK_TIMEOUT", "0.5")
         t = time.monotonic()
         with pytest.raises(CatalogLockedError, match="locked by another process"):
             run_readonly_sql(workspace.catalog_path, "SELECT 1")
         assert 0.3 < time.monotonic() - t < 5
-    finally:
-        holder.kill()
-        holder.wait()

@@ -91,32 +91,16 @@ def test_not_a_workspace(tmp_path):
         init_workspace(tmp_path / "other")
 
 
-def test_locked_catalog_is_a_clear_error(workspace, monkeypatch):
-    import subprocess
-    import sys
+def test_locked_catalog_is_a_clear_error(workspace, monkeypatch, hold_catalog):
     import time
 
     # DuckDB's lock is per process: hold it from a second process.
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import duckdb,time; c=duckdb.connect({str(workspace.catalog_path)!r}); "
-            "print('ok', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ok"
+    with hold_catalog(workspace.catalog_path):
         monkeypatch.setenv("PERSONAVEC_LOCK_TIMEOUT", "0.5")  # units of work wait this long for the file
         t = time.monotonic()
         with pytest.raises(CatalogLockedError, match="locked by another process"):
             workspace.catalog()
         assert 0.3 < time.monotonic() - t < 5
-    finally:
-        holder.kill()
-        holder.wait()
     time.sleep(0.1)
     with workspace.catalog():
         pass
