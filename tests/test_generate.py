@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from fault_server import FaultServer, answer_for
+from fault_server import FaultServer, answer_for, sigkill_once_answered
 
 from personavec.cli import app
 from personavec.config import PersonaVectorConfig, config_from_dict
@@ -427,16 +426,7 @@ def test_sigkill_mid_run_then_resume_answers_every_pair_once(workspace, cli):
         cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "generate", "-w", str(workspace.root)]
         cmd += ["--model", "fault-model", "--base-url", server.base_url, "--concurrency", "2", "--json"]
         cmd += ["--persona", "default", "--persona", "jester"] + [f"--question={i}" for i in range(6)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-        try:
-            deadline = time.monotonic() + 60
-            while server.answered < 4 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.02)
-            assert proc.poll() is None, "the run finished before it could be killed"
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.wait(timeout=10)
-        assert proc.returncode == -signal.SIGKILL
+        sigkill_once_answered(cmd, server)
         [run] = runs(workspace)
         assert run["status"] == "running"  # killed: nobody could mark it...
         assert get_run(workspace.catalog(), run["id"]).status == "interrupted"  # ...but its owner is gone

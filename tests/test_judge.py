@@ -6,16 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import sqlalchemy as sa
-from fault_server import FaultServer, first_token_logprobs
+from fault_server import FaultServer, first_token_logprobs, sigkill_once_answered
 
 from personavec.cli import app
 from personavec.config import config_from_dict
@@ -324,16 +320,7 @@ def test_sigkill_mid_judge_then_resume_judges_every_pair_once(workspace, respons
         cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "judge", str(responses_run)]
         cmd += ["-w", str(workspace.root), "--model", "fault-model", "--base-url", server.base_url]
         cmd += ["--concurrency", "2", "--rubric", "coherence", "--score-mode", "parse", "--json"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-        try:
-            deadline = time.monotonic() + 60
-            while server.answered < 4 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.02)
-            assert proc.poll() is None, "the run finished before it could be killed"
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.wait(timeout=10)
-        assert proc.returncode == -signal.SIGKILL
+        sigkill_once_answered(cmd, server)
         [run] = judge_runs(workspace)
         assert run["status"] == "running"  # killed: nobody could mark it
         landed = len(judgements(workspace, run["id"]))
