@@ -58,7 +58,7 @@ from personavec.extract.run import (
     Renderer,
     RunSink,
 )
-from personavec.modeling import LoadedModel, load_model
+from personavec.modeling import LoadedModel
 from personavec.spans import Rendered
 from personavec.store import extraction as xs
 
@@ -165,14 +165,8 @@ def _load(config: ExtractConfig, local_rank: int, local_world_size: int) -> Load
     )
     if where.gpus:
         torch.cuda.set_device(where.gpus[0])  # accelerate made cuda:LOCAL_RANK current; K > 1 starts elsewhere
-    return load_model(
-        config.model,
-        dtype=config.dtype,
-        device=where.device,
-        device_map=where.device_map,
-        attn_implementation=config.attn_implementation,
-        layers_path=config.layers_path,
-        max_memory=where.max_memory,
+    return run_mod.load_for(
+        dataclasses.replace(config, device=where.device, device_map=where.device_map), max_memory=where.max_memory
     )
 
 

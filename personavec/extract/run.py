@@ -173,8 +173,8 @@ IDENTITY_FIELDS = (
 )
 
 
-def load_for(config: ExtractConfig) -> LoadedModel:
-    """Load the model an :class:`ExtractConfig` names."""
+def load_for(config: ExtractConfig, *, max_memory: dict[int | str, int | str] | None = None) -> LoadedModel:
+    """Load the model an :class:`ExtractConfig` names (``max_memory``: per-device budget for ``device_map``)."""
     return load_model(
         config.model,
         dtype=config.dtype,
@@ -182,6 +182,7 @@ def load_for(config: ExtractConfig) -> LoadedModel:
         device_map=config.device_map,
         attn_implementation=config.attn_implementation,
         layers_path=config.layers_path,
+        max_memory=max_memory,
     )
 
 
