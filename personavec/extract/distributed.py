@@ -525,9 +525,11 @@ def _lead(
                 ws, catalog, config, source, loaded, render, min_units=channel.world * UNITS_PER_RANK
             )
             opened = rest()
-            after = opened.rest.examples if opened.rest is not None else []
-            plan = ExtractionPlan(first.examples + after, first.rows + (opened.rest.rows if opened.rest else []),
-                                  first.n_rows, first.chunk_rows, [])  # fmt: skip
+            after = opened.rest
+            assert after is not None  # a new run's rows after its first batch (none when it was planned whole)
+            # rows and examples only: each rank plans the batches of its own share
+            plan = ExtractionPlan(first.examples + after.examples, first.rows + after.rows, first.n_rows,
+                                  first.chunk_rows, [])  # fmt: skip
             opened = dataclasses.replace(opened, rest=None)
         else:
             opened, plan = run_mod._resumed_run(ws, catalog, resume, config, loaded, render)
