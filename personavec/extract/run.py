@@ -762,7 +762,7 @@ def _new_run(
     def rest() -> _Opened:
         if whole:  # nothing left to plan: an empty rest seals the write units the first window left open
             empty = ExtractionPlan.build([], [], n_rows=n, chunk_rows=per, max_batch_tokens=budget, max_batch_size=1)
-            return _record(_examples_table(head, head_examples, head_rows), empty)
+            return record(_examples_table(head, head_examples, head_rows), empty)
         carried = [i for i in range(len(head)) if i not in in_first]
         rest_records = [head[i] for i in carried] + list(records[len(head) :])
         rest_examples = [head_examples[i] for i in carried] + render(loaded, config, triples(records[len(head) :]))
@@ -778,9 +778,9 @@ def _new_run(
             first.examples + rest_examples,
             list(range(len(batch))) + rest_rows,
         )
-        return _record(table, plan)
+        return record(table, plan)
 
-    def _record(table: pa.Table, plan: ExtractionPlan) -> _Opened:
+    def record(table: pa.Table, plan: ExtractionPlan) -> _Opened:
         model_id, revision = model_provenance(config.model)
         run_id = xs.create_extraction_run(
             catalog,
@@ -803,8 +803,9 @@ def _new_run(
         info = xs.get_extraction_run(catalog, run_id)
         array = _array(ws, catalog, info, config, create=True, chunk_rows=per)
         if arrays.rows_per_chunk(array) != per:  # the plan's write units must be the array's shards, or rows are lost
-            raise StorageError(f"{info.zarr_group}: array made with shards of {arrays.rows_per_chunk(array)} rows, "
-                               f"planned {per}")  # fmt: skip
+            error = f"{info.zarr_group}: array made with shards of {arrays.rows_per_chunk(array)} rows, planned {per}"
+            xs.finish_extraction(catalog, info.run_id, "failed", f"StorageError: {error}", None)
+            raise StorageError(error)
         return _Opened(info, array, rest=plan)
 
     return first, layers, n, rest
