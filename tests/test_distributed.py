@@ -3,11 +3,13 @@ processes (``accelerate launch``, one and two "machines") and of a rank killed m
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 
 from personavec import EVAL_QUESTIONS, PERSONAS, arrays
 from personavec.cli import app
-from personavec.errors import ConfigError
+from personavec.errors import ConfigError, DistributedError
 from personavec.extract import ExtractConfig, run_extraction
 from personavec.extract import distributed as dp
 from personavec.ingest import IngestConfig, ingest
@@ -39,20 +41,54 @@ def test_split_gives_whole_chunks_once_and_balances_tokens() -> None:
     lengths = sorted((rng.randint(20, 900) for _ in range(1000)), reverse=True)
     rows = list(range(1000))
     for n_ranks, chunk_rows in ((2, 64), (3, 16), (8, 7)):
-        shares = dp.split_chunks(rows, lengths, chunk_rows, n_ranks)
-        assert sorted(i for share in shares for i in share) == rows  # every example exactly once
-        owner = {}
-        for rank, share in enumerate(shares):
-            assert share == sorted(share)
-            for i in share:
-                assert owner.setdefault(rows[i] // chunk_rows, rank) == rank  # a chunk has one owner
-        loads = [sum(lengths[i] for i in share) for share in shares]
-        biggest_chunk = max(sum(lengths[r : r + chunk_rows]) for r in range(0, 1000, chunk_rows))
-        assert max(loads) - min(loads) <= biggest_chunk
+        for fraction in (0.0, 0.25):
+            shares, pool = dp.split_chunks(rows, lengths, chunk_rows, n_ranks, fraction)
+            assert sorted(i for part in [*shares, *pool] for i in part) == rows  # every example exactly once
+            owner = {}
+            for who, part in [*enumerate(shares), *((f"pool {k}", unit) for k, unit in enumerate(pool))]:
+                assert part == sorted(part)
+                for i in part:
+                    assert owner.setdefault(rows[i] // chunk_rows, who) == who  # a chunk has one owner
+            assert all(len({rows[i] // chunk_rows for i in unit}) == 1 for unit in pool)  # a pool unit is one chunk
+            pooled = [sum(lengths[i] for i in unit) for unit in pool]
+            assert pooled == sorted(pooled, reverse=True)  # claimed costliest first
+            assert sum(pooled) <= fraction * sum(lengths) and (fraction == 0) == (not pool)
+            if pool:  # the pool holds the cheapest units
+                kept: dict[int, int] = {}
+                for i in (i for share in shares for i in share):
+                    kept[rows[i] // chunk_rows] = kept.get(rows[i] // chunk_rows, 0) + lengths[i]
+                assert max(pooled) <= min(kept.values())
+            loads = [sum(lengths[i] for i in share) for share in shares]
+            biggest_chunk = max(sum(lengths[r : r + chunk_rows]) for r in range(0, 1000, chunk_rows))
+            assert max(loads) - min(loads) <= biggest_chunk
     # a resumed run: only some rows of a chunk are left, and they still go together
-    shares = dp.split_chunks([5, 6, 7, 40, 41], [10, 10, 10, 50, 50], 4, 2)
-    assert shares == [[3, 4], [0, 1, 2]]
-    assert dp.split_chunks([], [], 4, 3) == [[], [], []]
+    assert dp.split_chunks([5, 6, 7, 40, 41], [10, 10, 10, 50, 50], 4, 2) == ([[3, 4], [0, 1, 2]], [])
+    assert dp.split_chunks([5, 6, 7, 40, 41], [10, 10, 10, 50, 50], 4, 2, 0.25) == ([[3, 4], []], [[0, 1, 2]])
+    assert dp.split_chunks([], [], 4, 3) == ([[], [], []], [])
+
+
+def test_pool_units_are_claimed_once_each_and_a_lost_rank_0_is_named() -> None:
+    """The pool's counter (a real TCPStore served by "rank 0"): three ranks claiming at once get every unit exactly
+    once; once rank 0 is gone, a claim fails with a DistributedError that names it."""
+    lead = dp._Claims.serve()
+    ranks = [lead, *(dp._Claims.connect(lead.address, r) for r in (1, 2))]
+    got: dict[int, list[int]] = {r: [] for r in range(3)}
+
+    def claim_all(rank: int, claims: dp._Claims) -> None:
+        while (k := claims.claim()) < 60:
+            got[rank].append(k)
+
+    threads = [threading.Thread(target=claim_all, args=(r, ranks[r])) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(k for claimed in got.values() for k in claimed) == list(range(60))
+    one = ranks[1]
+    del lead, ranks, threads
+    gc.collect()  # rank 0's counter stops serving
+    with pytest.raises(DistributedError, match="rank 1 lost contact with rank 0"):
+        one.claim()
 
 
 def test_rank_placement_maps_groups_of_gpus() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -243,23 +243,23 @@ def iter_mean_activations(
     *,
     max_batch_tokens: int | None = None,
     max_batch_size: int = 64,
-    batches: Sequence[Sequence[int]] | None = None,
+    batches: Iterable[Sequence[int]] | None = None,
     compile: bool = False,
     pad_to: int | None = None,
 ) -> Generator[tuple[list[int], torch.Tensor, int]]:
     """Yield ``(example indices, means [n_spans_in_batch, n_layers, d_model] float32 CPU, n_tokens)`` per batch.
 
     Spans of a batch are ordered by example (as in ``indices``) then by span. Empty spans give NaN rows.
-    ``batches`` overrides the planned batches (lists of indices into ``examples``). ``compile``: run the blocks that
+    ``batches`` overrides the planned batches (lists of indices into ``examples``; any iterable, consumed one batch
+    at a time, so ``examples`` may grow as it goes). ``compile``: run the blocks that
     run through ``torch.compile`` (see ``ExtractConfig.compile``); restored on return. ``pad_to``: pad each batch's
     width to a multiple of this (default :data:`COMPILE_PAD` when compiling, else no padding); padding never changes
     the means (attention mask, zero span weights). ``n_tokens`` counts real tokens, not padding.
     """
     # Conversations are cut right after their last span (Rendered.forward_length).
-    lengths = [ex.forward_length for ex in examples]
     if batches is None:
         budget = max_batch_tokens or default_batch_tokens(loaded.input_device)
-        batches = plan_batches(lengths, budget, max_batch_size)
+        batches = plan_batches([ex.forward_length for ex in examples], budget, max_batch_size)
     pad_id = loaded.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = loaded.tokenizer.eos_token_id or 0
@@ -274,13 +274,14 @@ def iter_mean_activations(
         stack.enter_context(torch.inference_mode())
         for batch in batches:
             batch = list(batch)
-            width = max(lengths[i] for i in batch)
+            lengths = [examples[i].forward_length for i in batch]
+            width = max(lengths)
             if pad_to > 1:
                 width = _padded_width(width, pad_to, loaded.model.config)
             means = spans(*_batch_tensors(examples, batch, width, pad_id))
             # [B, S, n_layers, d] on device -> keep only real spans -> one copy to the host
             keep = [means[row, : len(examples[i].assistant_spans)] for row, i in enumerate(batch)]
-            yield batch, torch.cat(keep).cpu(), int(sum(lengths[i] for i in batch))
+            yield batch, torch.cat(keep).cpu(), sum(lengths)
 
 
 def mean_activations(

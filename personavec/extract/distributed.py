@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,6 +72,11 @@ log = logging.getLogger(__name__)
 #: whole units, so a run of a few large shards (one layer of a 27B model: ~3,000 rows a shard) would split badly.
 UNITS_PER_RANK = 16
 
+#: Share of a run's tokens (its cheapest write units) not given out up front but claimed unit by unit, as the run
+#: goes, by whichever rank is free first, so that ranks running at different speeds still finish together (two
+#: H200s of one host ran 5% apart on equal tokens).
+POOL_FRACTION = 0.25
+
 #: Share of a GPU's memory a process that shards its model (``gpus_per_process > 1``) lets ``device_map`` fill with
 #: weights; the rest is for activations.
 WEIGHT_MEMORY_FRACTION = 0.9
@@ -79,6 +84,7 @@ WEIGHT_MEMORY_FRACTION = 0.9
 #: connection closes at once) and from the launcher, which stops every rank when one fails.
 MESSAGE_TIMEOUT = timedelta(days=7)
 _HEADER_TAG, _PAYLOAD_TAG = 17, 18
+_POOLED = -1  # the owner of a pool unit nobody reported yet
 _POLL_S = 0.2
 
 
@@ -173,30 +179,44 @@ def _load(config: ExtractConfig, local_rank: int, local_world_size: int) -> Load
 # -- the split ---------------------------------------------------------------------------------------------------
 
 
-def split_chunks(rows: Sequence[int], costs: Sequence[int], chunk_rows: int, n_ranks: int) -> list[list[int]]:
-    """Indices into ``rows`` for each rank: every Zarr chunk (``row // chunk_rows``) whole to one rank, the
-    costliest chunk first to the least loaded rank (longest-processing-time), so ranks get about equal tokens.
+def split_chunks(
+    rows: Sequence[int], costs: Sequence[int], chunk_rows: int, n_ranks: int, pool_fraction: float = 0.0
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Indices into ``rows`` for each rank, and a pool of write units shared out as the run goes: every Zarr chunk
+    (``row // chunk_rows``) whole to one rank or to the pool. The cheapest units, ``pool_fraction`` of the tokens at
+    most, make the pool (costliest first); the others go costliest first to the least loaded rank
+    (longest-processing-time), so ranks get about equal tokens, and the pool evens out ranks that run at different
+    speeds.
 
     Args:
         rows: Zarr row of each example to compute.
         costs: its cost (forward tokens).
         chunk_rows: rows per Zarr chunk.
         n_ranks: processes.
+        pool_fraction: share of the tokens kept for the pool.
 
     Returns:
-        ``n_ranks`` lists of indices, each in row order; together they hold every index exactly once.
+        ``(shares, pool)``: ``n_ranks`` lists of indices, each in row order, and the pool's units, each a list of
+        indices in row order; together they hold every index exactly once.
     """
     chunks: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         chunks.setdefault(row // chunk_rows, []).append(i)
     cost = {c: sum(costs[i] for i in members) for c, members in chunks.items()}
+    order = sorted(chunks, key=lambda c: (-cost[c], c))
+    pooled: list[int] = []
+    budget = pool_fraction * sum(cost.values())
+    while order and cost[order[-1]] <= budget:  # the cheapest units, while they fit
+        budget -= cost[order[-1]]
+        pooled.append(order.pop())
     load = [0] * n_ranks
     shares: list[list[int]] = [[] for _ in range(n_ranks)]
-    for c in sorted(chunks, key=lambda c: (-cost[c], c)):
+    for c in order:
         rank = min(range(n_ranks), key=lambda r: (load[r], r))
         shares[rank].extend(chunks[c])
         load[rank] += cost[c]
-    return [sorted(share, key=rows.__getitem__) for share in shares]
+    by_row = rows.__getitem__
+    return [sorted(share, key=by_row) for share in shares], [sorted(chunks[c], key=by_row) for c in reversed(pooled)]
 
 
 def _stripes(n: int, n_ranks: int) -> list[tuple[int, int]]:
@@ -295,6 +315,10 @@ def _describe(exc: BaseException) -> str:
 # -- what rank 0 sends each rank ---------------------------------------------------------------------------------
 
 
+#: A write unit of the shared pool: its examples and their Zarr rows.
+_Unit = tuple[list[Rendered], list[int]]
+
+
 @dataclass(frozen=True)
 class _Share:
     info: xs.ExtractionRunInfo
@@ -303,6 +327,66 @@ class _Share:
     rows: list[int]
     chunk_rows: int
     present: frozenset[int]  # write units already in the store (resume): the writer completes them, never blanks
+    pool: list[_Unit]  # units any rank may claim, costliest first
+    claims: tuple[str, int]  # where to claim them: rank 0's counter (host, port)
+
+
+class _Claims:
+    """Who computes each unit of the pool: an atomic counter in a ``TCPStore`` served by rank 0, so that each unit
+    goes to exactly one rank, the first to ask, without waiting for rank 0's main thread."""
+
+    def __init__(self, store: Any, rank: int) -> None:
+        self.store, self.rank = store, rank
+
+    @classmethod
+    def serve(cls) -> _Claims:
+        """Rank 0's counter, on a free port of every interface of its machine."""
+        import torch.distributed as dist
+
+        return cls(dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=_CLAIM_TIMEOUT), 0)
+
+    @classmethod
+    def connect(cls, address: tuple[str, int], rank: int) -> _Claims:
+        import torch.distributed as dist
+
+        try:
+            return cls(dist.TCPStore(*address, is_master=False, timeout=_CLAIM_TIMEOUT), rank)
+        except Exception as exc:
+            raise DistributedError(f"rank {rank} could not reach rank 0's work pool at {address}: {exc}") from exc
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """How the other ranks reach the counter: the launcher's address of rank 0 (``MASTER_ADDR``)."""
+        return os.environ.get("MASTER_ADDR") or "127.0.0.1", int(self.store.port)
+
+    def claim(self) -> int:
+        """The next unclaimed unit's index (past the pool's end once all are claimed)."""
+        try:
+            return int(self.store.add("claimed", 1)) - 1
+        except Exception as exc:  # rank 0 (which serves the counter) is gone
+            raise DistributedError(f"rank {self.rank} lost contact with rank 0 (claiming work): {exc}") from exc
+
+
+_CLAIM_TIMEOUT = timedelta(minutes=5)
+
+
+def _slim(example: Rendered) -> Rendered:
+    """What a rank needs of an example to compute it (the rendered text stays with rank 0)."""
+    return dataclasses.replace(example, text="")
+
+
+def _windows(
+    share: ExtractionPlan, pool: Sequence[_Unit], claims: _Claims, config: ExtractConfig, loaded: LoadedModel
+) -> Iterator[run_mod.Window]:
+    """A rank's plan windows: its own share, then each pool unit it claims, until the pool is empty."""
+    yield share, None
+    while (k := claims.claim()) < len(pool):
+        examples, rows = pool[k]
+        unit = ExtractionPlan.build(
+            examples, rows, n_rows=share.n_rows, chunk_rows=share.chunk_rows,
+            max_batch_tokens=run_mod._budget(config, loaded), max_batch_size=config.max_batch_size,
+        )  # fmt: skip
+        yield unit, None
 
 
 def _spread_rendering(channel: _Channel) -> Renderer:
@@ -385,13 +469,18 @@ class _LeadSink(RunSink):
         self._catalog_thread.shutdown(wait=True)
         return error
 
+    def _owns(self, sender: int, unit: int) -> bool:
+        if self.owners.get(unit) == _POOLED:  # a pool unit belongs to the rank that claimed it: the first to report
+            self.owners[unit] = sender
+        return self.owners.get(unit) == sender
+
     def _accept(self, sender: int, ranges: Sequence[tuple[int, int]]) -> None:
         # Ranges are rows whose write completed: whole write units, or (durability flushes) part of one, possibly
         # again later as the unit fills; every unit they touch must be the sender's.
         good = []
         for start, stop in ranges:
             units = range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1)
-            if stop <= start or any(self.owners.get(unit) != sender for unit in units):
+            if stop <= start or not all([self._owns(sender, unit) for unit in units]):
                 self.problems["failed"].append(f"rank {sender} reported rows {start}:{stop}, not in units it owns")
                 continue
             good.append((start, stop))
@@ -473,15 +562,14 @@ class _LeadSink(RunSink):
         return self.counts
 
     def progress_for(
-        self, progress: Callable[[ExtractionProgress], None] | None, own: int
+        self, progress: Callable[[ExtractionProgress], None] | None
     ) -> Callable[[ExtractionProgress], None]:
-        """Counts rank 0's own work and calls the user's callback with the whole run's numbers (``own``: examples
-        in rank 0's share)."""
+        """Counts rank 0's own work (``done_examples``: what it computed) and calls the user's callback with the
+        whole run's numbers."""
         before = self.info.n_examples - self.n_pending
-        own_base = self.info.n_examples - own
 
         def report(p: ExtractionProgress) -> None:
-            self.computed[0] = p.done_examples - own_base
+            self.computed[0] = p.done_examples
             self.tokens[0] = p.tokens
             if progress is not None:
                 done = before + sum(self.computed)
@@ -535,15 +623,20 @@ def _lead(
             opened, plan = run_mod._resumed_run(ws, catalog, resume, config, loaded, render)
         info = opened.info
         plan_s = time.perf_counter() - t0
-        shares = split_chunks(plan.rows, [ex.forward_length for ex in plan.examples], plan.chunk_rows, channel.world)
+        costs = [ex.forward_length for ex in plan.examples]
+        shares, pooled = split_chunks(plan.rows, costs, plan.chunk_rows, channel.world, POOL_FRACTION)
+        pool = [([_slim(plan.examples[i]) for i in unit], [plan.rows[i] for i in unit]) for unit in pooled]
+        claims = _Claims.serve()
         for rank in range(1, channel.world):
             share = _Share(
                 info,
                 ws.zarr_location,
-                [plan.examples[i] for i in shares[rank]],
+                [_slim(plan.examples[i]) for i in shares[rank]],
                 [plan.rows[i] for i in shares[rank]],
                 plan.chunk_rows,
                 frozenset(opened.present),
+                pool,
+                claims.address,
             )
             channel.send(rank, ("plan", share))
     except BaseException as exc:
@@ -552,6 +645,7 @@ def _lead(
             xs.finish_extraction(catalog, info.run_id, "failed", _describe(exc), None)
         raise
     owners = {plan.rows[i] // plan.chunk_rows: rank for rank, share in enumerate(shares) for i in share}
+    owners.update({rows[0] // plan.chunk_rows: _POOLED for _, rows in pool})
     mine = ExtractionPlan.build(
         [plan.examples[i] for i in shares[0]],
         [plan.rows[i] for i in shares[0]],
@@ -569,10 +663,10 @@ def _lead(
             opening,
             config,
             loaded,
-            mine,
+            _windows(mine, pool, claims, config, loaded),
             info.layers,
             info.n_examples,
-            sink.progress_for(progress, len(shares[0])),
+            sink.progress_for(progress),
             plan_s,
             sink,
         )
@@ -613,8 +707,8 @@ class _Stopped(ExtractionInterrupted):
 class _FollowSink(RunSink):
     """A non-zero rank's sink: finished chunks and counts go to rank 0 (which alone writes the catalog)."""
 
-    def __init__(self, channel: _Channel, run_id: int, own_base: int) -> None:
-        self.channel, self._run_id, self.own_base = channel, run_id, own_base
+    def __init__(self, channel: _Channel, run_id: int) -> None:
+        self.channel, self._run_id = channel, run_id
         self.ranges: list[tuple[int, int]] = []
         self.computed = 0
 
@@ -643,7 +737,7 @@ class _FollowSink(RunSink):
         self, progress: Callable[[ExtractionProgress], None] | None
     ) -> Callable[[ExtractionProgress], None]:
         def report(p: ExtractionProgress) -> None:
-            self.computed = p.done_examples - self.own_base
+            self.computed = p.done_examples  # this rank's (run_mod._compute counts no rows done before)
             self.channel.send(0, ("batch", self._take_ranges(), self.computed, p.tokens))
             if not self.channel.inbox.empty():  # rank 0 only writes now to stop us
                 _, message = self.channel.inbox.get()
@@ -671,6 +765,7 @@ def _follow(
         share: _Share = message[1]
         info = share.info
         array = arrays.open_activation_array(share.location, info.zarr_group, "r+")
+        claims = _Claims.connect(share.claims, channel.rank)
         plan = ExtractionPlan.build(
             share.examples,
             share.rows,
@@ -685,7 +780,7 @@ def _follow(
         with contextlib.suppress(Exception):
             channel.send(0, ("finished", "failed", _describe(exc), [], 0, 0, 0.0))
         raise
-    sink = _FollowSink(channel, info.run_id, info.n_examples - len(share.rows))
+    sink = _FollowSink(channel, info.run_id)
     opening: Future[run_mod._Opened] = Future()
     opening.set_result(run_mod._Opened(info, array, set(share.present)))
     try:
@@ -694,7 +789,7 @@ def _follow(
             opening,
             config,
             loaded,
-            plan,
+            _windows(plan, share.pool, claims, config, loaded),
             info.layers,
             info.n_examples,
             sink.progress_for(progress),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
@@ -657,7 +658,28 @@ def run_extraction(
             opening.set_result(opened)
         plan_s = time.perf_counter() - t0
         sink = RunSink(catalog, lambda: opening.result().info.run_id)
-        return _compute(ws.zarr_location, opening, config, loaded, first, layers, n_examples, progress, plan_s, sink)
+        windows = _first_then_rest(first, opening) if resume is None else iter([(first, None)])
+
+        def planned() -> int:  # rows this session computes
+            return len(first.examples) + (len(_rest(opening).examples) if resume is None else 0)
+
+        return _compute(
+            ws.zarr_location, opening, config, loaded, windows, layers, n_examples, progress, plan_s, sink,
+            done_before=lambda: n_examples - planned(),
+        )  # fmt: skip
+
+
+def _rest(opening: Future[_Opened]) -> ExtractionPlan:
+    rest = opening.result().rest
+    assert rest is not None  # a new run's rows after its first batch (empty when it was planned whole)
+    return rest
+
+
+def _first_then_rest(first: ExtractionPlan, opening: Future[_Opened]) -> Iterator[Window]:
+    """A new run's windows: its first batch, then the rest of its plan (waiting for it only if planning the rest
+    takes longer than the first batch computes). The rest seals the write units the first left open."""
+    yield first, len(first.examples)
+    yield _rest(opening), None
 
 
 @dataclass(frozen=True)
@@ -704,6 +726,10 @@ def _examples_table(records: Sequence[ResponseRecord], examples: Sequence[Render
     )
 
 
+def _chars(record: ResponseRecord) -> int:
+    return len(record.text) + len(record.question) + len(record.system_prompt or "")
+
+
 def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
     return config.max_batch_tokens or default_batch_tokens(loaded.input_device)
 
@@ -742,8 +768,13 @@ def _new_run(
         return [(r.system_prompt, r.question, r.text) for r in part]
 
     whole = n <= PLAN_WHOLE_MAX
-    # The first batch: the longest of the first max_batch_size answers that fit the token budget (or the whole run).
-    head = list(records if whole else records[: config.max_batch_size])
+    # The first batch: the longest of the max_batch_size longest conversations in characters (a proxy for tokens,
+    # so it is about the batch the whole plan would start with) that fit the token budget; or the whole run.
+    if whole:
+        head_at: list[int] = list(range(n))
+    else:
+        head_at = sorted(heapq.nlargest(config.max_batch_size, range(n), key=lambda i: _chars(records[i])))
+    head = [records[i] for i in head_at]
     head_examples = render(loaded, config, triples(head))
     spanned = [i for i, ex in enumerate(head_examples) if has_span(ex)]
     if whole:
@@ -764,8 +795,10 @@ def _new_run(
             empty = ExtractionPlan.build([], [], n_rows=n, chunk_rows=per, max_batch_tokens=budget, max_batch_size=1)
             return record(_examples_table(head, head_examples, head_rows), empty)
         carried = [i for i in range(len(head)) if i not in in_first]
-        rest_records = [head[i] for i in carried] + list(records[len(head) :])
-        rest_examples = [head_examples[i] for i in carried] + render(loaded, config, triples(records[len(head) :]))
+        in_head = set(head_at)
+        others = [r for i, r in enumerate(records) if i not in in_head]
+        rest_records = [head[i] for i in carried] + others
+        rest_examples = [head_examples[i] for i in carried] + render(loaded, config, triples(others))
         rest_rows = [len(batch) + r for r in longest_first([ex.forward_length if has_span(ex) else 0
                                                              for ex in rest_examples])]  # fmt: skip
         keep = [i for i, ex in enumerate(rest_examples) if has_span(ex)]
@@ -1012,58 +1045,72 @@ class RunSink:
         return xs.finish_extraction(self.catalog, self.run_id, status, error, tok_s, left)
 
 
+#: A window of a session's plan and the row below which every row is planned once it is in (None: every row). A
+#: session computes its windows in order, as one stream of batches: a new single-process run has two (its first
+#: batch, then the rest), a data-parallel rank its share and then each unit it claims from the shared pool.
+Window = tuple[ExtractionPlan, int | None]
+
+
 def _compute(
     location: arrays.StoreLocation,
     opening: Future[_Opened],
     config: ExtractConfig,
     loaded: LoadedModel,
-    first: ExtractionPlan,
+    windows: Iterator[Window],
     layers: tuple[int, ...],
     n_examples: int,
     progress: Callable[[ExtractionProgress], None] | None,
     plan_s: float,
     sink: RunSink,
+    done_before: Callable[[], int] = lambda: 0,
 ) -> ExtractionResult:
-    """Compute ``first`` (then the rest of a new run's plan, once ``opening`` has it) and write it through a
-    :class:`ChunkWriter`; ``sink`` receives the written rows and closes the session. ``location``: the activation
-    store, for messages."""
+    """Compute the ``windows`` of a plan (later ones may wait for ``opening``: the rest of a new run's plan) as one
+    stream of batches and write it through a :class:`ChunkWriter`; ``sink`` receives the written rows and closes the
+    session. ``location``: the activation store, for messages. ``done_before()``: rows of the run not computed in
+    this session (for progress; asked after the first batch)."""
     start_t = time.perf_counter()
     resumed = opening.done()  # a resumed run is open before computing; a new one opens during its first batch
     if resumed and opening.exception() is not None:
         raise opening.exception()  # type: ignore[misc]
     present = opening.result().present if resumed else set()
-    assembler = ChunkAssembler(
-        first, opening, len(layers), loaded.d_model, present, planned_to=None if resumed else len(first.examples)
-    )
+    first, planned_to = next(windows)
+    assembler = ChunkAssembler(first, opening, len(layers), loaded.d_model, present, planned_to=planned_to)
     writer = ChunkWriter(opening, str(location), threads=config.writer_threads)
     state = {"tokens": 0, "computed": 0}
     status, error, left = "done", None, []
     drain_s = elapsed = tok_s = 0.0
     counts = (0, 0)
+    examples: list[Rendered] = []  # every window's examples, in order; batches index into it
+    rows: list[int] = []
 
-    def windows() -> Iterator[ExtractionPlan]:
-        yield first
-        rest = opening.result().rest  # waits only if tokenizing the rest takes longer than the first batch
-        if rest is not None:
-            assembler.extend(rest)  # every row is planned now: seals the units the first window left open
-            if rest.examples:
-                yield rest
+    def batches() -> Iterator[list[int]]:
+        """Each window's batches as indices into ``examples``; a later window is taken (and its rows planned in
+        the assembler) only when the model asks for its next batch, so one generator computes them all."""
+        plan: ExtractionPlan | None = first
+        while plan is not None:
+            base = len(examples)
+            examples.extend(plan.examples)
+            rows.extend(plan.rows)
+            for batch in plan.batches:
+                yield [base + i for i in batch]
+            plan = None
+            for plan, upto in windows:  # the next window (waits for it), planned before its batches are computed
+                assembler.extend(plan, upto)
+                break
 
     def computed() -> Generator[tuple[list[int], Any, int]]:
-        for plan in windows():
-            batches = iter_mean_activations(loaded, plan.examples, layers, batches=plan.batches, compile=config.compile)
-            with contextlib.closing(batches):  # removes the capture hooks at once, however the loop ends
-                for batch, means, n_tok in batches:
-                    yield [plan.rows[i] for i in batch], means, n_tok
+        means = iter_mean_activations(loaded, examples, layers, batches=batches(), compile=config.compile)
+        with contextlib.closing(means):  # removes the capture hooks at once, however the loop ends
+            for batch, values, n_tok in means:
+                yield [rows[i] for i in batch], values, n_tok
 
-    def on_batch(rows: int, tokens: int) -> None:
+    def on_batch(n_rows: int, tokens: int) -> None:
         state["tokens"] += tokens
-        state["computed"] += rows
+        state["computed"] += n_rows
         if progress is not None:  # it gets the run id: after the first batch, wait for the run to be recorded
             opened = opening.result()
-            planned = len(first.examples) + (len(opened.rest.examples) if opened.rest is not None else 0)
-            done = n_examples - planned + state["computed"]
             elapsed = time.perf_counter() - start_t
+            done = done_before() + state["computed"]
             progress(ExtractionProgress(opened.info.run_id, done, n_examples, state["tokens"], elapsed))
 
     stream = computed()
