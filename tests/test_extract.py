@@ -115,6 +115,23 @@ def test_independent_of_batching_and_order(tiny_root: Path) -> None:
     assert torch.allclose(shuffled, ref[perm], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_on_cuda_double_buffered_batches_equal_one_synchronous_batch_at_a_time(tiny_root: Path) -> None:
+    """On a GPU the next batch is launched before a batch's means are handed out (copied to pinned memory, waited
+    for by event): every batch's means equal the same batch computed alone, synchronously."""
+    loaded = load_model(str(tiny_model_dir(tiny_root, "qwen2", "chatml")), dtype="float32", device="cuda")
+    examples = _examples(loaded.tokenizer, 40, seed=3)
+    batches = plan_batches([ex.forward_length for ex in examples], 200, 8)
+    assert len(batches) > 3
+    got = list(iter_mean_activations(loaded, examples, [1, 2], batches=iter(batches)))
+    assert [b for b, _, _ in got] == batches and all(m.device.type == "cpu" for _, m, _ in got)
+    for batch, means, _ in got:
+        (alone,) = [m for _, m, _ in iter_mean_activations(loaded, examples, [1, 2], batches=[batch])]
+        torch.cuda.synchronize()
+        assert torch.equal(means, alone)
+
+
 def test_multi_turn_one_row_per_assistant_turn(tiny_root: Path) -> None:
     loaded = load_model(str(tiny_model_dir(tiny_root, "llama", "llama3")), dtype="float32", device="cpu")
     messages = conversation("Sys.", "Q1?", "First answer here.") + [

@@ -248,6 +248,8 @@ def iter_mean_activations(
     pad_to: int | None = None,
 ) -> Generator[tuple[list[int], torch.Tensor, int]]:
     """Yield ``(example indices, means [n_spans_in_batch, n_layers, d_model] float32 CPU, n_tokens)`` per batch.
+    The next batch is launched before a batch is yielded (on a GPU it computes meanwhile; the means arrive in pinned
+    host memory), so ``batches`` is read one batch ahead.
 
     Spans of a batch are ordered by example (as in ``indices``) then by span. Empty spans give NaN rows.
     ``batches`` overrides the planned batches (lists of indices into ``examples``; any iterable, consumed one batch
@@ -272,6 +274,9 @@ def iter_mean_activations(
             # uncompiled).
             stack.enter_context(compiled_blocks(list(loaded.layers)[: min(max(layers), loaded.n_layers)]))
         stack.enter_context(torch.inference_mode())
+        # Double-buffered: batch i+1 is launched (queued on the device) before batch i's results are waited for and
+        # handed out, so the device never idles while the caller works on a batch or the next one is prepared.
+        waiting: tuple[list[int], torch.Tensor, Any, int] | None = None
         for batch in batches:
             batch = list(batch)
             lengths = [examples[i].forward_length for i in batch]
@@ -281,7 +286,30 @@ def iter_mean_activations(
             means = spans(*_batch_tensors(examples, batch, width, pad_id))
             # [B, S, n_layers, d] on device -> keep only real spans -> one copy to the host
             keep = [means[row, : len(examples[i].assistant_spans)] for row, i in enumerate(batch)]
-            yield batch, torch.cat(keep).cpu(), sum(lengths)
+            launched = (batch, *_to_host(torch.cat(keep)), sum(lengths))
+            if waiting is not None:
+                yield _arrived(waiting)
+            waiting = launched
+        if waiting is not None:
+            yield _arrived(waiting)
+
+
+def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying ``values`` to the host; returns the host tensor and an event to wait for (None: done)."""
+    if values.device.type != "cuda":
+        return values.cpu(), None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(values.device))  # the copy runs on the source device's stream
+    return host, done
+
+
+def _arrived(launched: tuple[list[int], torch.Tensor, Any, int]) -> tuple[list[int], torch.Tensor, int]:
+    batch, host, done, n_tokens = launched
+    if done is not None:
+        done.synchronize()
+    return batch, host, n_tokens
 
 
 def mean_activations(
