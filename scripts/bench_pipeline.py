@@ -37,6 +37,7 @@ The last line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -58,8 +59,15 @@ from bench_extract import WORDS, build_synthetic, synth_response  # noqa: E402
 
 from personavec import EVAL_QUESTIONS, PERSONAS, arrays  # noqa: E402
 from personavec.config import default_layer  # noqa: E402
-from personavec.extract.core import iter_mean_activations  # noqa: E402
 from personavec.extract import run as run_mod  # noqa: E402
+from personavec.extract.core import (  # noqa: E402
+    COMPILE_PAD,
+    _batch_tensors,
+    _padded_width,
+    capture,
+    compiled_blocks,
+    iter_mean_activations,
+)
 from personavec.extract.run import (  # noqa: E402
     ChunkAssembler,
     ChunkWriter,
@@ -205,6 +213,26 @@ def model_mode(args) -> dict:
         sync(device)
         return time.perf_counter() - t
 
+    def core_sync(layers, compile_: bool) -> float:
+        """The core as it was before double buffering (reproduced here): each batch's means copied to the host and
+        waited for before the next batch is prepared and launched."""
+        pad_id = loaded.tokenizer.pad_token_id or 0
+        sync(device)
+        t = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            spans = stack.enter_context(capture(loaded, layers))
+            if compile_:
+                stack.enter_context(compiled_blocks(list(loaded.layers)[: min(max(layers), loaded.n_layers)]))
+            stack.enter_context(torch.inference_mode())
+            for batch in plan.batches:
+                width = max(plan.examples[i].forward_length for i in batch)
+                if compile_:
+                    width = _padded_width(width, COMPILE_PAD, loaded.model.config)
+                means = spans(*_batch_tensors(plan.examples, batch, width, pad_id))
+                torch.cat([means[row, :1] for row in range(len(batch))]).cpu()
+        sync(device)
+        return time.perf_counter() - t
+
     def pipeline(layers, compile_: bool, whole_max: int | None) -> tuple[float, dict]:
         config = ExtractConfig(**{**base.__dict__, "layers": layers, "compile": compile_})
         if whole_max is not None:
@@ -232,7 +260,11 @@ def model_mode(args) -> dict:
             print(f"{name}: compiled first pass (compile included) {first:.1f} s", flush=True)
         cores, pipes, details = [], [], []
         others: dict[int, list[float]] = {v: [] for v in args.plan_whole_max[1:]}
+        syncs: list[float] = []
         for rep in range(args.repeat):
+            if args.sync_core:
+                syncs.append(core_sync(layers, compile_))
+                print(f"{name} rep {rep}: core one batch at a time (before) {ntok / syncs[-1]:,.0f} tok/s", flush=True)
             cores.append(core(layers, compile_))
             dt, detail = pipeline(layers, compile_, args.plan_whole_max[0])
             pipes.append(dt)
@@ -252,6 +284,7 @@ def model_mode(args) -> dict:
             "overhead": round(1 - best_pipe / best_core, 4),
             "overhead_median": round(1 - statistics.median(cores) / statistics.median(pipes), 4),
             "core_runs": [round(ntok / c, 1) for c in cores],
+            "core_sync_tok_s": round(ntok / min(syncs), 1) if syncs else None,
             "pipeline_runs": [round(ntok / p, 1) for p in pipes],
             "pipeline_detail": details[pipes.index(min(pipes))],
             "plan_whole_max": args.plan_whole_max[0] if args.plan_whole_max[0] is not None else default_whole_max,
@@ -432,6 +465,11 @@ def main() -> None:
     ap.add_argument("--storage-dtype", default="float32", choices=arrays.STORAGE_DTYPES)
     ap.add_argument("--writer-threads", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument(
+        "--sync-core",
+        action="store_true",
+        help="also time the core as before double buffering (one batch at a time), alternated",
+    )
     ap.add_argument("--plan-whole-max", type=int, nargs="+", default=[None],
                     help="PLAN_WHOLE_MAX for the pipeline (default: personavec's); more values time the pipeline "
                          "planned each way too, alternated in each repeat (0: start on a first batch)")  # fmt: skip
