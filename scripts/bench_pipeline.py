@@ -10,8 +10,8 @@ Model mode (default). Cases, each measured as core then pipeline, ``--repeat`` t
 (the copy to the host included). *Pipeline*: ``run_extraction`` into a real catalog + Zarr store (the loaded model
 passed in), timed from the call to its return: selection, tokenization, recording the run, compute, every write,
 the last commit. The overhead is ``1 - pipeline tok/s / core tok/s``; targets: all layers <= 5%, compiled one
-layer <= 3%. ``--plan-whole-max 0 100000`` times the pipeline both ways a new run can be planned (started on a
-first batch while the rest is planned, or planned whole first), alternated.
+layer <= 3%. ``--plan-inline-max 100000 0`` times the pipeline both ways the rest of a new run can be planned (by
+the model's thread after it launched the first batch, or on a helper thread), alternated.
 
 Workloads: ``--synthetic gemma-3-27b`` (GPU: the 27B text architecture with random bf16 weights, as
 scripts/bench_extract.py) and ``--synthetic tiny`` (CPU: a 4-layer 256-wide Llama) use a word-level tokenizer built
@@ -233,21 +233,21 @@ def model_mode(args) -> dict:
         sync(device)
         return time.perf_counter() - t
 
-    def pipeline(layers, compile_: bool, whole_max: int | None) -> tuple[float, dict]:
+    def pipeline(layers, compile_: bool, inline_max: int | None) -> tuple[float, dict]:
         config = ExtractConfig(**{**base.__dict__, "layers": layers, "compile": compile_})
-        if whole_max is not None:
-            run_mod.PLAN_WHOLE_MAX = whole_max
+        if inline_max is not None:
+            run_mod.PLAN_INLINE_MAX = inline_max
         sync(device)
         t = time.perf_counter()
         res = run_extraction(ws, config, loaded=loaded)
-        run_mod.PLAN_WHOLE_MAX = default_whole_max
+        run_mod.PLAN_INLINE_MAX = default_inline_max
         sync(device)
         dt = time.perf_counter() - t
         size, files = store_bytes(ws, res.zarr_group)
         arrays.remove_groups(ws.zarr_path, [res.zarr_group])  # disk: only one run's rows at a time
         return dt, {**res.timings, "mb": round(size / 1e6, 1), "files": files, "tok_s": round(ntok / dt, 1)}
 
-    default_whole_max = run_mod.PLAN_WHOLE_MAX
+    default_inline_max = run_mod.PLAN_INLINE_MAX
     # warm-up: kernels, allocator, the first DuckDB and Zarr use
     warm = plan.examples[: min(8, len(plan.examples))]
     for _ in iter_mean_activations(loaded, warm, [deflayer], max_batch_tokens=budget):
@@ -259,22 +259,22 @@ def model_mode(args) -> dict:
             first = core(layers, True)
             print(f"{name}: compiled first pass (compile included) {first:.1f} s", flush=True)
         cores, pipes, details = [], [], []
-        others: dict[int, list[float]] = {v: [] for v in args.plan_whole_max[1:]}
+        others: dict[int, list[float]] = {v: [] for v in args.plan_inline_max[1:]}
         syncs: list[float] = []
         for rep in range(args.repeat):
             if args.sync_core:
                 syncs.append(core_sync(layers, compile_))
                 print(f"{name} rep {rep}: core one batch at a time (before) {ntok / syncs[-1]:,.0f} tok/s", flush=True)
             cores.append(core(layers, compile_))
-            dt, detail = pipeline(layers, compile_, args.plan_whole_max[0])
+            dt, detail = pipeline(layers, compile_, args.plan_inline_max[0])
             pipes.append(dt)
             details.append(detail)
             print(f"{name} rep {rep}: core {ntok / cores[-1]:,.0f} tok/s, pipeline {ntok / dt:,.0f} tok/s "
                   f"({1 - cores[-1] / dt:+.1%} overhead) {detail}", flush=True)  # fmt: skip
-            for whole_max, times in others.items():  # the same run planned another way, alternated with the first
-                dt, detail = pipeline(layers, compile_, whole_max)
+            for inline_max, times in others.items():  # the same run planned another way, alternated with the first
+                dt, detail = pipeline(layers, compile_, inline_max)
                 times.append(dt)
-                print(f"{name} rep {rep}, PLAN_WHOLE_MAX={whole_max}: pipeline {ntok / dt:,.0f} tok/s "
+                print(f"{name} rep {rep}, PLAN_INLINE_MAX={inline_max}: pipeline {ntok / dt:,.0f} tok/s "
                       f"({1 - cores[-1] / dt:+.1%} overhead) {detail}", flush=True)  # fmt: skip
         best_core, best_pipe = ntok / min(cores), ntok / min(pipes)
         out[name] = {
@@ -287,8 +287,8 @@ def model_mode(args) -> dict:
             "core_sync_tok_s": round(ntok / min(syncs), 1) if syncs else None,
             "pipeline_runs": [round(ntok / p, 1) for p in pipes],
             "pipeline_detail": details[pipes.index(min(pipes))],
-            "plan_whole_max": args.plan_whole_max[0] if args.plan_whole_max[0] is not None else default_whole_max,
-            "other_plan_whole_max": {
+            "plan_inline_max": args.plan_inline_max[0] if args.plan_inline_max[0] is not None else default_inline_max,
+            "other_plan_inline_max": {
                 str(v): {"pipeline_tok_s": round(ntok / min(t), 1), "overhead": round(1 - min(cores) / min(t), 4)}
                 for v, t in others.items()
             },
@@ -470,9 +470,9 @@ def main() -> None:
         action="store_true",
         help="also time the core as before double buffering (one batch at a time), alternated",
     )
-    ap.add_argument("--plan-whole-max", type=int, nargs="+", default=[None],
-                    help="PLAN_WHOLE_MAX for the pipeline (default: personavec's); more values time the pipeline "
-                         "planned each way too, alternated in each repeat (0: start on a first batch)")  # fmt: skip
+    ap.add_argument("--plan-inline-max", type=int, nargs="+", default=[None],
+                    help="PLAN_INLINE_MAX for the pipeline (default: personavec's); more values time the pipeline "
+                         "planned each way too, alternated in each repeat (0: rest on a helper thread)")  # fmt: skip
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed at the end)")
     ap.add_argument("--stress", action="store_true", help="store-only: no model, simulated GPU rate")
     ap.add_argument("--gpu-tok-s", type=float, default=8504.0, help="--stress: simulated model rate (0 = no wait)")

@@ -427,17 +427,19 @@ def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: 
     np.testing.assert_array_equal(arrays.read_rows(array), expected)
 
 
-@pytest.mark.parametrize("whole_max", [0, 10_000])
-def test_planned_in_windows_or_whole_the_run_is_the_same(workspace, tmp_path: Path, tiny_root: Path, monkeypatch,
-                                                         whole_max: int) -> None:  # fmt: skip
-    """A large run starts on its first batch while the rest is planned (forced here: PLAN_WHOLE_MAX 0); a small one
-    is planned whole. Either way every response is extracted once (the empty ones with no span), every row is
-    written, and each response's activations equal a one-example-per-batch reference."""
+@pytest.mark.parametrize("inline_max", [0, 10_000])
+def test_the_rest_planned_on_a_helper_or_inline_the_run_is_the_same(
+    workspace, tmp_path: Path, tiny_root: Path, monkeypatch, inline_max: int
+) -> None:
+    """A new run starts on its first batch; the rest is planned on a helper thread (a large run, forced here:
+    PLAN_INLINE_MAX 0) or by the model's thread when it asks for the next batch (a small one). Either way every
+    response is extracted once (the empty ones with no span), every row is written, and each response's
+    activations equal a one-example-per-batch reference."""
     from personavec.extract import run as run_mod
 
     run = _responses(workspace, tmp_path, empty={(0, 1), (4, 4)})
     reference = run_extraction(workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1)).run_id
-    monkeypatch.setattr(run_mod, "PLAN_WHOLE_MAX", whole_max)
+    monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", inline_max)
     result = run_extraction(workspace, _config(run, tiny_root))
     assert (result.n_examples, result.n_computed) == (25, 23)
     assert done_count(workspace.catalog(), result.run_id) == 25

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
@@ -646,8 +647,8 @@ def run_extraction(
             t0 = time.perf_counter()
             first, layers, n_examples, rest = _new_run(ws, catalog, config, config.responses_run, loaded)
             # The rest of the plan is tokenized, the run recorded and its array created while the model computes
-            # the first batch.
-            opening = pool.submit(rest)
+            # the first batch: by the model's thread when it asks for the next batch (small runs), else on a helper.
+            opening = _OnDemand(rest) if n_examples <= PLAN_INLINE_MAX else pool.submit(rest)
         else:
             config = _resumed_config(catalog, resume, config)
             loaded = loaded or load_for(config)
@@ -667,6 +668,36 @@ def run_extraction(
             ws.zarr_location, opening, config, loaded, windows, layers, n_examples, progress, plan_s, sink,
             done_before=lambda: n_examples - planned(),
         )  # fmt: skip
+
+
+class _OnDemand(Future):  # type: ignore[type-arg]
+    """A future that computes its value on the first thread asking for it (``result`` or ``exception``); ``done``
+    stays False until then. A small new run's rest of planning: the model's thread runs it after it launched the
+    first batch (the batches are double-buffered), so it happens while the device computes, and no helper thread
+    competes with the model's for the GIL."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__()
+        self._fn: Callable[[], Any] | None = fn
+        self._lock = threading.Lock()
+
+    def _run(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+            if fn is None:
+                return
+            try:
+                self.set_result(fn())
+            except BaseException as exc:  # Ctrl-C included: whoever waits sees it
+                self.set_exception(exc)
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._run()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._run()
+        return super().exception(timeout)
 
 
 def _rest(opening: Future[_Opened]) -> ExtractionPlan:
@@ -734,9 +765,10 @@ def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
     return config.max_batch_tokens or default_batch_tokens(loaded.input_device)
 
 
-#: Runs of at most this many answers are planned whole before the model starts (about 0.5 s of tokenizing on an
-#: H200 host's CPU); larger ones start on a first batch while the rest is tokenized.
-PLAN_WHOLE_MAX = 2048
+#: A new run of at most this many answers plans the rest of its plan (after the first batch) on the model's own
+#: thread, while the first batch computes (about 0.5 s of tokenizing on an H200 host's CPU for the largest: no other
+#: thread competes with the model's for the GIL); a larger one on a helper thread.
+PLAN_INLINE_MAX = 2048
 
 
 def _new_run(
@@ -750,12 +782,11 @@ def _new_run(
 ) -> tuple[ExtractionPlan, tuple[int, ...], int, Callable[[], _Opened]]:
     """Select the responses and plan the first batch only; returns that plan (rows ``0..k-1``), the layers, the
     number of examples, and the function that plans the rest (rows ``k..n-1``, longest first), records the run (one
-    transaction, every example) and then creates its array. Splitting keeps tokenizing a whole run off the GPU's
-    path: the model starts on the first batch right away. A run of at most :data:`PLAN_WHOLE_MAX` answers is
-    planned whole instead (the rest is empty): tokenizing it takes well under a second, and one plan packs the
-    batches best (measured on an H200, 414 answers: planning in two windows cost 3-4% of throughput, see
-    docs/PERFORMANCE.md). ``min_units``: without ``config.chunk_rows``, shards are
-    made small enough that the run has at least this many (data parallel: work to share out)."""
+    transaction, every example) and then creates its array. Splitting keeps tokenizing a run off the GPU's path: the
+    model starts on the first batch right away. The first batch is the one the whole plan would start with, about:
+    the longest (by a character count, a proxy for tokens) that fit the token budget. ``min_units``: without
+    ``config.chunk_rows``, shards are made small enough that the run has at least this many (data parallel: work
+    to share out)."""
     records = _selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
     n = len(records)
@@ -767,33 +798,19 @@ def _new_run(
     def triples(part: Sequence[ResponseRecord]) -> list[tuple[str | None, str, str]]:
         return [(r.system_prompt, r.question, r.text) for r in part]
 
-    whole = n <= PLAN_WHOLE_MAX
-    # The first batch: the longest of the max_batch_size longest conversations in characters (a proxy for tokens,
-    # so it is about the batch the whole plan would start with) that fit the token budget; or the whole run.
-    if whole:
-        head_at: list[int] = list(range(n))
-    else:
-        head_at = sorted(heapq.nlargest(config.max_batch_size, range(n), key=lambda i: _chars(records[i])))
+    head_at = sorted(heapq.nlargest(config.max_batch_size, range(n), key=lambda i: _chars(records[i])))
     head = [records[i] for i in head_at]
     head_examples = render(loaded, config, triples(head))
     spanned = [i for i, ex in enumerate(head_examples) if has_span(ex)]
-    if whole:
-        head_rows = longest_first([ex.forward_length if has_span(ex) else 0 for ex in head_examples])
-        batch, first_rows = spanned, [head_rows[i] for i in spanned]
-    else:
-        lengths = [head_examples[i].forward_length for i in spanned]
-        batch = [spanned[i] for i in plan_batches(lengths, budget, config.max_batch_size)[0]] if spanned else []
-        first_rows = list(range(len(batch)))
+    lengths = [head_examples[i].forward_length for i in spanned]
+    batch = [spanned[i] for i in plan_batches(lengths, budget, config.max_batch_size)[0]] if spanned else []
     in_first = set(batch)
     first = ExtractionPlan.build(
-        [head_examples[i] for i in batch], first_rows, n_rows=n, chunk_rows=per,
+        [head_examples[i] for i in batch], range(len(batch)), n_rows=n, chunk_rows=per,
         max_batch_tokens=budget, max_batch_size=config.max_batch_size,
     )  # fmt: skip
 
     def rest() -> _Opened:
-        if whole:  # nothing left to plan: an empty rest seals the write units the first window left open
-            empty = ExtractionPlan.build([], [], n_rows=n, chunk_rows=per, max_batch_tokens=budget, max_batch_size=1)
-            return record(_examples_table(head, head_examples, head_rows), empty)
         carried = [i for i in range(len(head)) if i not in in_first]
         in_head = set(head_at)
         others = [r for i, r in enumerate(records) if i not in in_head]
