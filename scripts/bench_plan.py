@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=63, help="layers of the planned run (for the array's shape)")
     ap.add_argument("--d-model", type=int, default=5376)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--gpu-tok-s", type=float, default=12_600.0, help="simulated GPU rate (one H200, 27B, one layer)")
     args = ap.parse_args()
     rng = random.Random(0)
     work = Path(args.dir or tempfile.mkdtemp(prefix="pv-plan-"))
@@ -165,12 +166,20 @@ def main() -> None:
     step("record", record)
     total = sum(steps.values())
     # What the GPU waits for: a fresh run planned as run_extraction plans it (first batch, then the rest).
-    t = time.perf_counter()
+    t0 = time.perf_counter()
     first, _, _, rest = run_mod._new_run(ws, catalog, config, run, loaded)  # type: ignore[arg-type]
-    to_first = time.perf_counter() - t
-    t = time.perf_counter()
-    rest()
-    rest_s = time.perf_counter() - t
+    to_first = time.perf_counter() - t0
+    arrivals: list[tuple[float, int]] = []  # (seconds since the start, tokens) of each window of the rest
+    rest(
+        lambda window: arrivals.append((time.perf_counter() - t0, sum(ex.forward_length for ex in window[0].examples)))
+    )
+    rest_s = time.perf_counter() - t0 - to_first
+    # The GPU's idle time after its first batch, simulated at --gpu-tok-s: it computes each window once it arrived.
+    gpu_free = to_first + sum(ex.forward_length for ex in first.examples) / args.gpu_tok_s
+    idle = 0.0
+    for arrived, tokens in arrivals:
+        idle += max(0.0, arrived - gpu_free)
+        gpu_free = max(gpu_free, arrived) + tokens / args.gpu_tok_s
     ntok = sum(ex.n_tokens for ex in examples)
     # the baseline: one conversation at a time, as before
     sample = records[: args.baseline_n]
@@ -188,7 +197,9 @@ def main() -> None:
         f"{len(plan.batches):,} batches)"
     )
     print(f"a new run: the model starts after {to_first:.2f} s ({len(first.examples)} answers in its first batch); "
-          f"the rest takes {rest_s:.1f} s on a helper thread while it computes")  # fmt: skip
+          f"the rest comes in {len(arrivals)} windows on a helper thread, the first after {arrivals[0][0]:.2f} s, "
+          f"all planned and the run recorded after {to_first + rest_s:.1f} s; at {args.gpu_tok_s:,.0f} tok/s the GPU "
+          f"waits {idle:.1f} s for windows after its first batch")  # fmt: skip
     print(f"baseline: render one by one {one_by_one:,.0f} s, {one_by_one_cpu:,.0f} cpu s "
           f"(scaled from {len(sample):,}); peak RSS {peak_gb:.1f} GB")  # fmt: skip
     print(json.dumps({
@@ -197,6 +208,8 @@ def main() -> None:
         "baseline_tokenize_s": round(one_by_one, 1), "tokenize_speedup": round(one_by_one / steps["tokenize"], 2),
         "batches": len(plan.batches),
         "to_first_batch_s": round(to_first, 3), "rest_s": round(rest_s, 1),
+        "windows": [(round(a, 2), tok) for a, tok in arrivals], "gpu_tok_s": args.gpu_tok_s,
+        "gpu_idle_after_first_batch_s": round(idle, 2),
         "peak_rss_gb": round(peak_gb, 2), "tokenizer": args.tokenizer,
         "machine": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
     }))  # fmt: skip

@@ -431,16 +431,20 @@ def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: 
 def test_the_rest_planned_on_a_helper_or_inline_the_run_is_the_same(
     workspace, tmp_path: Path, tiny_root: Path, monkeypatch, inline_max: int
 ) -> None:
-    """A new run starts on its first batch; the rest is planned on a helper thread (a large run, forced here:
-    PLAN_INLINE_MAX 0) or by the model's thread when it asks for the next batch (a small one). Either way every
-    response is extracted once (the empty ones with no span), every row is written, and each response's
-    activations equal a one-example-per-batch reference."""
+    """A new run starts on its first batch; the rest is planned on a helper thread in windows handed over as they
+    are planned (a large run, forced here: PLAN_INLINE_MAX 0, windows of 2, 3, then 5 answers, so shards straddle
+    windows) or by the model's thread when it asks for the next batch (a small one). Either way every response is
+    extracted once (the empty ones with no span), every row is written, progress ends at every row done, and each
+    response's activations equal a one-example-per-batch reference."""
     from personavec.extract import run as run_mod
 
     run = _responses(workspace, tmp_path, empty={(0, 1), (4, 4)})
     reference = run_extraction(workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1)).run_id
     monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", inline_max)
-    result = run_extraction(workspace, _config(run, tiny_root))
+    monkeypatch.setattr(run_mod, "REST_WINDOWS", (2, 3, 5))
+    seen: list[int] = []
+    result = run_extraction(workspace, _config(run, tiny_root), progress=lambda p: seen.append(p.done_examples))
+    assert seen and seen[-1] == 25 and seen == sorted(seen)
     assert (result.n_examples, result.n_computed) == (25, 23)
     assert done_count(workspace.catalog(), result.run_id) == 25
     got, ref = _by_response(workspace, result.run_id), _by_response(workspace, reference)

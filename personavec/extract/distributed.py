@@ -656,7 +656,7 @@ def _lead(
     )
     sink = _LeadSink(catalog, info, channel, owners, plan.chunk_rows, len(plan.rows))
     opening: Future[run_mod._Opened] = Future()
-    opening.set_result(opened)
+    opening.set_result(dataclasses.replace(opened, n_done=0))  # progress counts rank 0's own rows (progress_for)
     try:
         own = run_mod._compute(
             ws.zarr_location,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
+import queue
 import threading
 import time
 from collections import deque
@@ -614,8 +615,8 @@ def run_extraction(
             compilation, layers path, writer threads, flush bounds) apply to this session.
         resume: an extract run to continue: rows written but not marked done are adopted (when finite and their
             checksums hold), and only the rest is computed.
-        progress: called after each batch with an :class:`ExtractionProgress` (a new run is recorded while its first
-            batch computes; the first call waits for that, since it carries the run id); raising
+        progress: called after each batch with an :class:`ExtractionProgress`, once the run is recorded (it carries
+            the run id; a large new run is recorded once all of it is planned, while it computes); raising
             :class:`ExtractionInterrupted` from it stops the run (marked ``interrupted``; every written unit stays
             done). Ctrl-C (or SIGTERM in the CLI) does the same and leaves as :class:`RunInterrupted`, which names the
             resume command; any other exception marks the run ``failed``.
@@ -646,9 +647,17 @@ def run_extraction(
             loaded = loaded or load_for(config)
             t0 = time.perf_counter()
             first, layers, n_examples, rest = _new_run(ws, catalog, config, config.responses_run, loaded)
-            # The rest of the plan is tokenized, the run recorded and its array created while the model computes
-            # the first batch: by the model's thread when it asks for the next batch (small runs), else on a helper.
-            opening = _OnDemand(rest) if n_examples <= PLAN_INLINE_MAX else pool.submit(rest)
+            # The model starts on the first batch. A small run's rest is planned, the run recorded and its array
+            # created by the model's thread when it asks for the next batch (the first computing meanwhile); a large
+            # run's on a helper thread, in windows handed to the model as they are planned.
+            opening: Future[_Opened]
+            if n_examples <= PLAN_INLINE_MAX:
+                opening = _OnDemand(rest)
+                windows = _first_then_rest(first, opening)
+            else:
+                planned: queue.Queue[Window | None] = queue.Queue()
+                opening = pool.submit(_announcing_failure, rest, planned)
+                windows = _first_then_streamed(first, planned, opening)
         else:
             config = _resumed_config(catalog, resume, config)
             loaded = loaded or load_for(config)
@@ -657,17 +666,10 @@ def run_extraction(
             layers, n_examples = opened.info.layers, opened.info.n_examples
             opening = Future()
             opening.set_result(opened)
+            windows = iter([(first, None)])
         plan_s = time.perf_counter() - t0
         sink = RunSink(catalog, lambda: opening.result().info.run_id)
-        windows = _first_then_rest(first, opening) if resume is None else iter([(first, None)])
-
-        def planned() -> int:  # rows this session computes
-            return len(first.examples) + (len(_rest(opening).examples) if resume is None else 0)
-
-        return _compute(
-            ws.zarr_location, opening, config, loaded, windows, layers, n_examples, progress, plan_s, sink,
-            done_before=lambda: n_examples - planned(),
-        )  # fmt: skip
+        return _compute(ws.zarr_location, opening, config, loaded, windows, layers, n_examples, progress, plan_s, sink)
 
 
 class _OnDemand(Future):  # type: ignore[type-arg]
@@ -707,22 +709,45 @@ def _rest(opening: Future[_Opened]) -> ExtractionPlan:
 
 
 def _first_then_rest(first: ExtractionPlan, opening: Future[_Opened]) -> Iterator[Window]:
-    """A new run's windows: its first batch, then the rest of its plan (waiting for it only if planning the rest
-    takes longer than the first batch computes). The rest seals the write units the first left open."""
+    """A small new run's windows: its first batch, then the rest of its plan, planned when the model asks for it.
+    The rest seals the write units the first left open."""
     yield first, len(first.examples)
     yield _rest(opening), None
 
 
+def _announcing_failure(rest: Callable[..., _Opened], planned: queue.Queue[Window | None]) -> _Opened:
+    """Run a large new run's ``rest`` on the helper thread, its windows into ``planned``; None there if it fails."""
+    try:
+        return rest(planned.put)
+    except BaseException:
+        planned.put(None)
+        raise
+
+
+def _first_then_streamed(
+    first: ExtractionPlan, planned: queue.Queue[Window | None], opening: Future[_Opened]
+) -> Iterator[Window]:
+    """A large new run's windows: its first batch, then each window of the rest as the helper thread plans it (the
+    last one has no ``planned_to``); a failed planning raises its error here."""
+    yield first, len(first.examples)
+    while (window := planned.get()) is not None:
+        yield window
+        if window[1] is None:
+            return
+    opening.result()  # raises what stopped the planning
+
+
 @dataclass(frozen=True)
 class _Opened:
-    """A run ready to be written: its catalog info, array, the write units already in the store, rows adopted, and
-    the plan of the rows after the first batch (new runs)."""
+    """A run ready to be written: its catalog info, array, the write units already in the store, rows adopted, the
+    plan of the rows after the first batch (a new run whose rest came in one window), and the rows already done."""
 
     info: xs.ExtractionRunInfo
     array: Any
     present: set[int] = field(default_factory=set)
     n_adopted: int = 0
     rest: ExtractionPlan | None = None
+    n_done: int = 0  # rows done before this session computes (no span; done in an earlier session)
 
 
 def _selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> list[ResponseRecord]:
@@ -764,6 +789,10 @@ def _chars(record: ResponseRecord) -> int:
 def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
     return config.max_batch_tokens or default_batch_tokens(loaded.input_device)
 
+
+#: Sizes (answers) of the windows a large new run's rest is planned in, the last repeated: the first few are quick
+#: to plan, so the model soon has work after its first batch; later ones are rendered by parallel processes.
+REST_WINDOWS = (1024, 4096, 16384, 65536)
 
 #: A new run of at most this many answers plans the rest of its plan (after the first batch) on the model's own
 #: thread, while the first batch computes (about 0.5 s of tokenizing on an H200 host's CPU for the largest: no other
@@ -810,27 +839,44 @@ def _new_run(
         max_batch_tokens=budget, max_batch_size=config.max_batch_size,
     )  # fmt: skip
 
-    def rest() -> _Opened:
-        carried = [i for i in range(len(head)) if i not in in_first]
+    def rest(emit: Callable[[Window], None] | None = None) -> _Opened:
+        """Plan the rows after the first batch, record the run, create its array. Without ``emit``, in one window
+        (the returned rest). With it, in windows of growing size (:data:`REST_WINDOWS`, the conversations in the
+        character proxy's order, longest first; each window's rows longest first), each handed to ``emit`` as soon
+        as it is planned, the last with no ``planned_to``; the run is recorded after the last."""
         in_head = set(head_at)
-        others = [r for i, r in enumerate(records) if i not in in_head]
-        rest_records = [head[i] for i in carried] + others
-        rest_examples = [head_examples[i] for i in carried] + render(loaded, config, triples(others))
-        rest_rows = [len(batch) + r for r in longest_first([ex.forward_length if has_span(ex) else 0
-                                                             for ex in rest_examples])]  # fmt: skip
-        keep = [i for i, ex in enumerate(rest_examples) if has_span(ex)]
-        plan = ExtractionPlan.build(
-            [rest_examples[i] for i in keep], [rest_rows[i] for i in keep], n_rows=n, chunk_rows=per,
-            max_batch_tokens=budget, max_batch_size=config.max_batch_size,
-        )  # fmt: skip
-        table = _examples_table(
-            [head[i] for i in batch] + rest_records,
-            first.examples + rest_examples,
-            list(range(len(batch))) + rest_rows,
-        )
-        return record(table, plan)
+        others = [i for i in range(n) if i not in in_head]
+        if emit is not None:
+            others.sort(key=lambda i: -_chars(records[i]))
+        carried = [i for i in range(len(head)) if i not in in_first]
+        all_records, all_examples = [head[i] for i in batch], list(first.examples)
+        all_rows: list[int] = list(range(len(batch)))
+        plan, start, sizes = first, 0, iter(REST_WINDOWS if emit is not None else ())
+        while plan is first or start < len(others):
+            stop = len(others) if emit is None else min(start + next(sizes, REST_WINDOWS[-1]), len(others))
+            part = [records[i] for i in others[start:stop]]
+            window_records = ([head[i] for i in carried] if plan is first else []) + part
+            window_examples = ([head_examples[i] for i in carried] if plan is first else []) + render(
+                loaded, config, triples(part)
+            )
+            offset = len(all_rows)
+            rows = [offset + r for r in longest_first([ex.forward_length if has_span(ex) else 0
+                                                       for ex in window_examples])]  # fmt: skip
+            keep = [i for i, ex in enumerate(window_examples) if has_span(ex)]
+            plan = ExtractionPlan.build(
+                [window_examples[i] for i in keep], [rows[i] for i in keep], n_rows=n, chunk_rows=per,
+                max_batch_tokens=budget, max_batch_size=config.max_batch_size,
+            )  # fmt: skip
+            all_records += window_records
+            all_examples += window_examples
+            all_rows += rows
+            start = stop
+            if emit is not None:
+                emit((plan, offset + len(rows) if start < len(others) else None))
+        opened = record(_examples_table(all_records, all_examples, all_rows), plan if emit is None else None)
+        return dataclasses.replace(opened, n_done=sum(not has_span(ex) for ex in all_examples))
 
-    def record(table: pa.Table, plan: ExtractionPlan) -> _Opened:
+    def record(table: pa.Table, plan: ExtractionPlan | None) -> _Opened:
         model_id, revision = model_provenance(config.model)
         run_id = xs.create_extraction_run(
             catalog,
@@ -991,7 +1037,7 @@ def _resumed_run(
         max_batch_tokens=_budget(config, loaded),
         max_batch_size=config.max_batch_size,
     )
-    return _Opened(info, array, present, sum(b - a for a, b in adopted)), plan
+    return _Opened(info, array, present, sum(b - a for a, b in adopted), n_done=info.n_examples - len(plan.rows)), plan
 
 
 def store_batches(
@@ -1079,12 +1125,12 @@ def _compute(
     progress: Callable[[ExtractionProgress], None] | None,
     plan_s: float,
     sink: RunSink,
-    done_before: Callable[[], int] = lambda: 0,
 ) -> ExtractionResult:
     """Compute the ``windows`` of a plan (later ones may wait for ``opening``: the rest of a new run's plan) as one
     stream of batches and write it through a :class:`ChunkWriter`; ``sink`` receives the written rows and closes the
-    session. ``location``: the activation store, for messages. ``done_before()``: rows of the run not computed in
-    this session (for progress; asked after the first batch)."""
+    session. ``location``: the activation store, for messages. Progress is reported once the run is recorded (a
+    large new run is recorded once all its windows are planned; batches before that are not reported, nor waited
+    for); ``done_examples`` counts the rows done before this session (``_Opened.n_done``) and those computed."""
     start_t = time.perf_counter()
     resumed = opening.done()  # a resumed run is open before computing; a new one opens during its first batch
     if resumed and opening.exception() is not None:
@@ -1124,10 +1170,10 @@ def _compute(
     def on_batch(n_rows: int, tokens: int) -> None:
         state["tokens"] += tokens
         state["computed"] += n_rows
-        if progress is not None:  # it gets the run id: after the first batch, wait for the run to be recorded
+        if progress is not None and opening.done():  # it gets the run id: only once the run is recorded
             opened = opening.result()
             elapsed = time.perf_counter() - start_t
-            done = done_before() + state["computed"]
+            done = opened.n_done + state["computed"]
             progress(ExtractionProgress(opened.info.run_id, done, n_examples, state["tokens"], elapsed))
 
     stream = computed()
