@@ -614,7 +614,7 @@ def _lead(
             )
             opened = rest()
             after = opened.rest
-            assert after is not None  # a new run's rows after its first batch (none when it was planned whole)
+            assert after is not None  # a new run's rows after its first batch (rest() without windows: one plan)
             # rows and examples only: each rank plans the batches of its own share
             plan = ExtractionPlan(first.examples + after.examples, first.rows + after.rows, first.n_rows,
                                   first.chunk_rows, [])  # fmt: skip

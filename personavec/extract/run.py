@@ -704,7 +704,7 @@ class _OnDemand(Future):  # type: ignore[type-arg]
 
 def _rest(opening: Future[_Opened]) -> ExtractionPlan:
     rest = opening.result().rest
-    assert rest is not None  # a new run's rows after its first batch (empty when it was planned whole)
+    assert rest is not None  # a small new run's rows after its first batch, in one window
     return rest
 
 
