@@ -1129,8 +1129,9 @@ def _compute(
     """Compute the ``windows`` of a plan (later ones may wait for ``opening``: the rest of a new run's plan) as one
     stream of batches and write it through a :class:`ChunkWriter`; ``sink`` receives the written rows and closes the
     session. ``location``: the activation store, for messages. Progress is reported once the run is recorded (a
-    large new run is recorded once all its windows are planned; batches before that are not reported, nor waited
-    for); ``done_examples`` counts the rows done before this session (``_Opened.n_done``) and those computed."""
+    large new run is recorded once all its windows are planned; batches before that are not waited for, but
+    reported with the next, or at the end); ``done_examples`` counts the rows done before this session
+    (``_Opened.n_done``) and those computed."""
     start_t = time.perf_counter()
     resumed = opening.done()  # a resumed run is open before computing; a new one opens during its first batch
     if resumed and opening.exception() is not None:
@@ -1139,7 +1140,7 @@ def _compute(
     first, planned_to = next(windows)
     assembler = ChunkAssembler(first, opening, len(layers), loaded.d_model, present, planned_to=planned_to)
     writer = ChunkWriter(opening, str(location), threads=config.writer_threads)
-    state = {"tokens": 0, "computed": 0}
+    state = {"tokens": 0, "computed": 0, "reported": 0}
     status, error, left = "done", None, []
     drain_s = elapsed = tok_s = 0.0
     counts = (0, 0)
@@ -1167,14 +1168,19 @@ def _compute(
             for batch, values, n_tok in means:
                 yield [rows[i] for i in batch], values, n_tok
 
-    def on_batch(n_rows: int, tokens: int) -> None:
-        state["tokens"] += tokens
-        state["computed"] += n_rows
-        if progress is not None and opening.done():  # it gets the run id: only once the run is recorded
+    def report(wait: bool = False) -> None:
+        """Call ``progress`` if the run is recorded (it gets the run id), or with ``wait`` once it is."""
+        if progress is not None and (wait or opening.done()) and state["reported"] != state["computed"]:
             opened = opening.result()
             elapsed = time.perf_counter() - start_t
             done = opened.n_done + state["computed"]
             progress(ExtractionProgress(opened.info.run_id, done, n_examples, state["tokens"], elapsed))
+            state["reported"] = state["computed"]
+
+    def on_batch(n_rows: int, tokens: int) -> None:
+        state["tokens"] += tokens
+        state["computed"] += n_rows
+        report()
 
     stream = computed()
     try:
@@ -1183,6 +1189,7 @@ def _compute(
                 assembler, stream, writer, on_written=sink.mark_done, on_batch=on_batch,
                 flush_seconds=config.flush_seconds, flush_rows=config.flush_rows,
             )  # fmt: skip
+            report(wait=True)  # the last batches' progress, if the run was recorded only after them
             t_drain = time.perf_counter()
             writer.close()
             left = sink.drain(writer.written())
