@@ -375,7 +375,7 @@ def stress_mode(args) -> dict:
             ws.catalog(), {"stress": layout}, table, zarr_group=arrays.group_name, source_run_id=resp_run,
             model="stress", n_model_layers=n_layers, d_model=d_model, layers=list(range(n_layers)), dtype="bfloat16",
             span_rule="exact", prompt_format="chat", device="cpu", n_examples=n,
-        )  # fmt: skip
+        ).run_id  # fmt: skip
         group = arrays.group_name(run_id)
         if layout in ("legacy", "before"):  # personavec before: float32 (rows, 1, d) chunks >= 1 MB, zarr's zstd
             root = zarr.open_group(str(ws.zarr_path), mode="a", zarr_format=3)

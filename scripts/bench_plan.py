@@ -159,7 +159,7 @@ def main() -> None:
             source_run_id=run, model="bench", n_model_layers=args.layers, d_model=args.d_model,
             layers=list(range(args.layers)), dtype="bfloat16", span_rule="exact", prompt_format="chat",
             device="cuda", n_examples=n,
-        )  # fmt: skip
+        ).run_id  # fmt: skip
         arrays.create_activation_array(ws.zarr_path, run_id, n, args.layers, args.d_model)
         return run_id
 

@@ -878,7 +878,7 @@ def _new_run(
 
     def record(table: pa.Table, plan: ExtractionPlan | None) -> _Opened:
         model_id, revision = model_provenance(config.model)
-        run_id = xs.create_extraction_run(
+        info = xs.create_extraction_run(
             catalog,
             {**config_dict(config), "layers": list(layers)},
             table,
@@ -896,7 +896,6 @@ def _new_run(
             device=loaded.device,
             n_examples=n,
         )
-        info = xs.get_extraction_run(catalog, run_id)
         array = _array(ws, catalog, info, config, create=True, chunk_rows=per)
         if arrays.rows_per_chunk(array) != per:  # the plan's write units must be the array's shards, or rows are lost
             error = f"{info.zarr_group}: array made with shards of {arrays.rows_per_chunk(array)} rows, planned {per}"

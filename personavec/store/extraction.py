@@ -152,17 +152,17 @@ def create_extraction_run(
     *,
     zarr_group: Callable[[int], str],
     **detail: object,
-) -> int:
+) -> ExtractionRunInfo:
     """One unit of work: a ``running`` extract run with its config, its ``extraction_runs`` row (``detail``, and
     ``zarr_group(run_id)`` as the group name) and every planned example (see :func:`add_examples`), not done.
 
-    Nothing is written if any part fails. Returns the run id; create the run's Zarr group after this returns, so
-    that a group never exists without its run."""
+    Nothing is written if any part fails. Returns the new run (as :func:`get_extraction_run`); create the run's
+    Zarr group after this returns, so that a group never exists without its run."""
     with catalog.session() as session:
         run_id = create_run(session, "extract", config)
         add_extraction_run(session, run_id, zarr_group=zarr_group(run_id), **detail)
         add_examples(session, run_id, examples)
-    return run_id
+        return extraction_run_in_session(session, run_id)
 
 
 def resume_extraction_run(catalog: Catalog, run_id: int) -> pa.Table:
