@@ -2,8 +2,9 @@
 
 ``run_extraction(ws, ExtractConfig(responses_run=N, ...))`` plans every selected answered response (Zarr row, token
 span, token counts, truncation), records the plan in one catalog transaction, creates the run's Zarr array once that
-has committed, then computes with :mod:`personavec.extract.core`. Rows are assigned longest-first, so consecutive
-batches fill consecutive write units (shards, see :mod:`personavec.arrays`); a write unit is assembled and written
+has committed, and computes with :mod:`personavec.extract.core`; the model starts on a first batch while the rest
+is planned and recorded (:func:`_new_run`, :data:`PLAN_INLINE_MAX`). Rows are assigned longest-first (within each
+window of the plan), so consecutive batches fill consecutive write units (shards, see :mod:`personavec.arrays`); a write unit is assembled and written
 whole by a pool of writer threads, and its rows are marked done (on a catalog thread, at most once a second) only
 after the write completed. Partly filled units are also written every ``flush_seconds`` / ``flush_rows``, so a kill
 loses a bounded amount of work. An answer with no tokens to average (an empty answer) is planned with an empty span
