@@ -2,15 +2,15 @@
 
 ``run_extraction(ws, ExtractConfig(responses_run=N, ...))`` plans every selected answered response (Zarr row, token
 span, token counts, truncation), records the plan in one catalog transaction, creates the run's Zarr array once that
-has committed, and computes with :mod:`personavec.extract.core`; the model starts on a first batch while the rest
-is planned and recorded (:func:`_new_run`, :data:`PLAN_INLINE_MAX`). Rows are assigned longest-first (within each
-window of the plan), so consecutive batches fill consecutive write units (shards, see :mod:`personavec.arrays`); a write unit is assembled and written
-whole by a pool of writer threads, and its rows are marked done (on a catalog thread, at most once a second) only
-after the write completed. Partly filled units are also written every ``flush_seconds`` / ``flush_rows``, so a kill
-loses a bounded amount of work. An answer with no tokens to average (an empty answer) is planned with an empty span
-and marked done at once: it has no row of activations (NaN) and the vector stage leaves it out.
-``run_extraction(ws, None, resume=RUN)`` rebuilds the run's stored config, adopts rows that were written but not yet
-marked done, and computes only the rest.
+has committed, and computes with :mod:`personavec.extract.core`; the model starts on a first batch while the rest is
+planned and recorded (:func:`_new_run`, :data:`PLAN_INLINE_MAX`). Rows are assigned longest-first (within each
+window of the plan), so consecutive batches fill consecutive write units (shards, see :mod:`personavec.arrays`); a
+write unit is assembled and written whole by a pool of writer threads, and its rows are marked done (on a catalog
+thread, at most once a second) only after the write completed. Partly filled units are also written every
+``flush_seconds`` / ``flush_rows``, so a kill loses a bounded amount of work. An answer with no tokens to average
+(an empty answer) is planned with an empty span and marked done at once: it has no row of activations (NaN) and the
+vector stage leaves it out. ``run_extraction(ws, None, resume=RUN)`` rebuilds the run's stored config, adopts rows
+that were written but not yet marked done, and computes only the rest.
 """
 
 from __future__ import annotations
