@@ -427,6 +427,41 @@ def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: 
     np.testing.assert_array_equal(arrays.read_rows(array), expected)
 
 
+def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_records_nothing(
+    workspace, tmp_path: Path, tiny_root: Path, monkeypatch
+) -> None:
+    """Ctrl-C after the first batch of a large run (forced: PLAN_INLINE_MAX 0, windows of 2 answers, each made to
+    take 1.5 s to render: 16.5 s of planning left): the planning stops at its next window, the KeyboardInterrupt comes
+    out in a few seconds, not after the whole plan, and nothing is recorded (no run, no Zarr group)."""
+    from personavec.extract import run as run_mod
+
+    run = _responses(workspace, tmp_path)
+    monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", 0)
+    monkeypatch.setattr(run_mod, "REST_WINDOWS", (2,))
+    encode, compute = run_mod.encode_responses, run_mod.iter_mean_activations
+
+    def slow_windows(loaded, conversations, config):  # the head (3 answers) at full speed, each window slowly
+        if len(conversations) <= 2:
+            time.sleep(1.5)
+        return encode(loaded, conversations, config)
+
+    def ctrl_c_after_the_first_batch(*args, **kwargs):
+        for item in compute(*args, **kwargs):
+            yield item
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "encode_responses", slow_windows)
+    monkeypatch.setattr(run_mod, "iter_mean_activations", ctrl_c_after_the_first_batch)
+    config = _config(run, tiny_root)
+    load_model(config.model, dtype="float32", device="cpu")  # warm the model's files outside the timing
+    t = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction(workspace, config)
+    assert time.monotonic() - t < 8  # without the stop: over 16.5 s
+    assert list_runs(workspace.catalog(), "extract") == []
+    assert not any(workspace.zarr_path.glob("run_*"))
+
+
 @pytest.mark.parametrize("inline_max", [0, 10_000])
 def test_the_rest_planned_on_a_helper_or_inline_the_run_is_the_same(
     workspace, tmp_path: Path, tiny_root: Path, monkeypatch, inline_max: int

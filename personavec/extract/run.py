@@ -657,8 +657,9 @@ def run_extraction(
                 windows = _first_then_rest(first, opening)
             else:
                 planned: queue.Queue[Window | None] = queue.Queue()
-                opening = pool.submit(_announcing_failure, rest, planned)
-                windows = _first_then_streamed(first, planned, opening)
+                stop = threading.Event()
+                opening = pool.submit(_announcing_failure, rest, planned, stop)
+                windows = _first_then_streamed(first, planned, opening, stop)
         else:
             config = _resumed_config(catalog, resume, config)
             loaded = loaded or load_for(config)
@@ -716,26 +717,43 @@ def _first_then_rest(first: ExtractionPlan, opening: Future[_Opened]) -> Iterato
     yield _rest(opening), None
 
 
-def _announcing_failure(rest: Callable[..., _Opened], planned: queue.Queue[Window | None]) -> _Opened:
-    """Run a large new run's ``rest`` on the helper thread, its windows into ``planned``; None there if it fails."""
+class _PlanningStopped(Exception):
+    """The model's thread stopped (Ctrl-C, an error) while a large run's rest was still being planned."""
+
+
+def _announcing_failure(
+    rest: Callable[..., _Opened], planned: queue.Queue[Window | None], stop: threading.Event
+) -> _Opened:
+    """Run a large new run's ``rest`` on the helper thread, its windows into ``planned``; None there if it fails.
+    Once ``stop`` is set it stops at the next window, before the run is recorded."""
+
+    def emit(window: Window) -> None:
+        if stop.is_set():
+            raise _PlanningStopped("the run stopped before all of it was planned; nothing was recorded")
+        planned.put(window)
+
     try:
-        return rest(planned.put)
+        return rest(emit)
     except BaseException:
         planned.put(None)
         raise
 
 
 def _first_then_streamed(
-    first: ExtractionPlan, planned: queue.Queue[Window | None], opening: Future[_Opened]
-) -> Iterator[Window]:
+    first: ExtractionPlan, planned: queue.Queue[Window | None], opening: Future[_Opened], stop: threading.Event
+) -> Generator[Window]:
     """A large new run's windows: its first batch, then each window of the rest as the helper thread plans it (the
-    last one has no ``planned_to``); a failed planning raises its error here."""
-    yield first, len(first.examples)
-    while (window := planned.get()) is not None:
-        yield window
-        if window[1] is None:
-            return
-    opening.result()  # raises what stopped the planning
+    last one has no ``planned_to``); a failed planning raises its error here. Closing it (the model's thread
+    stopping) stops the planning at its next window."""
+    try:
+        yield first, len(first.examples)
+        while (window := planned.get()) is not None:
+            yield window
+            if window[1] is None:
+                return
+        opening.result()  # raises what stopped the planning
+    finally:
+        stop.set()
 
 
 @dataclass(frozen=True)
@@ -1197,10 +1215,15 @@ def _compute(
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt | ExtractionInterrupted) else "failed"
             error = f"{type(exc).__name__}: {exc}"
+            if isinstance(windows, Generator):
+                windows.close()  # a large run's planning, if still going, stops at its next window
             writer.close(raise_errors=False)
             left = sink.drain(writer.written(), raise_errors=False)
-            if opening.exception() is not None:  # the run was never recorded, or recording it failed
-                raise opening.exception() from None  # type: ignore[misc]
+            failed = opening.exception()
+            if isinstance(failed, _PlanningStopped):  # stopped by this error before the run was recorded
+                raise
+            if failed is not None:  # the run was never recorded, or recording it failed
+                raise failed from None
             run_id = opening.result().info.run_id
             if isinstance(exc, StorageError) and not isinstance(exc, StorageOverflowError):
                 raise StorageError(f"{exc}; {_resume_hint(run_id)}") from exc
