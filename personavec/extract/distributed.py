@@ -18,7 +18,7 @@ and calls :func:`run_distributed`. Who does what:
   processes computes only the rows not done.
 
 Messages travel on two gloo process groups of their own (the backend accelerate chose, NCCL on GPUs, is not used):
-rank 0 -> others (``config``, ``render``, ``plan``, ``result``, ``error``) and others -> rank 0 (``rendered``,
+rank 0 -> others (``config``, ``render``, ``pool``, ``plan``, ``result``, ``error``) and others -> rank 0 (``rendered``,
 ``batch``, ``finished``). Each process receives on a thread into a queue, because a gloo receive can neither be
 polled nor abandoned (a timed-out wait closes the connection); the main thread waits on the queue with a timeout,
 so Ctrl-C and SIGTERM still reach a waiting rank.
@@ -227,6 +227,10 @@ def _stripes(n: int, n_ranks: int) -> list[tuple[int, int]]:
 # -- messages ----------------------------------------------------------------------------------------------------
 
 
+def pickled(message: tuple) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 class _Channel:
     """Objects between rank 0 and the others over two gloo groups, received on a thread (see the module doc)."""
 
@@ -243,12 +247,13 @@ class _Channel:
         self._thread = threading.Thread(target=self._receive, name="personavec-dp-receive", daemon=True)
         self._thread.start()
 
-    def send(self, dst: int, message: tuple) -> None:
+    def send(self, dst: int, message: tuple | bytes) -> None:
+        """Send ``message`` (or a message already pickled with :func:`pickled`: one pickling for many ranks)."""
         import torch
         import torch.distributed as dist
 
         group = self._down if self.rank == 0 else self._up
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = message if isinstance(message, bytes) else pickled(message)
         dist.send(torch.tensor([self.rank, len(payload)], dtype=torch.int64), dst=dst, group=group, tag=_HEADER_TAG)
         dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst=dst, group=group, tag=_PAYLOAD_TAG)
 
@@ -327,8 +332,7 @@ class _Share:
     rows: list[int]
     chunk_rows: int
     present: frozenset[int]  # write units already in the store (resume): the writer completes them, never blanks
-    pool: list[_Unit]  # units any rank may claim, costliest first
-    claims: tuple[str, int]  # where to claim them: rank 0's counter (host, port)
+    claims: tuple[str, int]  # where to claim the pool's units (sent before, the same to every rank): rank 0's counter
 
 
 class _Claims:
@@ -627,6 +631,7 @@ def _lead(
         shares, pooled = split_chunks(plan.rows, costs, plan.chunk_rows, channel.world, POOL_FRACTION)
         pool = [([_slim(plan.examples[i]) for i in unit], [plan.rows[i] for i in unit]) for unit in pooled]
         claims = _Claims.serve()
+        pool_message = pickled(("pool", pool))  # a quarter of the run, the same for every rank: pickled once
         for rank in range(1, channel.world):
             share = _Share(
                 info,
@@ -635,9 +640,9 @@ def _lead(
                 [plan.rows[i] for i in shares[rank]],
                 plan.chunk_rows,
                 frozenset(opened.present),
-                pool,
                 claims.address,
             )
+            channel.send(rank, pool_message)
             channel.send(rank, ("plan", share))
     except BaseException as exc:
         channel.tell_others(("error", f"rank 0 could not plan the run: {_describe(exc)}"), quiet=True)
@@ -757,10 +762,14 @@ def _follow(
     try:
         config: ExtractConfig = channel.expect("config")[1]
         loaded = loaded or _load(config, *local)
+        pool: list[_Unit] = []
         while True:
-            message = channel.expect("render", "plan")
+            message = channel.expect("render", "pool", "plan")
             if message[0] == "plan":
                 break
+            if message[0] == "pool":  # units any rank may claim, costliest first
+                pool = message[1]
+                continue
             channel.send(0, ("rendered", run_mod.render_all(loaded, config, message[1])))
         share: _Share = message[1]
         info = share.info
@@ -789,7 +798,7 @@ def _follow(
             opening,
             config,
             loaded,
-            _windows(plan, share.pool, claims, config, loaded),
+            _windows(plan, pool, claims, config, loaded),
             info.layers,
             info.n_examples,
             sink.progress_for(progress),
