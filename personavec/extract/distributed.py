@@ -227,7 +227,7 @@ def _stripes(n: int, n_ranks: int) -> list[tuple[int, int]]:
 # -- messages ----------------------------------------------------------------------------------------------------
 
 
-def pickled(message: tuple) -> bytes:
+def _pickled(message: tuple) -> bytes:
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -248,12 +248,12 @@ class _Channel:
         self._thread.start()
 
     def send(self, dst: int, message: tuple | bytes) -> None:
-        """Send ``message`` (or a message already pickled with :func:`pickled`: one pickling for many ranks)."""
+        """Send ``message`` (or a message already pickled with :func:`_pickled`: one pickling for many ranks)."""
         import torch
         import torch.distributed as dist
 
         group = self._down if self.rank == 0 else self._up
-        payload = message if isinstance(message, bytes) else pickled(message)
+        payload = message if isinstance(message, bytes) else _pickled(message)
         dist.send(torch.tensor([self.rank, len(payload)], dtype=torch.int64), dst=dst, group=group, tag=_HEADER_TAG)
         dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst=dst, group=group, tag=_PAYLOAD_TAG)
 
@@ -631,7 +631,7 @@ def _lead(
         shares, pooled = split_chunks(plan.rows, costs, plan.chunk_rows, channel.world, POOL_FRACTION)
         pool = [([_slim(plan.examples[i]) for i in unit], [plan.rows[i] for i in unit]) for unit in pooled]
         claims = _Claims.serve()
-        pool_message = pickled(("pool", pool))  # a quarter of the run, the same for every rank: pickled once
+        pool_message = _pickled(("pool", pool))  # a quarter of the run, the same for every rank: pickled once
         for rank in range(1, channel.world):
             share = _Share(
                 info,

@@ -704,17 +704,13 @@ class _OnDemand(Future):  # type: ignore[type-arg]
         return super().exception(timeout)
 
 
-def _rest(opening: Future[_Opened]) -> ExtractionPlan:
-    rest = opening.result().rest
-    assert rest is not None  # a small new run's rows after its first batch, in one window
-    return rest
-
-
 def _first_then_rest(first: ExtractionPlan, opening: Future[_Opened]) -> Iterator[Window]:
     """A small new run's windows: its first batch, then the rest of its plan, planned when the model asks for it.
     The rest seals the write units the first left open."""
     yield first, len(first.examples)
-    yield _rest(opening), None
+    rest = opening.result().rest
+    assert rest is not None  # a small new run's rows after its first batch, in one window
+    yield rest, None
 
 
 class _PlanningStopped(Exception):
@@ -867,17 +863,17 @@ def _new_run(
         others = [i for i in range(n) if i not in in_head]
         if emit is not None:
             others.sort(key=lambda i: -_chars(records[i]))
-        carried = [i for i in range(len(head)) if i not in in_first]
+        carried = [i for i in range(len(head)) if i not in in_first]  # head answers left out of the first batch
+        carried_records, carried_examples = [head[i] for i in carried], [head_examples[i] for i in carried]
         all_records, all_examples = [head[i] for i in batch], list(first.examples)
         all_rows: list[int] = list(range(len(batch)))
-        plan, start, sizes = first, 0, iter(REST_WINDOWS if emit is not None else ())
-        while plan is first or start < len(others):
+        start, sizes = 0, iter(REST_WINDOWS if emit is not None else ())
+        while True:  # at least one window, even an empty one: it seals the units the first batch left open
             stop = len(others) if emit is None else min(start + next(sizes, REST_WINDOWS[-1]), len(others))
             part = [records[i] for i in others[start:stop]]
-            window_records = ([head[i] for i in carried] if plan is first else []) + part
-            window_examples = ([head_examples[i] for i in carried] if plan is first else []) + render(
-                loaded, config, triples(part)
-            )
+            window_records = carried_records + part
+            window_examples = carried_examples + render(loaded, config, triples(part))
+            carried_records, carried_examples = [], []
             offset = len(all_rows)
             rows = [offset + r for r in longest_first([ex.forward_length if has_span(ex) else 0
                                                        for ex in window_examples])]  # fmt: skip
@@ -892,6 +888,8 @@ def _new_run(
             start = stop
             if emit is not None:
                 emit((plan, offset + len(rows) if start < len(others) else None))
+            if start >= len(others):
+                break
         opened = record(_examples_table(all_records, all_examples, all_rows), plan if emit is None else None)
         return dataclasses.replace(opened, n_done=sum(not has_span(ex) for ex in all_examples))
 
