@@ -82,20 +82,32 @@ def shard_rows_for(
 
 
 def layout_for(
-    n_rows: int, n_layers: int, d_model: int, dtype: str = "float32", chunk_rows: int | None = None
+    n_rows: int,
+    n_layers: int,
+    d_model: int,
+    dtype: str = "float32",
+    chunk_rows: int | None = None,
+    *,
+    min_units: int = 1,
+    min_unit_rows: int | None = None,
 ) -> tuple[int, int]:
     """``(rows per shard, rows per inner chunk)`` of a new array: shards of ``chunk_rows`` rows (default
-    :func:`shard_rows_for`), never more than the array holds, made of one-layer chunks of at most about 1 MB
-    (:func:`chunk_rows_for`) that divide the shard evenly (zarr stores an edge chunk whole: small runs waste little)."""
-    itemsize = _itemsize(dtype)
-    shard = chunk_rows or shard_rows_for(n_layers, d_model, itemsize, n_rows=n_rows)
-    shard = max(1, min(shard, n_rows)) if n_rows else shard
+    :func:`shard_rows_for`, made small enough that the array has at least ``min_units`` shards, of no fewer than
+    ``min_unit_rows`` rows, default one inner chunk), never more than the array holds, made of one-layer chunks of at
+    most about 1 MB (:func:`chunk_rows_for`) that divide the shard evenly (zarr stores an edge chunk whole: small
+    runs waste little)."""
+    itemsize = dtype_itemsize(dtype)
     most = chunk_rows_for(d_model, itemsize=itemsize)
+    shard = chunk_rows or shard_rows_for(n_layers, d_model, itemsize, n_rows=n_rows)
+    if not chunk_rows and n_rows and min_units > 1:
+        shard = min(shard, max(-(-n_rows // min_units), min_unit_rows or most))
+    shard = max(1, min(shard, n_rows)) if n_rows else shard
     inner = -(-shard // -(-shard // most))  # the fewest chunks of at most `most` rows, as even as can be
     return -(-shard // inner) * inner, inner
 
 
-def _itemsize(dtype: str) -> int:
+def dtype_itemsize(dtype: str) -> int:
+    """Bytes per value of a storage dtype."""
     return 4 if dtype == "float32" else 2
 
 

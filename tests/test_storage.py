@@ -403,6 +403,24 @@ def test_old_unsharded_store_loads_verifies_and_resumes(workspace, make_extracti
     assert sorted(writer.written()) == [(s, min(s + 16, n)) for s in range(0, n, 16)]
 
 
+def test_a_small_run_is_cut_into_write_units_written_while_later_batches_compute() -> None:
+    """One layer of a 27B model (d_model 5376) made a 414-answer run one 9 MB shard, written whole after the last
+    batch; a run now has at least ``MIN_UNITS`` shards of at least one inner chunk (64 rows there), so only the last
+    are written at the end. All layers keep their 64 MB shards; tiny runs stay one shard; data parallel asks for
+    many units of any size; ``chunk_rows`` is kept as given."""
+    from personavec.extract.run import MIN_UNITS
+
+    assert MIN_UNITS == 8
+    assert arrays.layout_for(414, 1, 5376) == (420, 60)  # before: one shard
+    assert arrays.layout_for(414, 1, 5376, min_units=MIN_UNITS) == (64, 64)  # 7 shards
+    assert arrays.layout_for(414, 63, 5376, min_units=MIN_UNITS) == arrays.layout_for(414, 63, 5376) == (46, 46)
+    assert arrays.layout_for(330_000, 1, 5376, min_units=MIN_UNITS) == (3072, 64)  # large runs: as before
+    assert arrays.layout_for(40, 1, 5376, min_units=MIN_UNITS) == (40, 40)  # no unit under one inner chunk
+    assert arrays.layout_for(414, 1, 576, min_units=MIN_UNITS) == (414, 414)  # SmolLM2: inner chunk 512 rows
+    assert arrays.layout_for(12, 1, 64, min_units=32, min_unit_rows=1) == (1, 1)  # data parallel: 2 ranks x 16
+    assert arrays.layout_for(414, 1, 5376, chunk_rows=200, min_units=MIN_UNITS)[0] == 200
+
+
 def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: Path) -> None:
     """A new run's plan comes in two windows (the first batch, then the rest): a unit straddling them leaves only
     once the second window has planned its rows, even when they need no computing (no span)."""

@@ -614,7 +614,7 @@ def _lead(
         if resume is None:
             # The whole run is planned before the shares go out (they need every row), and every rank opens the array.
             first, _, _, rest = run_mod._new_run(
-                ws, catalog, config, source, loaded, render, min_units=channel.world * UNITS_PER_RANK
+                ws, catalog, config, source, loaded, render, min_units=channel.world * UNITS_PER_RANK, min_unit_rows=1
             )
             opened = rest()
             after = opened.rest

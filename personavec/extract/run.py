@@ -809,6 +809,12 @@ def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
 #: to plan, so the model soon has work after its first batch; later ones are rendered by parallel processes.
 REST_WINDOWS = (1024, 4096, 16384, 65536)
 
+#: A new run (without ``chunk_rows``) has at least this many write units (shards) when they can each hold one inner
+#: chunk of rows (about 1 MB a layer): a unit is written as soon as its rows are computed, while later batches
+#: compute, so that only the last units are written after the last batch (one layer of a 27B model made a 414-answer
+#: run a single 9 MB shard, written whole at the end).
+MIN_UNITS = 8
+
 #: A new run of at most this many answers plans the rest of its plan (after the first batch) on the model's own
 #: thread, while the first batch computes (about 0.5 s of tokenizing on an H200 host's CPU for the largest: no other
 #: thread competes with the model's for the GIL); a larger one on a helper thread.
@@ -822,21 +828,24 @@ def _new_run(
     run: int,
     loaded: LoadedModel,
     render: Renderer = render_all,
-    min_units: int = 1,
+    min_units: int = MIN_UNITS,
+    min_unit_rows: int | None = None,
 ) -> tuple[ExtractionPlan, tuple[int, ...], int, Callable[[], _Opened]]:
     """Select the responses and plan the first batch only; returns that plan (rows ``0..k-1``), the layers, the
     number of examples, and the function that plans the rest (rows ``k..n-1``, longest first), records the run (one
     transaction, every example) and then creates its array. Splitting keeps tokenizing a run off the GPU's path: the
     model starts on the first batch right away. The first batch is the one the whole plan would start with, about:
     the longest (by a character count, a proxy for tokens) that fit the token budget. ``min_units``: without
-    ``config.chunk_rows``, shards are made small enough that the run has at least this many (data parallel: work
-    to share out)."""
+    ``config.chunk_rows``, shards are made small enough that the run has at least this many, but of no fewer than
+    ``min_unit_rows`` rows (default: one inner chunk of the layout, see :data:`MIN_UNITS`; data parallel asks for
+    more units, of any size: work to share out)."""
     records = _selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
     n = len(records)
-    per = arrays.layout_for(n, len(layers), loaded.d_model, config.storage_dtype, config.chunk_rows)[0]
-    if config.chunk_rows is None and min_units > 1 and n:
-        per = arrays.layout_for(n, len(layers), loaded.d_model, config.storage_dtype, min(per, -(-n // min_units)))[0]
+    per = arrays.layout_for(
+        n, len(layers), loaded.d_model, config.storage_dtype, config.chunk_rows,
+        min_units=min_units, min_unit_rows=min_unit_rows,
+    )[0]  # fmt: skip
     budget = _budget(config, loaded)
 
     def triples(part: Sequence[ResponseRecord]) -> list[tuple[str | None, str, str]]:
