@@ -249,9 +249,10 @@ class ExtractionProgress:
 class ExtractionResult:
     """What :func:`run_extraction` did. ``n_no_span``: examples with no tokens to average (empty answers), done
     without a row of activations; ``n_adopted``: rows a resumed session found written but not marked done and kept.
-    ``timings``: seconds spent planning (``plan_s``: selection, tokenization, catalog insert, array creation), waiting
-    for the writers while the model could have computed (``stall_s``), and finishing writes at the end (``drain_s``).
-    """
+    ``timings``: seconds before the model starts (``plan_s``: selecting the responses and planning the first batch;
+    a resumed run: opening it), from then to the last row written (``compute_s``), of which waiting for the writers
+    while the model could have computed (``stall_s``) and writing after the last batch (``drain_s``), and closing
+    the run in the catalog (``close_s``)."""
 
     run_id: int
     zarr_group: str
@@ -1167,7 +1168,7 @@ def _compute(
     writer = ChunkWriter(opening, str(location), threads=config.writer_threads)
     state = {"tokens": 0, "computed": 0, "reported": 0}
     status, error, left = "done", None, []
-    drain_s = elapsed = tok_s = 0.0
+    drain_s = close_s = elapsed = tok_s = 0.0
     counts = (0, 0)
     examples: list[Rendered] = []  # every window's examples, in order; batches index into it
     rows: list[int] = []
@@ -1242,7 +1243,9 @@ def _compute(
         elapsed = time.perf_counter() - start_t
         tok_s = state["tokens"] / elapsed if elapsed > 0 and state["tokens"] else 0.0
         if opening.exception() is None:
+            t_close = time.perf_counter()
             counts = sink.finish(status, error, state["tokens"], elapsed, left)
+            close_s = time.perf_counter() - t_close
     info, opened = opening.result().info, opening.result()
     return ExtractionResult(
         info.run_id,
@@ -1260,5 +1263,6 @@ def _compute(
             "compute_s": round(elapsed, 3),
             "stall_s": round(writer.stall_s, 3),
             "drain_s": round(drain_s, 3),
+            "close_s": round(close_s, 3),
         },
     )
