@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import random
@@ -170,6 +171,28 @@ def store_bytes(ws: Workspace, group: str) -> tuple[int, int]:
 # -- model mode ---------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def gc_pauses():
+    """Yields a dict filled, on exit, with the time Python's cyclic garbage collector ran meanwhile (its pauses stop
+    every thread; a full collection walks every object, torch.compile's included) and its full collections."""
+    found = {"gc_s": 0.0, "gc_full": 0}
+    started: list[float] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            found["gc_s"] += time.perf_counter() - started.pop()
+            found["gc_full"] += info["generation"] == 2
+
+    gc.callbacks.append(callback)
+    try:
+        yield found
+    finally:
+        gc.callbacks.remove(callback)
+        found["gc_s"] = round(found["gc_s"], 3)
+
+
 def model_mode(args) -> dict:
     device = args.device
     t0 = time.perf_counter()
@@ -207,11 +230,14 @@ def model_mode(args) -> dict:
 
     def core(layers, compile_: bool) -> float:
         sync(device)
-        t = time.perf_counter()
-        for _ in iter_mean_activations(loaded, plan.examples, layers, batches=plan.batches, compile=compile_):
-            pass
-        sync(device)
-        return time.perf_counter() - t
+        with gc_pauses() as pauses:
+            t = time.perf_counter()
+            for _ in iter_mean_activations(loaded, plan.examples, layers, batches=plan.batches, compile=compile_):
+                pass
+            sync(device)
+            dt = time.perf_counter() - t
+        core_gc.append(pauses)
+        return dt
 
     def core_sync(layers, compile_: bool) -> float:
         """The core as it was before double buffering (reproduced here): each batch's means copied to the host and
@@ -238,22 +264,25 @@ def model_mode(args) -> dict:
         if inline_max is not None:
             run_mod.PLAN_INLINE_MAX = inline_max
         sync(device)
-        t = time.perf_counter()
-        res = run_extraction(ws, config, loaded=loaded)
-        run_mod.PLAN_INLINE_MAX = default_inline_max
-        sync(device)
-        dt = time.perf_counter() - t
+        with gc_pauses() as pauses:
+            t = time.perf_counter()
+            res = run_extraction(ws, config, loaded=loaded)
+            run_mod.PLAN_INLINE_MAX = default_inline_max
+            sync(device)
+            dt = time.perf_counter() - t
         size, files = store_bytes(ws, res.zarr_group)
         arrays.remove_groups(ws.zarr_path, [res.zarr_group])  # disk: only one run's rows at a time
         other = dt - sum(res.timings.get(k, 0.0) for k in ("plan_s", "compute_s", "close_s"))
-        detail = {**res.timings, "other_s": round(other, 3), "mb": round(size / 1e6, 1), "files": files}
+        detail = {**res.timings, "other_s": round(other, 3), **pauses, "mb": round(size / 1e6, 1), "files": files}
         return dt, {**detail, "tok_s": round(ntok / dt, 1)}
 
+    core_gc: list[dict] = []  # the garbage collector's pauses in each core run
     default_inline_max = run_mod.PLAN_INLINE_MAX
     # warm-up: kernels, allocator, the first DuckDB and Zarr use
     warm = plan.examples[: min(8, len(plan.examples))]
     for _ in iter_mean_activations(loaded, warm, [deflayer], max_batch_tokens=budget):
         pass
+    print(f"objects the garbage collector tracks: {len(gc.get_objects()):,}", flush=True)
     out: dict = {}
     for name in chosen:
         layers, compile_ = cases[name]
@@ -271,8 +300,8 @@ def model_mode(args) -> dict:
             dt, detail = pipeline(layers, compile_, args.plan_inline_max[0])
             pipes.append(dt)
             details.append(detail)
-            print(f"{name} rep {rep}: core {ntok / cores[-1]:,.0f} tok/s, pipeline {ntok / dt:,.0f} tok/s "
-                  f"({1 - cores[-1] / dt:+.1%} overhead) {detail}", flush=True)  # fmt: skip
+            print(f"{name} rep {rep}: core {ntok / cores[-1]:,.0f} tok/s {core_gc[-1]}, pipeline {ntok / dt:,.0f} "
+                  f"tok/s ({1 - cores[-1] / dt:+.1%} overhead) {detail}", flush=True)  # fmt: skip
             for inline_max, times in others.items():  # the same run planned another way, alternated with the first
                 dt, detail = pipeline(layers, compile_, inline_max)
                 times.append(dt)
