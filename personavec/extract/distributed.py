@@ -453,6 +453,9 @@ class _LeadSink(RunSink):
         self._failed = False
         self.counts = (0, 0)
 
+    def last_batch_launched(self) -> None:
+        """Rank 0 keeps marking in the background: the other ranks may still be computing."""
+
     def _mark(self, ranges: Sequence[tuple[int, int]]) -> None:
         while self._marks and self._marks[0].done() and not self._failed:
             exc = self._marks[0].exception()
@@ -716,6 +719,9 @@ class _FollowSink(RunSink):
         self.channel, self._run_id = channel, run_id
         self.ranges: list[tuple[int, int]] = []
         self.computed = 0
+
+    def last_batch_launched(self) -> None:
+        """Nothing to hold: rank 0 marks this rank's rows."""
 
     def _take_ranges(self) -> list[tuple[int, int]]:
         ranges, self.ranges = self.ranges, []

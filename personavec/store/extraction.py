@@ -18,7 +18,7 @@ from personavec.errors import NotFoundError
 from personavec.store import models as m
 from personavec.store.engine import Catalog, dbapi_connection
 from personavec.store.responses import RESPONSE_RUN_KINDS, ResponseRecord
-from personavec.store.runs import create_run, finish_run, mark_running, run_in_session
+from personavec.store.runs import create_run, finish_run, mark_running, require_kind, run_in_session
 
 
 @dataclass(frozen=True)
@@ -253,27 +253,28 @@ ORDER BY p.position, q.position, r.sample_index
 """
 
 
+_SELECTION = """
+SELECT r.kind, rr.run_id,
+       (SELECT list(p.name ORDER BY p.position) FROM personas p WHERE p.persona_set_id = rr.persona_set_id),
+       (SELECT count(*) FROM questions q WHERE q.question_set_id = rr.question_set_id)
+FROM runs r LEFT JOIN response_runs rr ON rr.run_id = r.id
+WHERE r.id = ?
+"""
+
+
 def responses_to_extract(catalog: Catalog, run_id: int) -> tuple[list[str], int, list[ResponseRecord]]:
     """One unit of work: what :func:`response_run_selection` returns (persona names, number of questions) and every
-    answered response of the run (as ``responses.answered_responses``), in one session: the start of a run."""
+    answered response of the run (as ``responses.answered_responses``), in two statements: the start of a run,
+    which the GPU waits for."""
     with catalog.session() as session:
-        run_in_session(session, run_id, RESPONSE_RUN_KINDS)
-        detail = session.get(m.ResponseRun, run_id)
+        con = dbapi_connection(session)
+        kind, detail, names, n_questions = con.execute(_SELECTION, [run_id]).fetchone() or (None, None, None, 0)
+        require_kind(run_id, kind, RESPONSE_RUN_KINDS)
         if detail is None:
             raise NotFoundError(f"run {run_id} is not a responses run (generate or ingest-responses)")
-        con = dbapi_connection(session)
-        names = [
-            r[0]
-            for r in con.execute(
-                "SELECT name FROM personas WHERE persona_set_id = ? ORDER BY position", [detail.persona_set_id]
-            ).fetchall()
-        ]
-        (n_questions,) = con.execute(
-            "SELECT count(*) FROM questions WHERE question_set_id = ?", [detail.question_set_id]
-        ).fetchone() or (0,)
         rows = con.execute(_ANSWERED, [run_id]).fetchall()
     records = [ResponseRecord(r[0], r[1], r[2], tuple(r[3] or ()), r[4], r[5], r[6], r[7]) for r in rows]
-    return names, int(n_questions), records
+    return list(names or ()), int(n_questions), records
 
 
 def finish_extraction(
