@@ -42,9 +42,12 @@ into the dropped part become empty ``(0, 0)``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,16 +263,21 @@ def render_many(
     batch on all cores, without the GIL, while the next batch is rendered); the rendered prefixes that locate each
     assistant turn are computed once per distinct prefix (a run repeats each system prompt and question many
     times). ``workers`` > 1 spreads batches over that many processes (the Python part of rendering holds the GIL);
-    None: one process per spare core for :data:`PARALLEL_FROM` conversations or more, else one. The seed rule and
-    slow tokenizers go through :func:`render` one conversation at a time.
+    None: one process per spare core for :data:`PARALLEL_FROM` conversations or more, else one, or the processes
+    :func:`render_workers` started for this thread. The seed rule and slow tokenizers go through :func:`render` one
+    conversation at a time.
     """
     _check(prompt_format, span)
     if span == "seed" or not getattr(tokenizer, "is_fast", False) or len(conversations) < 2:
         return [render(tokenizer, c, prompt_format, span, max_length=max_length) for c in conversations]
-    if workers is None:
-        workers = min(16, (os.cpu_count() or 1) - 1) if len(conversations) >= PARALLEL_FROM else 1
-    if workers > 1 and len(conversations) > batch_size:
-        return _render_parallel(tokenizer, conversations, prompt_format, span, max_length, batch_size, workers)
+    shared = _WORKERS.get() if workers is None else None
+    if len(conversations) > batch_size:
+        if shared is not None:
+            return _render_in(shared, conversations, prompt_format, span, max_length, batch_size)
+        pool = _worker_pool(tokenizer, _default_workers(len(conversations)) if workers is None else workers)
+        if pool is not None:
+            with pool:
+                return _render_in(pool, conversations, prompt_format, span, max_length, batch_size)
     from concurrent.futures import ThreadPoolExecutor
 
     bos_id = getattr(tokenizer, "bos_token_id", None)
@@ -335,30 +343,65 @@ def _render_chunk(args: tuple[Sequence[Sequence[Message]], str, str, int | None,
     )
 
 
-def _render_parallel(
-    tokenizer: Any,
+def _default_workers(n_conversations: int) -> int:
+    return min(16, (os.cpu_count() or 1) - 1) if n_conversations >= PARALLEL_FROM else 1
+
+
+def _worker_pool(tokenizer: Any, workers: int) -> Executor | None:
+    """``workers`` spawned processes (safe next to CUDA), each with its copy of the tokenizer; None for one worker
+    or a tokenizer that cannot travel (then rendering stays in this process)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers < 2:
+        return None
+    try:
+        tokenizer_bytes = pickle.dumps(tokenizer)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return None
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(tokenizer_bytes,))
+
+
+def _render_in(
+    pool: Executor,
     conversations: Sequence[Sequence[Message]],
     prompt_format: str,
     span: str,
     max_length: int | None,
     batch_size: int,
-    workers: int,
 ) -> list[Rendered]:
-    """Batches of :func:`render_many` in ``workers`` spawned processes (safe next to CUDA), in order."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    try:
-        tokenizer_bytes = pickle.dumps(tokenizer)
-    except (pickle.PicklingError, TypeError, AttributeError):  # a tokenizer that cannot travel: one process
-        return render_many(tokenizer, conversations, prompt_format, span, max_length=max_length, workers=1)
+    """Batches of :func:`render_many` in the worker processes of ``pool``, in order."""
     chunks = [
         (conversations[lo : lo + batch_size], prompt_format, span, max_length, batch_size)
         for lo in range(0, len(conversations), batch_size)
     ]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(tokenizer_bytes,)) as pool:
-        return [rendered for part in pool.map(_render_chunk, chunks) for rendered in part]
+    return [rendered for part in pool.map(_render_chunk, chunks) for rendered in part]
+
+
+#: The worker processes :func:`render_many` uses in this context (set by :func:`render_workers`).
+_WORKERS: contextvars.ContextVar[Executor | None] = contextvars.ContextVar("personavec_render_workers", default=None)
+
+
+@contextlib.contextmanager
+def render_workers(tokenizer: Any, n_conversations: int) -> Iterator[None]:
+    """Within it, :func:`render_many` calls of this thread (default ``workers``, more than one batch) share one set
+    of worker processes, started here, at once, for ``n_conversations`` in all (none under :data:`PARALLEL_FROM`).
+    Starting them (spawning, imports, unpickling the tokenizer) costs seconds: a run planned in windows paid that
+    for each window (65,536 answers took 11-12 s on 16 cores, of which rendering ~4 s)."""
+    workers = _default_workers(n_conversations)
+    pool = _worker_pool(tokenizer, workers)
+    if pool is None:
+        yield
+        return
+    for _ in range(workers):  # spawn them now (one per task waiting), not at first use
+        pool.submit(int)
+    token = _WORKERS.set(pool)
+    try:
+        yield
+    finally:
+        _WORKERS.reset(token)
+        pool.shutdown(wait=True, cancel_futures=True)  # stopped planning (Ctrl-C, an error): no batch left to wait for
 
 
 def _render_seed(

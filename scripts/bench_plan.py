@@ -125,7 +125,14 @@ def main() -> None:
     loaded = _Loaded(tok, args.d_model, args.layers)
     ws = init_workspace(work / "ws")
     catalog = ws.catalog()
-    config = ExtractConfig(responses_run=run, layers=tuple(range(args.layers)), device="cuda", max_batch_tokens=16384)
+    model = work / "model"  # provenance only: a config and the tokenizer stand in for the model
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=args.d_model, num_hidden_layers=args.layers).save_pretrained(model)
+    tok.save_pretrained(model)
+    config = ExtractConfig(
+        responses_run=run, model=str(model), layers=tuple(range(args.layers)), device="cuda", max_batch_tokens=16384
+    )
     steps: dict[str, float] = {}
 
     cpu: dict[str, float] = {}

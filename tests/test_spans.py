@@ -142,3 +142,27 @@ def test_render_many_in_worker_processes_equals_render() -> None:
     convs = [conversation(f"Sys {i % 3}.", f"Q {i % 4}?", ["", RESPONSE, f"answer {i}"][i % 3]) for i in range(40)]
     many = render_many(tok, convs, max_length=30, batch_size=8, workers=2)
     assert many == [render(tok, c, max_length=30) for c in convs]
+
+
+def test_windows_rendered_within_render_workers_share_one_set_of_processes(monkeypatch) -> None:
+    """A large run's rest is rendered in windows: within ``render_workers`` every call of more than one batch goes
+    to the processes started once (not a new set per window, which cost seconds each), with the same result."""
+    from personavec import spans
+    from personavec.spans import render_many, render_workers
+
+    tok = template_tokenizer("gemma")
+    convs = [conversation(f"Sys {i % 3}.", f"Q {i % 4}?", ["", RESPONSE, f"answer {i}"][i % 3]) for i in range(40)]
+    made = []
+    real = spans._worker_pool
+
+    def counted(tokenizer, workers):
+        made.append(workers)
+        return real(tokenizer, workers)
+
+    monkeypatch.setattr(spans, "_worker_pool", counted)
+    monkeypatch.setattr(spans, "_default_workers", lambda n: 2)  # this machine may have 2 cores: 1 spare
+    with render_workers(tok, len(convs)):
+        windows = [render_many(tok, convs[a:b], max_length=30, batch_size=8) for a, b in ((0, 5), (5, 20), (20, 40))]
+    assert made == [2]  # once, for all windows
+    assert [r for w in windows for r in w] == [render(tok, c, max_length=30) for c in convs]
+    assert spans._WORKERS.get() is None  # gone after: later calls start their own

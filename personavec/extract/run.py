@@ -45,7 +45,7 @@ from personavec.errors import (
 )
 from personavec.extract.core import default_batch_tokens, iter_mean_activations, plan_batches
 from personavec.modeling import LoadedModel, load_model, model_provenance
-from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, render, render_many
+from personavec.spans import PROMPT_FORMATS, SPAN_RULES, Rendered, conversation, render, render_many, render_workers
 from personavec.store import extraction as xs
 from personavec.store.responses import ResponseRecord
 
@@ -884,28 +884,31 @@ def _new_run(
         all_records, all_examples = [head[i] for i in batch], list(first.examples)
         all_rows: list[int] = list(range(len(batch)))
         start, sizes = 0, iter(REST_WINDOWS if emit is not None else ())
-        while True:  # at least one window, even an empty one: it seals the units the first batch left open
-            stop = len(others) if emit is None else min(start + next(sizes, REST_WINDOWS[-1]), len(others))
-            part = [records[i] for i in others[start:stop]]
-            window_records = carried_records + part
-            window_examples = carried_examples + render(loaded, config, triples(part))
-            carried_records, carried_examples = [], []
-            offset = len(all_rows)
-            rows = [offset + r for r in longest_first([ex.forward_length if has_span(ex) else 0
-                                                       for ex in window_examples])]  # fmt: skip
-            keep = [i for i, ex in enumerate(window_examples) if has_span(ex)]
-            plan = ExtractionPlan.build(
-                [window_examples[i] for i in keep], [rows[i] for i in keep], n_rows=n, chunk_rows=per,
-                max_batch_tokens=budget, max_batch_size=config.max_batch_size,
-            )  # fmt: skip
-            all_records += window_records
-            all_examples += window_examples
-            all_rows += rows
-            start = stop
-            if emit is not None:
-                emit((plan, offset + len(rows) if start < len(others) else None))
-            if start >= len(others):
-                break
+        # a large run's windows share one set of rendering processes (spans.render_workers)
+        workers = render_workers(loaded.tokenizer, len(others)) if emit is not None else contextlib.nullcontext()
+        with workers:
+            while True:  # at least one window, even an empty one: it seals the units the first batch left open
+                stop = len(others) if emit is None else min(start + next(sizes, REST_WINDOWS[-1]), len(others))
+                part = [records[i] for i in others[start:stop]]
+                window_records = carried_records + part
+                window_examples = carried_examples + render(loaded, config, triples(part))
+                carried_records, carried_examples = [], []
+                offset = len(all_rows)
+                rows = [offset + r for r in longest_first([ex.forward_length if has_span(ex) else 0
+                                                           for ex in window_examples])]  # fmt: skip
+                keep = [i for i, ex in enumerate(window_examples) if has_span(ex)]
+                plan = ExtractionPlan.build(
+                    [window_examples[i] for i in keep], [rows[i] for i in keep], n_rows=n, chunk_rows=per,
+                    max_batch_tokens=budget, max_batch_size=config.max_batch_size,
+                )  # fmt: skip
+                all_records += window_records
+                all_examples += window_examples
+                all_rows += rows
+                start = stop
+                if emit is not None:
+                    emit((plan, offset + len(rows) if start < len(others) else None))
+                if start >= len(others):
+                    break
         opened = record(_examples_table(all_records, all_examples, all_rows), plan if emit is None else None)
         return dataclasses.replace(opened, n_done=sum(not has_span(ex) for ex in all_examples))
 
