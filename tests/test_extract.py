@@ -485,6 +485,34 @@ def test_writer_surfaces_errors_instead_of_hanging(tmp_path: Path) -> None:
     assert writer.written() == [(0, 2)]
 
 
+def test_units_wait_for_a_large_runs_array_without_stopping_the_model(tmp_path: Path) -> None:
+    """A large new run's array is created once all of it is planned; until then its written units wait on the writer
+    threads, up to IN_FLIGHT_BYTES of them (every layer of a 27B model: 68 units of 46 rows; the old bound, two per
+    writer thread, stopped the model after ~400 rows), and are written when the array comes."""
+    from concurrent.futures import Future
+
+    from personavec.extract.run import IN_FLIGHT_BYTES, units_in_flight
+
+    assert units_in_flight(46 * 63 * 5376 * 4, threads=4) == 68
+    assert units_in_flight(IN_FLIGHT_BYTES, threads=4) == 8  # never fewer than two per thread
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(40, 1, 2), chunks=(2, 1, 2), dtype="float32")
+    opening: Future = Future()
+    values = np.arange(80, dtype=np.float32).reshape(40, 1, 2)
+    writer = ChunkWriter(opening, "a.zarr", max_in_flight=units_in_flight(IN_FLIGHT_BYTES // 20, 2), threads=2)
+    rescue = threading.Timer(20, opening.set_result, [array])  # were a submit to wait for the array: not forever
+    rescue.start()
+    try:
+        for start in range(0, 40, 2):  # 20 units, the array not there yet
+            writer.submit(start, values[start : start + 2])
+        assert not opening.done()  # no submit waited for the array (the rescue timer would have made it)
+        opening.set_result(array)
+    finally:
+        rescue.cancel()
+    writer.close()
+    assert sorted(writer.written()) == [(a, a + 2) for a in range(0, 40, 2)]
+    np.testing.assert_array_equal(arrays.read_rows(array), values)
+
+
 def _failing_config(responses_run: int, tiny_root: Path) -> ExtractConfig:
     return ExtractConfig(
         responses_run=responses_run,
