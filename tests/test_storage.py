@@ -314,6 +314,51 @@ def test_partial_units_are_flushed_by_rows(workspace, tmp_path: Path, tiny_root:
     np.testing.assert_allclose(_values(workspace, rid), _values(workspace, reference.run_id), atol=1e-5)
 
 
+def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
+    workspace, tmp_path: Path, tiny_root: Path, monkeypatch
+) -> None:
+    """Resuming a large run (forced: PLAN_INLINE_MAX 0, windows of 2, 3, then 5 rows, shards of 4 straddling them)
+    starts the model on its first pending rows and plans the rest on a helper thread, instead of re-tokenizing every
+    pending row first: rows done before are kept, the others computed once, each response's activations equal a
+    one-example-per-batch reference, and progress ends at every row done."""
+    from personavec.extract import run as run_mod
+
+    run = _responses(workspace, tmp_path, empty={(0, 1), (4, 4)})
+    reference = run_extraction(workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1)).run_id
+
+    def stop_early(progress) -> None:
+        if progress.done_examples >= 8:
+            raise ExtractionInterrupted("stop")
+
+    with pytest.raises(ExtractionInterrupted):
+        run_extraction(workspace, _config(run, tiny_root), progress=stop_early)
+    (rid,) = [r.id for r in list_runs(workspace.catalog(), "extract") if r.id != reference]
+    before = done_count(workspace.catalog(), rid)
+    assert 2 < before <= 17  # some rows done (2 without a span from the start), enough left for windows
+    monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", 0)
+    monkeypatch.setattr(run_mod, "REST_WINDOWS", (2, 3, 5))
+    windows: list[tuple[int, int | None]] = []
+    real = run_mod._pending_windows
+
+    def spied(*args):
+        *head, emit = args
+        return real(*head, lambda w: (windows.append((len(w[0].rows), w[1])), emit(w)))
+
+    monkeypatch.setattr(run_mod, "_pending_windows", spied)
+    seen: list[int] = []
+    resumed = run_extraction(workspace, None, resume=rid, progress=lambda p: seen.append(p.done_examples))
+    assert resumed.n_computed == 25 - before and seen[-1] == 25 and seen == sorted(seen)
+    left = 25 - before - 3  # the first 3 pending rows (max_batch_size) start the model
+    sizes = [n for n, _ in windows]
+    assert sum(sizes) == left and sizes[:-1] == [2, 3, 5, 5, 5][: len(sizes) - 1] and len(sizes) >= 2
+    assert all(upto is not None for _, upto in windows[:-1]) and windows[-1][1] is None
+    assert done_count(workspace.catalog(), rid) == 25
+    got, ref = _by_response(workspace, rid), _by_response(workspace, reference)
+    assert got.keys() == ref.keys()
+    for response in ref:
+        np.testing.assert_allclose(got[response], ref[response], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 # -- storage dtypes ---------------------------------------------------------------------------------------------
 
 

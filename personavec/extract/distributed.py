@@ -627,7 +627,8 @@ def _lead(
                                   first.chunk_rows, [])  # fmt: skip
             opened = dataclasses.replace(opened, rest=None)
         else:
-            opened, plan = run_mod._resumed_run(ws, catalog, resume, config, loaded, render)
+            opened, rows, conversations = run_mod._resumed_run(ws, catalog, resume, config, loaded)
+            plan = run_mod._plan_pending(loaded, config, opened, rows, conversations, render)
         info = opened.info
         plan_s = time.perf_counter() - t0
         costs = [ex.forward_length for ex in plan.examples]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import heapq
 import queue
 import threading
@@ -25,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -680,16 +681,24 @@ def run_extraction(
                 planned: queue.Queue[Window | None] = queue.Queue()
                 stop = threading.Event()
                 opening = pool.submit(_announcing_failure, rest, planned, stop)
-                windows = _first_then_streamed(first, planned, opening, stop)
+                windows = _first_then_streamed((first, len(first.examples)), planned, opening, stop)
         else:
             config = _resumed_config(catalog, resume, config)
             loaded = loaded or load_for(config)
             t0 = time.perf_counter()
-            opened, first = _resumed_run(ws, catalog, resume, config, loaded)
+            opened, rows, conversations = _resumed_run(ws, catalog, resume, config, loaded)
             layers, n_examples = opened.info.layers, opened.info.n_examples
             opening = Future()
             opening.set_result(opened)
-            windows = iter([(first, None)])
+            k = config.max_batch_size
+            if len(rows) <= max(PLAN_INLINE_MAX, k):
+                windows = iter([(_plan_pending(loaded, config, opened, rows, conversations), None)])
+            else:  # the model starts on the first rows; the rest is planned in windows on a helper thread
+                first = _plan_pending(loaded, config, opened, rows[:k], conversations[:k])
+                pending_rest = functools.partial(_pending_windows, loaded, config, opened, rows[k:], conversations[k:])
+                planned, stop = queue.Queue(), threading.Event()
+                planning = pool.submit(_announcing_failure, pending_rest, planned, stop)
+                windows = _first_then_streamed((first, rows[k]), planned, planning, stop)
         plan_s = time.perf_counter() - t0
         sink = RunSink(catalog, lambda: opening.result().info.run_id)
         return _compute(ws.zarr_location, opening, config, loaded, windows, layers, n_examples, progress, plan_s, sink)
@@ -734,15 +743,16 @@ def _first_then_rest(first: ExtractionPlan, opening: Future[_Opened]) -> Iterato
     yield rest, None
 
 
+T = TypeVar("T")
+
+
 class _PlanningStopped(Exception):
     """The model's thread stopped (Ctrl-C, an error) while a large run's rest was still being planned."""
 
 
-def _announcing_failure(
-    rest: Callable[..., _Opened], planned: queue.Queue[Window | None], stop: threading.Event
-) -> _Opened:
-    """Run a large new run's ``rest`` on the helper thread, its windows into ``planned``; None there if it fails.
-    Once ``stop`` is set it stops at the next window, before the run is recorded."""
+def _announcing_failure(rest: Callable[..., T], planned: queue.Queue[Window | None], stop: threading.Event) -> T:
+    """Run the ``rest`` of a large run's plan on the helper thread, its windows into ``planned``; None there if it
+    fails. Once ``stop`` is set it stops at the next window (a new run: before it is recorded)."""
 
     def emit(window: Window) -> None:
         if stop.is_set():
@@ -757,18 +767,18 @@ def _announcing_failure(
 
 
 def _first_then_streamed(
-    first: ExtractionPlan, planned: queue.Queue[Window | None], opening: Future[_Opened], stop: threading.Event
+    first: Window, planned: queue.Queue[Window | None], planning: Future[Any], stop: threading.Event
 ) -> Generator[Window]:
-    """A large new run's windows: its first batch, then each window of the rest as the helper thread plans it (the
-    last one has no ``planned_to``); a failed planning raises its error here. Closing it (the model's thread
+    """A large run's windows: its first batch, then each window of the rest as the helper thread plans it (the last
+    one has no ``planned_to``); a failed ``planning`` raises its error here. Closing it (the model's thread
     stopping) stops the planning at its next window."""
     try:
-        yield first, len(first.examples)
+        yield first
         while (window := planned.get()) is not None:
             yield window
             if window[1] is None:
                 return
-        opening.result()  # raises what stopped the planning
+        planning.result()  # raises what stopped the planning
     finally:
         stop.set()
 
@@ -1053,13 +1063,11 @@ def adopt_written_rows(array: Any, pending: np.ndarray) -> tuple[list[tuple[int,
 
 
 def _resumed_run(
-    ws: Workspace,
-    catalog: Catalog,
-    run_id: int,
-    config: ExtractConfig,
-    loaded: LoadedModel,
-    render: Renderer = render_all,
-) -> tuple[_Opened, ExtractionPlan]:
+    ws: Workspace, catalog: Catalog, run_id: int, config: ExtractConfig, loaded: LoadedModel
+) -> tuple[_Opened, list[int], list[tuple[str | None, str, str]]]:
+    """Reopen a run to resume it: its array (created if the run failed before it was), rows the store holds whole
+    but the catalog never marked adopted. Returns the opened run, the rows still to compute (ascending) and their
+    conversations; :func:`_plan_pending` plans them (all at once, or in windows)."""
     info = xs.get_extraction_run(catalog, run_id)
     if (loaded.n_layers, loaded.d_model) != (info.n_model_layers, info.d_model):
         raise ModelError(
@@ -1074,19 +1082,53 @@ def _resumed_run(
         xs.mark_done(catalog, run_id, adopted)
         keep = ~np.isin(pending["row"].to_numpy(), [r for a, b in adopted for r in range(a, b)])
         pending = pending.filter(pa.array(keep))
-    conversations = zip(
-        pending["system_prompt"].to_pylist(), pending["question"].to_pylist(), pending["text"].to_pylist(), strict=True
-    )
-    examples = render(loaded, config, list(conversations))
-    plan = ExtractionPlan.build(
-        examples,
-        pending["row"].to_pylist(),
-        n_rows=info.n_examples,
-        chunk_rows=arrays.rows_per_chunk(array),
+    rows = pending["row"].to_pylist()
+    conversations = list(
+        zip(
+            pending["system_prompt"].to_pylist(), pending["question"].to_pylist(), pending["text"].to_pylist(),
+            strict=True,
+        )
+    )  # fmt: skip
+    n_adopted = sum(b - a for a, b in adopted)
+    return _Opened(info, array, present, n_adopted, n_done=info.n_examples - len(rows)), rows, conversations
+
+
+def _plan_pending(
+    loaded: LoadedModel,
+    config: ExtractConfig,
+    opened: _Opened,
+    rows: Sequence[int],
+    conversations: Sequence[tuple[str | None, str, str]],
+    render: Renderer = render_all,
+) -> ExtractionPlan:
+    """Render and plan rows of a resumed run (:func:`_resumed_run`)."""
+    return ExtractionPlan.build(
+        render(loaded, config, conversations),
+        rows,
+        n_rows=opened.info.n_examples,
+        chunk_rows=arrays.rows_per_chunk(opened.array),
         max_batch_tokens=_budget(config, loaded),
         max_batch_size=config.max_batch_size,
     )
-    return _Opened(info, array, present, sum(b - a for a, b in adopted), n_done=info.n_examples - len(plan.rows)), plan
+
+
+def _pending_windows(
+    loaded: LoadedModel,
+    config: ExtractConfig,
+    opened: _Opened,
+    rows: Sequence[int],
+    conversations: Sequence[tuple[str | None, str, str]],
+    emit: Callable[[Window], None],
+) -> None:
+    """A large resumed run's rows after its first batch, planned in windows of :data:`REST_WINDOWS` rows (in row
+    order: a run's rows were assigned longest first) handed to ``emit``, the last with no ``planned_to``."""
+    lo, sizes = 0, iter(REST_WINDOWS)
+    with render_workers(loaded.tokenizer, len(rows)):
+        while lo < len(rows):
+            hi = min(lo + next(sizes, REST_WINDOWS[-1]), len(rows))
+            plan = _plan_pending(loaded, config, opened, rows[lo:hi], conversations[lo:hi])
+            emit((plan, rows[hi] if hi < len(rows) else None))
+            lo = hi
 
 
 def store_batches(
