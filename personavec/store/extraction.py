@@ -224,27 +224,6 @@ def example_states(catalog: Catalog, run_id: int) -> pa.Table:
         )
 
 
-def response_run_selection(catalog: Catalog, run_id: int) -> tuple[list[str], int]:
-    """What persona/question filters on a responses run may name: its persona set's persona names (in order) and
-    the number of questions in its question set (positions ``0..n-1``)."""
-    with catalog.session() as session:
-        run_in_session(session, run_id)
-        detail = session.get(m.ResponseRun, run_id)
-        if detail is None:
-            raise NotFoundError(f"run {run_id} is not a responses run (generate or ingest-responses)")
-        names = session.scalars(
-            sa.select(m.Persona.name)
-            .where(m.Persona.persona_set_id == detail.persona_set_id)
-            .order_by(m.Persona.position)
-        ).all()
-        n_questions = session.scalar(
-            sa.select(sa.func.count())
-            .select_from(m.Question)
-            .where(m.Question.question_set_id == detail.question_set_id)
-        )
-    return list(names), int(n_questions or 0)
-
-
 _ANSWERED = """
 SELECT r.id, p.name, p.system_prompt, p.groups, q.text, q.position, r.sample_index, r.text
 FROM responses r JOIN personas p ON p.id = r.persona_id JOIN questions q ON q.id = r.question_id
@@ -263,9 +242,9 @@ WHERE r.id = ?
 
 
 def responses_to_extract(catalog: Catalog, run_id: int) -> tuple[list[str], int, list[ResponseRecord]]:
-    """One unit of work: what :func:`response_run_selection` returns (persona names, number of questions) and every
-    answered response of the run (as ``responses.answered_responses``), in two statements: the start of a run,
-    which the GPU waits for."""
+    """One unit of work: the responses run's persona names (in order) and number of questions (what persona and
+    question filters may name), and every answered response of the run (as ``responses.answered_responses``), in
+    two statements: the start of a run, which the GPU waits for."""
     with catalog.session() as session:
         con = dbapi_connection(session)
         kind, detail, names, n_questions = con.execute(_SELECTION, [run_id]).fetchone() or (None, None, None, 0)
