@@ -840,6 +840,19 @@ def _budget(config: ExtractConfig, loaded: LoadedModel) -> int:
 #: to plan, so the model soon has work after its first batch; later ones are rendered by parallel processes.
 REST_WINDOWS = (1024, 4096, 16384, 65536)
 
+
+def _window_bounds(n: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the windows ``n`` items are planned in (:data:`REST_WINDOWS`, the last size repeated);
+    one empty window when ``n`` is 0."""
+    start, sizes = 0, iter(REST_WINDOWS)
+    while True:
+        stop = min(start + next(sizes, REST_WINDOWS[-1]), n)
+        yield start, stop
+        if stop >= n:
+            return
+        start = stop
+
+
 #: A new run (without ``chunk_rows``) has at least this many write units (shards) when they can each hold one inner
 #: chunk of rows (about 1 MB a layer): a unit is written as soon as its rows are computed, while later batches
 #: compute, so that only the last units are written after the last batch (one layer of a 27B model made a 414-answer
@@ -907,12 +920,12 @@ def _new_run(
         carried_records, carried_examples = [head[i] for i in carried], [head_examples[i] for i in carried]
         all_records, all_examples = [head[i] for i in batch], list(first.examples)
         all_rows: list[int] = list(range(len(batch)))
-        start, sizes = 0, iter(REST_WINDOWS if emit is not None else ())
+        # at least one window, even an empty one: it seals the units the first batch left open
+        bounds = _window_bounds(len(others)) if emit is not None else iter([(0, len(others))])
         # a large run's windows share one set of rendering processes (spans.render_workers)
         workers = render_workers(loaded.tokenizer, len(others)) if emit is not None else contextlib.nullcontext()
         with workers:
-            while True:  # at least one window, even an empty one: it seals the units the first batch left open
-                stop = len(others) if emit is None else min(start + next(sizes, REST_WINDOWS[-1]), len(others))
+            for start, stop in bounds:
                 part = [records[i] for i in others[start:stop]]
                 window_records = carried_records + part
                 window_examples = carried_examples + render(loaded, config, triples(part))
@@ -928,11 +941,8 @@ def _new_run(
                 all_records += window_records
                 all_examples += window_examples
                 all_rows += rows
-                start = stop
                 if emit is not None:
-                    emit((plan, offset + len(rows) if start < len(others) else None))
-                if start >= len(others):
-                    break
+                    emit((plan, offset + len(rows) if stop < len(others) else None))
         opened = record(_examples_table(all_records, all_examples, all_rows), plan if emit is None else None)
         return dataclasses.replace(opened, n_done=sum(not has_span(ex) for ex in all_examples))
 
@@ -1122,13 +1132,10 @@ def _pending_windows(
 ) -> None:
     """A large resumed run's rows after its first batch, planned in windows of :data:`REST_WINDOWS` rows (in row
     order: a run's rows were assigned longest first) handed to ``emit``, the last with no ``planned_to``."""
-    lo, sizes = 0, iter(REST_WINDOWS)
     with render_workers(loaded.tokenizer, len(rows)):
-        while lo < len(rows):
-            hi = min(lo + next(sizes, REST_WINDOWS[-1]), len(rows))
+        for lo, hi in _window_bounds(len(rows)):
             plan = _plan_pending(loaded, config, opened, rows[lo:hi], conversations[lo:hi])
             emit((plan, rows[hi] if hi < len(rows) else None))
-            lo = hi
 
 
 def store_batches(
