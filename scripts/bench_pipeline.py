@@ -278,7 +278,7 @@ def model_mode(args) -> dict:
 
     core_gc: list[dict] = []  # the garbage collector's pauses in each core run
     default_inline_max = run_mod.PLAN_INLINE_MAX
-    # warm-up: kernels, allocator, the first DuckDB and Zarr use
+    # warm-up: kernels and the allocator (the first pipeline repeat still pays the process's first catalog and Zarr use)
     warm = plan.examples[: min(8, len(plan.examples))]
     for _ in iter_mean_activations(loaded, warm, [deflayer], max_batch_tokens=budget):
         pass
