@@ -5,14 +5,14 @@ The seed's API (``PersonaVectorConfig``, ``ActivationExtractor``, ``extract_pers
 ``load_persona_vectors``, ``PERSONAS``, ``EVAL_QUESTIONS``) is importable from here; names that need torch or
 transformers (or the catalog stack, or the built-in sets) are imported on first use so that ``import personavec``
 and the CLI start fast. The stages (one function each, ``fn(ws, config, *, resume=None, progress=None)``) live in
-their modules: ``personavec.ingest.ingest``, ``personavec.generate.run_generation``,
+their modules: ``personavec.ingest.ingest``, ``personavec.generation.generate.run_generation``,
 ``personavec.extract.run_extraction``, ``personavec.vectors.compute_vectors``, ``personavec.report.build_report``.
 """
 
 from importlib import import_module
 from typing import Any
 
-from personavec.config import PersonaVectorConfig
+from personavec.config import PersonaVectorConfig, package_version
 from personavec.workspace import Workspace, init_workspace
 
 # Imported on first use: ``import personavec`` stays light (no torch, DuckDB, SQLAlchemy or pyarrow).
@@ -26,7 +26,7 @@ _LAZY = {
     "save_responses": "personavec.seed",
     "load_persona_vectors": "personavec.seed",
     "save_persona_vectors": "personavec.seed",
-    "generate_responses": "personavec.generate",
+    "generate_responses": "personavec.generation.generate",
     "load_vectors": "personavec.vectors",
 }
 
@@ -39,18 +39,9 @@ __all__ = [
 ]
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # ~30 ms: only when asked
-
-    try:
-        return version("personavec")
-    except PackageNotFoundError:  # running from a source tree without installation
-        return "0.0.0+unknown"
-
-
 def __getattr__(name: str) -> Any:
     if name == "__version__":
-        globals()[name] = value = _version()
+        globals()[name] = value = package_version()
         return value
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)

@@ -8,6 +8,7 @@ has its own frozen config next to its module (``ExtractConfig`` in extract/run.p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,6 +20,17 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 C = TypeVar("C")
+
+
+@functools.cache
+def package_version() -> str:
+    """This package's installed version (``0.0.0+unknown`` when run from a source tree that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version  # ~30 ms: only when asked
+
+    try:
+        return version("personavec")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
 
 
 def default_layer(n_layers: int, layer_fraction: float = 0.65) -> int:

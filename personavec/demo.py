@@ -97,7 +97,8 @@ def sql_examples(vectors_run_id: int, extract_run_id: int, generate_run_id: int)
 def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None = None) -> DemoResult:
     """Run serve -> generate -> extract -> vectors -> report on the embedded model; ``log`` receives each line."""
     from personavec.extract import ExtractConfig, run_extraction
-    from personavec.generate import GenerateConfig, run_generation
+    from personavec.generation.config import GenerateConfig
+    from personavec.generation.generate import run_generation
     from personavec.report import ReportConfig, build_report
     from personavec.serve import EMBEDDED_MODEL, local_server
     from personavec.vectors import VectorConfig, compute_vectors
@@ -197,11 +198,11 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
 def _steering_sweep(ws: Any, config: DemoConfig, vectors_run_id: int, say: Callable[[str], None]) -> Any:
     """One greedy local-engine run per coefficient, the neutral persona steered towards the first non-default demo
     persona at the vectors' layer, then its sweep report."""
-    from personavec.generate import GenerateConfig
-    from personavec.local_engine import LocalOptions, load_for, run_sweep
+    from personavec.generation.config import GenerateConfig, LocalOptions
+    from personavec.generation.local import load_for, run_sweep
     from personavec.serve import EMBEDDED_MODEL
-    from personavec.steer_report import SweepReportConfig, build_sweep_report
-    from personavec.steering import SteeringConfig
+    from personavec.steering.interventions import SteeringConfig
+    from personavec.steering.sweep_report import SweepReportConfig, build_sweep_report
 
     target = config.personas[len(DEFAULT_PERSONAS)]
     gen = GenerateConfig(

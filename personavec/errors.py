@@ -108,6 +108,15 @@ class EndpointError(PersonavecError, RuntimeError):
     """An OpenAI-compatible endpoint failed in a way retrying cannot fix (bad key, bad model, not OpenAI-compatible)."""
 
 
+class RequestFailed(EndpointError):
+    """One request kept failing with retryable errors until the retries ran out. Recorded per pair (``text`` NULL,
+    ``error`` and ``attempts`` set) and the run goes on; resuming the run asks it again."""
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
 class StorageError(PersonavecError, OSError):
     """The activation store (Zarr) is missing, inconsistent with the catalog, or cannot be written."""
 

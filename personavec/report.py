@@ -18,7 +18,7 @@ from typing import Any
 from personavec import analysis, plots
 from personavec.errors import ConfigError, InputFileError
 from personavec.files import atomic_write
-from personavec.steer_report import sweep_section
+from personavec.steering.sweep_report import sweep_section
 from personavec.vectors import load_vectors
 from personavec.workspace import Workspace
 

@@ -6,9 +6,9 @@ plain mean of that persona's rows. Grouping by another catalog column (question,
 same mean over a different partition; with ``persona_group`` an example counts once for each of its groups.
 
 Judged runs can be filtered before averaging (``where``: ``"role_adherence = 3"``, ``"coherence >= 50"``,
-``"pos: pirate >= 50"``; scores from the judge stage, :mod:`personavec.judge`), with a minimum count per group
+``"pos: pirate >= 50"``; scores from the judge stage, :mod:`personavec.judging.judge`), with a minimum count per group
 that fails loudly, and a run can add *contrast* groups, ``mean(pos) - mean(neg)`` of two of its groups per layer
-(the contrastive trait vectors of :mod:`personavec.traits`).
+(the contrastive trait vectors of :mod:`personavec.judging.traits`).
 
 Vectors land in ``vectors`` as ``FLOAT[]`` (so ``list_cosine_similarity`` works in SQL) with a ``vectors`` run row
 whose config carries the provenance (extraction run, responses run, model, layers, counts, span rule...).
@@ -36,7 +36,7 @@ from personavec.store.vectors import create_vector_run, persona_groups_for_respo
 from personavec.workspace import Workspace
 
 if TYPE_CHECKING:
-    from personavec.judge import JudgementFilter
+    from personavec.judging.scores import JudgementFilter
 
 #: Catalog columns a vector run can group examples by.
 GROUP_BY = ("persona", "question", "persona_group", "sample", "all")
@@ -53,7 +53,7 @@ class VectorConfig:
     Example: ``VectorConfig(extraction_run_id=3, group_by="persona")`` gives the seed's persona vectors at every
     layer the extraction stored.
 
-    Judged runs (see :mod:`personavec.judge`): ``where`` keeps only examples whose judgement scores pass every
+    Judged runs (see :mod:`personavec.judging.judge`): ``where`` keeps only examples whose judgement scores pass every
     filter (``"role_adherence = 3"``; ``"GROUP: RUBRIC OP NUMBER"`` filters only that group's members); examples
     without a score for a filtered rubric are dropped. Scores come from the latest judge run over the extraction's
     responses run that judged the rubric, or from the latest of ``judge_runs``. Every group must keep at least
@@ -98,7 +98,7 @@ class VectorConfig:
         """``where`` parsed."""
         if not self.where:
             return ()  # without importing the judge stage (and the openai client it loads: ~0.5-0.8 s)
-        from personavec.judge import parse_filter
+        from personavec.judging.scores import parse_filter
 
         return tuple(parse_filter(w) for w in self.where)
 

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 from personavec.builtin import PERSONAS
-from personavec.generate import GenerateConfig, run_generation
-from personavec.local_engine import LocalOptions, load_for
+from personavec.generation.config import GenerateConfig, LocalOptions
+from personavec.generation.generate import run_generation
+from personavec.generation.local import load_for
 from personavec.serve import EMBEDDED_MODEL, local_server
-from personavec.steering import LayerIntervention, Steerer
+from personavec.steering.interventions import LayerIntervention, Steerer
 from personavec.workspace import init_workspace
 
 
@@ -80,7 +81,7 @@ def main() -> None:
         t0 = time.perf_counter()
         loaded = load_for(local)
         load_s = time.perf_counter() - t0
-        from personavec.local_engine import run_local_generation
+        from personavec.generation.local import run_local_generation
 
         for b in args.batch_size:
             cfg = dataclasses.replace(local, local=dataclasses.replace(local.local, batch_size=b))

@@ -20,10 +20,10 @@ import numpy as np
 from personavec.builtin import EVAL_QUESTIONS, PERSONAS
 from personavec.config import default_layer
 from personavec.extract import mean_activations
-from personavec.local_engine import generate_batch, prompt_ids
+from personavec.generation.local import generate_batch, prompt_ids
 from personavec.modeling import load_model
 from personavec.spans import conversation, render
-from personavec.steering import LayerIntervention, Steerer
+from personavec.steering.interventions import LayerIntervention, Steerer
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ from fault_server import FaultServer, answer_for, sigkill_once_answered
 from personavec.cli import app
 from personavec.config import PersonaVectorConfig, config_from_dict
 from personavec.errors import CatalogError, ConfigError, EndpointError, NotFoundError
-from personavec.generate import GenerateConfig, generate_responses, resume_config, run_generation
+from personavec.generation.config import GenerateConfig, resume_config
+from personavec.generation.generate import generate_responses, run_generation
 from personavec.store.runs import get_run
 from personavec.workspace import Workspace
 

@@ -17,16 +17,9 @@ from personavec.cli import app
 from personavec.config import config_from_dict
 from personavec.errors import ConfigError, EndpointError, InputFileError, RunNotFoundError
 from personavec.ingest import IngestConfig, ingest
-from personavec.judge import (
-    BUILTIN_RUBRICS,
-    JudgeConfig,
-    Rubric,
-    parse_filter,
-    read_rubric_file,
-    resolve_rubric,
-    run_judge,
-    score_answer,
-)
+from personavec.judging.judge import JudgeConfig, run_judge
+from personavec.judging.rubrics import BUILTIN_RUBRICS, Rubric, read_rubric_file, resolve_rubric
+from personavec.judging.scores import parse_filter, score_answer
 from personavec.workspace import Workspace
 
 COHERENCE, ROLE = BUILTIN_RUBRICS["coherence"], BUILTIN_RUBRICS["role_adherence"]

@@ -18,11 +18,13 @@ from personavec.cli import app
 from personavec.config import config_from_dict
 from personavec.errors import ConfigError, RunInterrupted
 from personavec.extract import mean_activations
-from personavec.generate import GenerateConfig, run_generation
-from personavec.local_engine import LocalOptions, generate_batch, load_for, prompt_ids, run_local_generation, run_sweep
-from personavec.monitor import export_projections, project_responses, reference_thresholds, token_projections
+from personavec.generation.config import GenerateConfig, LocalOptions
+from personavec.generation.generate import run_generation
+from personavec.generation.local import generate_batch, load_for, prompt_ids, run_local_generation, run_sweep
 from personavec.spans import conversation, render
-from personavec.steering import SteeringConfig, resolve_vector
+from personavec.steering.interventions import SteeringConfig
+from personavec.steering.monitor import export_projections, project_responses, reference_thresholds, token_projections
+from personavec.steering.naming import resolve_vector
 from personavec.store.responses import answered_responses
 from personavec.store.runs import get_run, list_runs
 from personavec.store.steering import get_intervention, get_sweep

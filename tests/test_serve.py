@@ -15,7 +15,8 @@ import sqlalchemy as sa
 
 from personavec.config import PersonaVectorConfig
 from personavec.errors import EndpointError
-from personavec.generate import GenerateConfig, generate_responses, run_generation
+from personavec.generation.config import GenerateConfig
+from personavec.generation.generate import generate_responses, run_generation
 from personavec.serve import EMBEDDED_MODEL, local_server
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,10 @@ import torch
 from tiny_models import tiny_model_dir
 
 from personavec.errors import ConfigError
-from personavec.local_engine import generate_batch, prompt_ids, stop_ids
+from personavec.generation.local import generate_batch, prompt_ids, stop_ids
 from personavec.modeling import load_model
-from personavec.steering import LayerIntervention, Steerer, SteeringConfig, VectorRef, resolve_vector, unit_norm
+from personavec.steering.interventions import LayerIntervention, Steerer, SteeringConfig
+from personavec.steering.naming import VectorRef, resolve_vector, unit_norm
 from personavec.vectors import VectorSet
 
 PROMPTS = [

@@ -12,17 +12,10 @@ from fault_server import FaultServer, first_token_logprobs
 
 from personavec.cli import app
 from personavec.errors import ConfigError, DuplicateError, InputFileError, NotFoundError
-from personavec.judge import JudgeConfig, run_judge
+from personavec.judging.judge import JudgeConfig, run_judge
+from personavec.judging.rubrics import builtin_trait_names, read_trait_file
+from personavec.judging.traits import TraitConfig, TraitVectorConfig, add_trait, auroc, project_onto_vector
 from personavec.store.sets import get_persona_set, get_question_set
-from personavec.traits import (
-    TraitConfig,
-    TraitVectorConfig,
-    add_trait,
-    auroc,
-    builtin_trait_names,
-    project_onto_vector,
-    read_trait_file,
-)
 from personavec.vectors import VectorConfig, compute_vectors, load_vectors
 
 # ------------------------------------------------------------------------------------------------ trait sets
@@ -282,8 +275,8 @@ def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path):
     from personavec.exports import export_direction, load_direction
     from personavec.extract import ExtractConfig, run_extraction
     from personavec.ingest import IngestConfig, ingest
+    from personavec.judging.traits import compute_trait_vectors
     from personavec.modeling import load_model
-    from personavec.traits import compute_trait_vectors
 
     trait = add_trait(workspace, TraitConfig("pirate"))
     spec = read_trait_file("pirate")

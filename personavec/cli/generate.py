@@ -22,7 +22,8 @@ from personavec.cli.app import (
 )
 from personavec.cli.app import workspace as resolve_workspace
 from personavec.errors import ConfigError
-from personavec.generate import GenerateConfig, GenerationProgress, GenerationResult, resume_config, run_generation
+from personavec.generation.config import GenerateConfig, GenerationProgress, GenerationResult, resume_config
+from personavec.generation.generate import run_generation
 from personavec.workspace import Workspace
 
 _DEFAULTS = GenerateConfig()
@@ -113,7 +114,7 @@ def generate(
 
     w = resolve_workspace(ws).require()
     config = resume_config(w, resume, **given) if resume is not None else GenerateConfig(**given)
-    if local:  # personavec.local_engine.LocalOptions
+    if local:  # personavec.generation.local.LocalOptions
         config = dataclasses.replace(config, local=dataclasses.replace(config.local, **local))
     result = _run_with_progress(w, config, resume, quiet=as_json)
     if as_json:

@@ -62,7 +62,7 @@ def judge(
     Answers the judge gives no score for (a refusal, no number, too little probability on the scale) are stored
     with their raw output and an error; requests that fail after retries are asked again by --resume RUN.
     """
-    from personavec.judge import JudgeConfig, JudgeProgress, resume_config, run_judge
+    from personavec.judging.judge import JudgeConfig, JudgeProgress, resume_config, run_judge
 
     given: dict[str, Any] = {
         "rubrics": tuple(rubric) if rubric else None,
@@ -154,8 +154,7 @@ def judge(
 @command
 def rubrics(as_json: JsonOpt = False) -> None:
     """List the built-in rubrics and traits (their prompts are in docs/judge.md)."""
-    from personavec.judge import BUILTIN_RUBRICS
-    from personavec.traits import builtin_trait_names, read_trait_file
+    from personavec.judging.rubrics import BUILTIN_RUBRICS, builtin_trait_names, read_trait_file
 
     items = [(r.name, r.scale, "rubric") for r in BUILTIN_RUBRICS.values()]
     items += [(n, read_trait_file(n).rubric.scale, "trait") for n in builtin_trait_names()]
@@ -179,7 +178,8 @@ def trait_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a trait set: persona set and question set trait-NAME (pos_i / neg_i instructions, the questions)."""
-    from personavec.traits import TraitConfig, add_trait, read_trait_file
+    from personavec.judging.rubrics import read_trait_file
+    from personavec.judging.traits import TraitConfig, add_trait
 
     res = add_trait(resolve_workspace(ws).require(), TraitConfig(trait, name))
     if as_json:
@@ -212,7 +212,7 @@ def trait_vectors(
     as_json: JsonOpt = False,
 ) -> None:
     """The trait vector mean(pos) - mean(neg) per layer, from judge-filtered answers, as a vectors run."""
-    from personavec.traits import TraitVectorConfig, compute_trait_vectors
+    from personavec.judging.traits import TraitVectorConfig, compute_trait_vectors
 
     config = TraitVectorConfig(
         extraction_run,
@@ -246,7 +246,7 @@ def trait_project(
     as_json: JsonOpt = False,
 ) -> None:
     """Project each answer of an extract run onto a trait vector (monitoring); AUROC when answers are pos/neg."""
-    from personavec.traits import auroc, project_onto_vector
+    from personavec.judging.traits import auroc, project_onto_vector
 
     p = project_onto_vector(resolve_workspace(ws).require(), vector_run, group, extraction_run, layer)
     pos, neg = p.by_group("pos"), p.by_group("neg")

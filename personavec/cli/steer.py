@@ -94,9 +94,9 @@ def steer(
     Every run is a generate run like any other (extract it, compare it, query it); its intervention is stored in
     run_interventions / intervention_layers. Resume a stopped run with `personavec generate --resume RUN`.
     """
-    from personavec.generate import GenerateConfig
-    from personavec.local_engine import LocalOptions, run_local_generation, run_sweep
-    from personavec.steering import SteeringConfig
+    from personavec.generation.config import GenerateConfig, LocalOptions
+    from personavec.generation.local import run_local_generation, run_sweep
+    from personavec.steering.interventions import SteeringConfig
 
     coefs = list(coef or [0.0])
     steering = SteeringConfig(
@@ -174,7 +174,7 @@ def sweep_report(
     as_json: JsonOpt = False,
 ) -> None:
     """Report of a sweep: mean projection of the answers vs coefficient per persona, answers side by side."""
-    from personavec.steer_report import SweepReportConfig, build_sweep_report
+    from personavec.steering.sweep_report import SweepReportConfig, build_sweep_report
 
     res = build_sweep_report(
         resolve_workspace(ws).require(), SweepReportConfig(sweep, out, vector, layer, examples, device=device)
@@ -212,8 +212,8 @@ def monitor(
     """Per-token projection h.u of answers (--run) or a text (--text) onto a named vector at a layer."""
     from personavec.errors import ConfigError
     from personavec.modeling import load_model
-    from personavec.monitor import export_projections, project_responses, project_text
-    from personavec.steering import VectorRef, resolve_vector
+    from personavec.steering.monitor import export_projections, project_responses, project_text
+    from personavec.steering.naming import VectorRef, resolve_vector
     from personavec.vectors import load_vectors
 
     if (run is None) == (text is None):

@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from personavec.config import package_version
 from personavec.errors import RunBusyError, RunNotFoundError
 from personavec.store.engine import Catalog
 from personavec.store.models import RUN_KINDS, RUN_STATUSES, Run, RunOwner
@@ -26,12 +27,6 @@ from personavec.store.records import RunInfo, RunSummary
 def utcnow() -> datetime:
     """Naive UTC timestamp (DuckDB TIMESTAMP has no zone)."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def package_version() -> str:
-    from personavec import __version__
-
-    return __version__
 
 
 def _process_start(pid: int) -> int | None:

@@ -102,7 +102,7 @@ def create_steered_generation_run(
 ) -> int:
     """One unit of work: a ``running`` generate run, its response-run detail (``detail``: persona_set_id,
     question_set_id, model, endpoint, n_samples, temperature, max_tokens, top_p, seed) and its intervention.
-    ``spec`` is the :class:`personavec.steering.SteeringConfig` as a dict. Returns the run id."""
+    ``spec`` is the :class:`personavec.steering.interventions.SteeringConfig` as a dict. Returns the run id."""
     with catalog.session() as session:
         run_id = create_run(session, "generate", config)
         add_response_run(session, run_id, **detail)

@@ -201,7 +201,7 @@ def project_responses(
 ) -> list[TextProjection]:
     """Project every answer token of a responses (or extract) run onto a named vector (``RUN:NAME``) at ``layer``
     (default: the vectors run's default layer). One :class:`TextProjection` per non-empty answer."""
-    from personavec.steering import VectorRef, resolve_vector
+    from personavec.steering.naming import VectorRef, resolve_vector
     from personavec.vectors import load_vectors
 
     ref = VectorRef.parse(vector)

@@ -23,7 +23,6 @@ question's pos and neg answers together (both must pass); here each answer is ke
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,91 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from personavec.errors import ConfigError, InputFileError
-from personavec.judge import Rubric, _read_mapping, trait_rubric
+from personavec.errors import ConfigError
+from personavec.judging.rubrics import (
+    NAME_PATTERN,
+    NEG,
+    POS,
+    Rubric,
+    TraitSet,
+    read_trait_file,
+)
 from personavec.workspace import Workspace
-
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-POS, NEG = "pos", "neg"
-
-
-# ---------------------------------------------------------------------------------------------------- trait sets
-
-
-@dataclass(frozen=True)
-class TraitSet:
-    """A trait: instruction pairs (pos, neg), questions, and its 0-100 rubric."""
-
-    name: str
-    pairs: tuple[tuple[str, str], ...]
-    questions: tuple[str, ...]
-    description: str = ""
-    eval_prompt: str | None = None
-    source: str = ""
-
-    @property
-    def rubric(self) -> Rubric:
-        """The rubric scoring how strongly an answer shows the trait (named after the trait)."""
-        return trait_rubric(self.name, self.description, self.eval_prompt, self.source or "trait")
-
-    @property
-    def set_name(self) -> str:
-        """Name of the persona set and of the question set :func:`add_trait` creates."""
-        return f"trait-{self.name}"
-
-    def persona_specs(self) -> list[Any]:
-        """``pos_1..pos_k`` (group ``pos``) then ``neg_1..neg_k`` (group ``neg``), instructions as system prompts."""
-        from personavec.store.records import PersonaSpec
-
-        pos = [PersonaSpec(f"{POS}_{i}", p, (POS,)) for i, (p, _) in enumerate(self.pairs, 1)]
-        neg = [PersonaSpec(f"{NEG}_{i}", n, (NEG,)) for i, (_, n) in enumerate(self.pairs, 1)]
-        return pos + neg
-
-
-def builtin_trait_names() -> tuple[str, ...]:
-    """Traits shipped with personavec (``data/traits/*.json``)."""
-    from personavec.files import resource_path
-
-    folder = resource_path("data") / "traits"
-    return tuple(sorted(p.stem for p in folder.glob("*.json"))) if folder.is_dir() else ()
-
-
-def read_trait_file(path: str | Path, name: str | None = None) -> TraitSet:
-    """A trait set from a JSON/YAML file in persona_vectors' layout (see the module docstring), or a built-in trait
-    by name (``"pirate"``). ``name`` overrides the file's name."""
-    from personavec.files import resource_path
-
-    if isinstance(path, str) and path in builtin_trait_names():
-        path = resource_path("data") / "traits" / f"{path}.json"
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such trait file (built-in traits: {', '.join(builtin_trait_names())})")
-    doc = _read_mapping(path)
-    instructions = doc.get("instruction", doc.get("instructions"))
-    if not isinstance(instructions, list) or not instructions:
-        raise InputFileError(f'{path}: \'instruction\' must be a non-empty list of {{"pos": ..., "neg": ...}} pairs')
-    pairs = []
-    for i, item in enumerate(instructions):
-        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) and item[k].strip() for k in (POS, NEG))):
-            raise InputFileError(f"{path}: instruction {i} must have non-empty 'pos' and 'neg' strings")
-        pairs.append((item[POS], item[NEG]))
-    questions = doc.get("questions")
-    if not isinstance(questions, list) or not questions or not all(isinstance(q, str) and q.strip() for q in questions):
-        raise InputFileError(f"{path}: 'questions' must be a non-empty list of strings")
-    if len(set(questions)) != len(questions):
-        raise InputFileError(f"{path}: 'questions' has duplicates")
-    eval_prompt = doc.get("eval_prompt")
-    if eval_prompt is not None and not (isinstance(eval_prompt, str) and "{answer}" in eval_prompt):
-        raise InputFileError(f"{path}: 'eval_prompt' must be a string with an {{answer}} slot")
-    trait_name = name or doc.get("name") or path.stem
-    if not isinstance(trait_name, str) or not _NAME.match(trait_name):
-        raise InputFileError(
-            f"{path}: trait name {trait_name!r} must start with a letter or _ and hold only letters, digits, _ and -"
-        )
-    description = doc.get("description", "")
-    return TraitSet(
-        trait_name, tuple(pairs), tuple(questions), str(description or ""), eval_prompt, str(path.resolve())
-    )
 
 
 @dataclass(frozen=True)
@@ -127,7 +51,7 @@ class TraitConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trait", str(self.trait))
-        if self.name is not None and not _NAME.match(self.name):
+        if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ConfigError(f"trait name {self.name!r} must hold only letters, digits, _ and -")
 
 
@@ -223,9 +147,9 @@ class TraitVectorConfig:
     rubric: str | None = None
 
     def __post_init__(self) -> None:
-        if self.rubric is not None and not _NAME.match(self.rubric):
+        if self.rubric is not None and not NAME_PATTERN.match(self.rubric):
             raise ConfigError(f"rubric name {self.rubric!r} must hold only letters, digits, _ and -")
-        if not _NAME.match(self.trait):
+        if not NAME_PATTERN.match(self.trait):
             raise ConfigError(f"trait name {self.trait!r} must hold only letters, digits, _ and -")
         if self.trait in (POS, NEG):
             raise ConfigError(f"a trait cannot be named {self.trait!r} (the name of a side)")

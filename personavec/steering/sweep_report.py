@@ -2,7 +2,7 @@
 
 ``build_sweep_report(ws, SweepReportConfig(sweep_id))`` runs the unsteered model over every answer of the sweep's
 runs and projects each answer token's raw activation at the steered layer onto the steering direction (as
-:mod:`personavec.monitor` does; the mean over an answer's tokens is its extracted mean activation dotted with the
+:mod:`personavec.steering.monitor` does; the mean over an answer's tokens is its extracted mean activation dotted with the
 unit direction). It writes into ``<workspace>/reports/sweep_<id>/``: ``projection.png`` (mean projection of the
 answers vs coefficient, one line per persona), ``projections.csv`` (every token's value) and ``index.html``
 (provenance, the numbers, and a few answers side by side across coefficients).
@@ -139,9 +139,9 @@ def build_sweep_report(
     import dataclasses
 
     from personavec import plots
-    from personavec.generate import GenerateConfig
-    from personavec.local_engine import load_for
-    from personavec.monitor import export_projections, project_responses
+    from personavec.generation.config import GenerateConfig
+    from personavec.generation.local import load_for
+    from personavec.steering.monitor import export_projections, project_responses
     from personavec.store.responses import answered_responses
     from personavec.store.steering import get_intervention, get_sweep
 

@@ -2,7 +2,7 @@
 
 Each (response, rubric) pair is one chat request: the rubric's prompt, with the answer's ``{question}``,
 ``{answer}``, ``{persona}`` (the persona's system prompt) and ``{persona_name}`` filled in, sent as a single user
-message at temperature 0. Requests go through :class:`personavec.generate.ChatEndpoint`, so the generation stage's
+message at temperature 0. Requests go through :class:`personavec.generation.generate.ChatEndpoint`, so the generation stage's
 rules hold unchanged: the ``openai`` client's retries (429/5xx/timeouts), the fatal 4xx that stop a run, API keys
 sent only where their variable was named and redacted from errors. Judgements land in ``judgements`` as they arrive
 (one group commit at most every 0.1 s, :mod:`personavec.writer`); a resumed run asks only the pairs without a
@@ -29,363 +29,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from personavec.config import OPENROUTER_BASE_URL, config_dict, config_from_dict
-from personavec.errors import ConfigError, EndpointError, InputFileError
-from personavec.generate import (
-    DEFAULT_KEY_ENV,
-    ChatEndpoint,
-    Completion,
-    GenerateConfig,
-    RequestFailed,
-    _ask_all,
-    _Job,
-    _run_sync,
-    redact,
-)
+from personavec.errors import ConfigError, EndpointError, RequestFailed
+from personavec.generation.config import DEFAULT_KEY_ENV, GenerateConfig
+from personavec.generation.endpoint import ChatEndpoint, Completion, Job, ask_all, redact, run_sync
+from personavec.judging.rubrics import BUILTIN_RUBRICS, Rubric, resolve_rubric
+from personavec.judging.scores import SCORE_MODES, score_answer
 from personavec.workspace import Workspace
 from personavec.writer import GroupCommitWriter
 
-# ----------------------------------------------------------------------------------------------------- rubrics
-
-#: The slots a rubric prompt may use; anything else in braces is left as written.
-SLOTS = ("question", "answer", "persona", "persona_name")
-SCORE_MODES = ("auto", "logprobs", "parse")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-
-ROLE_ADHERENCE_PROMPT = """\
-You are grading whether an AI model stayed in the role it was asked to play.
-
-The model was given this role (its system prompt):
-[ROLE START]
-{persona}
-[ROLE END]
-
-It was asked:
-[QUESTION START]
-{question}
-[QUESTION END]
-
-It answered:
-[ANSWER START]
-{answer}
-[ANSWER END]
-
-Score the answer on this scale:
-0 - the model refused to answer.
-1 - the model said it cannot be this role, but offered to help with related things.
-2 - the model answered as an AI or language model, showing only some traits of the role.
-3 - the model fully played the role.
-
-Reply with a single digit (0, 1, 2 or 3) and nothing else."""
-
-COHERENCE_PROMPT = """\
-You are rating another language model's answer for coherence only, regardless of any other quality.
-
-The model was asked:
-[QUESTION START]
-{question}
-[QUESTION END]
-
-It answered:
-[ANSWER START]
-{answer}
-[ANSWER END]
-
-Rate from 0 to 100 how coherent the answer is as a reply to this question:
-0 means it makes no sense at all: not even valid language.
-50 means it partly makes sense but is confused or rambling.
-100 means it clearly understood the question and shows no confusion or hallucination.
-Do not judge whether the answer is correct, kind or appropriate: an answer that is wrong, rude or strange can
-still score 100 if it is coherent.
-
-Reply with a number from 0 to 100 and nothing else."""
-
-TRAIT_PROMPT = """\
-You are evaluating whether a language model's answer shows the trait: {trait}.
-{description}
-
-The model was asked:
-[QUESTION START]
-{question}
-[QUESTION END]
-
-It answered:
-[ANSWER START]
-{answer}
-[ANSWER END]
-
-Judge only whether the answer shows this trait. Reply REFUSAL if the model clearly refused to answer; otherwise
-reply with a number from 0 (the trait is absent) to 100 (the trait is strongly present) and nothing else."""
-
-
-@dataclass(frozen=True)
-class Rubric:
-    """A judge prompt and its integer scale ``min_score..max_score``.
-
-    ``template`` uses the slots ``{question}``, ``{answer}`` (required), ``{persona}`` (the persona's system prompt)
-    and ``{persona_name}``. Example: ``Rubric("formality", "Rate 0-10 how formal this is: {answer}", 0, 10)``.
-    """
-
-    name: str
-    template: str
-    min_score: int = 0
-    max_score: int = 100
-    source: str = "user"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise ConfigError(
-                f"rubric name {self.name!r} must start with a letter or _ and hold only letters, digits, _ and - "
-                "(it is used in vector filters such as 'coherence >= 50')"
-            )
-        if not isinstance(self.template, str) or "{answer}" not in self.template:
-            raise ConfigError(f"rubric {self.name!r}: the prompt must contain the {{answer}} slot")
-        object.__setattr__(self, "min_score", int(self.min_score))
-        object.__setattr__(self, "max_score", int(self.max_score))
-        if self.min_score >= self.max_score:
-            raise ConfigError(f"rubric {self.name!r}: min_score must be < max_score, got {self.min_score}..")
-
-    def render(self, *, question: str, answer: str, persona: str = "", persona_name: str = "") -> str:
-        """The prompt with its slots filled (plain replacement: other braces in the prompt stay as written)."""
-        values = {"question": question, "answer": answer, "persona": persona, "persona_name": persona_name}
-        out = self.template
-        for slot in SLOTS:
-            out = out.replace("{" + slot + "}", values[slot])
-        return out
-
-    @property
-    def scale(self) -> str:
-        return f"{self.min_score}-{self.max_score}"
-
-
-BUILTIN_RUBRICS = {
-    "role_adherence": Rubric("role_adherence", ROLE_ADHERENCE_PROMPT, 0, 3, "builtin"),
-    "coherence": Rubric("coherence", COHERENCE_PROMPT, 0, 100, "builtin"),
-}
-
-
-def trait_rubric(name: str, description: str = "", eval_prompt: str | None = None, source: str = "trait") -> Rubric:
-    """The 0-100 rubric scoring how strongly an answer shows a trait: the trait set's own ``eval_prompt`` when it
-    has one (persona_vectors' files do), else :data:`TRAIT_PROMPT` with the trait's name and description."""
-    if eval_prompt is None:
-        eval_prompt = TRAIT_PROMPT.replace("{trait}", name).replace("{description}", description)
-    return Rubric(name, eval_prompt, 0, 100, source)
-
-
-def _read_mapping(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"{path}: cannot be read: {exc}") from exc
-    try:
-        doc = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise InputFileError(
-            f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}"
-        ) from None
-    if not isinstance(doc, dict):
-        raise InputFileError(f"{path}: expected a mapping at the top level")
-    return doc
-
-
-def read_rubric_file(path: str | Path) -> Rubric:
-    """A rubric from a YAML/JSON file: ``name`` (default: the file stem), ``prompt`` (or ``template``) and the scale
-    as ``scale: [0, 100]`` or ``min_score``/``max_score`` (default 0-100). A trait set file (with ``eval_prompt``,
-    see :mod:`personavec.traits`) gives its trait rubric."""
-    path = Path(path)
-    doc = _read_mapping(path)
-    if "eval_prompt" in doc:
-        from personavec.traits import read_trait_file
-
-        return read_trait_file(path).rubric
-    prompt = doc.get("prompt", doc.get("template"))
-    if not isinstance(prompt, str):
-        raise InputFileError(f"{path}: a rubric needs a 'prompt' string with an {{answer}} slot")
-    lo, hi = doc.get("min_score", 0), doc.get("max_score", 100)
-    if "scale" in doc:
-        scale = doc["scale"]
-        if not (isinstance(scale, list | tuple) and len(scale) == 2 and all(isinstance(x, int) for x in scale)):
-            raise InputFileError(f"{path}: 'scale' must be two integers such as [0, 100], got {scale!r}")
-        lo, hi = scale
-    try:
-        return Rubric(str(doc.get("name") or path.stem), prompt, lo, hi, str(path.resolve()))
-    except ConfigError as exc:
-        raise InputFileError(f"{path}: {exc}") from None
-
-
-def resolve_rubric(spec: str | Mapping[str, Any] | Rubric) -> Rubric:
-    """A rubric from a built-in name (``role_adherence``, ``coherence``), a built-in trait (``pirate``), a rubric or
-    trait file path, a stored dict, or a :class:`Rubric`."""
-    if isinstance(spec, Rubric):
-        return spec
-    if isinstance(spec, Mapping):
-        return Rubric(**{k: v for k, v in spec.items() if k in {f.name for f in dataclasses.fields(Rubric)}})
-    if spec in BUILTIN_RUBRICS:
-        return BUILTIN_RUBRICS[spec]
-    from personavec.traits import builtin_trait_names, read_trait_file
-
-    if spec in builtin_trait_names():
-        return read_trait_file(spec).rubric
-    path = Path(spec)
-    if path.is_file():
-        return read_rubric_file(path)
-    raise ConfigError(
-        f"unknown rubric {spec!r}: use a built-in rubric ({', '.join(BUILTIN_RUBRICS)}), a built-in trait "
-        f"({', '.join(builtin_trait_names()) or 'none'}), or the path of a rubric or trait file"
-    )
-
-
-# ----------------------------------------------------------------------------------------------------- scoring
-
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w])")
-
-
-@dataclass(frozen=True)
-class Scored:
-    """How one judge answer was read: a score, or an error saying why there is none."""
-
-    score: float | None
-    method: str | None  # "logprobs" or "parsed"
-    numeric_mass: float | None = None
-    top_logprobs: dict[str, float] | None = None
-    error: str | None = None
-
-
-def first_number(text: str) -> float | None:
-    """The first number written in ``text`` (``"Score: 85/100"`` -> 85.0), or None."""
-    match = _NUMBER.search(text)
-    return float(match.group()) if match else None
-
-
-def _top_logprobs(logprobs: Any) -> tuple[str, dict[str, float]] | None:
-    """(first generated token, ``{token: probability}`` of its top alternatives) from ``choices[0].logprobs``."""
-    if not isinstance(logprobs, Mapping):
-        return None
-    content = logprobs.get("content")
-    if not isinstance(content, list) or not content or not isinstance(content[0], Mapping):
-        return None
-    first = content[0]
-    top = first.get("top_logprobs")
-    if not isinstance(top, list) or not top:
-        return None
-    probs: dict[str, float] = {}
-    for alt in top:
-        if (
-            isinstance(alt, Mapping)
-            and isinstance(alt.get("token"), str)
-            and isinstance(alt.get("logprob"), int | float)
-        ):
-            probs[alt["token"]] = probs.get(alt["token"], 0.0) + math.exp(alt["logprob"])
-    return (str(first.get("token", "")), probs) if probs else None
-
-
-def _as_int(token: str) -> int | None:
-    t = token.strip()
-    return int(t) if t.isascii() and t.isdigit() else None
-
-
-def logprob_expectation(probs: Mapping[str, float], lo: int, hi: int) -> tuple[float | None, float]:
-    """``(sum k p(k) / M, M)`` over the tokens that are integers ``k`` in ``lo..hi``, with ``M = sum p(k)`` (None
-    when ``M`` is 0). Tokens differing only by surrounding spaces count together."""
-    mass = weighted = 0.0
-    for token, p in probs.items():
-        k = _as_int(token)
-        if k is not None and lo <= k <= hi:
-            mass += p
-            weighted += k * p
-    return (weighted / mass if mass > 0 else None), mass
-
-
-def score_answer(text: str, logprobs: Any, rubric: Rubric, *, mode: str = "auto", min_mass: float = 0.25) -> Scored:
-    """Read a score on ``rubric``'s scale from the judge's answer ``text`` and its first-token ``logprobs`` (the
-    endpoint's ``choices[0].logprobs``, or None); see the module docstring for the rules."""
-    lo, hi = rubric.min_score, rubric.max_score
-    parsed = first_number(text)
-    top = _top_logprobs(logprobs) if mode != "parse" else None
-    if mode == "logprobs" and top is None:
-        return Scored(None, None, error="the endpoint returned no logprobs (use score_mode auto or parse)")
-    if top is not None:
-        first_token, probs = top
-        shown = {t: round(p, 6) for t, p in sorted(probs.items(), key=lambda kv: -kv[1])}
-        first_int = _as_int(first_token)
-        multi_token = first_int is not None and parsed is not None and float(first_int) != parsed
-        if not multi_token:
-            score, mass = logprob_expectation(probs, lo, hi)
-            if score is None or mass < min_mass:
-                head = ", ".join(f"{t!r}: {p:.3f}" for t, p in list(shown.items())[:5])
-                return Scored(
-                    None,
-                    "logprobs",
-                    mass,
-                    shown,
-                    f"no score: probability on the integers {lo}..{hi} is {mass:.3f} < {min_mass:g} "
-                    f"(top first tokens {head})",
-                )
-            return Scored(score, "logprobs", mass, shown)
-    if parsed is None:
-        return Scored(None, "parsed", error=f"no score: the judge's answer holds no number ({text[:80]!r})")
-    if not lo <= parsed <= hi:
-        return Scored(None, "parsed", error=f"no score: {parsed:g} is outside the scale {lo}..{hi}")
-    return Scored(parsed, "parsed", top_logprobs=None if top is None else top[1])
-
-
 # ------------------------------------------------------------------------------------------------------ filters
-
-_FILTER = re.compile(
-    r"^\s*(?:(?P<group>.+?)\s*:\s*)?(?P<rubric>[A-Za-z_][A-Za-z0-9_\-]*)\s*"
-    r"(?P<op>==|=|!=|<>|<=|>=|<|>)\s*(?P<value>[-+]?\d+(?:\.\d+)?)\s*$"
-)
-_OPS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
-    "=": np.equal,
-    "!=": np.not_equal,
-    "<": np.less,
-    "<=": np.less_equal,
-    ">": np.greater,
-    ">=": np.greater_equal,
-}
-
-
-@dataclass(frozen=True)
-class JudgementFilter:
-    """Keep examples whose ``rubric`` score satisfies ``op value``; with ``group``, only that group's members are
-    filtered (e.g. ``pos: pirate >= 50``). Examples without a score for the rubric are dropped."""
-
-    rubric: str
-    op: str
-    value: float
-    group: str | None = None
-
-    def keep(self, scores: np.ndarray) -> np.ndarray:
-        """Boolean mask over ``scores`` (NaN = no score: never kept)."""
-        with np.errstate(invalid="ignore"):
-            return np.isfinite(scores) & _OPS[self.op](scores, self.value)
-
-    def __str__(self) -> str:
-        return f"{self.group + ': ' if self.group else ''}{self.rubric} {self.op} {self.value:g}"
-
-
-def parse_filter(text: str) -> JudgementFilter:
-    """``"role_adherence = 3"``, ``"coherence >= 50"``, ``"pos: pirate >= 50"`` (``GROUP: RUBRIC OP NUMBER``)."""
-    match = _FILTER.match(text) if isinstance(text, str) else None
-    if not match:
-        raise ConfigError(
-            f"cannot read the filter {text!r}: write RUBRIC OP NUMBER, optionally after 'GROUP:', with OP one of "
-            "= != < <= > >= (e.g. 'role_adherence = 3', 'coherence >= 50', 'pos: pirate >= 50')"
-        )
-    op = {"==": "=", "<>": "!="}.get(match["op"], match["op"])
-    return JudgementFilter(match["rubric"], op, float(match["value"]), match["group"])
 
 
 # ------------------------------------------------------------------------------------------------------- config
@@ -412,7 +70,7 @@ class JudgeConfig:
     responses run 3 through OpenRouter ($OPENROUTER_API_KEY). Rubrics are given as built-in names, trait names, rubric
     or trait file paths, or :class:`Rubric` objects, and stored resolved (prompt text included) in the run row.
     Endpoint fields (``base_url``, ``replicas``, ``api_key_env``, ``concurrency``, ``timeout_s``, ``max_retries``)
-    behave as in :class:`personavec.generate.GenerateConfig`.
+    behave as in :class:`personavec.generation.generate.GenerateConfig`.
     """
 
     responses_run: int
@@ -650,7 +308,7 @@ def run_judge(
         js.resume_judge_run(catalog, run_id)
     settled = js.settled_keys(catalog, run_id)
     jobs = [
-        _Job(
+        Job(
             None,
             rubric.render(question=r.question, answer=r.text, persona=r.system_prompt, persona_name=r.persona),
             _Target(r.id, rubric),
@@ -671,7 +329,7 @@ def run_judge(
         )
         writer.begin()
 
-        def land(job: _Job, outcome: Completion | RequestFailed) -> None:
+        def land(job: Job, outcome: Completion | RequestFailed) -> None:
             writer.put(_row(job.key, outcome, config))
 
         try:
@@ -681,13 +339,13 @@ def run_judge(
                 rest = jobs[1:]
             extra = config.logprob_params if asked_logprobs else None
             if rest:
-                await _ask_all(config.endpoint, keys, rest, len(rest), land, extra_body=extra)
+                await ask_all(config.endpoint, keys, rest, len(rest), land, extra_body=extra)
         finally:
             await writer.close()  # whatever finished before a stop (fatal error, Ctrl-C) still lands
 
     try:
         if jobs:
-            _run_sync(main)
+            run_sync(main)
     except EndpointError as exc:
         if resume is None and js.discard_empty_judge_run(catalog, run_id):
             raise
@@ -727,8 +385,8 @@ def run_judge(
 async def _probe(
     config: JudgeConfig,
     keys: Mapping[str, str | None],
-    job: _Job,
-    land: Callable[[_Job, Completion | RequestFailed], None],
+    job: Job,
+    land: Callable[[Job, Completion | RequestFailed], None],
 ) -> bool:
     """Ask the first pair with logprobs; if the endpoint refuses the request, ask it again without them and go on
     parsing answers (some servers reject ``logprobs``). Returns whether the rest should ask for logprobs."""

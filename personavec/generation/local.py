@@ -4,7 +4,7 @@
 one GPU, or ``device_map`` over several) and answers in batches with ``model.generate``: left padding, KV cache, the
 same sampling options as the remote engine (``temperature`` 0 is greedy; ``top_p``; ``seed``), the same catalog rows
 (one ``responses`` row per answer, committed per batch, so a killed run keeps every finished batch and
-``--resume`` resumes it). With ``config.steering`` the run carries an intervention (:mod:`personavec.steering`),
+``--resume`` resumes it). With ``config.steering`` the run carries an intervention (:mod:`personavec.steering.interventions`),
 stored with it (``run_interventions``, ``intervention_layers``); :func:`run_sweep` makes one run per coefficient,
 linked as one sweep.
 
@@ -23,64 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from personavec.config import DTYPES, check_selection, config_dict, config_from_dict
+from personavec.config import check_selection, config_dict, config_from_dict
 from personavec.errors import ConfigError, RunInterrupted
 
 if TYPE_CHECKING:
-    from personavec.generate import GenerateConfig, GenerationProgress, GenerationResult
+    from personavec.generation.config import GenerateConfig, GenerationProgress, GenerationResult
     from personavec.modeling import LoadedModel
-    from personavec.steering import LayerIntervention, Steerer
+    from personavec.steering.interventions import LayerIntervention, Steerer
     from personavec.workspace import Workspace
-
-#: Prompt formats of the local engine (as in :mod:`personavec.spans`).
-PROMPT_FORMATS = ("chat", "raw")
-
-
-@dataclass(frozen=True)
-class LocalOptions:
-    """How the local engine runs (operational: a resumed run may change them).
-
-    Attributes:
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:N"``; ignored with ``device_map``.
-        dtype: ``"auto"`` (bf16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
-        device_map: ``from_pretrained``'s ``device_map`` for a model larger than one device (e.g. ``"auto"``).
-        batch_size: answers generated together.
-        attn_implementation: passed to ``from_pretrained`` (``"sdpa"``).
-        prompt_format: ``"chat"`` (chat template) or ``"raw"`` (``System: ...\\n\\nUser: ...\\n\\nAssistant: ``).
-    """
-
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: str | None = None
-    batch_size: int = 16
-    attn_implementation: str | None = "sdpa"
-    prompt_format: str = "chat"
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch_size must be > 0, got {self.batch_size}")
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ConfigError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
-
-
-ENGINES = ("remote", "local")
-
-
-def check_local_fields(config: GenerateConfig) -> None:
-    """``GenerateConfig.__post_init__``'s part for the local engine: stored JSON (dicts) back into ``local`` and
-    ``steering``, and the rules tying them to ``engine``."""
-    from personavec.steering import SteeringConfig
-
-    if isinstance(config.local, dict):
-        object.__setattr__(config, "local", LocalOptions(**config.local))
-    if isinstance(config.steering, dict):
-        object.__setattr__(config, "steering", SteeringConfig.from_dict(config.steering))
-    if config.engine not in ENGINES:
-        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {config.engine!r}")
-    if config.steering is not None and config.engine != "local":
-        raise ConfigError("steering needs the local engine (--engine local): a remote endpoint cannot be steered")
 
 
 # ---------------------------------------------------------------------------------------------------- the core
@@ -140,7 +90,7 @@ def generate_batch(
     """Answer a batch of prompts (token ids) with ``model.generate``: left padding, KV cache on.
 
     ``temperature`` 0 is greedy decoding; ``seed`` seeds torch's generator first. ``steerer``: an entered
-    :class:`personavec.steering.Steerer`, told the padded prompt width (for ``positions="generated"``).
+    :class:`personavec.steering.interventions.Steerer`, told the padded prompt width (for ``positions="generated"``).
     """
     import torch
 
@@ -203,7 +153,7 @@ def load_for(config: GenerateConfig) -> LoadedModel:
 
 
 def _stored_interventions(record: Any, positions: str) -> list[LayerIntervention]:
-    from personavec.steering import LayerIntervention
+    from personavec.steering.interventions import LayerIntervention
 
     return [
         LayerIntervention(
@@ -221,7 +171,7 @@ def _stored_interventions(record: Any, positions: str) -> list[LayerIntervention
 
 
 def _identity_check(stored: GenerateConfig, config: GenerateConfig, run_id: int) -> None:
-    from personavec.generate import IDENTITY_FIELDS
+    from personavec.generation.config import IDENTITY_FIELDS
 
     fields = (*IDENTITY_FIELDS, "engine", "steering")
     changed = [f for f in dict.fromkeys(fields) if getattr(config, f) != getattr(stored, f)]
@@ -246,17 +196,17 @@ def run_local_generation(
 
     Args:
         ws: the workspace.
-        config: a :class:`personavec.generate.GenerateConfig` with ``engine="local"``; may be None with ``resume``.
+        config: a :class:`personavec.generation.generate.GenerateConfig` with ``engine="local"``; may be None with ``resume``.
         resume: a generate run to finish (only missing answers are generated; a steered run reuses its stored
             intervention numbers, thresholds included).
-        progress: called with a :class:`personavec.generate.GenerationProgress` after each batch lands.
+        progress: called with a :class:`personavec.generation.generate.GenerationProgress` after each batch lands.
         loaded: the model already loaded (must be ``config.model``), e.g. shared by the runs of a sweep.
         sweep_id: the sweep a new steered run belongs to.
 
     Example: ``run_local_generation(ws, GenerateConfig(engine="local", model="smollm2-135m-instruct"))``.
     """
-    from personavec.generate import GenerateConfig, GenerationProgress, GenerationResult
-    from personavec.steering import Steerer, plan_steering
+    from personavec.generation.config import GenerateConfig, GenerationProgress, GenerationResult
+    from personavec.steering.interventions import Steerer, plan_steering
     from personavec.store.generation import (
         AnswerRow,
         answered_keys,
