@@ -111,7 +111,7 @@ class GenerateConfig:
     concurrency: int = 10
     timeout_s: float = 120.0
     max_retries: int = 6
-    # Local engine (personavec.generation.local): transformers in this process, optionally steered (personavec.steering.interventions).
+    # Local engine (personavec.generation.local): transformers in this process, optionally steered.
     engine: str = "remote"
     local: LocalOptions = LocalOptions()
     steering: SteeringConfig | None = None

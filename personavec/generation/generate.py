@@ -29,7 +29,7 @@ from personavec.config import (
 )
 from personavec.errors import ConfigError, EndpointError, RequestFailed, RunInterrupted, Terminated
 from personavec.generation.config import GenerateConfig, GenerationProgress, GenerationResult
-from personavec.generation.endpoint import ChatEndpoint, Completion, Job, ask_all, redact, run_sync
+from personavec.generation.endpoint import Completion, Job, ask_all, redact, run_sync
 from personavec.generation.local import run_local_generation
 from personavec.store.engine import Catalog
 from personavec.store.generation import (
@@ -305,13 +305,6 @@ def generate_responses(
 
 
 __all__ = [
-    "ChatEndpoint",
-    "Completion",
-    "GenerateConfig",
-    "GenerationProgress",
-    "GenerationResult",
-    "RequestFailed",
     "generate_responses",
-    "resume_config",
     "run_generation",
 ]

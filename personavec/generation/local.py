@@ -4,7 +4,8 @@
 one GPU, or ``device_map`` over several) and answers in batches with ``model.generate``: left padding, KV cache, the
 same sampling options as the remote engine (``temperature`` 0 is greedy; ``top_p``; ``seed``), the same catalog rows
 (one ``responses`` row per answer, committed per batch, so a killed run keeps every finished batch and
-``--resume`` resumes it). With ``config.steering`` the run carries an intervention (:mod:`personavec.steering.interventions`),
+``--resume`` resumes it). With ``config.steering`` the run carries an intervention
+(:mod:`personavec.steering.interventions`),
 stored with it (``run_interventions``, ``intervention_layers``); :func:`run_sweep` makes one run per coefficient,
 linked as one sweep.
 
@@ -196,7 +197,7 @@ def run_local_generation(
 
     Args:
         ws: the workspace.
-        config: a :class:`personavec.generation.generate.GenerateConfig` with ``engine="local"``; may be None with ``resume``.
+        config: a :class:`~personavec.generation.config.GenerateConfig` with ``engine="local"``; None with ``resume``.
         resume: a generate run to finish (only missing answers are generated; a steered run reuses its stored
             intervention numbers, thresholds included).
         progress: called with a :class:`personavec.generation.generate.GenerationProgress` after each batch lands.

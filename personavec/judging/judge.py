@@ -2,7 +2,7 @@
 
 Each (response, rubric) pair is one chat request: the rubric's prompt, with the answer's ``{question}``,
 ``{answer}``, ``{persona}`` (the persona's system prompt) and ``{persona_name}`` filled in, sent as a single user
-message at temperature 0. Requests go through :class:`personavec.generation.generate.ChatEndpoint`, so the generation stage's
+message at temperature 0. Requests go through :class:`~personavec.generation.endpoint.ChatEndpoint`, so generation's
 rules hold unchanged: the ``openai`` client's retries (429/5xx/timeouts), the fatal 4xx that stop a run, API keys
 sent only where their variable was named and redacted from errors. Judgements land in ``judgements`` as they arrive
 (one group commit at most every 0.1 s, :mod:`personavec.writer`); a resumed run asks only the pairs without a
@@ -415,17 +415,9 @@ async def _probe(
 
 
 __all__ = [
-    "BUILTIN_RUBRICS",
     "JudgeConfig",
     "JudgeProgress",
     "JudgeResult",
-    "JudgementFilter",
-    "Rubric",
-    "parse_filter",
-    "read_rubric_file",
-    "resolve_rubric",
     "resume_config",
     "run_judge",
-    "score_answer",
-    "trait_rubric",
 ]

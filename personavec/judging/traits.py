@@ -36,7 +36,6 @@ from personavec.judging.rubrics import (
     NEG,
     POS,
     Rubric,
-    TraitSet,
     read_trait_file,
 )
 from personavec.workspace import Workspace
@@ -288,12 +287,9 @@ __all__ = [
     "Projection",
     "TraitConfig",
     "TraitResult",
-    "TraitSet",
     "TraitVectorConfig",
     "add_trait",
     "auroc",
-    "builtin_trait_names",
     "compute_trait_vectors",
     "project_onto_vector",
-    "read_trait_file",
 ]

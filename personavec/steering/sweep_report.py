@@ -2,8 +2,8 @@
 
 ``build_sweep_report(ws, SweepReportConfig(sweep_id))`` runs the unsteered model over every answer of the sweep's
 runs and projects each answer token's raw activation at the steered layer onto the steering direction (as
-:mod:`personavec.steering.monitor` does; the mean over an answer's tokens is its extracted mean activation dotted with the
-unit direction). It writes into ``<workspace>/reports/sweep_<id>/``: ``projection.png`` (mean projection of the
+:mod:`personavec.steering.monitor` does; the mean over an answer's tokens is its extracted mean activation dotted
+with the unit direction). It writes into ``<workspace>/reports/sweep_<id>/``: ``projection.png`` (mean projection of the
 answers vs coefficient, one line per persona), ``projections.csv`` (every token's value) and ``index.html``
 (provenance, the numbers, and a few answers side by side across coefficients).
 
