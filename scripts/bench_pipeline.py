@@ -208,6 +208,7 @@ def model_mode(args) -> dict:
         "layer-eager": ((deflayer,), False),
         "layer-compiled": ((deflayer,), True),
         "all-eager": (tuple(range(loaded.n_layers + 1)), False),
+        "all-compiled": (tuple(range(loaded.n_layers + 1)), True),
     }
     chosen = args.case or (list(cases) if device.startswith("cuda") else ["layer-eager", "all-eager"])
     budget = args.max_batch_tokens or (16384 if device.startswith("cuda") else 1024)
@@ -490,7 +491,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--synthetic", default=None, help="gemma-3-27b (GPU) or tiny (CPU): random weights")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--case", action="append", choices=["layer-eager", "layer-compiled", "all-eager"])
+    ap.add_argument("--case", action="append", choices=["layer-eager", "layer-compiled", "all-eager", "all-compiled"])
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--storage-dtype", default="float32", choices=arrays.STORAGE_DTYPES)
