@@ -48,6 +48,7 @@ from personavec.generate import (
     GenerateConfig,
     RequestFailed,
     _ask_all,
+    _check_reachable,
     _Job,
     _run_sync,
     redact,
@@ -287,7 +288,12 @@ def _top_logprobs(logprobs: Any) -> tuple[str, dict[str, float]] | None:
             and isinstance(alt.get("token"), str)
             and isinstance(alt.get("logprob"), int | float)
         ):
-            probs[alt["token"]] = probs.get(alt["token"], 0.0) + math.exp(alt["logprob"])
+            logprob = float(alt["logprob"])
+            # a log-probability is <= 0 (a little above from rounding); NaN or 1e308 is a broken endpoint: its
+            # logprobs are not used (the score is parsed from the text, as without logprobs)
+            if math.isnan(logprob) or logprob > 1e-3:
+                return None
+            probs[alt["token"]] = probs.get(alt["token"], 0.0) + math.exp(min(logprob, 0.0))
     return (str(first.get("token", "")), probs) if probs else None
 
 
@@ -537,6 +543,7 @@ class JudgeResult:
     logprobs: bool
     wall_s: float
     error: str | None = None
+    scored_by_logprobs: int = 0  # scores read from logprobs (the rest of ``scored`` were parsed from the text)
 
 
 @dataclass(frozen=True)
@@ -689,8 +696,7 @@ def run_judge(
         if jobs:
             _run_sync(main)
     except EndpointError as exc:
-        if resume is None and js.discard_empty_judge_run(catalog, run_id):
-            raise
+        # kept as failed (with whatever was judged), as docs/judge.md says: the run records what was tried
         js.finish_judge_run(catalog, run_id, "failed", str(exc))
         raise EndpointError(f"{exc} [judge run {run_id} stopped; resume with --resume {run_id}]") from None
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -721,6 +727,7 @@ def run_judge(
         logprobs=asked_logprobs,
         wall_s=time.perf_counter() - start,
         error=error,
+        scored_by_logprobs=counts["by_logprobs"],
     )
 
 
@@ -733,6 +740,7 @@ async def _probe(
     """Ask the first pair with logprobs; if the endpoint refuses the request, ask it again without them and go on
     parsing answers (some servers reject ``logprobs``). Returns whether the rest should ask for logprobs."""
     endpoint_config = config.endpoint
+    await _check_reachable(config.base_url, min(endpoint_config.timeout_s, 10.0))  # refused: fail now, not in minutes
 
     async def ask(extra: Mapping[str, Any] | None) -> Completion | RequestFailed:
         endpoint = ChatEndpoint(endpoint_config, keys.get(config.base_url), extra_body=extra)
