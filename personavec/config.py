@@ -45,6 +45,33 @@ def config_from_dict(cls: type[C], data: dict[str, Any], **overrides: Any) -> C:
     return cls(**{k: v for k, v in data.items() if k in names} | overrides)
 
 
+#: Names the vector syntax (``RUN:NAME``, see ``personavec.steering``) gives a meaning of its own: no persona or
+#: persona group may take them, so that ``RUN:axis`` always means the assistant axis.
+RESERVED_NAMES = ("axis",)
+_BIDI_CONTROLS = ("LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a persona or persona group (None if it can): a reserved word, a leading ``-``
+    (read as negation in ``RUN:-name``), or a control / bidirectional-override character (shown reversed or not
+    at all in tables and plots)."""
+    import unicodedata
+
+    if name.strip().lower() in RESERVED_NAMES:
+        return f"{name!r} is reserved ({', '.join(RESERVED_NAMES)} name vectors of their own in RUN:NAME)"
+    if name.lstrip().startswith("-"):
+        return f"{name!r} starts with '-' (RUN:-name means the negated vector)"
+    for i, ch in enumerate(name):
+        if ch in "\u200c\u200d":  # zero-width (non-)joiners: part of emoji sequences and of several scripts
+            continue
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") or unicodedata.bidirectional(ch) in _BIDI_CONTROLS:
+            return (
+                f"{name!r} has the control or direction-override character U+{ord(ch):04X} "
+                f"({unicodedata.name(ch, 'unnamed')}) at position {i}"
+            )
+    return None
+
+
 def check_selection(
     where: str,
     personas: Iterable[str] | None,

@@ -9,8 +9,10 @@ persona vectors, and writes the report. Every step prints what it did; the end p
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,35 @@ def sql_examples(vectors_run_id: int, extract_run_id: int, generate_run_id: int)
     ]
 
 
+#: Seconds between the progress lines of a long demo step.
+TICK_S = 10.0
+
+
+@contextmanager
+def _ticking(say: Callable[[str], None], what: str, every_s: float = TICK_S) -> Iterator[Callable[[Any], None]]:
+    """A progress line every ``every_s`` seconds while a step runs, whether or not anything finished (on a busy
+    machine the first answer can take minutes); yields the ``progress`` callback that keeps the counts."""
+    state: dict[str, Any] = {"done": 0, "total": "?"}
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def progress(p: Any) -> None:
+        state["done"] = getattr(p, "answered", getattr(p, "done_examples", 0))
+        state["total"] = getattr(p, "total", getattr(p, "total_examples", "?"))
+
+    def tick() -> None:
+        while not stop.wait(every_s):
+            say(f"      ... {what}: {state['done']}/{state['total']} [{time.perf_counter() - start:.0f}s]")
+
+    thread = threading.Thread(target=tick, name="personavec-demo-progress", daemon=True)
+    thread.start()
+    try:
+        yield progress
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None = None) -> DemoResult:
     """Run serve -> generate -> extract -> vectors -> report on the embedded model; ``log`` receives each line."""
     from personavec.extract import ExtractConfig, run_extraction
@@ -126,21 +157,23 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
             f"generating {len(personas)} personas x {len(questions)} questions, up to {config.max_tokens} tokens each: "
             f"{', '.join(personas)}",
         )
-        gen = run_generation(
-            ws,
-            GenerateConfig(
-                personas=personas,
-                questions=questions,
-                model=server.model,
-                base_url=server.base_url,
-                max_tokens=config.max_tokens,
-                temperature=config.temperature,
-                seed=config.seed,
-                concurrency=2,  # 2 cores: more concurrent requests only contend for them
-                timeout_s=300.0,
-                max_retries=2,
-            ),
-        )
+        with _ticking(say, "answers") as progress:
+            gen = run_generation(
+                ws,
+                GenerateConfig(
+                    personas=personas,
+                    questions=questions,
+                    model=server.model,
+                    base_url=server.base_url,
+                    max_tokens=config.max_tokens,
+                    temperature=config.temperature,
+                    seed=config.seed,
+                    concurrency=2,  # 2 cores: more concurrent requests only contend for them
+                    timeout_s=300.0,
+                    max_retries=2,
+                ),
+                progress=progress,
+            )
     say(
         f"      run {gen.run_id}: {gen.answers} answers, {gen.failures} failures, "
         f"{gen.completion_tokens} tokens in {time.perf_counter() - t:.1f}s"
@@ -149,9 +182,12 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
         raise ConfigError(f"generate run {gen.run_id} produced no answers: {gen.error or 'see personavec runs'}")
 
     t = step(4, f"extracting mean activations over each answer's tokens ({EMBEDDED_MODEL}, seed default layer)")
-    ext = run_extraction(
-        ws, ExtractConfig(responses_run=gen.run_id, model=EMBEDDED_MODEL, dtype="float32", device=config.device)
-    )
+    with _ticking(say, "examples") as progress:
+        ext = run_extraction(
+            ws,
+            ExtractConfig(responses_run=gen.run_id, model=EMBEDDED_MODEL, dtype="float32", device=config.device),
+            progress=progress,
+        )
     say(
         f"      run {ext.run_id}: {ext.n_examples} examples at layer(s) {', '.join(map(str, ext.layers))}, "
         f"{ext.n_tokens} tokens, {ext.tok_s:.0f} tok/s, in {time.perf_counter() - t:.1f}s"

@@ -90,6 +90,13 @@ class QueryError(PersonavecError, ValueError):
     exit_code = 2
 
 
+class QueryLimitError(QueryError):
+    """A ``personavec sql`` query ran past its time limit or DuckDB's memory limit: stopped, nothing kept (a runtime
+    limit, exit 1; raise the limit with ``--timeout`` / ``--memory-limit``)."""
+
+    exit_code = 1
+
+
 class DuplicateError(PersonavecError, ValueError):
     """Creating something that already exists, or a duplicate key in an input."""
 

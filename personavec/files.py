@@ -55,8 +55,9 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise InputFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         write(Path(tmp))
+        # after the write: some writers replace the file they are given (safetensors' save_file makes it 0600)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

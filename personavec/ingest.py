@@ -24,6 +24,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import yaml
 
+from personavec.config import name_problem
 from personavec.errors import ConfigError, InputFileError
 from personavec.files import file_sha256, resource_path
 from personavec.store.records import PersonaSpec
@@ -56,6 +57,8 @@ def _require_file(path: Path) -> None:
     if path.is_dir():
         raise InputFileError(f"{path}: is a directory, expected a file")
     if not path.is_file():
+        if path.exists():
+            raise InputFileError(f"{path}: not a regular file (a device, pipe or socket): give a file")
         raise InputFileError(f"{path}: no such file")
 
 
@@ -202,6 +205,9 @@ def read_persona_file(path: Path) -> tuple[str | None, list[PersonaSpec]]:
             raise InputFileError(f"{path}: {where}: 'groups' must be a list of strings")
         if item["name"] in seen:
             raise InputFileError(f"{path}: {where}: duplicate persona name {item['name']!r}")
+        for what, value in (("persona name", item["name"]), *(("persona group", g) for g in groups)):
+            if problem := name_problem(value):
+                raise InputFileError(f"{path}: {where}: {what} {problem}: rename it")
         _check_key_size(path, where, "persona name", item["name"])
         seen.add(item["name"])
         personas.append(PersonaSpec(item["name"], prompt, tuple(groups)))
@@ -267,12 +273,19 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
         return _read_seed_json(path)
     if fmt in ("jsonl", "csv"):
         _check_utf8(path)
+    # Arrow reads in blocks (1 MiB by default) and refuses a row longer than one ("straddling object straddles two
+    # block boundaries"): a block as large as the file holds any row (the whole table is in memory anyway).
+    block = min(max(path.stat().st_size + 1, 1 << 20), (1 << 31) - 1)
     try:
         if fmt == "jsonl":
-            table = pajson.read_json(path)
+            table = pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block))
             first_row = 1
         elif fmt == "csv":
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+            table = pacsv.read_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=block),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
+            )
             first_row = 2
         else:
             table = pq.read_table(path)

@@ -7,7 +7,9 @@ backend: safe in threads, servers and tests); :func:`save_png` writes one to dis
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,15 +21,69 @@ from matplotlib.figure import Figure
 
 from personavec.analysis import AxisStats, ModelComparison, PCAResult, Similarity
 
+# matplotlib warns once per missing glyph per text drawn (dozens per figure, from layout and from saving):
+# missing_glyphs names them once instead (the report shows it).
+warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+
 DIVERGING = "RdBu_r"
 _MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
+#: Font families matplotlib tries in turn for each character (glyph by glyph): DejaVu Sans (Latin, Greek,
+#: Cyrillic...), then CJK and symbol/emoji fonts where the system has them. Characters none of the installed ones
+#: has are drawn as boxes: :func:`missing_glyphs` names them (the report says so).
+FONT_FALLBACKS = (
+    "DejaVu Sans",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Source Han Sans SC",
+    "WenQuanYi Zen Hei",
+    "Droid Sans Fallback",
+    "Noto Emoji",
+    "Symbola",
+)
+
+
+@functools.cache
+def _installed_fonts() -> tuple[tuple[str, frozenset[int]], ...]:
+    """``(family, code points)`` of each installed family of :data:`FONT_FALLBACKS`, in order."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    found = []
+    for family in FONT_FALLBACKS:
+        try:
+            path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+            found.append((family, frozenset(FT2Font(path).get_charmap())))
+        except (ValueError, RuntimeError, OSError):
+            continue
+    return tuple(found)
+
+
+def missing_glyphs(texts: Sequence[str]) -> str:
+    """The characters of ``texts`` that no installed font of :data:`FONT_FALLBACKS` can draw (they show as boxes),
+    in order of first use; spaces and joiners are ignored."""
+    covered = frozenset().union(*(points for _, points in _installed_fonts()))
+    out: dict[str, None] = {}
+    for text in texts:
+        for ch in text:
+            if not ch.isspace() and ord(ch) not in covered and ch not in "\u200c\u200d\ufe0f":
+                out[ch] = None
+    return "".join(out)
+
+
 def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 130) -> Path:
-    """Write ``fig`` as a PNG (Agg canvas, written whole then renamed into place); returns the path."""
+    """Write ``fig`` as a PNG (Agg canvas, written whole then renamed into place); returns the path. Every text is
+    drawn with the installed fonts of :data:`FONT_FALLBACKS` (so CJK names are drawn where a CJK font exists)."""
+    from matplotlib.text import Text
+
     from personavec.files import atomic_write
 
     path = Path(path)
+    families = [family for family, _ in _installed_fonts()]
+    if len(families) > 1:
+        for text in fig.findobj(Text):
+            text.set_fontfamily(families)
     FigureCanvasAgg(fig)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", facecolor="white"))
     return path

@@ -56,6 +56,7 @@ class ReportResult:
     html: Path
     pngs: dict[str, Path]
     axis_stats: analysis.AxisStats | None
+    notes: tuple[str, ...] = ()  # what the figures cannot show (e.g. characters no installed font has)
 
 
 def _img(path: Path, alt: str) -> str:
@@ -216,11 +217,18 @@ def build_report(
             )
         )
     run_config = {k: v for k, v in prov.items() if k not in ("norms", "persona_groups")}
+    notes = []
+    if missing := plots.missing_glyphs(vset.names):
+        notes.append(
+            f"the figures draw {' '.join(missing)} as boxes: no installed font has these characters (install a CJK "
+            f"or emoji font such as Noto Sans CJK or Noto Emoji; the tables on this page show the names)"
+        )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>personavec report: vectors run {run_id}</title>
 <style>{_CSS}</style></head><body>
 <h1>Persona vectors: run {run_id}</h1>
 <p>{html.escape(subtitle)}</p>
+{"".join(f"<p><strong>Note:</strong> {html.escape(n)}</p>" for n in notes)}
 <h2>Provenance</h2>{_table(prov_rows)}
 <h2>Summary</h2><div class="stats">{_table(stat_rows)}</div>
 {_HOW_TO_READ}
@@ -237,7 +245,7 @@ WHERE run_id = {run_id} AND layer = {vset.layer} ORDER BY cos DESC"</code></p>
 """
     index = directory / "index.html"
     atomic_write(index, lambda tmp: tmp.write_text(page, encoding="utf-8"))
-    result = ReportResult(run_id, vset.layer, directory, index, pngs, stats)
+    result = ReportResult(run_id, vset.layer, directory, index, pngs, stats, tuple(notes))
     if progress is not None:
         progress(result)
     return result

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from personavec.errors import ModelError
+from personavec.errors import ConfigError, ModelError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -144,6 +144,8 @@ def local_server(
     """
     from personavec.modeling import local_model_path
 
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"port must be a TCP port 1..65535 (or None for a free one), got {port}")
     path = local_model_path(model)
     is_local = path.is_dir()
     if is_local:

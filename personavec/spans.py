@@ -241,7 +241,9 @@ def _exact_spans(
         # prefixes consistently (almost all do); otherwise just after the previous assistant message.
         head = prefix(i) if i else ""
         start = len(head) if text.startswith(head) else cursor
-        cs, ce = _locate(text, message["content"], max(start, cursor)) if message["content"] else (start, start)
+        # a whitespace-only answer has no span, like an empty one (else a lone space token is averaged in)
+        content = message["content"]
+        cs, ce = _locate(text, content, max(start, cursor)) if content.strip() else (start, start)
         spans.append(_char_to_token_span(offsets, cs, ce) if ce > cs else (0, 0))
         cursor = ce
     return spans

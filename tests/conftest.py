@@ -121,6 +121,8 @@ def make_extraction_run(tmp_path: Path):
         seed: int = 0,
         model: str = "synthetic/model",
         legacy: bool = False,
+        revision: str | None = "abc",
+        architecture: str = "Synthetic",
     ) -> SyntheticExtraction:
         questions = EVAL_QUESTIONS[:n_questions]
         path = tmp_path / f"responses_{next(counter)}.json"
@@ -176,8 +178,8 @@ def make_extraction_run(tmp_path: Path):
                     run_id,
                     source_run_id=resp.run_id,
                     model=model,
-                    model_revision="abc",
-                    architecture="Synthetic",
+                    model_revision=revision,
+                    architecture=architecture,
                     n_model_layers=8,
                     d_model=d_model,
                     layers=list(layers),

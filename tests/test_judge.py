@@ -261,7 +261,7 @@ def test_endpoint_errors_stop_the_run_as_in_generation(workspace, responses_run)
     with FaultServer(lambda *_: ("status", 404, {}, {"error": {"message": "no such model"}})) as server:
         with pytest.raises(EndpointError, match="HTTP 404"):
             run_judge(workspace, cfg(server, responses_run))
-    assert judge_runs(workspace) == []  # nothing judged: nothing left behind
+    assert [r["status"] for r in judge_runs(workspace)] == ["failed"]  # kept as failed, as docs/judge.md says
     with FaultServer() as server, pytest.raises(RunNotFoundError, match="kind 'ingest-personas'"):
         run_judge(workspace, cfg(server, 1))  # run 1 is the built-in persona set's ingest run
 

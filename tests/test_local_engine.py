@@ -119,9 +119,11 @@ def test_seeded_sampling_is_reproducible(workspace, tiny8):
 
 
 @pytest.fixture
-def vectors_run(workspace, make_extraction_run):
-    """A vectors run over synthetic activations of an 8-layer, 64-wide model at layers 2 and 5."""
-    ext = make_extraction_run(workspace, layers=(2, 5), d_model=64)
+def vectors_run(workspace, make_extraction_run, tiny8):
+    """A vectors run over synthetic activations recorded as tiny8's (8 layers, 64 wide) at layers 2 and 5."""
+    ext = make_extraction_run(
+        workspace, layers=(2, 5), d_model=64, model=tiny8, revision=None, architecture="LlamaForCausalLM"
+    )
     return compute_vectors(workspace, VectorConfig(extraction_run_id=ext.run_id)).run_id
 
 

@@ -19,8 +19,17 @@ def main() -> None:
 
     # SIGTERM unwinds like Ctrl-C does: context managers run, so a local server started by `serve`/`demo` stops
     # and a run in progress is marked interrupted (resumable) instead of failed or staying "running".
+    world = os.environ.get("WORLD_SIZE", "1")
+    # one process of a data-parallel launch: say which, and why a launcher sends SIGTERM (another rank stopped)
+    where = (
+        f" (rank {os.environ.get('RANK', '?')} of {world}; the launcher stops every rank when one of them stops: "
+        f"its output names the first)"
+        if world.isdigit() and int(world) > 1
+        else ""
+    )
+
     def terminate(signum: int, frame: object) -> None:
-        raise Terminated(f"terminated by signal {signum}")
+        raise Terminated(f"terminated by signal {signum}{where}")
 
     signal.signal(signal.SIGTERM, terminate)
     # A shell without job control starts background commands with SIGINT ignored, and Python then keeps it ignored:

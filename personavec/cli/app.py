@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -81,8 +84,28 @@ def _main(
     """Extract persona vectors from transformer models; every step lands in a DuckDB catalog."""
 
 
-console = Console()
-err_console = Console(stderr=True)
+#: Columns of output that is not a terminal (a pipe, a file, CI logs): wide, so tables are not wrapped at Rich's 80.
+PIPE_WIDTH = 1000
+
+
+class _Console(Console):
+    """A Rich console that wraps at the terminal's width on a terminal (or at $COLUMNS), and at :data:`PIPE_WIDTH`
+    elsewhere: ``personavec runs | grep`` and logs keep one line per row."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS"):
+            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 WorkspaceOpt = Annotated[
     Path | None,
@@ -132,7 +155,9 @@ LOG_EVERY_S = 10.0
 @contextmanager
 def stage_progress(label: str, *, quiet: bool = False, every_s: float = LOG_EVERY_S) -> Iterator[Callable[..., None]]:
     """Progress of a long stage, as ``update(done, total, detail="")``: a Rich bar on a terminal; elsewhere one plain
-    line on stderr every ``every_s`` seconds and one at the end, so logs of long runs show where they are."""
+    line on stderr at the start, every ``every_s`` seconds (also while nothing finishes: a step that takes minutes on
+    a busy machine still shows it is alive) and at the end (unless that line was just printed), so logs of long runs
+    show where they are."""
     if quiet:
         yield lambda done, total, detail="": None
         return
@@ -150,24 +175,41 @@ def stage_progress(label: str, *, quiet: bool = False, every_s: float = LOG_EVER
             yield lambda done, total, detail="": bar.update(task, completed=done, total=total, detail=detail)
         return
     start = time.monotonic()
-    state: dict[str, Any] = {"logged": start - every_s, "last": None}
+    state: dict[str, Any] = {"logged": start - every_s, "last": None, "printed": None}
+    lock = threading.Lock()
+    stop = threading.Event()
 
     def line() -> None:
-        done, total, detail = state["last"]
-        text = f"{label}: {done}/{total}" + (f" {detail}" if detail else "") + f" [{time.monotonic() - start:.0f}s]"
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
+        with lock:
+            state["logged"] = time.monotonic()
+            if state["last"] is None:
+                text = f"{label}: starting"
+            else:
+                done, total, detail = state["last"]
+                text = f"{label}: {done}/{total}" + (f" {detail}" if detail else "")
+            state["printed"] = state["last"]
+            sys.stderr.write(f"{text} [{time.monotonic() - start:.0f}s]\n")
+            sys.stderr.flush()
 
     def update(done: int, total: int | None, detail: str = "") -> None:
         state["last"] = (done, total if total is not None else "?", detail)
         if time.monotonic() - state["logged"] >= every_s:
-            state["logged"] = time.monotonic()
             line()
 
+    def heartbeat() -> None:
+        while not stop.wait(min(1.0, every_s)):
+            if time.monotonic() - state["logged"] >= every_s:
+                line()
+
+    line()
+    ticker = threading.Thread(target=heartbeat, name=f"personavec-{label}-progress", daemon=True)
+    ticker.start()
     try:
         yield update
     finally:
-        if state["last"] is not None:
+        stop.set()
+        ticker.join()
+        if state["last"] is not None and state["last"] != state["printed"]:
             line()
 
 
@@ -187,6 +229,18 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             # escaped: a message quoting "[...]" (a list, a JSON key) must print as is, not as Rich markup
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            # a path the file system refuses (a 300-character name, a read-only or full disk): one line, not a
+            # traceback; a name too long is bad input (2), the rest runtime failures (1)
+            name = str(exc.filename)
+            shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+            reason = exc.strerror or str(exc)
+            if exc.errno == errno.ENAMETOOLONG:
+                reason += " (the file system allows 255 bytes per name): choose a shorter name"
+            err_console.print(f"[bold red]error:[/] {escape(shown)}: {escape(reason)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2 if exc.errno == errno.ENAMETOOLONG else 1) from None
         except KeyboardInterrupt as exc:
             code = 143 if isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated) else 130
             if isinstance(exc, RunInterrupted):

@@ -22,8 +22,9 @@ from personavec.cli.app import (
     print_table,
     workspace,
 )
+from personavec.errors import ConfigError
 from personavec.store.engine import catalog_revision, head_revision
-from personavec.store.query import run_readonly_sql
+from personavec.store.query import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT_S, check_limits, run_readonly_sql
 from personavec.store.runs import list_runs
 from personavec.workspace import init_workspace
 
@@ -145,6 +146,12 @@ def sql(
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     limit: Annotated[int, typer.Option(help="Rows shown in the table view (0 = all).")] = 200,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds the query may run (0 = no limit); Ctrl-C stops it too.")
+    ] = DEFAULT_TIMEOUT_S,
+    memory_limit: Annotated[
+        str, typer.Option("--memory-limit", help="DuckDB's memory limit for the query (512MB, 4GiB ...).")
+    ] = DEFAULT_MEMORY_LIMIT,
 ) -> None:
     """Run read-only SQL on the catalog and print every statement's result.
 
@@ -152,8 +159,11 @@ def sql(
     only read statements run. --json prints one JSON array of row objects per statement, one per line; --csv one
     block per statement, blank-line separated. A column name that repeats gets _1, _2, ... (in every view)."""
 
+    if limit < 0:
+        raise ConfigError(f"--limit must be >= 0 (0 = all rows), got {limit}")
+    check_limits(timeout, memory_limit)
     w = workspace(ws).require()
-    results = run_readonly_sql(w.catalog_path, query)
+    results = run_readonly_sql(w.catalog_path, query, timeout_s=timeout, memory_limit=memory_limit)
     for i, result in enumerate(results):
         if as_json:
             emit_json(result.records())

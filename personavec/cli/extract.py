@@ -103,6 +103,11 @@ def extract(
 
     # -- data-parallel hooks: launch the processes, or run as one of them (only rank 0 reads the workspace)
     rank, world = distributed.launched_rank()
+    # checked here too, before any process is launched or model loaded (nan passes every comparison below)
+    if flush_seconds is not None and not (0 < flush_seconds < float("inf")):
+        raise ConfigError(f"--flush-seconds must be a number of seconds > 0, got {flush_seconds}")
+    if flush_rows is not None and flush_rows < 1:
+        raise ConfigError(f"--flush-rows must be >= 1, got {flush_rows}")
     if num_processes is not None and num_processes < 1:
         raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
     if world == 1 and num_processes is not None and num_processes > 1:

@@ -172,10 +172,17 @@ def serve(
     port: Annotated[int | None, typer.Option(help="TCP port (default a free one).")] = None,
     host: Annotated[str, typer.Option(help="Listen address (no authentication: keep it on loopback).")] = "127.0.0.1",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda:0, ...")] = "auto",
+    ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Serve a local model as an OpenAI-compatible endpoint (`transformers serve`), offline, until Ctrl-C."""
+    """Serve a local model as an OpenAI-compatible endpoint (`transformers serve`), offline, until Ctrl-C.
+
+    -w is accepted like on every command (a server needs no workspace: it is not read)."""
+    from personavec.errors import ConfigError
     from personavec.serve import local_server, server_alive
+
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be a TCP port 1..65535 (or left out for a free one), got {port}")
 
     with local_server(model, port, host=host, device=device) as server:
         if as_json:

@@ -130,7 +130,7 @@ def judge(
                     result.unscored,
                     result.failures,
                     result.requested,
-                    "yes" if result.logprobs else "no",
+                    (f"{result.scored_by_logprobs} of {result.scored} scores" if result.logprobs else "not asked"),
                     f"{result.wall_s:.1f}",
                     f"{rate:.2f}",
                 ]

@@ -22,6 +22,13 @@ VectorOpt = Annotated[
         "assistant axis (7:axis); negate with 7:-axis.",
     ),
 ]
+AllowOtherModelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-model",
+        help="Use vectors from another model of the same shape (refused otherwise; recorded with the run).",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
 
@@ -86,6 +93,7 @@ def steer(
     dtype: DtypeOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Answers generated together.")] = 16,
     label: Annotated[str | None, typer.Option(help="Sweep label (default: the intervention).")] = None,
+    allow_other_model: AllowOtherModelOpt = False,
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -110,6 +118,7 @@ def steer(
         percentile=percentile,
         reference_run=cap_reference,
         reference_personas=tuple(reference_persona or ()),
+        allow_other_model=allow_other_model,
     )
     config = GenerateConfig(
         persona_set=persona_set,
@@ -151,7 +160,8 @@ def steer(
             ]
             for c, r in results
         ],
-        title=f"steered generation: {steering.label()}" + (f" (sweep {sweep_id})" if sweep_id else ""),
+        title=f"steered generation: {steering.label(coefs if sweep_id is not None else None)}"
+        + (f" (sweep {sweep_id})" if sweep_id else ""),
     )
     if sweep_id is not None:
         console.print(f"report: personavec sweep-report {sweep_id}")
@@ -206,6 +216,7 @@ def monitor(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    allow_other_model: AllowOtherModelOpt = False,
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -213,15 +224,23 @@ def monitor(
     from personavec.errors import ConfigError
     from personavec.modeling import load_model
     from personavec.steering.monitor import export_projections, project_responses, project_text
-    from personavec.steering.naming import VectorRef, resolve_vector
+    from personavec.steering.naming import VectorRef, check_model, resolve_vector
     from personavec.vectors import load_vectors
 
     if (run is None) == (text is None):
         raise ConfigError("give --run RUN (its answers) or --text TEXT")
+    if text is not None and not text.strip():
+        raise ConfigError("--text is empty: give some text to project")
     w = resolve_workspace(ws).require()
     ref = VectorRef.parse(vector)
     vset = load_vectors(ref.run_id, layer, workspace=w)
+    resolve_vector(vset, ref.expr, negate=ref.negate)  # a bad name fails before the model loads
     loaded = load_model(model or vset.model, dtype=dtype, device=device)
+    other = check_model(vset, loaded, allow_other_model=allow_other_model)
+    if other is not None:
+        err_console.print(
+            f"warning: vectors run {ref.run_id} comes from another model ({other}), as allowed", markup=False
+        )
     if run is not None:
         items = project_responses(w, loaded, run, vector, vset.layer, personas=tuple(persona or ()))
     else:

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, print_table, workspace
+from personavec.cli.app import (
+    JsonOpt,
+    WorkspaceOpt,
+    app,
+    command,
+    console,
+    emit_json,
+    err_console,
+    print_table,
+    workspace,
+)
 from personavec.errors import ConfigError
 
 LayerOpt = Annotated[int | None, typer.Option("--layer", "-l", help="Layer (default: the run's only/seed layer).")]
@@ -124,9 +134,11 @@ def report(
     config = ReportConfig(run, out_dir=out, layer=layer, defaults=tuple(default) if default else None)
     res = build_report(workspace(ws).require(), config)
     if as_json:
-        emit_json({"run_id": run, "layer": res.layer, "html": res.html, "pngs": res.pngs})
+        emit_json({"run_id": run, "layer": res.layer, "html": res.html, "pngs": res.pngs, "notes": res.notes})
     else:
         console.print(f"report of run {run} (layer {res.layer}): {res.html}")
+        for note in res.notes:
+            err_console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _run_spec(spec: str) -> tuple[int, int | None]:

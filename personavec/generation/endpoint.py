@@ -25,10 +25,12 @@ import concurrent.futures
 import contextvars
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import httpx2
 import openai
@@ -45,6 +47,11 @@ RETRY_STATUSES = frozenset({408, 409, 429})
 
 
 REDACTED = "<redacted>"  # no square brackets: Rich would read them as markup
+#: What is stored of one answer: at most this many UTF-8 bytes per requested token (``max_tokens``), and never more
+#: than :data:`MAX_ANSWER_BYTES`; a longer answer is cut and stored with ``finish_reason`` "truncated".
+MAX_BYTES_PER_TOKEN = 64
+MAX_ANSWER_BYTES = 1 << 20
+TRUNCATED = "truncated"
 
 
 @dataclass(frozen=True)
@@ -186,15 +193,33 @@ class ChatEndpoint:
         if not isinstance(text, str):
             text = ""  # a refusal/tool call with no text content is still an (empty) answer
         usage = data.get("usage") or {}
+        finish, model, logprobs = choices[0].get("finish_reason"), data.get("model"), choices[0].get("logprobs")
+        # An endpoint may echo a key in a 200 answer too: every field that is stored is redacted (before any cut, so
+        # that no part of a key survives one).
+        if any(secret.encode() in body for secret in self._secrets):
+            text = self._redact(text)
+            finish, model = (self._redact(v) if isinstance(v, str) else v for v in (finish, model))
+            if logprobs is not None:
+                logprobs = json.loads(self._redact(json.dumps(logprobs)))
+        # What is stored is bounded by what was asked: max_tokens tokens, at most MAX_ANSWER_BYTES.
+        limit = min(MAX_ANSWER_BYTES, max(int(self.config.max_tokens), 1) * MAX_BYTES_PER_TOKEN)
+        if len(body) > limit:
+            raw = text.encode("utf-8")
+            if len(raw) > limit:
+                text, finish = raw[:limit].decode("utf-8", "ignore"), TRUNCATED
+            if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+                logprobs = {**logprobs, "content": logprobs["content"][:1]}  # the judge reads the first token only
+            if len(json.dumps(logprobs)) > MAX_ANSWER_BYTES:
+                logprobs = None
         return Completion(
             text=text,
-            finish_reason=choices[0].get("finish_reason"),
+            finish_reason=finish if not isinstance(finish, str) else finish[:64],
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             latency_s=latency,
-            model_reported=data.get("model"),
+            model_reported=model if not isinstance(model, str) else model[:256],
             attempts=attempts,
-            logprobs=choices[0].get("logprobs"),
+            logprobs=logprobs,
         )
 
     async def complete(self, system_prompt: str | None, question: str) -> Completion:
@@ -313,12 +338,48 @@ async def ask_all(
 ) -> None:
     """Ask ``n_jobs`` jobs over one client per base URL of ``config`` (with its key from ``keys``), closing the clients
     however it ends."""
+    for url in config.base_urls:
+        await check_reachable(url, min(config.timeout_s, CONNECT_CHECK_S))
     endpoints = [ChatEndpoint(config, keys.get(url), base_url=url, extra_body=extra_body) for url in config.base_urls]
     try:
         await _worker_pool(endpoints, jobs, n_jobs, config.concurrency, on_result)
     finally:
         for endpoint in endpoints:
             await endpoint.aclose()
+
+
+#: Seconds the first connection to each endpoint may take before the run stops (the client's retries would wait
+#: out every attempt's full timeout, minutes in all, saying nothing).
+CONNECT_CHECK_S = 10.0
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
+
+
+async def check_reachable(url: str, timeout_s: float) -> None:
+    """Fail at once when nothing can answer at ``url``: connection refused, an unknown host, no route, or no
+    connection within ``timeout_s`` (skipped behind a proxy, where the proxy connects)."""
+    if any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARS):
+        return
+    parsed = urlparse(url)
+    host = parsed.hostname or ""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    where = f"{url}: {host}:{port}"
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except ConnectionRefusedError:
+        raise EndpointError(
+            f"{where} refused the connection: nothing is listening there. Start the server, or check --base-url"
+        ) from None
+    except TimeoutError:
+        raise EndpointError(
+            f"{where} accepted no connection within {timeout_s:g} s: check --base-url, the network or a firewall"
+        ) from None
+    except OSError as exc:  # unknown host (gaierror), no route, network down
+        raise EndpointError(f"{where} cannot be reached: {exc.strerror or exc}. Check --base-url") from None
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
 
 
 def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:

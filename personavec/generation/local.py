@@ -277,7 +277,8 @@ def run_local_generation(
                 catalog,
                 config_dict(config),
                 detail,
-                spec=dataclasses.asdict(config.steering),
+                spec=dataclasses.asdict(config.steering)
+                | ({"other_model": plan.other_model} if plan.other_model else {}),
                 vector_run_id=plan.vector_run_id,
                 layers=[
                     InterventionLayerRow(iv.layer, iv.scale, iv.as_numpy(), iv.unit_norm, iv.tau, iv.n_reference_tokens)
@@ -422,6 +423,8 @@ def run_sweep(
     coefs = [float(c) for c in coefs]
     if not coefs or len(set(coefs)) != len(coefs):
         raise ConfigError(f"a sweep needs distinct coefficients, got {coefs}")
+    # every setting is validated before any work: a bad last coefficient must not cost the first runs
+    steerings = [dataclasses.replace(config.steering, coef=coef) for coef in coefs]
     start = time.perf_counter()
     loaded = loaded or load_for(config)
     sweep_id = create_sweep(
@@ -431,8 +434,7 @@ def run_sweep(
         config={"coefs": coefs, "generate": config_dict(config)},
     )
     runs = []
-    for coef in coefs:
-        steering = dataclasses.replace(config.steering, coef=coef)
+    for coef, steering in zip(coefs, steerings, strict=True):
         result = run_local_generation(
             ws, dataclasses.replace(config, steering=steering), progress=progress, loaded=loaded, sweep_id=sweep_id
         )

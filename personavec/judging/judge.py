@@ -37,7 +37,7 @@ from typing import Any
 from personavec.config import OPENROUTER_BASE_URL, config_dict, config_from_dict
 from personavec.errors import ConfigError, EndpointError, RequestFailed
 from personavec.generation.config import DEFAULT_KEY_ENV, GenerateConfig
-from personavec.generation.endpoint import ChatEndpoint, Completion, Job, ask_all, redact, run_sync
+from personavec.generation.endpoint import ChatEndpoint, Completion, Job, ask_all, check_reachable, redact, run_sync
 from personavec.judging.rubrics import BUILTIN_RUBRICS, Rubric, resolve_rubric
 from personavec.judging.scores import SCORE_MODES, score_answer
 from personavec.workspace import Workspace
@@ -195,6 +195,7 @@ class JudgeResult:
     logprobs: bool
     wall_s: float
     error: str | None = None
+    scored_by_logprobs: int = 0  # scores read from logprobs (the rest of ``scored`` were parsed from the text)
 
 
 @dataclass(frozen=True)
@@ -347,8 +348,7 @@ def run_judge(
         if jobs:
             run_sync(main)
     except EndpointError as exc:
-        if resume is None and js.discard_empty_judge_run(catalog, run_id):
-            raise
+        # kept as failed (with whatever was judged), as docs/judge.md says: the run records what was tried
         js.finish_judge_run(catalog, run_id, "failed", str(exc))
         raise EndpointError(f"{exc} [judge run {run_id} stopped; resume with --resume {run_id}]") from None
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -379,6 +379,7 @@ def run_judge(
         logprobs=asked_logprobs,
         wall_s=time.perf_counter() - start,
         error=error,
+        scored_by_logprobs=counts["by_logprobs"],
     )
 
 
@@ -391,6 +392,7 @@ async def _probe(
     """Ask the first pair with logprobs; if the endpoint refuses the request, ask it again without them and go on
     parsing answers (some servers reject ``logprobs``). Returns whether the rest should ask for logprobs."""
     endpoint_config = config.endpoint
+    await check_reachable(config.base_url, min(endpoint_config.timeout_s, 10.0))  # refused: fail now, not in minutes
 
     async def ask(extra: Mapping[str, Any] | None) -> Completion | RequestFailed:
         endpoint = ChatEndpoint(endpoint_config, keys.get(config.base_url), extra_body=extra)

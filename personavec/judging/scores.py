@@ -66,7 +66,12 @@ def _top_logprobs(logprobs: Any) -> tuple[str, dict[str, float]] | None:
             and isinstance(alt.get("token"), str)
             and isinstance(alt.get("logprob"), int | float)
         ):
-            probs[alt["token"]] = probs.get(alt["token"], 0.0) + math.exp(alt["logprob"])
+            logprob = float(alt["logprob"])
+            # a log-probability is <= 0 (a little above from rounding); NaN or 1e308 is a broken endpoint: its
+            # logprobs are not used (the score is parsed from the text, as without logprobs)
+            if math.isnan(logprob) or logprob > 1e-3:
+                return None
+            probs[alt["token"]] = probs.get(alt["token"], 0.0) + math.exp(min(logprob, 0.0))
     return (str(first.get("token", "")), probs) if probs else None
 
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from personavec.errors import ConfigError
-from personavec.steering.naming import VectorRef, resolve_vector, unit_norm
+from personavec.steering.naming import VectorRef, check_model, resolve_vector, unit_norm
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,8 @@ class SteeringConfig:
         reference_run: ``cap`` without ``tau``: a responses run (generate / ingest-responses) or an extract run (its
             responses run) whose answer tokens give the projections.
         reference_personas: only these personas' answers of the reference run (empty = all).
+        allow_other_model: steer a model other than the one the vectors come from (same shape; refused otherwise,
+            see :func:`check_model`); recorded with the run.
 
     Example: ``SteeringConfig("7:mystic-default", coef=4.0, layers=(20,))``; capping along the drift direction at the
     25th percentile of run 3's answers: ``SteeringConfig("7:-axis", kind="cap", reference_run=3)``.
@@ -98,6 +100,7 @@ class SteeringConfig:
     percentile: float = DEFAULT_CAP_PERCENTILE
     reference_run: int | None = None
     reference_personas: tuple[str, ...] = ()
+    allow_other_model: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers or ()))
@@ -204,6 +207,7 @@ class SteeringPlan:
     vector_model: str
     tau_source: str | None = None
     reference_run_id: int | None = None
+    other_model: str | None = None  # how the steered model differs from the vectors' (allowed by allow_other_model)
 
 
 def plan_steering(
@@ -240,7 +244,10 @@ def plan_steering(
     first = load_vectors(ref.run_id, config.layers[0] if config.layers else None, workspace=ws)
     layers = config.layers or (first.layer,)
     check(layers)
-    if first.d_model != d_model:
+    other_model = None
+    if loaded is not None:
+        other_model = check_model(first, loaded, allow_other_model=config.allow_other_model)
+    elif first.d_model != d_model:
         raise ConfigError(
             f"vectors run {ref.run_id} has d_model {first.d_model} ({first.model}), the model has {d_model}: "
             f"steer with vectors of the same model"
@@ -250,6 +257,11 @@ def plan_steering(
         raise ConfigError(
             f"vectors run {ref.run_id} comes from a model with {n_model_layers} layers ({first.model}), this one "
             f"has {n_layers}"
+        )
+    if config.kind == "cap" and len(config.tau) > 1 and len(config.tau) != len(layers):
+        raise ConfigError(
+            f"--tau was given {len(config.tau)} times for {len(layers)} layer(s) ({', '.join(map(str, layers))}): "
+            f"give one threshold, or one per --layer"
         )
     vsets = {first.layer: first}
     for layer in layers:
@@ -315,6 +327,7 @@ def plan_steering(
         vector_model=first.model,
         tau_source=tau_source,
         reference_run_id=reference_run_id,
+        other_model=other_model,
     )
 
 

@@ -221,7 +221,7 @@ def project_responses(
                 label=f"{r.persona} / q{r.question_position} / s{r.sample_index}",
                 layer=vset.layer,
                 vector=str(ref),
-                tokens=tuple(loaded.tokenizer.convert_ids_to_tokens(ids[s:e])),
+                tokens=token_texts(loaded.tokenizer, ids[s:e]),
                 values=vals[s:e, 0],
                 response_id=r.id,
                 persona=r.persona,
@@ -230,6 +230,12 @@ def project_responses(
             )
         )
     return out
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> tuple[str, ...]:
+    """Each token as the text it stands for (``" hello"``, not the byte-level BPE symbol ``"Ġhello"``); a token that
+    is part of a multi-byte character shows as U+FFFD."""
+    return tuple(tokenizer.decode([int(i)]) for i in ids)
 
 
 def project_text(
@@ -243,12 +249,14 @@ def project_text(
         from personavec.spans import render
 
         ids = render(loaded.tokenizer, list(text)).input_ids
+    if not ids:
+        raise ConfigError(f"{label} has no tokens to project (an empty text)")
     (vals,) = token_projections(loaded, [ids], {layer: direction})
     return TextProjection(
         label=label,
         layer=layer,
         vector="given",
-        tokens=tuple(loaded.tokenizer.convert_ids_to_tokens(ids)),
+        tokens=token_texts(loaded.tokenizer, ids),
         values=vals[:, 0],
     )
 

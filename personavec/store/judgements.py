@@ -161,32 +161,20 @@ def judgement_counts(catalog: Catalog, run_id: int) -> dict[str, int]:
         """
         SELECT count(*) FILTER (WHERE score IS NOT NULL),
                count(*) FILTER (WHERE score IS NULL AND raw_output IS NOT NULL),
-               count(*) FILTER (WHERE raw_output IS NULL)
+               count(*) FILTER (WHERE raw_output IS NULL),
+               count(*) FILTER (WHERE score IS NOT NULL AND method = 'logprobs')
         FROM judgements WHERE run_id = :run
         """
     )
     with catalog.session() as session:
-        scored, unscored, failed = session.execute(q, {"run": run_id}).one()
-    return {"scored": scored, "unscored": unscored, "failed": failed}
+        scored, unscored, failed, by_logprobs = session.execute(q, {"run": run_id}).one()
+    return {"scored": scored, "unscored": unscored, "failed": failed, "by_logprobs": by_logprobs}
 
 
 def finish_judge_run(catalog: Catalog, run_id: int, status: str, error: str | None = None) -> None:
     """Mark the run done/failed/interrupted."""
     with catalog.session() as session:
         finish_run(session, run_id, status, error)
-
-
-def discard_empty_judge_run(catalog: Catalog, run_id: int) -> bool:
-    """Delete a judge run without any judgement (bad input stopped it before the first answer). Two transactions,
-    detail row first, for DuckDB's foreign keys (see ``store.generation.discard_empty_run``)."""
-    with catalog.session() as session:
-        n = session.scalar(sa.select(sa.func.count()).select_from(m.Judgement).where(m.Judgement.run_id == run_id))
-        if n:
-            return False
-        session.execute(sa.delete(m.JudgeRun).where(m.JudgeRun.run_id == run_id))
-    with catalog.session() as session:
-        session.execute(sa.delete(m.Run).where(m.Run.id == run_id, m.Run.kind == "judge"))
-    return True
 
 
 _CANDIDATES = """

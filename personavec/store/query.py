@@ -17,6 +17,10 @@ closes the process's shared catalog (:func:`personavec.store.engine.close_catalo
 
 from __future__ import annotations
 
+import re
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from personavec.errors import CatalogError, QueryError
+from personavec.errors import CatalogError, ConfigError, QueryError, QueryLimitError
 from personavec.store.engine import close_catalog, lock_timeout, translate_error, with_lock_retry
 
 # Set when the connection opens; lock_configuration (last) forbids any later SET/PRAGMA/RESET of any option.
@@ -36,6 +40,12 @@ LOCKED_CONFIG: dict[str, str | bool | int | float | list[str]] = {
     "allow_unsigned_extensions": False,
     "lock_configuration": True,
 }
+#: Defaults of ``personavec sql``: seconds a query may run, and DuckDB's memory limit for it.
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_MEMORY_LIMIT = "4GB"
+_MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*(B|[KMGT]i?B)\s*$", re.IGNORECASE)
+#: Rows converted to Python per fetch: between batches a stop (timeout, Ctrl-C) is noticed.
+_FETCH_ROWS = 10_000
 # By name: the duckdb 1.4 type stubs spell the members differently (SELECT_STATEMENT) from the module (SELECT).
 READ_STATEMENTS = frozenset({"SELECT", "EXPLAIN"})
 
@@ -78,21 +88,36 @@ class SqlResult:
         return [dict(zip(keys, row, strict=True)) for row in self.rows]
 
 
-def run_readonly_sql(catalog_path: Path, query: str) -> list[SqlResult]:
+def check_limits(timeout_s: float | None, memory_limit: str | None) -> None:
+    """Refuse a bad ``timeout_s`` (a number >= 0; 0 or None: no limit) or ``memory_limit`` (``"512MB"``, ``"4GiB"``)."""
+    if timeout_s is not None and not (timeout_s >= 0 and timeout_s != float("inf")):
+        raise ConfigError(f"--timeout must be a number of seconds >= 0 (0: no limit), got {timeout_s}")
+    if memory_limit is not None and not _MEMORY.match(memory_limit):
+        raise ConfigError(f"--memory-limit must be a size such as 512MB or 4GiB, got {memory_limit!r}")
+
+
+def run_readonly_sql(
+    catalog_path: Path, query: str, *, timeout_s: float | None = None, memory_limit: str | None = None
+) -> list[SqlResult]:
     """Run ``query`` (one or more read statements separated by ``;``) on the catalog file, read-only and locked
     down (see the module docstring); returns one :class:`SqlResult` per statement, in order.
 
     Every statement is checked before any runs. Raises :class:`QueryError` (exit 2) for an empty query, a syntax
     error, a statement that is not a read, or a query that fails on its own terms or tries to reach outside the
-    catalog; :class:`CatalogError` (or its locked/corrupt subclasses) when the file cannot be read.
+    catalog; :class:`QueryLimitError` (exit 1) past ``timeout_s`` seconds (all statements together; None or 0: no
+    limit) or DuckDB's ``memory_limit``; :class:`CatalogError` (or its locked/corrupt subclasses) when the file
+    cannot be read. The query runs in a worker thread: Ctrl-C or SIGTERM in the main thread interrupts it at once.
 
     Example::
 
         >>> [r.rows for r in run_readonly_sql(ws.catalog_path, "SELECT 1 AS a; SELECT 2 AS a")]
         [[(1,)], [(2,)]]
     """
+    check_limits(timeout_s, memory_limit)
     if not query.strip():
         raise QueryError("empty SQL query")
+    config: dict[str, Any] = {"memory_limit": memory_limit} if memory_limit else {}
+    config |= LOCKED_CONFIG  # lock_configuration last
     path = Path(catalog_path)
     if not path.is_file():
         raise CatalogError(f"catalog {path} does not exist")
@@ -100,7 +125,7 @@ def run_readonly_sql(catalog_path: Path, query: str) -> list[SqlResult]:
     try:
         # A writer in another process holds the file only for one unit of work: wait it out like any reader.
         con = with_lock_retry(
-            lambda: duckdb.connect(str(path), read_only=True, config=LOCKED_CONFIG), lock_timeout(read_only=True)
+            lambda: duckdb.connect(str(path), read_only=True, config=config), lock_timeout(read_only=True)
         )
     except duckdb.ConnectionException as exc:
         raise CatalogError(
@@ -111,9 +136,49 @@ def run_readonly_sql(catalog_path: Path, query: str) -> list[SqlResult]:
         raise translate_error(exc, path) from exc
     try:
         statements = _read_statements(con, query)
-        return [_run(con, stmt, text, path) for stmt, text in statements]
+        stop = threading.Event()
+        return _supervised(
+            con, lambda: [_run(con, stmt, text, path, stop) for stmt, text in statements], stop, timeout_s
+        )
     finally:
         con.close()
+
+
+def _supervised(
+    con: duckdb.DuckDBPyConnection, work: Callable[[], Any], stop: threading.Event, timeout_s: float | None
+):
+    """``work()`` in a worker thread while this thread waits in short steps, so that Ctrl-C / SIGTERM (delivered to
+    the main thread) and the time limit interrupt DuckDB (``con.interrupt()``) within a fraction of a second."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="personavec-sql", daemon=True)
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.05)
+            if deadline is not None and time.monotonic() > deadline and worker.is_alive():
+                stop.set()
+                con.interrupt()
+                worker.join(5)
+                raise QueryLimitError(
+                    f"SQL stopped after the time limit of {timeout_s:g} s: narrow the query (WHERE, LIMIT) or give "
+                    f"personavec sql --timeout SECONDS (0: no limit)"
+                )
+    except KeyboardInterrupt:
+        stop.set()
+        con.interrupt()
+        worker.join(5)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _read_statements(con: duckdb.DuckDBPyConnection, query: str) -> list[tuple[duckdb.Statement, str]]:
@@ -136,7 +201,9 @@ def _read_statements(con: duckdb.DuckDBPyConnection, query: str) -> list[tuple[d
     return out
 
 
-def _run(con: duckdb.DuckDBPyConnection, stmt: duckdb.Statement, text: str, path: Path) -> SqlResult:
+def _run(
+    con: duckdb.DuckDBPyConnection, stmt: duckdb.Statement, text: str, path: Path, stop: threading.Event | None = None
+) -> SqlResult:
     try:
         cursor = con.execute(stmt)
         description = cursor.description or []
@@ -145,7 +212,17 @@ def _run(con: duckdb.DuckDBPyConnection, stmt: duckdb.Statement, text: str, path
         if any("TIMESTAMP WITH TIME ZONE" in str(d[1]) for d in description):
             rows = _arrow_rows(cursor.fetch_arrow_table())
         else:
-            rows = cursor.fetchall()
+            rows = []
+            while batch := cursor.fetchmany(_FETCH_ROWS):
+                rows.extend(batch)
+                if stop is not None and stop.is_set():
+                    raise QueryLimitError("SQL stopped")
+    except duckdb.OutOfMemoryException as exc:
+        raise QueryLimitError(
+            f"SQL stopped: the query needs more than the memory limit "
+            f"({_one_line(exc).split(' Possible solutions')[0]}); narrow it, or give "
+            f"personavec sql --memory-limit SIZE"
+        ) from exc
     except _QUERY_ERRORS as exc:
         raise QueryError(f"SQL failed: {_one_line(exc)}") from exc
     except duckdb.Error as exc:

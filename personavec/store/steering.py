@@ -194,7 +194,9 @@ def get_sweep(catalog: Catalog, sweep_id: int) -> SweepInfo:
     with catalog.session() as session:
         sweep = session.get(m.SteeringSweep, sweep_id)
         if sweep is None:
-            raise NotFoundError(f"sweep {sweep_id} does not exist: `personavec steer sweeps` lists them")
+            raise NotFoundError(
+                f"sweep {sweep_id} does not exist: `personavec sql 'SELECT * FROM steering_sweeps'` lists them"
+            )
         runs = tuple(SweepRun(r[0], r[1], r[2]) for r in session.execute(q, {"sweep": sweep_id}))
         return SweepInfo(sweep.id, sweep.label, sweep.parameter, json.loads(sweep.config), runs)
 
