@@ -14,7 +14,7 @@ from tiny_models import template_tokenizer, tiny_config
 
 from personavec.cli import app
 from personavec.errors import ConfigError
-from personavec.steering import resolve_vector
+from personavec.steering.naming import resolve_vector
 from personavec.store.runs import list_runs
 from personavec.vectors import VectorConfig, VectorSet, compute_vectors
 
@@ -341,7 +341,7 @@ def _answers(ws) -> list[tuple]:
 
 
 def _gen_config(server, **kw):
-    from personavec.generate import GenerateConfig
+    from personavec.generation.config import GenerateConfig
 
     base = {"personas": ("default",), "questions": (0, 1), "model": "fault-model", "base_url": server.base_url}
     return GenerateConfig(**{**base, "timeout_s": 10.0, **kw})
@@ -350,7 +350,8 @@ def _gen_config(server, **kw):
 def test_a_30_mb_answer_is_stored_bounded_by_max_tokens_and_marked_truncated(workspace):
     from fault_server import FaultServer
 
-    from personavec.generate import MAX_BYTES_PER_TOKEN, TRUNCATED, run_generation
+    from personavec.generation.endpoint import MAX_BYTES_PER_TOKEN, TRUNCATED
+    from personavec.generation.generate import run_generation
 
     huge = "é" + "word " * 6_000_000  # 30 MB for max_tokens 8
     with FaultServer(lambda *_: ("reply", huge, None)) as server:
@@ -365,7 +366,7 @@ def test_a_30_mb_answer_is_stored_bounded_by_max_tokens_and_marked_truncated(wor
 def test_a_key_echoed_in_a_200_answer_is_redacted_in_every_stored_field(workspace, monkeypatch):
     from fault_server import FaultServer
 
-    from personavec.generate import run_generation
+    from personavec.generation.generate import run_generation
 
     monkeypatch.setenv("PV_TEST_KEY", "sk-secret-echo-123")
     with FaultServer(lambda *_: ("reply", "your key is sk-secret-echo-123, keep it", None)) as server:
