@@ -139,9 +139,11 @@ def test_vectors_of_another_model_are_refused_unless_allowed_and_recorded(cli, w
     config = get_run(workspace.catalog(), run_id).config
     assert config["steering"]["allow_other_model"] is True
 
-    # the model the vectors come from needs no flag
-    res = cli.invoke(app, [*steer, "--model", models[0], *local, *pick, "--json"])
+    # the model the vectors come from needs no flag; a sweep over 0 and 2 is titled with both (was "x0")
+    sweep = ["steer", *w, "--vector", f"{vectors_of_first}:storyteller-default", "--layer", "2"]
+    res = cli.invoke(app, [*sweep, "--coef", "0", "--coef", "2", "--model", models[0], *local, *pick])
     assert res.exit_code == 0, res.output
+    assert "x0,2 @2" in res.output
 
 
 # ------------------------------------------------------------------------------------------------ tracebacks

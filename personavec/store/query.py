@@ -146,7 +146,7 @@ def run_readonly_sql(
 
 def _supervised(
     con: duckdb.DuckDBPyConnection, work: Callable[[], Any], stop: threading.Event, timeout_s: float | None
-):
+) -> Any:
     """``work()`` in a worker thread while this thread waits in short steps, so that Ctrl-C / SIGTERM (delivered to
     the main thread) and the time limit interrupt DuckDB (``con.interrupt()``) within a fraction of a second."""
     box: dict[str, Any] = {}
