@@ -45,7 +45,7 @@ def config_from_dict(cls: type[C], data: dict[str, Any], **overrides: Any) -> C:
     return cls(**{k: v for k, v in data.items() if k in names} | overrides)
 
 
-#: Names the vector syntax (``RUN:NAME``, see ``personavec.steering``) gives a meaning of its own: no persona or
+#: Names the vector syntax (``RUN:NAME``, see ``personavec.steering.naming``) gives a meaning of its own: no persona or
 #: persona group may take them, so that ``RUN:axis`` always means the assistant axis.
 RESERVED_NAMES = ("axis",)
 _BIDI_CONTROLS = ("LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI")
