@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,13 @@ def sql_examples(vectors_run_id: int, extract_run_id: int, generate_run_id: int)
     ]
 
 
-def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None = None) -> DemoResult:
-    """Run serve -> generate -> extract -> vectors -> report on the embedded model; ``log`` receives each line."""
+def run_demo(
+    config: DemoConfig | None = None, log: Callable[[str], None] | None = None, *, server: Any = None
+) -> DemoResult:
+    """Run serve -> generate -> extract -> vectors -> report on the embedded model; ``log`` receives each line.
+
+    ``server``: an already running :class:`personavec.serve.LocalServer` on the embedded model to generate with
+    (the tests share one); by default the demo starts its own and stops it after generating."""
     from personavec.extract import ExtractConfig, run_extraction
     from personavec.generate import GenerateConfig, run_generation
     from personavec.report import ReportConfig, build_report
@@ -118,7 +124,8 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
     personas = config.personas
     questions = tuple(range(config.n_questions))
     t = step(2, f"serving {EMBEDDED_MODEL} locally (transformers serve, offline)")
-    with local_server(EMBEDDED_MODEL, device=config.device) as server:
+    serving = nullcontext(server) if server is not None else local_server(EMBEDDED_MODEL, device=config.device)
+    with serving as server:
         say(f"      server up at {server.base_url} in {time.perf_counter() - t:.1f}s")
         t = step(
             3,
