@@ -211,6 +211,32 @@ def make_extraction_run(tmp_path: Path):
     return make
 
 
+# ------------------------------------------------------------------------------ tiny random-weight models
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where this session's tiny models live (tests/tiny_models.py builds each one once per process)."""
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_root: Path) -> str:
+    """The directory of the 4-layer, 64-wide random llama with a ChatML template."""
+    from tiny_models import tiny_model_dir
+
+    return str(tiny_model_dir(tiny_root, "llama", "chatml"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_llama: str):
+    """``tiny_llama`` loaded once per session (float32, CPU): pass it as ``loaded=`` to the stages that take one
+    instead of loading the model again. Tests that change a model's weights load their own."""
+    from personavec.modeling import load_model
+
+    return load_model(tiny_llama, dtype="float32", device="cpu")
+
+
 # ------------------------------------------------------------------------------ the embedded model, served once
 
 
