@@ -249,3 +249,13 @@ def embedded_server():
 
     with local_server(device="cpu") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def embedded_loaded():
+    """The embedded model (SmolLM2-135M-Instruct) loaded once per session (float32, CPU), for the tests whose
+    behaviour depends on a real model's answers (steering, the pirate trait). Only hooks may be added to it (removed
+    after use), never its weights changed. Keep its users in the ``embedded-loaded`` xdist group."""
+    from personavec.modeling import load_model
+
+    return load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
