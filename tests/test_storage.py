@@ -250,6 +250,7 @@ def _child(workspace, config: ExtractConfig, mode: str, sleep: float) -> subproc
     )
 
 
+@pytest.mark.slow  # a child process that imports torch and loads the model, then kill -9
 def test_kill_9_keeps_rows_made_durable_by_time(workspace, tmp_path: Path, tiny_root: Path, tiny_loaded) -> None:
     run = _responses(workspace, tmp_path, n_personas=6, n_questions=8)  # 48 answers
     # one shard holds every row: before this change nothing was durable until the whole run was
@@ -278,6 +279,7 @@ def test_kill_9_keeps_rows_made_durable_by_time(workspace, tmp_path: Path, tiny_
         np.testing.assert_allclose(value, b[key], atol=1e-5)
 
 
+@pytest.mark.slow  # a child process that imports torch and loads the model, then kill -9
 def test_written_unit_not_yet_marked_done_is_adopted_after_kill_9(
     workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
 ) -> None:
