@@ -22,11 +22,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/personavec demo
 
+# Two pytest-xdist workers (one a core on the 2-core build machines); tests sharing the embedded-model server stay in
+# one worker (--dist loadgroup). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check personavec tests scripts migrations

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,8 +125,13 @@ def _ticking(say: Callable[[str], None], what: str, every_s: float = TICK_S) -> 
         thread.join()
 
 
-def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None = None) -> DemoResult:
-    """Run serve -> generate -> extract -> vectors -> report on the embedded model; ``log`` receives each line."""
+def run_demo(
+    config: DemoConfig | None = None, log: Callable[[str], None] | None = None, *, server: Any = None
+) -> DemoResult:
+    """Run serve -> generate -> extract -> vectors -> report on the embedded model; ``log`` receives each line.
+
+    ``server``: an already running :class:`personavec.serve.LocalServer` on the embedded model to generate with
+    (the tests share one); by default the demo starts its own and stops it after generating."""
     from personavec.extract import ExtractConfig, run_extraction
     from personavec.generation.config import GenerateConfig
     from personavec.generation.generate import run_generation
@@ -150,7 +155,8 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] | None
     personas = config.personas
     questions = tuple(range(config.n_questions))
     t = step(2, f"serving {EMBEDDED_MODEL} locally (transformers serve, offline)")
-    with local_server(EMBEDDED_MODEL, device=config.device) as server:
+    serving = nullcontext(server) if server is not None else local_server(EMBEDDED_MODEL, device=config.device)
+    with serving as server:
         say(f"      server up at {server.base_url} in {time.perf_counter() - t:.1f}s")
         t = step(
             3,

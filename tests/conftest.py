@@ -1,9 +1,11 @@
-"""Shared fixtures: fresh workspaces in tmp_path, seeded RNGs, in-process CLI runner."""
+"""Shared fixtures: fresh workspaces in tmp_path (copied from one template made per session), seeded RNGs, in-process
+CLI runner."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,10 +51,23 @@ def hold_catalog():
     return _hold
 
 
+@pytest.fixture(scope="session")
+def template_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One workspace made by ``init_workspace`` per session (per xdist worker): the Alembic migrations and the built-in
+    sets' ingest run once, not once a test. ``init_workspace`` itself and the migrations are tested in
+    test_store_schema.py and test_cli_core.py on workspaces of their own."""
+    root = tmp_path_factory.mktemp("template") / "ws"
+    init_workspace(root)  # closes the catalog: the file is complete on disk (no write-ahead log left)
+    return root
+
+
 @pytest.fixture
-def workspace(tmp_path: Path) -> Workspace:
-    """A fresh workspace at the head schema with the built-in persona and question sets."""
-    return init_workspace(tmp_path / "ws")
+def workspace(tmp_path: Path, template_workspace: Path) -> Workspace:
+    """A fresh workspace at the head schema with the built-in persona and question sets: a copy of the session's
+    template, exactly what ``init_workspace(tmp_path / "ws")`` would make."""
+    root = tmp_path / "ws"
+    shutil.copytree(template_workspace, root)
+    return Workspace.resolve(root)
 
 
 @pytest.fixture
@@ -196,3 +211,53 @@ def make_extraction_run(tmp_path: Path):
         return SyntheticExtraction(ws, run_id, resp.run_id, tuple(layers), d_model, examples_info, data)
 
     return make
+
+
+# ------------------------------------------------------------------------------ tiny random-weight models
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where this session's tiny models live (tests/tiny_models.py builds each one once per process)."""
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_root: Path) -> str:
+    """The directory of the 4-layer, 64-wide random llama with a ChatML template."""
+    from tiny_models import tiny_model_dir
+
+    return str(tiny_model_dir(tiny_root, "llama", "chatml"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_llama: str):
+    """``tiny_llama`` loaded once per session (float32, CPU): pass it as ``loaded=`` to the stages that take one
+    instead of loading the model again. Tests that change a model's weights load their own."""
+    from personavec.modeling import load_model
+
+    return load_model(tiny_llama, dtype="float32", device="cpu")
+
+
+# ------------------------------------------------------------------------------ the embedded model, served once
+
+
+@pytest.fixture(scope="session")
+def embedded_server():
+    """One ``transformers serve`` on the embedded model (CPU) for the whole session (per xdist worker): the serve,
+    judge and demo tests that only talk to a server share it; the tests of ``personavec serve`` itself (SIGINT,
+    SIGKILL of the command) still start their own. Keep the tests that use it in the ``embedded`` xdist group."""
+    from personavec.serve import local_server
+
+    with local_server(device="cpu") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def embedded_loaded():
+    """The embedded model (SmolLM2-135M-Instruct) loaded once per session (float32, CPU), for the tests whose
+    behaviour depends on a real model's answers (steering, the pirate trait). Only hooks may be added to it (removed
+    after use), never its weights changed. Keep its users in the ``embedded-loaded`` xdist group."""
+    from personavec.modeling import load_model
+
+    return load_model("smollm2-135m-instruct", dtype="float32", device="cpu")

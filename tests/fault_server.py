@@ -10,6 +10,11 @@ headers, as some proxies do), ``("reply", text, logprobs)`` (a 200 answer with t
 (lower-case names) and ``server.bodies`` every request's JSON body.
 
 Connections are kept alive (HTTP/1.1), as real servers (vLLM, SGLang, TGI, transformers serve) keep them.
+
+Retryable error statuses (408, 409, 429, 5xx) carry ``retry-after-ms: <retry_after_ms>`` (default 10) unless the
+script sets its own ``Retry-After``/``retry-after-ms``: the ``openai`` client then retries after 10 ms instead of its
+exponential backoff (0.5 s, 1 s, 2 s...), which only slowed the tests down. ``FaultServer(retry_after_ms=None)``
+sends no such header (the client's own backoff applies, as it does after a dropped connection or a timeout).
 """
 
 from __future__ import annotations
@@ -49,9 +54,10 @@ def answer_for(body: dict) -> str:
 class FaultServer:
     """Start with ``with FaultServer(script) as server:``; ``server.base_url`` ends in ``/v1``."""
 
-    def __init__(self, script: Script = always_ok, model: str = "fault-model") -> None:
+    def __init__(self, script: Script = always_ok, model: str = "fault-model", retry_after_ms: int | None = 10) -> None:
         self.script = script
         self.model = model
+        self.retry_after_ms = retry_after_ms
         self.lock = threading.Lock()
         self.attempts: Counter[str] = Counter()
         self.requests = 0
@@ -149,7 +155,12 @@ class FaultServer:
                 self.send_response(code)
                 self.send_header("content-type", ctype)
                 self.send_header("content-length", str(len(data)))
-                for k, v in (headers or {}).items():
+                headers = dict(headers or {})
+                retryable = code in (408, 409, 429) or code >= 500
+                told = any(k.lower() in ("retry-after", "retry-after-ms") for k in headers)
+                if retryable and not told and outer.retry_after_ms is not None:
+                    headers["retry-after-ms"] = outer.retry_after_ms
+                for k, v in headers.items():
                     self.send_header(k, str(v))
                 self.end_headers()
                 self.wfile.write(data)

@@ -127,15 +127,11 @@ def test_compare_models_same_and_different_width(rng):
         compare_models({"m1": base, "m2": {"a": base["a"], "b": base["b"]}})
 
 
-@pytest.mark.slow
-def test_project_transcripts_one_value_per_assistant_turn(tmp_path):
-    from tiny_models import tiny_model_dir
-
+def test_project_transcripts_one_value_per_assistant_turn(tiny_loaded):
     from personavec.analysis import project_transcripts
-    from personavec.modeling import load_model
     from personavec.spans import render
 
-    loaded = load_model(str(tiny_model_dir(tmp_path, "llama")), dtype="float32", device="cpu")
+    loaded = tiny_loaded  # the session's tiny llama (ChatML), loaded once
     first = [
         {"role": "system", "content": "You are a ghost."},
         {"role": "user", "content": "Who are you?"},

@@ -332,8 +332,9 @@ def test_sigkill_mid_judge_then_resume_judges_every_pair_once(workspace, respons
 
 
 @pytest.mark.slow
-def test_judge_against_transformers_serve(workspace, tmp_path):
-    from personavec.serve import EMBEDDED_MODEL, local_server
+@pytest.mark.xdist_group("embedded")
+def test_judge_against_transformers_serve(workspace, tmp_path, embedded_server):
+    from personavec.serve import EMBEDDED_MODEL
 
     path = tmp_path / "two.jsonl"
     rows = [
@@ -348,11 +349,11 @@ def test_judge_against_transformers_serve(workspace, tmp_path):
             r["question"] = EVAL_QUESTIONS[0]
         path.write_text("\n".join(json.dumps(r) for r in rows))
     run = ingest(workspace, IngestConfig("responses", path)).run_id
-    with local_server(device="cpu") as server:
-        config = JudgeConfig(
-            run, ("role_adherence", "coherence"), model=server.model, base_url=server.base_url, concurrency=2
-        )
-        result = run_judge(workspace, config)
+    server = embedded_server
+    config = JudgeConfig(
+        run, ("role_adherence", "coherence"), model=server.model, base_url=server.base_url, concurrency=2
+    )
+    result = run_judge(workspace, config)
     got = assert_exactly_once(workspace, result.run_id, 4)
     assert result.status == "done" and result.scored + result.unscored == 4
     for r in got:

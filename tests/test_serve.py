@@ -17,15 +17,15 @@ from personavec.config import PersonaVectorConfig
 from personavec.errors import EndpointError
 from personavec.generation.config import GenerateConfig
 from personavec.generation.generate import generate_responses, run_generation
-from personavec.serve import EMBEDDED_MODEL, local_server
+from personavec.serve import EMBEDDED_MODEL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("embedded")]
 
 
-@pytest.fixture(scope="module")
-def server():
-    with local_server(device="cpu") as s:
-        yield s
+@pytest.fixture
+def server(embedded_server):
+    """The session's shared server on the embedded model (tests/conftest.py)."""
+    return embedded_server
 
 
 def test_server_lists_the_embedded_model_offline(server):

@@ -25,11 +25,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tiny")
-
-
 _LOADED: dict[tuple[Path, str], object] = {}
 
 
@@ -241,7 +236,8 @@ def test_steering_config_roundtrips_and_labels():
 
 
 @pytest.mark.slow
-def test_steering_towards_a_persona_moves_the_answers_along_its_direction():
+@pytest.mark.xdist_group("embedded-loaded")
+def test_steering_towards_a_persona_moves_the_answers_along_its_direction(embedded_loaded):
     """Neutral system prompt, +c * (v_persona - v_default) at the default layer: the answers, extracted at that
     layer by the unsteered model, project further onto the direction as c grows (two personas, c = 0..3)."""
     from personavec.builtin import EVAL_QUESTIONS, PERSONAS
@@ -249,7 +245,7 @@ def test_steering_towards_a_persona_moves_the_answers_along_its_direction():
     from personavec.extract import mean_activations
     from personavec.spans import conversation, render
 
-    loaded = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    loaded = embedded_loaded  # SmolLM2-135M-Instruct, loaded once per session
     layer = default_layer(loaded.n_layers)
     questions = EVAL_QUESTIONS[:3]
     neutral = PERSONAS["default"]

@@ -34,11 +34,6 @@ from personavec.verify import verify_runs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tiny-models")
-
-
 def _responses(workspace, tmp_path: Path, n_personas: int = 5, n_questions: int = 5, empty=(), seed: int = 3) -> int:
     """A real responses run (seed-JSON ingest); answers whose (persona index, question index) is in ``empty``
     are the empty string."""
@@ -93,10 +88,10 @@ def _shards(workspace, run_id: int) -> list[Path]:
 
 
 def test_empty_answer_has_no_span_is_left_out_of_means_and_counted(
-    cli, workspace, tmp_path: Path, tiny_root: Path
+    cli, workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
 ) -> None:
     run = _responses(workspace, tmp_path, empty={(0, 1)})
-    result = run_extraction(workspace, _config(run, tiny_root))
+    result = run_extraction(workspace, _config(run, tiny_root), loaded=tiny_loaded)
     assert get_run(workspace.catalog(), result.run_id).status == "done" and result.n_no_span == 1
     table = extraction_examples(workspace.catalog(), result.run_id)
     empty = [i for i, n in enumerate(table["n_response_tokens"].to_pylist()) if n == 0]
@@ -120,9 +115,9 @@ def test_empty_answer_has_no_span_is_left_out_of_means_and_counted(
 # -- 12.5: checksums, verify, one-line errors -------------------------------------------------------------------
 
 
-def test_every_bit_flip_in_a_chunk_file_is_detected(workspace, tmp_path: Path, tiny_root: Path) -> None:
+def test_every_bit_flip_in_a_chunk_file_is_detected(workspace, tmp_path: Path, tiny_root: Path, tiny_loaded) -> None:
     run = _responses(workspace, tmp_path, n_personas=2, n_questions=4)
-    result = run_extraction(workspace, _config(run, tiny_root))
+    result = run_extraction(workspace, _config(run, tiny_root), loaded=tiny_loaded)
     array = arrays.open_activation_array(workspace.zarr_path, result.zarr_group)
     shard = _shards(workspace, result.run_id)[0]
     original = shard.read_bytes()
@@ -139,12 +134,12 @@ def test_every_bit_flip_in_a_chunk_file_is_detected(workspace, tmp_path: Path, t
 
 
 def test_bit_flip_fails_vectors_in_one_line_and_verify_repairs_it(
-    cli, workspace, tmp_path: Path, tiny_root: Path
+    cli, workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
 ) -> None:
     run = _responses(workspace, tmp_path)
     config = _config(run, tiny_root)
-    reference = run_extraction(workspace, config)
-    result = run_extraction(workspace, config)
+    reference = run_extraction(workspace, config, loaded=tiny_loaded)
+    result = run_extraction(workspace, config, loaded=tiny_loaded)
     rid, ws = result.run_id, ["-w", str(workspace.root)]
     shard = _shards(workspace, rid)[2]  # rows 8..11
     data = bytearray(shard.read_bytes())
@@ -181,10 +176,10 @@ def test_bit_flip_fails_vectors_in_one_line_and_verify_repairs_it(
 
 @pytest.mark.parametrize("which", ["array", "group", "root"])
 def test_corrupt_zarr_json_is_one_line_not_a_traceback(
-    cli, workspace, tmp_path: Path, tiny_root: Path, which: str
+    cli, workspace, tmp_path: Path, tiny_root: Path, tiny_loaded, which: str
 ) -> None:
     run = _responses(workspace, tmp_path, n_personas=2, n_questions=2)
-    rid = run_extraction(workspace, _config(run, tiny_root)).run_id
+    rid = run_extraction(workspace, _config(run, tiny_root), loaded=tiny_loaded).run_id
     path = {
         "array": workspace.zarr_path / f"run_{rid}" / arrays.ARRAY_NAME,
         "group": workspace.zarr_path / f"run_{rid}",
@@ -198,9 +193,11 @@ def test_corrupt_zarr_json_is_one_line_not_a_traceback(
         assert "Traceback" not in out.output and "zarr.json (metadata) cannot be read" in out.output, out.output
 
 
-def test_verify_finds_missing_rows_partial_files_and_adoptable_rows(workspace, tmp_path: Path, tiny_root: Path) -> None:
+def test_verify_finds_missing_rows_partial_files_and_adoptable_rows(
+    workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
+) -> None:
     run = _responses(workspace, tmp_path, n_personas=2, n_questions=5)
-    rid = run_extraction(workspace, _config(run, tiny_root)).run_id
+    rid = run_extraction(workspace, _config(run, tiny_root), loaded=tiny_loaded).run_id
     shards = _shards(workspace, rid)
     shards[0].unlink()  # rows 0..3 marked done but gone
     (shards[1].parent / "1.0123abcd.partial").write_bytes(b"half a shard")
@@ -213,7 +210,7 @@ def test_verify_finds_missing_rows_partial_files_and_adoptable_rows(workspace, t
     assert check.n_adoptable == 2 and check.checksummed and check.storage_dtype == "float32"
     [fixed] = verify_runs(workspace, rid, repair=True)
     assert fixed.repaired_rows == 4 and not list(shards[1].parent.glob("*.partial"))
-    resumed = run_extraction(workspace, None, resume=rid)
+    resumed = run_extraction(workspace, None, resume=rid, loaded=tiny_loaded)
     assert (resumed.n_adopted, resumed.n_computed) == (2, 4)
     assert verify_runs(workspace, rid)[0].ok
 
@@ -253,7 +250,8 @@ def _child(workspace, config: ExtractConfig, mode: str, sleep: float) -> subproc
     )
 
 
-def test_kill_9_keeps_rows_made_durable_by_time(workspace, tmp_path: Path, tiny_root: Path) -> None:
+@pytest.mark.slow  # a child process that imports torch and loads the model, then kill -9
+def test_kill_9_keeps_rows_made_durable_by_time(workspace, tmp_path: Path, tiny_root: Path, tiny_loaded) -> None:
     run = _responses(workspace, tmp_path, n_personas=6, n_questions=8)  # 48 answers
     # one shard holds every row: before this change nothing was durable until the whole run was
     config = _config(run, tiny_root, chunk_rows=64, max_batch_size=2, flush_seconds=0.3)
@@ -273,15 +271,18 @@ def test_kill_9_keeps_rows_made_durable_by_time(workspace, tmp_path: Path, tiny_
     rid = list_runs(workspace.catalog(), "extract")[0].id
     kept = done_count(workspace.catalog(), rid)
     assert 6 <= kept < 48 and get_run(workspace.catalog(), rid).status == "interrupted"  # its process is gone
-    resumed = run_extraction(workspace, None, resume=rid)
+    resumed = run_extraction(workspace, None, resume=rid, loaded=tiny_loaded)
     assert resumed.n_computed + resumed.n_adopted == 48 - kept
-    reference = run_extraction(workspace, replace(config, flush_seconds=30.0))
+    reference = run_extraction(workspace, replace(config, flush_seconds=30.0), loaded=tiny_loaded)
     a, b = _by_response(workspace, rid), _by_response(workspace, reference.run_id)
     for key, value in a.items():
         np.testing.assert_allclose(value, b[key], atol=1e-5)
 
 
-def test_written_unit_not_yet_marked_done_is_adopted_after_kill_9(workspace, tmp_path: Path, tiny_root: Path) -> None:
+@pytest.mark.slow  # a child process that imports torch and loads the model, then kill -9
+def test_written_unit_not_yet_marked_done_is_adopted_after_kill_9(
+    workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
+) -> None:
     run = _responses(workspace, tmp_path)
     config = _config(run, tiny_root)
     proc = _child(workspace, config, "die-before-marking", 0.0)
@@ -290,13 +291,13 @@ def test_written_unit_not_yet_marked_done_is_adopted_after_kill_9(workspace, tmp
     assert done_count(workspace.catalog(), rid) == 0 and _shards(workspace, rid)  # on disk, unknown to the catalog
     [check] = verify_runs(workspace, rid)
     assert check.ok and check.n_adoptable >= 4
-    resumed = run_extraction(workspace, None, resume=rid)
+    resumed = run_extraction(workspace, None, resume=rid, loaded=tiny_loaded)
     assert resumed.n_adopted == check.n_adoptable and resumed.n_computed == 25 - check.n_adoptable
-    reference = run_extraction(workspace, config)
+    reference = run_extraction(workspace, config, loaded=tiny_loaded)
     np.testing.assert_allclose(_values(workspace, rid), _values(workspace, reference.run_id), atol=1e-5)
 
 
-def test_partial_units_are_flushed_by_rows(workspace, tmp_path: Path, tiny_root: Path) -> None:
+def test_partial_units_are_flushed_by_rows(workspace, tmp_path: Path, tiny_root: Path, tiny_loaded) -> None:
     run = _responses(workspace, tmp_path)
     config = _config(run, tiny_root, chunk_rows=32, flush_rows=5)  # one unit for all 25 rows
 
@@ -305,17 +306,17 @@ def test_partial_units_are_flushed_by_rows(workspace, tmp_path: Path, tiny_root:
             raise ExtractionInterrupted("stop")
 
     with pytest.raises(ExtractionInterrupted):
-        run_extraction(workspace, config, progress=stop_after_four)
+        run_extraction(workspace, config, progress=stop_after_four, loaded=tiny_loaded)
     rid = list_runs(workspace.catalog(), "extract")[0].id
     assert done_count(workspace.catalog(), rid) >= 5  # none of the unit was durable before
-    resumed = run_extraction(workspace, None, resume=rid)
-    reference = run_extraction(workspace, config)
+    resumed = run_extraction(workspace, None, resume=rid, loaded=tiny_loaded)
+    reference = run_extraction(workspace, config, loaded=tiny_loaded)
     assert resumed.n_computed < 25
     np.testing.assert_allclose(_values(workspace, rid), _values(workspace, reference.run_id), atol=1e-5)
 
 
 def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
-    workspace, tmp_path: Path, tiny_root: Path, monkeypatch
+    workspace, tmp_path: Path, tiny_root: Path, tiny_loaded, monkeypatch
 ) -> None:
     """Resuming a large run (forced: PLAN_INLINE_MAX 0, windows of 2, 3, then 5 rows, shards of 4 straddling them)
     starts the model on its first pending rows and plans the rest on a helper thread, instead of re-tokenizing every
@@ -324,14 +325,16 @@ def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
     from personavec.extract import run as run_mod
 
     run = _responses(workspace, tmp_path, empty={(0, 1), (4, 4)})
-    reference = run_extraction(workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1)).run_id
+    reference = run_extraction(
+        workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1), loaded=tiny_loaded
+    ).run_id
 
     def stop_early(progress) -> None:
         if progress.done_examples >= 8:
             raise ExtractionInterrupted("stop")
 
     with pytest.raises(ExtractionInterrupted):
-        run_extraction(workspace, _config(run, tiny_root), progress=stop_early)
+        run_extraction(workspace, _config(run, tiny_root), progress=stop_early, loaded=tiny_loaded)
     (rid,) = [r.id for r in list_runs(workspace.catalog(), "extract") if r.id != reference]
     before = done_count(workspace.catalog(), rid)
     assert 2 < before <= 17  # some rows done (2 without a span from the start), enough left for windows
@@ -346,7 +349,9 @@ def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
 
     monkeypatch.setattr(run_mod, "_pending_windows", spied)
     seen: list[int] = []
-    resumed = run_extraction(workspace, None, resume=rid, progress=lambda p: seen.append(p.done_examples))
+    resumed = run_extraction(
+        workspace, None, resume=rid, progress=lambda p: seen.append(p.done_examples), loaded=tiny_loaded
+    )
     assert resumed.n_computed == 25 - before and seen[-1] == 25 and seen == sorted(seen)
     left = 25 - before - 3  # the first 3 pending rows (max_batch_size) start the model
     sizes = [n for n, _ in windows]
@@ -363,13 +368,15 @@ def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
 
 
 def test_half_precision_storage_halves_bytes_and_reads_back_as_float32(
-    workspace, tmp_path: Path, tiny_root: Path
+    workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
 ) -> None:
     run = _responses(workspace, tmp_path)
-    full = run_extraction(workspace, _config(run, tiny_root, chunk_rows=32))
+    full = run_extraction(workspace, _config(run, tiny_root, chunk_rows=32), loaded=tiny_loaded)
     ref = _values(workspace, full.run_id)
     for dtype, tol in (("bfloat16", 2**-8), ("float16", 2**-11)):
-        result = run_extraction(workspace, _config(run, tiny_root, chunk_rows=32, storage_dtype=dtype))
+        result = run_extraction(
+            workspace, _config(run, tiny_root, chunk_rows=32, storage_dtype=dtype), loaded=tiny_loaded
+        )
         array = arrays.open_activation_array(workspace.zarr_path, result.zarr_group)
         assert arrays.storage_dtype(array) == dtype and array.dtype.itemsize == 2
         got = _values(workspace, result.run_id)
@@ -408,17 +415,19 @@ def test_model_nan_is_refused_not_stored(workspace, tmp_path: Path, tiny_root: P
 # -- stale groups, old stores -----------------------------------------------------------------------------------
 
 
-def test_new_run_refuses_a_group_left_by_a_forgotten_run(workspace, tmp_path: Path, tiny_root: Path) -> None:
+def test_new_run_refuses_a_group_left_by_a_forgotten_run(
+    workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
+) -> None:
     run = _responses(workspace, tmp_path, n_personas=2, n_questions=2)
     config = _config(run, tiny_root)
-    first = run_extraction(workspace, config)
+    first = run_extraction(workspace, config, loaded=tiny_loaded)
     # a catalog restored from an older backup would hand out this id again; the store still has its group
     stale = first.run_id + 1
     root = zarr.open_group(str(workspace.zarr_path), mode="a")
     stale_array = root.create_group(f"run_{stale}").create_array("activations", shape=(4, 2, 64), dtype="float32")
     stale_array[:] = 7.0
     with pytest.raises(StorageConflictError, match=rf"run_{stale} already exists although run {stale} is new"):
-        run_extraction(workspace, config)
+        run_extraction(workspace, config, loaded=tiny_loaded)
     assert get_run(workspace.catalog(), stale).status == "failed"
     np.testing.assert_array_equal(stale_array[:], 7.0)  # left as it was
     (workspace.zarr_path / f"run_{stale}").rename(tmp_path / "moved_aside")
@@ -527,7 +536,7 @@ def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_record
 
 @pytest.mark.parametrize("inline_max", [0, 10_000])
 def test_the_rest_planned_on_a_helper_or_inline_the_run_is_the_same(
-    workspace, tmp_path: Path, tiny_root: Path, monkeypatch, inline_max: int
+    workspace, tmp_path: Path, tiny_root: Path, tiny_loaded, monkeypatch, inline_max: int
 ) -> None:
     """A new run starts on its first batch; the rest is planned on a helper thread in windows handed over as they
     are planned (a large run, forced here: PLAN_INLINE_MAX 0, windows of 2, 3, then 5 answers, so shards straddle
@@ -537,11 +546,15 @@ def test_the_rest_planned_on_a_helper_or_inline_the_run_is_the_same(
     from personavec.extract import run as run_mod
 
     run = _responses(workspace, tmp_path, empty={(0, 1), (4, 4)})
-    reference = run_extraction(workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1)).run_id
+    reference = run_extraction(
+        workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1), loaded=tiny_loaded
+    ).run_id
     monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", inline_max)
     monkeypatch.setattr(run_mod, "REST_WINDOWS", (2, 3, 5))
     seen: list[int] = []
-    result = run_extraction(workspace, _config(run, tiny_root), progress=lambda p: seen.append(p.done_examples))
+    result = run_extraction(
+        workspace, _config(run, tiny_root), progress=lambda p: seen.append(p.done_examples), loaded=tiny_loaded
+    )
     assert seen and seen[-1] == 25 and seen == sorted(seen)
     assert (result.n_examples, result.n_computed) == (25, 23)
     assert done_count(workspace.catalog(), result.run_id) == 25

@@ -266,7 +266,8 @@ def generate_answers(loaded, prompts: list[tuple[str, str]], max_new_tokens: int
 
 
 @pytest.mark.slow
-def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path):
+@pytest.mark.xdist_group("embedded-loaded")
+def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path, embedded_loaded):
     """The whole recipe on SmolLM2-135M-Instruct: trait set -> answers under 5 pos/neg instruction pairs x 10
     questions -> judged (a word-count judge on the fault server) -> trait vector from questions 0-4 -> projection of
     the 25 + 25 held-out answers (questions 5-9) -> AUROC; then the vector as a llama.cpp control vector."""
@@ -276,13 +277,12 @@ def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path):
     from personavec.extract import ExtractConfig, run_extraction
     from personavec.ingest import IngestConfig, ingest
     from personavec.judging.traits import compute_trait_vectors
-    from personavec.modeling import load_model
 
     trait = add_trait(workspace, TraitConfig("pirate"))
     spec = read_trait_file("pirate")
     questions = spec.questions[:10]
     personas = spec.persona_specs()
-    loaded = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    loaded = embedded_loaded  # SmolLM2-135M-Instruct, loaded once per session
     pairs = [(p, q) for p in personas for q in questions]
     answers = generate_answers(loaded, [(p.system_prompt, q) for p, q in pairs])
     path = tmp_path / "pirate.jsonl"

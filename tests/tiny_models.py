@@ -6,6 +6,7 @@ under test, so spans are tested against real templates of each family.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -114,6 +115,10 @@ def tiny_model_dir(root: Path, arch: str, template: str = "chatml", seed: int = 
     out = root / f"{arch}-{template}"
     if (out / "config.json").is_file():
         return out
+    built = _BUILT.get((arch, template, seed))
+    if built is not None and (built / "config.json").is_file():  # built under another root in this process: copy
+        shutil.copytree(built, out)  # (a copy, not a link: a test may change its model's files)
+        return out
     torch.manual_seed(seed)
     config = tiny_config(arch)
     if arch == "gemma3":
@@ -124,4 +129,10 @@ def tiny_model_dir(root: Path, arch: str, template: str = "chatml", seed: int = 
         model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
     template_tokenizer(template).save_pretrained(out)
+    _BUILT[arch, template, seed] = out
     return out
+
+
+#: Every tiny model built in this process: building one (random init, save, tokenizer) takes seconds on a loaded
+#: machine, copying its directory milliseconds; the same (arch, template, seed) always has the same weights.
+_BUILT: dict[tuple[str, str, int], Path] = {}
