@@ -73,7 +73,7 @@ def _ranges_text(ranges: tuple[tuple[int, int], ...], limit: int = 4) -> str:
 
 
 def _ranges(rows: list[int]) -> tuple[tuple[int, int], ...]:
-    from personavec.extract.run import row_ranges
+    from personavec.extract.plan import row_ranges
 
     return tuple(row_ranges(rows))
 

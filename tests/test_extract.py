@@ -487,11 +487,14 @@ def test_writer_surfaces_errors_instead_of_hanging(tmp_path: Path) -> None:
 
 def test_units_wait_for_a_large_runs_array_without_stopping_the_model(tmp_path: Path) -> None:
     """A large new run's array is created once all of it is planned; until then its written units wait on the writer
-    threads, up to IN_FLIGHT_BYTES of them (every layer of a 27B model: 68 units of 46 rows; the old bound, two per
+    threads, up to in_flight_bytes of them (every layer of a 27B model: 68 units of 46 rows; the old bound, two per
     writer thread, stopped the model after ~400 rows), and are written when the array comes."""
     from concurrent.futures import Future
 
-    from personavec.extract.run import IN_FLIGHT_BYTES, units_in_flight
+    from personavec.extract.sink import units_in_flight
+    from personavec.tuning import Tuning
+
+    IN_FLIGHT_BYTES = Tuning().in_flight_bytes
 
     assert units_in_flight(46 * 63 * 5376 * 4, threads=4) == 68
     assert units_in_flight(IN_FLIGHT_BYTES, threads=4) == 8  # never fewer than two per thread

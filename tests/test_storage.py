@@ -22,12 +22,14 @@ from personavec import EVAL_QUESTIONS, PERSONAS, arrays
 from personavec.cli import app
 from personavec.errors import ModelError, StorageConflictError, StorageCorruptError, StorageOverflowError
 from personavec.extract import ExtractConfig, ExtractionInterrupted, run_extraction
-from personavec.extract.run import ChunkAssembler, ChunkWriter, ExtractionPlan, store_batches
+from personavec.extract.plan import ExtractionPlan
+from personavec.extract.sink import ChunkAssembler, ChunkWriter, store_batches
 from personavec.ingest import IngestConfig, ingest
 from personavec.modeling import load_model
 from personavec.spans import Rendered
 from personavec.store.extraction import done_count, extraction_examples, get_extraction_run
 from personavec.store.runs import get_run, list_runs
+from personavec.tuning import Tuning
 from personavec.vectors import VectorConfig, compute_vectors, load_vectors
 from personavec.verify import verify_runs
 
@@ -317,11 +319,11 @@ def test_partial_units_are_flushed_by_rows(workspace, tmp_path: Path, tiny_root:
 def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
     workspace, tmp_path: Path, tiny_root: Path, monkeypatch
 ) -> None:
-    """Resuming a large run (forced: PLAN_INLINE_MAX 0, windows of 2, 3, then 5 rows, shards of 4 straddling them)
+    """Resuming a large run (forced: plan_inline_max 0, windows of 2, 3, then 5 rows, shards of 4 straddling them)
     starts the model on its first pending rows and plans the rest on a helper thread, instead of re-tokenizing every
     pending row first: rows done before are kept, the others computed once, each response's activations equal a
     one-example-per-batch reference, and progress ends at every row done."""
-    from personavec.extract import run as run_mod
+    from personavec.extract import pipeline
 
     run = _responses(workspace, tmp_path, empty={(0, 1), (4, 4)})
     reference = run_extraction(workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1)).run_id
@@ -335,18 +337,19 @@ def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
     (rid,) = [r.id for r in list_runs(workspace.catalog(), "extract") if r.id != reference]
     before = done_count(workspace.catalog(), rid)
     assert 2 < before <= 17  # some rows done (2 without a span from the start), enough left for windows
-    monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", 0)
-    monkeypatch.setattr(run_mod, "REST_WINDOWS", (2, 3, 5))
     windows: list[tuple[int, int | None]] = []
-    real = run_mod._pending_windows
+    real = pipeline.pending_windows
 
-    def spied(*args):
+    def spied(*args, **kwargs):
         *head, emit = args
-        return real(*head, lambda w: (windows.append((len(w[0].rows), w[1])), emit(w)))
+        return real(*head, lambda w: (windows.append((len(w[0].rows), w[1])), emit(w)), **kwargs)
 
-    monkeypatch.setattr(run_mod, "_pending_windows", spied)
+    monkeypatch.setattr(pipeline, "pending_windows", spied)
     seen: list[int] = []
-    resumed = run_extraction(workspace, None, resume=rid, progress=lambda p: seen.append(p.done_examples))
+    tuning = Tuning(plan_inline_max=0, rest_windows=(2, 3, 5))
+    resumed = run_extraction(
+        workspace, None, resume=rid, progress=lambda p: seen.append(p.done_examples), tuning=tuning
+    )
     assert resumed.n_computed == 25 - before and seen[-1] == 25 and seen == sorted(seen)
     left = 25 - before - 3  # the first 3 pending rows (max_batch_size) start the model
     sizes = [n for n, _ in windows]
@@ -450,11 +453,10 @@ def test_old_unsharded_store_loads_verifies_and_resumes(workspace, make_extracti
 
 def test_a_small_run_is_cut_into_write_units_written_while_later_batches_compute() -> None:
     """One layer of a 27B model (d_model 5376) made a 414-answer run one 9 MB shard, written whole after the last
-    batch; a run now has at least ``MIN_UNITS`` shards of at least one inner chunk (64 rows there), so only the last
+    batch; a run now has at least ``min_units`` shards of at least one inner chunk (64 rows there), so only the last
     are written at the end. All layers keep their 64 MB shards; tiny runs stay one shard; data parallel asks for
     many units of any size; ``chunk_rows`` is kept as given."""
-    from personavec.extract.run import MIN_UNITS
-
+    MIN_UNITS = Tuning().min_units
     assert MIN_UNITS == 8
     assert arrays.layout_for(414, 1, 5376) == (420, 60)  # before: one shard
     assert arrays.layout_for(414, 1, 5376, min_units=MIN_UNITS) == (64, 64)  # 7 shards
@@ -493,15 +495,14 @@ def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: 
 def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_records_nothing(
     workspace, tmp_path: Path, tiny_root: Path, monkeypatch
 ) -> None:
-    """Ctrl-C after the first batch of a large run (forced: PLAN_INLINE_MAX 0, windows of 2 answers, each made to
+    """Ctrl-C after the first batch of a large run (forced: plan_inline_max 0, windows of 2 answers, each made to
     take 1.5 s to render: 16.5 s of planning left): the planning stops at its next window, the KeyboardInterrupt comes
     out in a few seconds, not after the whole plan, and nothing is recorded (no run, no Zarr group)."""
-    from personavec.extract import run as run_mod
+    from personavec.extract import config as config_mod
+    from personavec.extract import pipeline
 
     run = _responses(workspace, tmp_path)
-    monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", 0)
-    monkeypatch.setattr(run_mod, "REST_WINDOWS", (2,))
-    encode, compute = run_mod.encode_responses, run_mod.iter_mean_activations
+    encode, compute = config_mod.encode_responses, pipeline.iter_mean_activations
 
     def slow_windows(loaded, conversations, config):  # the head (3 answers) at full speed, each window slowly
         if len(conversations) <= 2:
@@ -513,13 +514,13 @@ def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_record
             yield item
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_mod, "encode_responses", slow_windows)
-    monkeypatch.setattr(run_mod, "iter_mean_activations", ctrl_c_after_the_first_batch)
+    monkeypatch.setattr(config_mod, "encode_responses", slow_windows)
+    monkeypatch.setattr(pipeline, "iter_mean_activations", ctrl_c_after_the_first_batch)
     config = _config(run, tiny_root)
     load_model(config.model, dtype="float32", device="cpu")  # warm the model's files outside the timing
     t = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        run_extraction(workspace, config)
+        run_extraction(workspace, config, tuning=Tuning(plan_inline_max=0, rest_windows=(2,)))
     assert time.monotonic() - t < 8  # without the stop: over 16.5 s
     assert list_runs(workspace.catalog(), "extract") == []
     assert not any(workspace.zarr_path.glob("run_*"))
@@ -527,21 +528,20 @@ def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_record
 
 @pytest.mark.parametrize("inline_max", [0, 10_000])
 def test_the_rest_planned_on_a_helper_or_inline_the_run_is_the_same(
-    workspace, tmp_path: Path, tiny_root: Path, monkeypatch, inline_max: int
+    workspace, tmp_path: Path, tiny_root: Path, inline_max: int
 ) -> None:
     """A new run starts on its first batch; the rest is planned on a helper thread in windows handed over as they
-    are planned (a large run, forced here: PLAN_INLINE_MAX 0, windows of 2, 3, then 5 answers, so shards straddle
+    are planned (a large run, forced here: plan_inline_max 0, windows of 2, 3, then 5 answers, so shards straddle
     windows) or by the model's thread when it asks for the next batch (a small one). Either way every response is
     extracted once (the empty ones with no span), every row is written, progress ends at every row done, and each
     response's activations equal a one-example-per-batch reference."""
-    from personavec.extract import run as run_mod
-
     run = _responses(workspace, tmp_path, empty={(0, 1), (4, 4)})
     reference = run_extraction(workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1)).run_id
-    monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", inline_max)
-    monkeypatch.setattr(run_mod, "REST_WINDOWS", (2, 3, 5))
+    tuning = Tuning(plan_inline_max=inline_max, rest_windows=(2, 3, 5))
     seen: list[int] = []
-    result = run_extraction(workspace, _config(run, tiny_root), progress=lambda p: seen.append(p.done_examples))
+    result = run_extraction(
+        workspace, _config(run, tiny_root), progress=lambda p: seen.append(p.done_examples), tuning=tuning
+    )
     assert seen and seen[-1] == 25 and seen == sorted(seen)
     assert (result.n_examples, result.n_computed) == (25, 23)
     assert done_count(workspace.catalog(), result.run_id) == 25

@@ -39,28 +39,31 @@ import queue
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from personavec import arrays
-from personavec.errors import ConfigError, DistributedError, RunInterrupted
-from personavec.extract import run as run_mod
-from personavec.extract.run import (
+from personavec.errors import ConfigError, DistributedError, ExtractionInterrupted, RunInterrupted
+from personavec.extract.config import (
     ExtractConfig,
-    ExtractionInterrupted,
-    ExtractionPlan,
     ExtractionProgress,
     ExtractionResult,
     Renderer,
-    RunSink,
+    load_for,
+    render_all,
+    resume_config,
 )
+from personavec.extract.pipeline import compute
+from personavec.extract.plan import ExtractionPlan, Window, budget
+from personavec.extract.record import Opened, new_run, plan_pending, resumed_run
 from personavec.modeling import LoadedModel
 from personavec.spans import Rendered
 from personavec.store import extraction as xs
+from personavec.tuning import DEFAULT, Tuning
+from personavec.writer import Committer
 
 if TYPE_CHECKING:
     from personavec.store.engine import Catalog
@@ -68,18 +71,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Write units (shards) a new run has per process at least, unless ``--chunk-rows`` says otherwise: shares are
-#: whole units, so a run of a few large shards (one layer of a 27B model: ~3,000 rows a shard) would split badly.
-UNITS_PER_RANK = 16
-
-#: Share of a run's tokens (its cheapest write units) not given out up front but claimed unit by unit, as the run
-#: goes, by whichever rank is free first, so that ranks running at different speeds still finish together (two
-#: H200s of one host ran 5% apart on equal tokens).
-POOL_FRACTION = 0.25
-
-#: Share of a GPU's memory a process that shards its model (``gpus_per_process > 1``) lets ``device_map`` fill with
-#: weights; the rest is for activations.
-WEIGHT_MEMORY_FRACTION = 0.9
 #: How long a rank waits for another one's next message; liveness comes from the connections (a dead rank's
 #: connection closes at once) and from the launcher, which stops every rank when one fails.
 MESSAGE_TIMEOUT = timedelta(days=7)
@@ -125,6 +116,7 @@ def rank_placement(
     *,
     device: str = "auto",
     device_map: str | None = None,
+    weight_memory_fraction: float = DEFAULT.weight_memory_fraction,
 ) -> Placement:
     """The devices of process ``local_rank`` (of ``local_world_size`` on its machine).
 
@@ -136,6 +128,7 @@ def rank_placement(
         gpu_memory: total bytes of each visible GPU (empty: no GPU, the process runs on CPU).
         device: the config's device; ``"cpu"`` keeps every process on the CPU, anything else lets the rank decide.
         device_map: the config's ``device_map`` (used with ``K > 1``).
+        weight_memory_fraction: share of each GPU ``device_map`` may fill with weights (with ``K > 1``).
 
     Example:
         >>> rank_placement(1, 2, 2, [80 << 30] * 4).gpus
@@ -152,11 +145,11 @@ def rank_placement(
     gpus = tuple(range(local_rank * gpus_per_process, (local_rank + 1) * gpus_per_process))
     if gpus_per_process == 1:
         return Placement(f"cuda:{gpus[0]}", gpus=gpus)
-    budget: dict[int | str, int | str] = {g: int(gpu_memory[g] * WEIGHT_MEMORY_FRACTION) for g in gpus}
+    budget: dict[int | str, int | str] = {g: int(gpu_memory[g] * weight_memory_fraction) for g in gpus}
     return Placement(f"cuda:{gpus[0]}", device_map=device_map or "auto", max_memory=budget, gpus=gpus)
 
 
-def _load(config: ExtractConfig, local_rank: int, local_world_size: int) -> LoadedModel:
+def _load(config: ExtractConfig, local_rank: int, local_world_size: int, tuning: Tuning) -> LoadedModel:
     import torch
 
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -168,10 +161,11 @@ def _load(config: ExtractConfig, local_rank: int, local_world_size: int) -> Load
         memory,
         device=config.device,
         device_map=config.device_map,
+        weight_memory_fraction=tuning.weight_memory_fraction,
     )
     if where.gpus:
         torch.cuda.set_device(where.gpus[0])  # accelerate made cuda:LOCAL_RANK current; K > 1 starts elsewhere
-    return run_mod.load_for(
+    return load_for(
         dataclasses.replace(config, device=where.device, device_map=where.device_map), max_memory=where.max_memory
     )
 
@@ -380,15 +374,20 @@ def _slim(example: Rendered) -> Rendered:
 
 
 def _windows(
-    share: ExtractionPlan, pool: Sequence[_Unit], claims: _Claims, config: ExtractConfig, loaded: LoadedModel
-) -> Iterator[run_mod.Window]:
+    share: ExtractionPlan,
+    pool: Sequence[_Unit],
+    claims: _Claims,
+    config: ExtractConfig,
+    loaded: LoadedModel,
+    tuning: Tuning,
+) -> Iterator[Window]:
     """A rank's plan windows: its own share, then each pool unit it claims, until the pool is empty."""
     yield share, None
     while (k := claims.claim()) < len(pool):
         examples, rows = pool[k]
         unit = ExtractionPlan.build(
             examples, rows, n_rows=share.n_rows, chunk_rows=share.chunk_rows,
-            max_batch_tokens=run_mod._budget(config, loaded), max_batch_size=config.max_batch_size,
+            max_batch_tokens=budget(config, loaded, tuning), max_batch_size=config.max_batch_size,
         )  # fmt: skip
         yield unit, None
 
@@ -403,7 +402,7 @@ def _spread_rendering(channel: _Channel) -> Renderer:
         for rank in range(1, channel.world):
             start, stop = stripes[rank]
             channel.send(rank, ("render", list(conversations[start:stop])))
-        got = {0: run_mod.render_all(loaded, config, conversations[stripes[0][0] : stripes[0][1]])}
+        got = {0: render_all(loaded, config, conversations[stripes[0][0] : stripes[0][1]])}
         while len(got) < channel.world:
             received = channel.get()
             assert received is not None
@@ -420,12 +419,13 @@ def _spread_rendering(channel: _Channel) -> Renderer:
 # -- rank 0 ------------------------------------------------------------------------------------------------------
 
 
-class _LeadSink(RunSink):
-    """Rank 0's sink: its own chunks and the other ranks' reports go to the catalog; the run closes when all ended.
+class _LeadSink:
+    """Rank 0's :class:`~personavec.extract.sink.RunSink`: its own chunks and the other ranks' reports go to the
+    catalog; the run closes when all ended.
 
-    The catalog's units of work run on a background thread (one at a time, in order), so that rank 0's model does
-    not wait for them: rank 0 marks every rank's chunks, which would otherwise slow it alone. A failed one raises
-    at the next report and fails the run at the end."""
+    The catalog's units of work run on the background :class:`~personavec.writer.Committer` (one at a time, in
+    order), so that rank 0's model does not wait for them: rank 0 marks every rank's chunks, which would otherwise
+    slow it alone. A failed one raises at the next report and fails the run at the end."""
 
     def __init__(
         self,
@@ -436,7 +436,7 @@ class _LeadSink(RunSink):
         chunk_rows: int,
         n_pending: int,
     ) -> None:
-        self.catalog, self._run_id = catalog, info.run_id  # no DoneMarker: rank 0 marks on its own thread (_mark)
+        self.catalog, self.run_id = catalog, info.run_id
         self.info, self.channel, self.owners, self.n_pending = info, channel, owners, n_pending
         self.chunk_rows = chunk_rows
         self.running = set(range(1, channel.world))
@@ -448,8 +448,7 @@ class _LeadSink(RunSink):
         self.status = "running"
         self.error: str | None = None
         self.tok_s = 0.0
-        self._catalog_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-dp-catalog")
-        self._marks: deque[Future[None]] = deque()
+        self.committer = Committer("personavec-dp-catalog")
         self._failed = False
         self.counts = (0, 0)
 
@@ -457,24 +456,24 @@ class _LeadSink(RunSink):
         """Rank 0 keeps marking in the background: the other ranks may still be computing."""
 
     def _mark(self, ranges: Sequence[tuple[int, int]]) -> None:
-        while self._marks and self._marks[0].done() and not self._failed:
-            exc = self._marks[0].exception()
-            if exc is not None:  # stop the run (once; finish records it)
-                self._failed = True
-                raise exc
-            self._marks.popleft()
-        if ranges:
-            self._marks.append(self._catalog_thread.submit(xs.mark_done, self.catalog, self.run_id, list(ranges)))
+        if self._failed:  # raised once already; finish records it
+            return
+        try:
+            if ranges:
+                self.committer.submit(xs.mark_done, self.catalog, self.run_id, list(ranges))
+            else:
+                self.committer.check()
+        except Exception:
+            self._failed = True
+            raise
 
     def _settle(self) -> str | None:
         """Wait for every unit of work; the first error, if one failed."""
-        error = None
-        while self._marks:
-            exc = self._marks.popleft().exception()
-            if exc is not None and error is None:
-                error = f"marking rows done in the catalog failed: {_describe(exc)}"
-        self._catalog_thread.shutdown(wait=True)
-        return error
+        try:
+            self.committer.close()
+        except Exception as exc:
+            return f"marking rows done in the catalog failed: {_describe(exc)}"
+        return None
 
     def _owns(self, sender: int, unit: int) -> bool:
         if self.owners.get(unit) == _POOLED:  # a pool unit belongs to the rank that claimed it: the first to report
@@ -601,6 +600,7 @@ def _lead(
     loaded: LoadedModel | None,
     channel: _Channel,
     local: tuple[int, int],
+    tuning: Tuning,
 ) -> ExtractionResult:
     info: xs.ExtractionRunInfo | None = None
     catalog = None
@@ -609,16 +609,17 @@ def _lead(
         if resume is None:
             config, source = _new_config(config)
         else:
-            config = run_mod._resumed_config(catalog, resume, config)
+            config = resume_config(catalog, resume, config)
         channel.tell_others(("config", config))
-        loaded = loaded or _load(config, *local)
+        loaded = loaded or _load(config, *local, tuning)
         render = _spread_rendering(channel)
         t0 = time.perf_counter()
         if resume is None:
             # The whole run is planned before the shares go out (they need every row), and every rank opens the array.
-            first, _, _, rest = run_mod._new_run(
-                ws, catalog, config, source, loaded, render, min_units=channel.world * UNITS_PER_RANK, min_unit_rows=1
-            )
+            first, _, _, rest = new_run(
+                ws, catalog, config, source, loaded, render, tuning,
+                min_units=channel.world * tuning.units_per_rank, min_unit_rows=1,
+            )  # fmt: skip
             opened = rest()
             after = opened.rest
             assert after is not None  # a new run's rows after its first batch (rest() without windows: one plan)
@@ -627,12 +628,12 @@ def _lead(
                                   first.chunk_rows, [])  # fmt: skip
             opened = dataclasses.replace(opened, rest=None)
         else:
-            opened, rows, conversations = run_mod._resumed_run(ws, catalog, resume, config, loaded)
-            plan = run_mod._plan_pending(loaded, config, opened, rows, conversations, render)
+            opened, rows, conversations = resumed_run(ws, catalog, resume, config, loaded)
+            plan = plan_pending(loaded, config, opened, rows, conversations, render, tuning)
         info = opened.info
         plan_s = time.perf_counter() - t0
         costs = [ex.forward_length for ex in plan.examples]
-        shares, pooled = split_chunks(plan.rows, costs, plan.chunk_rows, channel.world, POOL_FRACTION)
+        shares, pooled = split_chunks(plan.rows, costs, plan.chunk_rows, channel.world, tuning.pool_fraction)
         pool = [([_slim(plan.examples[i]) for i in unit], [plan.rows[i] for i in unit]) for unit in pooled]
         claims = _Claims.serve()
         pool_message = _pickled(("pool", pool))  # a quarter of the run, the same for every rank: pickled once
@@ -660,24 +661,25 @@ def _lead(
         [plan.rows[i] for i in shares[0]],
         n_rows=plan.n_rows,
         chunk_rows=plan.chunk_rows,
-        max_batch_tokens=run_mod._budget(config, loaded),
+        max_batch_tokens=budget(config, loaded, tuning),
         max_batch_size=config.max_batch_size,
     )
     sink = _LeadSink(catalog, info, channel, owners, plan.chunk_rows, len(plan.rows))
-    opening: Future[run_mod._Opened] = Future()
+    opening: Future[Opened] = Future()
     opening.set_result(dataclasses.replace(opened, n_done=0))  # progress counts rank 0's own rows (progress_for)
     try:
-        own = run_mod._compute(
+        own = compute(
             ws.zarr_location,
             opening,
             config,
             loaded,
-            _windows(mine, pool, claims, config, loaded),
+            _windows(mine, pool, claims, config, loaded, tuning),
             info.layers,
             info.n_examples,
             sink.progress_for(progress),
             plan_s,
             sink,
+            tuning,
         )
     except BaseException as exc:
         channel.tell_others(("error", f"rank 0 stopped: {_describe(exc)}"), quiet=True)
@@ -713,11 +715,12 @@ class _Stopped(ExtractionInterrupted):
     """Rank 0 stopped (or was lost): the other ranks stop at their next batch."""
 
 
-class _FollowSink(RunSink):
-    """A non-zero rank's sink: finished chunks and counts go to rank 0 (which alone writes the catalog)."""
+class _FollowSink:
+    """A non-zero rank's :class:`~personavec.extract.sink.RunSink`: finished chunks and counts go to rank 0 (which
+    alone writes the catalog)."""
 
     def __init__(self, channel: _Channel, run_id: int) -> None:
-        self.channel, self._run_id = channel, run_id
+        self.channel, self.run_id = channel, run_id
         self.ranges: list[tuple[int, int]] = []
         self.computed = 0
 
@@ -749,7 +752,7 @@ class _FollowSink(RunSink):
         self, progress: Callable[[ExtractionProgress], None] | None
     ) -> Callable[[ExtractionProgress], None]:
         def report(p: ExtractionProgress) -> None:
-            self.computed = p.done_examples  # this rank's (run_mod._compute counts no rows done before)
+            self.computed = p.done_examples  # this rank's (compute counts no rows done before)
             self.channel.send(0, ("batch", self._take_ranges(), self.computed, p.tokens))
             if not self.channel.inbox.empty():  # rank 0 only writes now to stop us
                 _, message = self.channel.inbox.get()
@@ -765,10 +768,11 @@ def _follow(
     loaded: LoadedModel | None,
     channel: _Channel,
     local: tuple[int, int],
+    tuning: Tuning,
 ) -> ExtractionResult:
     try:
         config: ExtractConfig = channel.expect("config")[1]
-        loaded = loaded or _load(config, *local)
+        loaded = loaded or _load(config, *local, tuning)
         pool: list[_Unit] = []
         while True:
             message = channel.expect("render", "pool", "plan")
@@ -777,7 +781,7 @@ def _follow(
             if message[0] == "pool":  # units any rank may claim, costliest first
                 pool = message[1]
                 continue
-            channel.send(0, ("rendered", run_mod.render_all(loaded, config, message[1])))
+            channel.send(0, ("rendered", render_all(loaded, config, message[1])))
         share: _Share = message[1]
         info = share.info
         array = arrays.open_activation_array(share.location, info.zarr_group, "r+")
@@ -787,7 +791,7 @@ def _follow(
             share.rows,
             n_rows=info.n_examples,
             chunk_rows=share.chunk_rows,
-            max_batch_tokens=run_mod._budget(config, loaded),
+            max_batch_tokens=budget(config, loaded, tuning),
             max_batch_size=config.max_batch_size,
         )
     except DistributedError:
@@ -797,20 +801,21 @@ def _follow(
             channel.send(0, ("finished", "failed", _describe(exc), [], 0, 0, 0.0))
         raise
     sink = _FollowSink(channel, info.run_id)
-    opening: Future[run_mod._Opened] = Future()
-    opening.set_result(run_mod._Opened(info, array, set(share.present)))
+    opening: Future[Opened] = Future()
+    opening.set_result(Opened(info, array, set(share.present)))
     try:
-        run_mod._compute(
+        compute(
             share.location,
             opening,
             config,
             loaded,
-            _windows(plan, pool, claims, config, loaded),
+            _windows(plan, pool, claims, config, loaded, tuning),
             info.layers,
             info.n_examples,
             sink.progress_for(progress),
             0.0,
             sink,
+            tuning,
         )
     except _Stopped as exc:
         raise DistributedError(f"rank {channel.rank} stopped: {exc}") from exc
@@ -827,6 +832,7 @@ def run_distributed(
     resume: int | None = None,
     progress: Callable[[ExtractionProgress], None] | None = None,
     loaded: LoadedModel | None = None,
+    tuning: Tuning = DEFAULT,
 ) -> ExtractionResult:
     """:func:`personavec.extract.run_extraction` in one process of a data-parallel group (call that instead).
 
@@ -847,8 +853,8 @@ def run_distributed(
     local = (state.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", world) or world))
     channel = _Channel(rank, world)
     if rank == 0:
-        return _lead(ws, config, resume, progress, loaded, channel, local)
-    return _follow(progress, loaded, channel, local)
+        return _lead(ws, config, resume, progress, loaded, channel, local, tuning)
+    return _follow(progress, loaded, channel, local, tuning)
 
 
 # -- the launcher ------------------------------------------------------------------------------------------------
