@@ -485,35 +485,61 @@ def test_writer_surfaces_errors_instead_of_hanging(tmp_path: Path) -> None:
     assert writer.written() == [(0, 2)]
 
 
-def test_units_wait_for_a_large_runs_array_without_stopping_the_model(tmp_path: Path) -> None:
-    """A large new run's array is created once all of it is planned; until then its written units wait on the writer
-    threads, up to in_flight_bytes of them (every layer of a 27B model: 68 units of 46 rows; the old bound, two per
-    writer thread, stopped the model after ~400 rows), and are written when the array comes."""
-    from concurrent.futures import Future
-
+def test_units_in_flight_are_bounded_by_bytes_and_at_least_two_per_writer_thread() -> None:
+    """Computed rows waiting for the writers are bounded by ``Tuning.in_flight_bytes`` (every layer of a 27B
+    model: 68 units of 46 rows), never fewer than two units per writer thread; a test injects its own bound."""
     from personavec.extract.sink import units_in_flight
     from personavec.tuning import Tuning
 
-    IN_FLIGHT_BYTES = Tuning().in_flight_bytes
-
+    limit = Tuning().in_flight_bytes
     assert units_in_flight(46 * 63 * 5376 * 4, threads=4) == 68
-    assert units_in_flight(IN_FLIGHT_BYTES, threads=4) == 8  # never fewer than two per thread
-    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(40, 1, 2), chunks=(2, 1, 2), dtype="float32")
-    opening: Future = Future()
-    values = np.arange(80, dtype=np.float32).reshape(40, 1, 2)
-    writer = ChunkWriter(opening, "a.zarr", max_in_flight=units_in_flight(IN_FLIGHT_BYTES // 20, 2), threads=2)
-    rescue = threading.Timer(20, opening.set_result, [array])  # were a submit to wait for the array: not forever
-    rescue.start()
-    try:
-        for start in range(0, 40, 2):  # 20 units, the array not there yet
-            writer.submit(start, values[start : start + 2])
-        assert not opening.done()  # no submit waited for the array (the rescue timer would have made it)
-        opening.set_result(array)
-    finally:
-        rescue.cancel()
-    writer.close()
-    assert sorted(writer.written()) == [(a, a + 2) for a in range(0, 40, 2)]
-    np.testing.assert_array_equal(arrays.read_rows(array), values)
+    assert units_in_flight(limit, threads=4) == 8
+    assert units_in_flight(1000, threads=1, tuning=Tuning(in_flight_bytes=10_000)) == 10
+
+
+def test_a_new_run_is_recorded_with_every_row_pending_before_it_is_tokenized(
+    workspace, responses_run: int, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new run is visible in ``runs`` right after its responses are selected: every example recorded, none
+    planned or done, rows in character-length order, its array created. Killed there (a tokenizer failing on the
+    first window), it is resumed through the same path as any run and ends equal to an uninterrupted one."""
+    from personavec.extract import config as config_mod
+    from personavec.store.extraction import example_states, extraction_examples
+
+    config = _failing_config(responses_run, tiny_root)
+    real = config_mod.encode_responses
+    seen: dict = {}
+
+    def killed(loaded, conversations, cfg):
+        (run,) = list_runs(workspace.catalog(), "extract")
+        seen["status"] = run.status
+        seen["states"] = example_states(workspace.catalog(), run.id)
+        seen["group"] = (workspace.zarr_path / f"run_{run.id}").is_dir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config_mod, "encode_responses", killed)
+    with pytest.raises(RunInterrupted) as info:
+        run_extraction(workspace, config)
+    run_id = info.value.run_id
+    states = seen["states"]
+    assert seen["status"] == "running" and seen["group"] and states.num_rows == 25
+    assert not any(states["done"].to_pylist()) and not any(states["has_span"].to_pylist())
+    assert not any(states["no_span"].to_pylist())  # not planned yet: neither
+    assert get_run(workspace.catalog(), run_id).status == "interrupted"
+    monkeypatch.setattr(config_mod, "encode_responses", real)
+    resumed = run_extraction(workspace, None, resume=run_id)
+    assert resumed.run_id == run_id and resumed.n_computed == 25
+    fresh = run_extraction(workspace, config)
+    table, ref = (
+        extraction_examples(workspace.catalog(), run_id),
+        extraction_examples(workspace.catalog(), fresh.run_id),
+    )
+    assert table["response_id"].to_pylist() == ref["response_id"].to_pylist()  # the same rows, planned the same
+    assert table["n_tokens"].to_pylist() == ref["n_tokens"].to_pylist()
+    np.testing.assert_array_equal(
+        arrays.read_rows(arrays.open_activation_array(workspace.zarr_path, f"run_{run_id}")),
+        arrays.read_rows(arrays.open_activation_array(workspace.zarr_path, f"run_{fresh.run_id}")),
+    )
 
 
 def _failing_config(responses_run: int, tiny_root: Path) -> ExtractConfig:

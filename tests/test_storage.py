@@ -336,25 +336,24 @@ def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
         run_extraction(workspace, _config(run, tiny_root), progress=stop_early)
     (rid,) = [r.id for r in list_runs(workspace.catalog(), "extract") if r.id != reference]
     before = done_count(workspace.catalog(), rid)
-    assert 2 < before <= 17  # some rows done (2 without a span from the start), enough left for windows
-    windows: list[tuple[int, int | None]] = []
-    real = pipeline.pending_windows
+    assert 2 < before <= 17  # some rows done (rows without a span once planned), enough left for windows
+    sizes: list[int] = []
+    real = pipeline.plan_window
 
-    def spied(*args, **kwargs):
-        *head, emit = args
-        return real(*head, lambda w: (windows.append((len(w[0].rows), w[1])), emit(w)), **kwargs)
+    def spied(pending, examples, **kw):
+        sizes.append(len(pending))
+        return real(pending, examples, **kw)
 
-    monkeypatch.setattr(pipeline, "pending_windows", spied)
+    monkeypatch.setattr(pipeline, "plan_window", spied)
     seen: list[int] = []
     tuning = Tuning(plan_inline_max=0, rest_windows=(2, 3, 5))
     resumed = run_extraction(
         workspace, None, resume=rid, progress=lambda p: seen.append(p.done_examples), tuning=tuning
     )
-    assert resumed.n_computed == 25 - before and seen[-1] == 25 and seen == sorted(seen)
-    left = 25 - before - 3  # the first 3 pending rows (max_batch_size) start the model
-    sizes = [n for n, _ in windows]
-    assert sum(sizes) == left and sizes[:-1] == [2, 3, 5, 5, 5][: len(sizes) - 1] and len(sizes) >= 2
-    assert all(upto is not None for _, upto in windows[:-1]) and windows[-1][1] is None
+    assert resumed.n_computed <= 25 - before and seen[-1] == 25 and seen == sorted(seen)
+    # the first 3 pending rows (max_batch_size) start the model; the rest in windows of 2, 3, then 5
+    assert sizes[0] == 3 and sum(sizes) == 25 - before and len(sizes) >= 3
+    assert sizes[1:-1] == [2, 3, 5, 5, 5][: len(sizes) - 2] and sizes[-1] <= [2, 3, 5, 5, 5][len(sizes) - 2]
     assert done_count(workspace.catalog(), rid) == 25
     got, ref = _by_response(workspace, rid), _by_response(workspace, reference)
     assert got.keys() == ref.keys()
@@ -445,7 +444,7 @@ def test_old_unsharded_store_loads_verifies_and_resumes(workspace, make_extracti
     rw = arrays.open_activation_array(workspace.zarr_path, f"run_{synth.run_id}", "r+")
     writer = ChunkWriter(rw, "old store", threads=2)
     batches = ((b, 2 * synth.data[b], 3 * len(b)) for b in plan.batches)
-    store_batches(ChunkAssembler(plan, rw, 2, synth.d_model), batches, writer)
+    store_batches(ChunkAssembler(rw, n, 16, 2, synth.d_model, expect=plan.rows), batches, writer)
     writer.close()
     np.testing.assert_array_equal(arrays.read_rows(rw), 2 * synth.data)
     assert sorted(writer.written()) == [(s, min(s + 16, n)) for s in range(0, n, 16)]
@@ -468,21 +467,15 @@ def test_a_small_run_is_cut_into_write_units_written_while_later_batches_compute
     assert arrays.layout_for(414, 1, 5376, chunk_rows=200, min_units=MIN_UNITS)[0] == 200
 
 
-def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: Path) -> None:
-    """A new run's plan comes in two windows (the first batch, then the rest): a unit straddling them leaves only
-    once the second window has planned its rows, even when they need no computing (no span)."""
+def test_assembler_waits_for_every_expected_row_of_a_unit(tmp_path: Path) -> None:
+    """A session expects all its rows from the start (a run is recorded before it is tokenized): a unit straddling
+    two plan windows leaves only once the second window has computed its rows or found them without a span."""
     array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(10, 1, 2), chunks=(4, 1, 2), dtype="float32",
                               fill_value=np.nan)  # fmt: skip
-    ex = Rendered([1, 2], [(0, 2)], "")
-
-    def plan(rows: list[int]) -> ExtractionPlan:
-        return ExtractionPlan.build([ex] * len(rows), rows, n_rows=10, chunk_rows=4, max_batch_tokens=100,
-                                    max_batch_size=8)  # fmt: skip
-
-    asm = ChunkAssembler(plan([0, 1, 2]), array, 1, 2, planned_to=3)
+    asm = ChunkAssembler(array, 10, 4, 1, 2, expect=range(10))
     values = np.arange(20, dtype=np.float32).reshape(10, 1, 2)
-    assert asm.add([0, 1, 2], values[0:3]) == []  # row 3 is not planned yet
-    asm.extend(plan([4, 5, 6, 7, 8]))  # rows 3 and 9 turn out to have no span
+    assert asm.add([0, 1, 2], values[0:3]) == []  # row 3 is in the next window
+    asm.skip([3, 9])  # the next window finds rows 3 and 9 without a span
     done = asm.add([4, 5, 6, 7, 8], values[4:9])
     assert sorted((b.start, b.stop) for b in done) == [(0, 4), (4, 8), (8, 10)]
     for block in done:
@@ -492,12 +485,13 @@ def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: 
     np.testing.assert_array_equal(arrays.read_rows(array), expected)
 
 
-def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_records_nothing(
+def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_the_run_resumes(
     workspace, tmp_path: Path, tiny_root: Path, monkeypatch
 ) -> None:
     """Ctrl-C after the first batch of a large run (forced: plan_inline_max 0, windows of 2 answers, each made to
-    take 1.5 s to render: 16.5 s of planning left): the planning stops at its next window, the KeyboardInterrupt comes
-    out in a few seconds, not after the whole plan, and nothing is recorded (no run, no Zarr group)."""
+    take 1.5 s to render: 16.5 s of planning left): the planning stops at its next window, the KeyboardInterrupt
+    comes out in a few seconds, not after the whole plan; the run, recorded when its responses were selected, is
+    ``interrupted`` and a resume (the same path) completes it."""
     from personavec.extract import config as config_mod
     from personavec.extract import pipeline
 
@@ -519,11 +513,16 @@ def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_record
     config = _config(run, tiny_root)
     load_model(config.model, dtype="float32", device="cpu")  # warm the model's files outside the timing
     t = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         run_extraction(workspace, config, tuning=Tuning(plan_inline_max=0, rest_windows=(2,)))
     assert time.monotonic() - t < 8  # without the stop: over 16.5 s
-    assert list_runs(workspace.catalog(), "extract") == []
-    assert not any(workspace.zarr_path.glob("run_*"))
+    (run_id,) = [r.id for r in list_runs(workspace.catalog(), "extract")]
+    assert (
+        getattr(info.value, "run_id", None) == run_id and get_run(workspace.catalog(), run_id).status == "interrupted"
+    )
+    monkeypatch.undo()
+    result = run_extraction(workspace, None, resume=run_id)
+    assert done_count(workspace.catalog(), run_id) == result.n_examples == 25
 
 
 @pytest.mark.parametrize("inline_max", [0, 10_000])

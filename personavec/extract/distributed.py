@@ -5,12 +5,13 @@ accelerate's launcher) starts N processes; in each, :func:`personavec.extract.ru
 and calls :func:`run_distributed`. Who does what:
 
 - **Rank 0 alone opens the catalog** (DuckDB has one writer per file; the catalog lives on rank 0's machine). It
-  resolves the config (a new run, or ``resume``: the stored config), sends it to the other ranks, and plans the run
-  as one process would (same Zarr rows, the run's rows in one transaction, the array created after the commit).
-- **Tokenizing is spread**: each rank renders one contiguous stripe of the conversations for the plan.
-- **Shares are whole write units (shards), balanced by tokens** (:func:`split_chunks`): a unit belongs to one rank,
-  which alone writes it (with the single-process writer pool, :func:`personavec.extract.run.store_batches`, including
-  its durability flushes), so no two processes ever write one shard.
+  resolves the config (a new run, or ``resume``: the stored config), sends it to the other ranks, and opens the run
+  as one process would (a new one recorded with every row pending, its array created after the commit).
+- **Shares are whole write units (shards), balanced by characters** (:func:`split_chunks`, before anything is
+  tokenized): a unit belongs to one rank, which alone writes it; the cheapest units form a pool claimed one at a
+  time. Every rank runs the one-process pipeline (:func:`personavec.extract.pipeline.compute`) over its share and
+  the units it claims: it tokenizes them itself, window by window, and writes them with the same writer pool, so no
+  two processes ever write one shard.
 - **Rank 0 takes the finished chunks into the catalog**: the other ranks report each chunk once it is written;
   rank 0 checks that it came from the rank that owns it, marks it done with its own, and closes the run ``done``
   only when every rank finished and every row is done. A rank that fails or dies leaves the run ``failed`` or
@@ -18,10 +19,10 @@ and calls :func:`run_distributed`. Who does what:
   processes computes only the rows not done.
 
 Messages travel on two gloo process groups of their own (the backend accelerate chose, NCCL on GPUs, is not used):
-rank 0 -> others (``config``, ``render``, ``pool``, ``plan``, ``result``, ``error``) and others -> rank 0 (``rendered``,
-``batch``, ``finished``). Each process receives on a thread into a queue, because a gloo receive can neither be
-polled nor abandoned (a timed-out wait closes the connection); the main thread waits on the queue with a timeout,
-so Ctrl-C and SIGTERM still reach a waiting rank.
+rank 0 -> others (``config``, ``pool``, ``plan``, ``result``, ``error``) and others -> rank 0 (``batch``, ``finished``:
+each window's plan first, then the rows written). Each process receives on a thread into a queue, because a gloo
+receive can neither be polled nor abandoned (a timed-out wait closes the connection); the main thread waits on the
+queue with a timeout, so Ctrl-C and SIGTERM still reach a waiting rank.
 
 Several machines: the same command with accelerate's multi-node options. The workspace (catalog) is needed only on
 rank 0's machine; the activation store must be reachable from every rank under one name: a shared filesystem
@@ -40,10 +41,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from personavec import arrays
 from personavec.errors import ConfigError, DistributedError, ExtractionInterrupted, RunInterrupted
@@ -51,16 +54,14 @@ from personavec.extract.config import (
     ExtractConfig,
     ExtractionProgress,
     ExtractionResult,
-    Renderer,
     load_for,
     render_all,
     resume_config,
 )
-from personavec.extract.pipeline import compute
-from personavec.extract.plan import ExtractionPlan, Window, budget
-from personavec.extract.record import Opened, new_run, plan_pending, resumed_run
+from personavec.extract.pipeline import compute, new_config, planned_windows
+from personavec.extract.plan import Pending, Window, budget, plan_window
+from personavec.extract.record import Opened, new_run, resumed_run
 from personavec.modeling import LoadedModel
-from personavec.spans import Rendered
 from personavec.store import extraction as xs
 from personavec.tuning import DEFAULT, Tuning
 from personavec.writer import Committer
@@ -213,11 +214,6 @@ def split_chunks(
     return [sorted(share, key=by_row) for share in shares], [sorted(chunks[c], key=by_row) for c in reversed(pooled)]
 
 
-def _stripes(n: int, n_ranks: int) -> list[tuple[int, int]]:
-    size = -(-n // n_ranks)
-    return [(min(r * size, n), min((r + 1) * size, n)) for r in range(n_ranks)]
-
-
 # -- messages ----------------------------------------------------------------------------------------------------
 
 
@@ -314,17 +310,11 @@ def _describe(exc: BaseException) -> str:
 # -- what rank 0 sends each rank ---------------------------------------------------------------------------------
 
 
-#: A write unit of the shared pool: its examples and their Zarr rows.
-_Unit = tuple[list[Rendered], list[int]]
-
-
 @dataclass(frozen=True)
 class _Share:
     info: xs.ExtractionRunInfo
     location: str  # the activation store, as every rank opens it
-    examples: list[Rendered]
-    rows: list[int]
-    chunk_rows: int
+    pending: Pending  # this rank's rows (whole write units) and their conversations; the rank tokenizes them
     present: frozenset[int]  # write units already in the store (resume): the writer completes them, never blanks
     claims: tuple[str, int]  # where to claim the pool's units (sent before, the same to every rank): rank 0's counter
 
@@ -368,55 +358,26 @@ class _Claims:
 _CLAIM_TIMEOUT = timedelta(minutes=5)
 
 
-def _slim(example: Rendered) -> Rendered:
-    """What a rank needs of an example to compute it (the rendered text stays with rank 0)."""
-    return dataclasses.replace(example, text="")
-
-
 def _windows(
-    share: ExtractionPlan,
-    pool: Sequence[_Unit],
+    own: Iterator[Window],
+    pool: Sequence[Pending],
     claims: _Claims,
-    config: ExtractConfig,
     loaded: LoadedModel,
+    config: ExtractConfig,
+    opened: Opened,
     tuning: Tuning,
 ) -> Iterator[Window]:
-    """A rank's plan windows: its own share, then each pool unit it claims, until the pool is empty."""
-    yield share, None
+    """A rank's plan windows: its own share's, then each pool unit it claims (one write unit, tokenized then, one
+    window that adds its rows to the session), until the pool is empty."""
+    yield from own
+    n_rows, per, limit = opened.info.n_examples, arrays.rows_per_chunk(opened.array), budget(config, loaded, tuning)
     while (k := claims.claim()) < len(pool):
-        examples, rows = pool[k]
-        unit = ExtractionPlan.build(
-            examples, rows, n_rows=share.n_rows, chunk_rows=share.chunk_rows,
-            max_batch_tokens=budget(config, loaded, tuning), max_batch_size=config.max_batch_size,
+        unit = pool[k]
+        window = plan_window(
+            unit, render_all(loaded, config, unit.conversations), n_rows=n_rows, chunk_rows=per,
+            max_batch_tokens=limit, max_batch_size=config.max_batch_size,
         )  # fmt: skip
-        yield unit, None
-
-
-def _spread_rendering(channel: _Channel) -> Renderer:
-    """A Renderer for rank 0: stripe ``r`` of the conversations is tokenized by rank ``r``."""
-
-    def render(
-        loaded: LoadedModel, config: ExtractConfig, conversations: Sequence[tuple[str | None, str, str]]
-    ) -> list[Rendered]:
-        stripes = _stripes(len(conversations), channel.world)
-        for rank in range(1, channel.world):
-            start, stop = stripes[rank]
-            channel.send(rank, ("render", list(conversations[start:stop])))
-        got = {0: render_all(loaded, config, conversations[stripes[0][0] : stripes[0][1]])}
-        while len(got) < channel.world:
-            received = channel.get()
-            assert received is not None
-            sender, message = received
-            if message[0] != "rendered":
-                detail = message[2] if message[0] == "finished" else message[1]
-                raise DistributedError(f"rank {sender} could not tokenize its share of the plan: {detail}")
-            got[sender] = message[1]
-        return [ex for rank in range(channel.world) for ex in got[rank]]
-
-    return render
-
-
-# -- rank 0 ------------------------------------------------------------------------------------------------------
+        yield dataclasses.replace(window, adds=tuple(unit.rows))
 
 
 class _LeadSink:
@@ -451,21 +412,36 @@ class _LeadSink:
         self.committer = Committer("personavec-dp-catalog")
         self._failed = False
         self.counts = (0, 0)
+        self.no_span = 0  # rows of this session planned without a span (done, nothing computed)
 
     def last_batch_launched(self) -> None:
         """Rank 0 keeps marking in the background: the other ranks may still be computing."""
 
-    def _mark(self, ranges: Sequence[tuple[int, int]]) -> None:
+    def _submit(self, fn: Callable[..., None] | None, *args: Any) -> None:
         if self._failed:  # raised once already; finish records it
             return
         try:
-            if ranges:
-                self.committer.submit(xs.mark_done, self.catalog, self.run_id, list(ranges))
+            if fn is not None:
+                self.committer.submit(fn, self.catalog, self.run_id, *args)
             else:
                 self.committer.check()
         except Exception:
             self._failed = True
             raise
+
+    def _mark(self, ranges: Sequence[tuple[int, int]]) -> None:
+        self._submit(xs.mark_done if ranges else None, list(ranges))
+
+    def planned(self, table: pa.Table) -> None:
+        self.no_span += int(pc.sum(table["done"]).as_py() or 0)
+        self._submit(xs.plan_examples, table)
+
+    def _accept_plan(self, sender: int, table: pa.Table) -> None:
+        units = {row // self.chunk_rows for row in table["row"].to_pylist()}
+        if not all([self._owns(sender, unit) for unit in units]):
+            self.problems["failed"].append(f"rank {sender} planned rows not in units it owns")
+            return
+        self.planned(table)
 
     def _settle(self) -> str | None:
         """Wait for every unit of work; the first error, if one failed."""
@@ -495,10 +471,14 @@ class _LeadSink:
     def _take(self, sender: int, message: tuple) -> None:
         kind = message[0]
         if kind == "batch":
-            _, ranges, self.computed[sender], self.tokens[sender] = message
+            _, tables, ranges, self.computed[sender], self.tokens[sender] = message
+            for table in tables:  # recorded before any of their rows is marked done
+                self._accept_plan(sender, table)
             self._accept(sender, ranges)
         elif kind == "finished":
-            _, status, error, ranges, self.computed[sender], self.tokens[sender], self.seconds[sender] = message
+            _, status, error, tables, ranges, self.computed[sender], self.tokens[sender], self.seconds[sender] = message
+            for table in tables:
+                self._accept_plan(sender, table)
             self._accept(sender, ranges)
             self.running.discard(sender)
             if status != "done":
@@ -584,14 +564,6 @@ class _LeadSink:
         return report
 
 
-def _new_config(config: ExtractConfig | None) -> tuple[ExtractConfig, int]:
-    if config is None:
-        raise ConfigError("run_extraction needs a config (new run) or resume=RUN_ID")
-    if config.responses_run is None:
-        raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
-    return config, config.responses_run
-
-
 def _lead(
     ws: Workspace,
     config: ExtractConfig | None,
@@ -606,81 +578,48 @@ def _lead(
     catalog = None
     try:
         catalog = ws.catalog()
-        if resume is None:
-            config, source = _new_config(config)
-        else:
-            config = resume_config(catalog, resume, config)
+        config = new_config(config) if resume is None else resume_config(catalog, resume, config)
         channel.tell_others(("config", config))
         loaded = loaded or _load(config, *local, tuning)
-        render = _spread_rendering(channel)
-        t0 = time.perf_counter()
-        if resume is None:
-            # The whole run is planned before the shares go out (they need every row), and every rank opens the array.
-            first, _, _, rest = new_run(
-                ws, catalog, config, source, loaded, render, tuning,
+        started = time.perf_counter()
+        if resume is None:  # recorded as one process would; shares need many units
+            opened, pending = new_run(
+                ws, catalog, config, config.responses_run, loaded, tuning,  # type: ignore[arg-type]
                 min_units=channel.world * tuning.units_per_rank, min_unit_rows=1,
             )  # fmt: skip
-            opened = rest()
-            after = opened.rest
-            assert after is not None  # a new run's rows after its first batch (rest() without windows: one plan)
-            # rows and examples only: each rank plans the batches of its own share
-            plan = ExtractionPlan(first.examples + after.examples, first.rows + after.rows, first.n_rows,
-                                  first.chunk_rows, [])  # fmt: skip
-            opened = dataclasses.replace(opened, rest=None)
         else:
-            opened, rows, conversations = resumed_run(ws, catalog, resume, config, loaded)
-            plan = plan_pending(loaded, config, opened, rows, conversations, render, tuning)
+            opened, pending = resumed_run(ws, catalog, resume, config, loaded)
         info = opened.info
-        plan_s = time.perf_counter() - t0
-        costs = [ex.forward_length for ex in plan.examples]
-        shares, pooled = split_chunks(plan.rows, costs, plan.chunk_rows, channel.world, tuning.pool_fraction)
-        pool = [([_slim(plan.examples[i]) for i in unit], [plan.rows[i] for i in unit]) for unit in pooled]
+        per = arrays.rows_per_chunk(opened.array)
+        costs = [len(a) + len(q) + len(sp or "") for sp, q, a in pending.conversations]  # before tokenizing
+        shares, pooled = split_chunks(pending.rows, costs, per, channel.world, tuning.pool_fraction)
+        pool = [pending.take(unit) for unit in pooled]
         claims = _Claims.serve()
-        pool_message = _pickled(("pool", pool))  # a quarter of the run, the same for every rank: pickled once
+        pool_message = _pickled(("pool", pool))  # the same for every rank: pickled once
         for rank in range(1, channel.world):
             share = _Share(
-                info,
-                ws.zarr_location,
-                [_slim(plan.examples[i]) for i in shares[rank]],
-                [plan.rows[i] for i in shares[rank]],
-                plan.chunk_rows,
-                frozenset(opened.present),
-                claims.address,
+                info, ws.zarr_location, pending.take(shares[rank]), frozenset(opened.present), claims.address
             )
             channel.send(rank, pool_message)
             channel.send(rank, ("plan", share))
     except BaseException as exc:
-        channel.tell_others(("error", f"rank 0 could not plan the run: {_describe(exc)}"), quiet=True)
+        channel.tell_others(("error", f"rank 0 could not open the run: {_describe(exc)}"), quiet=True)
         if info is not None and catalog is not None:  # the run exists: leave it resumable, not "running"
             xs.finish_extraction(catalog, info.run_id, "failed", _describe(exc), None)
         raise
-    owners = {plan.rows[i] // plan.chunk_rows: rank for rank, share in enumerate(shares) for i in share}
-    owners.update({rows[0] // plan.chunk_rows: _POOLED for _, rows in pool})
-    mine = ExtractionPlan.build(
-        [plan.examples[i] for i in shares[0]],
-        [plan.rows[i] for i in shares[0]],
-        n_rows=plan.n_rows,
-        chunk_rows=plan.chunk_rows,
-        max_batch_tokens=budget(config, loaded, tuning),
-        max_batch_size=config.max_batch_size,
+    owners = {pending.rows[i] // per: rank for rank, share in enumerate(shares) for i in share}
+    owners.update({unit.rows[0] // per: _POOLED for unit in pool})
+    mine = pending.take(shares[0])
+    sink = _LeadSink(catalog, info, channel, owners, per, len(pending))
+    opened = dataclasses.replace(opened, n_done=0)  # progress counts rank 0's own rows (progress_for)
+    windows = _windows(
+        planned_windows(loaded, config, opened, mine, tuning), pool, claims, loaded, config, opened, tuning
     )
-    sink = _LeadSink(catalog, info, channel, owners, plan.chunk_rows, len(plan.rows))
-    opening: Future[Opened] = Future()
-    opening.set_result(dataclasses.replace(opened, n_done=0))  # progress counts rank 0's own rows (progress_for)
     try:
         own = compute(
-            ws.zarr_location,
-            opening,
-            config,
-            loaded,
-            _windows(mine, pool, claims, config, loaded, tuning),
-            info.layers,
-            info.n_examples,
-            sink.progress_for(progress),
-            plan_s,
-            sink,
+            ws.zarr_location, opened, config, loaded, windows, mine.rows, sink.progress_for(progress), started, sink,
             tuning,
-        )
+        )  # fmt: skip
     except BaseException as exc:
         channel.tell_others(("error", f"rank 0 stopped: {_describe(exc)}"), quiet=True)
         raise
@@ -696,7 +635,7 @@ def _lead(
         info.zarr_group,
         info.layers,
         info.n_examples,
-        len(plan.rows),
+        len(pending) - sink.no_span,
         sum(sink.tokens),
         sink.tok_s,
         sink.counts[0],
@@ -716,20 +655,24 @@ class _Stopped(ExtractionInterrupted):
 
 
 class _FollowSink:
-    """A non-zero rank's :class:`~personavec.extract.sink.RunSink`: finished chunks and counts go to rank 0 (which
-    alone writes the catalog)."""
+    """A non-zero rank's :class:`~personavec.extract.sink.RunSink`: plans, finished chunks and counts go to rank 0
+    (which alone writes the catalog), plans first."""
 
     def __init__(self, channel: _Channel, run_id: int) -> None:
         self.channel, self.run_id = channel, run_id
+        self.tables: list[pa.Table] = []
         self.ranges: list[tuple[int, int]] = []
         self.computed = 0
+
+    def planned(self, table: pa.Table) -> None:
+        self.tables.append(table)
 
     def last_batch_launched(self) -> None:
         """Nothing to hold: rank 0 marks this rank's rows."""
 
-    def _take_ranges(self) -> list[tuple[int, int]]:
-        ranges, self.ranges = self.ranges, []
-        return ranges
+    def _take(self) -> tuple[list[pa.Table], list[tuple[int, int]]]:
+        tables, ranges, self.tables, self.ranges = self.tables, self.ranges, [], []
+        return tables, ranges
 
     def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
         self.ranges.extend(ranges)
@@ -741,10 +684,11 @@ class _FollowSink:
     def finish(
         self, status: str, error: str | None, tokens: int, elapsed_s: float, left: Sequence[tuple[int, int]]
     ) -> tuple[int, int]:
+        tables, ranges = self._take()
         # rank 0 may be gone: then the rows not reported are adopted (or computed again) on resume
         with contextlib.suppress(Exception):
             self.channel.send(
-                0, ("finished", status, error, [*self._take_ranges(), *left], self.computed, tokens, elapsed_s)
+                0, ("finished", status, error, tables, [*ranges, *left], self.computed, tokens, elapsed_s)
             )
         return (0, 0)  # rank 0 counts them for the run's result
 
@@ -753,7 +697,7 @@ class _FollowSink:
     ) -> Callable[[ExtractionProgress], None]:
         def report(p: ExtractionProgress) -> None:
             self.computed = p.done_examples  # this rank's (compute counts no rows done before)
-            self.channel.send(0, ("batch", self._take_ranges(), self.computed, p.tokens))
+            self.channel.send(0, ("batch", *self._take(), self.computed, p.tokens))
             if not self.channel.inbox.empty():  # rank 0 only writes now to stop us
                 _, message = self.channel.inbox.get()
                 raise _Stopped(message[1] if message[0] == "error" else f"lost contact with rank 0 ({message[1]})")
@@ -773,50 +717,28 @@ def _follow(
     try:
         config: ExtractConfig = channel.expect("config")[1]
         loaded = loaded or _load(config, *local, tuning)
-        pool: list[_Unit] = []
-        while True:
-            message = channel.expect("render", "pool", "plan")
-            if message[0] == "plan":
-                break
-            if message[0] == "pool":  # units any rank may claim, costliest first
-                pool = message[1]
-                continue
-            channel.send(0, ("rendered", render_all(loaded, config, message[1])))
-        share: _Share = message[1]
+        started = time.perf_counter()
+        pool: list[Pending] = channel.expect("pool")[1]  # units any rank may claim, costliest first
+        share: _Share = channel.expect("plan")[1]
         info = share.info
         array = arrays.open_activation_array(share.location, info.zarr_group, "r+")
         claims = _Claims.connect(share.claims, channel.rank)
-        plan = ExtractionPlan.build(
-            share.examples,
-            share.rows,
-            n_rows=info.n_examples,
-            chunk_rows=share.chunk_rows,
-            max_batch_tokens=budget(config, loaded, tuning),
-            max_batch_size=config.max_batch_size,
-        )
     except DistributedError:
         raise
     except BaseException as exc:  # tell rank 0, which would otherwise wait for this rank
         with contextlib.suppress(Exception):
-            channel.send(0, ("finished", "failed", _describe(exc), [], 0, 0, 0.0))
+            channel.send(0, ("finished", "failed", _describe(exc), [], [], 0, 0, 0.0))
         raise
     sink = _FollowSink(channel, info.run_id)
-    opening: Future[Opened] = Future()
-    opening.set_result(Opened(info, array, set(share.present)))
+    opened = Opened(info, array, set(share.present))
+    windows = _windows(
+        planned_windows(loaded, config, opened, share.pending, tuning), pool, claims, loaded, config, opened, tuning
+    )
     try:
         compute(
-            share.location,
-            opening,
-            config,
-            loaded,
-            _windows(plan, pool, claims, config, loaded, tuning),
-            info.layers,
-            info.n_examples,
-            sink.progress_for(progress),
-            0.0,
-            sink,
-            tuning,
-        )
+            share.location, opened, config, loaded, windows, share.pending.rows, sink.progress_for(progress), started,
+            sink, tuning,
+        )  # fmt: skip
     except _Stopped as exc:
         raise DistributedError(f"rank {channel.rank} stopped: {exc}") from exc
     return channel.expect("result")[1]

@@ -1,52 +1,53 @@
-"""One extraction session in one process: the model's thread computes the windows of a plan as one stream of
-batches (:func:`compute`), fed by the planner (on the model's thread for a small run, a helper thread in windows for
-a large one), into the writer pool and the run's sink (:mod:`personavec.extract.sink`). :func:`run_local` opens the
-run (new or resumed, :mod:`personavec.extract.record`) and runs it; a data-parallel rank runs :func:`compute` over
-its share and the units it claims (:mod:`personavec.extract.distributed`)."""
+"""One extraction session, the one pipeline of every run: planner -> model thread -> writer -> marks.
+
+A new run is recorded when its responses are selected (:func:`personavec.extract.record.new_run`), so a new run is a
+resume of a run with every row pending: one path from there. The rows left are planned (tokenized) a window at a time
+(:func:`planned_windows`: the first ``max_batch_size`` rows before the model starts; the rest on the model's thread
+when it asks for it, or, past :attr:`~personavec.tuning.Tuning.plan_inline_max` rows, on a planner thread that
+hands windows over a bounded queue); the model's thread computes them as one stream of batches and hands whole write
+units to the writer pool, whose written rows the sink marks done (:func:`compute`). A data-parallel rank runs
+:func:`compute` over its share and the pool units it claims (:mod:`personavec.extract.distributed`).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from personavec import arrays
-from personavec.errors import (
-    ConfigError,
-    ExtractionInterrupted,
-    RunInterrupted,
-    StorageError,
-    StorageOverflowError,
-)
+from personavec.errors import ConfigError, ExtractionInterrupted, RunInterrupted, StorageError, StorageOverflowError
 from personavec.extract.config import (
     ExtractConfig,
     ExtractionProgress,
     ExtractionResult,
+    Renderer,
     load_for,
+    render_all,
     resume_config,
 )
 from personavec.extract.core import iter_mean_activations
-from personavec.extract.plan import ExtractionPlan, Window
-from personavec.extract.record import (
-    Opened,
-    new_run,
-    pending_windows,
-    plan_pending,
-    resume_hint,
-    resumed_run,
-)
+from personavec.extract.plan import Pending, Window, budget, plan_window, window_bounds
+from personavec.extract.record import Opened, new_run, resume_hint, resumed_run
 from personavec.extract.sink import CatalogSink, ChunkAssembler, ChunkWriter, RunSink, store_batches, units_in_flight
 from personavec.modeling import LoadedModel
-from personavec.spans import Rendered
+from personavec.spans import Rendered, render_workers
 from personavec.tuning import DEFAULT, Tuning
 
 if TYPE_CHECKING:
     from personavec.workspace import Workspace
+
+
+def new_config(config: ExtractConfig | None) -> ExtractConfig:
+    """``config`` checked for a new run (it names its responses run)."""
+    if config is None:
+        raise ConfigError("run_extraction needs a config (new run) or resume=RUN_ID")
+    if config.responses_run is None:
+        raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
+    return config
 
 
 def run_local(
@@ -60,182 +61,168 @@ def run_local(
 ) -> ExtractionResult:
     """:func:`personavec.extract.run_extraction` in one process (see there)."""
     catalog = ws.catalog()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-plan") as pool:
-        if resume is None:
-            if config is None:
-                raise ConfigError("run_extraction needs a config (new run) or resume=RUN_ID")
-            if config.responses_run is None:
-                raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
-            loaded = loaded or load_for(config)
-            t0 = time.perf_counter()
-            first, layers, n_examples, rest = new_run(ws, catalog, config, config.responses_run, loaded, tuning=tuning)
-            # The model starts on the first batch. A small run's rest is planned, the run recorded and its array
-            # created by the model's thread when it asks for the next batch (the first computing meanwhile); a large
-            # run's on a helper thread, in windows handed to the model as they are planned.
-            opening: Future[Opened]
-            if n_examples <= tuning.plan_inline_max:
-                opening = _OnDemand(rest)
-                windows = _first_then_rest(first, opening)
-            else:
-                planned: queue.Queue[Window | None] = queue.Queue()
-                stop = threading.Event()
-                opening = pool.submit(_announcing_failure, rest, planned, stop)
-                windows = _first_then_streamed((first, len(first.examples)), planned, opening, stop)
-        else:
-            config = resume_config(catalog, resume, config)
-            loaded = loaded or load_for(config)
-            t0 = time.perf_counter()
-            opened, rows, conversations = resumed_run(ws, catalog, resume, config, loaded)
-            layers, n_examples = opened.info.layers, opened.info.n_examples
-            opening = Future()
-            opening.set_result(opened)
-            k = config.max_batch_size
-            if len(rows) <= max(tuning.plan_inline_max, k):
-                windows = iter([(plan_pending(loaded, config, opened, rows, conversations, tuning=tuning), None)])
-            else:  # the model starts on the first rows; the rest is planned in windows on a helper thread
-                first = plan_pending(loaded, config, opened, rows[:k], conversations[:k], tuning=tuning)
-                pending_rest = functools.partial(
-                    pending_windows, loaded, config, opened, rows[k:], conversations[k:], tuning=tuning
-                )
-                planned, stop = queue.Queue(), threading.Event()
-                planning = pool.submit(_announcing_failure, pending_rest, planned, stop)
-                windows = _first_then_streamed((first, rows[k]), planned, planning, stop)
-        plan_s = time.perf_counter() - t0
-        sink = CatalogSink(catalog, lambda: opening.result().info.run_id, tuning)
-        return compute(
-            ws.zarr_location, opening, config, loaded, windows, layers, n_examples, progress, plan_s, sink, tuning
-        )
+    if resume is None:
+        config = new_config(config)
+        loaded = loaded or load_for(config)
+        started = time.perf_counter()
+        opened, pending = new_run(ws, catalog, config, config.responses_run, loaded, tuning)  # type: ignore[arg-type]
+    else:
+        config = resume_config(catalog, resume, config)
+        loaded = loaded or load_for(config)
+        started = time.perf_counter()
+        opened, pending = resumed_run(ws, catalog, resume, config, loaded)
+    sink = CatalogSink(catalog, opened.info.run_id, tuning)
+    windows = planned_windows(loaded, config, opened, pending, tuning)
+    return compute(ws.zarr_location, opened, config, loaded, windows, pending.rows, progress, started, sink, tuning)
 
 
-class _OnDemand(Future):  # type: ignore[type-arg]
-    """A future that computes its value on the first thread asking for it (``result`` or ``exception``); ``done``
-    stays False until then. A small new run's rest of planning: the model's thread runs it after it launched the
-    first batch (the batches are double-buffered), so it happens while the device computes, and no helper thread
-    competes with the model's for the GIL."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        super().__init__()
-        self._fn: Callable[[], Any] | None = fn
-        self._lock = threading.Lock()
-
-    def _run(self) -> None:
-        with self._lock:
-            fn, self._fn = self._fn, None
-            if fn is None:
-                return
-            try:
-                self.set_result(fn())
-            except BaseException as exc:  # Ctrl-C included: whoever waits sees it
-                self.set_exception(exc)
-
-    def result(self, timeout: float | None = None) -> Any:
-        self._run()
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._run()
-        return super().exception(timeout)
-
-
-def _first_then_rest(first: ExtractionPlan, opening: Future[Opened]) -> Iterator[Window]:
-    """A small new run's windows: its first batch, then the rest of its plan, planned when the model asks for it.
-    The rest seals the write units the first left open."""
-    yield first, len(first.examples)
-    rest = opening.result().rest
-    assert rest is not None  # a small new run's rows after its first batch, in one window
-    yield rest, None
-
-
-T = TypeVar("T")
-
-
-class PlanningStopped(Exception):
-    """The model's thread stopped (Ctrl-C, an error) while a large run's rest was still being planned."""
-
-
-def _announcing_failure(rest: Callable[..., T], planned: queue.Queue[Window | None], stop: threading.Event) -> T:
-    """Run the ``rest`` of a large run's plan on the helper thread, its windows into ``planned``; None there if it
-    fails. Once ``stop`` is set it stops at the next window (a new run: before it is recorded)."""
-
-    def emit(window: Window) -> None:
-        if stop.is_set():
-            raise PlanningStopped("the run stopped before all of it was planned; nothing was recorded")
-        planned.put(window)
-
-    try:
-        return rest(emit)
-    except BaseException:
-        planned.put(None)
-        raise
-
-
-def _first_then_streamed(
-    first: Window, planned: queue.Queue[Window | None], planning: Future[Any], stop: threading.Event
+def planned_windows(
+    loaded: LoadedModel,
+    config: ExtractConfig,
+    opened: Opened,
+    pending: Pending,
+    tuning: Tuning = DEFAULT,
+    render: Renderer = render_all,
 ) -> Generator[Window]:
-    """A large run's windows: its first batch, then each window of the rest as the helper thread plans it (the last
-    one has no ``planned_to``); a failed ``planning`` raises its error here. Closing it (the model's thread
-    stopping) stops the planning at its next window."""
-    try:
-        yield first
-        while (window := planned.get()) is not None:
-            yield window
-            if window[1] is None:
+    """The windows of ``pending`` (:func:`personavec.extract.plan.window_bounds`), planned as they are asked for:
+    the first on the caller's thread, the rest on it too when small, else on a planner thread (its rendering
+    processes shared by every window, :func:`personavec.spans.render_workers`). Closing the generator stops the
+    planner at its next window."""
+    n_rows, chunk_rows = opened.info.n_examples, arrays.rows_per_chunk(opened.array)
+    limit = budget(config, loaded, tuning)
+
+    def plan(start: int, stop: int) -> Window:
+        part = pending.part(start, stop)
+        return plan_window(
+            part, render(loaded, config, part.conversations), n_rows=n_rows, chunk_rows=chunk_rows,
+            max_batch_tokens=limit, max_batch_size=config.max_batch_size,
+        )  # fmt: skip
+
+    bounds = window_bounds(len(pending), config.max_batch_size, tuning)
+    if len(bounds) <= 2:
+        for start, stop in bounds:
+            yield plan(start, stop)
+        return
+    yield plan(*bounds[0])
+
+    def rest(emit: Callable[[Window], None]) -> None:
+        with render_workers(loaded.tokenizer, bounds[-1][1] - bounds[1][0], tuning.parallel_from):
+            for start, stop in bounds[1:]:
+                emit(plan(start, stop))
+
+    yield from in_background(rest)
+
+
+class _Stop(Exception):
+    """The consumer of :func:`in_background` stopped."""
+
+
+_END = object()
+
+
+def in_background(produce: Callable[[Callable[[Any], None]], None], size: int = 2) -> Generator[Any]:
+    """Run ``produce(emit)`` on a thread of its own; yield what it emits, through a queue of ``size`` (the
+    producer waits when the consumer is behind). Its error is raised here; closing the generator stops it at its
+    next ``emit``."""
+    items: queue.Queue[Any] = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                items.put(item, timeout=0.1)
                 return
-        planning.result()  # raises what stopped the planning
+        raise _Stop
+
+    def run() -> None:
+        try:
+            produce(put)
+        except _Stop:
+            return
+        except BaseException as exc:  # raised in the consumer
+            failed.append(exc)
+        with contextlib.suppress(_Stop):
+            put(_END)
+
+    thread = threading.Thread(target=run, name="personavec-plan", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = items.get(timeout=0.2)  # in steps: Ctrl-C and SIGTERM reach a waiting model thread
+            except queue.Empty:
+                if thread.is_alive():
+                    continue
+                item = _END if items.empty() else items.get()
+            if item is _END:
+                break
+            yield item
+        if failed:
+            raise failed[0]
     finally:
-        stop.set()
+        stop.set()  # the producer stops at its next emit (the window it renders, if any, is dropped)
 
 
 def compute(
     location: arrays.StoreLocation,
-    opening: Future[Opened],
+    opened: Opened,
     config: ExtractConfig,
     loaded: LoadedModel,
     windows: Iterator[Window],
-    layers: tuple[int, ...],
-    n_examples: int,
+    expect: list[int],
     progress: Callable[[ExtractionProgress], None] | None,
-    plan_s: float,
+    started: float,
     sink: RunSink,
     tuning: Tuning = DEFAULT,
 ) -> ExtractionResult:
-    """Compute the ``windows`` of a plan (later ones may wait for ``opening``: the rest of a new run's plan) as one
-    stream of batches and write it through a :class:`ChunkWriter`; ``sink`` receives the written rows and closes the
-    session. ``location``: the activation store, for messages. Progress is reported once the run is recorded (a
-    large new run is recorded once all its windows are planned; batches before that are not waited for, but
-    reported with the next, or at the end); ``done_examples`` counts the rows done before this session
-    (``Opened.n_done``) and those computed."""
-    start_t = time.perf_counter()
-    resumed = opening.done()  # a resumed run is open before computing; a new one opens during its first batch
-    if resumed and opening.exception() is not None:
-        raise opening.exception()  # type: ignore[misc]
-    present = opening.result().present if resumed else set()
-    first, planned_to = next(windows)
-    assembler = ChunkAssembler(first, opening, len(layers), loaded.d_model, present, planned_to=planned_to)
-    unit_bytes = assembler.per * len(layers) * loaded.d_model * 4  # float32 from the model, before storage dtype
+    """Compute the ``windows`` of a session as one stream of batches and write them through a :class:`ChunkWriter`;
+    ``sink`` records each window's plan, receives the written rows and closes the session.
+
+    Args:
+        location: the activation store, for messages.
+        opened: the run, open to write.
+        windows: the session's plan, window by window (each taken when the model asks for its next batch).
+        expect: the session's rows (more may come with a window's ``adds``: a claimed pool unit).
+        progress: called after each batch; ``done_examples`` counts rows done before this session
+            (``Opened.n_done``), rows computed and rows found without a span.
+        started: when the session started (``time.perf_counter()``): ``plan_s`` runs from it to the first window.
+        sink: where plans and written rows go.
+    """
+    info = opened.info
+    layers = info.layers
+    per = arrays.rows_per_chunk(opened.array)
+    assembler = ChunkAssembler(opened.array, info.n_examples, per, len(layers), loaded.d_model, opened.present, expect)
+    unit_bytes = per * len(layers) * loaded.d_model * 4  # float32 from the model, before the storage dtype
     in_flight = units_in_flight(unit_bytes, config.writer_threads, tuning)
-    writer = ChunkWriter(opening, str(location), max_in_flight=in_flight, threads=config.writer_threads)
-    state = {"tokens": 0, "computed": 0, "reported": 0}
+    writer = ChunkWriter(opened.array, str(location), max_in_flight=in_flight, threads=config.writer_threads)
+    state = {"tokens": 0, "computed": 0, "skipped": 0}
     status, error, left = "done", None, []
-    drain_s = close_s = elapsed = tok_s = 0.0
+    drain_s = close_s = 0.0
     counts = (0, 0)
     examples: list[Rendered] = []  # every window's examples, in order; batches index into it
     rows: list[int] = []
+    start_t = time.perf_counter()
+    plan_s = start_t - started
 
     def batches() -> Iterator[list[int]]:
-        """Each window's batches as indices into ``examples``; a later window is taken (and its rows planned in
-        the assembler) only when the model asks for its next batch, so one generator computes them all."""
-        plan: ExtractionPlan | None = first
-        while plan is not None:
+        """Each window's batches as indices into ``examples``; the next window is taken (its plan sent to the sink,
+        its rows without a span skipped) only when the model asks for its next batch."""
+        nonlocal plan_s, start_t
+        for k, window in enumerate(windows):
+            if k == 0:  # the first window is planned before the model starts
+                start_t = time.perf_counter()
+                plan_s = start_t - started
+            assembler.expect(window.adds)
+            if window.table is not None:
+                sink.planned(window.table)
+            assembler.skip(window.no_span)
+            state["skipped"] += len(window.no_span)
             base = len(examples)
-            examples.extend(plan.examples)
-            rows.extend(plan.rows)
-            for batch in plan.batches:
+            examples.extend(window.plan.examples)
+            rows.extend(window.plan.rows)
+            for batch in window.plan.batches:
                 yield [base + i for i in batch]
-            plan = None
-            for plan, upto in windows:  # the next window (waits for it), planned before its batches are computed
-                assembler.extend(plan, upto)
-                break
         sink.last_batch_launched()  # the core asks for a batch after launching the one before: this was the last
 
     def computed() -> Generator[tuple[list[int], Any, int]]:
@@ -247,19 +234,13 @@ def compute(
             for batch, values, n_tok in means:
                 yield [rows[i] for i in batch], values, n_tok
 
-    def report(wait: bool = False) -> None:
-        """Call ``progress`` if the run is recorded (it gets the run id), or with ``wait`` once it is."""
-        if progress is not None and (wait or opening.done()) and state["reported"] != state["computed"]:
-            opened = opening.result()
-            elapsed = time.perf_counter() - start_t
-            done = opened.n_done + state["computed"]
-            progress(ExtractionProgress(opened.info.run_id, done, n_examples, state["tokens"], elapsed))
-            state["reported"] = state["computed"]
-
     def on_batch(n_rows: int, tokens: int) -> None:
         state["tokens"] += tokens
         state["computed"] += n_rows
-        report()
+        if progress is not None:
+            done = opened.n_done + state["computed"] + state["skipped"]
+            elapsed = time.perf_counter() - start_t
+            progress(ExtractionProgress(info.run_id, done, info.n_examples, state["tokens"], elapsed))
 
     stream = computed()
     try:
@@ -268,7 +249,6 @@ def compute(
                 assembler, stream, writer, on_written=sink.mark_done, on_batch=on_batch,
                 flush_seconds=config.flush_seconds, flush_rows=config.flush_rows,
             )  # fmt: skip
-            report(wait=True)  # the last batches' progress, if the run was recorded only after them
             t_drain = time.perf_counter()
             writer.close()
             left = sink.drain(writer.written())
@@ -276,30 +256,23 @@ def compute(
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt | ExtractionInterrupted) else "failed"
             error = f"{type(exc).__name__}: {exc}"
+            stream.close()
             if isinstance(windows, Generator):
-                windows.close()  # a large run's planning, if still going, stops at its next window
+                windows.close()  # the planner, if still going, stops at its next window
             writer.close(raise_errors=False)
             left = sink.drain(writer.written(), raise_errors=False)
-            failed = opening.exception()
-            if isinstance(failed, PlanningStopped):  # stopped by this error before the run was recorded
-                raise
-            if failed is not None:  # the run was never recorded, or recording it failed
-                raise failed from None
-            run_id = opening.result().info.run_id
             if isinstance(exc, StorageError) and not isinstance(exc, StorageOverflowError):
-                raise StorageError(f"{exc}; {resume_hint(run_id)}") from exc
+                raise StorageError(f"{exc}; {resume_hint(info.run_id)}") from exc
             if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):  # Ctrl-C, SIGTERM
-                raise RunInterrupted(run_id, f"personavec extract --resume {run_id}") from exc
+                raise RunInterrupted(info.run_id, f"personavec extract --resume {info.run_id}") from exc
             raise
     finally:
         stream.close()
         elapsed = time.perf_counter() - start_t
-        tok_s = state["tokens"] / elapsed if elapsed > 0 and state["tokens"] else 0.0
-        if opening.exception() is None:
-            t_close = time.perf_counter()
-            counts = sink.finish(status, error, state["tokens"], elapsed, left)
-            close_s = time.perf_counter() - t_close
-    info, opened = opening.result().info, opening.result()
+        t_close = time.perf_counter()
+        counts = sink.finish(status, error, state["tokens"], elapsed, left)
+        close_s = time.perf_counter() - t_close
+    tok_s = state["tokens"] / elapsed if elapsed > 0 and state["tokens"] else 0.0
     return ExtractionResult(
         info.run_id,
         info.zarr_group,

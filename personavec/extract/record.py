@@ -1,13 +1,11 @@
-"""Opening a run to write: a new run selected, planned and recorded (:func:`new_run`: the model starts on the first
-batch while the rest is planned), or a resumed one reopened (:func:`resumed_run`, rows written but never marked
-adopted, :func:`plan_pending`); the run's Zarr array created only once its rows committed (:func:`run_array`)."""
+"""Opening a run to write. A new run is recorded when its responses are selected (:func:`new_run`: one unit of
+work, every example not planned yet, rows in character-length order) and its Zarr array created at once
+(:func:`run_array`, only after that commit: no group without its run); from then on it is a resume of a run with
+every row pending (:func:`resumed_run`: rows the store holds whole but the catalog never marked adopted)."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +15,9 @@ import pyarrow as pa
 from personavec import arrays
 from personavec.config import check_selection, config_dict
 from personavec.errors import ConfigError, ModelError, StorageConflictError, StorageCorruptError, StorageError
-from personavec.extract.config import ExtractConfig, Renderer, render_all
-from personavec.extract.core import plan_batches
-from personavec.extract.plan import ExtractionPlan, Window, has_span, longest_first, row_ranges
-from personavec.extract.plan import budget as batch_budget
+from personavec.extract.config import ExtractConfig
+from personavec.extract.plan import Pending, row_ranges
 from personavec.modeling import LoadedModel, model_provenance
-from personavec.spans import Rendered, render_workers
 from personavec.store import extraction as xs
 from personavec.store.responses import ResponseRecord
 from personavec.tuning import DEFAULT, Tuning
@@ -34,18 +29,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Opened:
-    """A run ready to be written: its catalog info, array, the write units already in the store, rows adopted, the
-    plan of the rows after the first batch (a new run whose rest came in one window), and the rows already done."""
+    """A run ready to be written: its catalog info, array, the write units already in the store, rows adopted, and
+    the rows done before this session."""
 
     info: xs.ExtractionRunInfo
     array: Any
     present: set[int] = field(default_factory=set)
     n_adopted: int = 0
-    rest: ExtractionPlan | None = None
-    n_done: int = 0  # rows done before this session computes (no span; done in an earlier session)
+    n_done: int = 0
 
 
 def selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> list[ResponseRecord]:
+    """The answered responses of ``run`` the config's filters select, longest first by characters (a proxy for
+    tokens; ties in the run's order): the rows of a new run."""
     names, n_questions, answered = xs.responses_to_extract(catalog, run)
     check_selection(f"responses run {run}", config.personas, config.questions, names, n_questions)
     records = [
@@ -57,28 +53,25 @@ def selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> lis
     if not records:
         which = " of the selected personas and questions" if config.personas or config.questions else ""
         raise ConfigError(f"responses run {run} has no answered responses{which} to extract")
-    return records
+    chars = [len(r.text) + len(r.question) + len(r.system_prompt or "") for r in records]
+    return [records[i] for i in sorted(range(len(records)), key=lambda i: (-chars[i], i))]
 
 
-def examples_table(records: Sequence[ResponseRecord], examples: Sequence[Rendered], rows: Sequence[int]) -> pa.Table:
-    first = [ex.assistant_spans[0] for ex in examples]
+def _unplanned(records: Sequence[ResponseRecord]) -> pa.Table:
+    n = len(records)
+    zeros = pa.array([0] * n, pa.int32())
     return pa.table(
         {
             "response_id": pa.array([r.id for r in records], pa.int64()),
-            "row": pa.array(rows, pa.int32()),
-            "span_start": pa.array([s for s, _ in first], pa.int32()),
-            "span_end": pa.array([e for _, e in first], pa.int32()),
-            "n_tokens": pa.array([ex.forward_length for ex in examples], pa.int32()),
-            "n_response_tokens": pa.array([e - s for s, e in first], pa.int32()),
-            "truncated": pa.array([ex.truncated for ex in examples], pa.bool_()),
-            # no tokens to average: nothing to compute, so done from the start (no row of activations)
-            "done": pa.array([e <= s for s, e in first], pa.bool_()),
+            "row": pa.array(range(n), pa.int32()),
+            "span_start": zeros,
+            "span_end": zeros,
+            "n_tokens": zeros,  # not planned yet: filled by plan_examples as each window is tokenized
+            "n_response_tokens": zeros,
+            "truncated": pa.array([False] * n, pa.bool_()),
+            "done": pa.array([False] * n, pa.bool_()),
         }
     )
-
-
-def chars(record: ResponseRecord) -> int:
-    return len(record.text) + len(record.question) + len(record.system_prompt or "")
 
 
 def new_run(
@@ -87,19 +80,18 @@ def new_run(
     config: ExtractConfig,
     run: int,
     loaded: LoadedModel,
-    render: Renderer = render_all,
     tuning: Tuning = DEFAULT,
+    *,
     min_units: int | None = None,
     min_unit_rows: int | None = None,
-) -> tuple[ExtractionPlan, tuple[int, ...], int, Callable[[], Opened]]:
-    """Select the responses and plan the first batch only; returns that plan (rows ``0..k-1``), the layers, the
-    number of examples, and the function that plans the rest (rows ``k..n-1``, longest first), records the run (one
-    transaction, every example) and then creates its array. Splitting keeps tokenizing a run off the GPU's path: the
-    model starts on the first batch right away. The first batch is the one the whole plan would start with, about:
-    the longest (by a character count, a proxy for tokens) that fit the token budget. ``min_units``: without
-    ``config.chunk_rows``, shards are made small enough that the run has at least this many, but of no fewer than
-    ``min_unit_rows`` rows (default: one inner chunk of the layout, see :attr:`Tuning.min_units`; data parallel asks for
-    more units, of any size: work to share out)."""
+) -> tuple[Opened, Pending]:
+    """Select the responses, record the run with every example (one unit of work, none planned yet, rows longest
+    first by characters), then create its array; returns the run, open to write, and every row pending (what
+    :func:`resumed_run` would return for it, without reading it back).
+
+    Without ``config.chunk_rows``, shards are made small enough that the run has at least ``min_units`` (default
+    :attr:`Tuning.min_units`), of no fewer than ``min_unit_rows`` rows (default: one inner chunk of the layout;
+    data parallel asks for more units, of any size: work to share out)."""
     records = selected_responses(catalog, config, run)
     layers = config.resolve_layers(loaded.n_layers)
     n = len(records)
@@ -108,94 +100,32 @@ def new_run(
         min_units=min_units or tuning.min_units, min_unit_rows=min_unit_rows, target_bytes=tuning.shard_bytes,
         chunk_bytes=tuning.chunk_bytes,
     )[0]  # fmt: skip
-    budget = batch_budget(config, loaded, tuning)
-
-    def triples(part: Sequence[ResponseRecord]) -> list[tuple[str | None, str, str]]:
-        return [(r.system_prompt, r.question, r.text) for r in part]
-
-    head_at = sorted(heapq.nlargest(config.max_batch_size, range(n), key=lambda i: chars(records[i])))
-    head = [records[i] for i in head_at]
-    head_examples = render(loaded, config, triples(head))
-    spanned = [i for i, ex in enumerate(head_examples) if has_span(ex)]
-    lengths = [head_examples[i].forward_length for i in spanned]
-    batch = [spanned[i] for i in plan_batches(lengths, budget, config.max_batch_size)[0]] if spanned else []
-    in_first = set(batch)
-    first = ExtractionPlan.build(
-        [head_examples[i] for i in batch], range(len(batch)), n_rows=n, chunk_rows=per,
-        max_batch_tokens=budget, max_batch_size=config.max_batch_size,
-    )  # fmt: skip
-
-    def rest(emit: Callable[[Window], None] | None = None) -> Opened:
-        """Plan the rows after the first batch, record the run, create its array. Without ``emit``, in one window
-        (the returned rest). With it, in windows of growing size (:attr:`Tuning.rest_windows`, the conversations in the
-        character proxy's order, longest first; each window's rows longest first), each handed to ``emit`` as soon
-        as it is planned, the last with no ``planned_to``; the run is recorded after the last."""
-        in_head = set(head_at)
-        others = [i for i in range(n) if i not in in_head]
-        if emit is not None:
-            others.sort(key=lambda i: -chars(records[i]))
-        carried = [i for i in range(len(head)) if i not in in_first]  # head answers left out of the first batch
-        carried_records, carried_examples = [head[i] for i in carried], [head_examples[i] for i in carried]
-        all_records, all_examples = [head[i] for i in batch], list(first.examples)
-        all_rows: list[int] = list(range(len(batch)))
-        # at least one window, even an empty one: it seals the units the first batch left open
-        bounds = (tuning.windows(len(others)) or [(0, 0)]) if emit is not None else [(0, len(others))]
-        # a large run's windows share one set of rendering processes (spans.render_workers)
-        workers = (
-            render_workers(loaded.tokenizer, len(others), tuning.parallel_from)
-            if emit is not None
-            else contextlib.nullcontext()
-        )
-        with workers:
-            for start, stop in bounds:
-                part = [records[i] for i in others[start:stop]]
-                window_records = carried_records + part
-                window_examples = carried_examples + render(loaded, config, triples(part))
-                carried_records, carried_examples = [], []
-                offset = len(all_rows)
-                rows = [offset + r for r in longest_first([ex.forward_length if has_span(ex) else 0
-                                                           for ex in window_examples])]  # fmt: skip
-                keep = [i for i, ex in enumerate(window_examples) if has_span(ex)]
-                plan = ExtractionPlan.build(
-                    [window_examples[i] for i in keep], [rows[i] for i in keep], n_rows=n, chunk_rows=per,
-                    max_batch_tokens=budget, max_batch_size=config.max_batch_size,
-                )  # fmt: skip
-                all_records += window_records
-                all_examples += window_examples
-                all_rows += rows
-                if emit is not None:
-                    emit((plan, offset + len(rows) if stop < len(others) else None))
-        opened = record(examples_table(all_records, all_examples, all_rows), plan if emit is None else None)
-        return dataclasses.replace(opened, n_done=sum(not has_span(ex) for ex in all_examples))
-
-    def record(table: pa.Table, plan: ExtractionPlan | None) -> Opened:
-        model_id, revision = model_provenance(config.model)
-        info = xs.create_extraction_run(
-            catalog,
-            {**config_dict(config), "layers": list(layers)},
-            table,
-            zarr_group=arrays.group_name,
-            source_run_id=run,
-            model=model_id,
-            model_revision=revision or loaded.revision,
-            architecture=loaded.architecture,
-            n_model_layers=loaded.n_layers,
-            d_model=loaded.d_model,
-            layers=list(layers),
-            dtype=str(loaded.dtype).removeprefix("torch."),
-            span_rule=config.span,
-            prompt_format=config.prompt_format,
-            device=loaded.device,
-            n_examples=n,
-        )
-        array = run_array(ws, catalog, info, config, create=True, chunk_rows=per)
-        if arrays.rows_per_chunk(array) != per:  # the plan's write units must be the array's shards, or rows are lost
-            error = f"{info.zarr_group}: array made with shards of {arrays.rows_per_chunk(array)} rows, planned {per}"
-            xs.finish_extraction(catalog, info.run_id, "failed", f"StorageError: {error}", None)
-            raise StorageError(error)
-        return Opened(info, array, rest=plan)
-
-    return first, layers, n, rest
+    model_id, revision = model_provenance(config.model)
+    info = xs.create_extraction_run(
+        catalog,
+        {**config_dict(config), "layers": list(layers)},
+        _unplanned(records),
+        zarr_group=arrays.group_name,
+        source_run_id=run,
+        model=model_id,
+        model_revision=revision or loaded.revision,
+        architecture=loaded.architecture,
+        n_model_layers=loaded.n_layers,
+        d_model=loaded.d_model,
+        layers=list(layers),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        span_rule=config.span,
+        prompt_format=config.prompt_format,
+        device=loaded.device,
+        n_examples=n,
+    )
+    array = run_array(ws, catalog, info, config, create=True, chunk_rows=per)
+    if arrays.rows_per_chunk(array) != per:  # the plan's write units must be the array's shards, or rows are lost
+        error = f"{info.zarr_group}: array made with shards of {arrays.rows_per_chunk(array)} rows, planned {per}"
+        xs.finish_extraction(catalog, info.run_id, "failed", f"StorageError: {error}", None)
+        raise StorageError(error)
+    conversations = [(r.system_prompt, r.question, r.text) for r in records]
+    return Opened(info, array), Pending(list(range(n)), [r.id for r in records], conversations, [False] * n)
 
 
 def run_array(
@@ -260,67 +190,35 @@ def adopt_written_rows(array: Any, pending: np.ndarray) -> tuple[list[tuple[int,
 
 def resumed_run(
     ws: Workspace, catalog: Catalog, run_id: int, config: ExtractConfig, loaded: LoadedModel
-) -> tuple[Opened, list[int], list[tuple[str | None, str, str]]]:
-    """Reopen a run to resume it: its array (created if the run failed before it was), rows the store holds whole
-    but the catalog never marked adopted. Returns the opened run, the rows still to compute (ascending) and their
-    conversations; :func:`plan_pending` plans them (all at once, or in windows)."""
+) -> tuple[Opened, Pending]:
+    """Reopen a run to write it (a new one, or one resumed): its array (created if the run failed before it was),
+    rows the store holds whole but the catalog never marked adopted (only rows planned before: the catalog knows
+    which response each holds). Returns the opened run and its rows still to compute."""
     info = xs.get_extraction_run(catalog, run_id)
     if (loaded.n_layers, loaded.d_model) != (info.n_model_layers, info.d_model):
         raise ModelError(
             f"extraction run {run_id} was made with a model of {info.n_model_layers} layers x {info.d_model}; "
             f"{loaded.name} has {loaded.n_layers} x {loaded.d_model}"
         )
-    # A run may have failed before its array was created: create it (or reopen the one this run made).
     array = run_array(ws, catalog, info, config, create=True, resume=True)
     pending = xs.resume_extraction_run(catalog, run_id)
-    adopted, present = adopt_written_rows(array, np.asarray(pending["row"].to_numpy(), dtype=np.int64))
+    planned = np.asarray(pending["planned"].to_numpy(zero_copy_only=False), dtype=bool)
+    rows = np.asarray(pending["row"].to_numpy(), dtype=np.int64)
+    adopted, present = adopt_written_rows(array, rows[planned])
     if adopted:
         xs.mark_done(catalog, run_id, adopted)
-        keep = ~np.isin(pending["row"].to_numpy(), [r for a, b in adopted for r in range(a, b)])
-        pending = pending.filter(pa.array(keep))
-    rows = pending["row"].to_pylist()
+        pending = pending.filter(pa.array(~np.isin(rows, [r for a, b in adopted for r in range(a, b)])))
     conversations = list(
         zip(
             pending["system_prompt"].to_pylist(), pending["question"].to_pylist(), pending["text"].to_pylist(),
             strict=True,
         )
     )  # fmt: skip
-    n_adopted = sum(b - a for a, b in adopted)
-    return Opened(info, array, present, n_adopted, n_done=info.n_examples - len(rows)), rows, conversations
-
-
-def plan_pending(
-    loaded: LoadedModel,
-    config: ExtractConfig,
-    opened: Opened,
-    rows: Sequence[int],
-    conversations: Sequence[tuple[str | None, str, str]],
-    render: Renderer = render_all,
-    tuning: Tuning = DEFAULT,
-) -> ExtractionPlan:
-    """Render and plan rows of a resumed run (:func:`resumed_run`)."""
-    return ExtractionPlan.build(
-        render(loaded, config, conversations),
-        rows,
-        n_rows=opened.info.n_examples,
-        chunk_rows=arrays.rows_per_chunk(opened.array),
-        max_batch_tokens=batch_budget(config, loaded, tuning),
-        max_batch_size=config.max_batch_size,
+    left = Pending(
+        pending["row"].to_pylist(),
+        pending["response_id"].to_pylist(),
+        conversations,
+        pending["planned"].to_pylist(),
     )
-
-
-def pending_windows(
-    loaded: LoadedModel,
-    config: ExtractConfig,
-    opened: Opened,
-    rows: Sequence[int],
-    conversations: Sequence[tuple[str | None, str, str]],
-    emit: Callable[[Window], None],
-    tuning: Tuning = DEFAULT,
-) -> None:
-    """A large resumed run's rows after its first batch, planned in windows of :attr:`Tuning.rest_windows` rows (in
-    row order: a run's rows were assigned longest first) handed to ``emit``, the last with no ``planned_to``."""
-    with render_workers(loaded.tokenizer, len(rows), tuning.parallel_from):
-        for lo, hi in tuning.windows(len(rows)):
-            plan = plan_pending(loaded, config, opened, rows[lo:hi], conversations[lo:hi], tuning=tuning)
-            emit((plan, rows[hi] if hi < len(rows) else None))
+    n_adopted = sum(b - a for a, b in adopted)
+    return Opened(info, array, present, n_adopted, n_done=info.n_examples - len(left)), left

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 
 from personavec import arrays
 from personavec.errors import ModelError, PersonavecError, StorageError
-from personavec.extract.plan import ExtractionPlan, row_ranges
+from personavec.extract.plan import row_ranges
 from personavec.store import extraction as xs
 from personavec.tuning import DEFAULT, Tuning
 from personavec.writer import Committer
@@ -26,80 +27,77 @@ if TYPE_CHECKING:
 
 @dataclass
 class _Block:
-    """One write unit being filled: rows ``[start, stop)``; ``pieces`` are computed rows (``(first row, float32
-    [k, n_layers, d_model])`` views of batch outputs, never copied on the model's thread). ``sealed``: every row of
-    it is planned (a unit straddling the end of a plan window waits for the next window)."""
+    """One write unit being filled: rows ``[start, stop)``, ``missing`` of them still to compute or to find
+    without a span; ``pieces`` are computed rows (``(first row, float32 [k, n_layers, d_model])`` views of batch
+    outputs, never copied on the model's thread)."""
 
     start: int
     stop: int
     missing: int
     read_base: bool
-    sealed: bool = True
     pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)
     flushed: int = 0
 
 
-def _resolve(array: Any) -> Any:
-    """The array, or what a future of it (the run's array, created while the first batch computes) holds."""
-    if isinstance(array, Future):
-        opened = array.result()
-        return getattr(opened, "array", opened)
-    return array
-
-
 class ChunkAssembler:
-    """Collects computed rows into whole write units; a unit leaves once all its planned rows are in.
+    """Collects computed rows into whole write units; a unit leaves once every row of it the session expects is
+    computed or known to have no span.
 
     The model's thread only keeps references to batch outputs; :meth:`job` returns a function that builds the unit
     (NaN where nothing was computed, or what the store holds for rows done in an earlier session), checks the
-    computed rows are finite, and writes it: that runs on a writer thread. ``array`` may be a future (a new run's
-    array is created while the first batch computes): the writer threads wait for it, not the model's.
+    computed rows are finite, and writes it: that runs on a writer thread.
 
-    A plan may come in windows (:meth:`extend`): rows at and above ``planned_to`` are not planned yet, and a unit
-    holding some of them leaves only once a later window has planned them.
+    Args:
+        array: the run's Zarr array.
+        n_rows, chunk_rows: rows of the array and of a write unit.
+        n_layers, d_model: a row's shape.
+        present: write units already in the store (a resumed run): one the session does not wholly rewrite is read
+            back before it is written.
+        expect: the session's rows (every row it will compute or find without a span; more with :meth:`expect`).
     """
 
     def __init__(
         self,
-        plan: ExtractionPlan,
         array: Any,
+        n_rows: int,
+        chunk_rows: int,
         n_layers: int,
         d_model: int,
         present: Collection[int] = (),
-        planned_to: int | None = None,
+        expect: Sequence[int] = (),
     ) -> None:
         self.array = array
         self.shape = (n_layers, d_model)
-        self.per = plan.chunk_rows
-        self.n_rows = plan.n_rows
+        self.per = chunk_rows
+        self.n_rows = n_rows
         self.present = set(present)
         self.blocks: dict[int, _Block] = {}
         self._ready: list[_Block] = []
-        self.extend(plan, planned_to)
+        self.expect(expect)
 
-    def extend(self, plan: ExtractionPlan, planned_to: int | None = None) -> None:
-        """Add a window of the plan: its rows, and that every row below ``planned_to`` (default: all) is planned.
-        Units it completes leave with the next :meth:`add`."""
+    def expect(self, rows: Sequence[int]) -> None:
+        """Rows the session will compute (or find without a span), in units it has no other rows of."""
+        if not len(rows):
+            return
         per = self.per
-        planned_to = self.n_rows if planned_to is None else planned_to
-        if plan.rows:
-            counts = np.bincount(np.asarray(plan.rows, dtype=np.int64) // per)
-            for b in np.flatnonzero(counts).tolist():
-                block = self.blocks.get(b)
-                if block is None:
-                    length = min(per, self.n_rows - b * per)
-                    # A unit not fully planned holds rows done earlier: read back before it is rewritten, if it exists.
-                    read_base = int(counts[b]) < length and b in self.present
-                    block = self.blocks[b] = _Block(b * per, b * per + length, 0, read_base, sealed=False)
-                block.missing += int(counts[b])
-        for b, block in list(self.blocks.items()):
-            if not block.sealed and block.stop <= planned_to:
-                block.sealed = True
-                if block.missing == 0:
-                    self._ready.append(self.blocks.pop(b))
+        counts = np.bincount(np.asarray(rows, dtype=np.int64) // per)
+        for b in np.flatnonzero(counts).tolist():
+            length = min(per, self.n_rows - b * per)
+            # A unit the session does not wholly rewrite holds rows done earlier: read back first, if it exists.
+            read_base = int(counts[b]) < length and b in self.present
+            self.blocks[b] = _Block(b * per, b * per + length, int(counts[b]), read_base)
+
+    def skip(self, rows: Sequence[int]) -> None:
+        """Rows found to have no span (nothing to compute); units they complete leave with the next :meth:`add`
+        or :meth:`ready`."""
+        for row in rows:
+            block = self.blocks[row // self.per]
+            block.missing -= 1
+            if block.missing == 0:
+                self._ready.append(self.blocks.pop(row // self.per))
 
     def ready(self) -> list[_Block]:
-        """Units completed by :meth:`extend` and not returned yet."""
+        """Units completed by :meth:`skip` and not returned yet."""
         out, self._ready = self._ready, []
         return out
 
@@ -115,7 +113,7 @@ class ChunkAssembler:
                 k += 1
             block.pieces.append((rows[j], values[j:k]))
             block.missing -= k - j
-            if block.missing == 0 and block.sealed:
+            if block.missing == 0:
                 complete.append(self.blocks.pop(rows[j] // per))
             j = k
         return complete
@@ -141,7 +139,7 @@ class ChunkAssembler:
                         f"the model produced NaN/inf activations for Zarr row(s) {[first + int(i) for i in bad[:5]]}"
                         " (half-precision overflow?): extract again with --dtype float32 or bfloat16"
                     )
-            array = _resolve(source)
+            array = source
             if len(pieces) == 1 and pieces[0][0] == start and len(pieces[0][1]) == stop - start:
                 out = pieces[0][1]
             else:
@@ -221,7 +219,7 @@ class ChunkWriter:
             future = self._pool.submit(values)
             ranges = list(done or [])
         else:
-            future = self._pool.submit(lambda: arrays.write_rows(_resolve(self.array), start, values))
+            future = self._pool.submit(arrays.write_rows, self.array, start, values)
             ranges = [(start, start + len(values))] if done is None else list(done)
         self._pending.append((start, ranges, future))
 
@@ -248,9 +246,9 @@ class DoneMarks:
     at the next :meth:`add` and at :meth:`drain`; rows written but not marked when the process dies are adopted by
     the next resume."""
 
-    def __init__(self, catalog: Catalog, run_id: int | Callable[[], int], interval: float = 1.0) -> None:
+    def __init__(self, catalog: Catalog, run_id: int, interval: float = 1.0) -> None:
         self.catalog = catalog
-        self.run_id = run_id  # or how to get it (a new run is recorded while its first batch computes)
+        self.run_id = run_id
         self.interval = interval
         self.committer = Committer()
         self._queued: list[tuple[int, int]] = []
@@ -265,8 +263,7 @@ class DoneMarks:
         due = now or time.monotonic() - self._last >= self.interval
         if self._queued and due and not self._held and self.committer.idle:
             batch, self._queued = row_ranges([r for a, b in self._queued for r in range(a, b)]), []
-            run_id = self.run_id() if callable(self.run_id) else self.run_id
-            self.committer.submit(xs.mark_done, self.catalog, run_id, batch)
+            self.committer.submit(xs.mark_done, self.catalog, self.run_id, batch)
             self._last = time.monotonic()
 
     def hold(self) -> None:
@@ -310,7 +307,7 @@ def store_batches(
             writer.submit(block.start, job, done=done)
         on_written(writer.written())
         on_batch(len(rows), n_tok)
-    for block in assembler.ready():  # completed by the last window's plan, with nothing left to compute in them
+    for block in assembler.ready():  # completed by rows found without a span, with nothing left to compute
         job, done = assembler.job(block)
         writer.submit(block.start, job, done=done)
 
@@ -319,6 +316,10 @@ class RunSink(Protocol):
     """Where the compute loop (:func:`personavec.extract.pipeline.compute`) reports rows whose write unit is
     written and how the session ended: the catalog (:class:`CatalogSink`), or, data parallel, rank 0 (which also
     takes the other ranks' rows into the catalog) or a message to it (:mod:`personavec.extract.distributed`)."""
+
+    def planned(self, table: pa.Table) -> None:
+        """Examples planned for the first time (:attr:`personavec.extract.plan.Window.table`): recorded before any
+        of their rows is marked done."""
 
     def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Rows ``[start, stop)`` whose write completed."""
@@ -340,18 +341,17 @@ class RunSink(Protocol):
 
 
 class CatalogSink:
-    """One process's sink: rows marked done through :class:`DoneMarks` (at most every
-    :attr:`Tuning.mark_interval_s`), the last ones in the unit of work that closes the run. ``run_id`` may be a
-    function giving it (a new run is recorded while its first batch computes)."""
+    """One process's sink: plans recorded and rows marked done through :class:`DoneMarks` (on the one background
+    :class:`~personavec.writer.Committer`, in order; marks at most every :attr:`Tuning.mark_interval_s`), the last
+    marks in the unit of work that closes the run."""
 
-    def __init__(self, catalog: Catalog, run_id: int | Callable[[], int], tuning: Tuning = DEFAULT) -> None:
+    def __init__(self, catalog: Catalog, run_id: int, tuning: Tuning = DEFAULT) -> None:
         self.catalog = catalog
-        self._run_id = run_id
+        self.run_id = run_id
         self.marks = DoneMarks(catalog, run_id, tuning.mark_interval_s)
 
-    @property
-    def run_id(self) -> int:
-        return self._run_id() if callable(self._run_id) else self._run_id
+    def planned(self, table: pa.Table) -> None:
+        self.marks.committer.submit(xs.plan_examples, self.catalog, self.run_id, table)
 
     def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
         self.marks.add(ranges)
