@@ -215,8 +215,8 @@ class ExtractionProgress:
 class ExtractionResult:
     """What :func:`run_extraction` did. ``n_no_span``: examples with no tokens to average (empty answers), done
     without a row of activations; ``n_adopted``: rows a resumed session found written but not marked done and kept.
-    ``timings``: seconds before the model starts (``plan_s``: selecting the responses and planning the first batch;
-    a resumed run: opening it), from then to the last row written (``compute_s``), of which waiting for the writers
+    ``timings``: seconds before the model starts (``plan_s``: opening the run, a new one selected and recorded,
+    and planning its first window), from then to the last row written (``compute_s``), of which waiting for the writers
     while the model could have computed (``stall_s``) and writing after the last batch (``drain_s``), and closing
     the run in the catalog (``close_s``)."""
 

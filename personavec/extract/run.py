@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from personavec.extract import distributed
 from personavec.extract.config import ExtractConfig, ExtractionProgress, ExtractionResult
+from personavec.extract.distributed import run_distributed, world_size
 from personavec.extract.pipeline import run_local
 from personavec.tuning import DEFAULT, Tuning
 
@@ -42,8 +42,8 @@ def run_extraction(
             bounds) apply to this session.
         resume: an extract run to continue: rows written but not marked done are adopted (when finite and their
             checksums hold), and only the rest is computed.
-        progress: called after each batch with an :class:`ExtractionProgress`, once the run is recorded (it carries
-            the run id; a large new run is recorded once all of it is planned, while it computes); raising
+        progress: called after each batch with an :class:`ExtractionProgress` (the run is recorded before the
+            model starts: it carries the run id; ``done_examples`` counts rows without a span once planned); raising
             :class:`ExtractionInterrupted` from it stops the run (marked ``interrupted``; every written unit stays
             done). Ctrl-C (or SIGTERM in the CLI) does the same and leaves as :class:`RunInterrupted`, which names the
             resume command; any other exception marks the run ``failed``.
@@ -60,6 +60,6 @@ def run_extraction(
         3
     """
     tuning = tuning or DEFAULT
-    if distributed.world_size() > 1:  # every process of the group; rank 0 alone plans and writes the catalog
-        return distributed.run_distributed(ws, config, resume=resume, progress=progress, loaded=loaded, tuning=tuning)
+    if world_size() > 1:  # every process of the group; rank 0 alone plans and writes the catalog
+        return run_distributed(ws, config, resume=resume, progress=progress, loaded=loaded, tuning=tuning)
     return run_local(ws, config, resume=resume, progress=progress, loaded=loaded, tuning=tuning)
