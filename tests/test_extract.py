@@ -369,6 +369,36 @@ def test_capture_always_removes_its_hooks(tiny_root: Path) -> None:
     assert n_hooks() == 0
 
 
+def test_hooks_record_and_patch_follow_hidden_states_and_always_remove_their_hooks(tiny_root: Path) -> None:
+    """``personavec.hooks``: ``record`` gives ``hidden_states[L]`` (0: the embeddings, ``n``: the final norm), can
+    stop the forward after the deepest layer, and ``patch`` edits a layer's output; both always remove their hooks."""
+    from personavec import hooks
+
+    loaded = load_model(str(tiny_model_dir(tiny_root, "llama", "chatml")), dtype="float32", device="cpu")
+    modules = [*loaded.layers, loaded.final_norm()]
+    n = loaded.n_layers
+    ids = torch.tensor([_examples(loaded.tokenizer, 1)[0].input_ids])
+
+    def n_hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+
+    with torch.inference_mode():
+        reference = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+        before = n_hooks()  # transformers may keep hooks of its own (output recording)
+        with hooks.record(loaded.layers, [0, 2, n], final_norm=loaded.final_norm()) as out:
+            loaded.model(input_ids=ids)
+        for layer in (0, 2, n):
+            torch.testing.assert_close(out[layer], reference[layer])
+        ran: list[int] = []
+        with hooks.record(loaded.layers, [1], reduce=lambda layer, h: ran.append(layer) or h.sum(), stop=True) as out:
+            loaded.model(input_ids=ids)  # stopped after block 0; the stop is swallowed by the with
+        assert ran == [1] and out[1].shape == ()
+        with hooks.patch(loaded.layers, {2: lambda h: h + 1.0}), hooks.record(loaded.layers, [2]) as out:
+            loaded.model(input_ids=ids)
+        torch.testing.assert_close(out[2], reference[2] + 1.0)
+    assert n_hooks() == before
+
+
 def test_layers_path_passes_through_the_run(workspace, responses_run: int, tiny_root: Path) -> None:
     model = str(tiny_model_dir(tiny_root, "qwen2", "chatml"))
     config = ExtractConfig(
