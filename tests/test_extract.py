@@ -515,6 +515,34 @@ def test_writer_surfaces_errors_instead_of_hanging(tmp_path: Path) -> None:
     assert writer.written() == [(0, 2)]
 
 
+def test_committer_runs_units_of_work_in_order_and_raises_a_failure_in_the_producer() -> None:
+    """The one background committer (``personavec.writer.Committer``, under the stages' group-commit writer and
+    extraction's marks): units of work run one at a time in submission order; a failure raises at the next submit
+    and at close, never as a hang."""
+    import time
+
+    from personavec.writer import Committer
+
+    done: list[int] = []
+    committer = Committer()
+    for i in range(5):
+        committer.submit(lambda i=i: (time.sleep(0.01 * (5 - i)), done.append(i)))
+    committer.close()
+    assert done == [0, 1, 2, 3, 4] and committer.commits == 5
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    committer = Committer()
+    committer.submit(fail)
+    _within(10, lambda: committer.close(raise_errors=False))
+    with pytest.raises(OSError, match="disk full"):
+        committer.check()
+    with pytest.raises(OSError, match="disk full"):
+        committer.submit(done.append, 6)
+    assert 6 not in done
+
+
 def test_units_in_flight_are_bounded_by_bytes_and_at_least_two_per_writer_thread() -> None:
     """Computed rows waiting for the writers are bounded by ``Tuning.in_flight_bytes`` (every layer of a 27B
     model: 68 units of 46 rows), never fewer than two units per writer thread; a test injects its own bound."""
