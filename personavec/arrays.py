@@ -90,15 +90,18 @@ def layout_for(
     *,
     min_units: int = 1,
     min_unit_rows: int | None = None,
+    target_bytes: int = 64 << 20,
+    chunk_bytes: int = 1 << 20,
 ) -> tuple[int, int]:
     """``(rows per shard, rows per inner chunk)`` of a new array: shards of ``chunk_rows`` rows (default
     :func:`shard_rows_for`, made small enough that the array has at least ``min_units`` shards, of no fewer than
     ``min_unit_rows`` rows, default one inner chunk), never more than the array holds, made of one-layer chunks of at
-    most about 1 MB (:func:`chunk_rows_for`) that divide the shard evenly (zarr stores an edge chunk whole: small
+    most about ``chunk_bytes`` (:func:`chunk_rows_for`; shards about ``target_bytes``,
+    :class:`personavec.tuning.Tuning`) that divide the shard evenly (zarr stores an edge chunk whole: small
     runs waste little)."""
     itemsize = dtype_itemsize(dtype)
-    most = chunk_rows_for(d_model, itemsize=itemsize)
-    shard = chunk_rows or shard_rows_for(n_layers, d_model, itemsize, n_rows=n_rows)
+    most = chunk_rows_for(d_model, chunk_bytes, itemsize=itemsize)
+    shard = chunk_rows or shard_rows_for(n_layers, d_model, itemsize, target_bytes, n_rows=n_rows)
     if not chunk_rows and n_rows and min_units > 1:
         shard = min(shard, max(-(-n_rows // min_units), min_unit_rows or most))
     shard = max(1, min(shard, n_rows)) if n_rows else shard

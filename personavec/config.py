@@ -72,6 +72,52 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def resumed_config(
+    stored: dict[str, Any],
+    given: C | None,
+    cls: type[C],
+    identity_fields: Iterable[str],
+    *,
+    what: str = "the run",
+    unset_means_stored: Iterable[str] = (),
+    **overrides: Any,
+) -> C:
+    """The one rule for resuming a run: rebuild its config from the ``stored`` JSON (:func:`config_from_dict`,
+    ``overrides`` on top), check that a ``given`` config agrees on the ``identity_fields`` (what the run computes;
+    a :class:`ConfigError` names every field that differs), and take the given config's other fields (how this
+    session runs: device, batching, ...).
+
+    Args:
+        stored: the config JSON stored with the run.
+        given: the config the caller passed with ``--resume``, or None for the stored one as it is.
+        cls: the stage's config dataclass.
+        identity_fields: fields that must match.
+        what: names the run in the error (e.g. "extraction run 3").
+        unset_means_stored: identity fields for which a given None asks for the stored value.
+        overrides: stored values rebuilt from elsewhere (e.g. the resolved layers).
+
+    Example:
+        >>> resumed_config({"model": "m", "device": "cpu"}, None, ExtractConfig, ("model",)).device
+        'cpu'
+    """
+    kept = config_from_dict(cls, stored, **overrides)
+    if given is None:
+        return kept
+    identity = tuple(identity_fields)
+    unset = set(unset_means_stored)
+    changed = [
+        f for f in identity if getattr(given, f) != getattr(kept, f) and not (f in unset and getattr(given, f) is None)
+    ]
+    if changed:
+        detail = ", ".join(f"{f}: run has {getattr(kept, f)!r}, got {getattr(given, f)!r}" for f in changed)
+        raise ConfigError(
+            f"{what} was made with other settings ({detail}): resume it with the same settings, "
+            "or start a new run without --resume"
+        )
+    operational = {f.name: getattr(given, f.name) for f in dataclasses.fields(cls) if f.name not in identity}  # type: ignore[arg-type]
+    return dataclasses.replace(kept, **operational)  # type: ignore[type-var]
+
+
 def check_selection(
     where: str,
     personas: Iterable[str] | None,

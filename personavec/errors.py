@@ -138,3 +138,8 @@ class StorageConflictError(StorageError):
 
 class StorageOverflowError(StorageError):
     """A value does not fit the run's storage dtype (float16 above 65,504): refused, never stored as inf."""
+
+
+class ExtractionInterrupted(PersonavecError):
+    """Raise from a stage's progress callback to stop its run on purpose (the run is then marked ``interrupted``
+    and stays resumable)."""

@@ -20,8 +20,8 @@ import torch
 
 from personavec.config import PersonaVectorConfig
 from personavec.errors import ConfigError, InputFileError
+from personavec.extract.config import ExtractConfig, encode_response, load_for
 from personavec.extract.core import mean_activations
-from personavec.extract.run import ExtractConfig, encode_response, load_for
 from personavec.files import atomic_write
 from personavec.ingest import read_response_file
 from personavec.modeling import LoadedModel

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from personavec.errors import ConfigError, SpanError
+from personavec.tuning import DEFAULT
 
 SPAN_RULES = ("exact", "seed")
 PROMPT_FORMATS = ("chat", "raw")
@@ -265,7 +266,7 @@ def render_many(
     batch on all cores, without the GIL, while the next batch is rendered); the rendered prefixes that locate each
     assistant turn are computed once per distinct prefix (a run repeats each system prompt and question many
     times). ``workers`` > 1 spreads batches over that many processes (the Python part of rendering holds the GIL);
-    None: one process per spare core for :data:`PARALLEL_FROM` conversations or more, else one, or the processes
+    None: one process per spare core for ``Tuning.parallel_from`` conversations or more, else one, or the processes
     :func:`render_workers` started for this thread. The seed rule and slow tokenizers go through :func:`render` one
     conversation at a time.
     """
@@ -327,8 +328,6 @@ def render_many(
     return out
 
 
-#: Conversations from which :func:`render_many` spreads the work over processes by default.
-PARALLEL_FROM = 20_000
 _WORKER_TOKENIZER: Any = None
 
 
@@ -345,8 +344,10 @@ def _render_chunk(args: tuple[Sequence[Sequence[Message]], str, str, int | None,
     )
 
 
-def _default_workers(n_conversations: int) -> int:
-    return min(16, (os.cpu_count() or 1) - 1) if n_conversations >= PARALLEL_FROM else 1
+def _default_workers(n_conversations: int, parallel_from: int = DEFAULT.parallel_from) -> int:
+    """Worker processes for ``n_conversations``: one per spare core (at most 16) from ``parallel_from`` on
+    (:attr:`personavec.tuning.Tuning.parallel_from`), else none."""
+    return min(16, (os.cpu_count() or 1) - 1) if n_conversations >= parallel_from else 1
 
 
 def _worker_pool(tokenizer: Any, workers: int) -> Executor | None:
@@ -386,12 +387,12 @@ _WORKERS: contextvars.ContextVar[Executor | None] = contextvars.ContextVar("pers
 
 
 @contextlib.contextmanager
-def render_workers(tokenizer: Any, n_conversations: int) -> Iterator[None]:
+def render_workers(tokenizer: Any, n_conversations: int, parallel_from: int = DEFAULT.parallel_from) -> Iterator[None]:
     """Within it, :func:`render_many` calls of this thread (default ``workers``, more than one batch) share one set
-    of worker processes, started here, at once, for ``n_conversations`` in all (none under :data:`PARALLEL_FROM`).
+    of worker processes, started here, at once, for ``n_conversations`` in all (none under ``parallel_from``).
     Starting them (spawning, imports, unpickling the tokenizer) costs seconds: a run planned in windows paid that
     for each window (65,536 answers took 11-12 s on 16 cores, of which rendering ~4 s)."""
-    workers = _default_workers(n_conversations)
+    workers = _default_workers(n_conversations, parallel_from)
     pool = _worker_pool(tokenizer, workers)
     if pool is None:
         yield

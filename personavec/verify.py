@@ -73,7 +73,7 @@ def _ranges_text(ranges: tuple[tuple[int, int], ...], limit: int = 4) -> str:
 
 
 def _ranges(rows: list[int]) -> tuple[tuple[int, int], ...]:
-    from personavec.extract.run import row_ranges
+    from personavec.extract.plan import row_ranges
 
     return tuple(row_ranges(rows))
 
@@ -115,7 +115,7 @@ def verify_run(
         zarr_group=info.zarr_group,
         n_examples=info.n_examples,
         n_done=int(done.sum()),
-        n_no_span=int((~spanned).sum()),
+        n_no_span=int(np.asarray(states["no_span"].to_numpy(zero_copy_only=False), dtype=bool).sum()),
         n_adoptable=0,
         layout=None,
         storage_dtype=None,

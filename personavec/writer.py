@@ -1,4 +1,9 @@
-"""A group-commit writer for stages that ask an endpoint and land each answer in the catalog as it arrives.
+"""Background catalog commits: :class:`Committer` (the one background committer: units of work on one thread, in
+order, errors surfacing in the producer) and, over it, :class:`GroupCommitWriter` for stages that ask an endpoint
+and land each answer in the catalog as it arrives. The extraction stage marks written rows done through a
+``Committer`` too (:class:`personavec.extract.sink.CatalogSink`, and rank 0 of a data-parallel run).
+
+GroupCommitWriter:
 
 The event loop only asks and parses; rows are committed by one writer task whose statements run on a worker thread
 (DuckDB releases the GIL), at most every ``interval_s``: one DuckDB commit costs ~5-20 ms whatever its size, so rows
@@ -11,15 +16,76 @@ commits whatever is still queued. The generation and judge stages both write thr
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 #: Shortest time from one commit to the next under load (a lone row is committed at once).
 COMMIT_INTERVAL_S = 0.1
+
+
+class Committer:
+    """Runs units of work (catalog commits) on one background thread, one at a time, in the order submitted, so the
+    producer (a model's thread, an event loop) never waits for DuckDB.
+
+    A unit of work that failed raises its error in the producer: at the next :meth:`submit` or :meth:`check`, and
+    at :meth:`close` (which waits for every unit first). Nothing is queued without bound on a dead thread: the
+    executor's futures carry each result.
+
+    Example::
+
+        committer = Committer()
+        committer.submit(mark_done, catalog, run_id, ranges)
+        ...
+        committer.close()   # waits, raises the first failure
+    """
+
+    def __init__(self, name: str = "personavec-catalog") -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: deque[Future[Any]] = deque()
+        self._error: BaseException | None = None
+        self.commits = 0
+
+    def _reap(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0].done()):
+            exc = self._pending.popleft().exception()
+            if exc is None:
+                self.commits += 1
+            elif self._error is None:
+                self._error = exc
+
+    def check(self) -> None:
+        """Raise the error of a unit of work that failed (without waiting for those running)."""
+        self._reap(wait=False)
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def idle(self) -> bool:
+        """Whether no unit of work is queued or running."""
+        self._reap(wait=False)
+        return not self._pending
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Queue ``fn(*args)``; raises the error of an earlier failed unit of work instead."""
+        self.check()
+        future = self._pool.submit(fn, *args)
+        self._pending.append(future)
+        return future
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Wait for every unit of work and stop the thread; then raise the first failure unless ``raise_errors`` is
+        False (the caller is stopping for another reason)."""
+        try:
+            self._reap(wait=True)
+        finally:
+            self._pool.shutdown(wait=True)
+        if raise_errors and self._error is not None:
+            raise self._error
 
 
 class GroupCommitWriter(Generic[T]):
@@ -49,7 +115,7 @@ class GroupCommitWriter(Generic[T]):
         self._closed = False
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-writer")
+        self._committer = Committer("personavec-writer")
 
     def begin(self) -> None:
         """Start the writer task (inside the running event loop)."""
@@ -68,18 +134,17 @@ class GroupCommitWriter(Generic[T]):
     async def close(self) -> None:
         """Commit everything queued and stop; raises the writer's error if a commit failed."""
         if self._task is None or self._wake is None:
-            self._thread.shutdown(wait=False)
+            self._committer.close(raise_errors=False)
             return
         self._closed = True
         self._wake.set()
         try:
             await self._task
         finally:
-            self._thread.shutdown(wait=True)
+            self._committer.close(raise_errors=False)  # an error reached the task already
 
     async def _run(self) -> None:
         assert self._wake is not None  # set by begin() before the task starts
-        loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
                 if self._closed:
@@ -89,7 +154,7 @@ class GroupCommitWriter(Generic[T]):
                 continue
             rows, self._pending = self._pending, []
             started = time.perf_counter()
-            await loop.run_in_executor(self._thread, self._write_rows, rows)
+            await asyncio.wrap_future(self._committer.submit(self._write_rows, rows))
             self.commits += 1
             if self._committed is not None:
                 self._committed(rows)  # after the commit: progress never shows what a crash would lose

@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 # The compute core imports no catalog stack (tests/test_extract.py::test_core_imports_without_the_catalog_stack), so
 # this runs on a GPU box with only torch and transformers once `import personavec` itself is light too.
 from personavec.config import default_layer  # noqa: E402
-from personavec.extract.core import COMPILE_PAD, mean_activations  # noqa: E402
+from personavec.extract.core import mean_activations  # noqa: E402
 from personavec.spans import Rendered, conversation, render  # noqa: E402
+from personavec.tuning import DEFAULT  # noqa: E402
 
 WORDS = (
     "the of and to in is that it as for with was on be by this are from or have an they which one you were all "
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the regionally compiled path")
     ap.add_argument(
         "--compile-setting", action="append", metavar="BUDGET:BATCH_SIZE:PAD_TO",
-        help=f"compiled setting(s) to time (default: best eager budget, --max-batch-size, {COMPILE_PAD})",
+        help=f"compiled setting(s) to time (default: best eager budget, --max-batch-size, {DEFAULT.compile_pad})",
     )  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="with --compile: top kernels of the best setting")
     ap.add_argument("--repeat", type=int, default=1, help="steady-state passes per compiled setting")
@@ -187,7 +188,7 @@ def main() -> None:
     compiled: dict = {}
     if args.compile:
         settings = [tuple(int(x) for x in c.split(":")) for c in args.compile_setting or []] or [
-            (best, args.max_batch_size, COMPILE_PAD)
+            (best, args.max_batch_size, DEFAULT.compile_pad)
         ]
 
         def run_compiled(budget: int, size: int, pad: int) -> tuple[float, float]:

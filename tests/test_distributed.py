@@ -99,7 +99,9 @@ def test_rank_placement_maps_groups_of_gpus() -> None:
     # 8 GPUs, 4 processes of 2: process 2 shards its model over GPUs 4 and 5 only
     place = dp.rank_placement(2, 4, 2, [80 * gib] * 8)
     assert (place.device, place.gpus, place.device_map) == ("cuda:4", (4, 5), "auto")
-    assert place.max_memory == {4: int(80 * gib * dp.WEIGHT_MEMORY_FRACTION), 5: int(80 * gib * 0.9)}
+    assert place.max_memory == {4: int(80 * gib * 0.9), 5: int(80 * gib * 0.9)}
+    place = dp.rank_placement(2, 4, 2, [80 * gib] * 8, weight_memory_fraction=0.5)  # injected, not patched
+    assert place.max_memory == {4: 40 * gib, 5: 40 * gib}
     assert dp.rank_placement(1, 2, 3, [80 * gib] * 6, device_map="balanced").device_map == "balanced"
     assert dp.rank_placement(1, 2, 3, [80 * gib] * 6).gpus == (3, 4, 5)
     with pytest.raises(ConfigError, match="need 6 GPUs; this machine has 4: launch at most 2"):

@@ -369,6 +369,36 @@ def test_capture_always_removes_its_hooks(tiny_root: Path) -> None:
     assert n_hooks() == 0
 
 
+def test_hooks_record_and_patch_follow_hidden_states_and_always_remove_their_hooks(tiny_root: Path) -> None:
+    """``personavec.hooks``: ``record`` gives ``hidden_states[L]`` (0: the embeddings, ``n``: the final norm), can
+    stop the forward after the deepest layer, and ``patch`` edits a layer's output; both always remove their hooks."""
+    from personavec import hooks
+
+    loaded = load_model(str(tiny_model_dir(tiny_root, "llama", "chatml")), dtype="float32", device="cpu")
+    modules = [*loaded.layers, loaded.final_norm()]
+    n = loaded.n_layers
+    ids = torch.tensor([_examples(loaded.tokenizer, 1)[0].input_ids])
+
+    def n_hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+
+    with torch.inference_mode():
+        reference = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+        before = n_hooks()  # transformers may keep hooks of its own (output recording)
+        with hooks.record(loaded.layers, [0, 2, n], final_norm=loaded.final_norm()) as out:
+            loaded.model(input_ids=ids)
+        for layer in (0, 2, n):
+            torch.testing.assert_close(out[layer], reference[layer])
+        ran: list[int] = []
+        with hooks.record(loaded.layers, [1], reduce=lambda layer, h: ran.append(layer) or h.sum(), stop=True) as out:
+            loaded.model(input_ids=ids)  # stopped after block 0; the stop is swallowed by the with
+        assert ran == [1] and out[1].shape == ()
+        with hooks.patch(loaded.layers, {2: lambda h: h + 1.0}), hooks.record(loaded.layers, [2]) as out:
+            loaded.model(input_ids=ids)
+        torch.testing.assert_close(out[2], reference[2] + 1.0)
+    assert n_hooks() == before
+
+
 def test_layers_path_passes_through_the_run(workspace, responses_run: int, tiny_root: Path) -> None:
     model = str(tiny_model_dir(tiny_root, "qwen2", "chatml"))
     config = ExtractConfig(
@@ -485,32 +515,89 @@ def test_writer_surfaces_errors_instead_of_hanging(tmp_path: Path) -> None:
     assert writer.written() == [(0, 2)]
 
 
-def test_units_wait_for_a_large_runs_array_without_stopping_the_model(tmp_path: Path) -> None:
-    """A large new run's array is created once all of it is planned; until then its written units wait on the writer
-    threads, up to IN_FLIGHT_BYTES of them (every layer of a 27B model: 68 units of 46 rows; the old bound, two per
-    writer thread, stopped the model after ~400 rows), and are written when the array comes."""
-    from concurrent.futures import Future
+def test_committer_runs_units_of_work_in_order_and_raises_a_failure_in_the_producer() -> None:
+    """The one background committer (``personavec.writer.Committer``, under the stages' group-commit writer and
+    extraction's marks): units of work run one at a time in submission order; a failure raises at the next submit
+    and at close, never as a hang."""
+    import time
 
-    from personavec.extract.run import IN_FLIGHT_BYTES, units_in_flight
+    from personavec.writer import Committer
 
+    done: list[int] = []
+    committer = Committer()
+    for i in range(5):
+        committer.submit(lambda i=i: (time.sleep(0.01 * (5 - i)), done.append(i)))
+    committer.close()
+    assert done == [0, 1, 2, 3, 4] and committer.commits == 5
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    committer = Committer()
+    committer.submit(fail)
+    _within(10, lambda: committer.close(raise_errors=False))
+    with pytest.raises(OSError, match="disk full"):
+        committer.check()
+    with pytest.raises(OSError, match="disk full"):
+        committer.submit(done.append, 6)
+    assert 6 not in done
+
+
+def test_units_in_flight_are_bounded_by_bytes_and_at_least_two_per_writer_thread() -> None:
+    """Computed rows waiting for the writers are bounded by ``Tuning.in_flight_bytes`` (every layer of a 27B
+    model: 68 units of 46 rows), never fewer than two units per writer thread; a test injects its own bound."""
+    from personavec.extract.sink import units_in_flight
+    from personavec.tuning import Tuning
+
+    limit = Tuning().in_flight_bytes
     assert units_in_flight(46 * 63 * 5376 * 4, threads=4) == 68
-    assert units_in_flight(IN_FLIGHT_BYTES, threads=4) == 8  # never fewer than two per thread
-    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(40, 1, 2), chunks=(2, 1, 2), dtype="float32")
-    opening: Future = Future()
-    values = np.arange(80, dtype=np.float32).reshape(40, 1, 2)
-    writer = ChunkWriter(opening, "a.zarr", max_in_flight=units_in_flight(IN_FLIGHT_BYTES // 20, 2), threads=2)
-    rescue = threading.Timer(20, opening.set_result, [array])  # were a submit to wait for the array: not forever
-    rescue.start()
-    try:
-        for start in range(0, 40, 2):  # 20 units, the array not there yet
-            writer.submit(start, values[start : start + 2])
-        assert not opening.done()  # no submit waited for the array (the rescue timer would have made it)
-        opening.set_result(array)
-    finally:
-        rescue.cancel()
-    writer.close()
-    assert sorted(writer.written()) == [(a, a + 2) for a in range(0, 40, 2)]
-    np.testing.assert_array_equal(arrays.read_rows(array), values)
+    assert units_in_flight(limit, threads=4) == 8
+    assert units_in_flight(1000, threads=1, tuning=Tuning(in_flight_bytes=10_000)) == 10
+
+
+def test_a_new_run_is_recorded_with_every_row_pending_before_it_is_tokenized(
+    workspace, responses_run: int, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new run is visible in ``runs`` right after its responses are selected: every example recorded, none
+    planned or done, rows in character-length order, its array created. Killed there (a tokenizer failing on the
+    first window), it is resumed through the same path as any run and ends equal to an uninterrupted one."""
+    from personavec.extract import config as config_mod
+    from personavec.store.extraction import example_states, extraction_examples
+
+    config = _failing_config(responses_run, tiny_root)
+    real = config_mod.encode_responses
+    seen: dict = {}
+
+    def killed(loaded, conversations, cfg):
+        (run,) = list_runs(workspace.catalog(), "extract")
+        seen["status"] = run.status
+        seen["states"] = example_states(workspace.catalog(), run.id)
+        seen["group"] = (workspace.zarr_path / f"run_{run.id}").is_dir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config_mod, "encode_responses", killed)
+    with pytest.raises(RunInterrupted) as info:
+        run_extraction(workspace, config)
+    run_id = info.value.run_id
+    states = seen["states"]
+    assert seen["status"] == "running" and seen["group"] and states.num_rows == 25
+    assert not any(states["done"].to_pylist()) and not any(states["has_span"].to_pylist())
+    assert not any(states["no_span"].to_pylist())  # not planned yet: neither
+    assert get_run(workspace.catalog(), run_id).status == "interrupted"
+    monkeypatch.setattr(config_mod, "encode_responses", real)
+    resumed = run_extraction(workspace, None, resume=run_id)
+    assert resumed.run_id == run_id and resumed.n_computed == 25
+    fresh = run_extraction(workspace, config)
+    table, ref = (
+        extraction_examples(workspace.catalog(), run_id),
+        extraction_examples(workspace.catalog(), fresh.run_id),
+    )
+    assert table["response_id"].to_pylist() == ref["response_id"].to_pylist()  # the same rows, planned the same
+    assert table["n_tokens"].to_pylist() == ref["n_tokens"].to_pylist()
+    np.testing.assert_array_equal(
+        arrays.read_rows(arrays.open_activation_array(workspace.zarr_path, f"run_{run_id}")),
+        arrays.read_rows(arrays.open_activation_array(workspace.zarr_path, f"run_{fresh.run_id}")),
+    )
 
 
 def _failing_config(responses_run: int, tiny_root: Path) -> ExtractConfig:

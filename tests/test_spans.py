@@ -160,7 +160,7 @@ def test_windows_rendered_within_render_workers_share_one_set_of_processes(monke
         return real(tokenizer, workers)
 
     monkeypatch.setattr(spans, "_worker_pool", counted)
-    monkeypatch.setattr(spans, "_default_workers", lambda n: 2)  # this machine may have 2 cores: 1 spare
+    monkeypatch.setattr(spans, "_default_workers", lambda n, parallel_from=0: 2)  # this machine may have 1 spare core
     with render_workers(tok, len(convs)):
         windows = [render_many(tok, convs[a:b], max_length=30, batch_size=8) for a, b in ((0, 5), (5, 20), (20, 40))]
     assert made == [2]  # once, for all windows

@@ -22,12 +22,14 @@ from personavec import EVAL_QUESTIONS, PERSONAS, arrays
 from personavec.cli import app
 from personavec.errors import ModelError, StorageConflictError, StorageCorruptError, StorageOverflowError
 from personavec.extract import ExtractConfig, ExtractionInterrupted, run_extraction
-from personavec.extract.run import ChunkAssembler, ChunkWriter, ExtractionPlan, store_batches
+from personavec.extract.plan import ExtractionPlan
+from personavec.extract.sink import ChunkAssembler, ChunkWriter, store_batches
 from personavec.ingest import IngestConfig, ingest
 from personavec.modeling import load_model
 from personavec.spans import Rendered
 from personavec.store.extraction import done_count, extraction_examples, get_extraction_run
 from personavec.store.runs import get_run, list_runs
+from personavec.tuning import Tuning
 from personavec.vectors import VectorConfig, compute_vectors, load_vectors
 from personavec.verify import verify_runs
 
@@ -318,11 +320,11 @@ def test_partial_units_are_flushed_by_rows(workspace, tmp_path: Path, tiny_root:
 def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
     workspace, tmp_path: Path, tiny_root: Path, tiny_loaded, monkeypatch
 ) -> None:
-    """Resuming a large run (forced: PLAN_INLINE_MAX 0, windows of 2, 3, then 5 rows, shards of 4 straddling them)
+    """Resuming a large run (forced: plan_inline_max 0, windows of 2, 3, then 5 rows, shards of 4 straddling them)
     starts the model on its first pending rows and plans the rest on a helper thread, instead of re-tokenizing every
     pending row first: rows done before are kept, the others computed once, each response's activations equal a
     one-example-per-batch reference, and progress ends at every row done."""
-    from personavec.extract import run as run_mod
+    from personavec.extract import pipeline
 
     run = _responses(workspace, tmp_path, empty={(0, 1), (4, 4)})
     reference = run_extraction(
@@ -337,26 +339,24 @@ def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
         run_extraction(workspace, _config(run, tiny_root), progress=stop_early, loaded=tiny_loaded)
     (rid,) = [r.id for r in list_runs(workspace.catalog(), "extract") if r.id != reference]
     before = done_count(workspace.catalog(), rid)
-    assert 2 < before <= 17  # some rows done (2 without a span from the start), enough left for windows
-    monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", 0)
-    monkeypatch.setattr(run_mod, "REST_WINDOWS", (2, 3, 5))
-    windows: list[tuple[int, int | None]] = []
-    real = run_mod._pending_windows
+    assert 2 < before <= 17  # some rows done (rows without a span once planned), enough left for windows
+    sizes: list[int] = []
+    real = pipeline.plan_window
 
-    def spied(*args):
-        *head, emit = args
-        return real(*head, lambda w: (windows.append((len(w[0].rows), w[1])), emit(w)))
+    def spied(pending, examples, **kw):
+        sizes.append(len(pending))
+        return real(pending, examples, **kw)
 
-    monkeypatch.setattr(run_mod, "_pending_windows", spied)
+    monkeypatch.setattr(pipeline, "plan_window", spied)
     seen: list[int] = []
+    tuning = Tuning(plan_inline_max=0, rest_windows=(2, 3, 5))
     resumed = run_extraction(
-        workspace, None, resume=rid, progress=lambda p: seen.append(p.done_examples), loaded=tiny_loaded
+        workspace, None, resume=rid, progress=lambda p: seen.append(p.done_examples), tuning=tuning, loaded=tiny_loaded
     )
-    assert resumed.n_computed == 25 - before and seen[-1] == 25 and seen == sorted(seen)
-    left = 25 - before - 3  # the first 3 pending rows (max_batch_size) start the model
-    sizes = [n for n, _ in windows]
-    assert sum(sizes) == left and sizes[:-1] == [2, 3, 5, 5, 5][: len(sizes) - 1] and len(sizes) >= 2
-    assert all(upto is not None for _, upto in windows[:-1]) and windows[-1][1] is None
+    assert resumed.n_computed <= 25 - before and seen[-1] == 25 and seen == sorted(seen)
+    # the first 3 pending rows (max_batch_size) start the model; the rest in windows of 2, 3, then 5
+    assert sizes[0] == 3 and sum(sizes) == 25 - before and len(sizes) >= 3
+    assert sizes[1:-1] == [2, 3, 5, 5, 5][: len(sizes) - 2] and sizes[-1] <= [2, 3, 5, 5, 5][len(sizes) - 2]
     assert done_count(workspace.catalog(), rid) == 25
     got, ref = _by_response(workspace, rid), _by_response(workspace, reference)
     assert got.keys() == ref.keys()
@@ -451,7 +451,7 @@ def test_old_unsharded_store_loads_verifies_and_resumes(workspace, make_extracti
     rw = arrays.open_activation_array(workspace.zarr_path, f"run_{synth.run_id}", "r+")
     writer = ChunkWriter(rw, "old store", threads=2)
     batches = ((b, 2 * synth.data[b], 3 * len(b)) for b in plan.batches)
-    store_batches(ChunkAssembler(plan, rw, 2, synth.d_model), batches, writer)
+    store_batches(ChunkAssembler(rw, n, 16, 2, synth.d_model, expect=plan.rows), batches, writer)
     writer.close()
     np.testing.assert_array_equal(arrays.read_rows(rw), 2 * synth.data)
     assert sorted(writer.written()) == [(s, min(s + 16, n)) for s in range(0, n, 16)]
@@ -459,11 +459,10 @@ def test_old_unsharded_store_loads_verifies_and_resumes(workspace, make_extracti
 
 def test_a_small_run_is_cut_into_write_units_written_while_later_batches_compute() -> None:
     """One layer of a 27B model (d_model 5376) made a 414-answer run one 9 MB shard, written whole after the last
-    batch; a run now has at least ``MIN_UNITS`` shards of at least one inner chunk (64 rows there), so only the last
+    batch; a run now has at least ``min_units`` shards of at least one inner chunk (64 rows there), so only the last
     are written at the end. All layers keep their 64 MB shards; tiny runs stay one shard; data parallel asks for
     many units of any size; ``chunk_rows`` is kept as given."""
-    from personavec.extract.run import MIN_UNITS
-
+    MIN_UNITS = Tuning().min_units
     assert MIN_UNITS == 8
     assert arrays.layout_for(414, 1, 5376) == (420, 60)  # before: one shard
     assert arrays.layout_for(414, 1, 5376, min_units=MIN_UNITS) == (64, 64)  # 7 shards
@@ -475,21 +474,15 @@ def test_a_small_run_is_cut_into_write_units_written_while_later_batches_compute
     assert arrays.layout_for(414, 1, 5376, chunk_rows=200, min_units=MIN_UNITS)[0] == 200
 
 
-def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: Path) -> None:
-    """A new run's plan comes in two windows (the first batch, then the rest): a unit straddling them leaves only
-    once the second window has planned its rows, even when they need no computing (no span)."""
+def test_assembler_waits_for_every_expected_row_of_a_unit(tmp_path: Path) -> None:
+    """A session expects all its rows from the start (a run is recorded before it is tokenized): a unit straddling
+    two plan windows leaves only once the second window has computed its rows or found them without a span."""
     array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(10, 1, 2), chunks=(4, 1, 2), dtype="float32",
                               fill_value=np.nan)  # fmt: skip
-    ex = Rendered([1, 2], [(0, 2)], "")
-
-    def plan(rows: list[int]) -> ExtractionPlan:
-        return ExtractionPlan.build([ex] * len(rows), rows, n_rows=10, chunk_rows=4, max_batch_tokens=100,
-                                    max_batch_size=8)  # fmt: skip
-
-    asm = ChunkAssembler(plan([0, 1, 2]), array, 1, 2, planned_to=3)
+    asm = ChunkAssembler(array, 10, 4, 1, 2, expect=range(10))
     values = np.arange(20, dtype=np.float32).reshape(10, 1, 2)
-    assert asm.add([0, 1, 2], values[0:3]) == []  # row 3 is not planned yet
-    asm.extend(plan([4, 5, 6, 7, 8]))  # rows 3 and 9 turn out to have no span
+    assert asm.add([0, 1, 2], values[0:3]) == []  # row 3 is in the next window
+    asm.skip([3, 9])  # the next window finds rows 3 and 9 without a span
     done = asm.add([4, 5, 6, 7, 8], values[4:9])
     assert sorted((b.start, b.stop) for b in done) == [(0, 4), (4, 8), (8, 10)]
     for block in done:
@@ -499,18 +492,18 @@ def test_assembler_waits_for_the_window_that_plans_the_rest_of_a_unit(tmp_path: 
     np.testing.assert_array_equal(arrays.read_rows(array), expected)
 
 
-def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_records_nothing(
+def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_the_run_resumes(
     workspace, tmp_path: Path, tiny_root: Path, monkeypatch
 ) -> None:
-    """Ctrl-C after the first batch of a large run (forced: PLAN_INLINE_MAX 0, windows of 2 answers, each made to
-    take 1.5 s to render: 16.5 s of planning left): the planning stops at its next window, the KeyboardInterrupt comes
-    out in a few seconds, not after the whole plan, and nothing is recorded (no run, no Zarr group)."""
-    from personavec.extract import run as run_mod
+    """Ctrl-C after the first batch of a large run (forced: plan_inline_max 0, windows of 2 answers, each made to
+    take 1.5 s to render: 16.5 s of planning left): the planning stops at its next window, the KeyboardInterrupt
+    comes out in a few seconds, not after the whole plan; the run, recorded when its responses were selected, is
+    ``interrupted`` and a resume (the same path) completes it."""
+    from personavec.extract import config as config_mod
+    from personavec.extract import pipeline
 
     run = _responses(workspace, tmp_path)
-    monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", 0)
-    monkeypatch.setattr(run_mod, "REST_WINDOWS", (2,))
-    encode, compute = run_mod.encode_responses, run_mod.iter_mean_activations
+    encode, compute = config_mod.encode_responses, pipeline.iter_mean_activations
 
     def slow_windows(loaded, conversations, config):  # the head (3 answers) at full speed, each window slowly
         if len(conversations) <= 2:
@@ -522,38 +515,44 @@ def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_record
             yield item
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_mod, "encode_responses", slow_windows)
-    monkeypatch.setattr(run_mod, "iter_mean_activations", ctrl_c_after_the_first_batch)
+    monkeypatch.setattr(config_mod, "encode_responses", slow_windows)
+    monkeypatch.setattr(pipeline, "iter_mean_activations", ctrl_c_after_the_first_batch)
     config = _config(run, tiny_root)
     load_model(config.model, dtype="float32", device="cpu")  # warm the model's files outside the timing
     t = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run_extraction(workspace, config)
+    with pytest.raises(KeyboardInterrupt) as info:
+        run_extraction(workspace, config, tuning=Tuning(plan_inline_max=0, rest_windows=(2,)))
     assert time.monotonic() - t < 8  # without the stop: over 16.5 s
-    assert list_runs(workspace.catalog(), "extract") == []
-    assert not any(workspace.zarr_path.glob("run_*"))
+    (run_id,) = [r.id for r in list_runs(workspace.catalog(), "extract")]
+    assert (
+        getattr(info.value, "run_id", None) == run_id and get_run(workspace.catalog(), run_id).status == "interrupted"
+    )
+    monkeypatch.undo()
+    result = run_extraction(workspace, None, resume=run_id)
+    assert done_count(workspace.catalog(), run_id) == result.n_examples == 25
 
 
 @pytest.mark.parametrize("inline_max", [0, 10_000])
 def test_the_rest_planned_on_a_helper_or_inline_the_run_is_the_same(
-    workspace, tmp_path: Path, tiny_root: Path, tiny_loaded, monkeypatch, inline_max: int
+    workspace, tmp_path: Path, tiny_root: Path, tiny_loaded, inline_max: int
 ) -> None:
     """A new run starts on its first batch; the rest is planned on a helper thread in windows handed over as they
-    are planned (a large run, forced here: PLAN_INLINE_MAX 0, windows of 2, 3, then 5 answers, so shards straddle
+    are planned (a large run, forced here: plan_inline_max 0, windows of 2, 3, then 5 answers, so shards straddle
     windows) or by the model's thread when it asks for the next batch (a small one). Either way every response is
     extracted once (the empty ones with no span), every row is written, progress ends at every row done, and each
     response's activations equal a one-example-per-batch reference."""
-    from personavec.extract import run as run_mod
-
     run = _responses(workspace, tmp_path, empty={(0, 1), (4, 4)})
     reference = run_extraction(
         workspace, _config(run, tiny_root, max_batch_tokens=1, max_batch_size=1), loaded=tiny_loaded
     ).run_id
-    monkeypatch.setattr(run_mod, "PLAN_INLINE_MAX", inline_max)
-    monkeypatch.setattr(run_mod, "REST_WINDOWS", (2, 3, 5))
+    tuning = Tuning(plan_inline_max=inline_max, rest_windows=(2, 3, 5))
     seen: list[int] = []
     result = run_extraction(
-        workspace, _config(run, tiny_root), progress=lambda p: seen.append(p.done_examples), loaded=tiny_loaded
+        workspace,
+        _config(run, tiny_root),
+        progress=lambda p: seen.append(p.done_examples),
+        tuning=tuning,
+        loaded=tiny_loaded,
     )
     assert seen and seen[-1] == 25 and seen == sorted(seen)
     assert (result.n_examples, result.n_computed) == (25, 23)

@@ -99,7 +99,8 @@ def extract(
     """
     from personavec.errors import ConfigError
     from personavec.extract import distributed
-    from personavec.extract.run import ExtractConfig, ExtractionProgress, run_extraction, stored_config
+    from personavec.extract.config import ExtractConfig, ExtractionProgress, stored_config
+    from personavec.extract.run import run_extraction
 
     # -- data-parallel hooks: launch the processes, or run as one of them (only rank 0 reads the workspace)
     rank, world = distributed.launched_rank()

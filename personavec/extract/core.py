@@ -16,26 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from personavec.errors import ConfigError
+from personavec.hooks import StopForward, record
 from personavec.modeling import LoadedModel, max_positions
 from personavec.spans import Rendered
-
-#: Token budgets measured best by scripts/bench_extract.py (docs/PERFORMANCE.md): on CPU small batches stay in
-#: cache (1,024 beat 2,048 / 4,096 / 16,384 by 10-40% on 2 cores); on an H100 16,384 and 65,536 tie.
-CPU_BATCH_TOKENS = 1024
-GPU_BATCH_TOKENS = 16384
-
-# Widths are padded to a multiple of this when compiling. The compiled blocks use dynamic shapes, so one graph serves
-# every width (no recompiles were seen with no padding at all); padding to 8 keeps bf16 rows 16-byte aligned and the
-# number of distinct widths small for ~1% padded tokens on ~300-token conversations. 64 cost ~11% padded tokens and
-# measured 12.8-14.5k tok/s against 16-17k at 16 and 17.5-17.9k at 8 or 1 (H100, gemma-3-27b shapes).
-COMPILE_PAD = 8
+from personavec.tuning import DEFAULT, Tuning
 
 # One compiled wrapper per block class: dynamo keys its cache on the code object *and* the compile call's backend, so
 # re-wrapping on every call would recompile on every call; the blocks of a model share this one wrapper (their
@@ -44,9 +35,9 @@ COMPILE_PAD = 8
 _COMPILED: dict[Any, Any] = {}
 
 
-def default_batch_tokens(device: Any) -> int:
-    """The default token budget for a model on ``device``."""
-    return CPU_BATCH_TOKENS if str(device).startswith("cpu") else GPU_BATCH_TOKENS
+def default_batch_tokens(device: Any, tuning: Tuning = DEFAULT) -> int:
+    """The default token budget for a model on ``device`` (:attr:`Tuning.cpu_batch_tokens` / ``gpu_batch_tokens``)."""
+    return tuning.batch_tokens(device)
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
@@ -72,15 +63,11 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
 # -- hooks -------------------------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Raised from a hook once the deepest requested layer is captured, to skip the rest of the forward."""
-
-
 class SpanCapture:
-    """The forward hooks of :func:`capture`: call it with a padded batch and the span weights to get span means.
+    """Span means from :func:`personavec.hooks.record`'s hooks: call it with a padded batch and the span weights.
 
-    Each hook reduces its layer's hidden states ``[B, T, d]`` to ``weights @ hidden`` in float32 on the device;
-    the hook of the deepest layer then stops the forward.
+    Each hook reduces its layer's hidden states ``[B, T, d]`` to ``weights @ hidden`` in float32 on the device; the
+    hook of the deepest layer then stops the forward. Use it through :func:`capture` (hooks always removed).
     """
 
     def __init__(self, loaded: LoadedModel, layers: Sequence[int]) -> None:
@@ -92,44 +79,12 @@ class SpanCapture:
         self.layers = list(layers)
         self._weights: torch.Tensor | None = None
         self._out: dict[int, torch.Tensor] = {}
-        self._handles: list[Any] = []
 
-    def _attach(self) -> None:
-        n = self.loaded.n_layers
-        deepest = max(self.layers)
-        for layer in sorted(set(self.layers)):
-            if layer == 0:
-                hook = self._pre(layer, deepest)
-                self._handles.append(self.loaded.layers[0].register_forward_pre_hook(hook, with_kwargs=True))
-            elif layer < n:
-                self._handles.append(self.loaded.layers[layer - 1].register_forward_hook(self._post(layer, deepest)))
-            else:
-                self._handles.append(self.loaded.final_norm().register_forward_hook(self._post(layer, deepest)))
-
-    def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _reduce(self, layer: int, hidden: torch.Tensor, deepest: int) -> None:
+    def _reduce(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if self._weights is None:  # a forward of the model outside __call__
             raise RuntimeError("personavec's capture hooks ran outside SpanCapture.__call__")
         # float32 before the weighted sum: the mean of bf16 activations is taken in float32, as the seed's .float().
-        self._out[layer] = torch.bmm(self._weights.to(hidden.device), hidden.float())
-        if layer == deepest:
-            raise _Stop
-
-    def _pre(self, layer: int, deepest: int) -> Callable:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            self._reduce(layer, args[0] if args else kwargs["hidden_states"], deepest)
-
-        return hook
-
-    def _post(self, layer: int, deepest: int) -> Callable:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            self._reduce(layer, output[0] if isinstance(output, tuple | list) else output, deepest)
-
-        return hook
+        return torch.bmm(self._weights.to(hidden.device), hidden.float())
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Span means of one padded batch: float32 ``[B, S, n_layers, d_model]`` on the device.
@@ -140,10 +95,10 @@ class SpanCapture:
         """
         device = self.loaded.input_device
         self._weights = weights.to(device, non_blocking=True)
-        self._out = {}
+        self._out.clear()
         try:
             self.loaded.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             self._weights = None
@@ -159,11 +114,10 @@ def capture(loaded: LoadedModel, layers: Sequence[int]) -> Iterator[SpanCapture]
         ...     means = spans(input_ids, attention_mask, weights)  # [B, S, 1, d_model]
     """
     spans = SpanCapture(loaded, layers)
-    try:
-        spans._attach()
+    final_norm = loaded.final_norm() if max(layers) == loaded.n_layers else None
+    with record(loaded.layers, spans.layers, reduce=spans._reduce, stop=True, final_norm=final_norm) as out:
+        spans._out = out
         yield spans
-    finally:
-        spans._detach()
 
 
 # -- regional compilation ----------------------------------------------------------------------------------------
@@ -255,7 +209,7 @@ def iter_mean_activations(
     ``batches`` overrides the planned batches (lists of indices into ``examples``; any iterable, consumed one batch
     at a time, so ``examples`` may grow as it goes). ``compile``: run the blocks that
     run through ``torch.compile`` (see ``ExtractConfig.compile``); restored on return. ``pad_to``: pad each batch's
-    width to a multiple of this (default :data:`COMPILE_PAD` when compiling, else no padding); padding never changes
+    width to a multiple of this (default ``Tuning.compile_pad`` when compiling, else no padding); padding never changes
     the means (attention mask, zero span weights). ``n_tokens`` counts real tokens, not padding.
     """
     # Conversations are cut right after their last span (Rendered.forward_length).
@@ -266,7 +220,7 @@ def iter_mean_activations(
     if pad_id is None:
         pad_id = loaded.tokenizer.eos_token_id or 0
     if pad_to is None:
-        pad_to = COMPILE_PAD if compile else 1
+        pad_to = DEFAULT.compile_pad if compile else 1
     with contextlib.ExitStack() as stack:
         spans = stack.enter_context(capture(loaded, layers))
         if compile:

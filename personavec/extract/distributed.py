@@ -5,12 +5,13 @@ accelerate's launcher) starts N processes; in each, :func:`personavec.extract.ru
 and calls :func:`run_distributed`. Who does what:
 
 - **Rank 0 alone opens the catalog** (DuckDB has one writer per file; the catalog lives on rank 0's machine). It
-  resolves the config (a new run, or ``resume``: the stored config), sends it to the other ranks, and plans the run
-  as one process would (same Zarr rows, the run's rows in one transaction, the array created after the commit).
-- **Tokenizing is spread**: each rank renders one contiguous stripe of the conversations for the plan.
-- **Shares are whole write units (shards), balanced by tokens** (:func:`split_chunks`): a unit belongs to one rank,
-  which alone writes it (with the single-process writer pool, :func:`personavec.extract.run.store_batches`, including
-  its durability flushes), so no two processes ever write one shard.
+  resolves the config (a new run, or ``resume``: the stored config), sends it to the other ranks, and opens the run
+  as one process would (a new one recorded with every row pending, its array created after the commit).
+- **Shares are whole write units (shards), balanced by characters** (:func:`split_chunks`, before anything is
+  tokenized): a unit belongs to one rank, which alone writes it; the cheapest units form a pool claimed one at a
+  time. Every rank runs the one-process pipeline (:func:`personavec.extract.pipeline.compute`) over its share and
+  the units it claims: it tokenizes them itself, window by window, and writes them with the same writer pool, so no
+  two processes ever write one shard.
 - **Rank 0 takes the finished chunks into the catalog**: the other ranks report each chunk once it is written;
   rank 0 checks that it came from the rank that owns it, marks it done with its own, and closes the run ``done``
   only when every rank finished and every row is done. A rank that fails or dies leaves the run ``failed`` or
@@ -18,10 +19,10 @@ and calls :func:`run_distributed`. Who does what:
   processes computes only the rows not done.
 
 Messages travel on two gloo process groups of their own (the backend accelerate chose, NCCL on GPUs, is not used):
-rank 0 -> others (``config``, ``render``, ``pool``, ``plan``, ``result``, ``error``) and others -> rank 0 (``rendered``,
-``batch``, ``finished``). Each process receives on a thread into a queue, because a gloo receive can neither be
-polled nor abandoned (a timed-out wait closes the connection); the main thread waits on the queue with a timeout,
-so Ctrl-C and SIGTERM still reach a waiting rank.
+rank 0 -> others (``config``, ``pool``, ``plan``, ``result``, ``error``) and others -> rank 0 (``batch``, ``finished``:
+each window's plan first, then the rows written). Each process receives on a thread into a queue, because a gloo
+receive can neither be polled nor abandoned (a timed-out wait closes the connection); the main thread waits on the
+queue with a timeout, so Ctrl-C and SIGTERM still reach a waiting rank.
 
 Several machines: the same command with accelerate's multi-node options. The workspace (catalog) is needed only on
 rank 0's machine; the activation store must be reachable from every rank under one name: a shared filesystem
@@ -39,28 +40,31 @@ import queue
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from personavec import arrays
-from personavec.errors import ConfigError, DistributedError, RunInterrupted
-from personavec.extract import run as run_mod
-from personavec.extract.run import (
+from personavec.errors import ConfigError, DistributedError, ExtractionInterrupted, RunInterrupted
+from personavec.extract.config import (
     ExtractConfig,
-    ExtractionInterrupted,
-    ExtractionPlan,
     ExtractionProgress,
     ExtractionResult,
-    Renderer,
-    RunSink,
+    load_for,
+    render_all,
+    resume_config,
 )
+from personavec.extract.pipeline import compute, new_config, planned_windows
+from personavec.extract.plan import Pending, Window, budget, plan_window
+from personavec.extract.record import Opened, new_run, resumed_run
 from personavec.modeling import LoadedModel
-from personavec.spans import Rendered
 from personavec.store import extraction as xs
+from personavec.tuning import DEFAULT, Tuning
+from personavec.writer import Committer
 
 if TYPE_CHECKING:
     from personavec.store.engine import Catalog
@@ -68,18 +72,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Write units (shards) a new run has per process at least, unless ``--chunk-rows`` says otherwise: shares are
-#: whole units, so a run of a few large shards (one layer of a 27B model: ~3,000 rows a shard) would split badly.
-UNITS_PER_RANK = 16
-
-#: Share of a run's tokens (its cheapest write units) not given out up front but claimed unit by unit, as the run
-#: goes, by whichever rank is free first, so that ranks running at different speeds still finish together (two
-#: H200s of one host ran 5% apart on equal tokens).
-POOL_FRACTION = 0.25
-
-#: Share of a GPU's memory a process that shards its model (``gpus_per_process > 1``) lets ``device_map`` fill with
-#: weights; the rest is for activations.
-WEIGHT_MEMORY_FRACTION = 0.9
 #: How long a rank waits for another one's next message; liveness comes from the connections (a dead rank's
 #: connection closes at once) and from the launcher, which stops every rank when one fails.
 MESSAGE_TIMEOUT = timedelta(days=7)
@@ -125,6 +117,7 @@ def rank_placement(
     *,
     device: str = "auto",
     device_map: str | None = None,
+    weight_memory_fraction: float = DEFAULT.weight_memory_fraction,
 ) -> Placement:
     """The devices of process ``local_rank`` (of ``local_world_size`` on its machine).
 
@@ -136,6 +129,7 @@ def rank_placement(
         gpu_memory: total bytes of each visible GPU (empty: no GPU, the process runs on CPU).
         device: the config's device; ``"cpu"`` keeps every process on the CPU, anything else lets the rank decide.
         device_map: the config's ``device_map`` (used with ``K > 1``).
+        weight_memory_fraction: share of each GPU ``device_map`` may fill with weights (with ``K > 1``).
 
     Example:
         >>> rank_placement(1, 2, 2, [80 << 30] * 4).gpus
@@ -152,11 +146,11 @@ def rank_placement(
     gpus = tuple(range(local_rank * gpus_per_process, (local_rank + 1) * gpus_per_process))
     if gpus_per_process == 1:
         return Placement(f"cuda:{gpus[0]}", gpus=gpus)
-    budget: dict[int | str, int | str] = {g: int(gpu_memory[g] * WEIGHT_MEMORY_FRACTION) for g in gpus}
+    budget: dict[int | str, int | str] = {g: int(gpu_memory[g] * weight_memory_fraction) for g in gpus}
     return Placement(f"cuda:{gpus[0]}", device_map=device_map or "auto", max_memory=budget, gpus=gpus)
 
 
-def _load(config: ExtractConfig, local_rank: int, local_world_size: int) -> LoadedModel:
+def _load(config: ExtractConfig, local_rank: int, local_world_size: int, tuning: Tuning) -> LoadedModel:
     import torch
 
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -168,10 +162,11 @@ def _load(config: ExtractConfig, local_rank: int, local_world_size: int) -> Load
         memory,
         device=config.device,
         device_map=config.device_map,
+        weight_memory_fraction=tuning.weight_memory_fraction,
     )
     if where.gpus:
         torch.cuda.set_device(where.gpus[0])  # accelerate made cuda:LOCAL_RANK current; K > 1 starts elsewhere
-    return run_mod.load_for(
+    return load_for(
         dataclasses.replace(config, device=where.device, device_map=where.device_map), max_memory=where.max_memory
     )
 
@@ -217,11 +212,6 @@ def split_chunks(
         load[rank] += cost[c]
     by_row = rows.__getitem__
     return [sorted(share, key=by_row) for share in shares], [sorted(chunks[c], key=by_row) for c in reversed(pooled)]
-
-
-def _stripes(n: int, n_ranks: int) -> list[tuple[int, int]]:
-    size = -(-n // n_ranks)
-    return [(min(r * size, n), min((r + 1) * size, n)) for r in range(n_ranks)]
 
 
 # -- messages ----------------------------------------------------------------------------------------------------
@@ -320,17 +310,11 @@ def _describe(exc: BaseException) -> str:
 # -- what rank 0 sends each rank ---------------------------------------------------------------------------------
 
 
-#: A write unit of the shared pool: its examples and their Zarr rows.
-_Unit = tuple[list[Rendered], list[int]]
-
-
 @dataclass(frozen=True)
 class _Share:
     info: xs.ExtractionRunInfo
     location: str  # the activation store, as every rank opens it
-    examples: list[Rendered]
-    rows: list[int]
-    chunk_rows: int
+    pending: Pending  # this rank's rows (whole write units) and their conversations; the rank tokenizes them
     present: frozenset[int]  # write units already in the store (resume): the writer completes them, never blanks
     claims: tuple[str, int]  # where to claim the pool's units (sent before, the same to every rank): rank 0's counter
 
@@ -374,58 +358,35 @@ class _Claims:
 _CLAIM_TIMEOUT = timedelta(minutes=5)
 
 
-def _slim(example: Rendered) -> Rendered:
-    """What a rank needs of an example to compute it (the rendered text stays with rank 0)."""
-    return dataclasses.replace(example, text="")
-
-
 def _windows(
-    share: ExtractionPlan, pool: Sequence[_Unit], claims: _Claims, config: ExtractConfig, loaded: LoadedModel
-) -> Iterator[run_mod.Window]:
-    """A rank's plan windows: its own share, then each pool unit it claims, until the pool is empty."""
-    yield share, None
+    own: Iterator[Window],
+    pool: Sequence[Pending],
+    claims: _Claims,
+    loaded: LoadedModel,
+    config: ExtractConfig,
+    opened: Opened,
+    tuning: Tuning,
+) -> Iterator[Window]:
+    """A rank's plan windows: its own share's, then each pool unit it claims (one write unit, tokenized then, one
+    window that adds its rows to the session), until the pool is empty."""
+    yield from own
+    n_rows, per, limit = opened.info.n_examples, arrays.rows_per_chunk(opened.array), budget(config, loaded, tuning)
     while (k := claims.claim()) < len(pool):
-        examples, rows = pool[k]
-        unit = ExtractionPlan.build(
-            examples, rows, n_rows=share.n_rows, chunk_rows=share.chunk_rows,
-            max_batch_tokens=run_mod._budget(config, loaded), max_batch_size=config.max_batch_size,
+        unit = pool[k]
+        window = plan_window(
+            unit, render_all(loaded, config, unit.conversations), n_rows=n_rows, chunk_rows=per,
+            max_batch_tokens=limit, max_batch_size=config.max_batch_size,
         )  # fmt: skip
-        yield unit, None
+        yield dataclasses.replace(window, adds=tuple(unit.rows))
 
 
-def _spread_rendering(channel: _Channel) -> Renderer:
-    """A Renderer for rank 0: stripe ``r`` of the conversations is tokenized by rank ``r``."""
+class _LeadSink:
+    """Rank 0's :class:`~personavec.extract.sink.RunSink`: its own chunks and the other ranks' reports go to the
+    catalog; the run closes when all ended.
 
-    def render(
-        loaded: LoadedModel, config: ExtractConfig, conversations: Sequence[tuple[str | None, str, str]]
-    ) -> list[Rendered]:
-        stripes = _stripes(len(conversations), channel.world)
-        for rank in range(1, channel.world):
-            start, stop = stripes[rank]
-            channel.send(rank, ("render", list(conversations[start:stop])))
-        got = {0: run_mod.render_all(loaded, config, conversations[stripes[0][0] : stripes[0][1]])}
-        while len(got) < channel.world:
-            received = channel.get()
-            assert received is not None
-            sender, message = received
-            if message[0] != "rendered":
-                detail = message[2] if message[0] == "finished" else message[1]
-                raise DistributedError(f"rank {sender} could not tokenize its share of the plan: {detail}")
-            got[sender] = message[1]
-        return [ex for rank in range(channel.world) for ex in got[rank]]
-
-    return render
-
-
-# -- rank 0 ------------------------------------------------------------------------------------------------------
-
-
-class _LeadSink(RunSink):
-    """Rank 0's sink: its own chunks and the other ranks' reports go to the catalog; the run closes when all ended.
-
-    The catalog's units of work run on a background thread (one at a time, in order), so that rank 0's model does
-    not wait for them: rank 0 marks every rank's chunks, which would otherwise slow it alone. A failed one raises
-    at the next report and fails the run at the end."""
+    The catalog's units of work run on the background :class:`~personavec.writer.Committer` (one at a time, in
+    order), so that rank 0's model does not wait for them: rank 0 marks every rank's chunks, which would otherwise
+    slow it alone. A failed one raises at the next report and fails the run at the end."""
 
     def __init__(
         self,
@@ -436,7 +397,7 @@ class _LeadSink(RunSink):
         chunk_rows: int,
         n_pending: int,
     ) -> None:
-        self.catalog, self._run_id = catalog, info.run_id  # no DoneMarker: rank 0 marks on its own thread (_mark)
+        self.catalog, self.run_id = catalog, info.run_id
         self.info, self.channel, self.owners, self.n_pending = info, channel, owners, n_pending
         self.chunk_rows = chunk_rows
         self.running = set(range(1, channel.world))
@@ -448,33 +409,47 @@ class _LeadSink(RunSink):
         self.status = "running"
         self.error: str | None = None
         self.tok_s = 0.0
-        self._catalog_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-dp-catalog")
-        self._marks: deque[Future[None]] = deque()
+        self.committer = Committer("personavec-dp-catalog")
         self._failed = False
         self.counts = (0, 0)
+        self.no_span = 0  # rows of this session planned without a span (done, nothing computed)
 
     def last_batch_launched(self) -> None:
         """Rank 0 keeps marking in the background: the other ranks may still be computing."""
 
+    def _submit(self, fn: Callable[..., None] | None, *args: Any) -> None:
+        if self._failed:  # raised once already; finish records it
+            return
+        try:
+            if fn is not None:
+                self.committer.submit(fn, self.catalog, self.run_id, *args)
+            else:
+                self.committer.check()
+        except Exception:
+            self._failed = True
+            raise
+
     def _mark(self, ranges: Sequence[tuple[int, int]]) -> None:
-        while self._marks and self._marks[0].done() and not self._failed:
-            exc = self._marks[0].exception()
-            if exc is not None:  # stop the run (once; finish records it)
-                self._failed = True
-                raise exc
-            self._marks.popleft()
-        if ranges:
-            self._marks.append(self._catalog_thread.submit(xs.mark_done, self.catalog, self.run_id, list(ranges)))
+        self._submit(xs.mark_done if ranges else None, list(ranges))
+
+    def planned(self, table: pa.Table) -> None:
+        self.no_span += int(pc.sum(table["done"]).as_py() or 0)
+        self._submit(xs.plan_examples, table)
+
+    def _accept_plan(self, sender: int, table: pa.Table) -> None:
+        units = {row // self.chunk_rows for row in table["row"].to_pylist()}
+        if not all([self._owns(sender, unit) for unit in units]):
+            self.problems["failed"].append(f"rank {sender} planned rows not in units it owns")
+            return
+        self.planned(table)
 
     def _settle(self) -> str | None:
         """Wait for every unit of work; the first error, if one failed."""
-        error = None
-        while self._marks:
-            exc = self._marks.popleft().exception()
-            if exc is not None and error is None:
-                error = f"marking rows done in the catalog failed: {_describe(exc)}"
-        self._catalog_thread.shutdown(wait=True)
-        return error
+        try:
+            self.committer.close()
+        except Exception as exc:
+            return f"marking rows done in the catalog failed: {_describe(exc)}"
+        return None
 
     def _owns(self, sender: int, unit: int) -> bool:
         if self.owners.get(unit) == _POOLED:  # a pool unit belongs to the rank that claimed it: the first to report
@@ -496,10 +471,14 @@ class _LeadSink(RunSink):
     def _take(self, sender: int, message: tuple) -> None:
         kind = message[0]
         if kind == "batch":
-            _, ranges, self.computed[sender], self.tokens[sender] = message
+            _, tables, ranges, self.computed[sender], self.tokens[sender] = message
+            for table in tables:  # recorded before any of their rows is marked done
+                self._accept_plan(sender, table)
             self._accept(sender, ranges)
         elif kind == "finished":
-            _, status, error, ranges, self.computed[sender], self.tokens[sender], self.seconds[sender] = message
+            _, status, error, tables, ranges, self.computed[sender], self.tokens[sender], self.seconds[sender] = message
+            for table in tables:
+                self._accept_plan(sender, table)
             self._accept(sender, ranges)
             self.running.discard(sender)
             if status != "done":
@@ -585,14 +564,6 @@ class _LeadSink(RunSink):
         return report
 
 
-def _new_config(config: ExtractConfig | None) -> tuple[ExtractConfig, int]:
-    if config is None:
-        raise ConfigError("run_extraction needs a config (new run) or resume=RUN_ID")
-    if config.responses_run is None:
-        raise ConfigError("ExtractConfig.responses_run is not set: name the responses run to extract")
-    return config, config.responses_run
-
-
 def _lead(
     ws: Workspace,
     config: ExtractConfig | None,
@@ -601,84 +572,54 @@ def _lead(
     loaded: LoadedModel | None,
     channel: _Channel,
     local: tuple[int, int],
+    tuning: Tuning,
 ) -> ExtractionResult:
     info: xs.ExtractionRunInfo | None = None
     catalog = None
     try:
         catalog = ws.catalog()
-        if resume is None:
-            config, source = _new_config(config)
-        else:
-            config = run_mod._resumed_config(catalog, resume, config)
+        config = new_config(config) if resume is None else resume_config(catalog, resume, config)
         channel.tell_others(("config", config))
-        loaded = loaded or _load(config, *local)
-        render = _spread_rendering(channel)
-        t0 = time.perf_counter()
-        if resume is None:
-            # The whole run is planned before the shares go out (they need every row), and every rank opens the array.
-            first, _, _, rest = run_mod._new_run(
-                ws, catalog, config, source, loaded, render, min_units=channel.world * UNITS_PER_RANK, min_unit_rows=1
-            )
-            opened = rest()
-            after = opened.rest
-            assert after is not None  # a new run's rows after its first batch (rest() without windows: one plan)
-            # rows and examples only: each rank plans the batches of its own share
-            plan = ExtractionPlan(first.examples + after.examples, first.rows + after.rows, first.n_rows,
-                                  first.chunk_rows, [])  # fmt: skip
-            opened = dataclasses.replace(opened, rest=None)
+        loaded = loaded or _load(config, *local, tuning)
+        started = time.perf_counter()
+        if resume is None:  # recorded as one process would; shares need many units
+            opened, pending = new_run(
+                ws, catalog, config, config.responses_run, loaded, tuning,  # type: ignore[arg-type]
+                min_units=channel.world * tuning.units_per_rank, min_unit_rows=1,
+            )  # fmt: skip
         else:
-            opened, rows, conversations = run_mod._resumed_run(ws, catalog, resume, config, loaded)
-            plan = run_mod._plan_pending(loaded, config, opened, rows, conversations, render)
+            opened, pending = resumed_run(ws, catalog, resume, config, loaded)
         info = opened.info
-        plan_s = time.perf_counter() - t0
-        costs = [ex.forward_length for ex in plan.examples]
-        shares, pooled = split_chunks(plan.rows, costs, plan.chunk_rows, channel.world, POOL_FRACTION)
-        pool = [([_slim(plan.examples[i]) for i in unit], [plan.rows[i] for i in unit]) for unit in pooled]
+        per = arrays.rows_per_chunk(opened.array)
+        costs = [len(a) + len(q) + len(sp or "") for sp, q, a in pending.conversations]  # before tokenizing
+        shares, pooled = split_chunks(pending.rows, costs, per, channel.world, tuning.pool_fraction)
+        pool = [pending.take(unit) for unit in pooled]
         claims = _Claims.serve()
-        pool_message = _pickled(("pool", pool))  # a quarter of the run, the same for every rank: pickled once
+        pool_message = _pickled(("pool", pool))  # the same for every rank: pickled once
         for rank in range(1, channel.world):
             share = _Share(
-                info,
-                ws.zarr_location,
-                [_slim(plan.examples[i]) for i in shares[rank]],
-                [plan.rows[i] for i in shares[rank]],
-                plan.chunk_rows,
-                frozenset(opened.present),
-                claims.address,
+                info, ws.zarr_location, pending.take(shares[rank]), frozenset(opened.present), claims.address
             )
             channel.send(rank, pool_message)
             channel.send(rank, ("plan", share))
     except BaseException as exc:
-        channel.tell_others(("error", f"rank 0 could not plan the run: {_describe(exc)}"), quiet=True)
+        channel.tell_others(("error", f"rank 0 could not open the run: {_describe(exc)}"), quiet=True)
         if info is not None and catalog is not None:  # the run exists: leave it resumable, not "running"
             xs.finish_extraction(catalog, info.run_id, "failed", _describe(exc), None)
         raise
-    owners = {plan.rows[i] // plan.chunk_rows: rank for rank, share in enumerate(shares) for i in share}
-    owners.update({rows[0] // plan.chunk_rows: _POOLED for _, rows in pool})
-    mine = ExtractionPlan.build(
-        [plan.examples[i] for i in shares[0]],
-        [plan.rows[i] for i in shares[0]],
-        n_rows=plan.n_rows,
-        chunk_rows=plan.chunk_rows,
-        max_batch_tokens=run_mod._budget(config, loaded),
-        max_batch_size=config.max_batch_size,
+    owners = {pending.rows[i] // per: rank for rank, share in enumerate(shares) for i in share}
+    owners.update({unit.rows[0] // per: _POOLED for unit in pool})
+    mine = pending.take(shares[0])
+    sink = _LeadSink(catalog, info, channel, owners, per, len(pending))
+    opened = dataclasses.replace(opened, n_done=0)  # progress counts rank 0's own rows (progress_for)
+    windows = _windows(
+        planned_windows(loaded, config, opened, mine, tuning), pool, claims, loaded, config, opened, tuning
     )
-    sink = _LeadSink(catalog, info, channel, owners, plan.chunk_rows, len(plan.rows))
-    opening: Future[run_mod._Opened] = Future()
-    opening.set_result(dataclasses.replace(opened, n_done=0))  # progress counts rank 0's own rows (progress_for)
     try:
-        own = run_mod._compute(
-            ws.zarr_location,
-            opening,
-            config,
-            loaded,
-            _windows(mine, pool, claims, config, loaded),
-            info.layers,
-            info.n_examples,
-            sink.progress_for(progress),
-            plan_s,
-            sink,
-        )
+        own = compute(
+            ws.zarr_location, opened, config, loaded, windows, mine.rows, sink.progress_for(progress), started, sink,
+            tuning,
+        )  # fmt: skip
     except BaseException as exc:
         channel.tell_others(("error", f"rank 0 stopped: {_describe(exc)}"), quiet=True)
         raise
@@ -694,7 +635,7 @@ def _lead(
         info.zarr_group,
         info.layers,
         info.n_examples,
-        len(plan.rows),
+        len(pending) - sink.no_span,
         sum(sink.tokens),
         sink.tok_s,
         sink.counts[0],
@@ -713,20 +654,25 @@ class _Stopped(ExtractionInterrupted):
     """Rank 0 stopped (or was lost): the other ranks stop at their next batch."""
 
 
-class _FollowSink(RunSink):
-    """A non-zero rank's sink: finished chunks and counts go to rank 0 (which alone writes the catalog)."""
+class _FollowSink:
+    """A non-zero rank's :class:`~personavec.extract.sink.RunSink`: plans, finished chunks and counts go to rank 0
+    (which alone writes the catalog), plans first."""
 
     def __init__(self, channel: _Channel, run_id: int) -> None:
-        self.channel, self._run_id = channel, run_id
+        self.channel, self.run_id = channel, run_id
+        self.tables: list[pa.Table] = []
         self.ranges: list[tuple[int, int]] = []
         self.computed = 0
+
+    def planned(self, table: pa.Table) -> None:
+        self.tables.append(table)
 
     def last_batch_launched(self) -> None:
         """Nothing to hold: rank 0 marks this rank's rows."""
 
-    def _take_ranges(self) -> list[tuple[int, int]]:
-        ranges, self.ranges = self.ranges, []
-        return ranges
+    def _take(self) -> tuple[list[pa.Table], list[tuple[int, int]]]:
+        tables, ranges, self.tables, self.ranges = self.tables, self.ranges, [], []
+        return tables, ranges
 
     def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
         self.ranges.extend(ranges)
@@ -738,10 +684,11 @@ class _FollowSink(RunSink):
     def finish(
         self, status: str, error: str | None, tokens: int, elapsed_s: float, left: Sequence[tuple[int, int]]
     ) -> tuple[int, int]:
+        tables, ranges = self._take()
         # rank 0 may be gone: then the rows not reported are adopted (or computed again) on resume
         with contextlib.suppress(Exception):
             self.channel.send(
-                0, ("finished", status, error, [*self._take_ranges(), *left], self.computed, tokens, elapsed_s)
+                0, ("finished", status, error, tables, [*ranges, *left], self.computed, tokens, elapsed_s)
             )
         return (0, 0)  # rank 0 counts them for the run's result
 
@@ -749,8 +696,8 @@ class _FollowSink(RunSink):
         self, progress: Callable[[ExtractionProgress], None] | None
     ) -> Callable[[ExtractionProgress], None]:
         def report(p: ExtractionProgress) -> None:
-            self.computed = p.done_examples  # this rank's (run_mod._compute counts no rows done before)
-            self.channel.send(0, ("batch", self._take_ranges(), self.computed, p.tokens))
+            self.computed = p.done_examples  # this rank's (compute counts no rows done before)
+            self.channel.send(0, ("batch", *self._take(), self.computed, p.tokens))
             if not self.channel.inbox.empty():  # rank 0 only writes now to stop us
                 _, message = self.channel.inbox.get()
                 raise _Stopped(message[1] if message[0] == "error" else f"lost contact with rank 0 ({message[1]})")
@@ -765,53 +712,33 @@ def _follow(
     loaded: LoadedModel | None,
     channel: _Channel,
     local: tuple[int, int],
+    tuning: Tuning,
 ) -> ExtractionResult:
     try:
         config: ExtractConfig = channel.expect("config")[1]
-        loaded = loaded or _load(config, *local)
-        pool: list[_Unit] = []
-        while True:
-            message = channel.expect("render", "pool", "plan")
-            if message[0] == "plan":
-                break
-            if message[0] == "pool":  # units any rank may claim, costliest first
-                pool = message[1]
-                continue
-            channel.send(0, ("rendered", run_mod.render_all(loaded, config, message[1])))
-        share: _Share = message[1]
+        loaded = loaded or _load(config, *local, tuning)
+        started = time.perf_counter()
+        pool: list[Pending] = channel.expect("pool")[1]  # units any rank may claim, costliest first
+        share: _Share = channel.expect("plan")[1]
         info = share.info
         array = arrays.open_activation_array(share.location, info.zarr_group, "r+")
         claims = _Claims.connect(share.claims, channel.rank)
-        plan = ExtractionPlan.build(
-            share.examples,
-            share.rows,
-            n_rows=info.n_examples,
-            chunk_rows=share.chunk_rows,
-            max_batch_tokens=run_mod._budget(config, loaded),
-            max_batch_size=config.max_batch_size,
-        )
     except DistributedError:
         raise
     except BaseException as exc:  # tell rank 0, which would otherwise wait for this rank
         with contextlib.suppress(Exception):
-            channel.send(0, ("finished", "failed", _describe(exc), [], 0, 0, 0.0))
+            channel.send(0, ("finished", "failed", _describe(exc), [], [], 0, 0, 0.0))
         raise
     sink = _FollowSink(channel, info.run_id)
-    opening: Future[run_mod._Opened] = Future()
-    opening.set_result(run_mod._Opened(info, array, set(share.present)))
+    opened = Opened(info, array, set(share.present))
+    windows = _windows(
+        planned_windows(loaded, config, opened, share.pending, tuning), pool, claims, loaded, config, opened, tuning
+    )
     try:
-        run_mod._compute(
-            share.location,
-            opening,
-            config,
-            loaded,
-            _windows(plan, pool, claims, config, loaded),
-            info.layers,
-            info.n_examples,
-            sink.progress_for(progress),
-            0.0,
-            sink,
-        )
+        compute(
+            share.location, opened, config, loaded, windows, share.pending.rows, sink.progress_for(progress), started,
+            sink, tuning,
+        )  # fmt: skip
     except _Stopped as exc:
         raise DistributedError(f"rank {channel.rank} stopped: {exc}") from exc
     return channel.expect("result")[1]
@@ -827,6 +754,7 @@ def run_distributed(
     resume: int | None = None,
     progress: Callable[[ExtractionProgress], None] | None = None,
     loaded: LoadedModel | None = None,
+    tuning: Tuning = DEFAULT,
 ) -> ExtractionResult:
     """:func:`personavec.extract.run_extraction` in one process of a data-parallel group (call that instead).
 
@@ -847,8 +775,8 @@ def run_distributed(
     local = (state.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", world) or world))
     channel = _Channel(rank, world)
     if rank == 0:
-        return _lead(ws, config, resume, progress, loaded, channel, local)
-    return _follow(progress, loaded, channel, local)
+        return _lead(ws, config, resume, progress, loaded, channel, local, tuning)
+    return _follow(progress, loaded, channel, local, tuning)
 
 
 # -- the launcher ------------------------------------------------------------------------------------------------

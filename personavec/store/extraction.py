@@ -1,8 +1,9 @@
 """Extraction runs and their per-example rows (response -> Zarr row, token span, done flag).
 
-Units of work of a run's life: :func:`create_extraction_run` (run row, ``extraction_runs`` row and every planned
-example, all or nothing), :func:`resume_extraction_run`, :func:`mark_done` after each written Zarr chunk, and
-:func:`finish_extraction`.
+Units of work of a run's life: :func:`create_extraction_run` (run row, ``extraction_runs`` row and every selected
+example, all or nothing: a run is recorded before it is tokenized, its examples *unplanned*, ``n_tokens`` 0),
+:func:`plan_examples` as each window of them is tokenized (spans, token counts, rows), :func:`resume_extraction_run`,
+:func:`mark_done` after each written Zarr chunk, and :func:`finish_extraction`.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def extraction_run_config(catalog: Catalog, run_id: int) -> dict:
 
 
 _PENDING = """
-SELECT a.row, a.response_id, p.system_prompt, q.text AS question, r.text
+SELECT a.row, a.response_id, p.system_prompt, q.text AS question, r.text, a.n_tokens > 0 AS planned
 FROM activations a
 JOIN responses r ON r.id = a.response_id
 JOIN personas p ON p.id = r.persona_id
@@ -167,11 +168,31 @@ def create_extraction_run(
 
 def resume_extraction_run(catalog: Catalog, run_id: int) -> pa.Table:
     """One unit of work: mark an extract run ``running`` again and return its examples not yet done (``row``,
-    ``response_id`` and the conversation to rebuild: ``system_prompt``, ``question``, ``text``), by row."""
+    ``response_id``, the conversation to rebuild: ``system_prompt``, ``question``, ``text``, and whether it was
+    ``planned`` already), by row."""
     with catalog.session() as session:
         extraction_run_in_session(session, run_id)
         mark_running(session, run_id)
         return dbapi_connection(session).execute(_PENDING, [run_id]).fetch_arrow_table()
+
+
+def plan_examples(catalog: Catalog, run_id: int, examples: pa.Table) -> None:
+    """One unit of work: record the plan of examples tokenized for the first time (columns as
+    :func:`add_examples`; ``done`` true for those with no span). Their rows may be reassigned among themselves
+    (longest first within a window), so they are replaced: DuckDB checks a unique key row by row within one
+    ``UPDATE``, which a permutation of rows would trip."""
+    with catalog.session() as session:
+        con = dbapi_connection(session)
+        con.register("_pv_planned", examples)
+        try:
+            con.execute(
+                "DELETE FROM activations WHERE run_id = ? AND NOT done AND response_id IN "
+                "(SELECT response_id FROM _pv_planned)",
+                [run_id],
+            )
+        finally:
+            con.unregister("_pv_planned")
+        add_examples(session, run_id, examples)
 
 
 def mark_done(catalog: Catalog, run_id: int, ranges: Sequence[tuple[int, int]]) -> None:
@@ -211,13 +232,15 @@ def mark_not_done(catalog: Catalog, run_id: int, ranges: Sequence[tuple[int, int
 
 
 def example_states(catalog: Catalog, run_id: int) -> pa.Table:
-    """``row``, ``done`` and ``has_span`` (``n_response_tokens > 0``) of every example of a run, by row."""
+    """``row``, ``done``, ``has_span`` (planned, with ``n_response_tokens > 0``) and ``no_span`` (planned, without)
+    of every example of a run, by row (an example not planned yet has neither)."""
     with catalog.session() as session:
         extraction_run_in_session(session, run_id)
         return (
             dbapi_connection(session)
             .execute(
-                "SELECT row, done, n_response_tokens > 0 AS has_span FROM activations WHERE run_id = ? ORDER BY row",
+                "SELECT row, done, n_tokens > 0 AND n_response_tokens > 0 AS has_span, "
+                "n_tokens > 0 AND n_response_tokens <= 0 AS no_span FROM activations WHERE run_id = ? ORDER BY row",
                 [run_id],
             )
             .fetch_arrow_table()
@@ -274,7 +297,7 @@ def finish_extraction(
             sa.select(
                 sa.func.sum(m.Activation.n_tokens),
                 sa.func.count().filter(m.Activation.truncated),
-                sa.func.count().filter(m.Activation.n_response_tokens <= 0),
+                sa.func.count().filter(m.Activation.n_response_tokens <= 0, m.Activation.n_tokens > 0),
             ).where(m.Activation.run_id == run_id)
         ).one()
         values: dict[str, object] = {"n_tokens": int(total or 0)}
@@ -307,6 +330,6 @@ def count_no_span(catalog: Catalog, run_id: int) -> int:
         query = (
             sa.select(sa.func.count())
             .select_from(m.Activation)
-            .where(m.Activation.run_id == run_id, m.Activation.n_response_tokens <= 0)
+            .where(m.Activation.run_id == run_id, m.Activation.n_response_tokens <= 0, m.Activation.n_tokens > 0)
         )
         return int(session.execute(query).scalar_one())
