@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.personavec-installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast test-floors lint bench clean
 
 setup: $(STAMP)
 
@@ -33,10 +33,15 @@ test: setup
 test-fast: setup
 	$(PYTEST) -m "not slow"
 
+# Installs every direct dependency at its declared floor in a fresh .venv-floors (torch excepted: the local
+# CPU torch 2.13.0 is used, its floor is not tested) and runs the fast tests there. Needs PyPI.
+test-floors:
+	$(PYTHON) scripts/check_floors.py
+
 lint: setup
 	$(VENV)/bin/ruff check personavec tests scripts migrations
 	$(VENV)/bin/ruff format --check personavec tests scripts migrations
 	$(VENV)/bin/mypy personavec
 
 clean:
-	rm -rf $(VENV) .pytest_cache personavec-workspace personavec-demo
+	rm -rf $(VENV) .venv-floors .pytest_cache personavec-workspace personavec-demo

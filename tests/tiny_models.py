@@ -106,7 +106,11 @@ def template_tokenizer(template: str):
     if TEMPLATES[template] is not None:
         tok.chat_template = TEMPLATES[template]
     # Real Gemma/Llama-3 tokenizers know their turn markers as special tokens; so must ours.
-    tok.add_special_tokens({"additional_special_tokens": TURN_MARKERS}, replace_extra_special_tokens=False)
+    # transformers 5 renamed the keyword (replace_additional_special_tokens in 4.x); both keep the existing ones.
+    try:
+        tok.add_special_tokens({"additional_special_tokens": TURN_MARKERS}, replace_extra_special_tokens=False)
+    except TypeError:
+        tok.add_special_tokens({"additional_special_tokens": TURN_MARKERS}, replace_additional_special_tokens=False)
     return tok
 
 
