@@ -9,6 +9,8 @@ import http.client
 import json
 import math
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -234,7 +236,7 @@ def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_
     catalog = ws.catalog()
 
     def count() -> int:
-        with catalog.session() as s:
+        with server.catalog_lock, catalog.session() as s:
             return s.execute(sa.text(f"SELECT count(*) FROM responses WHERE run_id = {server.run_id}")).scalar()
 
     # A client that reads two events of a long stream and hangs up: its rows leave the batch, nothing lands.
@@ -269,7 +271,7 @@ def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_
     deadline = time.monotonic() + 20
     while count() < before + 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    with catalog.session() as s:
+    with server.catalog_lock, catalog.session() as s:
         rows = s.execute(
             sa.text(
                 "SELECT r.text, r.sample_index, p.system_prompt, q.text, a.interventions, a.applied, a.vector_run_ids "
@@ -288,3 +290,14 @@ def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_
     assert [x["layer"] for x in applied["layers"]] == [2, 5] and applied["vector_run_id"] == vec
     assert list(first[6]) == [vec]
     assert json.loads(second[4]) == [] and list(second[6]) == []
+    # Another process reads the catalog while the server serves (it holds the file only while it writes).
+    query = f"SELECT count(*) FROM served_answers WHERE run_id = {server.run_id}"
+    code = (
+        "import duckdb, sys, time\n"
+        "for _ in range(200):\n"
+        "    try:\n"
+        f"        print(duckdb.connect({str(ws.catalog_path)!r}, read_only=True).execute({query!r}).fetchone()[0]); break\n"
+        "    except duckdb.IOException: time.sleep(0.05)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert int(out.stdout) == count(), out.stderr

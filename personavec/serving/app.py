@@ -96,8 +96,9 @@ class Recorder:
     """Lands finished requests in the catalog on one writer thread (the model thread never waits on DuckDB); an
     error of the writer is logged and raised again at :meth:`close`."""
 
-    def __init__(self, ws: Workspace, session: ServeSession, model: str) -> None:
+    def __init__(self, ws: Workspace, session: ServeSession, model: str, catalog_lock: Any) -> None:
         self.ws = ws
+        self.catalog_lock = catalog_lock
         self.session = session
         self.model = model
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-record")
@@ -156,7 +157,8 @@ class Recorder:
         from personavec.store.serving import record_served
 
         try:
-            record_served(self.ws.catalog(), self.session, [served])
+            with self.catalog_lock:
+                record_served(self.ws.catalog(), self.session, [served])
         except Exception:
             log.exception("recording a served answer failed")
             raise
@@ -166,8 +168,9 @@ class Recorder:
 
         self._pool.shutdown(wait=True)
         errors = [f.exception() for f in self._futures if f.exception() is not None]
-        finish_serve_session(self.ws.catalog(), self.session, "failed" if errors else status,
-                             f"{len(errors)} answers failed to land: {errors[0]}" if errors else None)  # fmt: skip
+        with self.catalog_lock:
+                finish_serve_session(self.ws.catalog(), self.session, "failed" if errors else status,
+                                 f"{len(errors)} answers failed to land: {errors[0]}" if errors else None)  # fmt: skip
         if errors:
             raise errors[0]  # type: ignore[misc]
 
@@ -412,9 +415,12 @@ class RunningServer:
     port: int
     scheduler: Scheduler
     run_id: int | None  # the recording session's generate run
+    catalog_lock: Any  # hold it to read the catalog from this process while the server serves (DuckDB allows one
+    # open connection to the file per process at a time; other processes just wait their turn)
 
 
 def _start(config: ServeConfig, loaded: LoadedModel | None) -> tuple[Scheduler, Recorder | None, Any]:
+    lock = threading.Lock()
     from personavec.modeling import load_model
     from personavec.workspace import Workspace
 
@@ -430,10 +436,10 @@ def _start(config: ServeConfig, loaded: LoadedModel | None) -> tuple[Scheduler, 
             model=config.model,
             endpoint=f"serve:{config.host}",
         )
-        recorder = Recorder(ws, session, config.name)
+        recorder = Recorder(ws, session, config.name, lock)
     scheduler = Scheduler(
         loaded,
-        resolver=InterventionResolver(ws, loaded),
+        resolver=InterventionResolver(ws, loaded, catalog_lock=lock),
         max_batch=config.max_batch,
         max_new_tokens=config.max_tokens,
         on_finished=recorder,
@@ -470,6 +476,7 @@ def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) ->
             port=port,
             scheduler=scheduler,
             run_id=recorder.session.run_id if recorder else None,
+            catalog_lock=scheduler.resolver.catalog_lock if scheduler.resolver else threading.Lock(),
         )
     finally:
         server.should_exit = True

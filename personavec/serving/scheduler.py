@@ -133,9 +133,12 @@ class InterventionResolver:
     """Resolves :class:`InterventionSpec` s against a workspace's vectors runs for one served model, cached per
     vector (the plan of a named vector at coefficient 1; a request's coefficient scales it)."""
 
-    def __init__(self, ws: Workspace | None, loaded: LoadedModel) -> None:
+    def __init__(self, ws: Workspace | None, loaded: LoadedModel, *, catalog_lock: Any = None) -> None:
         self.ws = ws
         self.loaded = loaded
+        # DuckDB refuses a second connection to the file from this process while one is open: every thread of the
+        # server that opens a unit of work holds this lock.
+        self.catalog_lock = catalog_lock if catalog_lock is not None else threading.Lock()
         self.identity = model_identity(loaded.name)
         self._plans: dict[Any, Any] = {}
 
@@ -207,9 +210,10 @@ class InterventionResolver:
             raise BadRequest(f"{where}: {exc}", where) from None
         if config not in self._plans:
             try:
-                plan = plan_steering(
-                    self.ws, config, n_layers=self.loaded.n_layers, d_model=self.loaded.d_model, loaded=self.loaded
-                )
+                with self.catalog_lock:
+                    plan = plan_steering(
+                        self.ws, config, n_layers=self.loaded.n_layers, d_model=self.loaded.d_model, loaded=self.loaded
+                    )
             except (ConfigError, LookupError) as exc:
                 raise BadRequest(f"{where}.vector: {exc}", f"{where}.vector") from None
             if model_identity(plan.vector_model) != self.identity:
