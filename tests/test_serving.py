@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import signal
 import socket
 import subprocess
 import sys
@@ -301,3 +302,48 @@ def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert int(out.stdout) == count(), out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ embedded model
+
+
+@pytest.mark.slow
+def test_generate_and_judge_base_url_against_personavec_serve_on_the_embedded_model(workspace, cli):
+    """`personavec serve --record` (its own process, SmolLM2-135M) answering `personavec generate --base-url` and
+    `personavec judge --base-url` (with logprobs): the generate run's answers are also the served session's."""
+    from personavec.cli import app
+
+    cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "serve", "-w", str(workspace.root),
+           "--record", "--device", "cpu", "--dtype", "float32", "--max-tokens", "64", "--json"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(proc.stdout.readline() or proc.stderr.read())
+        common = ["--base-url", info["base_url"], "--model", info["model"], "-w", str(workspace.root), "--json"]
+        res = cli.invoke(
+            app,
+            ["generate", "--persona", "default", "--question", "0", "--question", "1", "--max-tokens", "8",
+             "--temperature", "0", *common],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        gen = json.loads(res.output.strip().splitlines()[-1])
+        assert gen["answers"] == 2 and gen["failures"] == 0
+        res = cli.invoke(app, ["judge", str(gen["run_id"]), "--rubric", "coherence", *common])
+        assert res.exit_code == 0, res.output
+        judged = json.loads(res.output.strip().splitlines()[-1])
+        assert judged["logprobs"] is True  # the server answered the judge's logprobs request
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with workspace.catalog().session() as s:
+        def texts(run: int) -> list[str]:
+            return [r[0] for r in s.execute(sa.text(f"SELECT text FROM responses WHERE run_id = {run}"))]
+
+        status = s.execute(sa.text(f"SELECT status FROM runs WHERE id = {info['run_id']}")).scalar()
+        generated, served = texts(gen["run_id"]), texts(info["run_id"])
+        methods = {r[0] for r in s.execute(sa.text("SELECT method FROM judgements"))}
+    assert status == "done" and set(generated) <= set(served)
+    assert len(served) == 2 + 2  # the two answers and the judge's two answers, all recorded
+    assert "logprobs" in methods

@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -487,6 +488,10 @@ def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) ->
             recorder.close()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (uvicorn's handlers); ``on_ready(base_url, run_id)`` is called
     once the socket listens."""
@@ -506,9 +511,15 @@ def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     try:
         if on_ready is not None:
             on_ready(f"http://{host}:{port}/v1", recorder.session.run_id if recorder else None)
-        server.run(sockets=[sock])
-    except BaseException:
-        status = "interrupted"
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)  # uvicorn re-raises SIGTERM through it: a clean stop too
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn re-raises the SIGINT it shut down on: that is how a server is stopped
+    except BaseException as exc:
+        status = "failed"
+        log.error("the server failed: %s", exc)
         raise
     finally:
         sock.close()

@@ -1,7 +1,8 @@
 """Request bodies of the steering server, parsed and validated into frozen dataclasses.
 
 The OpenAI fields (``messages`` or ``prompt``, ``model``, ``n``, ``max_tokens`` / ``max_completion_tokens``,
-``temperature``, ``top_p``, ``seed``, ``stop``, ``logprobs``, ``top_logprobs``, ``stream``) plus ``interventions``,
+``temperature``, ``top_p``, ``seed``, ``stop``, ``logprobs``, ``top_logprobs``, ``stream``, ``stream_options``),
+vLLM's ``ignore_eos``, and ``interventions``,
 a list of::
 
     {"vector": "RUN:name" | "RUN:a-b" | "RUN:axis" | [floats],
@@ -92,6 +93,7 @@ class ServeRequest:
     top_logprobs: int = 0
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
     interventions: tuple[InterventionSpec, ...] = ()
 
     @property
@@ -316,6 +318,9 @@ def parse_request(body: Any, endpoint: str) -> ServeRequest:
     if not isinstance(interventions, list):
         raise BadRequest("interventions must be a list of {vector, layers, kind, ...}", "interventions")
     seed = _int(body, "seed", None)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest("ignore_eos must be true or false", "ignore_eos")
     return ServeRequest(
         endpoint=endpoint,
         model=model,
@@ -331,5 +336,6 @@ def parse_request(body: Any, endpoint: str) -> ServeRequest:
         top_logprobs=top,
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
+        ignore_eos=ignore_eos,
         interventions=tuple(parse_intervention(x, f"interventions[{i}]") for i, x in enumerate(interventions)),
     )

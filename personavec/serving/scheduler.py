@@ -657,7 +657,7 @@ class Scheduler:
     def _advance(self, row: _Row) -> None:
         """After a new token: finish the row (end-of-turn token, stop string, max_tokens) or send the new text."""
         req = row.request
-        ended = row.tokens[-1] in self.stops
+        ended = row.tokens[-1] in self.stops and not req.ignore_eos
         body = row.tokens[:-1] if ended else row.tokens
         text = self.tok.decode(body, skip_special_tokens=True)
         reason = "stop" if ended else None

@@ -1,0 +1,162 @@
+"""Benchmark: the steering server (`personavec serve`) steered and unsteered, `transformers serve`, and HF `generate`.
+
+Workload: ``--requests`` chat requests sent at once (persona x question prompts of the built-in sets), greedy,
+``max_tokens`` each with ``ignore_eos`` on our server (every answer is exactly ``max_tokens`` long, so steered and
+unsteered runs generate the same number of tokens). Rows:
+
+- personavec serve, unsteered: no interventions;
+- personavec serve, steered: every request its own vector (a random inline direction, ``add`` at the model's default
+  layer, a small coefficient), so the batch mixes ``--requests`` different interventions;
+- transformers serve: the same requests, unsteered (it has no ``ignore_eos``: answers may end early; tokens/s
+  counts what it generated);
+- HF generate (batch): ``model.generate`` on all the prompts as one left-padded batch (no server, no TTFT).
+
+Requests are streamed (SSE) by one asyncio ``openai`` client: TTFT is the time from sending a request to its first
+content chunk (p50 and p90 over requests), tokens/s the completion tokens of all requests over the wall time from
+the first send to the last answer. Our server runs on a thread of this process (model thread + HTTP thread), so the
+client shares the CPU with it; `transformers serve` runs in its own process. Steered and unsteered rows alternate
+(``--repeats`` each) and the best of each is kept, to damp a shared machine's noise; ``load_avg`` is printed.
+
+    PYTHONPATH=$PWD .venv/bin/python scripts/bench_serve.py [--model smollm2-135m-instruct] [--requests 64]
+        [--max-tokens 32] [--repeats 2] [--device cpu] [--no-transformers-serve]
+
+Prints a table; the last line is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import openai
+import torch
+
+from personavec.builtin import EVAL_QUESTIONS, PERSONAS
+from personavec.config import default_layer
+from personavec.generation.local import generate_batch, prompt_ids
+from personavec.modeling import load_model
+from personavec.serve import EMBEDDED_MODEL, local_server
+from personavec.serving.app import ServeConfig, running_server
+
+
+def _prompts(n: int) -> list[tuple[str, str]]:
+    pairs = [(s, q) for q in EVAL_QUESTIONS for s in PERSONAS.values()]
+    return [pairs[i % len(pairs)] for i in range(n)]
+
+
+async def _one(client: openai.AsyncOpenAI, model: str, system: str, question: str, extra: dict, max_tokens: int):
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+    )
+    async for chunk in stream:
+        if first is None and any(c.delta.content for c in chunk.choices):
+            first = time.perf_counter() - t0
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return first if first is not None else time.perf_counter() - t0, tokens
+
+
+async def _workload(base_url: str, model: str, prompts, extras, max_tokens: int) -> dict:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3600)
+    try:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(
+            *[_one(client, model, s, q, e, max_tokens) for (s, q), e in zip(prompts, extras, strict=True)]
+        )
+        wall = time.perf_counter() - t0
+    finally:
+        await client.close()
+    ttft = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=EMBEDDED_MODEL)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--coef", type=float, default=0.5, help="coefficient of each request's unit direction")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-transformers-serve", action="store_true")
+    args = ap.parse_args()
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    prompts = _prompts(args.requests)
+    layer = default_layer(loaded.n_layers)
+    rng = np.random.default_rng(0)
+    plain = [{"ignore_eos": True}] * args.requests
+    steered = []
+    for _ in range(args.requests):
+        v = rng.normal(size=loaded.d_model)
+        steered.append(
+            {"ignore_eos": True, "interventions": [{"vector": (v / np.linalg.norm(v)).tolist(), "layers": [layer],
+                                                     "coef": args.coef}]}  # fmt: skip
+        )
+    rows: dict[str, dict] = {}
+    cfg = ServeConfig(model=args.model, max_batch=args.requests, max_tokens=args.max_tokens, device=args.device)
+    with running_server(cfg, loaded=loaded) as server:
+        asyncio.run(_workload(server.base_url, server.model, prompts[:4], plain[:4], 4))  # warm-up
+        for _ in range(args.repeats):
+            for name, extras in (("personavec serve, unsteered", plain), ("personavec serve, steered", steered)):
+                got = asyncio.run(_workload(server.base_url, server.model, prompts, extras, args.max_tokens))
+                got["load_avg"] = os.getloadavg()[0]
+                if name not in rows or got["tok_s"] > rows[name]["tok_s"]:
+                    rows[name] = got
+
+    if not args.no_transformers_serve:
+        with local_server(args.model, device=args.device) as server:
+            asyncio.run(_workload(server.base_url, server.model, prompts[:4], [{}] * 4, 4))
+            got = asyncio.run(_workload(server.base_url, server.model, prompts, [{}] * args.requests, args.max_tokens))
+            got["load_avg"] = os.getloadavg()[0]
+            rows["transformers serve"] = got
+
+    ids = [prompt_ids(loaded.tokenizer, s, q) for s, q in prompts]
+    generate_batch(loaded, ids[:4], max_new_tokens=4)
+    t0 = time.perf_counter()
+    outs = generate_batch(loaded, ids, max_new_tokens=args.max_tokens)
+    wall = time.perf_counter() - t0
+    tokens = sum(g.completion_tokens for g in outs)
+    rows["HF generate (one batch)"] = {
+        "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_s": None, "ttft_p90_s": None,
+        "load_avg": os.getloadavg()[0],
+    }  # fmt: skip
+
+    head = f"{'':32} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'load':>5}"
+    print(f"{args.model} on {args.device} ({torch.get_num_threads()} threads, {platform.processor() or '?'}): "
+          f"{args.requests} concurrent requests x {args.max_tokens} tokens, greedy")  # fmt: skip
+    print(head)
+    for name, r in rows.items():
+        ttft = [f"{r[k]:9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("ttft_p50_s", "ttft_p90_s")]
+        print(f"{name:32} {r['tokens']:7d} {r['wall_s']:8.2f} {r['tok_s']:8.1f} {ttft[0]} {ttft[1]} {r['load_avg']:5.1f}")
+    s, u = rows["personavec serve, steered"], rows["personavec serve, unsteered"]
+    print(f"steered / unsteered throughput: {s['tok_s'] / u['tok_s']:.3f}")
+    print(json.dumps({"model": args.model, "device": args.device, "requests": args.requests,
+                      "max_tokens": args.max_tokens, "rows": rows}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
