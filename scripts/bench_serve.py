@@ -113,8 +113,10 @@ def main() -> None:
     for _ in range(args.requests):
         v = rng.normal(size=loaded.d_model)
         steered.append(
-            {"ignore_eos": True, "interventions": [{"vector": (v / np.linalg.norm(v)).tolist(), "layers": [layer],
-                                                     "coef": args.coef}]}  # fmt: skip
+            {
+                "ignore_eos": True,
+                "interventions": [{"vector": (v / np.linalg.norm(v)).tolist(), "layers": [layer], "coef": args.coef}],
+            }  # fmt: skip
         )
     rows: dict[str, dict] = {}
     cfg = ServeConfig(model=args.model, max_batch=args.requests, max_tokens=args.max_tokens, device=args.device)
@@ -151,7 +153,9 @@ def main() -> None:
     print(head)
     for name, r in rows.items():
         ttft = [f"{r[k]:9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("ttft_p50_s", "ttft_p90_s")]
-        print(f"{name:32} {r['tokens']:7d} {r['wall_s']:8.2f} {r['tok_s']:8.1f} {ttft[0]} {ttft[1]} {r['load_avg']:5.1f}")
+        print(
+            f"{name:32} {r['tokens']:7d} {r['wall_s']:8.2f} {r['tok_s']:8.1f} {ttft[0]} {ttft[1]} {r['load_avg']:5.1f}"
+        )
     s, u = rows["personavec serve, steered"], rows["personavec serve, unsteered"]
     print(f"steered / unsteered throughput: {s['tok_s'] / u['tok_s']:.3f}")
     print(json.dumps({"model": args.model, "device": args.device, "requests": args.requests,

@@ -131,7 +131,9 @@ def test_a_mixed_batch_gives_each_request_its_own_tokens(setup):
     alone = [_ask(server, *p, s, max_tokens=12).choices[0].message.content for p, s in jobs]
     server.scheduler.peak = 0
     with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(lambda job: _ask(server, *job[0], job[1], max_tokens=12).choices[0].message.content, jobs))
+        together = list(
+            pool.map(lambda job: _ask(server, *job[0], job[1], max_tokens=12).choices[0].message.content, jobs)
+        )
     assert together == alone
     assert server.scheduler.peak > 1  # they did share decoding steps
     # Every intervention changes its answer (so the equality above is not trivially about unsteered rows).
@@ -241,10 +243,11 @@ def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_
             return s.execute(sa.text(f"SELECT count(*) FROM responses WHERE run_id = {server.run_id}")).scalar()
 
     # A client that reads two events of a long stream and hangs up: its rows leave the batch, nothing lands.
-    before = count()
     deadline = time.monotonic() + 30
     while server.scheduler.active and time.monotonic() < deadline:
         time.sleep(0.05)
+    server.recorder.flush()  # what earlier tests asked has landed
+    before = count()
     body = {"model": server.model, "messages": _messages(*PROMPTS[1]), "max_tokens": 30, "stream": True,
             "interventions": [{"vector": f"{vec}:axis", "layers": [2], "coef": 1.0}]}  # fmt: skip
     sock = socket.create_connection(("127.0.0.1", server.port))
@@ -262,16 +265,14 @@ def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_
     while server.scheduler.active and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.scheduler.active == 0  # the slot was freed before 30 tokens were generated
-    time.sleep(0.3)
+    server.recorder.flush()
     assert count() == before
 
     # A steered answer and a plain one land, readable while the server serves.
     iv = [{"vector": f"{vec}:storyteller-default", "layers": [2, 5], "coef": 3.0, "normalize": True}]
     steered = _ask(server, "You are a recorded persona.", "Is this recorded?", iv, max_tokens=5)
     _ask(server, "You are a recorded persona.", "Is this recorded?", max_tokens=5)
-    deadline = time.monotonic() + 20
-    while count() < before + 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    server.recorder.flush()
     with server.catalog_lock, catalog.session() as s:
         rows = s.execute(
             sa.text(
@@ -297,7 +298,8 @@ def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_
         "import duckdb, sys, time\n"
         "for _ in range(200):\n"
         "    try:\n"
-        f"        print(duckdb.connect({str(ws.catalog_path)!r}, read_only=True).execute({query!r}).fetchone()[0]); break\n"
+        f"        con = duckdb.connect({str(ws.catalog_path)!r}, read_only=True)\n"
+        f"        print(con.execute({query!r}).fetchone()[0]); break\n"
         "    except duckdb.IOException: time.sleep(0.05)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -338,6 +340,7 @@ def test_generate_and_judge_base_url_against_personavec_serve_on_the_embedded_mo
             proc.kill()
             proc.wait()
     with workspace.catalog().session() as s:
+
         def texts(run: int) -> list[str]:
             return [r[0] for r in s.execute(sa.text(f"SELECT text FROM responses WHERE run_id = {run}"))]
 

@@ -31,7 +31,9 @@ def upgrade() -> None:
         sa.Column("applied", sa.String(), nullable=False),
         sa.Column("vector_run_ids", sa.ARRAY(sa.BigInteger()), nullable=False),
         sa.Column("params", sa.String(), nullable=False),
-        sa.ForeignKeyConstraint(["response_id"], ["responses.id"], name=op.f("fk_served_answers_response_id_responses")),
+        sa.ForeignKeyConstraint(
+            ["response_id"], ["responses.id"], name=op.f("fk_served_answers_response_id_responses")
+        ),
         sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name=op.f("fk_served_answers_run_id_runs")),
         sa.PrimaryKeyConstraint("response_id", name=op.f("pk_served_answers")),
     )

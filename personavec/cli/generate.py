@@ -183,8 +183,10 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="Default and largest max_tokens (personavec backend).")] = 1024,
     backend: Annotated[
         str,
-        typer.Option(help="personavec (steering server, interventions per request) or transformers (`transformers "
-                     "serve`, no interventions)."),
+        typer.Option(
+            help="personavec (steering server, interventions per request) or transformers (`transformers "
+            "serve`, no interventions)."
+        ),
     ] = "personavec",
     as_json: JsonOpt = False,
 ) -> None:
@@ -226,9 +228,7 @@ def serve(
         console.print(f"serving [bold]{escape(config.name)}[/] at [bold]{base_url}[/] (pid {os.getpid()})")
         if run_id is not None:
             console.print(f"  recording every answer in generate run [bold]{run_id}[/] of {w.root}")
-        console.print(
-            f"  personavec generate --base-url {base_url} --model {escape(config.name)}\n  Ctrl-C stops it."
-        )
+        console.print(f"  personavec generate --base-url {base_url} --model {escape(config.name)}\n  Ctrl-C stops it.")
 
     run_server(config, on_ready=ready)
 

@@ -154,6 +154,12 @@ class Recorder:
             self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
             self._futures.append(self._pool.submit(self._write, served))
 
+    def flush(self) -> None:
+        """Wait until every request handed over so far has landed (or failed)."""
+        with self._lock:
+            pending = list(self._futures)
+        concurrent.futures.wait(pending)
+
     def _write(self, served: Any) -> None:
         from personavec.store.serving import record_served
 
@@ -170,7 +176,7 @@ class Recorder:
         self._pool.shutdown(wait=True)
         errors = [f.exception() for f in self._futures if f.exception() is not None]
         with self.catalog_lock:
-                finish_serve_session(self.ws.catalog(), self.session, "failed" if errors else status,
+            finish_serve_session(self.ws.catalog(), self.session, "failed" if errors else status,
                                  f"{len(errors)} answers failed to land: {errors[0]}" if errors else None)  # fmt: skip
         if errors:
             raise errors[0]  # type: ignore[misc]
@@ -416,6 +422,7 @@ class RunningServer:
     port: int
     scheduler: Scheduler
     run_id: int | None  # the recording session's generate run
+    recorder: Recorder | None
     catalog_lock: Any  # hold it to read the catalog from this process while the server serves (DuckDB allows one
     # open connection to the file per process at a time; other processes just wait their turn)
 
@@ -460,6 +467,7 @@ def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) ->
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
+    sock.listen(2048)  # connections wait in the backlog from now on, before uvicorn accepts them
     port = sock.getsockname()[1]
     app = build_app(scheduler, config.name, base_name=config.model)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
@@ -477,6 +485,7 @@ def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) ->
             port=port,
             scheduler=scheduler,
             run_id=recorder.session.run_id if recorder else None,
+            recorder=recorder,
             catalog_lock=scheduler.resolver.catalog_lock if scheduler.resolver else threading.Lock(),
         )
     finally:
@@ -503,6 +512,7 @@ def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
+    sock.listen(2048)  # connections wait in the backlog from now on, before uvicorn accepts them
     port = sock.getsockname()[1]
     app = build_app(scheduler, config.name, base_name=config.model)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))

@@ -205,7 +205,9 @@ def parse_intervention(item: Any, where: str) -> InterventionSpec:
         if not all(math.isfinite(v) for v in vector):
             raise BadRequest(f"{where}.vector has NaN or infinite values", f"{where}.vector")
     else:
-        raise BadRequest(f"{where}.vector must be RUN:NAME (e.g. 7:pirate-default) or a list of floats", f"{where}.vector")
+        raise BadRequest(
+            f"{where}.vector must be RUN:NAME (e.g. 7:pirate-default) or a list of floats", f"{where}.vector"
+        )
     kind = item.get("kind", "add")
     if kind not in KINDS:
         raise BadRequest(f"{where}.kind must be one of {', '.join(KINDS)}, got {kind!r}", f"{where}.kind")

@@ -25,6 +25,7 @@ batch.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import queue
 import threading
@@ -103,7 +104,7 @@ class ResolvedIntervention:
 class Ticket:
     """A submitted request: where its events go, and a flag the HTTP layer sets when the client goes away."""
 
-    def __init__(self, request: ServeRequest, sink: Callable[[Event], None]) -> None:
+    def __init__(self, request: ServeRequest, sink: Callable[[Event], object]) -> None:
         self.request = request
         self.sink = sink
         self.cancelled = False
@@ -165,6 +166,7 @@ class InterventionResolver:
                     f"{where}.vector has {vec.shape[0]} values, {self.loaded.name} has d_model {self.loaded.d_model}",
                     f"{where}.vector",
                 )
+            taus: tuple[float | None, ...]
             if spec.kind == "cap":
                 taus = spec.tau * len(spec.layers) if len(spec.tau) == 1 else spec.tau
             else:
@@ -193,7 +195,7 @@ class InterventionResolver:
     def _plan(self, spec: InterventionSpec, where: str) -> Any:
         from personavec.steering.interventions import SteeringConfig, plan_steering
 
-        assert isinstance(spec.vector, str)
+        assert isinstance(spec.vector, str) and self.ws is not None
         try:
             config = SteeringConfig(
                 vector=spec.vector,
@@ -242,6 +244,7 @@ class _Row:
     sent_logprobs: int = 0
     length: int = 0  # valid tokens in the cache for this row
     done: bool = False
+    serial: int = 0  # names the row in the hook state's cache key
 
     @property
     def request(self) -> ServeRequest:
@@ -272,7 +275,10 @@ def _build_state(rows: Sequence[_Row], *, decoding: bool, dtype: Any, devices: d
         slots = []
         for k in range(depth):
             d = None
-            units, adds, ablates, taus = [], [], [], []
+            units: list[np.ndarray | None] = []
+            adds: list[np.ndarray | None] = []
+            ablates: list[float] = []
+            taus: list[float] = []
             for ivs in lists:
                 if k < len(ivs):
                     iv = ivs[k]
@@ -282,7 +288,7 @@ def _build_state(rows: Sequence[_Row], *, decoding: bool, dtype: Any, devices: d
                     units.append(v / norm if norm > 0 else np.zeros_like(v))
                     adds.append(v * float(iv.scale) if iv.kind != "cap" else np.zeros_like(v))
                     ablates.append(1.0 if iv.kind == "ablate" else 0.0)
-                    taus.append(float(iv.tau) if iv.kind == "cap" else math.inf)
+                    taus.append(float(iv.tau) if iv.kind == "cap" and iv.tau is not None else math.inf)
                 else:
                     units.append(None)
                     adds.append(None)
@@ -293,7 +299,9 @@ def _build_state(rows: Sequence[_Row], *, decoding: bool, dtype: Any, devices: d
             device = devices[layer]
             slots.append(
                 (
-                    torch.as_tensor(np.stack([u if u is not None else zero for u in units]), dtype=dtype, device=device),
+                    torch.as_tensor(
+                        np.stack([u if u is not None else zero for u in units]), dtype=dtype, device=device
+                    ),
                     torch.as_tensor(np.stack([a if a is not None else zero for a in adds]), dtype=dtype, device=device),
                     torch.tensor(ablates, dtype=dtype, device=device),
                     torch.tensor(taus, dtype=dtype, device=device),
@@ -358,6 +366,7 @@ class Scheduler:
         self._keep_kw = "logits_to_keep" in params
         self.dtype = torch.float64 if loaded.model.dtype == torch.float64 else torch.float32
         self.devices = {i + 1: next(block.parameters()).device for i, block in enumerate(loaded.layers)}
+        self._serials = itertools.count()
         self.steps = 0  # decoding steps run
         self.peak = 0  # the most rows one decoding step has run (reset it to watch a window)
 
@@ -378,7 +387,7 @@ class Scheduler:
             handle.remove()
         self._handles.clear()
 
-    def submit(self, request: ServeRequest, sink: Callable[[Event], None]) -> Ticket:
+    def submit(self, request: ServeRequest, sink: Callable[[Event], object]) -> Ticket:
         """Queue a request; its events (first :class:`Admitted` or :class:`Refused`) go to ``sink`` from the model
         thread."""
         if self.error is not None:
@@ -411,7 +420,7 @@ class Scheduler:
         return hook
 
     def _set_state(self, rows: Sequence[_Row], *, decoding: bool) -> None:
-        key = (decoding, tuple(id(r) for r in rows))
+        key = (decoding, tuple(r.serial for r in rows))
         if key == self._state_key:
             return
         self._state_key = key
@@ -495,7 +504,7 @@ class Scheduler:
                     gen.manual_seed(int(req.seed) + i)
                 else:
                     gen.seed()
-            rows.append(_Row(ticket, i, len(ticket.prompt), max_tokens, gen))
+            rows.append(_Row(ticket, i, len(ticket.prompt), max_tokens, gen, serial=next(self._serials)))
         self._finished[id(ticket)] = [None] * req.n
         return rows
 
@@ -641,7 +650,7 @@ class Scheduler:
                 chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
             token = int(chosen[i])
             if logp is not None and want_lp[i]:
-                top = ()
+                top: tuple[tuple[str, float], ...] = ()
                 if req.top_logprobs:
                     values, idx = logp[i].topk(req.top_logprobs)
                     top = tuple((self._text(t), float(v)) for v, t in zip(values.tolist(), idx.tolist(), strict=True))

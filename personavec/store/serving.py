@@ -85,7 +85,9 @@ def create_serve_session(catalog: Catalog, config: dict[str, Any], *, model: str
 
 def _persona_id(session: Any, s: ServeSession, system_prompt: str) -> int:
     found = session.scalar(
-        sa.select(m.Persona.id).where(m.Persona.persona_set_id == s.persona_set_id, m.Persona.system_prompt == system_prompt)
+        sa.select(m.Persona.id).where(
+            m.Persona.persona_set_id == s.persona_set_id, m.Persona.system_prompt == system_prompt
+        )
     )
     if found is not None:
         return found
@@ -127,10 +129,13 @@ def record_served(catalog: Catalog, s: ServeSession, requests: Sequence[ServedRe
         for req in requests:
             pid = _persona_id(session, s, req.system_prompt)
             qid = _question_id(session, s, req.question)
-            start = session.scalar(
-                sa.select(sa.func.coalesce(sa.func.max(m.Response.sample_index) + 1, 0)).where(
-                    m.Response.run_id == s.run_id, m.Response.persona_id == pid, m.Response.question_id == qid
+            start = (
+                session.scalar(
+                    sa.select(sa.func.coalesce(sa.func.max(m.Response.sample_index) + 1, 0)).where(
+                        m.Response.run_id == s.run_id, m.Response.persona_id == pid, m.Response.question_id == qid
+                    )
                 )
+                or 0
             )
             for i, answer in enumerate(req.answers):
                 row = m.Response(
