@@ -18,7 +18,7 @@ client shares the CPU with it; `transformers serve` runs in its own process. Ste
 (``--repeats`` each) and the best of each is kept, to damp a shared machine's noise; ``load_avg`` is printed.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_serve.py [--model smollm2-135m-instruct] [--requests 64]
-        [--max-tokens 32] [--repeats 2] [--device cpu] [--no-transformers-serve]
+        [--max-tokens 32] [--repeats 2] [--device cpu] [--threads 1] [--no-transformers-serve]
 
 Prints a table; the last line is one JSON object with the figures.
 """
@@ -102,7 +102,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-transformers-serve", action="store_true")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads here and in transformers serve (OMP_NUM_THREADS); on a "
+        "shared, oversubscribed CPU one thread is several times faster than two",
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the transformers serve process
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     prompts = _prompts(args.requests)

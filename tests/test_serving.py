@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -44,6 +45,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     the same shape, and a recording server on an ephemeral port."""
     from transformers import AutoModelForCausalLM
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared CPU: one thread is much faster than two fighting over busy cores
     root = tmp_path_factory.mktemp("serving")
     model_dir = root / "llama8"
     torch.manual_seed(0)
@@ -60,8 +63,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     vec = compute_vectors(ws, VectorConfig(extraction_run_id=ours.run_id)).run_id
     other = compute_vectors(ws, VectorConfig(extraction_run_id=theirs.run_id)).run_id
     cfg = ServeConfig(model=str(model_dir), workspace=str(ws.root), record=True, max_tokens=32, max_batch=16)
-    with running_server(cfg, loaded=loaded) as server:
-        yield {"server": server, "ws": ws, "vec": vec, "other": other, "loaded": loaded}
+    try:
+        with running_server(cfg, loaded=loaded) as server:
+            yield {"server": server, "ws": ws, "vec": vec, "other": other, "loaded": loaded}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _client(server) -> openai.OpenAI:
@@ -317,7 +323,8 @@ def test_generate_and_judge_base_url_against_personavec_serve_on_the_embedded_mo
 
     cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "serve", "-w", str(workspace.root),
            "--record", "--device", "cpu", "--dtype", "float32", "--max-tokens", "64", "--json"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared CPU: one thread is much faster than two busy ones
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         info = json.loads(proc.stdout.readline() or proc.stderr.read())
         common = ["--base-url", info["base_url"], "--model", info["model"], "-w", str(workspace.root), "--json"]

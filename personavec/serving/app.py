@@ -223,7 +223,14 @@ class _Request:
     def __init__(self, scheduler: Scheduler, req: ServeRequest) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.ticket = scheduler.submit(req, lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev))
+
+        def sink(event: Any) -> None:  # on the model thread
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                self.ticket.cancel()
+
+        self.ticket = scheduler.submit(req, sink)
 
 
 # ---------------------------------------------------------------------------------------------------- app

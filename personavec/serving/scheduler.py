@@ -241,6 +241,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     emitted: int = 0  # characters of text already sent
+    sent: str = ""  # the text already sent
     sent_logprobs: int = 0
     length: int = 0  # valid tokens in the cache for this row
     done: bool = False
@@ -681,7 +682,9 @@ class Scheduler:
             return
         if reason is not None:
             row.done = True
-            new = text[row.emitted :] if text.startswith(text[: row.emitted]) else ""
+            # The streamed pieces add up to ``text`` (what was sent is a prefix of it but in the rare case of a
+            # tokenizer whose decoding of a prefix is not a prefix of the whole).
+            new = text[len(row.sent) :] if text.startswith(row.sent) else ""
             row.ticket.sink(Delta(row.index, new, tuple(row.logprobs[row.sent_logprobs :])))
             done = Finished(row.index, text, reason, len(row.tokens), tuple(row.tokens), tuple(row.logprobs))
             row.ticket.sink(done)
@@ -702,6 +705,7 @@ class Scheduler:
         if safe > row.emitted:
             piece = text[row.emitted : safe]
             row.emitted = safe
+            row.sent += piece
             row.ticket.sink(Delta(row.index, piece, tuple(row.logprobs[row.sent_logprobs :])))
             row.sent_logprobs = len(row.logprobs)
         elif req.logprobs and len(row.logprobs) > row.sent_logprobs:
