@@ -357,3 +357,14 @@ def test_generate_and_judge_base_url_against_personavec_serve_on_the_embedded_mo
     assert status == "done" and set(generated) <= set(served)
     assert len(served) == 2 + 2  # the two answers and the judge's two answers, all recorded
     assert "logprobs" in methods
+
+
+def test_cli_serve_refuses_recording_without_a_workspace_or_with_transformers_serve(cli, tmp_path):
+    from personavec.cli import app
+
+    res = cli.invoke(app, ["serve", "--record", "-w", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = cli.invoke(app, ["serve", "--record", "--backend", "transformers"])
+    assert res.exit_code == 2 and "--record needs the personavec backend" in res.output
+    res = cli.invoke(app, ["serve", "--backend", "vllm"])
+    assert res.exit_code == 2 and "--backend" in res.output
