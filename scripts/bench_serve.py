@@ -9,7 +9,9 @@ unsteered runs generate the same number of tokens). Rows:
   layer, a small coefficient), so the batch mixes ``--requests`` different interventions;
 - transformers serve: the same requests, unsteered (it has no ``ignore_eos``: answers may end early; tokens/s
   counts what it generated);
-- HF generate (batch): ``model.generate`` on all the prompts as one left-padded batch (no server, no TTFT).
+- HF generate (batch): ``model.generate`` on all the prompts as one left-padded batch (no server, no TTFT);
+- one decoding step over all the prompts (cached), without and with a per-row vector applied as the server's hook
+  applies it, interleaved, median: the cost of steering itself, without the HTTP and client noise.
 
 Requests are streamed (SSE) by one asyncio ``openai`` client: TTFT is the time from sending a request to its first
 content chunk (p50 and p90 over requests), tokens/s the completion tokens of all requests over the wall time from
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import statistics
@@ -50,10 +53,12 @@ def _prompts(n: int) -> list[tuple[str, str]]:
     return [pairs[i % len(pairs)] for i in range(n)]
 
 
-async def _one(client: openai.AsyncOpenAI, model: str, system: str, question: str, extra: dict, max_tokens: int):
+async def _one(client, model: str, system: str, question: str, extra: dict, max_tokens: int, got: list) -> None:
+    """One streamed request; appends ``[ttft, tokens]`` to ``got`` and updates it as chunks arrive (a cut-off
+    workload keeps what came)."""
     t0 = time.perf_counter()
-    first = None
-    tokens = 0
+    entry = [None, 0]
+    got.append(entry)
     stream = await client.chat.completions.create(
         model=model,
         messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
@@ -64,32 +69,84 @@ async def _one(client: openai.AsyncOpenAI, model: str, system: str, question: st
         extra_body=extra,
     )
     async for chunk in stream:
-        if first is None and any(c.delta.content for c in chunk.choices):
-            first = time.perf_counter() - t0
+        if any(c.delta.content for c in chunk.choices):
+            if entry[0] is None:
+                entry[0] = time.perf_counter() - t0
+            entry[1] += 1  # about one token per content chunk; replaced by usage at the end
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return first if first is not None else time.perf_counter() - t0, tokens
+            entry[1] = chunk.usage.completion_tokens
 
 
-async def _workload(base_url: str, model: str, prompts, extras, max_tokens: int) -> dict:
+async def _workload(base_url: str, model: str, prompts, extras, max_tokens: int, limit_s: float | None = None) -> dict:
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3600)
-    try:
-        t0 = time.perf_counter()
-        results = await asyncio.gather(
-            *[_one(client, model, s, q, e, max_tokens) for (s, q), e in zip(prompts, extras, strict=True)]
-        )
-        wall = time.perf_counter() - t0
-    finally:
-        await client.close()
-    ttft = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
+    got: list = []
+    t0 = time.perf_counter()
+    tasks = [
+        asyncio.ensure_future(_one(client, model, s, q, e, max_tokens, got))
+        for (s, q), e in zip(prompts, extras, strict=True)
+    ]
+    done, pending = await asyncio.wait(tasks, timeout=limit_s)
+    wall = time.perf_counter() - t0
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await client.close()
+    ttft = sorted(e[0] if e[0] is not None else math.inf for e in got)
+    tokens = sum(e[1] for e in got)
     return {
         "tokens": tokens,
         "wall_s": wall,
         "tok_s": tokens / wall,
         "ttft_p50_s": statistics.median(ttft),
         "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
+        "finished": len(done),
+        "requests": len(tasks),
     }
+
+
+def _step_cost(loaded, prompts, layer: int, coef: float, repeats: int = 6) -> tuple[float, float]:
+    """Median seconds of one cached decoding step over all the prompts, without and with a per-row ``add`` at
+    ``layer`` applied the way the server's hook applies it (``apply_rows`` with ``[B, d]`` tensors), interleaved."""
+    from transformers import DynamicCache
+
+    from personavec.steering.interventions import apply_rows
+
+    ids = [prompt_ids(loaded.tokenizer, s, q) for s, q in prompts]
+    width, b, d = max(map(len, ids)), len(ids), loaded.d_model
+    x = torch.full((b, width), loaded.tokenizer.pad_token_id or 0)
+    mask = torch.zeros((b, width + 1), dtype=torch.long)
+    for i, p in enumerate(ids):
+        x[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    cache = DynamicCache(config=loaded.model.config)
+    with torch.inference_mode():
+        loaded.model(input_ids=x, attention_mask=mask[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+    units = torch.nn.functional.normalize(torch.randn(b, d), dim=-1)
+    args = (units, units * coef, torch.zeros(b), torch.full((b,), math.inf))
+    on = [False]
+
+    def hook(module, inputs, output):
+        if not on[0]:
+            return None
+        h = output[0] if isinstance(output, tuple) else output
+        y = apply_rows(h.float(), *args).to(h.dtype)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    handle = loaded.layers[layer - 1].register_forward_hook(hook)
+    positions = mask.sum(-1, keepdim=True) - 1
+    times: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        for i in range(2 * repeats + 2):
+            on[0] = bool(i % 2)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                loaded.model(input_ids=x[:, -1:], attention_mask=mask, position_ids=positions, cache=cache)
+            if i >= 2:
+                times[on[0]].append(time.perf_counter() - t0)
+            cache.crop(-1)
+    finally:
+        handle.remove()
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
 def main() -> None:
@@ -102,6 +159,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-transformers-serve", action="store_true")
+    ap.add_argument(
+        "--limit-s",
+        type=float,
+        default=600.0,
+        help="stop waiting for transformers serve after this long (its row then counts the tokens that arrived)",
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -128,6 +191,17 @@ def main() -> None:
             }  # fmt: skip
         )
     rows: dict[str, dict] = {}
+    head = f"{'':32} {'tokens':>7} {'done':>7} {'wall s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'load':>5}"
+    print(f"{args.model} on {args.device} ({args.threads} torch threads, {platform.processor() or '?'}): "
+          f"{args.requests} concurrent requests x {args.max_tokens} tokens, greedy", flush=True)  # fmt: skip
+    print(head, flush=True)
+
+    def show(name: str, r: dict) -> None:
+        ttft = [f"{r[k]:9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("ttft_p50_s", "ttft_p90_s")]
+        done = f"{r.get('finished', args.requests)}/{r.get('requests', args.requests)}"
+        print(f"{name:32} {r['tokens']:7d} {done:>7} {r['wall_s']:8.2f} {r['tok_s']:8.1f} {ttft[0]} {ttft[1]} "
+              f"{r['load_avg']:5.1f}", flush=True)  # fmt: skip
+
     cfg = ServeConfig(model=args.model, max_batch=args.requests, max_tokens=args.max_tokens, device=args.device)
     with running_server(cfg, loaded=loaded) as server:
         asyncio.run(_workload(server.base_url, server.model, prompts[:4], plain[:4], 4))  # warm-up
@@ -135,15 +209,19 @@ def main() -> None:
             for name, extras in (("personavec serve, unsteered", plain), ("personavec serve, steered", steered)):
                 got = asyncio.run(_workload(server.base_url, server.model, prompts, extras, args.max_tokens))
                 got["load_avg"] = os.getloadavg()[0]
+                show(name + " (run)", got)
                 if name not in rows or got["tok_s"] > rows[name]["tok_s"]:
                     rows[name] = got
 
     if not args.no_transformers_serve:
         with local_server(args.model, device=args.device) as server:
             asyncio.run(_workload(server.base_url, server.model, prompts[:4], [{}] * 4, 4))
-            got = asyncio.run(_workload(server.base_url, server.model, prompts, [{}] * args.requests, args.max_tokens))
+            got = asyncio.run(
+                _workload(server.base_url, server.model, prompts, [{}] * args.requests, args.max_tokens, args.limit_s)
+            )
             got["load_avg"] = os.getloadavg()[0]
             rows["transformers serve"] = got
+            show("transformers serve", got)
 
     ids = [prompt_ids(loaded.tokenizer, s, q) for s, q in prompts]
     generate_batch(loaded, ids[:4], max_new_tokens=4)
@@ -155,20 +233,20 @@ def main() -> None:
         "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_s": None, "ttft_p90_s": None,
         "load_avg": os.getloadavg()[0],
     }  # fmt: skip
+    show("HF generate (one batch)", rows["HF generate (one batch)"])
 
-    head = f"{'':32} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'load':>5}"
-    print(f"{args.model} on {args.device} ({torch.get_num_threads()} threads, {platform.processor() or '?'}): "
-          f"{args.requests} concurrent requests x {args.max_tokens} tokens, greedy")  # fmt: skip
-    print(head)
+    plain_step, steered_step = _step_cost(loaded, prompts, layer, args.coef)
+    ratio = steered_step / plain_step
+    print(f"one decoding step of {args.requests} rows: {plain_step * 1000:.1f} ms unsteered, "
+          f"{steered_step * 1000:.1f} ms with {args.requests} per-row vectors ({ratio:.3f})")  # fmt: skip
+    print("best of each:")
     for name, r in rows.items():
-        ttft = [f"{r[k]:9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("ttft_p50_s", "ttft_p90_s")]
-        print(
-            f"{name:32} {r['tokens']:7d} {r['wall_s']:8.2f} {r['tok_s']:8.1f} {ttft[0]} {ttft[1]} {r['load_avg']:5.1f}"
-        )
+        show(name, r)
     s, u = rows["personavec serve, steered"], rows["personavec serve, unsteered"]
     print(f"steered / unsteered throughput: {s['tok_s'] / u['tok_s']:.3f}")
     print(json.dumps({"model": args.model, "device": args.device, "requests": args.requests,
-                      "max_tokens": args.max_tokens, "rows": rows}))  # fmt: skip
+                      "max_tokens": args.max_tokens, "rows": rows,
+                      "step_s": {"unsteered": plain_step, "steered": steered_step}}))  # fmt: skip
 
 
 if __name__ == "__main__":
