@@ -65,7 +65,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     cfg = ServeConfig(model=str(model_dir), workspace=str(ws.root), record=True, max_tokens=32, max_batch=16)
     try:
         with running_server(cfg, loaded=loaded) as server:
-            yield {"server": server, "ws": ws, "vec": vec, "other": other, "loaded": loaded}
+            yield {
+                "server": server,
+                "ws": ws,
+                "vec": vec,
+                "other": other,
+                "loaded": loaded,
+                "ref": ours.response_run_id,
+            }
     finally:
         torch.set_num_threads(threads)
 
@@ -180,8 +187,27 @@ def test_streamed_and_non_streamed_answers_are_equal_with_usage_and_logprobs(set
                                       temperature=1.0, logprobs=2)  # fmt: skip
     assert [c.text for c in out.choices] == [c.text for c in again.choices]
     assert len(out.choices) == 2 and out.choices[0].logprobs.tokens
+    # stop strings: the answer ends before the first occurrence, streamed or not, finish_reason "stop".
+    plain = _ask(server, *PROMPTS[1], max_tokens=16).choices[0].message.content
+    stop = plain[4:7]
+    cut = plain[: plain.index(stop)]
+    done = _ask(server, *PROMPTS[1], max_tokens=16, stop=[stop]).choices[0]
+    assert (done.message.content, done.finish_reason) == (cut, "stop")
+    chunks = client.chat.completions.create(
+        model=server.model, messages=_messages(*PROMPTS[1]), max_tokens=16, temperature=0, stop=[stop], stream=True
+    )
+    assert "".join(c.delta.content or "" for ch in chunks for c in ch.choices) == cut
     models = client.models.list()
     assert [m.id for m in models.data] == [server.model]
+
+
+@pytest.mark.slow
+def test_cap_thresholds_from_a_reference_run_are_computed_once_and_applied(setup):
+    server, vec, ref = setup["server"], setup["vec"], setup["ref"]
+    iv = [{"vector": f"{vec}:axis", "layers": [2, 5], "kind": "cap", "percentile": 10, "reference_run": ref}]
+    first = _ask(server, *PROMPTS[0], iv).choices[0].message.content
+    again = _ask(server, *PROMPTS[0], iv).choices[0].message.content  # the cached plan
+    assert first == again and first
 
 
 # ------------------------------------------------------------------------------------------------ bad input
