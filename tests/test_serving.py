@@ -394,3 +394,16 @@ def test_cli_serve_refuses_recording_without_a_workspace_or_with_transformers_se
     assert res.exit_code == 2 and "--record needs the personavec backend" in res.output
     res = cli.invoke(app, ["serve", "--backend", "vllm"])
     assert res.exit_code == 2 and "--backend" in res.output
+
+
+@pytest.mark.slow
+def test_a_model_with_a_sliding_window_cache_is_refused_at_start(tmp_path):
+    from tiny_models import tiny_model_dir
+
+    from personavec.errors import ModelError
+    from personavec.serving.scheduler import Scheduler
+
+    loaded = load_model(str(tiny_model_dir(tmp_path, "gemma2", "gemma")), dtype="float32", device="cpu")
+    with pytest.raises(ModelError, match="sliding-window"):
+        Scheduler(loaded).start()
+    assert not any(block._forward_hooks for block in loaded.layers)

@@ -352,6 +352,7 @@ class Scheduler:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
         self._inbox: queue.Queue[Ticket | None] = queue.Queue()
         self._rows: list[_Row] = []
+        self._joining: list[_Row] = []
         self._cache: Any = None
         self._mask: Any = None  # [B, W] long
         self._state: _PerRow | None = None
@@ -374,6 +375,9 @@ class Scheduler:
     # ------------------------------------------------------------------ public
 
     def start(self) -> None:
+        from transformers import DynamicCache
+
+        self._check_cache(DynamicCache(config=self.loaded.model.config))  # refuse at start what we cannot batch
         for layer in range(1, self.loaded.n_layers):
             self._handles.append(self.loaded.layers[layer - 1].register_forward_hook(self._hook(layer)))
         self._thread = threading.Thread(target=self._run, name="personavec-serve-model", daemon=True)
@@ -438,14 +442,25 @@ class Scheduler:
                 joiners = self._admit()
                 self._drop()
                 if joiners:
+                    self._joining = joiners
                     self._prefill(joiners)
+                    self._joining = []
                     self._drop()
                 if self._rows:
                     self._decode()
         except BaseException as exc:  # surface the failure to every waiting client, then stop
             self.error = exc
-            for row in self._rows:
-                row.ticket.sink(Refused(ModelError(f"the model thread failed: {type(exc).__name__}: {exc}")))
+            failed = Refused(ModelError(f"the model thread failed: {type(exc).__name__}: {exc}"))
+            tickets = {id(r.ticket): r.ticket for r in (*self._rows, *self._joining)}
+            while True:
+                try:
+                    waiting = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is not None:
+                    tickets[id(waiting)] = waiting
+            for ticket in tickets.values():
+                ticket.sink(failed)
             raise
 
     def _admit(self) -> list[_Row]:
