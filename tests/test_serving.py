@@ -149,6 +149,17 @@ def test_a_mixed_batch_gives_each_request_its_own_tokens(setup):
         )
     assert together == alone
     assert server.scheduler.peak > 1  # they did share decoding steps
+    # The same answers as the local engine (generate_batch + Steerer, another copy of the model) gives alone.
+    from personavec.generation.local import generate_batch, prompt_ids
+    from personavec.steering.interventions import LayerIntervention, Steerer
+
+    copy = load_model(str(setup["loaded"].path), dtype="float32", device="cpu")
+    copy.model.to(torch.float64)
+    ids = prompt_ids(copy.tokenizer, *PROMPTS[1])
+    iv = LayerIntervention(layer=2, kind="add", vector=np.array(_direction(d, 1)), scale=3.0)
+    with Steerer(copy.model, [iv]) as steerer:
+        local = generate_batch(copy, [ids], max_new_tokens=12, steerer=steerer)[0].text
+    assert local == alone[1]
     # Every intervention changes its answer (so the equality above is not trivially about unsteered rows).
     plain = [_ask(server, *p, None, max_tokens=12).choices[0].message.content for p, _ in jobs[1:]]
     assert all(a != b for a, b in zip(alone[1:], plain, strict=True))

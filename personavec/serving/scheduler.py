@@ -556,6 +556,7 @@ class Scheduler:
         self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._cache = self._mask = None
+            self._state, self._state_key = None, None  # an idle server steers nothing
             return
         index = torch.tensor(keep, dtype=torch.long)
         self._mask = self._mask[index]
