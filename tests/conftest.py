@@ -112,6 +112,11 @@ class SyntheticExtraction:
 
 @pytest.fixture
 def make_extraction_run(tmp_path: Path):
+    """Factory over ``tmp_path``: see :func:`synthetic_extraction_factory`."""
+    return synthetic_extraction_factory(tmp_path)
+
+
+def synthetic_extraction_factory(tmp_path: Path):
     """Factory: ``make(workspace, personas=..., n_questions=3, layers=(2, 5), d_model=32, undone=0)`` ingests a
     seed-JSON responses file over built-in personas/questions and creates a real extract run (catalog rows +
     Zarr array of seeded random data); the last ``undone`` rows are written as NaN-free data but not marked done.

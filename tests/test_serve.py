@@ -1,4 +1,5 @@
-"""A real `transformers serve` on the embedded model (offline), and the generation stage against it."""
+"""A real `transformers serve` on the embedded model (offline), and the generation stage against it; the `personavec
+serve` command's foreground life (its default backend, the steering server of tests/test_serving.py)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 from typing import Annotated, Any
 
@@ -169,20 +171,72 @@ def serve(
     model: Annotated[
         str, typer.Option(help="smollm2-135m-instruct (embedded), a model directory, a .gguf file or a Hub id.")
     ] = "smollm2-135m-instruct",
+    ws: WorkspaceOpt = None,
+    record: Annotated[
+        bool, typer.Option("--record", help="Store every served answer (and its interventions) as a generate run.")
+    ] = False,
     port: Annotated[int | None, typer.Option(help="TCP port (default a free one).")] = None,
     host: Annotated[str, typer.Option(help="Listen address (no authentication: keep it on loopback).")] = "127.0.0.1",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda:0, ...")] = "auto",
-    ws: WorkspaceOpt = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16 (personavec backend).")] = "auto",
+    max_batch: Annotated[int, typer.Option(help="Answers decoded together (personavec backend).")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Default and largest max_tokens (personavec backend).")] = 1024,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="personavec (steering server, interventions per request) or transformers (`transformers "
+            "serve`, no interventions)."
+        ),
+    ] = "personavec",
     as_json: JsonOpt = False,
 ) -> None:
-    """Serve a local model as an OpenAI-compatible endpoint (`transformers serve`), offline, until Ctrl-C.
+    """Serve a local model as an OpenAI-compatible endpoint, offline, until Ctrl-C.
 
-    -w is accepted like on every command (a server needs no workspace: it is not read)."""
-    from personavec.errors import ConfigError
-    from personavec.serve import local_server, server_alive
-
+    The personavec backend takes interventions per request (`interventions` next to the OpenAI fields, see
+    docs/steering.md), batches requests continuously, and with --record stores every answer in the workspace.
+    """
     if port is not None and not 1 <= port <= 65535:
         raise ConfigError(f"--port must be a TCP port 1..65535 (or left out for a free one), got {port}")
+    if backend == "transformers":
+        if record:
+            raise ConfigError("--record needs the personavec backend")
+        _serve_transformers(model, port, host, device, as_json)
+        return
+    if backend != "personavec":
+        raise ConfigError(f"--backend must be personavec or transformers, got {backend!r}")
+    from personavec.serving.app import ServeConfig
+    from personavec.serving.app import serve as run_server
+
+    w = resolve_workspace(ws)
+    if ws is not None or record:
+        w.require()
+    config = ServeConfig(
+        model=model,
+        workspace=str(w.root) if w.exists() else None,
+        record=record,
+        host=host,
+        port=port or 0,
+        max_batch=max_batch,
+        max_tokens=max_tokens,
+        device=device,
+        dtype=dtype,
+    )
+
+    def ready(base_url: str, run_id: int | None) -> None:
+        if as_json:
+            emit_json({"base_url": base_url, "model": config.name, "pid": os.getpid(), "run_id": run_id})
+            sys.stdout.flush()
+            return
+        console.print(f"serving [bold]{escape(config.name)}[/] at [bold]{base_url}[/] (pid {os.getpid()})")
+        if run_id is not None:
+            console.print(f"  recording every answer in generate run [bold]{run_id}[/] of {w.root}")
+        console.print(f"  personavec generate --base-url {base_url} --model {escape(config.name)}\n  Ctrl-C stops it.")
+
+    run_server(config, on_ready=ready)
+
+
+def _serve_transformers(model: str, port: int | None, host: str, device: str, as_json: bool) -> None:
+    from personavec.serve import local_server, server_alive
 
     with local_server(model, port, host=host, device=device) as server:
         if as_json:

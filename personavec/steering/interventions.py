@@ -353,6 +353,36 @@ class _Prepared:
         return self._on[device]
 
 
+def apply_rows(
+    h: torch.Tensor,
+    unit: torch.Tensor,
+    add: torch.Tensor,
+    ablate: torch.Tensor,
+    tau: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The three interventions in one per-row batched form: ``h`` (``[B, S, d]``) after ``add``/``ablate``/``cap``.
+
+    Each argument broadcasts against the rows: ``unit`` and ``add`` are ``[B|1, d]`` (``u`` and ``s * v``), ``ablate``
+    and ``tau`` are ``[B|1]`` (1.0 where the row ablates ``u``, else 0.0; the cap threshold, ``inf`` where the row
+    does not cap). Per position::
+
+        p = h . u;   h <- h + add - (ablate * p + max(0, p - tau)) * u
+
+    which is ``add`` (``ablate = 0``, ``tau = inf``), ``ablate`` (``ablate = 1``, ``tau = inf``) and ``cap``
+    (``add = 0``, ``ablate = 0``). A row with ``unit = add = 0`` is returned unchanged. ``mask`` (``[B|1, S, 1]``
+    bool) limits the positions. The :class:`Steerer` and the server's batched hooks both apply this.
+    """
+    import torch
+
+    proj = torch.einsum("bsd,bd->bs", h, unit.expand(h.shape[0], -1))
+    removed = ablate.view(-1, 1) * proj + (proj - tau.view(-1, 1)).clamp_min(0.0)
+    delta = add.unsqueeze(1) - removed.unsqueeze(-1) * unit.unsqueeze(1)
+    if mask is not None:
+        delta = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    return h + delta
+
+
 def apply_intervention(
     h: torch.Tensor, prepared: _Prepared, mask: torch.Tensor | None = None
 ) -> torch.Tensor:  # float32 in, float32 out
@@ -361,16 +391,15 @@ def apply_intervention(
 
     iv = prepared.iv
     unit, add = prepared.on(h.device)
-    if iv.kind == "add":
-        delta = add.expand_as(h)
-    elif iv.kind == "ablate":
-        delta = add - (h @ unit).unsqueeze(-1) * unit
-    else:
-        excess = ((h @ unit) - float(iv.tau)).clamp_min(0.0)  # type: ignore[arg-type]
-        delta = -excess.unsqueeze(-1) * unit
-    if mask is not None:
-        delta = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
-    return h + delta
+    tau = math.inf if iv.kind != "cap" else float(iv.tau)  # type: ignore[arg-type]
+    return apply_rows(
+        h,
+        unit.unsqueeze(0),
+        add.unsqueeze(0) if iv.kind != "cap" else torch.zeros_like(add).unsqueeze(0),
+        torch.tensor([1.0 if iv.kind == "ablate" else 0.0], dtype=h.dtype, device=h.device),
+        torch.tensor([tau], dtype=h.dtype, device=h.device),
+        mask,
+    )
 
 
 class Steerer:

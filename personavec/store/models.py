@@ -305,3 +305,17 @@ class Judgement(Base):
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     model_reported: Mapped[str | None] = mapped_column(String)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
+class ServedAnswer(Base):
+    """What one answer of a recording ``personavec serve`` session was asked with: its interventions (as asked and
+    as applied per layer, JSON), the vectors runs they came from, the sampling parameters (migration 0005)."""
+
+    __tablename__ = "served_answers"
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), primary_key=True, autoincrement=False)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    endpoint: Mapped[str] = mapped_column(String, nullable=False)
+    interventions: Mapped[str] = mapped_column(String, nullable=False)
+    applied: Mapped[str] = mapped_column(String, nullable=False)
+    vector_run_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False)
+    params: Mapped[str] = mapped_column(String, nullable=False)

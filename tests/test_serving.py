@@ -1,0 +1,420 @@
+"""The steering server over real sockets: a tiny random llama in float64 (greedy tokens are exact), a real workspace
+with real vectors runs, the stock ``openai`` client and raw HTTP. Identity interventions, a mixed batch row for row
+against each request alone, streaming = non-streaming, bad input (400, one line, the server goes on), recording,
+a client that disconnects mid-stream."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openai
+import pytest
+import sqlalchemy as sa
+import torch
+from conftest import synthetic_extraction_factory
+from tiny_models import template_tokenizer, tiny_config
+
+from personavec.modeling import load_model
+from personavec.serving.app import ServeConfig, running_server
+from personavec.serving.requests import BadRequest, parse_request
+from personavec.vectors import VectorConfig, compute_vectors
+from personavec.workspace import init_workspace
+
+PROMPTS = [
+    ("You are a pirate who loves the sea.", "How are you?"),
+    ("", "What is the nature of truth, in your own words and at some length?"),
+    ("You are terse.", "Hi"),
+    ("You are a poet.", "Describe the moon."),
+    (None, "Count to ten."),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny 8-layer llama (float64), a workspace with a vectors run of that model and one of another model of
+    the same shape, and a recording server on an ephemeral port."""
+    from transformers import AutoModelForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared CPU: one thread is much faster than two fighting over busy cores
+    root = tmp_path_factory.mktemp("serving")
+    model_dir = root / "llama8"
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.num_hidden_layers = 8
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    template_tokenizer("chatml").save_pretrained(model_dir)
+    loaded = load_model(str(model_dir), dtype="float32", device="cpu")
+    loaded.model.to(torch.float64)
+    ws = init_workspace(root / "ws")
+    make = synthetic_extraction_factory(root)
+    ours = make(ws, layers=(2, 5), d_model=64, model=str(model_dir))
+    theirs = make(ws, layers=(2, 5), d_model=64, model="someone/else", seed=1)
+    vec = compute_vectors(ws, VectorConfig(extraction_run_id=ours.run_id)).run_id
+    other = compute_vectors(ws, VectorConfig(extraction_run_id=theirs.run_id)).run_id
+    cfg = ServeConfig(model=str(model_dir), workspace=str(ws.root), record=True, max_tokens=32, max_batch=16)
+    try:
+        with running_server(cfg, loaded=loaded) as server:
+            yield {
+                "server": server,
+                "ws": ws,
+                "vec": vec,
+                "other": other,
+                "loaded": loaded,
+                "ref": ours.response_run_id,
+            }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _messages(system: str | None, question: str) -> list[dict]:
+    return ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": question}]
+
+
+def _ask(server, system, question, interventions=None, **kw):
+    body = {"interventions": interventions} if interventions is not None else {}
+    return _client(server).chat.completions.create(
+        model=server.model,
+        messages=_messages(system, question),
+        max_tokens=kw.pop("max_tokens", 10),
+        temperature=kw.pop("temperature", 0),
+        extra_body=body,
+        **kw,
+    )
+
+
+def _post(server, path: str, body: bytes | dict) -> tuple[int, dict]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", f"/v1{path}", body=raw, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    conn.close()
+    return resp.status, data
+
+
+def _direction(d: int, seed: int = 0) -> list[float]:
+    return (np.random.default_rng(seed).normal(size=d) * 2.0).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ correctness
+
+
+@pytest.mark.slow
+def test_identity_interventions_give_the_unsteered_tokens(setup):
+    server, vec = setup["server"], setup["vec"]
+    system, question = PROMPTS[1]
+    plain = _ask(server, system, question).choices[0].message.content
+    assert plain
+    for iv in (
+        [{"vector": f"{vec}:storyteller-default", "layers": [2], "coef": 0.0}],
+        [{"vector": [0.0] * 64, "layers": [2], "kind": "ablate"}],
+        [{"vector": f"{vec}:axis", "layers": [2, 5], "kind": "cap", "tau": "inf"}],
+    ):
+        assert _ask(server, system, question, iv).choices[0].message.content == plain, iv
+
+
+@pytest.mark.slow
+def test_a_mixed_batch_gives_each_request_its_own_tokens(setup):
+    server, vec = setup["server"], setup["vec"]
+    d = 64
+    settings = [
+        None,
+        [{"vector": _direction(d, 1), "layers": [2], "coef": 3.0}],
+        [{"vector": f"{vec}:storyteller-default", "layers": [5], "coef": 40.0, "positions": "generated"}],
+        [{"vector": _direction(d, 2), "layers": [1], "kind": "ablate", "coef": -2.0}],
+        [{"vector": _direction(d, 3), "layers": [3], "kind": "cap", "tau": -0.5},
+         {"vector": _direction(d, 4), "layers": [6], "coef": 1.5}],
+    ]  # fmt: skip
+    jobs = [(PROMPTS[i], s) for i, s in enumerate(settings)]
+    alone = [_ask(server, *p, s, max_tokens=12).choices[0].message.content for p, s in jobs]
+    server.scheduler.peak = 0
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(
+            pool.map(lambda job: _ask(server, *job[0], job[1], max_tokens=12).choices[0].message.content, jobs)
+        )
+    assert together == alone
+    assert server.scheduler.peak > 1  # they did share decoding steps
+    # The same answers as the local engine (generate_batch + Steerer, another copy of the model) gives alone.
+    from personavec.generation.local import generate_batch, prompt_ids
+    from personavec.steering.interventions import LayerIntervention, Steerer
+
+    copy = load_model(str(setup["loaded"].path), dtype="float32", device="cpu")
+    copy.model.to(torch.float64)
+    ids = prompt_ids(copy.tokenizer, *PROMPTS[1])
+    iv = LayerIntervention(layer=2, kind="add", vector=np.array(_direction(d, 1)), scale=3.0)
+    with Steerer(copy.model, [iv]) as steerer:
+        local = generate_batch(copy, [ids], max_new_tokens=12, steerer=steerer)[0].text
+    assert local == alone[1]
+    # Every intervention changes its answer (so the equality above is not trivially about unsteered rows).
+    plain = [_ask(server, *p, None, max_tokens=12).choices[0].message.content for p, _ in jobs[1:]]
+    assert all(a != b for a, b in zip(alone[1:], plain, strict=True))
+
+
+@pytest.mark.slow
+def test_streamed_and_non_streamed_answers_are_equal_with_usage_and_logprobs(setup):
+    server = setup["server"]
+    client = _client(server)
+    iv = {"interventions": [{"vector": _direction(64, 5), "layers": [2], "coef": 2.0}]}
+    msgs = _messages(*PROMPTS[0])
+    full = client.chat.completions.create(
+        model=server.model, messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, extra_body=iv
+    )
+    stream = client.chat.completions.create(
+        model=server.model, messages=msgs, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body=iv,
+    )  # fmt: skip
+    parts, usage, reason = [], None, None
+    for ch in stream:
+        if ch.usage is not None:
+            usage = ch.usage
+        for c in ch.choices:
+            parts.append(c.delta.content or "")
+            reason = c.finish_reason or reason
+    assert "".join(parts) == full.choices[0].message.content
+    assert reason == full.choices[0].finish_reason
+    assert usage.completion_tokens == full.usage.completion_tokens and usage.prompt_tokens == full.usage.prompt_tokens
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens and len(content[0].top_logprobs) == 3
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy: the top token
+    # The legacy completions endpoint, n = 2 with a seed: samples are reproducible.
+    out = client.completions.create(model=server.model, prompt="Once upon a time", max_tokens=6, n=2, seed=3,
+                                    temperature=1.0, logprobs=2)  # fmt: skip
+    again = client.completions.create(model=server.model, prompt="Once upon a time", max_tokens=6, n=2, seed=3,
+                                      temperature=1.0, logprobs=2)  # fmt: skip
+    assert [c.text for c in out.choices] == [c.text for c in again.choices]
+    assert len(out.choices) == 2 and out.choices[0].logprobs.tokens
+    # stop strings: the answer ends before the first occurrence, streamed or not, finish_reason "stop".
+    plain = _ask(server, *PROMPTS[1], max_tokens=16).choices[0].message.content
+    stop = plain[4:7]
+    cut = plain[: plain.index(stop)]
+    done = _ask(server, *PROMPTS[1], max_tokens=16, stop=[stop]).choices[0]
+    assert (done.message.content, done.finish_reason) == (cut, "stop")
+    chunks = client.chat.completions.create(
+        model=server.model, messages=_messages(*PROMPTS[1]), max_tokens=16, temperature=0, stop=[stop], stream=True
+    )
+    assert "".join(c.delta.content or "" for ch in chunks for c in ch.choices) == cut
+    models = client.models.list()
+    assert [m.id for m in models.data] == [server.model]
+
+
+@pytest.mark.slow
+def test_cap_thresholds_from_a_reference_run_are_computed_once_and_applied(setup):
+    server, vec, ref = setup["server"], setup["vec"], setup["ref"]
+    iv = [{"vector": f"{vec}:axis", "layers": [2, 5], "kind": "cap", "percentile": 10, "reference_run": ref}]
+    first = _ask(server, *PROMPTS[0], iv).choices[0].message.content
+    again = _ask(server, *PROMPTS[0], iv).choices[0].message.content  # the cached plan
+    assert first == again and first
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.slow
+def test_bad_requests_are_400_with_one_line_naming_the_field_and_the_server_goes_on(setup):
+    server, vec, other = setup["server"], setup["vec"], setup["other"]
+    base = {"model": server.model, "messages": _messages(*PROMPTS[2]), "max_tokens": 4}
+    cases = [
+        ({"interventions": [{"vector": f"{vec}:nobody", "layers": [2], "coef": 1}]}, "nobody"),
+        ({"interventions": [{"vector": f"{other}:storyteller", "layers": [2], "coef": 1}]}, "someone/else"),
+        ({"interventions": [{"vector": [1.0] * 63, "layers": [2], "coef": 1}]}, "d_model"),
+        ({"interventions": [{"vector": f"{vec}:axis", "layers": [8], "coef": 1}]}, "out of range"),
+        ({"interventions": [{"vector": f"{vec}:axis", "layers": [2], "coef": math.nan}]}, "finite"),
+        ({"interventions": [{"vector": f"{vec}:axis", "layers": [2], "coef": math.inf}]}, "finite"),
+        ({"interventions": [{"vector": "axis", "layers": [2]}]}, "RUN:NAME"),
+        ({"max_tokens": 100000}, "max_tokens"),
+        ({"messages": _messages(None, "word " * 3000)}, "context"),
+        ({"model": "gpt-9"}, "not served"),
+        ({"temperature": -1}, "temperature"),
+    ]
+    for extra, needle in cases:
+        status, data = _post(server, "/chat/completions", {**base, **extra})
+        msg = data["error"]["message"]
+        assert status == 400 and needle in msg and "\n" not in msg, (extra, status, data)
+    status, data = _post(server, "/chat/completions", b'{"model": "x", "messages": [')
+    assert status == 400 and "not valid JSON" in data["error"]["message"]
+    status, data = _post(server, "/chat/completions", {**base, "interventions": [{"vector": [1.0] * 64, "coef": 1}]})
+    assert data["error"]["param"] == "interventions[0].layers"
+    assert _ask(server, *PROMPTS[2], max_tokens=3).choices[0].message.content is not None  # still serving
+
+
+def test_request_parsing_names_the_field():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    req = parse_request({**body, "interventions": [{"vector": "7:a-b", "layers": [3], "coef": 2}]}, "chat")
+    assert req.interventions[0].coef == 2.0 and req.interventions[0].layers == (3,)
+    for extra, param in [
+        ({"interventions": [{"vector": "7:a", "kind": "push"}]}, "interventions[0].kind"),
+        ({"interventions": [{"vector": "7:a"}, {"vector": "7:a", "kind": "cap"}]}, "interventions[1].tau"),
+        ({"interventions": [{"vector": "7:a", "tau": 1.0}]}, "interventions[0].tau"),
+        ({"interventions": [{"vector": "7:a", "kind": "cap", "tau": 1, "coef": 2}]}, "interventions[0].coef"),
+        ({"interventions": [{"vector": "7:a", "wat": 1}]}, "interventions[0].wat"),
+        ({"n": 0}, "n"),
+        ({"top_p": 2}, "top_p"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"stop": 3}, "stop"),
+        ({"messages": []}, "messages"),
+    ]:
+        with pytest.raises(BadRequest) as info:
+            parse_request({**body, **extra}, "chat")
+        assert info.value.param == param, extra
+
+
+# ------------------------------------------------------------------------------------------------ recording, cancel
+
+
+@pytest.mark.slow
+def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_nothing(setup):
+    server, ws, vec = setup["server"], setup["ws"], setup["vec"]
+    catalog = ws.catalog()
+
+    def count() -> int:
+        with server.catalog_lock, catalog.session() as s:
+            return s.execute(sa.text(f"SELECT count(*) FROM responses WHERE run_id = {server.run_id}")).scalar()
+
+    # A client that reads two events of a long stream and hangs up: its rows leave the batch, nothing lands.
+    deadline = time.monotonic() + 30
+    while server.scheduler.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.recorder.flush()  # what earlier tests asked has landed
+    before = count()
+    body = {"model": server.model, "messages": _messages(*PROMPTS[1]), "max_tokens": 30, "stream": True,
+            "interventions": [{"vector": f"{vec}:axis", "layers": [2], "coef": 1.0}]}  # fmt: skip
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    raw = json.dumps(body).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+    got = b""
+    while got.count(b"data:") < 2:
+        got += sock.recv(4096)
+    sock.close()
+    deadline = time.monotonic() + 30
+    while server.scheduler.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.scheduler.active == 0  # the slot was freed before 30 tokens were generated
+    server.recorder.flush()
+    assert count() == before
+
+    # A steered answer and a plain one land, readable while the server serves.
+    iv = [{"vector": f"{vec}:storyteller-default", "layers": [2, 5], "coef": 3.0, "normalize": True}]
+    steered = _ask(server, "You are a recorded persona.", "Is this recorded?", iv, max_tokens=5)
+    _ask(server, "You are a recorded persona.", "Is this recorded?", max_tokens=5)
+    server.recorder.flush()
+    with server.catalog_lock, catalog.session() as s:
+        rows = s.execute(
+            sa.text(
+                "SELECT r.text, r.sample_index, p.system_prompt, q.text, a.interventions, a.applied, a.vector_run_ids "
+                "FROM responses r JOIN served_answers a ON a.response_id = r.id JOIN personas p ON p.id = r.persona_id "
+                f"JOIN questions q ON q.id = r.question_id WHERE r.run_id = {server.run_id} "
+                "AND q.text = 'Is this recorded?' ORDER BY r.sample_index"
+            )
+        ).all()
+    assert len(rows) == 2
+    first, second = rows
+    assert first[0] == steered.choices[0].message.content and first[2] == "You are a recorded persona."
+    assert [r[1] for r in rows] == [0, 1]
+    asked = json.loads(first[4])
+    assert asked[0]["vector"] == f"{vec}:storyteller-default" and asked[0]["coef"] == 3.0
+    applied = json.loads(first[5])[0]
+    assert [x["layer"] for x in applied["layers"]] == [2, 5] and applied["vector_run_id"] == vec
+    assert list(first[6]) == [vec]
+    assert json.loads(second[4]) == [] and list(second[6]) == []
+    # Another process reads the catalog while the server serves (it holds the file only while it writes).
+    query = f"SELECT count(*) FROM served_answers WHERE run_id = {server.run_id}"
+    code = (
+        "import duckdb, sys, time\n"
+        "for _ in range(200):\n"
+        "    try:\n"
+        f"        con = duckdb.connect({str(ws.catalog_path)!r}, read_only=True)\n"
+        f"        print(con.execute({query!r}).fetchone()[0]); break\n"
+        "    except duckdb.IOException: time.sleep(0.05)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert int(out.stdout) == count(), out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ embedded model
+
+
+@pytest.mark.slow
+def test_generate_and_judge_base_url_against_personavec_serve_on_the_embedded_model(workspace, cli):
+    """`personavec serve --record` (its own process, SmolLM2-135M) answering `personavec generate --base-url` and
+    `personavec judge --base-url` (with logprobs): the generate run's answers are also the served session's."""
+    from personavec.cli import app
+
+    cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "serve", "-w", str(workspace.root),
+           "--record", "--device", "cpu", "--dtype", "float32", "--max-tokens", "64", "--json"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared CPU: one thread is much faster than two busy ones
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        info = json.loads(proc.stdout.readline() or proc.stderr.read())
+        common = ["--base-url", info["base_url"], "--model", info["model"], "-w", str(workspace.root), "--json"]
+        res = cli.invoke(
+            app,
+            ["generate", "--persona", "default", "--question", "0", "--question", "1", "--max-tokens", "8",
+             "--temperature", "0", *common],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        gen = json.loads(res.output.strip().splitlines()[-1])
+        assert gen["answers"] == 2 and gen["failures"] == 0
+        res = cli.invoke(app, ["judge", str(gen["run_id"]), "--rubric", "coherence", *common])
+        assert res.exit_code == 0, res.output
+        judged = json.loads(res.output.strip().splitlines()[-1])
+        assert judged["logprobs"] is True  # the server answered the judge's logprobs request
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with workspace.catalog().session() as s:
+
+        def texts(run: int) -> list[str]:
+            return [r[0] for r in s.execute(sa.text(f"SELECT text FROM responses WHERE run_id = {run}"))]
+
+        status = s.execute(sa.text(f"SELECT status FROM runs WHERE id = {info['run_id']}")).scalar()
+        generated, served = texts(gen["run_id"]), texts(info["run_id"])
+        methods = {r[0] for r in s.execute(sa.text("SELECT method FROM judgements"))}
+    assert status == "done" and set(generated) <= set(served)
+    assert len(served) == 2 + 2  # the two answers and the judge's two answers, all recorded
+    assert "logprobs" in methods
+
+
+def test_cli_serve_refuses_recording_without_a_workspace_or_with_transformers_serve(cli, tmp_path):
+    from personavec.cli import app
+
+    res = cli.invoke(app, ["serve", "--record", "-w", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = cli.invoke(app, ["serve", "--record", "--backend", "transformers"])
+    assert res.exit_code == 2 and "--record needs the personavec backend" in res.output
+    res = cli.invoke(app, ["serve", "--backend", "vllm"])
+    assert res.exit_code == 2 and "--backend" in res.output
+
+
+@pytest.mark.slow
+def test_a_model_with_a_sliding_window_cache_is_refused_at_start(tmp_path):
+    from tiny_models import tiny_model_dir
+
+    from personavec.errors import ModelError
+    from personavec.serving.scheduler import Scheduler
+
+    loaded = load_model(str(tiny_model_dir(tmp_path, "gemma2", "gemma")), dtype="float32", device="cpu")
+    with pytest.raises(ModelError, match="sliding-window"):
+        Scheduler(loaded).start()
+    assert not any(block._forward_hooks for block in loaded.layers)
