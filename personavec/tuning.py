@@ -1,4 +1,6 @@
-"""Tuning knobs of the extraction pipeline, in one frozen dataclass passed in (never module constants to patch).
+"""Tuning knobs of personavec's pipelines (extraction above all; also the budget of every forward run under
+:mod:`personavec.hooks`, group commits and block reads), in one frozen dataclass passed in (never module constants
+to patch).
 
 ``run_extraction(ws, config, tuning=Tuning(rest_windows=(2, 3)))``: every field has the value measured best (see
 docs/PERFORMANCE.md); tests inject small values instead of monkeypatching modules. Unlike
@@ -17,7 +19,7 @@ from personavec.errors import ConfigError
 
 @dataclass(frozen=True)
 class Tuning:
-    """How the extraction pipeline cuts and schedules its work.
+    """How the pipelines cut and schedule their work.
 
     Attributes:
         cpu_batch_tokens: default token budget of a batch on CPU (small batches stay in cache: 1,024 beat 2,048 to
@@ -43,6 +45,8 @@ class Tuning:
             fill with weights.
         shard_bytes: target size of a write unit (shard) of whole rows x every layer.
         chunk_bytes: target size of one inner chunk (rows x one layer) inside a shard.
+        commit_interval_s: stages landing endpoint answers (generate, judge) group-commit at most this often.
+        read_block_bytes: the vector stage reads activations from Zarr in blocks of about this many bytes.
     """
 
     cpu_batch_tokens: int = 1024
@@ -59,16 +63,18 @@ class Tuning:
     weight_memory_fraction: float = 0.9
     shard_bytes: int = 64 << 20
     chunk_bytes: int = 1 << 20
+    commit_interval_s: float = 0.1
+    read_block_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rest_windows", tuple(int(w) for w in self.rest_windows))
         positive = ("cpu_batch_tokens", "gpu_batch_tokens", "compile_pad", "in_flight_bytes", "min_units",
-                    "units_per_rank", "shard_bytes", "chunk_bytes")  # fmt: skip
+                    "units_per_rank", "shard_bytes", "chunk_bytes", "read_block_bytes")  # fmt: skip
         bad = [name for name in positive if getattr(self, name) < 1]
         if bad or not self.rest_windows or min(self.rest_windows) < 1:
             raise ConfigError(f"tuning values must be >= 1: {', '.join(bad) or 'rest_windows'}")
-        if self.plan_inline_max < 0 or self.mark_interval_s < 0 or self.parallel_from < 0:
-            raise ConfigError("plan_inline_max, parallel_from and mark_interval_s must be >= 0")
+        if min(self.plan_inline_max, self.mark_interval_s, self.parallel_from, self.commit_interval_s) < 0:
+            raise ConfigError("plan_inline_max, parallel_from, mark_interval_s and commit_interval_s must be >= 0")
         if not 0 <= self.pool_fraction < 1 or not 0 < self.weight_memory_fraction <= 1:
             raise ConfigError("pool_fraction must be in [0, 1) and weight_memory_fraction in (0, 1]")
 

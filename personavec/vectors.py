@@ -33,6 +33,7 @@ from personavec.config import default_layer
 from personavec.errors import ConfigError, InputFileError, StorageError
 from personavec.store.extraction import extraction_examples, get_extraction_run
 from personavec.store.vectors import create_vector_run, persona_groups_for_responses, read_vectors
+from personavec.tuning import DEFAULT
 from personavec.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 GROUP_BY = ("persona", "question", "persona_group", "sample", "all")
 #: Export formats, by file suffix.
 EXPORT_FORMATS = {".pt": "pt", ".safetensors": "safetensors", ".npz": "npz"}
-# Rows read from Zarr per step: bounds memory (rows x d_model float32) for runs with many examples.
-_BLOCK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -209,7 +208,7 @@ def group_means(
     d_model = int(array.shape[2])
     if block_rows is None:
         chunk = int(array.chunks[0])
-        block_rows = max(chunk, (_BLOCK_BYTES // (4 * d_model)) // chunk * chunk)
+        block_rows = max(chunk, (DEFAULT.read_block_bytes // (4 * d_model)) // chunk * chunk)
     sums = np.zeros((membership.shape[0], d_model), dtype=np.float64)
     for start in range(0, len(rows), block_rows):
         block = arrays.read_rows(array, rows[start : start + block_rows], layer_index).astype(np.float64)

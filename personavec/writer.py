@@ -22,10 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from personavec.tuning import DEFAULT
+
 T = TypeVar("T")
 
 #: Shortest time from one commit to the next under load (a lone row is committed at once).
-COMMIT_INTERVAL_S = 0.1
 
 
 class Committer:
@@ -107,7 +108,7 @@ class GroupCommitWriter(Generic[T]):
         write: Callable[[list[T]], None],
         committed: Callable[[list[T]], None] | None = None,
         *,
-        interval_s: float = COMMIT_INTERVAL_S,
+        interval_s: float = DEFAULT.commit_interval_s,
     ) -> None:
         self._write_rows, self._committed, self.interval_s = write, committed, interval_s
         self.commits = 0

@@ -4,8 +4,8 @@ One request path (:mod:`personavec.generation.endpoint`) serves both the catalog
 and the seed's :func:`generate_responses`; ``engine="local"`` runs :mod:`personavec.generation.local` instead.
 
 Speed (``scripts/bench_generate.py``): the event loop only asks and parses; answers are committed by one writer on
-a worker thread (:class:`_Sink`), in batches at most every :data:`personavec.writer.COMMIT_INTERVAL_S`, so the loop
-never waits for DuckDB and one commit's fixed cost is shared by every answer that arrived meanwhile.
+a worker thread (:class:`_Sink`), in batches at most every ``Tuning.commit_interval_s`` (:mod:`personavec.tuning`),
+so the loop never waits for DuckDB and one commit's fixed cost is shared by every answer that arrived meanwhile.
 
 What is sent: ``[{"role": "system", "content": <system prompt>}, {"role": "user", "content": <question>}]``. The
 system message is always sent, with empty content for an empty system prompt, exactly as extraction renders the

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from personavec.errors import ConfigError, ModelError
+from personavec.hooks import patch
 from personavec.serving.requests import BadRequest, InterventionSpec, ServeRequest
 
 if TYPE_CHECKING:
@@ -360,7 +361,7 @@ class Scheduler:
         self._finished: dict[int, list[Finished | None]] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._handles: list[Any] = []
+        self._hooks: Any = None  # hooks.patch over every steerable block, while started
         self._token_text: dict[int, str] = {}
         self.error: BaseException | None = None
         params = inspect.signature(loaded.model.forward).parameters
@@ -378,8 +379,8 @@ class Scheduler:
         from transformers import DynamicCache
 
         self._check_cache(DynamicCache(config=self.loaded.model.config))  # refuse at start what we cannot batch
-        for layer in range(1, self.loaded.n_layers):
-            self._handles.append(self.loaded.layers[layer - 1].register_forward_hook(self._hook(layer)))
+        self._hooks = patch(self.loaded.layers, {layer: self._edit(layer) for layer in range(1, self.loaded.n_layers)})
+        self._hooks.__enter__()
         self._thread = threading.Thread(target=self._run, name="personavec-serve-model", daemon=True)
         self._thread.start()
 
@@ -388,9 +389,9 @@ class Scheduler:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        hooks, self._hooks = self._hooks, None
+        if hooks is not None:
+            hooks.__exit__(None, None, None)
 
     def submit(self, request: ServeRequest, sink: Callable[[Event], object]) -> Ticket:
         """Queue a request; its events (first :class:`Admitted` or :class:`Refused`) go to ``sink`` from the model
@@ -407,22 +408,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------ hooks
 
-    def _hook(self, layer: int) -> Any:
+    def _edit(self, layer: int) -> Any:
         from personavec.steering.interventions import apply_rows
 
-        def hook(module: Any, args: Any, output: Any) -> Any:
+        def edit(h: Any) -> Any:
             state = self._state
             slots = state.by_layer.get(layer) if state is not None else None
             if not slots:
-                return None
-            h = output[0] if isinstance(output, tuple) else output
+                return h
             x = h if h.dtype == slots[0][0].dtype else h.to(slots[0][0].dtype)
             for unit, add, ablate, tau in slots:
                 x = apply_rows(x, unit, add, ablate, tau)
-            x = x.to(h.dtype)
-            return (x, *output[1:]) if isinstance(output, tuple) else x
+            return x.to(h.dtype)
 
-        return hook
+        return edit
 
     def _set_state(self, rows: Sequence[_Row], *, decoding: bool) -> None:
         key = (decoding, tuple(r.serial for r in rows))

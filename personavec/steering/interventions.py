@@ -430,7 +430,7 @@ class Steerer:
         self.prompt_len: int | None = None
         self._auto = True
         self._next: dict[int, int] = {}
-        self._handles: list[Any] = []
+        self._hooks: Any = None
 
     def begin(self, prompt_len: int | None = None) -> None:
         """Start a new generate call: positions restart at 0; ``prompt_len`` is the (padded) prompt width, or None
@@ -439,13 +439,12 @@ class Steerer:
         self._auto = prompt_len is None
         self._next.clear()
 
-    def _hook(self, layer: int) -> Any:
+    def _edit(self, layer: int) -> Any:
         import torch
 
         prepared = self.by_layer[layer]
 
-        def hook(module: Any, args: Any, output: Any) -> Any:
-            h = output[0] if isinstance(output, tuple) else output
+        def edit(h: Any) -> Any:
             seq = h.shape[1]
             # A pass of several tokens starts at position 0 (a prompt pass, or a full pass without a cache); a
             # one-token pass continues where the last one ended (a cached decoding step).
@@ -461,18 +460,15 @@ class Steerer:
             x = h.float()
             for p in prepared:
                 x = apply_intervention(x, p, mask if p.iv.positions == "generated" else None)
-            x = x.to(h.dtype)
-            return (x, *output[1:]) if isinstance(output, tuple) else x
+            return x.to(h.dtype)
 
-        return hook
+        return edit
 
     def __enter__(self) -> Steerer:
-        try:
-            for layer in sorted(self.by_layer):
-                self._handles.append(self.blocks[layer - 1].register_forward_hook(self._hook(layer)))
-        except BaseException:
-            self.remove()
-            raise
+        from personavec.hooks import patch
+
+        self._hooks = patch(self.blocks, {layer: self._edit(layer) for layer in self.by_layer})
+        self._hooks.__enter__()
         self.begin(None)
         return self
 
@@ -480,9 +476,10 @@ class Steerer:
         self.remove()
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove the hooks (also done on leaving the ``with`` block)."""
+        hooks, self._hooks = self._hooks, None
+        if hooks is not None:
+            hooks.__exit__(None, None, None)
 
 
 def steer(model: Any, interventions: Sequence[LayerIntervention]) -> Steerer:

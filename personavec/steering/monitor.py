@@ -25,61 +25,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from personavec.errors import ConfigError, InputFileError, NotFoundError
+from personavec.tuning import DEFAULT
 
 if TYPE_CHECKING:
-    import torch
-
     from personavec.modeling import LoadedModel
     from personavec.workspace import Workspace
 
-#: Tokens per forward batch on CPU / GPU (padding counted).
-CPU_BATCH_TOKENS = 2048
-GPU_BATCH_TOKENS = 32768
-
-
-class _Stop(Exception):
-    """Raised from a hook once the deepest layer needed is captured: the rest of the forward is skipped."""
-
 
 def hidden_at(loaded: LoadedModel, input_ids: Any, attention_mask: Any, layers: Sequence[int]) -> dict[int, Any]:
-    """``{layer: hidden_states[layer]}`` (float32, ``[B, S, d_model]``) for one batch, without running later blocks.
-
-    Layers ``1 .. n-1`` are read from block outputs (forward hooks); ``0`` and ``n`` through ``output_hidden_states``.
-    """
+    """``{layer: hidden_states[layer]}`` (float32, ``[B, S, d_model]``) for one batch, without running later blocks
+    (:func:`personavec.hooks.record` with ``stop``; layer ``n`` is the final norm's output)."""
     import torch
+
+    from personavec.hooks import record
 
     n = loaded.n_layers
     bad = [layer for layer in layers if not 0 <= layer <= n]
     if bad:
         raise ConfigError(f"layer(s) {bad} out of range: {loaded.name} has hidden_states 0..{n}")
-    out: dict[int, torch.Tensor] = {}
-    with torch.inference_mode():
-        if any(layer in (0, n) for layer in layers):
-            result = loaded.model(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-            )
-            return {layer: result.hidden_states[layer].float() for layer in layers}
-        deepest = max(layers)
-        handles = []
-
-        def make(layer: int) -> Any:
-            def hook(module: Any, args: Any, output: Any) -> None:
-                out[layer] = (output[0] if isinstance(output, tuple) else output).float()
-                if layer == deepest:
-                    raise _Stop
-
-            return hook
-
-        try:
-            for layer in set(layers):
-                handles.append(loaded.layers[layer - 1].register_forward_hook(make(layer)))
-            loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-    return out
+    norm = loaded.final_norm() if n in layers else None
+    with torch.inference_mode(), record(loaded.layers, layers, reduce=lambda _, h: h.float(), stop=True,
+                                        final_norm=norm) as out:  # fmt: skip
+        loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return dict(out)
 
 
 def _unit(vector: Any) -> np.ndarray:
@@ -105,7 +73,7 @@ def token_projections(
     layers = list(directions)
     units = torch.tensor(np.stack([_unit(directions[layer]) for layer in layers]), dtype=torch.float32)
     device = loaded.input_device
-    budget = max_batch_tokens or (CPU_BATCH_TOKENS if str(device).startswith("cpu") else GPU_BATCH_TOKENS)
+    budget = max_batch_tokens or DEFAULT.batch_tokens(device)
     pad_id = loaded.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = loaded.tokenizer.eos_token_id or 0
