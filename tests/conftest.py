@@ -45,6 +45,12 @@ def _hold(path: Path, seconds: float = 60) -> Iterator[subprocess.Popen]:
         holder.wait()
 
 
+@pytest.fixture(autouse=True)
+def _no_terminal_width(monkeypatch):
+    """pytest-xdist's workers run with $COLUMNS=80: CLI output (tables off a terminal) must not depend on it."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 @pytest.fixture
 def hold_catalog():
     """``with hold_catalog(path, seconds=60):`` another process holds DuckDB's write lock on the catalog file."""

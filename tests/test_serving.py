@@ -58,7 +58,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     loaded.model.to(torch.float64)
     ws = init_workspace(root / "ws")
     make = synthetic_extraction_factory(root)
-    ours = make(ws, layers=(2, 5), d_model=64, model=str(model_dir))
+    ours = make(ws, layers=(2, 5), d_model=64, model=str(model_dir), architecture=loaded.architecture)
     theirs = make(ws, layers=(2, 5), d_model=64, model="someone/else", seed=1)
     vec = compute_vectors(ws, VectorConfig(extraction_run_id=ours.run_id)).run_id
     other = compute_vectors(ws, VectorConfig(extraction_run_id=theirs.run_id)).run_id
@@ -302,7 +302,9 @@ def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_
     )
     got = b""
     while got.count(b"data:") < 2:
-        got += sock.recv(4096)
+        chunk = sock.recv(4096)
+        assert chunk, f"the server closed the stream early: {got[-500:]!r}"
+        got += chunk
     sock.close()
     deadline = time.monotonic() + 30
     while server.scheduler.active and time.monotonic() < deadline:

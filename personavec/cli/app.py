@@ -92,11 +92,16 @@ class _Console(Console):
     """A Rich console that wraps at the terminal's width on a terminal (or at $COLUMNS), and at :data:`PIPE_WIDTH`
     elsewhere: ``personavec runs | grep`` and logs keep one line per row."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._width = kwargs.get("width")  # $COLUMNS is read when a size is asked, not once at import
+
     @property
     def size(self) -> ConsoleDimensions:
         size = super().size
-        if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS"):
-            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        if self._width is None and not self.is_terminal:
+            columns = os.environ.get("COLUMNS", "")
+            return ConsoleDimensions(int(columns) if columns.isdigit() else PIPE_WIDTH, size.height)
         return size
 
     @size.setter
