@@ -124,7 +124,7 @@ def new_run(
         error = f"{info.zarr_group}: array made with shards of {arrays.rows_per_chunk(array)} rows, planned {per}"
         xs.finish_extraction(catalog, info.run_id, "failed", f"StorageError: {error}", None)
         raise StorageError(error)
-    conversations = [(r.system_prompt, r.question, r.text) for r in records]
+    conversations: list[tuple[str | None, str, str]] = [(r.system_prompt, r.question, r.text) for r in records]
     return Opened(info, array), Pending(list(range(n)), [r.id for r in records], conversations, [False] * n)
 
 
