@@ -463,21 +463,26 @@ def _start(config: ServeConfig, loaded: LoadedModel | None) -> tuple[Scheduler, 
     return scheduler, recorder, ws
 
 
-@contextmanager
-def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) -> Iterator[RunningServer]:
-    """Run the server on a thread while the block runs (``loaded``: a model already loaded, e.g. by a test)."""
+def _listening(config: ServeConfig, scheduler: Any) -> tuple[Any, int, Any]:
+    """The bound, listening socket, its port, and the uvicorn server to run on it over ``scheduler``."""
     import socket
 
     import uvicorn
 
-    scheduler, recorder, ws = _start(config, loaded)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
     sock.listen(2048)  # connections wait in the backlog from now on, before uvicorn accepts them
-    port = sock.getsockname()[1]
     app = build_app(scheduler, config.name, base_name=config.model)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
+    return sock, sock.getsockname()[1], server
+
+
+@contextmanager
+def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) -> Iterator[RunningServer]:
+    """Run the server on a thread while the block runs (``loaded``: a model already loaded, e.g. by a test)."""
+    scheduler, recorder, ws = _start(config, loaded)
+    sock, port, server = _listening(config, scheduler)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="personavec-serve-http", daemon=True)
     thread.start()
     try:
@@ -511,18 +516,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (uvicorn's handlers); ``on_ready(base_url, run_id)`` is called
     once the socket listens."""
-    import socket
-
-    import uvicorn
-
     scheduler, recorder, ws = _start(config, None)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
-    sock.listen(2048)  # connections wait in the backlog from now on, before uvicorn accepts them
-    port = sock.getsockname()[1]
-    app = build_app(scheduler, config.name, base_name=config.model)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
+    sock, port, server = _listening(config, scheduler)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
     status = "done"
     try:
