@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from personavec.config import check_selection, config_dict, config_from_dict
+from personavec.config import check_selection, config_dict, resumed_config
 from personavec.errors import ConfigError, RunInterrupted
 
 if TYPE_CHECKING:
@@ -171,19 +171,6 @@ def _stored_interventions(record: Any, positions: str) -> list[LayerIntervention
     ]
 
 
-def _identity_check(stored: GenerateConfig, config: GenerateConfig, run_id: int) -> None:
-    from personavec.generation.config import IDENTITY_FIELDS
-
-    fields = (*IDENTITY_FIELDS, "engine", "steering")
-    changed = [f for f in dict.fromkeys(fields) if getattr(config, f) != getattr(stored, f)]
-    if changed:
-        detail = ", ".join(f"{f}: run has {getattr(stored, f)!r}, got {getattr(config, f)!r}" for f in changed)
-        raise ConfigError(
-            f"run {run_id} was started with other settings ({detail}); resume it with the same settings "
-            f"or start a new run without --resume"
-        )
-
-
 def run_local_generation(
     ws: Workspace,
     config: GenerateConfig | None,
@@ -206,7 +193,7 @@ def run_local_generation(
 
     Example: ``run_local_generation(ws, GenerateConfig(engine="local", model="smollm2-135m-instruct"))``.
     """
-    from personavec.generation.config import GenerateConfig, GenerationProgress, GenerationResult
+    from personavec.generation.config import IDENTITY_FIELDS, GenerateConfig, GenerationProgress, GenerationResult
     from personavec.steering.interventions import Steerer, plan_steering
     from personavec.store.generation import (
         AnswerRow,
@@ -230,11 +217,8 @@ def run_local_generation(
     start = time.perf_counter()
     catalog = ws.catalog()
     if resume is not None:
-        stored = config_from_dict(GenerateConfig, get_generation_run(catalog, resume).run.config)
-        if config is None:
-            config = stored
-        else:
-            _identity_check(stored, config, resume)
+        stored = get_generation_run(catalog, resume).run.config
+        config = resumed_config(stored, config, GenerateConfig, IDENTITY_FIELDS, what=f"run {resume}")
     if config is None:
         raise ConfigError("run_local_generation needs a config (new run) or resume (a run id)")
     if config.engine != "local":
