@@ -5,8 +5,9 @@ Builds a workspace with ``--roles`` synthetic personas x ``--questions`` questio
 as ``run_extraction`` does it: selecting the answered responses (catalog), rendering and tokenizing them with exact
 spans (``encode_responses``: batched templates and tokenization), assigning rows longest-first, planning the batches,
 and recording every planned example (one transaction) and creating a Zarr array. Then what the GPU actually waits
-for, as a second run: ``new_run`` as ``run_extraction`` calls it (selection, the run recorded with every row pending,
-its array created) and its first window planned (the model starts there), then the rest, which follows on a planner
+for, as a second run opened as ``run_extraction`` opens it: the selection (``select_new``), then the run recorded with
+every row pending and its array created (``record_new``) on the background committer while the first window is
+planned on this thread (the model starts there), then the rest, which follows on a planner
 thread while the model computes, and the catalog's record of each window's plan (a background commit in the run). The
 baseline, measured in the same run on ``--baseline-n`` conversations and scaled, is rendering one conversation at
 a time (``render``, what extraction did before). No model is loaded: only its tokenizer (the embedded SmolLM2's by
@@ -40,11 +41,12 @@ from personavec import arrays  # noqa: E402
 from personavec.extract.config import ExtractConfig, encode_responses  # noqa: E402
 from personavec.extract.pipeline import planned_windows  # noqa: E402
 from personavec.extract.plan import ExtractionPlan, examples_table, has_span, longest_first  # noqa: E402
-from personavec.extract.record import new_run, selected_responses  # noqa: E402
+from personavec.extract.record import record_new, select_new, selected_responses  # noqa: E402
 from personavec.ingest import IngestConfig, ingest  # noqa: E402
 from personavec.spans import conversation, render  # noqa: E402
 from personavec.store import extraction as xs  # noqa: E402
 from personavec.workspace import init_workspace  # noqa: E402
+from personavec.writer import Committer  # noqa: E402
 
 
 def build(work: Path, roles: int, questions: int, samples: int, rng: random.Random) -> int:
@@ -168,13 +170,21 @@ def main() -> None:
 
     step("record", record)
     total = sum(steps.values())
-    # What the GPU waits for: a fresh run as run_extraction opens and plans it (recorded, first window, the rest).
+    # What the GPU waits for: a fresh run as run_extraction opens and plans it (selected; recorded in the background
+    # while the first window is planned; the rest).
+    recorded: list[float] = []
     t0 = time.perf_counter()
-    opened, pending = new_run(ws, catalog, config, run, loaded)  # type: ignore[arg-type]
-    recorded_s = time.perf_counter() - t0
-    windows = planned_windows(loaded, config, opened, pending)  # type: ignore[arg-type]
+    selected = select_new(catalog, config, run, loaded)  # type: ignore[arg-type]
+    selected_s = time.perf_counter() - t0
+    committer = Committer()
+    opening = committer.submit(record_new, ws, catalog, config, run, loaded, selected)
+    opening.add_done_callback(lambda f: recorded.append(time.perf_counter() - t0))
+    windows = planned_windows(loaded, config, selected.shape, selected.pending())  # type: ignore[arg-type]
     first = next(windows).plan
     to_first = time.perf_counter() - t0
+    opened = opening.result()
+    committer.close()
+    recorded_s = recorded[0]
     arrivals: list[tuple[float, int]] = []  # (seconds since the start, tokens) of each window of the rest
     plan_commits_s = 0.0  # the catalog's record of each window's plan (on the committer thread in a run)
     for window in windows:
@@ -206,7 +216,8 @@ def main() -> None:
         f"{'total':10s} {total:9.2f}   ({n / total:,.0f} responses/s, {ntok / total / 1e6:.2f} M tokens/s; "
         f"{len(plan.batches):,} batches)"
     )
-    print(f"a new run: recorded after {recorded_s:.2f} s, the model starts after {to_first:.2f} s "
+    print(f"a new run: selected after {selected_s:.2f} s, the model starts after {to_first:.2f} s, recorded (in the "
+          f"background) after {recorded_s:.2f} s "
           f"({len(first.examples)} answers in its first window); the rest comes in {len(arrivals)} windows on a "
           f"planner thread, the first after {arrivals[0][0] if arrivals else 0:.2f} s, all planned after "
           f"{to_first + rest_s:.1f} s (of which {plan_commits_s:.1f} s recording plans, a background commit in a run); "
@@ -218,7 +229,8 @@ def main() -> None:
         "responses_per_s": round(n / total), "baseline_tokenize_cpu_s": round(one_by_one_cpu, 1),
         "baseline_tokenize_s": round(one_by_one, 1), "tokenize_speedup": round(one_by_one / steps["tokenize"], 2),
         "batches": len(plan.batches),
-        "recorded_s": round(recorded_s, 3), "to_first_batch_s": round(to_first, 3), "rest_s": round(rest_s, 1),
+        "selected_s": round(selected_s, 3), "recorded_s": round(recorded_s, 3),
+        "to_first_batch_s": round(to_first, 3), "rest_s": round(rest_s, 1),
         "plan_commits_s": round(plan_commits_s, 2),
         "windows": [(round(a, 2), tok) for a, tok in arrivals], "gpu_tok_s": args.gpu_tok_s,
         "gpu_idle_after_first_batch_s": round(idle, 2),

@@ -555,35 +555,31 @@ def test_units_in_flight_are_bounded_by_bytes_and_at_least_two_per_writer_thread
     assert units_in_flight(1000, threads=1, tuning=Tuning(in_flight_bytes=10_000)) == 10
 
 
-def test_a_new_run_is_recorded_with_every_row_pending_before_it_is_tokenized(
+def test_a_new_run_is_recorded_with_every_row_pending_while_its_first_window_is_tokenized(
     workspace, responses_run: int, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A new run is visible in ``runs`` right after its responses are selected: every example recorded, none
-    planned or done, rows in character-length order, its array created. Killed there (a tokenizer failing on the
-    first window), it is resumed through the same path as any run and ends equal to an uninterrupted one."""
+    """A new run is recorded (on the background committer) as soon as its responses are selected, while the model's
+    thread tokenizes the first window. Killed there (a tokenizer failing on the first window), it is in ``runs``,
+    interrupted, with every example recorded, none planned or done, and its array created; it is resumed through the
+    same path as any run and ends equal to an uninterrupted one."""
     from personavec.extract import config as config_mod
     from personavec.store.extraction import example_states, extraction_examples
 
     config = _failing_config(responses_run, tiny_root)
     real = config_mod.encode_responses
-    seen: dict = {}
 
     def killed(loaded, conversations, cfg):
-        (run,) = list_runs(workspace.catalog(), "extract")
-        seen["status"] = run.status
-        seen["states"] = example_states(workspace.catalog(), run.id)
-        seen["group"] = (workspace.zarr_path / f"run_{run.id}").is_dir()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(config_mod, "encode_responses", killed)
     with pytest.raises(RunInterrupted) as info:
         run_extraction(workspace, config)
     run_id = info.value.run_id
-    states = seen["states"]
-    assert seen["status"] == "running" and seen["group"] and states.num_rows == 25
+    states = example_states(workspace.catalog(), run_id)
+    assert get_run(workspace.catalog(), run_id).status == "interrupted"
+    assert (workspace.zarr_path / f"run_{run_id}").is_dir() and states.num_rows == 25
     assert not any(states["done"].to_pylist()) and not any(states["has_span"].to_pylist())
     assert not any(states["no_span"].to_pylist())  # not planned yet: neither
-    assert get_run(workspace.catalog(), run_id).status == "interrupted"
     monkeypatch.setattr(config_mod, "encode_responses", real)
     resumed = run_extraction(workspace, None, resume=run_id)
     assert resumed.run_id == run_id and resumed.n_computed == 25

@@ -61,6 +61,7 @@ from personavec.extract.config import (
 from personavec.extract.pipeline import compute, new_config, planned_windows
 from personavec.extract.plan import Pending, Window, budget, plan_window
 from personavec.extract.record import Opened, new_run, resumed_run
+from personavec.extract.sink import resolved
 from personavec.modeling import LoadedModel
 from personavec.store import extraction as xs
 from personavec.tuning import DEFAULT, Tuning
@@ -613,12 +614,12 @@ def _lead(
     sink = _LeadSink(catalog, info, channel, owners, per, len(pending))
     opened = dataclasses.replace(opened, n_done=0)  # progress counts rank 0's own rows (progress_for)
     windows = _windows(
-        planned_windows(loaded, config, opened, mine, tuning), pool, claims, loaded, config, opened, tuning
+        planned_windows(loaded, config, opened.shape, mine, tuning), pool, claims, loaded, config, opened, tuning
     )
     try:
         own = compute(
-            ws.zarr_location, opened, config, loaded, windows, mine.rows, sink.progress_for(progress), started, sink,
-            tuning,
+            ws.zarr_location, opened.shape, resolved(opened), config, loaded, windows, mine.rows,
+            sink.progress_for(progress), started, sink, tuning,
         )  # fmt: skip
     except BaseException as exc:
         channel.tell_others(("error", f"rank 0 stopped: {_describe(exc)}"), quiet=True)
@@ -732,12 +733,18 @@ def _follow(
     sink = _FollowSink(channel, info.run_id)
     opened = Opened(info, array, set(share.present))
     windows = _windows(
-        planned_windows(loaded, config, opened, share.pending, tuning), pool, claims, loaded, config, opened, tuning
+        planned_windows(loaded, config, opened.shape, share.pending, tuning),
+        pool,
+        claims,
+        loaded,
+        config,
+        opened,
+        tuning,
     )
     try:
         compute(
-            share.location, opened, config, loaded, windows, share.pending.rows, sink.progress_for(progress), started,
-            sink, tuning,
+            share.location, opened.shape, resolved(opened), config, loaded, windows, share.pending.rows,
+            sink.progress_for(progress), started, sink, tuning,
         )  # fmt: skip
     except _Stopped as exc:
         raise DistributedError(f"rank {channel.rank} stopped: {exc}") from exc

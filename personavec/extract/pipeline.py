@@ -1,12 +1,14 @@
 """One extraction session, the one pipeline of every run: planner -> model thread -> writer -> marks.
 
-A new run is recorded when its responses are selected (:func:`personavec.extract.record.new_run`), so a new run is a
-resume of a run with every row pending: one path from there. The rows left are planned (tokenized) a window at a time
-(:func:`planned_windows`: the first ``max_batch_size`` rows before the model starts; the rest on the model's thread
-when it asks for it, or, past :attr:`~personavec.tuning.Tuning.plan_inline_max` rows, on a planner thread that
-hands windows over a bounded queue); the model's thread computes them as one stream of batches and hands whole write
-units to the writer pool, whose written rows the sink marks done (:func:`compute`). A data-parallel rank runs
-:func:`compute` over its share and the pool units it claims (:mod:`personavec.extract.distributed`).
+A new run is recorded when its responses are selected (:func:`personavec.extract.record.record_new`, on the sink's
+background committer while the model computes its first batches: the writers wait for its array, plans and marks
+queue behind it), so a new run is a resume of a run with every row pending: one path from there. The rows left are
+planned (tokenized) a window at a time (:func:`planned_windows`: the first ``max_batch_size`` rows before the model
+starts; the rest on the model's thread when it asks for it, or, past
+:attr:`~personavec.tuning.Tuning.plan_inline_max` rows, on a planner thread that hands windows over a bounded
+queue); the model's thread computes them as one stream of batches and hands whole write units to the writer pool,
+whose written rows the sink marks done (:func:`compute`). A data-parallel rank runs :func:`compute` over its share
+and the pool units it claims (:mod:`personavec.extract.distributed`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from personavec import arrays
@@ -31,11 +34,21 @@ from personavec.extract.config import (
 )
 from personavec.extract.core import iter_mean_activations
 from personavec.extract.plan import Pending, Window, budget, plan_window, window_bounds
-from personavec.extract.record import Opened, new_run, resume_hint, resumed_run
-from personavec.extract.sink import CatalogSink, ChunkAssembler, ChunkWriter, RunSink, store_batches, units_in_flight
+from personavec.extract.record import Opened, Shape, record_new, resume_hint, resumed_run, select_new
+from personavec.extract.sink import (
+    CatalogSink,
+    ChunkAssembler,
+    ChunkWriter,
+    RunSink,
+    resolved,
+    store_batches,
+    then,
+    units_in_flight,
+)
 from personavec.modeling import LoadedModel
 from personavec.spans import Rendered, render_workers
 from personavec.tuning import DEFAULT, Tuning
+from personavec.writer import Committer
 
 if TYPE_CHECKING:
     from personavec.workspace import Workspace
@@ -61,25 +74,34 @@ def run_local(
 ) -> ExtractionResult:
     """:func:`personavec.extract.run_extraction` in one process (see there)."""
     catalog = ws.catalog()
+    committer = Committer()
     if resume is None:
         config = new_config(config)
         loaded = loaded or load_for(config)
         started = time.perf_counter()
-        opened, pending = new_run(ws, catalog, config, config.responses_run, loaded, tuning)  # type: ignore[arg-type]
+        run: int = config.responses_run  # type: ignore[assignment]
+        selected = select_new(catalog, config, run, loaded, tuning)
+        # Recorded on the committer while the first window is tokenized and computed (the model's thread needs only
+        # the selection); the writers wait for the array, plans and marks queue behind it.
+        opening = committer.submit(record_new, ws, catalog, config, run, loaded, selected)
+        shape, pending = selected.shape, selected.pending()
     else:
         config = resume_config(catalog, resume, config)
         loaded = loaded or load_for(config)
         started = time.perf_counter()
         opened, pending = resumed_run(ws, catalog, resume, config, loaded)
-    sink = CatalogSink(catalog, opened.info.run_id, tuning)
-    windows = planned_windows(loaded, config, opened, pending, tuning)
-    return compute(ws.zarr_location, opened, config, loaded, windows, pending.rows, progress, started, sink, tuning)
+        opening, shape = resolved(opened), opened.shape
+    sink = CatalogSink(catalog, opening, tuning, committer)
+    windows = planned_windows(loaded, config, shape, pending, tuning)
+    return compute(
+        ws.zarr_location, shape, opening, config, loaded, windows, pending.rows, progress, started, sink, tuning
+    )
 
 
 def planned_windows(
     loaded: LoadedModel,
     config: ExtractConfig,
-    opened: Opened,
+    shape: Shape,
     pending: Pending,
     tuning: Tuning = DEFAULT,
     render: Renderer = render_all,
@@ -88,7 +110,7 @@ def planned_windows(
     the first on the caller's thread, the rest on it too when small, else on a planner thread (its rendering
     processes shared by every window, :func:`personavec.spans.render_workers`). Closing the generator stops the
     planner at its next window."""
-    n_rows, chunk_rows = opened.info.n_examples, arrays.rows_per_chunk(opened.array)
+    n_rows, chunk_rows = shape.n_examples, shape.chunk_rows
     limit = budget(config, loaded, tuning)
 
     def plan(start: int, stop: int) -> Window:
@@ -166,7 +188,8 @@ def in_background(produce: Callable[[Callable[[Any], None]], None], size: int = 
 
 def compute(
     location: arrays.StoreLocation,
-    opened: Opened,
+    shape: Shape,
+    opening: Future[Opened],
     config: ExtractConfig,
     loaded: LoadedModel,
     windows: Iterator[Window],
@@ -181,7 +204,9 @@ def compute(
 
     Args:
         location: the activation store, for messages.
-        opened: the run, open to write.
+        shape: the run's rows, layers and write units.
+        opening: the run, open to write (a new one may still be being recorded: the writers wait for its array,
+            the progress and the result for its id; its error, if it fails, is the session's).
         windows: the session's plan, window by window (each taken when the model asks for its next batch).
         expect: the session's rows (more may come with a window's ``adds``: a claimed pool unit).
         progress: called after each batch; ``done_examples`` counts rows done before this session
@@ -189,13 +214,12 @@ def compute(
         started: when the session started (``time.perf_counter()``): ``plan_s`` runs from it to the first window.
         sink: where plans and written rows go.
     """
-    info = opened.info
-    layers = info.layers
-    per = arrays.rows_per_chunk(opened.array)
-    assembler = ChunkAssembler(opened.array, info.n_examples, per, len(layers), loaded.d_model, opened.present, expect)
+    layers, per = shape.layers, shape.chunk_rows
+    array = then(opening, lambda opened: opened.array)
+    assembler = ChunkAssembler(array, shape.n_examples, per, len(layers), loaded.d_model, shape.present, expect)
     unit_bytes = per * len(layers) * loaded.d_model * 4  # float32 from the model, before the storage dtype
     in_flight = units_in_flight(unit_bytes, config.writer_threads, tuning)
-    writer = ChunkWriter(opened.array, str(location), max_in_flight=in_flight, threads=config.writer_threads)
+    writer = ChunkWriter(None, str(location), max_in_flight=in_flight, threads=config.writer_threads)
     state = {"tokens": 0, "computed": 0, "skipped": 0}
     status, error, left = "done", None, []
     drain_s = close_s = 0.0
@@ -238,9 +262,10 @@ def compute(
         state["tokens"] += tokens
         state["computed"] += n_rows
         if progress is not None:
-            done = opened.n_done + state["computed"] + state["skipped"]
+            n_done = shape.n_done + state["computed"] + state["skipped"]
             elapsed = time.perf_counter() - start_t
-            progress(ExtractionProgress(info.run_id, done, info.n_examples, state["tokens"], elapsed))
+            run_id = opening.result().info.run_id  # recorded by now (the first batch took longer)
+            progress(ExtractionProgress(run_id, n_done, shape.n_examples, state["tokens"], elapsed))
 
     stream = computed()
     try:
@@ -261,6 +286,9 @@ def compute(
                 windows.close()  # the planner, if still going, stops at its next window
             writer.close(raise_errors=False)
             left = sink.drain(writer.written(), raise_errors=False)
+            if opening.done() and opening.exception() is not None:  # the run could not be recorded or opened
+                raise opening.exception() from None  # type: ignore[misc]
+            info = opening.result().info
             if isinstance(exc, StorageError) and not isinstance(exc, StorageOverflowError):
                 raise StorageError(f"{exc}; {resume_hint(info.run_id)}") from exc
             if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):  # Ctrl-C, SIGTERM
@@ -273,6 +301,8 @@ def compute(
         counts = sink.finish(status, error, state["tokens"], elapsed, left)
         close_s = time.perf_counter() - t_close
     tok_s = state["tokens"] / elapsed if elapsed > 0 and state["tokens"] else 0.0
+    opened = opening.result()
+    info = opened.info
     return ExtractionResult(
         info.run_id,
         info.zarr_group,

@@ -1,7 +1,10 @@
-"""Opening a run to write. A new run is recorded when its responses are selected (:func:`new_run`: one unit of
-work, every example not planned yet, rows in character-length order) and its Zarr array created at once
-(:func:`run_array`, only after that commit: no group without its run); from then on it is a resume of a run with
-every row pending (:func:`resumed_run`: rows the store holds whole but the catalog never marked adopted)."""
+"""Opening a run to write. A new run is recorded when its responses are selected: :func:`select_new` chooses its
+rows (every example not planned yet, in character-length order) and their layout, :func:`record_new` records the run
+with every row pending (one unit of work) and then creates its Zarr array (only after that commit: no group without
+its run). The pipeline records on its background committer while the model computes the first batches
+(:func:`personavec.extract.pipeline.run_local`); :func:`new_run` does both in turn. From then on a new run is a
+resume of a run with every row pending (:func:`resumed_run`: rows the store holds whole but the catalog never marked
+adopted)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,18 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Shape:
+    """What the model's thread needs of a run before it is recorded: its rows, layers, write unit (rows per shard),
+    the write units already in the store and the rows done before this session."""
+
+    n_examples: int
+    layers: tuple[int, ...]
+    chunk_rows: int
+    present: frozenset[int] = frozenset()
+    n_done: int = 0
+
+
+@dataclass(frozen=True)
 class Opened:
     """A run ready to be written: its catalog info, array, the write units already in the store, rows adopted, and
     the rows done before this session."""
@@ -37,6 +52,27 @@ class Opened:
     present: set[int] = field(default_factory=set)
     n_adopted: int = 0
     n_done: int = 0
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(
+            self.info.n_examples, tuple(self.info.layers), arrays.rows_per_chunk(self.array), frozenset(self.present),
+            self.n_done,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A new run's responses (its rows, in order) and layout, chosen before it is recorded."""
+
+    records: list[ResponseRecord]
+    shape: Shape
+
+    def pending(self) -> Pending:
+        """Every row, none planned."""
+        n = len(self.records)
+        conversations: list[tuple[str | None, str, str]] = [(r.system_prompt, r.question, r.text) for r in self.records]
+        return Pending(list(range(n)), [r.id for r in self.records], conversations, [False] * n)
 
 
 def selected_responses(catalog: Catalog, config: ExtractConfig, run: int) -> list[ResponseRecord]:
@@ -74,6 +110,67 @@ def _unplanned(records: Sequence[ResponseRecord]) -> pa.Table:
     )
 
 
+def select_new(
+    catalog: Catalog,
+    config: ExtractConfig,
+    run: int,
+    loaded: LoadedModel,
+    tuning: Tuning = DEFAULT,
+    *,
+    min_units: int | None = None,
+    min_unit_rows: int | None = None,
+) -> Selected:
+    """Select a new run's responses (rows longest first by characters) and choose its layout.
+
+    Without ``config.chunk_rows``, shards are made small enough that the run has at least ``min_units`` (default
+    :attr:`Tuning.min_units`), of no fewer than ``min_unit_rows`` rows (default: one inner chunk of the layout;
+    data parallel asks for more units, of any size: work to share out)."""
+    records = selected_responses(catalog, config, run)
+    layers = tuple(config.resolve_layers(loaded.n_layers))
+    per = arrays.layout_for(
+        len(records), len(layers), loaded.d_model, config.storage_dtype, config.chunk_rows,
+        min_units=min_units or tuning.min_units, min_unit_rows=min_unit_rows, target_bytes=tuning.shard_bytes,
+        chunk_bytes=tuning.chunk_bytes,
+    )[0]  # fmt: skip
+    return Selected(records, Shape(len(records), layers, per))
+
+
+def record_new(
+    ws: Workspace, catalog: Catalog, config: ExtractConfig, run: int, loaded: LoadedModel, selected: Selected
+) -> Opened:
+    """Record the run with every example of ``selected`` pending (one unit of work, none planned yet), then create
+    its array; returns the run, open to write."""
+    records, shape = selected.records, selected.shape
+    model_id, revision = model_provenance(config.model)
+    info = xs.create_extraction_run(
+        catalog,
+        {**config_dict(config), "layers": list(shape.layers)},
+        _unplanned(records),
+        zarr_group=arrays.group_name,
+        source_run_id=run,
+        model=model_id,
+        model_revision=revision or loaded.revision,
+        architecture=loaded.architecture,
+        n_model_layers=loaded.n_layers,
+        d_model=loaded.d_model,
+        layers=list(shape.layers),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        span_rule=config.span,
+        prompt_format=config.prompt_format,
+        device=loaded.device,
+        n_examples=shape.n_examples,
+    )
+    array = run_array(ws, catalog, info, config, create=True, chunk_rows=shape.chunk_rows)
+    if arrays.rows_per_chunk(array) != shape.chunk_rows:  # the plan's write units must be the array's shards
+        error = (
+            f"{info.zarr_group}: array made with shards of {arrays.rows_per_chunk(array)} rows, "
+            f"planned {shape.chunk_rows}"
+        )
+        xs.finish_extraction(catalog, info.run_id, "failed", f"StorageError: {error}", None)
+        raise StorageError(error)
+    return Opened(info, array)
+
+
 def new_run(
     ws: Workspace,
     catalog: Catalog,
@@ -85,47 +182,10 @@ def new_run(
     min_units: int | None = None,
     min_unit_rows: int | None = None,
 ) -> tuple[Opened, Pending]:
-    """Select the responses, record the run with every example (one unit of work, none planned yet, rows longest
-    first by characters), then create its array; returns the run, open to write, and every row pending (what
-    :func:`resumed_run` would return for it, without reading it back).
-
-    Without ``config.chunk_rows``, shards are made small enough that the run has at least ``min_units`` (default
-    :attr:`Tuning.min_units`), of no fewer than ``min_unit_rows`` rows (default: one inner chunk of the layout;
-    data parallel asks for more units, of any size: work to share out)."""
-    records = selected_responses(catalog, config, run)
-    layers = config.resolve_layers(loaded.n_layers)
-    n = len(records)
-    per = arrays.layout_for(
-        n, len(layers), loaded.d_model, config.storage_dtype, config.chunk_rows,
-        min_units=min_units or tuning.min_units, min_unit_rows=min_unit_rows, target_bytes=tuning.shard_bytes,
-        chunk_bytes=tuning.chunk_bytes,
-    )[0]  # fmt: skip
-    model_id, revision = model_provenance(config.model)
-    info = xs.create_extraction_run(
-        catalog,
-        {**config_dict(config), "layers": list(layers)},
-        _unplanned(records),
-        zarr_group=arrays.group_name,
-        source_run_id=run,
-        model=model_id,
-        model_revision=revision or loaded.revision,
-        architecture=loaded.architecture,
-        n_model_layers=loaded.n_layers,
-        d_model=loaded.d_model,
-        layers=list(layers),
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        span_rule=config.span,
-        prompt_format=config.prompt_format,
-        device=loaded.device,
-        n_examples=n,
-    )
-    array = run_array(ws, catalog, info, config, create=True, chunk_rows=per)
-    if arrays.rows_per_chunk(array) != per:  # the plan's write units must be the array's shards, or rows are lost
-        error = f"{info.zarr_group}: array made with shards of {arrays.rows_per_chunk(array)} rows, planned {per}"
-        xs.finish_extraction(catalog, info.run_id, "failed", f"StorageError: {error}", None)
-        raise StorageError(error)
-    conversations: list[tuple[str | None, str, str]] = [(r.system_prompt, r.question, r.text) for r in records]
-    return Opened(info, array), Pending(list(range(n)), [r.id for r in records], conversations, [False] * n)
+    """:func:`select_new` then :func:`record_new` on this thread: the run, open to write, and every row pending
+    (what :func:`resumed_run` would return for it, without reading it back)."""
+    selected = select_new(catalog, config, run, loaded, tuning, min_units=min_units, min_unit_rows=min_unit_rows)
+    return record_new(ws, catalog, config, run, loaded, selected), selected.pending()
 
 
 def run_array(

@@ -22,6 +22,7 @@ from personavec.tuning import DEFAULT, Tuning
 from personavec.writer import Committer
 
 if TYPE_CHECKING:
+    from personavec.extract.record import Opened
     from personavec.store.engine import Catalog
 
 
@@ -48,7 +49,8 @@ class ChunkAssembler:
     computed rows are finite, and writes it: that runs on a writer thread.
 
     Args:
-        array: the run's Zarr array.
+        array: the run's Zarr array, or a future of it (a new run's array is created while the first batches
+            compute: writes wait for it on the writer threads).
         n_rows, chunk_rows: rows of the array and of a write unit.
         n_layers, d_model: a row's shape.
         present: write units already in the store (a resumed run): one the session does not wholly rewrite is read
@@ -139,7 +141,7 @@ class ChunkAssembler:
                         f"the model produced NaN/inf activations for Zarr row(s) {[first + int(i) for i in bad[:5]]}"
                         " (half-precision overflow?): extract again with --dtype float32 or bfloat16"
                     )
-            array = source
+            array = source.result() if isinstance(source, Future) else source
             if len(pieces) == 1 and pieces[0][0] == start and len(pieces[0][1]) == stop - start:
                 out = pieces[0][1]
             else:
@@ -244,13 +246,15 @@ class DoneMarks:
     """Marks written rows done in the catalog through a :class:`personavec.writer.Committer` (its own thread), at
     most every ``interval`` seconds, so the model's thread never waits for a DuckDB commit. A failed commit raises
     at the next :meth:`add` and at :meth:`drain`; rows written but not marked when the process dies are adopted by
-    the next resume."""
+    the next resume. ``run_id`` may be a future (a run recorded on ``committer`` ahead of any mark)."""
 
-    def __init__(self, catalog: Catalog, run_id: int, interval: float = 1.0) -> None:
+    def __init__(
+        self, catalog: Catalog, run_id: int | Future[int], interval: float = 1.0, committer: Committer | None = None
+    ) -> None:
         self.catalog = catalog
         self.run_id = run_id
         self.interval = interval
-        self.committer = Committer()
+        self.committer = committer or Committer()
         self._queued: list[tuple[int, int]] = []
         self._last = time.monotonic()
         self._held = False
@@ -263,8 +267,12 @@ class DoneMarks:
         due = now or time.monotonic() - self._last >= self.interval
         if self._queued and due and not self._held and self.committer.idle:
             batch, self._queued = row_ranges([r for a, b in self._queued for r in range(a, b)]), []
-            self.committer.submit(xs.mark_done, self.catalog, self.run_id, batch)
+            self.committer.submit(self._mark, batch)
             self._last = time.monotonic()
+
+    def _mark(self, ranges: list[tuple[int, int]]) -> None:
+        run_id = self.run_id.result() if isinstance(self.run_id, Future) else self.run_id
+        xs.mark_done(self.catalog, run_id, ranges)
 
     def hold(self) -> None:
         """Commit nothing more in the background: the rest is marked by the unit of work that closes the run (the
@@ -343,15 +351,25 @@ class RunSink(Protocol):
 class CatalogSink:
     """One process's sink: plans recorded and rows marked done through :class:`DoneMarks` (on the one background
     :class:`~personavec.writer.Committer`, in order; marks at most every :attr:`Tuning.mark_interval_s`), the last
-    marks in the unit of work that closes the run."""
+    marks in the unit of work that closes the run.
 
-    def __init__(self, catalog: Catalog, run_id: int, tuning: Tuning = DEFAULT) -> None:
+    ``opening`` is the run being opened: a new run is recorded by a unit of work queued on ``committer`` before any
+    plan or mark (:func:`personavec.extract.pipeline.run_local`), so the sink takes plans and marks at once and they
+    land after it."""
+
+    def __init__(
+        self, catalog: Catalog, opening: Future[Opened], tuning: Tuning = DEFAULT, committer: Committer | None = None
+    ) -> None:
         self.catalog = catalog
-        self.run_id = run_id
-        self.marks = DoneMarks(catalog, run_id, tuning.mark_interval_s)
+        self.opening = opening
+        run_id = then(opening, lambda opened: opened.info.run_id)
+        self.marks = DoneMarks(catalog, run_id, tuning.mark_interval_s, committer)
 
     def planned(self, table: pa.Table) -> None:
-        self.marks.committer.submit(xs.plan_examples, self.catalog, self.run_id, table)
+        self.marks.committer.submit(self._plan, table)
+
+    def _plan(self, table: pa.Table) -> None:
+        xs.plan_examples(self.catalog, self.opening.result().info.run_id, table)
 
     def mark_done(self, ranges: Sequence[tuple[int, int]]) -> None:
         self.marks.add(ranges)
@@ -366,5 +384,29 @@ class CatalogSink:
     def finish(
         self, status: str, error: str | None, tokens: int, elapsed_s: float, left: Sequence[tuple[int, int]]
     ) -> tuple[int, int]:
+        if self.opening.exception() is not None:  # never recorded, or already marked failed by the recording
+            return (0, 0)
         tok_s = tokens / elapsed_s if elapsed_s > 0 and tokens else None
-        return xs.finish_extraction(self.catalog, self.run_id, status, error, tok_s, left)
+        return xs.finish_extraction(self.catalog, self.opening.result().info.run_id, status, error, tok_s, left)
+
+
+def then(future: Future[Any], fn: Callable[[Any], Any]) -> Future[Any]:
+    """A future of ``fn(future's result)`` (or of its error), settled when ``future`` is."""
+    out: Future[Any] = Future()
+    future.add_done_callback(lambda f: _settle(out, f, fn))
+    return out
+
+
+def resolved(value: Any) -> Future[Any]:
+    """A future already holding ``value``."""
+    out: Future[Any] = Future()
+    out.set_result(value)
+    return out
+
+
+def _settle(out: Future[Any], source: Future[Any], fn: Callable[[Any], Any]) -> None:
+    exc = source.exception()
+    if exc is not None:
+        out.set_exception(exc)
+    else:
+        out.set_result(fn(source.result()))
