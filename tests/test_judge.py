@@ -243,6 +243,27 @@ def test_unparsable_judge_outputs_are_errors_not_scores(workspace, responses_run
     assert "0.100 < 0.25" in errors["REFUSAL"] and "outside the scale" in errors["150"]
 
 
+def test_a_judge_answer_cut_to_the_size_bound_is_marked_truncated(workspace, responses_run):
+    """A judge answering far more than ``max_tokens`` asks is stored cut to the bound and marked ``truncated``; its
+    score is read from what was kept (the first token's logprobs); answers within the bound are not marked."""
+    from personavec.generation.endpoint import MAX_BYTES_PER_TOKEN
+
+    def script(attempt, n, body):
+        long = int(answer_in(body).rsplit("question ", 1)[1][0]) == 0  # question 0 of each persona
+        return ("reply", "85" + " and more" * 200_000 if long else "85", first_token_logprobs({"85": 1.0}))
+
+    config = cfg(server := FaultServer(script), responses_run)
+    with server:
+        result = run_judge(workspace, config)
+    assert (result.status, result.scored) == ("done", 15)
+    got = assert_exactly_once(workspace, result.run_id, 15)
+    cut = [r for r in got if r["truncated"]]
+    assert len(cut) == 5 and all(r["truncated"] is False for r in got if r not in cut)
+    bound = config.max_tokens * MAX_BYTES_PER_TOKEN
+    assert all(len(r["raw_output"].encode()) <= bound and r["raw_output"].startswith("85 and more") for r in cut)
+    assert all(r["score"] == pytest.approx(85.0) and r["error"] is None for r in got)
+
+
 def test_endpoint_refusing_logprobs_falls_back_to_parsing(workspace, responses_run):
     def script(attempt, n, body):
         if "logprobs" in body:

@@ -21,7 +21,8 @@ How a score is read from the judge's answer (``docs/judge.md`` has the formulas)
 
 An answer that yields no score is stored with ``score`` NULL, its ``raw_output`` and an ``error`` saying why; it is
 a judgement (not asked again on resume). A request that failed after the retries has no ``raw_output`` and is asked
-again on resume.
+again on resume. An answer longer than what was asked (``max_tokens`` x 64 bytes, at most 1 MiB) is stored cut, with
+``truncated`` true; its score is read from what was kept.
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ from typing import Any
 from personavec.config import OPENROUTER_BASE_URL, config_dict, config_from_dict
 from personavec.errors import ConfigError, EndpointError, RequestFailed
 from personavec.generation.config import DEFAULT_KEY_ENV, GenerateConfig
-from personavec.generation.endpoint import ChatEndpoint, Completion, Job, ask_all, check_reachable, redact, run_sync
+from personavec.generation.endpoint import (
+    TRUNCATED,
+    ChatEndpoint,
+    Completion,
+    Job,
+    ask_all,
+    check_reachable,
+    redact,
+    run_sync,
+)
 from personavec.judging.rubrics import BUILTIN_RUBRICS, Rubric, resolve_rubric
 from personavec.judging.scores import SCORE_MODES, score_answer
 from personavec.workspace import Workspace
@@ -252,6 +262,7 @@ def _row(target: _Target, outcome: Completion | RequestFailed, config: JudgeConf
         latency_s=outcome.latency_s,
         attempts=outcome.attempts,
         model_reported=outcome.model_reported,
+        truncated=outcome.finish_reason == TRUNCATED,
     )
 
 

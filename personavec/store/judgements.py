@@ -51,6 +51,7 @@ class JudgementRow:
     latency_s: float | None = None
     attempts: int = 1
     model_reported: str | None = None
+    truncated: bool = False  # raw_output cut to the stored size bound
 
 
 @dataclass(frozen=True)
@@ -111,14 +112,14 @@ def settled_keys(catalog: Catalog, run_id: int) -> set[tuple[int, str]]:
 
 _UPSERT = """
 INSERT INTO judgements (run_id, response_id, rubric, score, method, numeric_mass, raw_output, top_logprobs, error,
-                        latency_s, attempts, model_reported, created_at)
+                        latency_s, attempts, model_reported, truncated, created_at)
 SELECT ?, response_id, rubric, score, method, numeric_mass, raw_output, top_logprobs, error, latency_s, attempts,
-       model_reported, ? FROM _pv_judgements
+       model_reported, truncated, ? FROM _pv_judgements
 ON CONFLICT (run_id, response_id, rubric) DO UPDATE SET
     score = excluded.score, method = excluded.method, numeric_mass = excluded.numeric_mass,
     raw_output = excluded.raw_output, top_logprobs = excluded.top_logprobs, error = excluded.error,
     latency_s = excluded.latency_s, attempts = judgements.attempts + excluded.attempts,
-    model_reported = excluded.model_reported, created_at = excluded.created_at
+    model_reported = excluded.model_reported, truncated = excluded.truncated, created_at = excluded.created_at
 WHERE judgements.raw_output IS NULL
 """
 
@@ -135,6 +136,7 @@ _SCHEMA = pa.schema(
         ("latency_s", pa.float64()),
         ("attempts", pa.int32()),
         ("model_reported", pa.string()),
+        ("truncated", pa.bool_()),
     ]
 )
 

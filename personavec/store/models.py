@@ -23,6 +23,7 @@ from sqlalchemy import (
     Sequence,
     String,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -305,6 +306,8 @@ class Judgement(Base):
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     model_reported: Mapped[str | None] = mapped_column(String)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    #: ``raw_output`` was cut to the stored size bound (migration 0006)
+    truncated: Mapped[bool | None] = mapped_column(Boolean, server_default=false())
 
 
 class ServedAnswer(Base):
