@@ -390,7 +390,7 @@ def main() -> None:
                 model_name = name if isinstance(srv, str) else srv.model
                 gen = json.dumps({"max_new_tokens": args.max_tokens, "do_sample": False, "eos_token_id": -1})
                 extra = [{"generation_config": gen}] * args.requests
-                asyncio.run(_workload(base_url, model_name, prompts[:4], extra[:4], 4))  # warm-up
+                asyncio.run(_workload(base_url, model_name, prompts[:4], extra[:4], 4, args.limit_s))  # warm-up
                 got = asyncio.run(_workload(base_url, model_name, prompts, extra, args.max_tokens, args.limit_s))
             got["load_avg"] = _load_avg()
             rows[label] = got
