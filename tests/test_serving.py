@@ -409,14 +409,145 @@ def test_cli_serve_refuses_recording_without_a_workspace_or_with_transformers_se
     assert res.exit_code == 2 and "--backend" in res.output
 
 
+# ------------------------------------------------------------------------------------------------ sliding windows
+
+#: Four layers: two of each kind where the family mixes them (Mistral's are all sliding).
+SLIDING_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+
+
+def _sliding_model(root, arch: str, window: int):
+    """A tiny model of ``arch`` with a ``window``-token sliding window and the Gemma chat template."""
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    config = tiny_config(arch)
+    text = config.get_text_config()
+    text.sliding_window = window
+    if arch != "mistral":
+        text.layer_types = list(SLIDING_LAYERS)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config) if arch == "gemma3" else AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root / arch)
+    template_tokenizer("gemma").save_pretrained(root / arch)
+    # Eager attention takes its softmax in float32, where a float64 mask's minimum is -inf: a left-padding row of a
+    # float64 batch (fully masked) turns NaN and poisons the rows that mask it (0 * NaN), in HF's own batched
+    # `generate` too. So sdpa in float64, and Gemma 2 (eager only, for its logit softcapping) in float32.
+    eager = arch == "gemma2"
+    loaded = load_model(str(root / arch), dtype="float32", device="cpu", attn_implementation=None if eager else "sdpa")
+    if not eager:
+        loaded.model.to(torch.float64)
+    return loaded
+
+
+def _serve_staggered(loaded, waves):
+    """Serve ``waves`` (lists of request bodies) on a Scheduler, each wave submitted once the batch has run two more
+    decoding steps; returns each request's :class:`Finished` (in order) and the scheduler."""
+    import threading
+
+    from personavec.serving.scheduler import Finished, InterventionResolver, Refused, Scheduler
+
+    scheduler = Scheduler(loaded, resolver=InterventionResolver(None, loaded), max_batch=16, max_new_tokens=64)
+    done: list[list] = []
+    tickets = []
+    all_done = threading.Semaphore(0)
+
+    def sink_for(slot: list):
+        def sink(event):
+            if isinstance(event, Refused):
+                slot.append(event)
+                all_done.release()
+            elif isinstance(event, Finished):
+                slot.append(event)
+                all_done.release()
+
+        return sink
+
+    scheduler.start()
+    try:
+        for k, wave in enumerate(waves):
+            if k:
+                deadline = time.monotonic() + 60
+                target = scheduler.steps + 2
+                while scheduler.steps < target and time.monotonic() < deadline:
+                    time.sleep(0.002)
+            for body in wave:
+                done.append([])
+                tickets.append(scheduler.submit(parse_request(body, "chat"), sink_for(done[-1])))
+        for _ in tickets:
+            assert all_done.acquire(timeout=120)
+    finally:
+        scheduler.stop()
+    assert not any(isinstance(slot[0], Refused) for slot in done), done
+    return [slot[0] for slot in done], tickets, scheduler
+
+
 @pytest.mark.slow
-def test_a_model_with_a_sliding_window_cache_is_refused_at_start(tmp_path):
-    from tiny_models import tiny_model_dir
+@pytest.mark.parametrize("arch", ["gemma3text", "gemma2", "mistral", "gemma3"])
+def test_sliding_window_models_serve_each_row_as_generate_alone(tmp_path, arch):
+    """Prompts and answers several times longer than a 4-token window, requests joining a running batch in three
+    waves (different prompt widths, lengths and interventions, some none; short ones finish early so columns are
+    trimmed): every row's greedy tokens equal the model's own ``generate`` on that request alone, which keeps its
+    own sliding-window cache."""
+    from personavec.generation.local import generate_batch
+    from personavec.steering.interventions import Steerer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = _sliding_model(tmp_path, arch, window=4)
+        d = loaded.d_model
+        settings = [
+            None,
+            [{"vector": _direction(d, 1), "layers": [2], "coef": 3.0}],
+            [{"vector": _direction(d, 2), "layers": [1], "kind": "ablate"}],
+            None,
+            [{"vector": _direction(d, 3), "layers": [3], "kind": "cap", "tau": -0.5},
+             {"vector": _direction(d, 4), "layers": [1], "coef": 1.5, "positions": "generated"}],
+            [{"vector": _direction(d, 5), "layers": [2], "coef": -2.0}],
+        ]  # fmt: skip
+        lengths = [16, 6, 14, 9, 12, 15]
+        bodies = [
+            {"model": "m", "messages": _messages(*PROMPTS[i % len(PROMPTS)]), "max_tokens": n, "temperature": 0,
+             **({"interventions": s} if s else {})}
+            for i, (s, n) in enumerate(zip(settings, lengths, strict=True))
+        ]  # fmt: skip
+        served, tickets, scheduler = _serve_staggered(loaded, [bodies[:3], bodies[3:5], bodies[5:]])
+        assert scheduler.peak > 3  # later waves decoded together with rows of earlier ones
+
+        def alone(ticket, n: int) -> tuple[int, ...]:
+            ivs = [iv for r in ticket.interventions for iv in r.layers]
+            with Steerer(loaded.model, ivs) as steerer:
+                out = generate_batch(loaded, [ticket.prompt], max_new_tokens=n, steerer=steerer if ivs else None)
+            return out[0].token_ids
+
+        for i, (got, ticket) in enumerate(zip(served, tickets, strict=True)):
+            want = alone(ticket, lengths[i])
+            assert len(ticket.prompt) > 2 * 4
+            assert (got.token_ids, got.finish_reason) == (want, "length" if len(want) == lengths[i] else "stop"), i
+        # The window matters: with it opened to the whole context, the model's own answers change.
+        text = loaded.model.config.get_text_config()
+        text.sliding_window = 4096
+        try:
+            wide = [alone(t, n) for t, n in zip(tickets, lengths, strict=True)]
+        finally:
+            text.sliding_window = 4
+        assert any(w != g.token_ids for w, g in zip(wide, served, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_model_with_chunked_or_linear_attention_layers_is_refused_at_start(tmp_path):
+    from transformers import AutoModelForCausalLM, Llama4TextConfig
 
     from personavec.errors import ModelError
     from personavec.serving.scheduler import Scheduler
 
-    loaded = load_model(str(tiny_model_dir(tmp_path, "gemma2", "gemma")), dtype="float32", device="cpu")
-    with pytest.raises(ModelError, match="sliding-window"):
+    config = Llama4TextConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2, attention_chunk_size=8,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama4")
+    template_tokenizer("chatml").save_pretrained(tmp_path / "llama4")
+    loaded = load_model(str(tmp_path / "llama4"), dtype="float32", device="cpu")
+    with pytest.raises(ModelError, match="chunked_attention layers; the steering server batches"):
         Scheduler(loaded).start()
     assert not any(block._forward_hooks for block in loaded.layers)

@@ -11,6 +11,14 @@ step feeds one token per row at the same column, with a 2D attention mask hiding
    into the running one (both left-padded to the wider of the two),
 4. runs one decoding step over every row and samples each row's next token.
 
+Sliding-window models (Gemma 2 and 3, Mistral with ``sliding_window``...) are served with the same cache of full
+layers: the model builds its sliding-window mask from the 2D attention mask and the cache's columns (query column
+``q`` sees key column ``k`` when ``q - window < k <= q``), and since every row's tokens are contiguous and right-aligned
+(left padding; joiners are left-padded as a block; trimming removes whole columns from the left), column distance is
+token distance for every row, so each row sees exactly its own last ``window`` tokens. The keys that fell out of the
+window stay in the cache (the memory of a full-attention layer; the window is 1024 tokens or more in real models).
+Models whose cache has other layer kinds (linear attention, chunked attention, shared KV) are refused at start.
+
 Interventions are per row: one forward hook per decoder block (registered once, for the server's life) applies
 :func:`personavec.steering.interventions.apply_rows` with ``[B, d]`` unit and added vectors and ``[B]`` ablate
 flags and cap thresholds built for the current batch (zeros and ``inf`` for rows without one, which are left
@@ -376,9 +384,7 @@ class Scheduler:
     # ------------------------------------------------------------------ public
 
     def start(self) -> None:
-        from transformers import DynamicCache
-
-        self._check_cache(DynamicCache(config=self.loaded.model.config))  # refuse at start what we cannot batch
+        self._check_cache()  # refuse at start what we cannot batch
         self._hooks = patch(self.loaded.layers, {layer: self._edit(layer) for layer in range(1, self.loaded.n_layers)})
         self._hooks.__enter__()
         self._thread = threading.Thread(target=self._run, name="personavec-serve-model", daemon=True)
@@ -581,6 +587,7 @@ class Scheduler:
     def _prefill(self, joiners: list[_Row]) -> None:
         import torch
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         width = max(r.prompt_len for r in joiners)
         ids = torch.full((len(joiners), width), self.pad_id, dtype=torch.long)
@@ -590,20 +597,32 @@ class Scheduler:
             mask[i, width - row.prompt_len :] = 1
             row.length = row.prompt_len
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache(config=self.loaded.model.config)
+        cache = DynamicCache()  # full layers for every layer kind, sliding ones included (see the module docstring)
         self._set_state(joiners, decoding=False)
         logits = self._forward(ids, mask, positions, cache, keep_last=True)
-        self._check_cache(cache)
+        if len(cache.layers) != self.loaded.model.config.get_text_config().num_hidden_layers or any(
+            type(layer) is not DynamicLayer for layer in cache.layers
+        ):
+            raise ModelError(f"{self.loaded.name} filled its KV cache in a way the steering server cannot batch")
         self._merge(joiners, cache, mask)
         self._sample(joiners, logits)
 
-    def _check_cache(self, cache: Any) -> None:
-        from transformers.cache_utils import DynamicLayer
+    def _check_cache(self) -> None:
+        """Refuse a model whose layers are not all full or sliding-window attention (by its own cache's layers and
+        its config's layer types: chunked attention has a sliding layer's cache but a mask the batch would shift)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        config = self.loaded.model.config.get_text_config()
+        kinds = {type(layer).__name__ for layer in DynamicCache(config=self.loaded.model.config).layers
+                 if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)}  # fmt: skip
+        kinds |= set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+        if getattr(config, "attention_chunk_size", None):
+            kinds.add("chunked_attention")
+        if kinds:
             raise ModelError(
-                f"{self.loaded.name} uses a cache with sliding-window or other special layers; the steering server "
-                f"batches models with a plain dynamic KV cache only (Llama, Qwen, Mistral without sliding window...)"
+                f"{self.loaded.name} has {', '.join(sorted(kinds))} layers; the steering server batches models whose "
+                f"layers are all full or sliding-window attention (Llama, Qwen, Mistral, Gemma 2 and 3...)"
             )
 
     def _merge(self, joiners: list[_Row], cache: Any, mask: Any) -> None:
