@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -112,7 +113,7 @@ def test_rank_placement_maps_groups_of_gpus() -> None:
 
 def test_num_processes_launches_the_same_command(cli, workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(dp, "launch", lambda args, n: calls.append((args, n)) or 0)
+    monkeypatch.setattr(dp, "launch", lambda args, n: calls.append((args, n)) or dp.Launched(0))
     args = ["extract", "-w", str(workspace.root), "--responses-run", "3", "--layer", "2", "--layer", "5"]
     result = cli.invoke(app, [*args, "--no-compile", "--num-processes", "2", "--chunk-rows", "4", "--json"])
     assert result.exit_code == 0, result.output
@@ -121,10 +122,34 @@ def test_num_processes_launches_the_same_command(cli, workspace, monkeypatch: py
     assert forwarded[0] == "extract" and forwarded[forwarded.index("--responses-run") + 1] == "3"
     assert forwarded.count("--layer") == 2 and "--no-compile" in forwarded and "--json" in forwarded
     assert forwarded[forwarded.index("--chunk-rows") + 1] == "4" and str(workspace.root) in forwarded
-    monkeypatch.setattr(dp, "launch", lambda args, n: 3)
+    monkeypatch.setattr(dp, "launch", lambda args, n: dp.Launched(3))
     assert cli.invoke(app, [*args, "--num-processes", "2"]).exit_code == 3  # a failed rank's exit code
     bad = cli.invoke(app, [*args, "--num-processes", "0"])
     assert bad.exit_code == 2 and "--num-processes must be >= 1" in bad.output
+
+
+def test_the_rank_that_failed_first_is_named_and_noted_on_the_run(
+    cli, workspace, make_extraction_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real launch of two ranks that both fail: the outcome names the first (by its failure time) and the exit
+    code; the CLI notes it in front of the run's own error (rank 0, stopped by the launcher, only knows it was
+    terminated) and prints it with the resume command."""
+    from personavec.store.runs import finish_run, get_run
+
+    launched = dp.launch(["extract", "-w", str(workspace.root), "--resume", "999999"], 2)
+    # rank 0 exits 2 (no such run); rank 1 exits 1 when rank 0 tells it so, or is stopped by the launcher (SIGTERM)
+    assert launched.code in (1, 2) and launched.run_id is None
+    assert re.fullmatch(r"rank [01] of 2 failed first \(exit code [12]\); the launcher then stopped the others",
+                        launched.first_failure)  # fmt: skip
+    run_id = make_extraction_run(workspace).run_id
+    with workspace.catalog().session() as session:
+        finish_run(session, run_id, "interrupted", "Terminated: terminated by signal 15")
+    note = "rank 1 of 2 failed first (killed by signal 9); the launcher then stopped the others"
+    monkeypatch.setattr(dp, "launch", lambda args, n: dp.Launched(137, run_id, note))
+    out = cli.invoke(app, ["extract", "-w", str(workspace.root), "--resume", str(run_id), "--num-processes", "2"])
+    assert out.exit_code == 137
+    assert note in out.output and f"personavec extract --resume {run_id} --num-processes 2" in out.output
+    assert get_run(workspace.catalog(), run_id).error == f"{note}; Terminated: terminated by signal 15"
 
 
 # -- the activation store at an fsspec URL (one process) -----------------------------------------------------------

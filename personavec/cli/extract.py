@@ -7,7 +7,17 @@ from typing import Annotated, Any
 
 import typer
 
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, stage_progress, workspace
+from personavec.cli.app import (
+    JsonOpt,
+    WorkspaceOpt,
+    app,
+    command,
+    console,
+    emit_json,
+    err_console,
+    stage_progress,
+    workspace,
+)
 
 
 @app.command()
@@ -112,9 +122,19 @@ def extract(
     if num_processes is not None and num_processes < 1:
         raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
     if world == 1 and num_processes is not None and num_processes > 1:
-        code = distributed.launch(["extract", *_forwarded(ctx, skip=("num_processes",))], num_processes)
-        if code:
-            raise typer.Exit(code)
+        launched = distributed.launch(["extract", *_forwarded(ctx, skip=("num_processes",))], num_processes)
+        if launched.code:
+            if launched.first_failure:
+                where = ""
+                if launched.run_id is not None:
+                    from personavec.store.runs import note_run_error
+
+                    note_run_error(workspace(ws).require().catalog(), launched.run_id, launched.first_failure)
+                    where = f" (extraction run {launched.run_id}; resume it with `personavec extract --resume "
+                    where += f"{launched.run_id} --num-processes {num_processes}`)"
+                line = f"[bold red]error:[/] {launched.first_failure}{where}"
+                err_console.print(line, highlight=False, soft_wrap=True)
+            raise typer.Exit(launched.code)
         return
     if world > 1 and num_processes not in (None, world):
         raise ConfigError(f"--num-processes {num_processes} inside a launch of {world} processes: leave it out")

@@ -37,12 +37,14 @@ import logging
 import os
 import pickle
 import queue
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -591,6 +593,7 @@ def _lead(
         else:
             opened, pending = resumed_run(ws, catalog, resume, config, loaded)
         info = opened.info
+        _tell_launcher(info.run_id)
         per = arrays.rows_per_chunk(opened.array)
         costs = [len(a) + len(q) + len(sp or "") for sp, q, a in pending.conversations]  # before tokenizing
         shares, pooled = split_chunks(pending.rows, costs, per, channel.world, tuning.pool_fraction)
@@ -796,25 +799,70 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(args: Sequence[str], num_processes: int, *, main_process_port: int | None = None) -> int:
+#: Set by :func:`launch` for the processes it starts: rank 0 writes the id of the run it opened there.
+RUN_ID_FILE_ENV = "PERSONAVEC_RUN_ID_FILE"
+
+
+@dataclass(frozen=True)
+class Launched:
+    """How a :func:`launch` ended: the exit code (0: every rank succeeded), the run rank 0 opened (if it got that
+    far) and, when a rank failed, which one failed first and how."""
+
+    code: int
+    run_id: int | None = None
+    first_failure: str | None = None
+
+
+def launch(args: Sequence[str], num_processes: int, *, main_process_port: int | None = None) -> Launched:
     """Run ``python -m personavec ARGS`` in ``num_processes`` processes on this machine with accelerate's launcher
-    (``accelerate launch --multi_gpu --num_processes N -m personavec ARGS``); returns the exit code (rank 0's when
-    it failed, else the first failing rank's; 0 when every rank succeeded).
+    (``accelerate launch --multi_gpu --num_processes N -m personavec ARGS``). When a rank fails, the launcher
+    stops the others (SIGTERM): the outcome names the rank that failed first, its exit code (rank 0's when it
+    failed, else the first failing rank's; a rank killed by signal N gives 128+N) and the run rank 0 opened.
 
     Example:
-        >>> launch(["extract", "--responses-run", "2", "-w", "ws"], 2)
+        >>> launch(["extract", "--responses-run", "2", "-w", "ws"], 2).code
         0
     """
+    import tempfile
+
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     argv = ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
     argv += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     argv += ["--main_process_port", str(main_process_port or free_port()), "-m", "personavec", *args]
-    try:
-        launch_command(launch_command_parser().parse_args(argv))
-    except ChildFailedError as exc:
-        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
-        code = codes.get(0, next(iter(codes.values()), 1))
-        return 128 - code if code < 0 else code or 1  # a rank killed by signal N exits -N: report 128+N
-    return 0
+    with tempfile.TemporaryDirectory(prefix="personavec-launch-") as tmp:
+        run_file = Path(tmp) / "run_id"
+        saved = os.environ.get(RUN_ID_FILE_ENV)
+        os.environ[RUN_ID_FILE_ENV] = str(run_file)  # the launcher starts the ranks with this environment
+        try:
+            launch_command(launch_command_parser().parse_args(argv))
+        except ChildFailedError as exc:
+            # The launcher SIGTERMs the ranks left once one fails, and failure times are whole seconds: a rank
+            # ended by SIGTERM is taken to have been stopped, not to have failed first.
+            stopped = -signal.SIGTERM
+            failures = sorted(exc.failures.items(), key=lambda kv: (kv[1].exitcode == stopped, kv[1].timestamp, kv[0]))
+            rank, first = failures[0]
+            own = exc.failures.get(0)
+            code = own.exitcode if own is not None and own.exitcode != stopped else first.exitcode
+            how = f"killed by signal {-first.exitcode}" if first.exitcode < 0 else f"exit code {first.exitcode}"
+            text = run_file.read_text().strip() if run_file.exists() else ""
+            return Launched(
+                128 - code if code < 0 else code or 1,
+                int(text) if text.isdigit() else None,
+                f"rank {rank} of {num_processes} failed first ({how}); the launcher then stopped the others",
+            )
+        finally:
+            if saved is None:
+                os.environ.pop(RUN_ID_FILE_ENV, None)
+            else:
+                os.environ[RUN_ID_FILE_ENV] = saved
+    return Launched(0)
+
+
+def _tell_launcher(run_id: int) -> None:
+    """Rank 0, started by :func:`launch`: write the run's id where the launching process reads it."""
+    path = os.environ.get(RUN_ID_FILE_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(str(run_id))

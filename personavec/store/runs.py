@@ -162,6 +162,17 @@ def get_run(catalog: Catalog, run_id: int, kinds: tuple[str, ...] | None = None)
         return run_in_session(session, run_id, kinds)
 
 
+def note_run_error(catalog: Catalog, run_id: int, note: str) -> None:
+    """Put ``note`` in front of a run's error (what a process outside the run learned of its end, e.g. which rank
+    of a launch failed first); a run that ended ``done`` is left as it is."""
+    with catalog.session() as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise RunNotFoundError(f"run {run_id} does not exist")
+        if run.status != "done":
+            run.error = f"{note}; {run.error}" if run.error else note
+
+
 _COUNTS = """
 WITH c AS (
     SELECT run_id, count(*) FILTER (WHERE text IS NOT NULL) AS items,
