@@ -357,6 +357,7 @@ def compute_vectors(
         "model": ext.model,
         "model_revision": ext.model_revision,
         "architecture": ext.architecture,
+        "model_type": ext.model_type,
         "n_model_layers": ext.n_model_layers,
         "d_model": ext.d_model,
         "dtype": ext.dtype,

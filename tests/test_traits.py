@@ -225,8 +225,8 @@ def test_equality_filters_on_logprob_scores_compare_the_integer_verdict(workspac
     # = compares the verdict: every "sure" and "split" answer (questions 2 and 3, cynic's 3 only)
     assert kept_by("role_adherence = 3") == expected(lambda top, v: v == 3) == dict(dict.fromkeys(PERSONAS, 2), cynic=1)
     assert kept_by("role_adherence in (2, 3)") == expected(lambda top, v: v in (2, 3)) == dict.fromkeys(PERSONAS, 2)
-    assert kept_by("role_adherence != 3") == expected(lambda top, v: v != 3) == dict(
-        dict.fromkeys(PERSONAS, 1), cynic=2
+    assert (
+        kept_by("role_adherence != 3") == expected(lambda top, v: v != 3) == dict(dict.fromkeys(PERSONAS, 1), cynic=2)
     )
     # order operators compare the expected score: 2.05 and 2.0 pass >= 2, 1.05 does not; 2.99996 fails > 2.9999999
     assert kept_by("role_adherence >= 2") == expected(lambda top, v: score(top) >= 2) == dict.fromkeys(PERSONAS, 2)

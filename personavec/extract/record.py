@@ -103,7 +103,7 @@ def new_run(
     model_id, revision = model_provenance(config.model)
     info = xs.create_extraction_run(
         catalog,
-        {**config_dict(config), "layers": list(layers)},
+        {**config_dict(config), "layers": list(layers), "model_type": loaded.model_type},
         _unplanned(records),
         zarr_group=arrays.group_name,
         source_run_id=run,

@@ -245,8 +245,6 @@ def judged_scores(
             top = {int(r[0]): str(r[1]) for r in session.execute(top_q, {"run": run_id, "rubric": rubric})}
             config = run_in_session(session, run_id, ("judge",)).config
             stored = [r for r in (config.get("rubrics") or []) if isinstance(r, dict)]
-            scale = next(
-                ((int(r["min_score"]), int(r["max_score"])) for r in stored if r.get("name") == rubric), None
-            )
+            scale = next(((int(r["min_score"]), int(r["max_score"])) for r in stored if r.get("name") == rubric), None)
             out[rubric] = JudgedScores(rubric, run_id, model, scores, top, scale)
     return out
