@@ -1,10 +1,10 @@
 """Exports of one *direction* (one group of a vectors run, at every layer it holds) that other tools load.
 
 - **GGUF control vector** (``.gguf``), as llama.cpp's ``--control-vector`` reads it and repeng's ``export_gguf``
-  writes it: ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (the model family, e.g.
-  ``llama``), ``controlvector.layer_count`` (number of direction tensors), and one 1-D float32 tensor
-  ``direction.<k>`` of ``d_model`` values per layer. We add ``controlvector.personavec`` (the provenance as JSON),
-  which llama.cpp ignores.
+  writes it: ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (transformers'
+  ``model_type``, e.g. ``llama``, ``gpt_neox``), ``controlvector.layer_count`` (number of direction tensors), and
+  one 1-D float32 tensor ``direction.<k>`` of ``d_model`` values per layer. We add ``controlvector.personavec``
+  (the provenance as JSON), which llama.cpp ignores.
 - **safetensors** (``.safetensors``): one float32 tensor ``layer.<L>`` per layer in our numbering, the provenance
   as JSON in the metadata (``personavec``) with the numbering spelled out.
 
@@ -76,6 +76,7 @@ class ExportResult:
     layers: dict[int, int]
     skipped: dict[int, str]
     model_hint: str | None = None
+    model_hint_note: str | None = None  # where the hint came from when the vectors run recorded no model_type
 
 
 def load_direction(
@@ -127,14 +128,48 @@ def llama_cpp_layer(layer: int, n_model_layers: int | None) -> int | str:
 _ARCH_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel", "Model")
 
 
-def model_hint_for(provenance: dict[str, Any]) -> str:
-    """repeng's ``model_hint`` (transformers' ``model_type``), read from the architecture class name
-    (``LlamaForCausalLM`` -> ``llama``, ``Gemma3ForConditionalGeneration`` -> ``gemma3``), else the model name."""
+def model_type_of_architecture(architecture: str) -> str | None:
+    """transformers' ``model_type`` whose auto classes include ``architecture`` (``GPTNeoXForCausalLM`` ->
+    ``gpt_neox``), or None when transformers maps no model type, or several, to it. Where several model types share
+    the class (``LlamaForCausalLM``: ``llama``, ``exaone``...), the one spelled like the class is taken (``llama``)."""
+    from transformers.models.auto import modeling_auto
+
+    types = set()
+    for name in dir(modeling_auto):
+        mapping = getattr(modeling_auto, name) if name.endswith("_MAPPING_NAMES") else None
+        if isinstance(mapping, dict):
+            for model_type, classes in mapping.items():
+                if architecture in (classes if isinstance(classes, tuple | list) else (classes,)):
+                    types.add(str(model_type))
+    if len(types) == 1:
+        return types.pop()
+    spelled = next((architecture[: -len(x)] for x in _ARCH_SUFFIXES if architecture.endswith(x)), "").lower()
+    return spelled if spelled in types else None
+
+
+def model_hint_for(provenance: dict[str, Any]) -> tuple[str, str | None]:
+    """``(hint, note)``: repeng's and llama.cpp's ``controlvector.model_hint``, which is transformers'
+    ``model_type`` (``gpt_neox``, ``qwen3_moe``; repeng writes ``model.config.model_type``).
+
+    The extraction run records the model's ``config.model_type`` and the vectors run carries it (``note`` is None).
+    Runs recorded before that have only the architecture class: its model type is looked up in transformers' auto
+    mappings and ``note`` says so. :class:`ConfigError` when neither gives one: pass ``model_hint``."""
+    model_type = provenance.get("model_type")
+    if isinstance(model_type, str) and model_type:
+        return model_type, None
+    run = provenance.get("run_id", "?")
     arch = str(provenance.get("architecture") or "")
-    for suffix in _ARCH_SUFFIXES:
-        if arch.endswith(suffix) and len(arch) > len(suffix):
-            return arch[: -len(suffix)].lower()
-    return arch.lower() or str(provenance.get("model", "")).rsplit("/", 1)[-1].lower()
+    found = model_type_of_architecture(arch) if arch else None
+    if found is None:
+        raise ConfigError(
+            f"vectors run {run} records no model_type (computed before personavec recorded it) and transformers "
+            f"maps no single model type to its architecture {arch or '(none recorded)'!r}: give the model hint, "
+            "transformers' model_type of the model (--model-hint, e.g. llama)"
+        )
+    return found, (
+        f"vectors run {run} records no model_type (computed before personavec recorded it): model_hint {found!r} is "
+        f"transformers' model type of its architecture {arch}; --model-hint overrides it"
+    )
 
 
 def export_direction(
@@ -154,7 +189,8 @@ def export_direction(
         path: output file; ``fmt`` defaults to its suffix (``.gguf``, ``.safetensors``).
         layers_named: the caller named the layers: a layer llama.cpp has no index for is an error instead of
             being skipped.
-        model_hint: GGUF ``controlvector.model_hint`` (default from the architecture, see :func:`model_hint_for`).
+        model_hint: GGUF ``controlvector.model_hint`` (default: the recorded ``model_type``, see
+            :func:`model_hint_for`).
         overwrite: replace an existing file.
 
     Example: ``export_direction(load_direction(9, "pirate", workspace=ws), "pirate.gguf")``.
@@ -191,11 +227,11 @@ def export_direction(
             f"vectors run {direction.run_id} holds no layer llama.cpp can steer ({'; '.join(skipped.values())}): "
             "compute vectors at layers 2..n-1"
         )
-    hint = model_hint or model_hint_for(direction.provenance)
+    hint, note = (model_hint, None) if model_hint else model_hint_for(direction.provenance)
     if not re.fullmatch(r"[\w.\-]+", hint):
-        raise ConfigError(f"model hint {hint!r} must be a model family name such as 'llama'")
+        raise ConfigError(f"model hint {hint!r} must be a model type such as 'llama' or 'gpt_neox'")
     atomic_write(path, lambda tmp: _write_gguf(direction, mapping, hint, meta, tmp))
-    return ExportResult(path, fmt, direction.group, mapping, skipped, hint)
+    return ExportResult(path, fmt, direction.group, mapping, skipped, hint, note)
 
 
 def _write_gguf(direction: Direction, mapping: dict[int, int], hint: str, meta: str, tmp: Path) -> None:
@@ -238,4 +274,5 @@ __all__ = [
     "llama_cpp_layer",
     "load_direction",
     "model_hint_for",
+    "model_type_of_architecture",
 ]

@@ -388,6 +388,7 @@ class LoadedModel:
     device: str
     dtype: Any
     layers_path: str | None = None  # where ``layers`` was found (None: auto-detected again when needed)
+    model_type: str | None = None  # transformers' ``config.model_type`` (``llama``, ``gpt_neox``, ``qwen3_moe``)
 
     @property
     def input_device(self) -> Any:
@@ -467,4 +468,5 @@ def load_model(
         device=dev if device_map is None else f"device_map={device_map}",
         dtype=torch_dtype,
         layers_path=found,
+        model_type=getattr(model.config, "model_type", None) or None,
     )

@@ -357,6 +357,7 @@ def compute_vectors(
         "model": ext.model,
         "model_revision": ext.model_revision,
         "architecture": ext.architecture,
+        "model_type": ext.model_type,
         "n_model_layers": ext.n_model_layers,
         "d_model": ext.d_model,
         "dtype": ext.dtype,
@@ -420,11 +421,19 @@ def _filter_by_judgements(
             f"filter group(s) {', '.join(map(repr, unknown))} are not {config.group_by} groups of this run "
             f"(groups: {', '.join(gidx)})"
         )
-    scored = judged_scores(catalog, response_run_id, [f.rubric for f in filters], config.judge_runs)
-    response_ids = table["response_id"].to_pylist()
+    on_verdict = [f.rubric for f in filters if f.on_verdict]
+    scored = judged_scores(
+        catalog, response_run_id, [f.rubric for f in filters], config.judge_runs, alternatives=on_verdict
+    )
+    response_ids = [int(r) for r in table["response_id"].to_pylist()]
+    verdicts = {rubric: _verdicts(scored[rubric], response_ids) for rubric in dict.fromkeys(on_verdict)}
     for f in filters:
-        by_response = scored[f.rubric].scores
-        keep = f.keep(np.array([by_response.get(int(r), np.nan) for r in response_ids], dtype=np.float64))
+        if f.on_verdict:
+            values = verdicts[f.rubric]
+        else:
+            by_response = scored[f.rubric].scores
+            values = np.array([by_response.get(r, np.nan) for r in response_ids], dtype=np.float64)
+        keep = f.keep(values)
         if f.group is None:
             membership[:, ~keep] = 0.0
         else:
@@ -432,6 +441,26 @@ def _filter_by_judgements(
     return {
         s.rubric: {"judge_run_id": s.judge_run_id, "model": s.model, "n_scored": len(s.scores)} for s in scored.values()
     }
+
+
+def _verdicts(scored: Any, response_ids: Sequence[int]) -> np.ndarray:
+    """Each response's integer verdict under one rubric (NaN: no score), see
+    :func:`personavec.judging.scores.integer_verdict`."""
+    import json
+
+    from personavec.judging.scores import integer_verdict
+
+    lo, hi = scored.scale if scored.scale is not None else (-(2**63), 2**63 - 1)
+    out = np.full(len(response_ids), np.nan)
+    for i, r in enumerate(response_ids):
+        score = scored.scores.get(r)
+        if score is None:
+            continue
+        top = scored.top_logprobs.get(r)
+        probs = json.loads(top) if top is not None else None
+        method = "logprobs" if isinstance(probs, dict) else None
+        out[i] = integer_verdict(score, method, probs, lo, hi)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- load

@@ -20,7 +20,8 @@ LAYERS = (0, 1, 2, 5, 8)  # the synthetic model has 8 blocks: hidden_states 0..8
 
 @pytest.fixture
 def vector_run(workspace, make_extraction_run):
-    ext = make_extraction_run(workspace, layers=LAYERS, d_model=16)
+    # an extraction recorded before personavec kept the model_type: the GGUF hint falls back to the architecture
+    ext = make_extraction_run(workspace, layers=LAYERS, d_model=16, architecture="GPTNeoXForCausalLM")
     return compute_vectors(workspace, VectorConfig(ext.run_id)).run_id
 
 
@@ -53,10 +54,25 @@ def test_layer_mapping_to_llama_cpp():
     assert [llama_cpp_layer(layer, 8) for layer in (2, 5, 7)] == [1, 4, 6]
     for layer, why in ((0, "embedding"), (1, "direction.0"), (8, "final-norm")):
         assert why in llama_cpp_layer(layer, 8)
-    assert model_hint_for({"architecture": "LlamaForCausalLM"}) == "llama"
-    assert model_hint_for({"architecture": "Gemma3ForConditionalGeneration"}) == "gemma3"
-    assert model_hint_for({"architecture": "GPT2LMHeadModel"}) == "gpt2"
-    assert model_hint_for({"architecture": "", "model": "org/Qwen3-8B"}) == "qwen3-8b"
+
+
+def test_model_hint_is_transformers_model_type():
+    # recorded with the run: used as is
+    assert model_hint_for({"model_type": "qwen3_moe", "architecture": "Qwen3MoeForCausalLM"}) == ("qwen3_moe", None)
+    # older runs: transformers' auto mappings, and a note saying so
+    hint, note = model_hint_for({"run_id": 7, "architecture": "GPTNeoXForCausalLM"})
+    assert hint == "gpt_neox" and "vectors run 7 records no model_type" in note and "GPTNeoXForCausalLM" in note
+    for arch, model_type in (
+        ("Qwen3MoeForCausalLM", "qwen3_moe"),
+        ("LlamaForCausalLM", "llama"),  # also exaone's, internlm3's...: the one spelled like the class
+        ("Gemma3ForConditionalGeneration", "gemma3"),
+        ("Gemma3ForCausalLM", "gemma3_text"),
+        ("GPT2LMHeadModel", "gpt2"),
+    ):
+        assert model_hint_for({"architecture": arch})[0] == model_type, arch
+    for prov in ({"architecture": "Synthetic"}, {"architecture": "", "model": "org/Qwen3-8B"}):
+        with pytest.raises(ConfigError, match="records no model_type.*--model-hint"):
+            model_hint_for(prov)
 
 
 def test_gguf_control_vector_reads_back_as_llama_cpp_expects(workspace, vector_run, tmp_path):
@@ -66,7 +82,8 @@ def test_gguf_control_vector_reads_back_as_llama_cpp_expects(workspace, vector_r
     assert res.format == "gguf" and res.layers == {2: 1, 5: 4} and sorted(res.skipped) == [0, 1, 8]
     fields, tensors = read_gguf(tmp_path / "ghost.gguf")
     assert fields["general.architecture"] == "controlvector"
-    assert fields["controlvector.model_hint"] == "synthetic"  # architecture "Synthetic" (no ...ForCausalLM suffix)
+    assert fields["controlvector.model_hint"] == res.model_hint == "gpt_neox"  # not "gptneox" from the class name
+    assert "records no model_type" in res.model_hint_note
     assert fields["controlvector.layer_count"] == 2
     prov = json.loads(fields["controlvector.personavec"])
     assert prov["run_id"] == vector_run and prov["group"] == "ghost" and prov["model"] == "synthetic/model"
@@ -121,10 +138,51 @@ def test_cli_export_direction(workspace, vector_run, tmp_path, cli):
     res = cli.invoke(app, base + ["--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
-    assert got["layers"] == {"2": 1, "5": 4} and got["model_hint"] == "synthetic"
+    assert got["layers"] == {"2": 1, "5": 4} and got["model_hint"] == "gpt_neox"
     res = cli.invoke(app, base)
     assert res.exit_code == 2 and "exists" in res.output
     res = cli.invoke(app, base + ["--overwrite", "-l", "8"])
     assert res.exit_code == 2 and "final-norm" in res.output
     res = cli.invoke(app, base + ["--overwrite", "-l", "5"])
     assert res.exit_code == 0 and "5->4" in res.output
+    assert "note: vectors run" in res.output and "model_hint 'gpt_neox'" in res.output
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "qwen3_moe"])
+def test_extraction_records_model_type_and_the_gguf_hint_uses_it(
+    arch, workspace, seed_cache_file, tiny_root, tmp_path, cli
+):
+    """The GGUF model_hint was derived from the class name (GPTNeoXForCausalLM -> 'gptneox'); repeng writes
+    transformers' model_type. A real extraction on a tiny model records it, the vectors carry it, the export uses it."""
+    from tiny_models import tiny_model_dir
+
+    from personavec.extract import ExtractConfig, run_extraction
+    from personavec.ingest import IngestConfig, ingest
+    from personavec.store.extraction import get_extraction_run
+
+    responses = ingest(workspace, IngestConfig("responses", seed_cache_file)).run_id
+    model = str(tiny_model_dir(tiny_root, arch, "chatml"))
+    ext = run_extraction(workspace, ExtractConfig(responses_run=responses, model=model, layers=(2, 3), device="cpu"))
+    info = get_extraction_run(workspace.catalog(), ext.run_id)
+    assert info.model_type == arch and info.architecture != arch  # GPTNeoXForCausalLM / Qwen3MoeForCausalLM
+    vectors = compute_vectors(workspace, VectorConfig(ext.run_id)).run_id
+    assert load_vectors(vectors, 2, workspace=workspace).provenance["model_type"] == arch
+    out = tmp_path / "d.gguf"
+    res = cli.invoke(app, ["export-direction", str(vectors), "default", str(out), "-w", str(workspace.root)])
+    assert res.exit_code == 0, res.output
+    assert "note" not in res.output  # the hint was recorded, not guessed
+    assert read_gguf(out)[0]["controlvector.model_hint"] == arch
+
+
+def test_without_model_type_or_a_known_architecture_the_hint_must_be_given(
+    workspace, make_extraction_run, tmp_path, cli
+):
+    ext = make_extraction_run(workspace, layers=(2, 5), d_model=16)  # architecture "Synthetic", no model_type
+    run = compute_vectors(workspace, VectorConfig(ext.run_id)).run_id
+    out = tmp_path / "g.gguf"
+    base = ["export-direction", str(run), "ghost", str(out), "-w", str(workspace.root)]
+    res = cli.invoke(app, base)
+    assert res.exit_code == 2 and "--model-hint" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob("*.gguf*"))
+    res = cli.invoke(app, [*base, "--model-hint", "llama"])
+    assert res.exit_code == 0 and read_gguf(out)[0]["controlvector.model_hint"] == "llama"

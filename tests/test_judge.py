@@ -9,6 +9,7 @@ import math
 import re
 import sys
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from fault_server import FaultServer, first_token_logprobs, sigkill_once_answered
@@ -19,7 +20,7 @@ from personavec.errors import ConfigError, EndpointError, InputFileError, RunNot
 from personavec.ingest import IngestConfig, ingest
 from personavec.judging.judge import JudgeConfig, run_judge
 from personavec.judging.rubrics import BUILTIN_RUBRICS, Rubric, read_rubric_file, resolve_rubric
-from personavec.judging.scores import parse_filter, score_answer
+from personavec.judging.scores import integer_verdict, parse_filter, score_answer
 from personavec.workspace import Workspace
 
 COHERENCE, ROLE = BUILTIN_RUBRICS["coherence"], BUILTIN_RUBRICS["role_adherence"]
@@ -148,12 +149,28 @@ def test_filters_parse():
         g
     ) == "trait:pos: pirate >= 50.5"
     assert parse_filter("x == 1").op == "=" and parse_filter("x <> 1").op == "!="
-    import numpy as np
 
     assert parse_filter("c >= 50").keep(np.array([49.0, 50.0, np.nan])).tolist() == [False, True, False]
-    for bad in ("coherence", "coherence >= high", "3 = 3", "coherence ~ 3"):
+    for bad in ("coherence", "coherence >= high", "3 = 3", "coherence ~ 3", "x in ()", "x in 2, 3", "x = 2.5"):
         with pytest.raises(ConfigError, match="cannot read the filter"):
             parse_filter(bad)
+    # =, != and in compare integer verdicts; order operators compare scores
+    both = parse_filter("pos: role_adherence IN (2, 3)")
+    assert (both.group, both.op, both.values, both.on_verdict) == ("pos", "in", (2.0, 3.0), True)
+    assert str(both) == "pos: role_adherence in (2, 3)" and not parse_filter("c >= 2").on_verdict
+    assert both.keep(np.array([1.0, 2.0, 3.0, np.nan])).tolist() == [False, True, True, False]
+    assert parse_filter("r != 3").keep(np.array([3.0, 1.0, np.nan])).tolist() == [False, True, False]
+
+
+def test_integer_verdict_is_the_scales_likeliest_integer():
+    assert integer_verdict(2.99996, "logprobs", {"3": 0.99996, "2": 0.00004}, 0, 3) == 3.0
+    # the expectation 2.05 would round to 2; the judge writes 3 (its likeliest token)
+    assert integer_verdict(2.05, "logprobs", {"3": 0.45, "2": 0.35, "0": 0.2}, 0, 3) == 3.0
+    # tokens of one integer add up (" 2" + "2" = 0.5 > 0.45); off-scale and non-numeric tokens do not count
+    assert integer_verdict(2.3, "logprobs", {"3": 0.45, "2": 0.3, " 2": 0.2, "4": 0.9, "REF": 0.9}, 0, 3) == 2.0
+    assert integer_verdict(2.5, "logprobs", {"3": 0.5, "2": 0.5}, 0, 3) == 2.0  # a tie goes to the smaller
+    assert integer_verdict(72.0, "parsed", None, 0, 100) == 72.0  # a parsed score is what the judge wrote
+    assert integer_verdict(2.0, "logprobs", {"REF": 1.0}, 0, 3) == 2.0  # no integer alternative kept: the score
 
 
 def test_config_validation_and_stored_roundtrip():

@@ -350,6 +350,20 @@ def test_cli_generate_local_steer_sweep_report_and_monitor(workspace, tiny8, vec
     assert record.kind == "cap" and record.percentile == 50.0 and record.per_layer[0].tau is not None
 
 
+def test_cli_steer_positions_response_is_stored_with_the_run(workspace, tiny8, vectors_run, cli):
+    w = ["-w", str(workspace.root), "--model", tiny8, "--device", "cpu", "--dtype", "float32", "--temperature", "0"]
+    args = ["steer", *w, "--vector", f"{vectors_run}:storyteller-default", "--layer", "5", "--coef", "6"]
+    pick = ["--persona", "default", "--question", "0", "--max-tokens", "4", "--json"]
+    out = _last_json(cli.invoke(app, [*args, "--positions", "response", *pick]))
+    run = out["runs"][0]["run_id"] if "runs" in out else out["run_id"]
+    assert _sql(workspace, f"SELECT positions, spec->>'positions' FROM run_interventions WHERE run_id = {run}") == [
+        ("response", "response")
+    ]
+    assert get_run(workspace.catalog(), run).config["steering"]["positions"] == "response"
+    res = cli.invoke(app, [*args, "--positions", "prompt", *pick])
+    assert res.exit_code == 2 and "positions must be one of all, generated, response" in res.output
+
+
 def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):
     w = ["-w", str(workspace.root), "--model", tiny8, "--device", "cpu"]
     res = cli.invoke(app, ["steer", *w, "--vector", "pirate"])

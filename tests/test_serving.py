@@ -166,6 +166,31 @@ def test_a_mixed_batch_gives_each_request_its_own_tokens(setup):
 
 
 @pytest.mark.slow
+def test_response_positions_served_are_persona_vectors_response(setup):
+    """positions "response" on the server: the prefill changes each joiner's last prompt token only (rows are
+    right-aligned), decoding steps change every row's token; equal to persona_vectors' hook and to the local engine,
+    alone and in a batch with a "generated" request of another prompt length."""
+    from reference_steering import persona_vectors_response_generate
+
+    from personavec.generation.local import prompt_ids
+
+    server, loaded = setup["server"], setup["loaded"]
+    v = _direction(64, 6)
+    response = [{"vector": v, "layers": [3], "coef": 3.0, "positions": "response"}]
+    generated = [{"vector": v, "layers": [3], "coef": 3.0, "positions": "generated"}]
+    jobs = [(PROMPTS[1], response), (PROMPTS[2], generated), (PROMPTS[0], response), (PROMPTS[3], None)]
+    alone = [_ask(server, *p, s, max_tokens=12).choices[0].message.content for p, s in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda j: _ask(server, *j[0], j[1], max_tokens=12).choices[0].message.content, jobs))
+    assert together == alone
+    ids = [prompt_ids(loaded.tokenizer, *PROMPTS[i]) for i in (1, 0)]
+    reference = persona_vectors_response_generate(loaded, ids, np.array(v), 3.0, 3, max_new_tokens=12)
+    want = [loaded.tokenizer.decode([t for t in r if t not in loaded.tokenizer.all_special_ids]) for r in reference]
+    assert [alone[0], alone[2]] == want
+    assert _ask(server, *PROMPTS[1], generated, max_tokens=12).choices[0].message.content != alone[0]
+
+
+@pytest.mark.slow
 def test_streamed_and_non_streamed_answers_are_equal_with_usage_and_logprobs(setup):
     server = setup["server"]
     client = _client(server)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference_steering import persona_vectors_response_generate
 from tiny_models import tiny_model_dir
 
 from personavec.errors import ConfigError
@@ -70,11 +71,12 @@ def _direction(loaded, seed: int = 0) -> np.ndarray:
     [
         lambda v: LayerIntervention(layer=2, kind="add", vector=v, scale=0.0),
         lambda v: LayerIntervention(layer=2, kind="add", vector=v, scale=0.0, positions="generated"),
+        lambda v: LayerIntervention(layer=2, kind="add", vector=v, scale=0.0, positions="response"),
         lambda v: LayerIntervention(layer=1, kind="ablate", vector=np.zeros_like(v), scale=0.0),
         lambda v: LayerIntervention(layer=3, kind="cap", vector=v, tau=math.inf),
         lambda v: LayerIntervention(layer=3, kind="cap", vector=v, tau=math.inf, positions="generated"),
     ],
-    ids=["add0", "add0-generated", "ablate-zero", "cap-inf", "cap-inf-generated"],
+    ids=["add0", "add0-generated", "add0-response", "ablate-zero", "cap-inf", "cap-inf-generated"],
 )
 def test_identity_interventions_reproduce_unsteered_greedy_output(tiny_root, make):
     loaded = _loaded(tiny_root, "llama")
@@ -95,13 +97,14 @@ def test_identity_interventions_reproduce_unsteered_greedy_output(tiny_root, mak
     [
         lambda v: [LayerIntervention(layer=2, kind="add", vector=v, scale=3.0)],
         lambda v: [LayerIntervention(layer=2, kind="add", vector=v, scale=3.0, positions="generated")],
+        lambda v: [LayerIntervention(layer=2, kind="add", vector=v, scale=3.0, positions="response")],
         lambda v: [LayerIntervention(layer=1, kind="ablate", vector=v, scale=-2.0)],
         lambda v: [
             LayerIntervention(layer=1, kind="cap", vector=v, tau=-0.5, positions="generated"),
             LayerIntervention(layer=3, kind="add", vector=-v, scale=1.5),
         ],
     ],
-    ids=["add", "add-generated", "ablate-plus", "cap-generated+add"],
+    ids=["add", "add-generated", "add-response", "ablate-plus", "cap-generated+add"],
 )
 def test_steered_batch_matches_unbatched_uncached_reference(tiny_root, arch, make):
     loaded = _loaded(tiny_root, arch)
@@ -113,6 +116,29 @@ def test_steered_batch_matches_unbatched_uncached_reference(tiny_root, arch, mak
         reference = [_reference(loaded, p, 10, steerer) for p in prompts]
     assert [list(g.token_ids) for g in steered] == reference
     assert [g.token_ids for g in steered] != [g.token_ids for g in plain]  # the intervention did something
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_response_positions_are_persona_vectors_response_token_for_token(tiny_root, arch):
+    """persona_vectors' ActivationSteerer(positions="response") adds to [:, -1, :] of every forward pass: with the
+    KV cache that is the last prompt position and every generated token. positions="response" is exactly that;
+    positions="generated" (the first generated token unsteered) is not."""
+    loaded = _loaded(tiny_root, arch)
+    prompts = _prompts(loaded)
+    v, layer, coef = _direction(loaded, 3), 2, 3.0
+    reference = persona_vectors_response_generate(loaded, prompts, v, coef, layer, max_new_tokens=10)
+
+    def ours(positions: str) -> list[list[int]]:
+        iv = LayerIntervention(layer=layer, kind="add", vector=v, scale=coef, positions=positions)
+        with Steerer(loaded.model, [iv]) as steerer:
+            return [list(g.token_ids) for g in generate_batch(loaded, prompts, max_new_tokens=10, steerer=steerer)]
+
+    assert ours("response") == reference
+    plain = [list(g.token_ids) for g in generate_batch(loaded, prompts, max_new_tokens=10)]
+    generated = ours("generated")
+    assert reference != plain and generated != reference
+    # "generated" leaves the first token unsteered: it is the unsteered model's first token, "response"'s is not
+    assert [g[0] for g in generated] == [p[0] for p in plain] != [r[0] for r in reference]
 
 
 def test_capping_caps_every_position_of_the_capped_layers(tiny_root):

@@ -168,6 +168,83 @@ def test_min_count_fails_loudly(workspace, judged):
         compute_vectors(workspace, VectorConfig(ext.run_id, where=("nobody: coherence > 1",)))
 
 
+#: role adherence as a logprob judge gives it: first-token alternatives, so scores are expected values
+#: (2.99996, never 3) and the integer verdict is the scale's most likely integer.
+LOGPROB_JUDGE = {
+    "sure": ({"3": 0.99996, "2": 0.00004}, 3),  # score 2.99996
+    "split": ({"3": 0.45, "2": 0.35, "0": 0.2}, 3),  # score 2.05: rounding would say 2, the judge writes 3
+    "one": ({"1": 0.9, " 1": 0.05, "2": 0.05}, 1),  # "1" and " 1" are the same integer: score 1.05
+    "off": ({"4": 0.6, "2": 0.4}, 2),  # 4 is off the 0-3 scale: score 2.0, verdict 2 (the scale's likeliest)
+}
+
+
+def logprob_case(persona: str, question: str, questions: list[str]) -> str:
+    if question == questions[0]:
+        return "one"
+    if persona == "cynic" and question == questions[1]:
+        return "off"
+    return "split" if persona == "ghost" else "sure"
+
+
+def test_equality_filters_on_logprob_scores_compare_the_integer_verdict(workspace, make_extraction_run, cli):
+    """`vectors --where "role_adherence = 3"` kept nothing when scores came from logprobs (2.99996 != 3)."""
+    from personavec import EVAL_QUESTIONS
+
+    ext = make_extraction_run(workspace, personas=PERSONAS)
+    qs = EVAL_QUESTIONS[:3]
+
+    def script(attempt, n, body):
+        persona, question = _answer(body).split(" on ", 1)
+        top, _ = LOGPROB_JUDGE[logprob_case(persona, question, qs)]
+        return ("reply", max(top, key=top.__getitem__).strip(), first_token_logprobs(top))  # writes the top token
+
+    with FaultServer(script) as server:
+        judge = run_judge(
+            workspace,
+            JudgeConfig(ext.response_run_id, ("role_adherence",), model="judge", base_url=server.base_url),
+        )
+    assert judge.scored == judge.scored_by_logprobs == 18
+    base = ["vectors", str(ext.run_id), "-w", str(workspace.root), "--json"]
+
+    def kept_by(where: str) -> dict[str, int]:
+        res = cli.invoke(app, [*base, "--where", where])
+        assert res.exit_code == 0, res.output
+        vs = load_vectors(json.loads(res.stdout)["run_id"], ext.layers[0], workspace=workspace)
+        return dict(zip(vs.names, vs.n_examples, strict=True))
+
+    def expected(keep) -> dict[str, int]:
+        counts = {p: 0 for p in PERSONAS}
+        for e in ext.examples:
+            counts[e["persona"]] += bool(keep(*LOGPROB_JUDGE[logprob_case(e["persona"], e["question"], qs)]))
+        return {p: n for p, n in counts.items() if n}
+
+    def score(top):
+        mass = {k: p for t, p in top.items() if (k := int(t)) <= 3}
+        return sum(k * p for k, p in mass.items()) / sum(mass.values())
+
+    # = compares the verdict: every "sure" and "split" answer (questions 2 and 3, cynic's 3 only)
+    assert kept_by("role_adherence = 3") == expected(lambda top, v: v == 3) == dict(dict.fromkeys(PERSONAS, 2), cynic=1)
+    assert kept_by("role_adherence in (2, 3)") == expected(lambda top, v: v in (2, 3)) == dict.fromkeys(PERSONAS, 2)
+    assert (
+        kept_by("role_adherence != 3") == expected(lambda top, v: v != 3) == dict(dict.fromkeys(PERSONAS, 1), cynic=2)
+    )
+    # order operators compare the expected score: 2.05 and 2.0 pass >= 2, 1.05 does not; 2.99996 fails > 2.9999999
+    assert kept_by("role_adherence >= 2") == expected(lambda top, v: score(top) >= 2) == dict.fromkeys(PERSONAS, 2)
+    res = cli.invoke(app, [*base, "--where", "role_adherence > 2.9999999"])
+    assert res.exit_code == 2 and "fewer than 1" in res.output  # nothing is exactly 3: the score is an expectation
+    # the vectors are the means of the kept rows
+    res = cli.invoke(app, [*base, "--where", "ghost: role_adherence = 3"])
+    vs = load_vectors(json.loads(res.stdout)["run_id"], ext.layers[1], workspace=workspace)
+    want, n = _mean(ext, lambda e: e["persona"] == "ghost" and e["question"] != qs[0], 1)
+    np.testing.assert_allclose(vs["ghost"].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert n == 2 and vs.provenance["where"] == ["ghost: role_adherence = 3"]
+    # a non-integer verdict filter is refused in one line, nothing written
+    n_runs = len(cli.invoke(app, ["runs", "-w", str(workspace.root), "--json"]).stdout)
+    res = cli.invoke(app, [*base, "--where", "role_adherence = 2.5"])
+    assert res.exit_code == 2 and "integer verdict" in res.output and len(res.output.strip().splitlines()) == 1
+    assert len(cli.invoke(app, ["runs", "-w", str(workspace.root), "--json"]).stdout) == n_runs
+
+
 def test_contrast_group_is_the_difference_of_filtered_means(workspace, judged, cli):
     ext, judge_run, qs = judged
     config = VectorConfig(

@@ -82,6 +82,24 @@ def tiny_config(arch: str):
             ),
             mm_tokens_per_image=4,
         )
+    if arch == "gpt_neox":  # GPTNeoXForCausalLM: the class name does not spell the model type
+        from transformers import GPTNeoXConfig
+
+        return GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )  # fmt: skip
+    if arch == "qwen3_moe":  # Qwen3MoeForCausalLM: 4 experts, 2 per token
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            **_COMMON,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=1,
+        )
     if arch == "olmo3":
         from transformers import Olmo3Config
 

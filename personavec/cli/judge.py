@@ -288,7 +288,11 @@ def export_direction_cmd(
     layer: Annotated[list[int] | None, typer.Option("--layer", "-l", help="Layer (repeat; default: all).")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="gguf or safetensors (default: by suffix).")] = None,
     model_hint: Annotated[
-        str | None, typer.Option(help="GGUF controlvector.model_hint (default from the architecture, e.g. llama).")
+        str | None,
+        typer.Option(
+            help="GGUF controlvector.model_hint: transformers' model_type (default: the one recorded "
+            "with the extraction run, e.g. gpt_neox).",
+        ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
     ws: WorkspaceOpt = None,
@@ -307,3 +311,5 @@ def export_direction_cmd(
     console.print(f"wrote {res.format} {res.path}: group {group!r} of run {run}, layers (ours->file) {mapping}")
     for k, why in res.skipped.items():
         console.print(f"  skipped layer {k}: {why}")
+    if res.model_hint_note:
+        console.print(f"  note: {res.model_hint_note}")

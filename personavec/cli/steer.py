@@ -69,7 +69,13 @@ def steer(
     normalize: Annotated[
         bool, typer.Option("--normalize", help="Coefficients in units of the layer's mean activation norm.")
     ] = False,
-    positions: Annotated[str, typer.Option(help="all, or generated (the generated tokens only).")] = "all",
+    positions: Annotated[
+        str,
+        typer.Option(
+            help="all; generated (the generated tokens only); or response (those and the last prompt token: "
+            "persona_vectors' positions='response').",
+        ),
+    ] = "all",
     tau: Annotated[
         list[float] | None, typer.Option("--tau", help="cap: threshold on h.u (one, or one per layer; inf ok).")
     ] = None,

@@ -42,8 +42,9 @@ def vectors(
         list[str] | None,
         typer.Option(
             "--where",
-            help="Keep examples whose judge score passes, e.g. 'role_adherence = 3', 'coherence >= 50', or "
-            "'GROUP: RUBRIC OP N' for one group's members; repeatable (all must pass).",
+            help="Keep examples whose judgement passes, e.g. 'role_adherence = 3', 'role_adherence in (2, 3)', "
+            "'coherence >= 50', or 'GROUP: RUBRIC OP N' for one group's members; repeatable (all must pass). "
+            "= != in compare the judge's integer verdict (the scale's likeliest integer), < <= > >= the score.",
         ),
     ] = None,
     min_count: Annotated[

@@ -144,7 +144,7 @@ def record_new(
     model_id, revision = model_provenance(config.model)
     info = xs.create_extraction_run(
         catalog,
-        {**config_dict(config), "layers": list(shape.layers)},
+        {**config_dict(config), "layers": list(shape.layers), "model_type": loaded.model_type},
         _unplanned(records),
         zarr_group=arrays.group_name,
         source_run_id=run,

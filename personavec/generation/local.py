@@ -91,7 +91,8 @@ def generate_batch(
     """Answer a batch of prompts (token ids) with ``model.generate``: left padding, KV cache on.
 
     ``temperature`` 0 is greedy decoding; ``seed`` seeds torch's generator first. ``steerer``: an entered
-    :class:`personavec.steering.interventions.Steerer`, told the padded prompt width (for ``positions="generated"``).
+    :class:`personavec.steering.interventions.Steerer`, told the padded prompt width (for ``positions`` "generated"
+    and "response").
     """
     import torch
 

@@ -125,38 +125,97 @@ def score_answer(text: str, logprobs: Any, rubric: Rubric, *, mode: str = "auto"
     return Scored(parsed, "parsed", top_logprobs=None if top is None else top[1])
 
 
+_NUM = r"[-+]?\d+(?:\.\d+)?"
 _FILTER = re.compile(
     r"^\s*(?:(?P<group>.+?)\s*:\s*)?(?P<rubric>[A-Za-z_][A-Za-z0-9_\-]*)\s*"
-    r"(?P<op>==|=|!=|<>|<=|>=|<|>)\s*(?P<value>[-+]?\d+(?:\.\d+)?)\s*$"
+    rf"(?:(?P<op>==|=|!=|<>|<=|>=|<|>)\s*(?P<value>{_NUM})"
+    rf"|\s(?P<in>in)\s*\(\s*(?P<values>{_NUM}(?:\s*,\s*{_NUM})*)\s*,?\s*\))\s*$",
+    re.IGNORECASE,
 )
+#: Operators that compare the judge's integer verdict (:func:`integer_verdict`) rather than the score.
+VERDICT_OPS = ("=", "!=", "in")
+
+
+def integer_verdict(score: float, method: str | None, top_probs: Mapping[str, float] | None, lo: int, hi: int) -> float:
+    """The integer a judgement says, for the equality filters (``=``, ``!=``, ``in``).
+
+    A score read from logprobs is an expected value (``2.99996`` on a 0-3 scale); its verdict is the scale's most
+    likely integer among the first token's alternatives ``top_probs`` (``{token: probability}``, as stored; tokens
+    that are the same integer up to spaces add up; ties go to the smaller integer). That is the integer a greedy
+    judge writes, which is what assistant-axis reads (it parses the judge's answer). A parsed score is what the
+    judge wrote and is its own verdict, as is a logprobs score whose alternatives were not kept."""
+    if method != "logprobs" or not top_probs:
+        return float(score)
+    mass: dict[int, float] = {}
+    for token, p in top_probs.items():
+        k = _as_int(token)
+        if k is not None and lo <= k <= hi and isinstance(p, int | float):
+            mass[k] = mass.get(k, 0.0) + float(p)
+    if not mass:
+        return float(score)
+    return float(max(sorted(mass), key=lambda k: mass[k]))  # max keeps the first (smallest) of equal masses
 
 
 @dataclass(frozen=True)
 class JudgementFilter:
-    """Keep examples whose ``rubric`` score satisfies ``op value``; with ``group``, only that group's members are
-    filtered (e.g. ``pos: pirate >= 50``). Examples without a score for the rubric are dropped."""
+    """Keep examples whose ``rubric`` judgement satisfies ``op values``; with ``group``, only that group's members
+    are filtered (e.g. ``pos: pirate >= 50``). Examples without a score for the rubric are dropped.
+
+    The order operators (``< <= > >=``) compare the score (with logprobs: the expected value over the scale, as
+    persona_vectors' ``coherence >= 50``); ``=``, ``!=`` and ``in`` compare the judge's integer verdict
+    (:func:`integer_verdict`, as assistant-axis' ``score == 3``), so they take integers only."""
 
     rubric: str
     op: str
-    value: float
+    values: tuple[float, ...]
     group: str | None = None
 
-    def keep(self, scores: np.ndarray) -> np.ndarray:
-        """Boolean mask over ``scores`` (NaN = no score: never kept)."""
+    def __post_init__(self) -> None:
+        if self.op not in _OPS and self.op != "in":
+            raise ConfigError(f"filter operator must be one of {', '.join(_OPS)}, in; got {self.op!r}")
+        if not self.values or (self.op != "in" and len(self.values) != 1):
+            raise ConfigError(f"filter {self.rubric} {self.op}: give {'numbers' if self.op == 'in' else 'one number'}")
+        if self.on_verdict and any(v != int(v) for v in self.values):
+            raise ConfigError(
+                f"cannot read the filter {str(self)!r}: {self.op} compares the judge's integer verdict, so it takes "
+                "integers; compare the score with < <= > >= instead"
+            )
+
+    @property
+    def value(self) -> float:
+        """The number compared with (the first one for ``in``)."""
+        return self.values[0]
+
+    @property
+    def on_verdict(self) -> bool:
+        """True when the filter compares integer verdicts (``=``, ``!=``, ``in``), False for scores."""
+        return self.op in VERDICT_OPS
+
+    def keep(self, values: np.ndarray) -> np.ndarray:
+        """Boolean mask over ``values`` (NaN = no score: never kept): the verdicts when :attr:`on_verdict`, else the
+        scores."""
         with np.errstate(invalid="ignore"):
-            return np.isfinite(scores) & _OPS[self.op](scores, self.value)
+            if self.op == "in":
+                return np.isfinite(values) & np.isin(values, np.asarray(self.values, dtype=np.float64))
+            return np.isfinite(values) & _OPS[self.op](values, self.values[0])
 
     def __str__(self) -> str:
-        return f"{self.group + ': ' if self.group else ''}{self.rubric} {self.op} {self.value:g}"
+        rhs = f"({', '.join(f'{v:g}' for v in self.values)})" if self.op == "in" else f"{self.values[0]:g}"
+        return f"{self.group + ': ' if self.group else ''}{self.rubric} {self.op} {rhs}"
 
 
 def parse_filter(text: str) -> JudgementFilter:
-    """``"role_adherence = 3"``, ``"coherence >= 50"``, ``"pos: pirate >= 50"`` (``GROUP: RUBRIC OP NUMBER``)."""
+    """``"role_adherence = 3"``, ``"role_adherence in (2, 3)"``, ``"coherence >= 50"``, ``"pos: pirate >= 50"``
+    (``GROUP: RUBRIC OP NUMBER`` or ``GROUP: RUBRIC in (N, ...)``)."""
     match = _FILTER.match(text) if isinstance(text, str) else None
     if not match:
         raise ConfigError(
-            f"cannot read the filter {text!r}: write RUBRIC OP NUMBER, optionally after 'GROUP:', with OP one of "
-            "= != < <= > >= (e.g. 'role_adherence = 3', 'coherence >= 50', 'pos: pirate >= 50')"
+            f"cannot read the filter {text!r}: write RUBRIC OP NUMBER or RUBRIC in (N, ...), optionally after "
+            "'GROUP:', with OP one of = != < <= > >= (e.g. 'role_adherence = 3', 'role_adherence in (2, 3)', "
+            "'coherence >= 50', 'pos: pirate >= 50')"
         )
+    if match["in"]:
+        values = tuple(float(v) for v in match["values"].split(","))
+        return JudgementFilter(match["rubric"], "in", values, match["group"])
     op = {"==": "=", "<>": "!="}.get(match["op"], match["op"])
-    return JudgementFilter(match["rubric"], op, float(match["value"]), match["group"])
+    return JudgementFilter(match["rubric"], op, (float(match["value"]),), match["group"])

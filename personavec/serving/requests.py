@@ -11,7 +11,7 @@ a list of::
      "coef": float,                   # add / ablate
      "tau": float | [float, ...],     # cap: one threshold, or one per layer ("inf": no cap)
      "percentile": float, "reference_run": int,   # cap without tau: thresholds from a reference run
-     "positions": "all" | "generated",
+     "positions": "all" | "generated" | "response",
      "normalize": bool}
 
 Every problem is a :class:`BadRequest` naming the field (``interventions[1].coef``), answered as HTTP 400 with one

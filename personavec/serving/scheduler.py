@@ -23,7 +23,8 @@ Interventions are per row: one forward hook per decoder block (registered once, 
 :func:`personavec.steering.interventions.apply_rows` with ``[B, d]`` unit and added vectors and ``[B]`` ablate
 flags and cap thresholds built for the current batch (zeros and ``inf`` for rows without one, which are left
 exactly as they were). ``positions="generated"`` interventions are off in the prefill pass and on in decoding
-steps, as in :class:`personavec.steering.interventions.Steerer`.
+steps; ``positions="response"`` ones change only the last column of the prefill pass (each joiner's last prompt
+token: rows are right-aligned) and are on in decoding steps, as in :class:`personavec.steering.interventions.Steerer`.
 
 Sampling is per row: greedy at temperature 0, else temperature and ``top_p`` with the row's own
 ``torch.Generator`` (seeded with ``seed + i`` for answer ``i``), so an answer does not depend on what else is in the
@@ -262,10 +263,12 @@ class _Row:
 
 
 class _PerRow:
-    """The hook state of one pass: for each steered layer, a list of ``(unit, add, ablate, tau)`` batched tensors."""
+    """The hook state of one pass: for each steered layer, a list of ``(unit, add, ablate, tau, last)`` batched
+    tensors; ``last`` (``[B]`` bool, or None when no row needs it) marks the rows whose intervention in that slot
+    changes only the last position of a prefill pass (``positions="response"``)."""
 
     def __init__(self) -> None:
-        self.by_layer: dict[int, list[tuple[Any, Any, Any, Any]]] = {}
+        self.by_layer: dict[int, list[tuple[Any, Any, Any, Any, Any]]] = {}
 
 
 def _build_state(rows: Sequence[_Row], *, decoding: bool, dtype: Any, devices: dict[int, Any]) -> _PerRow:
@@ -289,7 +292,9 @@ def _build_state(rows: Sequence[_Row], *, decoding: bool, dtype: Any, devices: d
             adds: list[np.ndarray | None] = []
             ablates: list[float] = []
             taus: list[float] = []
+            last: list[bool] = []
             for ivs in lists:
+                last.append(k < len(ivs) and ivs[k].positions == "response" and not decoding)
                 if k < len(ivs):
                     iv = ivs[k]
                     v = iv.as_numpy()
@@ -315,6 +320,7 @@ def _build_state(rows: Sequence[_Row], *, decoding: bool, dtype: Any, devices: d
                     torch.as_tensor(np.stack([a if a is not None else zero for a in adds]), dtype=dtype, device=device),
                     torch.tensor(ablates, dtype=dtype, device=device),
                     torch.tensor(taus, dtype=dtype, device=device),
+                    torch.tensor(last, dtype=torch.bool, device=device) if any(last) else None,
                 )
             )
         assert all(s[0].shape[0] == b for s in slots)
@@ -418,13 +424,19 @@ class Scheduler:
         from personavec.steering.interventions import apply_rows
 
         def edit(h: Any) -> Any:
+            import torch
+
             state = self._state
             slots = state.by_layer.get(layer) if state is not None else None
             if not slots:
                 return h
             x = h if h.dtype == slots[0][0].dtype else h.to(slots[0][0].dtype)
-            for unit, add, ablate, tau in slots:
-                x = apply_rows(x, unit, add, ablate, tau)
+            for unit, add, ablate, tau, last in slots:
+                mask = None
+                if last is not None and x.shape[1] > 1:  # rows are right-aligned: the last column ends each prompt
+                    final = torch.arange(x.shape[1], device=x.device) == x.shape[1] - 1
+                    mask = (final.view(1, -1) | ~last.view(-1, 1)).unsqueeze(-1)
+                x = apply_rows(x, unit, add, ablate, tau, mask)
             return x.to(h.dtype)
 
         return edit

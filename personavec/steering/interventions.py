@@ -4,8 +4,12 @@ Layer convention (the project's): layer ``L`` is ``hidden_states[L]``, the outpu
 intervention at layer ``L`` is a forward hook on block ``L - 1`` that rewrites its output, so every later block (and
 the KV cache they fill) sees the modified stream. Steerable layers are ``1 .. n_layers - 1``: ``hidden_states[0]``
 (embeddings) and ``hidden_states[n]`` (after the final norm) are not outputs of a block. Libraries that index the
-block list directly (safety-research's assistant-axis, persona_vectors, repeng) call block ``i`` "layer i": their
-``i`` is our ``i + 1``.
+block list directly call block ``i`` "layer i": their ``i`` is our ``i + 1``. That is assistant-axis
+(``ActivationSteering(layer_indices=[i])`` and its extraction hooks on ``model.layers[i]``; its axis files and
+"layer 22" of Gemma-2-27B use that count) and repeng (``ControlModel`` layer ``k`` = ``model.layers[k]``, read from
+``hidden_states[k + 1]``). persona_vectors is not: its vector files (``generate_vec.py``: one row per
+``hidden_states`` index) and its ``--layer L`` are our ``L``; only its hook class counts blocks, which is why its eval
+passes ``layer_idx=layer - 1`` to ``ActivationSteerer``.
 
 Per position ``h`` (``[d_model]``, raw and uncentred), with ``v`` the vector, ``u = v / |v|`` (``0`` for a zero
 vector) and ``s`` the scale:
@@ -20,11 +24,13 @@ vector) and ``s`` the scale:
 
 Positions: ``"all"`` changes every position (prompt and generated); ``"generated"`` only positions at or after the
 end of the prompt, i.e. the tokens the model generated as they are fed back in (the first generated token comes
-from the unsteered prompt pass, as in persona_vectors' ``positions="response"``). With left padding and the KV cache,
-the hook sees ``[B, S, d]`` on the prompt pass and ``[B, 1, d]`` per generated token; :class:`Steerer` tracks the
-absolute position of each call (a pass of more than one token starts at 0; a one-token pass continues the previous
-one), and the prompt length is the padded prompt width (set with :meth:`Steerer.begin`, else the width of the first
-multi-token pass).
+from the unsteered prompt pass); ``"response"`` those and the last prompt position, which is exactly what
+persona_vectors' ``ActivationSteerer(positions="response")`` does with the KV cache on: it adds to ``[:, -1, :]`` of
+every forward pass, so the prompt pass's last position is steered too and the first generated token already is.
+With left padding and the KV cache, the hook sees ``[B, S, d]`` on the prompt pass and ``[B, 1, d]`` per generated
+token; :class:`Steerer` tracks the absolute position of each call (a pass of more than one token starts at 0; a
+one-token pass continues the previous one), and the prompt length is the padded prompt width (set with
+:meth:`Steerer.begin`, else the width of the first multi-token pass).
 
 Vectors are named from a vectors run (:mod:`personavec.steering.naming`). See ``docs/steering.md``.
 """
@@ -48,8 +54,9 @@ if TYPE_CHECKING:
 
 #: Intervention kinds.
 KINDS = ("add", "ablate", "cap")
-#: Which positions an intervention changes.
-POSITIONS = ("all", "generated")
+#: Which positions an intervention changes: every one, the generated tokens only, or those and the last prompt
+#: position (persona_vectors' ``positions="response"``).
+POSITIONS = ("all", "generated", "response")
 #: Default percentile of the reference run's per-token projections used as the capping threshold.
 DEFAULT_CAP_PERCENTILE = 25.0
 
@@ -75,7 +82,8 @@ class SteeringConfig:
         layers: ``hidden_states`` indices (``1 .. n_layers - 1``); empty = the vectors run's default layer (the seed's
             default layer when the run has it, else its only layer).
         coef: the coefficient ``c`` of ``add``/``ablate`` (unused by ``cap``).
-        positions: ``"all"`` or ``"generated"``.
+        positions: ``"all"``, ``"generated"`` (the generated tokens as fed back) or ``"response"`` (those and the last
+            prompt position: persona_vectors' ``positions="response"``).
         normalize: ``c`` in units of the layer's mean activation norm instead of the vector as stored.
         tau: ``cap`` thresholds on ``h . u``: one value for every layer or one per layer (``inf`` caps nothing).
         percentile: ``cap`` without ``tau``: the threshold is this percentile of the reference run's per-token
@@ -146,7 +154,9 @@ class SteeringConfig:
         else:
             values = ",".join(f"{c:g}" for c in (coefs if coefs is not None else [self.coef]))
             how = f"x{values}{' (normalized)' if self.normalize else ''}"
-        where = "" if self.positions == "all" else " generated only"
+        where = {"all": "", "generated": " generated only", "response": " last prompt token + generated"}[
+            self.positions
+        ]
         return f"{self.kind} {self.vector} {how} @{layers}{where}"
 
     @classmethod
@@ -409,7 +419,7 @@ class Steerer:
     Example::
 
         with Steerer(model, [LayerIntervention(layer=20, kind="add", vector=v, scale=4.0)]) as steerer:
-            steerer.begin(prompt_len=input_ids.shape[1])   # once per generate call ("generated" positions)
+            steerer.begin(prompt_len=input_ids.shape[1])   # once per generate call ("generated", "response")
             out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
     """
 
@@ -452,14 +462,15 @@ class Steerer:
             self._next[layer] = start + seq
             if seq > 1 and self._auto:
                 self.prompt_len = seq
-            mask = None
-            if any(p.iv.positions == "generated" for p in prepared):
+            masks: dict[str, Any] = {"all": None}
+            if any(p.iv.positions != "all" for p in prepared):
                 first = self.prompt_len if self.prompt_len is not None else seq
                 pos = torch.arange(start, start + seq, device=h.device)
-                mask = (pos >= first).view(1, seq, 1)
+                masks["generated"] = (pos >= first).view(1, seq, 1)
+                masks["response"] = (pos >= first - 1).view(1, seq, 1)  # the last prompt position too
             x = h.float()
             for p in prepared:
-                x = apply_intervention(x, p, mask if p.iv.positions == "generated" else None)
+                x = apply_intervention(x, p, masks[p.iv.positions])
             return x.to(h.dtype)
 
         return edit

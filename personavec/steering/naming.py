@@ -1,7 +1,8 @@
 """Vector names: a vector of a vectors run named on the command line, in a config or in a request.
 
 ``RUN:name`` (a persona, or a persona group of the run's provenance: the mean of its members), ``RUN:a-b`` (a
-difference), ``RUN:axis`` (the run's assistant axis, a unit vector), any of them negated with a leading ``-`` after
+difference), ``RUN:axis`` (the run's assistant axis, ``mean(default) - mean(rest)`` normalised: it points towards the
+``default`` group), any of them negated with a leading ``-`` after
 the colon (``RUN:-axis``). Used by steering, monitoring and the sweep report. See ``docs/steering.md``.
 """
 

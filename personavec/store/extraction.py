@@ -40,6 +40,8 @@ class ExtractionRunInfo:
     n_examples: int
     n_tokens: int | None
     tok_s: float | None
+    #: transformers' ``config.model_type``, from the run's config (None for runs recorded before it was kept)
+    model_type: str | None = None
 
 
 def add_extraction_run(session: Session, run_id: int, **detail: object) -> None:
@@ -52,7 +54,7 @@ def update_extraction_run(session: Session, run_id: int, **values: object) -> No
 
 
 def extraction_run_in_session(session: Session, run_id: int) -> ExtractionRunInfo:
-    run_in_session(session, run_id, ("extract",))
+    run = run_in_session(session, run_id, ("extract",))
     row = session.get(m.ExtractionRun, run_id)
     if row is None:
         raise NotFoundError(f"extract run {run_id} has no extraction_runs row")
@@ -73,6 +75,7 @@ def extraction_run_in_session(session: Session, run_id: int) -> ExtractionRunInf
         n_examples=row.n_examples,
         n_tokens=row.n_tokens,
         tok_s=row.tok_s,
+        model_type=run.config.get("model_type") if isinstance(run.config.get("model_type"), str) else None,
     )
 
 

@@ -11,7 +11,7 @@ resumed run neither duplicates nor loses a judgement.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -56,12 +56,17 @@ class JudgementRow:
 
 @dataclass(frozen=True)
 class JudgedScores:
-    """The scores of one rubric from one judge run: ``{response_id: score}`` (judgements without a score left out)."""
+    """The scores of one rubric from one judge run: ``{response_id: score}`` (judgements without a score left out);
+    with ``judged_scores(..., alternatives=...)``, ``top_logprobs`` holds the stored first-token alternatives (JSON
+    ``{token: probability}``) of the scores read from logprobs, and ``scale`` the rubric's scale as the judge run
+    stored it."""
 
     rubric: str
     judge_run_id: int
     model: str
     scores: dict[int, float]
+    top_logprobs: dict[int, str] = field(default_factory=dict)
+    scale: tuple[int, int] | None = None
 
 
 def create_judge_run(
@@ -188,10 +193,16 @@ GROUP BY j.rubric, j.run_id
 
 
 def judged_scores(
-    catalog: Catalog, responses_run_id: int, rubrics: Sequence[str], judge_runs: Sequence[int] = ()
+    catalog: Catalog,
+    responses_run_id: int,
+    rubrics: Sequence[str],
+    judge_runs: Sequence[int] = (),
+    *,
+    alternatives: Sequence[str] = (),
 ) -> dict[str, JudgedScores]:
     """For each rubric, the scores one judge run gave the responses of ``responses_run_id``: from the latest judge
-    run over that responses run that judged the rubric, or the latest of ``judge_runs`` when given.
+    run over that responses run that judged the rubric, or the latest of ``judge_runs`` when given. For the rubrics
+    in ``alternatives``, also the first-token alternatives of logprob scores and the rubric's scale.
 
     Raises :class:`NotFoundError` naming the rubrics no judge run scored (and the command that would)."""
     rubrics = list(dict.fromkeys(rubrics))
@@ -223,7 +234,19 @@ def judged_scores(
         scores_q = sa.text(
             "SELECT response_id, score FROM judgements WHERE run_id = :run AND rubric = :rubric AND score IS NOT NULL"
         )
+        top_q = sa.text(
+            "SELECT response_id, top_logprobs FROM judgements WHERE run_id = :run AND rubric = :rubric "
+            "AND score IS NOT NULL AND method = 'logprobs' AND top_logprobs IS NOT NULL"
+        )
         for rubric, (run_id, model) in chosen.items():
             rows = session.execute(scores_q, {"run": run_id, "rubric": rubric}).all()
-            out[rubric] = JudgedScores(rubric, run_id, model, {int(r[0]): float(r[1]) for r in rows})
+            scores = {int(r[0]): float(r[1]) for r in rows}
+            if rubric not in alternatives:
+                out[rubric] = JudgedScores(rubric, run_id, model, scores)
+                continue
+            top = {int(r[0]): str(r[1]) for r in session.execute(top_q, {"run": run_id, "rubric": rubric})}
+            config = run_in_session(session, run_id, ("judge",)).config
+            stored = [r for r in (config.get("rubrics") or []) if isinstance(r, dict)]
+            scale = next(((int(r["min_score"]), int(r["max_score"])) for r in stored if r.get("name") == rubric), None)
+            out[rubric] = JudgedScores(rubric, run_id, model, scores, top, scale)
     return out
