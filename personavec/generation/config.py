@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from personavec.config import DTYPES, OPENROUTER_BASE_URL, config_from_dict
+from personavec.config import DTYPES, OPENROUTER_BASE_URL, config_from_dict, resumed_config
 from personavec.errors import ConfigError
 from personavec.steering.interventions import SteeringConfig
 from personavec.store.generation import get_generation_run
@@ -189,18 +189,11 @@ class GenerateConfig:
         run's values, else :class:`ConfigError` names them. New base URLs without a new ``api_key_env`` fall back to
         the default key rule: a key is sent only where its variable was named."""
         original = config_from_dict(cls, dict(stored))
-        config = dataclasses.replace(original, **overrides)
-        if "api_key_env" not in overrides and config.base_urls != original.base_urls:
+        given = dataclasses.replace(original, **overrides)
+        if "api_key_env" not in overrides and given.base_urls != original.base_urls:
             # The run's key variable was named for its endpoints, not for new ones: those get the default rule.
-            config = dataclasses.replace(config, api_key_env=DEFAULT_KEY_ENV)
-        changed = [f for f in IDENTITY_FIELDS if getattr(config, f) != getattr(original, f)]
-        if changed:
-            detail = ", ".join(f"{f}: run has {getattr(original, f)!r}, got {getattr(config, f)!r}" for f in changed)
-            raise ConfigError(
-                f"run {run_id} was started with other settings ({detail}); resume it with the same settings "
-                f"or start a new run without --resume"
-            )
-        return config
+            given = dataclasses.replace(given, api_key_env=DEFAULT_KEY_ENV)
+        return resumed_config(dict(stored), given, cls, IDENTITY_FIELDS, what=f"generate run {run_id}")
 
 
 def resume_config(ws: Workspace, run_id: int, **overrides: Any) -> GenerateConfig:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from personavec.config import OPENROUTER_BASE_URL, config_dict, config_from_dict
+from personavec.config import OPENROUTER_BASE_URL, config_dict, config_from_dict, resumed_config
 from personavec.errors import ConfigError, EndpointError, RequestFailed
 from personavec.generation.config import DEFAULT_KEY_ENV, GenerateConfig
 from personavec.generation.endpoint import (
@@ -143,19 +143,11 @@ class JudgeConfig:
         change; identity fields (:data:`IDENTITY_FIELDS`) must keep the run's values (:class:`ConfigError` names
         them). New base URLs without a new ``api_key_env`` fall back to the default key rule, as in generation."""
         original = config_from_dict(cls, dict(stored))
-        config = dataclasses.replace(original, **overrides)
-        if "api_key_env" not in overrides and (config.base_url, config.replicas) != (
-            original.base_url,
-            original.replicas,
-        ):
-            config = dataclasses.replace(config, api_key_env=DEFAULT_KEY_ENV)
-        changed = [f for f in IDENTITY_FIELDS if getattr(config, f) != getattr(original, f)]
-        if changed:
-            raise ConfigError(
-                f"judge run {run_id} was started with other settings ({', '.join(changed)} differ); resume it with "
-                "the same settings or start a new judge run without --resume"
-            )
-        return config
+        given = dataclasses.replace(original, **overrides)
+        endpoints_moved = (given.base_url, given.replicas) != (original.base_url, original.replicas)
+        if "api_key_env" not in overrides and endpoints_moved:
+            given = dataclasses.replace(given, api_key_env=DEFAULT_KEY_ENV)
+        return resumed_config(dict(stored), given, cls, IDENTITY_FIELDS, what=f"judge run {run_id}")
 
 
 def resume_config(ws: Workspace, run_id: int, **overrides: Any) -> JudgeConfig:
