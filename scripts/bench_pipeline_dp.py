@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_extract import build_synthetic, synth_response  # noqa: E402
 
-from personavec.extract.distributed import free_port, launched_rank  # noqa: E402
+from personavec.extract.launch import free_port, launched_rank  # noqa: E402
 
 RESULT = "BENCH_RESULT "
 CHATML = (

@@ -12,7 +12,7 @@ import signal
 
 from personavec.errors import Terminated
 from personavec.extract import ExtractConfig, ExtractionProgress, run_extraction
-from personavec.extract.distributed import launched_rank
+from personavec.extract.launch import launched_rank
 from personavec.workspace import Workspace
 
 

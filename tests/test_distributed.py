@@ -20,7 +20,7 @@ import pytest
 from personavec import EVAL_QUESTIONS, PERSONAS, arrays
 from personavec.cli import app
 from personavec.errors import ConfigError, DistributedError
-from personavec.extract import ExtractConfig, run_extraction
+from personavec.extract import ExtractConfig, launch, run_extraction
 from personavec.extract import distributed as dp
 from personavec.ingest import IngestConfig, ingest
 from personavec.store.extraction import done_count, extraction_examples, get_extraction_run
@@ -94,26 +94,26 @@ def test_pool_units_are_claimed_once_each_and_a_lost_rank_0_is_named() -> None:
 
 def test_rank_placement_maps_groups_of_gpus() -> None:
     gib = 1 << 30
-    assert dp.rank_placement(1, 2, 1, []) == dp.Placement("cpu")
-    assert dp.rank_placement(0, 2, 1, [80 * gib] * 2, device="cpu") == dp.Placement("cpu")
-    assert dp.rank_placement(1, 2, 1, [80 * gib] * 2) == dp.Placement("cuda:1", gpus=(1,))
+    assert launch.rank_placement(1, 2, 1, []) == launch.Placement("cpu")
+    assert launch.rank_placement(0, 2, 1, [80 * gib] * 2, device="cpu") == launch.Placement("cpu")
+    assert launch.rank_placement(1, 2, 1, [80 * gib] * 2) == launch.Placement("cuda:1", gpus=(1,))
     # 8 GPUs, 4 processes of 2: process 2 shards its model over GPUs 4 and 5 only
-    place = dp.rank_placement(2, 4, 2, [80 * gib] * 8)
+    place = launch.rank_placement(2, 4, 2, [80 * gib] * 8)
     assert (place.device, place.gpus, place.device_map) == ("cuda:4", (4, 5), "auto")
     assert place.max_memory == {4: int(80 * gib * 0.9), 5: int(80 * gib * 0.9)}
-    place = dp.rank_placement(2, 4, 2, [80 * gib] * 8, weight_memory_fraction=0.5)  # injected, not patched
+    place = launch.rank_placement(2, 4, 2, [80 * gib] * 8, weight_memory_fraction=0.5)  # injected, not patched
     assert place.max_memory == {4: 40 * gib, 5: 40 * gib}
-    assert dp.rank_placement(1, 2, 3, [80 * gib] * 6, device_map="balanced").device_map == "balanced"
-    assert dp.rank_placement(1, 2, 3, [80 * gib] * 6).gpus == (3, 4, 5)
+    assert launch.rank_placement(1, 2, 3, [80 * gib] * 6, device_map="balanced").device_map == "balanced"
+    assert launch.rank_placement(1, 2, 3, [80 * gib] * 6).gpus == (3, 4, 5)
     with pytest.raises(ConfigError, match="need 6 GPUs; this machine has 4: launch at most 2"):
-        dp.rank_placement(0, 3, 2, [80 * gib] * 4)
+        launch.rank_placement(0, 3, 2, [80 * gib] * 4)
     with pytest.raises(ConfigError, match="gpus_per_process"):
         ExtractConfig(gpus_per_process=0)
 
 
 def test_num_processes_launches_the_same_command(cli, workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(dp, "launch", lambda args, n: calls.append((args, n)) or dp.Launched(0))
+    monkeypatch.setattr(launch, "launch", lambda args, n: calls.append((args, n)) or launch.Launched(0))
     args = ["extract", "-w", str(workspace.root), "--responses-run", "3", "--layer", "2", "--layer", "5"]
     result = cli.invoke(app, [*args, "--no-compile", "--num-processes", "2", "--chunk-rows", "4", "--json"])
     assert result.exit_code == 0, result.output
@@ -122,7 +122,7 @@ def test_num_processes_launches_the_same_command(cli, workspace, monkeypatch: py
     assert forwarded[0] == "extract" and forwarded[forwarded.index("--responses-run") + 1] == "3"
     assert forwarded.count("--layer") == 2 and "--no-compile" in forwarded and "--json" in forwarded
     assert forwarded[forwarded.index("--chunk-rows") + 1] == "4" and str(workspace.root) in forwarded
-    monkeypatch.setattr(dp, "launch", lambda args, n: dp.Launched(3))
+    monkeypatch.setattr(launch, "launch", lambda args, n: launch.Launched(3))
     assert cli.invoke(app, [*args, "--num-processes", "2"]).exit_code == 3  # a failed rank's exit code
     bad = cli.invoke(app, [*args, "--num-processes", "0"])
     assert bad.exit_code == 2 and "--num-processes must be >= 1" in bad.output
@@ -136,7 +136,7 @@ def test_the_rank_that_failed_first_is_named_and_noted_on_the_run(
     terminated) and prints it with the resume command."""
     from personavec.store.runs import finish_run, get_run
 
-    launched = dp.launch(["extract", "-w", str(workspace.root), "--resume", "999999"], 2)
+    launched = launch.launch(["extract", "-w", str(workspace.root), "--resume", "999999"], 2)
     # rank 0 exits 2 (no such run); rank 1 exits 1 when rank 0 tells it so, or is stopped by the launcher (SIGTERM)
     assert launched.code in (1, 2) and launched.run_id is None
     assert re.fullmatch(r"rank [01] of 2 failed first \(exit code [12]\); the launcher then stopped the others",
@@ -145,7 +145,7 @@ def test_the_rank_that_failed_first_is_named_and_noted_on_the_run(
     with workspace.catalog().session() as session:
         finish_run(session, run_id, "interrupted", "Terminated: terminated by signal 15")
     note = "rank 1 of 2 failed first (killed by signal 9); the launcher then stopped the others"
-    monkeypatch.setattr(dp, "launch", lambda args, n: dp.Launched(137, run_id, note))
+    monkeypatch.setattr(launch, "launch", lambda args, n: launch.Launched(137, run_id, note))
     out = cli.invoke(app, ["extract", "-w", str(workspace.root), "--resume", str(run_id), "--num-processes", "2"])
     assert out.exit_code == 137
     assert note in out.output and f"personavec extract --resume {run_id} --num-processes 2" in out.output
@@ -311,7 +311,7 @@ def test_two_machines_share_an_fsspec_store(tmp_path: Path, responses_file: Path
     ws = init_workspace(machines[0] / "ws", zarr_url=f"file://{tmp_path}/shared/acts.zarr")
     run = _ingest(ws, responses_file)
     ws.close()
-    port = dp.free_port()
+    port = launch.free_port()
     # the same command on both: `-w ws` names the workspace only where it exists (machine 0)
     procs = [
         subprocess.Popen(
@@ -344,7 +344,7 @@ def test_killed_rank_leaves_a_run_any_number_of_processes_resume(
     layers = [a for layer in LAYERS for a in ("--layer", str(layer))]
     # rank 1 dies (SIGKILL) after its first batch (one example: its first shard is not complete, so nothing of
     # its share is written); the launcher then stops rank 0 (SIGTERM), which may have finished its own share
-    out = _run([*_accelerate(2, port=dp.free_port()), *worker, "--responses-run", str(run), *layers], tmp_path)
+    out = _run([*_accelerate(2, port=launch.free_port()), *worker, "--responses-run", str(run), *layers], tmp_path)
     assert out.returncode != 0
     run_id = list_runs(ws.catalog(), "extract")[0].id
     assert get_run(ws.catalog(), run_id).status == "interrupted"
@@ -353,7 +353,7 @@ def test_killed_rank_leaves_a_run_any_number_of_processes_resume(
     # resumed on 2 processes (rank 1's unwritten share is split again, so rank 0 has work), rank 0 dies this time
     # (SIGKILL: its run stays "running" with a dead owner)
     ws.close()
-    cmd = [*_accelerate(2, port=dp.free_port()), *worker, "--resume", str(run_id), "--die-rank", "0"]
+    cmd = [*_accelerate(2, port=launch.free_port()), *worker, "--resume", str(run_id), "--die-rank", "0"]
     out = _run(cmd, tmp_path)
     assert out.returncode != 0, out.stderr[-3000:]
     assert get_run(ws.catalog(), run_id).status == "interrupted"  # "running", owner gone

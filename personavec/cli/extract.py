@@ -108,12 +108,12 @@ def extract(
     (see the README); rank 0 alone writes the catalog.
     """
     from personavec.errors import ConfigError
-    from personavec.extract import distributed
+    from personavec.extract import launch
     from personavec.extract.config import ExtractConfig, ExtractionProgress, stored_config
     from personavec.extract.run import run_extraction
 
     # -- data-parallel hooks: launch the processes, or run as one of them (only rank 0 reads the workspace)
-    rank, world = distributed.launched_rank()
+    rank, world = launch.launched_rank()
     # checked here too, before any process is launched or model loaded (nan passes every comparison below)
     if flush_seconds is not None and not (0 < flush_seconds < float("inf")):
         raise ConfigError(f"--flush-seconds must be a number of seconds > 0, got {flush_seconds}")
@@ -122,7 +122,7 @@ def extract(
     if num_processes is not None and num_processes < 1:
         raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
     if world == 1 and num_processes is not None and num_processes > 1:
-        launched = distributed.launch(["extract", *_forwarded(ctx, skip=("num_processes",))], num_processes)
+        launched = launch.launch(["extract", *_forwarded(ctx, skip=("num_processes",))], num_processes)
         if launched.code:
             if launched.first_failure:
                 where = ""

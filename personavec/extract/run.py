@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from personavec.extract.config import ExtractConfig, ExtractionProgress, ExtractionResult
-from personavec.extract.distributed import run_distributed, world_size
+from personavec.extract.distributed import run_distributed
+from personavec.extract.launch import world_size
 from personavec.extract.pipeline import run_local
 from personavec.tuning import DEFAULT, Tuning
 
