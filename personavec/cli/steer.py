@@ -66,6 +66,14 @@ def steer(
     coef: Annotated[
         list[float] | None, typer.Option("--coef", "-c", help="Coefficient (repeat for a sweep: one run each).")
     ] = None,
+    sweep_layer: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--sweep-layer",
+            help="Layer sweep: one run per --sweep-layer and --coef, each steering that one layer (repeat; "
+            "--layer repeated instead steers several layers at once in each run).",
+        ),
+    ] = None,
     normalize: Annotated[
         bool, typer.Option("--normalize", help="Coefficients in units of the layer's mean activation norm.")
     ] = False,
@@ -138,19 +146,22 @@ def steer(
     w = resolve_workspace(ws).require()
     bar, update = _progress(as_json)
     with bar:
-        if len(coefs) > 1:
-            sweep = run_sweep(w, config, coefs, label=label, progress=update)
+        if len(coefs) > 1 or sweep_layer:
+            sweep = run_sweep(w, config, coefs, layers=tuple(sweep_layer or ()), label=label, progress=update)
             sweep_id, results = sweep.sweep_id, list(sweep.runs)
         else:
             sweep_id, results = None, [(coefs[0], run_local_generation(w, config, progress=update))]
     if as_json:
         emit_json({"sweep_id": sweep_id, "runs": [{"coef": c, **dataclasses.asdict(r)} for c, r in results]})
         return
+    swept = list(sweep_layer or [])
+    per_layer = len(results) // len(swept) if swept else 0
     print_table(
-        ["run", "coef", "status", "answers", "completion tok", "wall s", "tok/s"],
+        ["run", *(["layer"] if swept else []), "coef", "status", "answers", "completion tok", "wall s", "tok/s"],
         [
             [
                 r.run_id,
+                *([swept[i // per_layer]] if swept else []),
                 f"{c:g}" if kind != "cap" else "",
                 r.status,
                 f"{r.answers}/{r.total}",
@@ -158,7 +169,7 @@ def steer(
                 f"{r.wall_s:.1f}",
                 f"{r.completion_tokens / r.wall_s:.1f}" if r.wall_s > 0 else "",
             ]
-            for c, r in results
+            for i, (c, r) in enumerate(results)
         ],
         title=f"steered generation: {steering.label(coefs if sweep_id is not None else None)}"
         + (f" (sweep {sweep_id})" if sweep_id else ""),
@@ -193,8 +204,9 @@ def sweep_report(
         emit_json(res)
         return
     coefs = sorted({p.coef for p in res.points})
-    personas = list(dict.fromkeys(p.persona for p in res.points))
-    by = {(p.persona, p.coef): p.mean_projection for p in res.points}
+    layered = len({p.layer for p in res.points}) > 1  # a layer sweep: one row per persona and layer
+    personas = list(dict.fromkeys(p.line if layered else p.persona for p in res.points))
+    by = {(p.line if layered else p.persona, p.coef): p.mean_projection for p in res.points}
     print_table(
         ["persona", *(f"c={c:g}" for c in coefs)],
         [[p, *(f"{by[p, c]:+.3f}" if (p, c) in by else "" for c in coefs)] for p in personas],
