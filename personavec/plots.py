@@ -383,3 +383,84 @@ def transcript_projection(
     ax.set_title(title or "Transcript projection over turns", fontsize=12)
     fig.tight_layout()
     return fig
+
+
+def steering_tradeoff(
+    series: Sequence[tuple[str, Sequence[tuple[float, float | None, float | None, float | None, float | None]]]],
+    *,
+    threshold: float,
+    operating_point: tuple[str, float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The trade-off of a steering sweep, two panels. Left: mean judged trait score (solid) and coherence (dashed) vs
+    coefficient, one colour per line, interval bars. Right: trait vs coherence, one point per coefficient (labelled),
+    the coherence threshold as a vertical line and the operating point starred.
+
+    ``series``: ``(line label, [(coef, trait, trait half-interval, coherence, coherence half-interval), ...])``;
+    ``operating_point``: ``(line label, coef)``."""
+    fig = Figure(figsize=(12.0, 4.6))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    colors = [f"C{i % 10}" for i in range(len(series))]
+    for (label, points), color in zip(series, colors, strict=True):
+        pts = sorted(points, key=lambda p: p[0])
+        coefs = [p[0] for p in pts]
+        for idx, style, name in ((1, "-", "trait"), (3, "--", "coherence")):
+            ys = [np.nan if p[idx] is None else p[idx] for p in pts]
+            err = [0.0 if p[idx + 1] is None else p[idx + 1] for p in pts]
+            left.errorbar(coefs, ys, yerr=err, fmt="o" + style, color=color, capsize=3, label=f"{label}: {name}")
+        xs = [np.nan if p[3] is None else p[3] for p in pts]
+        ys = [np.nan if p[1] is None else p[1] for p in pts]
+        right.plot(xs, ys, "o-", color=color, label=label)
+        for c, x, y in zip(coefs, xs, ys, strict=True):
+            if np.isfinite(x) and np.isfinite(y):
+                right.annotate(f"{c:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if operating_point is not None and operating_point[0] == label:
+            for p in pts:
+                if p[0] == operating_point[1] and p[1] is not None and p[3] is not None:
+                    right.plot([p[3]], [p[1]], marker="*", markersize=18, color="gold", markeredgecolor="black",
+                               linestyle="none", label=f"operating point (c = {p[0]:g})", zorder=5)  # fmt: skip
+    left.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
+    left.set_xlabel("coefficient")
+    left.set_ylabel("mean judge score (0-100)")
+    left.set_ylim(-5, 105)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    right.axvline(threshold, color="grey", linewidth=0.8, linestyle=":", label=f"coherence threshold {threshold:g}")
+    right.set_xlabel("mean coherence")
+    right.set_ylabel("mean trait score")
+    right.set_xlim(-5, 105)
+    right.set_ylim(-5, 105)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def capping_bars(
+    settings: Sequence[tuple[str, float | None, float | None, float | None, float | None, float | None, float | None]],
+    *,
+    title: str | None = None,
+) -> Figure:
+    """Capping side by side: harmful rate (%) and mean coherence per setting (uncapped, capped), interval bars.
+    ``settings``: ``(name, rate, rate lo, rate hi, coherence, coherence lo, coherence hi)`` (rates in 0..1)."""
+    fig = Figure(figsize=(7.0, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(settings))
+    width = 0.38
+    for offset, (idx, scale, label, color) in zip(
+        (-width / 2, width / 2),
+        ((1, 100.0, "harmful answers (%)", "C3"), (4, 1.0, "mean coherence", "C0")),
+        strict=True,
+    ):
+        vals = [np.nan if s[idx] is None else s[idx] * scale for s in settings]
+        lo = [0.0 if s[idx] is None or s[idx + 1] is None else (s[idx] - s[idx + 1]) * scale for s in settings]
+        hi = [0.0 if s[idx] is None or s[idx + 2] is None else (s[idx + 2] - s[idx]) * scale for s in settings]
+        ax.bar(x + offset, vals, width, yerr=[lo, hi], capsize=4, color=color, label=label)
+    ax.set_xticks(x, [s[0] for s in settings])
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig

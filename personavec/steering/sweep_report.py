@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from personavec.modeling import LoadedModel
     from personavec.workspace import Workspace
 
-_CSS = """
+PAGE_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
 color:#222;padding:0 1em}h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;
@@ -245,7 +245,7 @@ def build_sweep_report(
 
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>personavec: steering sweep {config.sweep_id}</title>
-<style>{_CSS}</style></head><body>
+<style>{PAGE_CSS}</style></head><body>
 <h1>Steering sweep {config.sweep_id}</h1>
 <p>{html.escape(sweep.label or "")}</p>
 <h2>Provenance</h2>{_table([list(r) for r in prov], ["", ""])}
