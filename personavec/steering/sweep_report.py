@@ -277,21 +277,32 @@ def sweep_section(ws: Workspace, vectors_run_id: int, report_dir: Path) -> str:
     import base64
     import os
 
+    from personavec.store.evaluations import evaluations_of_sweep
     from personavec.store.steering import sweeps_using
 
     parts = []
     for sweep_id, label in sweeps_using(ws.catalog(), vectors_run_id):
         page = ws.root / "reports" / f"sweep_{sweep_id}" / "index.html"
         png = page.parent / "projection.png"
-        if not png.is_file():
-            continue
-        link = os.path.relpath(page, report_dir)
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(
-            f'<h3>Sweep {sweep_id}: {html.escape(label or "")}</h3><figure><img alt="sweep {sweep_id}" '
-            f'src="data:image/png;base64,{data}"><figcaption><a href="{html.escape(link)}">the sweep report</a>: '
-            f"answers side by side</figcaption></figure>"
-        )
+        if png.is_file():
+            link = os.path.relpath(page, report_dir)
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(
+                f'<h3>Sweep {sweep_id}: {html.escape(label or "")}</h3><figure><img alt="sweep {sweep_id}" '
+                f'src="data:image/png;base64,{data}"><figcaption><a href="{html.escape(link)}">the sweep report</a>: '
+                f"answers side by side</figcaption></figure>"
+            )
+        # the newest finished evaluation of the sweep: its judged trade-off (trait vs coherence, operating point)
+        for run_id, folder in evaluations_of_sweep(ws.catalog(), sweep_id)[:1]:
+            tradeoff = Path(folder or "") / "tradeoff.png"
+            if folder and tradeoff.is_file():
+                link = os.path.relpath(tradeoff.parent / "index.html", report_dir)
+                data = base64.b64encode(tradeoff.read_bytes()).decode("ascii")
+                parts.append(
+                    f'<h3>Sweep {sweep_id}, judged (evaluation {run_id})</h3><figure><img alt="evaluation {run_id}" '
+                    f'src="data:image/png;base64,{data}"><figcaption><a href="{html.escape(link)}">the evaluation '
+                    f"report</a>: trait vs coherence and the operating point</figcaption></figure>"
+                )
     if not parts:
         return ""
     return "<h2>Steering with these vectors</h2>" + "".join(parts)

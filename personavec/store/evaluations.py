@@ -224,3 +224,13 @@ def answer_projections(catalog: Catalog, run_id: int) -> dict[int, tuple[int, fl
     q = sa.text("SELECT response_id, layer, projection FROM evaluation_answers WHERE run_id = :run")
     with catalog.session() as session:
         return {int(r[0]): (int(r[1]), float(r[2])) for r in session.execute(q, {"run": run_id})}
+
+
+def evaluations_of_sweep(catalog: Catalog, sweep_id: int) -> list[tuple[int, str | None]]:
+    """``(run id, report folder)`` of every finished evaluation of a sweep, newest first."""
+    q = sa.text(
+        "SELECT e.run_id, e.report_dir FROM evaluation_runs e JOIN runs r ON r.id = e.run_id "
+        "WHERE e.sweep_id = :sweep AND r.status = 'done' ORDER BY e.run_id DESC"
+    )
+    with catalog.session() as session:
+        return [(int(r[0]), r[1]) for r in session.execute(q, {"sweep": sweep_id})]
