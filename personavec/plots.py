@@ -400,25 +400,29 @@ def steering_tradeoff(
     ``operating_point``: ``(line label, coef)``."""
     fig = Figure(figsize=(12.0, 4.6))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    colors = [f"C{i % 10}" for i in range(len(series))]
-    for (label, points), color in zip(series, colors, strict=True):
+
+    def arr(values: Sequence[float | None], missing: float = np.nan) -> np.ndarray:
+        return np.array([missing if v is None else float(v) for v in values], dtype=np.float64)
+
+    for i, (label, points) in enumerate(series):
+        color = f"C{i % 10}"
         pts = sorted(points, key=lambda p: p[0])
-        coefs = [p[0] for p in pts]
-        for idx, style, name in ((1, "-", "trait"), (3, "--", "coherence")):
-            ys = [np.nan if p[idx] is None else p[idx] for p in pts]
-            err = [0.0 if p[idx + 1] is None else p[idx + 1] for p in pts]
+        coefs = arr([p[0] for p in pts])
+        trait, coherence = arr([p[1] for p in pts]), arr([p[3] for p in pts])
+        for ys, err, style, name in (
+            (trait, arr([p[2] for p in pts], 0.0), "-", "trait"),
+            (coherence, arr([p[4] for p in pts], 0.0), "--", "coherence"),
+        ):
             left.errorbar(coefs, ys, yerr=err, fmt="o" + style, color=color, capsize=3, label=f"{label}: {name}")
-        xs = [np.nan if p[3] is None else p[3] for p in pts]
-        ys = [np.nan if p[1] is None else p[1] for p in pts]
-        right.plot(xs, ys, "o-", color=color, label=label)
-        for c, x, y in zip(coefs, xs, ys, strict=True):
+        right.plot(coherence, trait, "o-", color=color, label=label)
+        for c, x, y in zip(coefs, coherence, trait, strict=True):
             if np.isfinite(x) and np.isfinite(y):
                 right.annotate(f"{c:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if operating_point is not None and operating_point[0] == label:
-            for p in pts:
-                if p[0] == operating_point[1] and p[1] is not None and p[3] is not None:
-                    right.plot([p[3]], [p[1]], marker="*", markersize=18, color="gold", markeredgecolor="black",
-                               linestyle="none", label=f"operating point (c = {p[0]:g})", zorder=5)  # fmt: skip
+            for c, x, y in zip(coefs, coherence, trait, strict=True):
+                if c == operating_point[1] and np.isfinite(x) and np.isfinite(y):
+                    right.plot([x], [y], marker="*", markersize=18, color="gold", markeredgecolor="black",
+                               linestyle="none", label=f"operating point (c = {c:g})", zorder=5)  # fmt: skip
     left.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
     left.set_xlabel("coefficient")
     left.set_ylabel("mean judge score (0-100)")
@@ -448,15 +452,17 @@ def capping_bars(
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(settings))
     width = 0.38
-    for offset, (idx, scale, label, color) in zip(
-        (-width / 2, width / 2),
-        ((1, 100.0, "harmful answers (%)", "C3"), (4, 1.0, "mean coherence", "C0")),
-        strict=True,
-    ):
-        vals = [np.nan if s[idx] is None else s[idx] * scale for s in settings]
-        lo = [0.0 if s[idx] is None or s[idx + 1] is None else (s[idx] - s[idx + 1]) * scale for s in settings]
-        hi = [0.0 if s[idx] is None or s[idx + 2] is None else (s[idx + 2] - s[idx]) * scale for s in settings]
-        ax.bar(x + offset, vals, width, yerr=[lo, hi], capsize=4, color=color, label=label)
+
+    def bars(values: Sequence[tuple[float | None, float | None, float | None]], scale: float) -> tuple[Any, Any]:
+        mid = np.array([np.nan if v is None else v * scale for v, _, _ in values])
+        lo = np.array([0.0 if v is None or a is None else (v - a) * scale for v, a, _ in values])
+        hi = np.array([0.0 if v is None or b is None else (b - v) * scale for v, _, b in values])
+        return mid, np.vstack([lo, hi])
+
+    rate, rate_err = bars([(s[1], s[2], s[3]) for s in settings], 100.0)
+    coherence, coherence_err = bars([(s[4], s[5], s[6]) for s in settings], 1.0)
+    ax.bar(x - width / 2, rate, width, yerr=rate_err, capsize=4, color="C3", label="harmful answers (%)")
+    ax.bar(x + width / 2, coherence, width, yerr=coherence_err, capsize=4, color="C0", label="mean coherence")
     ax.set_xticks(x, [s[0] for s in settings])
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3, axis="y")

@@ -423,7 +423,7 @@ def evaluate(
         if f.persona is None and f.part in ("sweep", "capping"):
             by.setdefault((f.part, f.responses_run_id, f.setting, f.layer, f.coef), {})[f.metric] = f
     for (part, rid, setting, layer, coef), m in by.items():
-        first = m.get("trait") or m.get("harmful_rate")
+        first = m["trait"] if "trait" in m else m["harmful_rate"]
         coh = m["coherence"]
         scale = 100.0 if part == "capping" else 1.0
         rows.append(

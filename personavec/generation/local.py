@@ -418,10 +418,10 @@ def run_sweep(
             "steers one layer per run"
         )
     # every setting is validated before any work: a bad last coefficient must not cost the first runs
+    steering = config.steering
+    layer_sets: list[tuple[int, ...]] = [(x,) for x in layer_list] or [steering.layers]
     settings = [
-        (coef, dataclasses.replace(config.steering, coef=coef, layers=(layer,) if layer is not None else ()))
-        for layer in (layer_list or [None])
-        for coef in coefs
+        (coef, dataclasses.replace(steering, coef=coef, layers=layers)) for layers in layer_sets for coef in coefs
     ]
     start = time.perf_counter()
     loaded = loaded or load_for(config)

@@ -267,7 +267,7 @@ class EvaluateConfig:
         """The :class:`personavec.judging.judge.JudgeConfig` judging one member run."""
         from personavec.judging.judge import JudgeConfig
 
-        extra = {} if self.judge_api_key_env is None else {"api_key_env": self.judge_api_key_env}
+        extra: dict[str, Any] = {} if self.judge_api_key_env is None else {"api_key_env": self.judge_api_key_env}
         return JudgeConfig(
             responses_run,
             tuple(rubrics) or (BUILTIN_RUBRICS["coherence"],),
@@ -639,7 +639,7 @@ def _setting_figures(
         groups.setdefault(a.persona, []).append(a)
     out = []
     for persona, mine in groups.items():
-        where = {
+        where: dict[str, Any] = {
             "responses_run_id": responses_run_id,
             "setting": setting,
             "persona": persona,
