@@ -283,3 +283,21 @@ def get_sweep_runs(ws, sweep_id: int):
     from personavec.store.steering import get_sweep
 
     return get_sweep(ws.catalog(), sweep_id).runs
+
+
+def test_tradeoff_and_capping_figures_draw_missing_scores(tmp_path):
+    """Unscored settings (None) are gaps, not errors; the operating point is starred on its line."""
+    from personavec import plots
+
+    series = [
+        ("default @18", [(0.0, 20.0, 5.0, 90.0, 4.0), (4.0, None, None, 30.0, None)]),
+        ("default @20", [(0.0, 25.0, None, 85.0, 3.0), (4.0, 70.0, 10.0, 60.0, 8.0)]),
+    ]
+    fig = plots.steering_tradeoff(series, threshold=50.0, operating_point=("default @20", 4.0), title="t")
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert "operating point (c = 4)" in labels and "coherence threshold 50" in labels
+    assert plots.save_png(fig, tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    bars = plots.capping_bars(
+        [("uncapped", 0.5, 0.2, 0.8, 70.0, 60.0, 80.0), ("capped", None, None, None, 40.0, None, None)]
+    )
+    assert plots.save_png(bars, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
