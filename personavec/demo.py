@@ -1,9 +1,11 @@
-"""The whole pipeline, offline, on the embedded model: serve, generate, extract, vectors, report.
+"""The whole pipeline, offline, on the embedded model: serve, generate, extract, vectors, steer, evaluate, report.
 
 ``run_demo(DemoConfig())`` (``personavec demo``) creates (or reuses) a workspace, serves SmolLM2-135M-Instruct
 locally with ``transformers serve``, asks a built-in subset (the 4 default personas and a few others x a few
 questions, short answers), extracts per-answer mean activations at the seed's default layer, averages them into
-persona vectors, and writes the report. Every step prints what it did; the end prints SQL queries to try.
+persona vectors, steers with them (a coefficient sweep), has the served model judge the sweep's answers (trait and
+coherence: the evaluate stage) and writes the report. Every step prints what it did; the end prints SQL queries to
+try.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,8 @@ class DemoResult:
     wall_s: float
     sweep_id: int | None = None
     sweep_report_html: Path | None = None
+    evaluate_run_id: int | None = None
+    evaluation_html: Path | None = None
 
 
 def sql_examples(vectors_run_id: int, extract_run_id: int, generate_run_id: int) -> list[tuple[str, str]]:
@@ -145,7 +149,7 @@ def run_demo(
     t0 = time.perf_counter()
 
     def step(n: int, text: str) -> float:
-        say(f"[bold]\\[{n}/7][/] {text}  [dim](t = {time.perf_counter() - t0:.0f}s)[/]")
+        say(f"[bold]\\[{n}/8][/] {text}  [dim](t = {time.perf_counter() - t0:.0f}s)[/]")
         return time.perf_counter()
 
     t = step(1, f"workspace {Path(config.workspace).resolve()}")
@@ -156,7 +160,8 @@ def run_demo(
     questions = tuple(range(config.n_questions))
     t = step(2, f"serving {EMBEDDED_MODEL} locally (transformers serve, offline)")
     serving = nullcontext(server) if server is not None else local_server(EMBEDDED_MODEL, device=config.device)
-    with serving as server:
+    with ExitStack() as stack:  # the server stays up for the judge (step 7), then stops
+        server = stack.enter_context(serving)
         say(f"      server up at {server.base_url} in {time.perf_counter() - t:.1f}s")
         t = step(
             3,
@@ -180,35 +185,39 @@ def run_demo(
                 ),
                 progress=progress,
             )
-    say(
-        f"      run {gen.run_id}: {gen.answers} answers, {gen.failures} failures, "
-        f"{gen.completion_tokens} tokens in {time.perf_counter() - t:.1f}s"
-    )
-    if gen.answers == 0:
-        raise ConfigError(f"generate run {gen.run_id} produced no answers: {gen.error or 'see personavec runs'}")
-
-    t = step(4, f"extracting mean activations over each answer's tokens ({EMBEDDED_MODEL}, seed default layer)")
-    with _ticking(say, "examples") as progress:
-        ext = run_extraction(
-            ws,
-            ExtractConfig(responses_run=gen.run_id, model=EMBEDDED_MODEL, dtype="float32", device=config.device),
-            progress=progress,
+        say(
+            f"      run {gen.run_id}: {gen.answers} answers, {gen.failures} failures, "
+            f"{gen.completion_tokens} tokens in {time.perf_counter() - t:.1f}s"
         )
-    say(
-        f"      run {ext.run_id}: {ext.n_examples} examples at layer(s) {', '.join(map(str, ext.layers))}, "
-        f"{ext.n_tokens} tokens, {ext.tok_s:.0f} tok/s, in {time.perf_counter() - t:.1f}s"
-    )
+        if gen.answers == 0:
+            raise ConfigError(f"generate run {gen.run_id} produced no answers: {gen.error or 'see personavec runs'}")
 
-    t = step(5, "persona vectors: mean of each persona's per-answer means")
-    vec = compute_vectors(ws, VectorConfig(extraction_run_id=ext.run_id))
-    dt = time.perf_counter() - t
-    say(f"      run {vec.run_id}: {vec.n_vectors} vectors ({len(vec.groups)} personas) in {dt:.2f}s")
+        t = step(4, f"extracting mean activations over each answer's tokens ({EMBEDDED_MODEL}, seed default layer)")
+        with _ticking(say, "examples") as progress:
+            ext = run_extraction(
+                ws,
+                ExtractConfig(responses_run=gen.run_id, model=EMBEDDED_MODEL, dtype="float32", device=config.device),
+                progress=progress,
+            )
+        say(
+            f"      run {ext.run_id}: {ext.n_examples} examples at layer(s) {', '.join(map(str, ext.layers))}, "
+            f"{ext.n_tokens} tokens, {ext.tok_s:.0f} tok/s, in {time.perf_counter() - t:.1f}s"
+        )
 
-    t = step(6, "steering: a coefficient sweep on the local engine, and what it did to the answers")
-    sweep = _steering_sweep(ws, config, vec.run_id, say) if config.steer_coefs else None
-    say(f"      in {time.perf_counter() - t:.1f}s")
+        t = step(5, "persona vectors: mean of each persona's per-answer means")
+        vec = compute_vectors(ws, VectorConfig(extraction_run_id=ext.run_id))
+        dt = time.perf_counter() - t
+        say(f"      run {vec.run_id}: {vec.n_vectors} vectors ({len(vec.groups)} personas) in {dt:.2f}s")
 
-    t = step(7, "report: similarity heatmap, PCA, variance, assistant axis vs PC1 (and the sweep)")
+        t = step(6, "steering: a coefficient sweep on the local engine, and what it did to the answers")
+        sweep, loaded = _steering_sweep(ws, config, vec.run_id, say) if config.steer_coefs else (None, None)
+        say(f"      in {time.perf_counter() - t:.1f}s")
+
+        t = step(7, "evaluate: the served model judges the sweep's answers (trait, coherence); the operating point")
+        evaluation = _evaluate_sweep(ws, config, sweep, server, loaded, say) if sweep is not None else None
+        say(f"      in {time.perf_counter() - t:.1f}s")
+
+    t = step(8, "report: similarity heatmap, PCA, variance, assistant axis vs PC1 (and the judged sweep)")
     rep = build_report(ws, ReportConfig(vec.run_id))
     if rep.axis_stats is not None:
         s = rep.axis_stats
@@ -225,6 +234,8 @@ def run_demo(
         say(f'  # {what}\n  personavec sql --workspace {ws.root} "{query}"')
     if sweep is not None:
         say(f"Steering sweep report: {sweep.html}")
+    if evaluation is not None:
+        say(f"Steering evaluation (trait vs coherence, operating point): {evaluation.report_html}")
     return DemoResult(
         ws.root,
         gen.run_id,
@@ -234,12 +245,14 @@ def run_demo(
         wall,
         sweep.sweep_id if sweep else None,
         sweep.html if sweep else None,
+        evaluation.run_id if evaluation else None,
+        evaluation.report_html if evaluation else None,
     )
 
 
-def _steering_sweep(ws: Any, config: DemoConfig, vectors_run_id: int, say: Callable[[str], None]) -> Any:
+def _steering_sweep(ws: Any, config: DemoConfig, vectors_run_id: int, say: Callable[[str], None]) -> tuple[Any, Any]:
     """One greedy local-engine run per coefficient, the neutral persona steered towards the first non-default demo
-    persona at the vectors' layer, then its sweep report."""
+    persona at the vectors' layer, then its sweep report; returns the report and the loaded model."""
     from personavec.generation.config import GenerateConfig, LocalOptions
     from personavec.generation.local import load_for, run_sweep
     from personavec.serve import EMBEDDED_MODEL
@@ -271,4 +284,47 @@ def _steering_sweep(ws: Any, config: DemoConfig, vectors_run_id: int, say: Calla
         f"      answers' mean projection on {target}-default at layer {rep.layer}: "
         + ", ".join(f"c={c:g}: {v:+.2f}" for c, v in series)
     )
-    return rep
+    return rep, loaded
+
+
+def _evaluate_sweep(
+    ws: Any, config: DemoConfig, sweep: Any, server: Any, loaded: Any, say: Callable[[str], None]
+) -> Any:
+    """The evaluate stage on the demo's sweep: the served model judges each answer for the target persona's trait
+    (the generic trait prompt, its system prompt as the description) and for coherence."""
+    from personavec.steering.evaluate import EvaluateConfig, run_evaluation
+
+    target = config.personas[len(DEFAULT_PERSONAS)]
+    res = run_evaluation(
+        ws,
+        EvaluateConfig(
+            sweep=sweep.sweep_id,
+            trait=target,
+            trait_description=PERSONAS[target],
+            judge_model=server.model,
+            judge_base_url=server.base_url,
+            judge_concurrency=2,
+            judge_timeout_s=300.0,
+            judge_max_retries=2,
+        ),
+        loaded=loaded,
+    )
+    means = {(f.coef, f.metric): f.value for f in res.figures if f.part == "sweep" and f.persona is None}
+    say(
+        f"      evaluate run {res.run_id}, judge runs {', '.join(map(str, res.judge_runs))}: "
+        + ", ".join(
+            f"c={c:g}: {target} {_score(means.get((c, 'trait')))}, coherence {_score(means.get((c, 'coherence')))}"
+            for c in config.steer_coefs
+        )
+    )
+    op = res.operating_point
+    say(
+        f"      operating point: c={op.coef:g} (mean coherence {op.coherence:.0f} >= 50)"
+        if op is not None
+        else "      operating point: none (no coefficient kept mean coherence >= 50)"
+    )
+    return res
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

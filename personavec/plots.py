@@ -383,3 +383,90 @@ def transcript_projection(
     ax.set_title(title or "Transcript projection over turns", fontsize=12)
     fig.tight_layout()
     return fig
+
+
+def steering_tradeoff(
+    series: Sequence[tuple[str, Sequence[tuple[float, float | None, float | None, float | None, float | None]]]],
+    *,
+    threshold: float,
+    operating_point: tuple[str, float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The trade-off of a steering sweep, two panels. Left: mean judged trait score (solid) and coherence (dashed) vs
+    coefficient, one colour per line, interval bars. Right: trait vs coherence, one point per coefficient (labelled),
+    the coherence threshold as a vertical line and the operating point starred.
+
+    ``series``: ``(line label, [(coef, trait, trait half-interval, coherence, coherence half-interval), ...])``;
+    ``operating_point``: ``(line label, coef)``."""
+    fig = Figure(figsize=(12.0, 4.6))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+
+    def arr(values: Sequence[float | None], missing: float = np.nan) -> np.ndarray:
+        return np.array([missing if v is None else float(v) for v in values], dtype=np.float64)
+
+    for i, (label, points) in enumerate(series):
+        color = f"C{i % 10}"
+        pts = sorted(points, key=lambda p: p[0])
+        coefs = arr([p[0] for p in pts])
+        trait, coherence = arr([p[1] for p in pts]), arr([p[3] for p in pts])
+        for ys, err, style, name in (
+            (trait, arr([p[2] for p in pts], 0.0), "-", "trait"),
+            (coherence, arr([p[4] for p in pts], 0.0), "--", "coherence"),
+        ):
+            left.errorbar(coefs, ys, yerr=err, fmt="o" + style, color=color, capsize=3, label=f"{label}: {name}")
+        right.plot(coherence, trait, "o-", color=color, label=label)
+        for c, x, y in zip(coefs, coherence, trait, strict=True):
+            if np.isfinite(x) and np.isfinite(y):
+                right.annotate(f"{c:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if operating_point is not None and operating_point[0] == label:
+            for c, x, y in zip(coefs, coherence, trait, strict=True):
+                if c == operating_point[1] and np.isfinite(x) and np.isfinite(y):
+                    right.plot([x], [y], marker="*", markersize=18, color="gold", markeredgecolor="black",
+                               linestyle="none", label=f"operating point (c = {c:g})", zorder=5)  # fmt: skip
+    left.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
+    left.set_xlabel("coefficient")
+    left.set_ylabel("mean judge score (0-100)")
+    left.set_ylim(-5, 105)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    right.axvline(threshold, color="grey", linewidth=0.8, linestyle=":", label=f"coherence threshold {threshold:g}")
+    right.set_xlabel("mean coherence")
+    right.set_ylabel("mean trait score")
+    right.set_xlim(-5, 105)
+    right.set_ylim(-5, 105)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def capping_bars(
+    settings: Sequence[tuple[str, float | None, float | None, float | None, float | None, float | None, float | None]],
+    *,
+    title: str | None = None,
+) -> Figure:
+    """Capping side by side: harmful rate (%) and mean coherence per setting (uncapped, capped), interval bars.
+    ``settings``: ``(name, rate, rate lo, rate hi, coherence, coherence lo, coherence hi)`` (rates in 0..1)."""
+    fig = Figure(figsize=(7.0, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(settings))
+    width = 0.38
+
+    def bars(values: Sequence[tuple[float | None, float | None, float | None]], scale: float) -> tuple[Any, Any]:
+        mid = np.array([np.nan if v is None else v * scale for v, _, _ in values])
+        lo = np.array([0.0 if v is None or a is None else (v - a) * scale for v, a, _ in values])
+        hi = np.array([0.0 if v is None or b is None else (b - v) * scale for v, _, b in values])
+        return mid, np.vstack([lo, hi])
+
+    rate, rate_err = bars([(s[1], s[2], s[3]) for s in settings], 100.0)
+    coherence, coherence_err = bars([(s[4], s[5], s[6]) for s in settings], 1.0)
+    ax.bar(x - width / 2, rate, width, yerr=rate_err, capsize=4, color="C3", label="harmful answers (%)")
+    ax.bar(x + width / 2, coherence, width, yerr=coherence_err, capsize=4, color="C0", label="mean coherence")
+    ax.set_xticks(x, [s[0] for s in settings])
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig

@@ -39,10 +39,24 @@ def test_demo_runs_the_whole_pipeline(tmp_path, embedded_server):
     assert all(kinds[k].status == "done" for k in ("generate", "extract", "vectors"))
     assert len(vs) == 5 and vs.d_model == 576 and vs.layer == 20
     html = res.report_html.read_text()
-    assert html.count("<img") == 5  # 4 figures and the steering sweep's
+    assert html.count("<img") == 6  # 4 figures, the steering sweep's and its judged trade-off
     sweep = get_sweep(ws.catalog(), res.sweep_id)
     assert [r.coef for r in sweep.runs] == [0.0, 2.0] and res.sweep_report_html.is_file()
-    assert f"Sweep {res.sweep_id}" in html
+    assert f"Sweep {res.sweep_id}" in html and f"evaluation {res.evaluate_run_id}" in html
+    # the demo ends with an evaluated sweep: judged, its figures and operating point rule in the catalog
+    from personavec.steering.evaluate import choose_operating_point
+    from personavec.store.evaluations import get_evaluation
+
+    evaluation = get_evaluation(ws.catalog(), res.evaluate_run_id)
+    assert evaluation.run.status == "done" and evaluation.sweep_id == res.sweep_id
+    assert len(evaluation.members) == 2 and all(m.judge_run_id is not None for m in evaluation.members)
+    assert {(f.coef, f.metric) for f in evaluation.figures if f.part == "sweep" and f.persona is None} == {
+        (c, m) for c in (0.0, 2.0) for m in ("trait", "coherence")
+    }
+    assert evaluation.operating_point == choose_operating_point(evaluation.figures, 50.0)
+    assert (
+        res.evaluation_html.parent / "tradeoff.png"
+    ).is_file() and "Operating point" in res.evaluation_html.read_text()
     assert (res.report_html.parent / "similarity.png").read_bytes()[:4] == b"\x89PNG"
     text = "\n".join(lines)
     assert str(res.report_html) in text and "personavec sql" in text

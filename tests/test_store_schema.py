@@ -105,3 +105,26 @@ def test_locked_catalog_is_a_clear_error(workspace, monkeypatch, hold_catalog):
     with workspace.catalog():
         pass
     assert duckdb.__version__
+
+
+def test_evaluations_migration_walks_down_to_0005_and_back(tmp_path):
+    """0006 adds only the evaluation tables and their sequence: downgrading to 0005 removes exactly those and keeps
+    every earlier table; upgrading again gives the ORM's schema."""
+    ws = Workspace.resolve(tmp_path / "ws")
+    ws.upgrade("head")
+
+    def tables() -> set[str]:
+        engine = create_catalog_engine(ws.catalog_path)
+        try:
+            with engine.connect() as conn:
+                return {r[0] for r in conn.exec_driver_sql("SELECT table_name FROM information_schema.tables")}
+        finally:
+            engine.dispose()
+
+    new = {"evaluation_runs", "evaluation_members", "evaluation_figures", "evaluation_answers"}
+    at_head = tables()
+    assert new <= at_head
+    ws.downgrade("0005")
+    assert tables() == at_head - new
+    ws.upgrade("head")
+    assert tables() == at_head and _diff(ws) == []

@@ -66,6 +66,14 @@ def steer(
     coef: Annotated[
         list[float] | None, typer.Option("--coef", "-c", help="Coefficient (repeat for a sweep: one run each).")
     ] = None,
+    sweep_layer: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--sweep-layer",
+            help="Layer sweep: one run per --sweep-layer and --coef, each steering that one layer (repeat; "
+            "--layer repeated instead steers several layers at once in each run).",
+        ),
+    ] = None,
     normalize: Annotated[
         bool, typer.Option("--normalize", help="Coefficients in units of the layer's mean activation norm.")
     ] = False,
@@ -144,19 +152,22 @@ def steer(
     w = resolve_workspace(ws).require()
     bar, update = _progress(as_json)
     with bar:
-        if len(coefs) > 1:
-            sweep = run_sweep(w, config, coefs, label=label, progress=update)
+        if len(coefs) > 1 or sweep_layer:
+            sweep = run_sweep(w, config, coefs, layers=tuple(sweep_layer or ()), label=label, progress=update)
             sweep_id, results = sweep.sweep_id, list(sweep.runs)
         else:
             sweep_id, results = None, [(coefs[0], run_local_generation(w, config, progress=update))]
     if as_json:
         emit_json({"sweep_id": sweep_id, "runs": [{"coef": c, **dataclasses.asdict(r)} for c, r in results]})
         return
+    swept = list(sweep_layer or [])
+    per_layer = len(results) // len(swept) if swept else 0
     print_table(
-        ["run", "coef", "status", "answers", "completion tok", "wall s", "tok/s"],
+        ["run", *(["layer"] if swept else []), "coef", "status", "answers", "completion tok", "wall s", "tok/s"],
         [
             [
                 r.run_id,
+                *([swept[i // per_layer]] if swept else []),
                 f"{c:g}" if kind != "cap" else "",
                 r.status,
                 f"{r.answers}/{r.total}",
@@ -164,7 +175,7 @@ def steer(
                 f"{r.wall_s:.1f}",
                 f"{r.completion_tokens / r.wall_s:.1f}" if r.wall_s > 0 else "",
             ]
-            for c, r in results
+            for i, (c, r) in enumerate(results)
         ],
         title=f"steered generation: {steering.label(coefs if sweep_id is not None else None)}"
         + (f" (sweep {sweep_id})" if sweep_id else ""),
@@ -199,8 +210,9 @@ def sweep_report(
         emit_json(res)
         return
     coefs = sorted({p.coef for p in res.points})
-    personas = list(dict.fromkeys(p.persona for p in res.points))
-    by = {(p.persona, p.coef): p.mean_projection for p in res.points}
+    layered = len({p.layer for p in res.points}) > 1  # a layer sweep: one row per persona and layer
+    personas = list(dict.fromkeys(p.line if layered else p.persona for p in res.points))
+    by = {(p.line if layered else p.persona, p.coef): p.mean_projection for p in res.points}
     print_table(
         ["persona", *(f"c={c:g}" for c in coefs)],
         [[p, *(f"{by[p, c]:+.3f}" if (p, c) in by else "" for c in coefs)] for p in personas],
@@ -280,3 +292,166 @@ def monitor(
     )
     if out is not None:
         console.print(f"wrote every token's value to {out}")
+
+
+@app.command()
+@command
+def evaluate(
+    sweep: Annotated[
+        int | None, typer.Argument(help="A steering sweep (not needed with --resume or cap only).")
+    ] = None,
+    trait: Annotated[
+        str | None,
+        typer.Option(
+            "--trait",
+            help="The trait the sweep steers towards: a built-in trait (pirate), a trait file, or any name (judged "
+            "with the generic trait prompt and --trait-description).",
+        ),
+    ] = None,
+    rubric: Annotated[
+        str | None, typer.Option("--rubric", help="A rubric file (0-100) scoring the trait instead of --trait.")
+    ] = None,
+    trait_description: Annotated[str, typer.Option(help="What the trait looks like (generic trait prompt).")] = "",
+    judge_base_url: Annotated[
+        list[str] | None, typer.Option("--judge-base-url", help="Judge endpoint (default OpenRouter); repeat.")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option("--judge-model", help="Judge model.")] = None,
+    judge_api_key_env: Annotated[str | None, typer.Option(help="Env var holding the judge's key.")] = None,
+    score_mode: Annotated[str | None, typer.Option(help="auto, logprobs or parse (as for judge).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Judge requests in flight (default 10).")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Operating point: mean coherence must be >= this (default 50).")
+    ] = None,
+    no_projection: Annotated[
+        bool, typer.Option("--no-projection", help="Skip projecting answers (no model load, no correlation).")
+    ] = False,
+    cap_vector: Annotated[
+        str | None, typer.Option("--cap-vector", help="Capping evaluation: cap along this vector (RUN:NAME).")
+    ] = None,
+    cap_layer: Annotated[list[int] | None, typer.Option("--cap-layer", help="Capped layer (repeat).")] = None,
+    tau: Annotated[list[float] | None, typer.Option("--tau", help="Cap thresholds (one, or one per layer).")] = None,
+    cap_reference: Annotated[
+        int | None, typer.Option("--cap-reference", help="Responses/extract run whose tokens set tau.")
+    ] = None,
+    percentile: Annotated[float, typer.Option(help="Cap: percentile of the reference projections.")] = 25.0,
+    model: Annotated[str | None, typer.Option(help="Model to cap (default: the sweep's).")] = None,
+    jailbreaks: Annotated[
+        Path | None, typer.Option(help="Jailbreak prompts (a question file; default the built-in 10).")
+    ] = None,
+    persona: Annotated[
+        list[str] | None, typer.Option("--persona", help="Persona(s) carrying the prompts (default: default).")
+    ] = None,
+    question: Annotated[list[int] | None, typer.Option("--question", help="Only these prompts (repeat).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Capping answers' length.")] = 128,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    resume: Annotated[int | None, typer.Option("--resume", help="Finish this evaluate run.")] = None,
+    ws: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Is the steering any good? Judge a sweep's answers for the trait and coherence, find the operating point, and
+    (with --cap-vector) compare harmful answers to jailbreak prompts with and without a cap. One evaluate run."""
+    from personavec.errors import ConfigError
+    from personavec.steering.evaluate import EvaluateConfig, EvaluateProgress, run_evaluation
+    from personavec.steering.interventions import SteeringConfig
+
+    if trait is not None and rubric is not None:
+        raise ConfigError("give --trait or --rubric, not both")
+    w = resolve_workspace(ws).require()
+    given: dict[str, Any] = {
+        "trait": trait or rubric,
+        "trait_description": trait_description or None,
+        "judge_model": judge_model,
+        "judge_base_url": judge_base_url[0] if judge_base_url else None,
+        "judge_replicas": tuple(judge_base_url[1:]) if judge_base_url else None,
+        "judge_api_key_env": judge_api_key_env,
+        "score_mode": score_mode,
+        "judge_concurrency": concurrency,
+        "threshold": threshold,
+        "projection": False if no_projection else None,
+        "cap_model": model,
+        "jailbreaks": str(jailbreaks) if jailbreaks is not None else None,
+        "cap_personas": tuple(persona) if persona else None,
+        "cap_questions": tuple(question) if question else None,
+        "device": device,
+        "dtype": dtype,
+    }
+    if cap_vector is not None:
+        given["cap"] = SteeringConfig(
+            cap_vector,
+            kind="cap",
+            layers=tuple(cap_layer or ()),
+            tau=tuple(tau or ()),
+            reference_run=cap_reference,
+            percentile=percentile,
+        )
+        given["max_tokens"] = max_tokens
+    given = {k: v for k, v in given.items() if v is not None}
+    config = None
+    if resume is None:
+        config = EvaluateConfig(sweep=sweep, **given)
+    elif len(given) > 2 or sweep is not None:  # device and dtype are always given
+        from personavec.config import config_from_dict
+        from personavec.store.evaluations import get_evaluation
+
+        stored = get_evaluation(w.catalog(), resume).run.config
+        config = config_from_dict(EvaluateConfig, stored, **given, **({"sweep": sweep} if sweep is not None else {}))
+
+    bar = Progress(
+        TextColumn("[bold]evaluate {task.fields[step]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("run {task.fields[member]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=as_json,
+    )
+    tasks: dict[tuple[str, int | None], Any] = {}
+
+    def update(p: EvaluateProgress) -> None:
+        key = (p.step, p.responses_run_id)
+        total = getattr(p.detail, "total", None)
+        done = getattr(p.detail, "answered", None)
+        if done is None and p.detail is not None:
+            done = p.detail.scored + p.detail.unscored + p.detail.failed
+        if key not in tasks:
+            tasks[key] = bar.add_task(p.step, total=total, step=p.step, member=p.responses_run_id or "")
+        bar.update(tasks[key], completed=done or 0, total=total)
+
+    with bar:
+        res = run_evaluation(w, config, resume=resume, progress=update)
+    if as_json:
+        emit_json(res)
+        return
+    rows = []
+    by: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for f in res.figures:
+        if f.persona is None and f.part in ("sweep", "capping"):
+            by.setdefault((f.part, f.responses_run_id, f.setting, f.layer, f.coef), {})[f.metric] = f
+    for (part, rid, setting, layer, coef), m in by.items():
+        first = m["trait"] if "trait" in m else m["harmful_rate"]
+        coh = m["coherence"]
+        scale = 100.0 if part == "capping" else 1.0
+        rows.append(
+            [
+                rid,
+                setting or f"layer {layer}, c = {coef:g}",
+                first.metric,
+                "–" if first.value is None else f"{first.value * scale:.1f} (n={first.n})",
+                "–" if coh.value is None else f"{coh.value:.1f} (n={coh.n})",
+            ]
+        )
+    print_table(["run", "setting", "metric", "value", "coherence"], rows, title=f"evaluate run {res.run_id}")
+    for f in res.figures:
+        if f.part == "correlation":
+            r = "–" if f.value is None else f"{f.value:+.3f}"
+            console.print(f"projection vs trait at layer {f.layer}: r = {r} over {f.n} answers")
+    op = res.operating_point
+    if res.sweep_id is not None:
+        console.print(
+            f"operating point: c = {op.coef:g} at layer {op.layer} (run {op.responses_run_id}): trait "
+            f"{op.trait:.1f}, coherence {op.coherence:.1f}"
+            if op is not None
+            else "operating point: none (no setting kept coherence above the threshold)"
+        )
+    console.print(f"report: {res.report_html}")

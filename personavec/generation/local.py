@@ -388,16 +388,18 @@ def run_sweep(
     config: GenerateConfig,
     coefs: Sequence[float],
     *,
+    layers: Sequence[int] = (),
     label: str | None = None,
     progress: Callable[[GenerationProgress], None] | None = None,
     loaded: LoadedModel | None = None,
 ) -> SweepResult:
     """A steered generate run per coefficient (the model loaded once), linked in ``steering_sweeps``.
 
-    ``config.steering`` gives everything but the coefficient. Example::
+    ``config.steering`` gives everything but the coefficient. With ``layers``, a layer sweep: one run per layer and
+    coefficient, each steering at that one layer (``config.steering.layers`` must then be empty). Example::
 
         run_sweep(ws, GenerateConfig(engine="local", model=m, steering=SteeringConfig("7:mystic-default")),
-                  [-8, 0, 8])
+                  [-8, 0, 8], layers=[15, 20])
     """
     from personavec.store.steering import create_sweep
 
@@ -408,18 +410,39 @@ def run_sweep(
     coefs = [float(c) for c in coefs]
     if not coefs or len(set(coefs)) != len(coefs):
         raise ConfigError(f"a sweep needs distinct coefficients, got {coefs}")
+    layer_list = [int(x) for x in layers]
+    if len(set(layer_list)) != len(layer_list):
+        raise ConfigError(f"a layer sweep needs distinct layers, got {layer_list}")
+    if layer_list and config.steering.layers:
+        raise ConfigError(
+            "give the swept layers (--sweep-layer) or the intervention's layers (--layer), not both: a layer sweep "
+            "steers one layer per run"
+        )
     # every setting is validated before any work: a bad last coefficient must not cost the first runs
-    steerings = [dataclasses.replace(config.steering, coef=coef) for coef in coefs]
+    steering = config.steering
+    layer_sets: list[tuple[int, ...]] = [(x,) for x in layer_list] or [steering.layers]
+    settings = [
+        (coef, dataclasses.replace(steering, coef=coef, layers=layers)) for layers in layer_sets for coef in coefs
+    ]
     start = time.perf_counter()
     loaded = loaded or load_for(config)
+    if layer_list:  # a layer out of range, or one the vectors run lacks, fails before the sweep exists
+        from personavec.steering.interventions import plan_steering
+
+        for _, steering in settings[:: len(coefs)]:
+            plan_steering(ws, steering, n_layers=loaded.n_layers, d_model=loaded.d_model, loaded=loaded)
+    parameter = "layer,coef" if layer_list else "coef"
+    default_label = config.steering.label(coefs)
+    if layer_list:
+        default_label = default_label.replace("@default", "@" + ",".join(map(str, layer_list)) + " (layer sweep)")
     sweep_id = create_sweep(
         ws.catalog(),
-        label=label or config.steering.label(coefs),
-        parameter="coef",
-        config={"coefs": coefs, "generate": config_dict(config)},
+        label=label or default_label,
+        parameter=parameter,
+        config={"coefs": coefs, "layers": layer_list, "generate": config_dict(config)},
     )
     runs = []
-    for coef, steering in zip(coefs, steerings, strict=True):
+    for coef, steering in settings:
         result = run_local_generation(
             ws, dataclasses.replace(config, steering=steering), progress=progress, loaded=loaded, sweep_id=sweep_id
         )

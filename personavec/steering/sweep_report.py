@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from personavec.modeling import LoadedModel
     from personavec.workspace import Workspace
 
-_CSS = """
+PAGE_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
 color:#222;padding:0 1em}h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;
@@ -76,6 +76,12 @@ class SweepPoint:
     mean_projection: float
     n_answers: int
     n_tokens: int
+    layer: int | None = None  # the layer read (a layer sweep reads each run at the layer it steered)
+
+    @property
+    def line(self) -> str:
+        """The persona, with the steered layer when it is known (one line per persona and layer)."""
+        return self.persona if self.layer is None else f"{self.persona} @{self.layer}"
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,13 @@ class SweepReportResult:
     csv: Path
     points: tuple[SweepPoint, ...]
 
-    def series(self, persona: str) -> list[tuple[float, float]]:
-        """``[(coef, mean projection), ...]`` of one persona, by coefficient."""
-        return sorted((p.coef, p.mean_projection) for p in self.points if p.persona == persona)
+    def series(self, persona: str, layer: int | None = None) -> list[tuple[float, float]]:
+        """``[(coef, mean projection), ...]`` of one persona (at one layer, in a layer sweep), by coefficient."""
+        return sorted(
+            (p.coef, p.mean_projection)
+            for p in self.points
+            if p.persona == persona and (layer is None or p.layer == layer)
+        )
 
 
 def _figure(points: tuple[SweepPoint, ...], title: str, ylabel: str) -> Any:
@@ -99,8 +109,9 @@ def _figure(points: tuple[SweepPoint, ...], title: str, ylabel: str) -> Any:
 
     fig = Figure(figsize=(7.0, 4.2))
     ax = fig.add_subplot(1, 1, 1)
-    for persona in dict.fromkeys(p.persona for p in points):
-        series = sorted((p.coef, p.mean_projection) for p in points if p.persona == persona)
+    layered = len({p.layer for p in points}) > 1
+    for persona in dict.fromkeys(p.line if layered else p.persona for p in points):
+        series = sorted((p.coef, p.mean_projection) for p in points if (p.line if layered else p.persona) == persona)
         ax.plot([c for c, _ in series], [v for _, v in series], marker="o", label=persona)
     ax.set_xlabel("coefficient")
     ax.set_ylabel(ylabel)
@@ -166,9 +177,17 @@ def build_sweep_report(
 
     points: list[SweepPoint] = []
     every = []
-    answers: dict[tuple[str, str], dict[float, str]] = {}
+    answers: dict[tuple[str, str], dict[str, str]] = {}
+    layer_sweep = len({run.layers for run in sweep.runs}) > 1
+
+    def column(run: Any) -> str:
+        where = f" @{run.layers[0]}" if layer_sweep and run.layers else ""
+        return f"c = {run.coef:g}{where}"
+
     for run in sweep.runs:
-        items = project_responses(ws, loaded, run.run_id, vector, layer)
+        # a layer sweep: each run is read at the layer it steered, unless a layer was asked for
+        run_layer = config.layer if config.layer is not None else (run.layers[0] if run.layers else layer)
+        items = project_responses(ws, loaded, run.run_id, vector, run_layer)
         every.extend(items)
         for persona in dict.fromkeys(t.persona for t in items):
             mine = [t for t in items if t.persona == persona]
@@ -180,11 +199,12 @@ def build_sweep_report(
                     mean_projection=float(np.mean([t.mean for t in mine])),
                     n_answers=len(mine),
                     n_tokens=sum(len(t.values) for t in mine),
+                    layer=run_layer,
                 )
             )
         for r in answered_responses(catalog, run.run_id):
             if r.sample_index == 0:
-                answers.setdefault((r.persona, r.question), {})[run.coef] = r.text
+                answers.setdefault((r.persona, r.question), {})[column(run)] = r.text
     csv_path = export_projections(every, directory / "projections.csv", overwrite=True)
     title = f"Sweep {config.sweep_id}: {sweep.label or first.vector}\nanswers projected onto {vector} at layer {layer}"
     png = plots.save_png(
@@ -193,31 +213,39 @@ def build_sweep_report(
     result = SweepReportResult(
         config.sweep_id, vector, layer, directory, directory / "index.html", png, csv_path, tuple(points)
     )
-    coefs = [run.coef for run in sweep.runs]
+    coefs = list(dict.fromkeys(run.coef for run in sweep.runs))
+    columns = [column(run) for run in sweep.runs]
     prov = [
         ("sweep", f"{config.sweep_id} ({sweep.label or ''})"),
         ("model", gen.model),
-        ("intervention", f"{first.kind} {first.vector} at layer(s) {', '.join(map(str, first.layers))}"),
+        (
+            "intervention",
+            f"{first.kind} {first.vector} at layer(s) "
+            + ", ".join(dict.fromkeys(str(x) for run in sweep.runs for x in run.layers or first.layers)),
+        ),
         ("positions / normalize", f"{first.positions} / {first.normalize}"),
         ("coefficients", ", ".join(f"{c:g}" for c in coefs)),
         ("runs", ", ".join(f"{r.run_id} (c={r.coef:g}, {r.status})" for r in sweep.runs)),
-        ("measured", f"projection onto {vector} (unit) at layer {layer}, unsteered forward, raw (uncentred)"),
+        (
+            "measured",
+            f"projection onto {vector} (unit) at layer "
+            f"{'each run steered' if layer_sweep and config.layer is None else layer}, unsteered forward, raw",
+        ),
         ("sampling", f"temperature {gen.temperature}, max_tokens {gen.max_tokens}, seed {gen.seed}"),
     ]
-    personas = list(dict.fromkeys(p.persona for p in points))
-    by = {(p.persona, p.coef): p for p in points}
+    lines = list(dict.fromkeys(p.line if layer_sweep else p.persona for p in points))
+    by = {(p.line if layer_sweep else p.persona, p.coef): p for p in points}
     number_rows = [
-        [persona] + [f"{by[persona, c].mean_projection:+.3f}" if (persona, c) in by else "" for c in coefs]
-        for persona in personas
+        [line] + [f"{by[line, c].mean_projection:+.3f}" if (line, c) in by else "" for c in coefs] for line in lines
     ]
     examples = list(answers)[: config.n_examples]
-    example_rows = [[p, q] + [answers[p, q].get(c, "") for c in coefs] for p, q in examples]
+    example_rows = [[p, q] + [answers[p, q].get(c, "") for c in columns] for p, q in examples]
     img = png.read_bytes()
     import base64
 
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>personavec: steering sweep {config.sweep_id}</title>
-<style>{_CSS}</style></head><body>
+<style>{PAGE_CSS}</style></head><body>
 <h1>Steering sweep {config.sweep_id}</h1>
 <p>{html.escape(sweep.label or "")}</p>
 <h2>Provenance</h2>{_table([list(r) for r in prov], ["", ""])}
@@ -230,7 +258,7 @@ coefficient grows.</p>
 </figure>
 {_table(number_rows, ["persona"] + [f"c = {c:g}" for c in coefs])}
 <h2>Answers side by side</h2>
-{_table(example_rows, ["persona", "question"] + [f"c = {c:g}" for c in coefs], answer_cols=len(coefs))}
+{_table(example_rows, ["persona", "question"] + columns, answer_cols=len(columns))}
 <p>Every token's value: <code>projections.csv</code>. In SQL: <code>personavec sql "SELECT i.coef, r.persona_id,
 left(r.text, 80) FROM run_interventions i JOIN responses r ON r.run_id = i.run_id WHERE i.sweep_id =
 {config.sweep_id} ORDER BY i.coef"</code></p>
@@ -249,21 +277,32 @@ def sweep_section(ws: Workspace, vectors_run_id: int, report_dir: Path) -> str:
     import base64
     import os
 
+    from personavec.store.evaluations import evaluations_of_sweep
     from personavec.store.steering import sweeps_using
 
     parts = []
     for sweep_id, label in sweeps_using(ws.catalog(), vectors_run_id):
         page = ws.root / "reports" / f"sweep_{sweep_id}" / "index.html"
         png = page.parent / "projection.png"
-        if not png.is_file():
-            continue
-        link = os.path.relpath(page, report_dir)
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(
-            f'<h3>Sweep {sweep_id}: {html.escape(label or "")}</h3><figure><img alt="sweep {sweep_id}" '
-            f'src="data:image/png;base64,{data}"><figcaption><a href="{html.escape(link)}">the sweep report</a>: '
-            f"answers side by side</figcaption></figure>"
-        )
+        if png.is_file():
+            link = os.path.relpath(page, report_dir)
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(
+                f'<h3>Sweep {sweep_id}: {html.escape(label or "")}</h3><figure><img alt="sweep {sweep_id}" '
+                f'src="data:image/png;base64,{data}"><figcaption><a href="{html.escape(link)}">the sweep report</a>: '
+                f"answers side by side</figcaption></figure>"
+            )
+        # the newest finished evaluation of the sweep: its judged trade-off (trait vs coherence, operating point)
+        for run_id, folder in evaluations_of_sweep(ws.catalog(), sweep_id)[:1]:
+            tradeoff = Path(folder or "") / "tradeoff.png"
+            if folder and tradeoff.is_file():
+                link = os.path.relpath(tradeoff.parent / "index.html", report_dir)
+                data = base64.b64encode(tradeoff.read_bytes()).decode("ascii")
+                parts.append(
+                    f'<h3>Sweep {sweep_id}, judged (evaluation {run_id})</h3><figure><img alt="evaluation {run_id}" '
+                    f'src="data:image/png;base64,{data}"><figcaption><a href="{html.escape(link)}">the evaluation '
+                    f"report</a>: trait vs coherence and the operating point</figcaption></figure>"
+                )
     if not parts:
         return ""
     return "<h2>Steering with these vectors</h2>" + "".join(parts)

@@ -36,7 +36,16 @@ NAMING_CONVENTION = {
 }
 
 #: Run kinds, as stored in ``runs.kind``.
-RUN_KINDS = ("ingest-personas", "ingest-questions", "ingest-responses", "generate", "extract", "vectors", "judge")
+RUN_KINDS = (
+    "ingest-personas",
+    "ingest-questions",
+    "ingest-responses",
+    "generate",
+    "extract",
+    "vectors",
+    "judge",
+    "evaluate",
+)
 #: Run statuses, as stored in ``runs.status``.
 RUN_STATUSES = ("running", "done", "failed", "interrupted")
 
@@ -322,3 +331,68 @@ class ServedAnswer(Base):
     applied: Mapped[str] = mapped_column(String, nullable=False)
     vector_run_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False)
     params: Mapped[str] = mapped_column(String, nullable=False)
+
+
+EVALUATION_FIGURE_SEQ = _seq("evaluation_figures_id_seq")
+
+
+class EvaluationRun(Base):
+    """The detail of an ``evaluate`` run: what it judged with, its rule, and the operating point it chose (NULL
+    columns while none is chosen: no setting kept coherence >= threshold, or the run is not finished). Migration
+    0006."""
+
+    __tablename__ = "evaluation_runs"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    sweep_id: Mapped[int | None] = mapped_column(ForeignKey("steering_sweeps.id"))
+    trait_rubric: Mapped[str | None] = mapped_column(String)
+    coherence_rubric: Mapped[str] = mapped_column(String, nullable=False)
+    harmful_rubric: Mapped[str | None] = mapped_column(String)
+    threshold: Mapped[float] = mapped_column(Double, nullable=False)
+    op_responses_run_id: Mapped[int | None] = mapped_column(BigInteger)
+    op_coef: Mapped[float | None] = mapped_column(Double)
+    op_layer: Mapped[int | None] = mapped_column(Integer)
+    op_trait: Mapped[float | None] = mapped_column(Double)
+    op_coherence: Mapped[float | None] = mapped_column(Double)
+    report_dir: Mapped[str | None] = mapped_column(String)
+
+
+class EvaluationMember(Base):
+    """One responses run an evaluation judged (a run of the sweep, or the uncapped / capped jailbreak answers) and
+    the judge run that scored it (NULL until that judge run exists)."""
+
+    __tablename__ = "evaluation_members"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    responses_run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    role: Mapped[str] = mapped_column(String, nullable=False)
+    judge_run_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class EvaluationFigure(Base):
+    """One number of an evaluation: a metric (``trait``, ``coherence``, ``harmful_rate``, ``projection_r``) over the
+    answers of one setting (a responses run, one persona or all: ``persona`` NULL), with its interval."""
+
+    __tablename__ = "evaluation_figures"
+    id: Mapped[int] = _id(EVALUATION_FIGURE_SEQ)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), nullable=False)
+    part: Mapped[str] = mapped_column(String, nullable=False)
+    responses_run_id: Mapped[int | None] = mapped_column(BigInteger)
+    setting: Mapped[str | None] = mapped_column(String)
+    persona: Mapped[str | None] = mapped_column(String)
+    layer: Mapped[int | None] = mapped_column(Integer)
+    coef: Mapped[float | None] = mapped_column(Double)
+    metric: Mapped[str] = mapped_column(String, nullable=False)
+    n: Mapped[int] = mapped_column(Integer, nullable=False)
+    value: Mapped[float | None] = mapped_column(Double)
+    lo: Mapped[float | None] = mapped_column(Double)
+    hi: Mapped[float | None] = mapped_column(Double)
+
+
+class EvaluationAnswer(Base):
+    """Per answer of an evaluated sweep: its projection onto the steering direction at the steered layer (read by
+    the unsteered model), what the projection-vs-trait correlation is computed from."""
+
+    __tablename__ = "evaluation_answers"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, nullable=False)
+    projection: Mapped[float] = mapped_column(Double, nullable=False)

@@ -188,6 +188,8 @@ WITH c AS (
     UNION ALL
     SELECT s.run_id, count(q.id), 0 FROM question_sets s JOIN questions q ON q.question_set_id = s.id
     GROUP BY s.run_id
+    UNION ALL
+    SELECT run_id, count(*), 0 FROM evaluation_figures GROUP BY run_id
 ),
 d AS (
     SELECT run_id, coalesce(model, '') || coalesce(' ' || source, '') AS detail FROM response_runs
@@ -201,6 +203,9 @@ d AS (
     SELECT run_id, 'persona set ' || name FROM persona_sets
     UNION ALL
     SELECT run_id, 'question set ' || name FROM question_sets
+    UNION ALL
+    SELECT run_id, coalesce('sweep ' || sweep_id, 'capping') || coalesce(': ' || trait_rubric, '')
+           || coalesce(', op c=' || op_coef || ' @' || op_layer, '') FROM evaluation_runs
 )
 SELECT r.id, r.kind, r.status, r.created_at, r.wall_s,
        coalesce(sum(c.items), 0), coalesce(sum(c.failed), 0), coalesce(any_value(d.detail), ''),

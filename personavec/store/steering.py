@@ -64,6 +64,7 @@ class SweepRun:
     run_id: int
     coef: float
     status: str
+    layers: tuple[int, ...] = ()  # the steered layers (a layer sweep has one run per layer and coefficient)
 
 
 @dataclass(frozen=True)
@@ -186,10 +187,10 @@ def discard_intervention(catalog: Catalog, run_id: int) -> None:
 
 
 def get_sweep(catalog: Catalog, sweep_id: int) -> SweepInfo:
-    """A sweep with its runs ordered by coefficient (``NotFoundError`` if there is none)."""
+    """A sweep with its runs ordered by layers, then coefficient (``NotFoundError`` if there is none)."""
     q = sa.text(
-        "SELECT i.run_id, i.coef, r.status FROM run_interventions i JOIN runs r ON r.id = i.run_id "
-        "WHERE i.sweep_id = :sweep ORDER BY i.coef, i.run_id"
+        "SELECT i.run_id, i.coef, r.status, i.layers FROM run_interventions i JOIN runs r ON r.id = i.run_id "
+        "WHERE i.sweep_id = :sweep ORDER BY i.layers, i.coef, i.run_id"
     )
     with catalog.session() as session:
         sweep = session.get(m.SteeringSweep, sweep_id)
@@ -197,7 +198,7 @@ def get_sweep(catalog: Catalog, sweep_id: int) -> SweepInfo:
             raise NotFoundError(
                 f"sweep {sweep_id} does not exist: `personavec sql 'SELECT * FROM steering_sweeps'` lists them"
             )
-        runs = tuple(SweepRun(r[0], r[1], r[2]) for r in session.execute(q, {"sweep": sweep_id}))
+        runs = tuple(SweepRun(r[0], r[1], r[2], tuple(r[3])) for r in session.execute(q, {"sweep": sweep_id}))
         return SweepInfo(sweep.id, sweep.label, sweep.parameter, json.loads(sweep.config), runs)
 
 
