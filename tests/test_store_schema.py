@@ -107,8 +107,8 @@ def test_locked_catalog_is_a_clear_error(workspace, monkeypatch, hold_catalog):
     assert duckdb.__version__
 
 
-def test_evaluations_migration_walks_down_to_0005_and_back(tmp_path):
-    """0006 adds only the evaluation tables and their sequence: downgrading to 0005 removes exactly those and keeps
+def test_evaluations_migration_walks_down_to_0006_and_back(tmp_path):
+    """0007 adds only the evaluation tables and their sequence: downgrading to 0006 removes exactly those and keeps
     every earlier table; upgrading again gives the ORM's schema."""
     ws = Workspace.resolve(tmp_path / "ws")
     ws.upgrade("head")
@@ -124,7 +124,7 @@ def test_evaluations_migration_walks_down_to_0005_and_back(tmp_path):
     new = {"evaluation_runs", "evaluation_members", "evaluation_figures", "evaluation_answers"}
     at_head = tables()
     assert new <= at_head
-    ws.downgrade("0005")
+    ws.downgrade("0006")
     assert tables() == at_head - new
     ws.upgrade("head")
     assert tables() == at_head and _diff(ws) == []

@@ -339,7 +339,7 @@ EVALUATION_FIGURE_SEQ = _seq("evaluation_figures_id_seq")
 class EvaluationRun(Base):
     """The detail of an ``evaluate`` run: what it judged with, its rule, and the operating point it chose (NULL
     columns while none is chosen: no setting kept coherence >= threshold, or the run is not finished). Migration
-    0006."""
+    0007."""
 
     __tablename__ = "evaluation_runs"
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
