@@ -9,11 +9,12 @@
 - anything else is a Hub id and is returned unchanged (as a ``Path`` of the id string); ``from_pretrained`` then
   resolves it from the Hugging Face cache (offline with ``HF_HUB_OFFLINE=1``) or downloads it.
 
-The cache lives under ``$PERSONAVEC_CACHE`` (default ``~/.cache/personavec``) in ``models/<stem>-<key>`` where the key
-is the start of the file's sha256 (so every copy of the same file shares one conversion; the hash is remembered per
-path, size and mtime so it is computed once per copy); ``personavec_source.json`` in that directory records the source
-file and its sha256 (the provenance stored with extraction runs). Conversion writes into a temporary sibling directory
-and renames it into place, so a crash never leaves a half-written cache entry.
+The cache lives under ``$PERSONAVEC_CACHE`` (default ``~/.cache/personavec``) in ``models/<stem>-<key>`` where the
+key is the start of the file's sha256 and the transformers version that converted it (so every copy of the same file
+shares one conversion, and a new transformers, whose GGUF reader may map or dequantize differently, converts afresh;
+the hash is remembered per path, size and mtime so it is computed once per copy); ``personavec_source.json`` in that
+directory records the source file and its sha256 (the provenance stored with extraction runs). Conversion writes
+into a temporary sibling directory and renames it into place, so a crash never leaves a half-written cache entry.
 
 ``load_model(name, ...)`` returns a :class:`LoadedModel`: the model, its tokenizer, and the decoder blocks resolved for
 every architecture family transformers serves (see :func:`decoder_layers`; ``layers_path`` names them for any other),
@@ -84,8 +85,11 @@ def _gguf_digest(gguf: Path) -> str:
 
 
 def _cache_dir_for(gguf: Path) -> Path:
-    # Keyed by content: every clone, venv or copy of the same GGUF shares one converted directory.
-    return cache_root() / "models" / f"{gguf.stem}-{_gguf_digest(gguf)[:16]}"
+    # Keyed by content and converter: every clone, venv or copy of the same GGUF shares one converted directory per
+    # transformers version.
+    import transformers
+
+    return cache_root() / "models" / f"{gguf.stem}-{_gguf_digest(gguf)[:16]}-tf{transformers.__version__}"
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
