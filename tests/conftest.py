@@ -265,6 +265,18 @@ def embedded_server():
 
 
 @pytest.fixture(scope="session")
+def steering_server():
+    """personavec's own steering server (``personavec serve``, continuous batching) on its own copy of the embedded
+    model, for the whole session: a judge endpoint several times faster than ``transformers serve`` on this CPU. Its
+    model is not ``embedded_loaded`` (the server's hooks stay on its blocks). Keep its users in the
+    ``embedded-loaded`` xdist group."""
+    from personavec.serving.app import ServeConfig, running_server
+
+    with running_server(ServeConfig(model="smollm2-135m-instruct", device="cpu", dtype="float32")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def embedded_loaded():
     """The embedded model (SmolLM2-135M-Instruct) loaded once per session (float32, CPU), for the tests whose
     behaviour depends on a real model's answers (steering, the pirate trait). Only hooks may be added to it (removed

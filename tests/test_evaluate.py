@@ -125,8 +125,8 @@ def _rows(ws, query: str, **params) -> list[tuple]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("embedded")
-def test_evaluate_a_layer_sweep_and_a_cap_then_resume(workspace, tmp_path, embedded_server, embedded_loaded):
+@pytest.mark.xdist_group("embedded-loaded")
+def test_evaluate_a_layer_sweep_and_a_cap_then_resume(workspace, tmp_path, steering_server, embedded_loaded):
     from personavec.extract import ExtractConfig, run_extraction
     from personavec.generation.config import GenerateConfig, LocalOptions
     from personavec.generation.local import run_sweep
@@ -164,7 +164,7 @@ def test_evaluate_a_layer_sweep_and_a_cap_then_resume(workspace, tmp_path, embed
     sweep = run_sweep(ws, gen, [0.0, 4.0], layers=[18, 20], loaded=loaded)
     assert [r.layers for r in get_sweep_runs(ws, sweep.sweep_id)] == [(18,), (18,), (20,), (20,)]
 
-    server = embedded_server
+    server = steering_server
     config = EvaluateConfig(
         sweep=sweep.sweep_id,
         trait="jester",
