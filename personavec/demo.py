@@ -1,11 +1,11 @@
 """The whole pipeline, offline, on the embedded model: serve, generate, extract, vectors, steer, evaluate, report.
 
 ``run_demo(DemoConfig())`` (``personavec demo``) creates (or reuses) a workspace, serves SmolLM2-135M-Instruct
-locally with ``transformers serve``, asks a built-in subset (the 4 default personas and a few others x a few
-questions, short answers), extracts per-answer mean activations at the seed's default layer, averages them into
-persona vectors, steers with them (a coefficient sweep), has the served model judge the sweep's answers (trait and
-coherence: the evaluate stage) and writes the report. Every step prints what it did; the end prints SQL queries to
-try.
+locally with personavec's own steering server (``personavec serve``, continuous batching), asks a built-in subset
+(the 4 default personas and a few others x a few questions, short answers), extracts per-answer mean activations at
+the seed's default layer, averages them into persona vectors, steers with them (a coefficient sweep), has the served
+model judge the sweep's answers (trait and coherence: the evaluate stage) and writes the report. Every step prints
+what it did; the end prints SQL queries to try.
 """
 
 from __future__ import annotations
@@ -134,13 +134,16 @@ def run_demo(
 ) -> DemoResult:
     """Run serve -> generate -> extract -> vectors -> report on the embedded model; ``log`` receives each line.
 
-    ``server``: an already running :class:`personavec.serve.LocalServer` on the embedded model to generate with
-    (the tests share one); by default the demo starts its own and stops it after generating."""
+    ``server``: an already running OpenAI-compatible server on the embedded model (``base_url``, ``model``: a
+    :class:`personavec.serving.app.RunningServer` or :class:`personavec.serve.LocalServer`) to generate with and
+    judge with (the tests share one); by default the demo starts its own steering server and stops it after the
+    judge."""
     from personavec.extract import ExtractConfig, run_extraction
     from personavec.generation.config import GenerateConfig
     from personavec.generation.generate import run_generation
     from personavec.report import ReportConfig, build_report
-    from personavec.serve import EMBEDDED_MODEL, local_server
+    from personavec.serve import EMBEDDED_MODEL
+    from personavec.serving.app import ServeConfig, running_server
     from personavec.vectors import VectorConfig, compute_vectors
     from personavec.workspace import init_workspace
 
@@ -158,8 +161,10 @@ def run_demo(
 
     personas = config.personas
     questions = tuple(range(config.n_questions))
-    t = step(2, f"serving {EMBEDDED_MODEL} locally (transformers serve, offline)")
-    serving = nullcontext(server) if server is not None else local_server(EMBEDDED_MODEL, device=config.device)
+    t = step(2, f"serving {EMBEDDED_MODEL} locally (personavec serve, offline)")
+    # The server loads its own copy of the model: its per-row hooks stay on its blocks while it serves.
+    own = ServeConfig(model=EMBEDDED_MODEL, device=config.device, dtype="float32")
+    serving = nullcontext(server) if server is not None else running_server(own)
     with ExitStack() as stack:  # the server stays up for the judge (step 7), then stops
         server = stack.enter_context(serving)
         say(f"      server up at {server.base_url} in {time.perf_counter() - t:.1f}s")

@@ -22,15 +22,15 @@ def test_demo_config_validates():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("embedded")
-def test_demo_runs_the_whole_pipeline(tmp_path, embedded_server):
+@pytest.mark.xdist_group("embedded-loaded")
+def test_demo_runs_the_whole_pipeline(tmp_path, steering_server):
     lines: list[str] = []
     res = run_demo(
         DemoConfig(
             workspace=tmp_path / "demo", n_personas=5, n_questions=2, max_tokens=12, steer_coefs=(0, 2), steer_tokens=8
         ),
         log=lines.append,
-        server=embedded_server,  # the session's shared server; `personavec demo` starting its own is the default
+        server=steering_server,  # the session's shared server; `personavec demo` starting its own is the default
     )
     ws = Workspace.resolve(tmp_path / "demo")
     kinds = {r.kind: r for r in list_runs(ws.catalog())}
