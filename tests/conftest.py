@@ -100,6 +100,14 @@ def seed_cache_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def responses_run(workspace, seed_cache_file) -> int:
+    """The seed cache file ingested: 15 answers (5 built-in personas x 3 questions). test_extract.py has its own."""
+    from personavec.ingest import IngestConfig, ingest
+
+    return ingest(workspace, IngestConfig("responses", seed_cache_file)).run_id
+
+
 # ------------------------------------------------------------------------------ synthetic extraction runs (vectors)
 
 

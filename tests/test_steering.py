@@ -205,6 +205,24 @@ def test_resolve_vector_names_groups_differences_and_axis():
     assert unit_norm(vs) == pytest.approx((1 + 3 + 2 + 4) / 4)
 
 
+def _random_vset(names: tuple[str, ...], groups: dict[str, list[str]] | None = None) -> VectorSet:
+    rng = np.random.default_rng(0)
+    matrix = torch.tensor(rng.normal(size=(len(names), 3)) * 50, dtype=torch.float32)
+    return VectorSet(7, 20, "persona", names, matrix, (3,) * len(names), {"persona_groups": groups or {}})
+
+
+def test_a_persona_named_axis_in_an_old_catalog_is_ambiguous_not_silently_used():
+    vs = _random_vset(("default", "pirate", "axis"), {"default": ["default"]})
+    with pytest.raises(ConfigError, match=r"'axis' of vectors run 7 is ambiguous: it could be persona 'axis'; or the "):
+        resolve_vector(vs, "axis")
+    # a persona a-b beside personas a and b: two readings as well
+    vs = _random_vset(("default", "a", "b", "a-b"))
+    with pytest.raises(ConfigError, match="ambiguous: it could be persona 'a-b'; or persona 'a' minus persona 'b'"):
+        resolve_vector(vs, "a-b")
+    # one reading resolves as before
+    assert np.allclose(resolve_vector(vs, "default-a"), vs["default"].double().numpy() - vs["a"].double().numpy())
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
