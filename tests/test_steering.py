@@ -257,7 +257,7 @@ def test_steering_config_roundtrips_and_labels():
 @pytest.mark.xdist_group("embedded-loaded")
 def test_steering_towards_a_persona_moves_the_answers_along_its_direction(embedded_loaded):
     """Neutral system prompt, +c * (v_persona - v_default) at the default layer: the answers, extracted at that
-    layer by the unsteered model, project further onto the direction as c grows (two personas, c = 0..3)."""
+    layer by the unsteered model, project further onto the direction as c grows (c = 0..3)."""
     from personavec.builtin import EVAL_QUESTIONS, PERSONAS
     from personavec.config import default_layer
     from personavec.extract import mean_activations
@@ -280,7 +280,9 @@ def test_steering_towards_a_persona_moves_the_answers_along_its_direction(embedd
     unsteered = answers(neutral)
     v_default = means(neutral, unsteered).mean(axis=0)
     coefs = (0.0, 1.0, 2.0, 3.0)
-    for persona in ("trader", "jester"):
+    # measured (1 thread, 24 tokens): trader -25.3, -4.9, 11.4, 25.5. jester was dropped to halve the test: it
+    # stayed monotone, but by 1.2 between c = 2 and 3
+    for persona in ("trader",):
         v = means(PERSONAS[persona], answers(PERSONAS[persona])).mean(axis=0) - v_default
         unit = v / np.linalg.norm(v)
         projections = []
