@@ -11,6 +11,7 @@ import os
 # OMP_NUM_THREADS set by the caller wins. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import functools
 import json
 import random
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import typer.testing
 import zarr
 from typer.testing import CliRunner
 
@@ -104,6 +106,18 @@ def workspace(tmp_path: Path, template_workspace: Path) -> Workspace:
 def rng() -> np.random.Generator:
     random.seed(0)
     return np.random.default_rng(0)
+
+
+@functools.cache
+def _click_command(app):
+    return _build_click_command(app)
+
+
+# Typer's CliRunner rebuilds the click command tree from the Typer app on every invoke (it inspects the signature of
+# every command: ~0.1-0.3 s a call, more than most commands take); a `personavec` process builds it once, and so do
+# the tests now: the same command, built once per app and process.
+_build_click_command = typer.testing._get_command
+typer.testing._get_command = _click_command
 
 
 @pytest.fixture
