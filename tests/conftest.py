@@ -3,6 +3,15 @@ CLI runner."""
 
 from __future__ import annotations
 
+import os
+
+# One torch (OpenMP) thread per test process, and in the servers and CLI processes the tests start (they inherit the
+# environment): `make test` runs two workers on two cores, and two threads each fighting over busy cores made the
+# embedded model's decoding ~10x slower in wall and CPU time (OpenMP threads spin at every barrier). An
+# OMP_NUM_THREADS set by the caller wins. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import functools
 import json
 import random
 import shutil
@@ -16,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import typer.testing
 import zarr
 from typer.testing import CliRunner
 
@@ -43,6 +53,22 @@ def _hold(path: Path, seconds: float = 60) -> Iterator[subprocess.Popen]:
     finally:
         holder.kill()
         holder.wait()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep ``--dist loadgroup`` grouping on pytest 9: pytest-xdist 3.8 tells its scheduler a test's ``xdist_group``
+    by appending ``@group`` to ``item._nodeid``, which pytest 9 no longer reads (the id lives in ``item._id``), so
+    every grouped test was scheduled on its own and each worker started its own embedded server and model
+    (pytest-dev/pytest-xdist#1386). This sets the suffix where xdist's did not take; a no-op once it does."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist workers under --dist loadgroup
+        return
+    for item in items:
+        names = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+        )
+        node_id = getattr(item, "_id", None)
+        if names and node_id is not None and "@" not in item.nodeid:
+            item._id = type(node_id).parse(f"{item.nodeid}@{'_'.join(names)}")
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +108,18 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+@functools.cache
+def _click_command(app):
+    return _build_click_command(app)
+
+
+# Typer's CliRunner rebuilds the click command tree from the Typer app on every invoke (it inspects the signature of
+# every command: ~0.1-0.3 s a call, more than most commands take); a `personavec` process builds it once, and so do
+# the tests now: the same command, built once per app and process.
+_build_click_command = typer.testing._get_command
+typer.testing._get_command = _click_command
+
+
 @pytest.fixture
 def cli() -> CliRunner:
     return CliRunner()
@@ -98,6 +136,14 @@ def seed_cache_file(tmp_path: Path) -> Path:
     path = tmp_path / "responses_cache.json"
     path.write_text(json.dumps(responses, indent=2))
     return path
+
+
+@pytest.fixture
+def responses_run(workspace, seed_cache_file) -> int:
+    """The seed cache file ingested: 15 answers (5 built-in personas x 3 questions). test_extract.py has its own."""
+    from personavec.ingest import IngestConfig, ingest
+
+    return ingest(workspace, IngestConfig("responses", seed_cache_file)).run_id
 
 
 # ------------------------------------------------------------------------------ synthetic extraction runs (vectors)

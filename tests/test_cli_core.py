@@ -59,6 +59,29 @@ def test_bad_input_exit_codes(cli, workspace, tmp_path):
     assert res.exit_code == 2 and "no_such_table" in res.output
 
 
+def test_runs_does_not_wrap_at_80_columns_when_not_a_terminal(cli, workspace, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    res = cli.invoke(app, ["runs", "-w", str(workspace.root)])
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.stdout.splitlines() if "ingest-personas" in line]
+    assert len(rows) == 1 and "persona set builtin" in rows[0]  # one line per run
+
+
+def test_progress_lines_start_at_once_beat_while_idle_and_the_last_is_not_repeated(capfd):
+    import time
+
+    from personavec.cli.app import stage_progress
+
+    with stage_progress("step", every_s=0.3) as show:
+        time.sleep(0.8)  # nothing finishes for a while: lines keep coming
+        show(1, 2, "half")
+        show(2, 2, "all")
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[0].startswith("step: starting [0s]")
+    assert sum(line.startswith("step: starting") for line in lines) >= 2
+    assert lines[-1].startswith("step: 2/2 all") and not lines[-2].startswith("step: 2/2 all")
+
+
 def test_db_commands(cli, workspace):
     ws = str(workspace.root)
     assert cli.invoke(app, ["db", "downgrade", "base", "-w", ws]).exit_code == 2  # would drop the built-in sets

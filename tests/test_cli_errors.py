@@ -11,12 +11,14 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from checks import one_line_error
 
 from personavec import __version__, arrays
 from personavec.cli import app
 from personavec.errors import ConfigError
 from personavec.ingest import register_builtin_sets
 from personavec.store.engine import corrupt_marker, translate_error
+from personavec.vectors import VectorConfig, compute_vectors
 from personavec.workspace import Workspace
 
 
@@ -219,6 +221,42 @@ def test_known_corrupt_catalog_opens_only_read_only(cli, workspace, seed_cache_f
     res = cli.invoke(app, ["sql", "SELECT count(*) AS n FROM runs", "-w", ws, "--json"])  # salvage stays possible
     assert res.exit_code == 0 and json.loads(res.stdout) == [{"n": 2}]
     assert _digest(workspace.catalog_path) == before
+
+
+@pytest.fixture
+def synthetic_vectors(workspace, make_extraction_run) -> int:
+    ext = make_extraction_run(workspace, layers=(2, 5), d_model=16)
+    return compute_vectors(workspace, VectorConfig(extraction_run_id=ext.run_id)).run_id
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if "catalog.duckdb" not in p.name)
+
+
+def test_a_300_character_file_name_is_one_line_exit_2(cli, workspace, synthetic_vectors, tmp_path):
+    long = "n" * 300
+    w = ["-w", str(workspace.root)]
+    before = _tree(tmp_path)
+    cases = [
+        ["export", str(synthetic_vectors), str(tmp_path / f"{long}.safetensors"), *w],
+        ["export-direction", str(synthetic_vectors), "ghost", str(tmp_path / f"{long}.gguf"), *w],
+        ["report", str(synthetic_vectors), "-o", str(tmp_path / long), *w],
+        ["ingest", "personas", str(tmp_path / f"{long}.json"), *w],
+        ["init", "-w", str(tmp_path / long)],
+    ]
+    for args in cases:
+        res = cli.invoke(app, args)
+        one_line_error(res, 2, "File name too long", "characters)", "choose a shorter name")
+    assert _tree(tmp_path) == before  # nothing written anywhere
+
+
+def test_serve_takes_w_and_refuses_a_bad_port_at_once(cli, workspace):
+    import time
+
+    start = time.monotonic()
+    res = cli.invoke(app, ["serve", "-w", str(workspace.root), "--port", "-1"])
+    one_line_error(res, 2, "--port must be a TCP port 1..65535")
+    assert time.monotonic() - start < 5
 
 
 # --------------------------------------------------------------------------------------- destructive downgrade

@@ -21,6 +21,19 @@ def test_demo_config_validates():
         DemoConfig(n_questions=1)
 
 
+def test_the_demo_reports_progress_while_a_step_runs():
+    import time
+
+    from personavec.demo import _ticking
+
+    said: list[str] = []
+    with _ticking(said.append, "answers", every_s=0.2) as progress:
+        time.sleep(0.5)
+        progress(type("P", (), {"answered": 3, "total": 8})())
+        time.sleep(0.3)
+    assert said[0].startswith("      ... answers: 0/?") and "answers: 3/8" in said[-1]
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("embedded-loaded")
 def test_demo_runs_the_whole_pipeline(tmp_path, steering_server):

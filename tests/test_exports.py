@@ -132,6 +132,23 @@ def test_safetensors_one_tensor_per_layer_with_provenance(workspace, vector_run,
     assert prov["extraction_run_id"] and prov["group_n_examples"] == 3 and prov["layers"] == list(LAYERS)
 
 
+def test_safetensors_exports_respect_the_umask(workspace, vector_run, tmp_path):
+    import os
+    import stat
+
+    from personavec.exports import export_direction, load_direction
+    from personavec.vectors import export_vectors, load_vectors
+
+    old = os.umask(0o022)
+    try:
+        export_vectors(load_vectors(vector_run, 5, workspace=workspace), tmp_path / "v.safetensors")
+        export_direction(load_direction(vector_run, "ghost", workspace=workspace), tmp_path / "d.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("v.safetensors", "d.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
 def test_cli_export_direction(workspace, vector_run, tmp_path, cli):
     out = tmp_path / "ghost.gguf"
     base = ["export-direction", str(vector_run), "ghost", str(out), "-w", str(workspace.root)]

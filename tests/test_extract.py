@@ -17,6 +17,7 @@ import pytest
 import torch
 import zarr
 import zarr.storage
+from checks import one_line_error, runs_of
 from tiny_models import tiny_model_dir
 
 from personavec import EVAL_QUESTIONS, PERSONAS, arrays
@@ -685,6 +686,14 @@ def test_resume_checks_identity_fields_and_takes_operational_ones(
     assert get_run(workspace.catalog(), run_id).status == "done"
     with pytest.raises(ConfigError, match="needs a config"):
         run_extraction(workspace, None)
+
+
+def test_flush_seconds_nan_is_refused_before_any_work(cli, workspace):
+    before = len(runs_of(workspace))
+    for bad in (["--flush-seconds", "nan"], ["--flush-seconds", "0"], ["--flush-rows", "0"]):
+        res = cli.invoke(app, ["extract", "--responses-run", "1", "-w", str(workspace.root), *bad])
+        one_line_error(res, 2, "--flush-")
+    assert len(runs_of(workspace)) == before
 
 
 def test_ctrl_c_marks_the_run_interrupted_and_names_the_resume_command(

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from checks import one_line_error, runs_of
 from fault_server import FaultServer, answer_for, sigkill_once_answered
 
 from personavec.cli import app
@@ -335,6 +336,74 @@ def test_resume_on_new_endpoints_does_not_carry_the_key_variable_there():
     assert moved.api_key_env == "OPENROUTER_API_KEY" and moved.api_keys() == {moved.base_url: None}
     named = GenerateConfig.resumed(1, stored, base_url="https://elsewhere.example/v1", api_key_env="PV_KEY")
     assert named.api_key_env == "PV_KEY"
+
+
+def _answers(ws) -> list[tuple]:
+    with ws.catalog().session() as s:
+        return s.connection().exec_driver_sql("SELECT text, finish_reason, model_reported FROM responses").fetchall()
+
+
+def _gen_config(server, **kw):
+    from personavec.generation.config import GenerateConfig
+
+    base = {"personas": ("default",), "questions": (0, 1), "model": "fault-model", "base_url": server.base_url}
+    return GenerateConfig(**{**base, "timeout_s": 10.0, **kw})
+
+
+def test_a_30_mb_answer_is_stored_bounded_by_max_tokens_and_marked_truncated(workspace):
+    from fault_server import FaultServer
+
+    from personavec.generation.endpoint import MAX_BYTES_PER_TOKEN, TRUNCATED
+    from personavec.generation.generate import run_generation
+
+    huge = "é" + "word " * 6_000_000  # 30 MB for max_tokens 8
+    with FaultServer(lambda *_: ("reply", huge, None)) as server:
+        result = run_generation(workspace, _gen_config(server, max_tokens=8))
+    assert result.answers == 2
+    for text, finish, _ in _answers(workspace):
+        assert len(text.encode()) <= 8 * MAX_BYTES_PER_TOKEN and huge.startswith(text) and finish == TRUNCATED
+    workspace.close()
+    assert workspace.catalog_path.stat().st_size < 20_000_000
+
+
+def test_a_key_echoed_in_a_200_answer_is_redacted_in_every_stored_field(workspace, monkeypatch):
+    from fault_server import FaultServer
+
+    from personavec.generation.generate import run_generation
+
+    monkeypatch.setenv("PV_TEST_KEY", "sk-secret-echo-123")
+    with FaultServer(lambda *_: ("reply", "your key is sk-secret-echo-123, keep it", None)) as server:
+        server.model = "model-sk-secret-echo-123"
+        result = run_generation(workspace, _gen_config(server, api_key_env="PV_TEST_KEY"))
+    assert result.answers == 2
+    for text, _, model in _answers(workspace):
+        assert text == "your key is <redacted>, keep it" and "sk-secret" not in (model or "")
+    workspace.close()
+    assert b"sk-secret-echo-123" not in b"".join(p.read_bytes() for p in workspace.root.glob("catalog.duckdb*"))
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on exit: connecting is refused
+
+
+def test_an_endpoint_refusing_connections_fails_at_once_generate_and_judge(cli, workspace, responses_run):
+    import time
+
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    w = ["-w", str(workspace.root)]
+    start = time.monotonic()
+    res = cli.invoke(
+        app, ["generate", *w, "--base-url", url, "--model", "m", "--persona", "default", "--question", "0"]
+    )
+    one_line_error(res, 1, "refused the connection: nothing is listening there")
+    res = cli.invoke(app, ["judge", str(responses_run), *w, "--base-url", url, "--model", "m", "--rubric", "coherence"])
+    one_line_error(res, 1, "refused the connection")
+    assert time.monotonic() - start < 30  # was 7 retries of ~21 s each
+    assert runs_of(workspace, "generate") == []  # a fresh run stopped before any answer leaves nothing behind
 
 
 def test_unknown_persona_set_or_persona(workspace):

@@ -7,8 +7,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from checks import one_line_error, runs_of
 
 from personavec import EVAL_QUESTIONS, PERSONAS
+from personavec.cli import app
 from personavec.errors import DuplicateError, InputFileError, NotFoundError
 from personavec.ingest import IngestConfig, ingest
 from personavec.seed import load_responses, save_responses
@@ -184,6 +186,65 @@ def test_unknown_sets(workspace, seed_cache_file):
         with pytest.raises(NotFoundError, match="unknown question set 'nope'"):
             ingest(workspace, IngestConfig("responses", seed_cache_file, question_set="nope"))
         assert _counts(catalog)[1] == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        ("axis", "'axis' is reserved"),
+        ("AXIS", "is reserved"),
+        ("-pirate", "starts with '-'"),
+        ("pi\u202erate", "U+202E (RIGHT-TO-LEFT OVERRIDE) at position 2"),
+        ("pi\u2066rate", "U+2066"),
+        ("tab\tname", "U+0009"),
+    ],
+)
+def test_reserved_and_control_character_persona_names_are_refused_at_ingest(cli, workspace, tmp_path, name, needle):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"name": "mine", "personas": [{"name": name, "system_prompt": "x"}]}))
+    before = len(runs_of(workspace))
+    res = cli.invoke(app, ["ingest", "personas", str(path), "-w", str(workspace.root)])
+    one_line_error(res, 2, "personas[0]: persona name", needle)
+    assert len(runs_of(workspace)) == before
+
+
+def test_reserved_group_names_are_refused_and_emoji_names_are_kept(cli, workspace, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"personas": [{"name": "pirate", "system_prompt": "x", "groups": ["axis"]}]}))
+    one_line_error(cli.invoke(app, ["ingest", "personas", str(path), "-w", str(workspace.root)]), 2, "persona group")
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # joined by zero-width joiners
+    path.write_text(json.dumps({"personas": [{"name": f"{family} 海賊", "system_prompt": "x"}]}))
+    res = cli.invoke(app, ["ingest", "personas", str(path), "-w", str(workspace.root)])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_answers_longer_than_arrows_block_are_ingested(workspace, tmp_path, fmt):
+    import csv
+
+    from personavec import EVAL_QUESTIONS
+    from personavec.ingest import IngestConfig, ingest
+    from personavec.store.responses import answered_responses
+
+    long = "a long answer. " * 150_000  # 2.1 MB in one row
+    rows = [{"persona": "default", "question": EVAL_QUESTIONS[0], "text": long}]
+    rows.append({"persona": "default", "question": EVAL_QUESTIONS[1], "text": "short"})
+    path = tmp_path / f"r.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["persona", "question", "text"])
+            writer.writeheader()
+            writer.writerows(rows)
+    result = ingest(workspace, IngestConfig("responses", path))
+    texts = sorted(r.text for r in answered_responses(workspace.catalog(), result.run_id))
+    assert texts == sorted([long, "short"])
+
+
+def test_ingest_of_a_device_says_what_it_is(cli, workspace):
+    res = cli.invoke(app, ["ingest", "personas", "/dev/null", "-w", str(workspace.root)])
+    one_line_error(res, 2, "/dev/null: not a regular file")
 
 
 def test_huge_question_is_a_clear_error(workspace, tmp_path):

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from checks import one_line_error, runs_of
 from fault_server import FaultServer, first_token_logprobs, sigkill_once_answered
 
 from personavec.cli import app
@@ -43,12 +44,6 @@ def assert_exactly_once(ws: Workspace, run_id: int, n: int) -> list[dict]:
     assert len(keys) == len(set(keys)) == n
     assert all(r["raw_output"] is not None for r in got)
     return got
-
-
-@pytest.fixture
-def responses_run(workspace, seed_cache_file) -> int:
-    """15 answers (5 built-in personas x 3 questions)."""
-    return ingest(workspace, IngestConfig("responses", seed_cache_file)).run_id
 
 
 def cfg(server: FaultServer, run: int, rubrics=("coherence",), **kw) -> JudgeConfig:
@@ -364,6 +359,33 @@ def test_sigkill_mid_judge_then_resume_judges_every_pair_once(workspace, respons
     # the fault server's default answer ("[...] answer to: ...") holds no number: recorded as errors, not scores
     assert all(r["score"] is None and "no number" in r["error"] for r in got)
     assert judge_runs(workspace)[0]["status"] == "done"
+
+
+def _judge_args(ws, server, run: int) -> list[str]:
+    return ["judge", str(run), "-w", str(ws.root), "--model", "fault-model", "--base-url", server.base_url]
+
+
+def test_a_judge_logprob_of_1e308_is_not_used_and_the_summary_says_how_scores_were_read(cli, workspace, responses_run):
+    from fault_server import FaultServer
+
+    broken = {"content": [{"token": "7", "logprob": 0.0, "top_logprobs": [{"token": "7", "logprob": 1e308}]}]}
+    with FaultServer(lambda *_: ("reply", "70", broken)) as server:
+        res = cli.invoke(app, [*_judge_args(workspace, server, responses_run), "--rubric", "coherence"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "0 of 15 scores" in res.output  # asked for logprobs, read every score from the text
+    with workspace.catalog().session() as s:
+        rows = s.connection().exec_driver_sql("SELECT DISTINCT score, method FROM judgements").fetchall()
+    assert rows == [(70.0, "parsed")]
+
+
+def test_a_judge_run_stopped_by_a_fatal_4xx_on_its_first_request_is_kept_as_failed(cli, workspace, responses_run):
+    from fault_server import FaultServer
+
+    with FaultServer(lambda *_: ("status", 401, {}, {"error": {"message": "bad key"}})) as server:
+        res = cli.invoke(app, [*_judge_args(workspace, server, responses_run), "--rubric", "coherence"])
+    one_line_error(res, 1, "HTTP 401")
+    (run,) = runs_of(workspace, "judge")
+    assert run.status == "failed"
 
 
 # ------------------------------------------------------------------------------------------------ a real server

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
+from checks import one_line_error, runs_of
 from tiny_models import template_tokenizer, tiny_config
 
 from personavec.cli import app
@@ -33,18 +34,27 @@ from personavec.vectors import VectorConfig, compute_vectors, load_vectors
 PERSONAS = ("default", "storyteller", "cynic")
 
 
-@pytest.fixture(scope="session")
-def tiny8(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An 8-layer, 64-wide random llama with a ChatML template (8 layers: the synthetic extraction's model size)."""
+def _llama8(out: Path, seed: int) -> str:
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny8") / "llama8"
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = tiny_config("llama")
     config.num_hidden_layers = 8
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     template_tokenizer("chatml").save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny8(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An 8-layer, 64-wide random llama with a ChatML template (8 layers: the synthetic extraction's model size)."""
+    return _llama8(tmp_path_factory.mktemp("tiny8") / "llama8", seed=0)
+
+
+@pytest.fixture(scope="session")
+def models(tiny8: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Two tiny models of the same shape (8 layers x 64) with different weights: ``tiny8`` and another seed."""
+    return tiny8, _llama8(tmp_path_factory.mktemp("tiny8") / "llama8-other", seed=1)
 
 
 def _config(model: str, **kw) -> GenerateConfig:
@@ -362,6 +372,70 @@ def test_cli_steer_positions_response_is_stored_with_the_run(workspace, tiny8, v
     assert get_run(workspace.catalog(), run).config["steering"]["positions"] == "response"
     res = cli.invoke(app, [*args, "--positions", "prompt", *pick])
     assert res.exit_code == 2 and "positions must be one of all, generated, response" in res.output
+
+
+def test_vectors_of_another_model_are_refused_unless_allowed_and_recorded(cli, workspace, models, vectors_run):
+    from personavec.store.steering import get_intervention
+
+    w = ["-w", str(workspace.root)]
+    local = ["--device", "cpu", "--dtype", "float32", "--max-tokens", "2", "--temperature", "0"]
+    pick = ["--persona", "default", "--question", "0"]
+    steer = ["steer", *w, "--vector", f"{vectors_run}:storyteller-default", "--layer", "2", "--coef", "1"]
+    before = len(runs_of(workspace))
+    res = cli.invoke(app, [*steer, "--model", models[1], *local, *pick])
+    one_line_error(res, 2, f"comes from {models[0]!r}, not from the model {models[1]!r}", "--allow-other-model")
+    assert len(runs_of(workspace)) == before  # no run created
+
+    res = cli.invoke(app, ["monitor", *w, "--vector", f"{vectors_run}:axis", "--text", "Ahoy", "--model", models[1]])
+    one_line_error(res, 2, "--allow-other-model")
+
+    res = cli.invoke(app, [*steer, "--model", models[1], *local, *pick, "--allow-other-model", "--json"])
+    assert res.exit_code == 0, res.output
+    run_id = json.loads(res.stdout.strip().splitlines()[-1])["runs"][0]["run_id"]
+    record = get_intervention(workspace.catalog(), run_id)
+    assert record is not None
+    from personavec.store.runs import get_run
+
+    config = get_run(workspace.catalog(), run_id).config
+    assert config["steering"]["allow_other_model"] is True
+
+    # the model the vectors come from needs no flag; a sweep over 0 and 2 is titled with both (was "x0")
+    sweep = ["steer", *w, "--vector", f"{vectors_run}:storyteller-default", "--layer", "2"]
+    res = cli.invoke(app, [*sweep, "--coef", "0", "--coef", "2", "--model", models[0], *local, *pick])
+    assert res.exit_code == 0, res.output
+    assert "x0,2 @2" in res.output
+
+
+def test_monitor_and_steer_argument_errors_are_one_line(cli, workspace, models, vectors_run, make_extraction_run):
+    w = ["-w", str(workspace.root)]
+    model = ["--model", models[0], "--device", "cpu", "--dtype", "float32"]
+    res = cli.invoke(app, ["monitor", *w, "--vector", f"{vectors_run}:cynic", "--text", "", *model])
+    one_line_error(res, 2, "--text is empty")
+    res = cli.invoke(app, ["monitor", *w, "--vector", f"{vectors_run}:cynic", "--text", "  ", *model])
+    one_line_error(res, 2, "--text is empty")
+
+    before = len(runs_of(workspace))
+    cap = ["steer", *w, "--vector", f"{vectors_run}:-axis", "--kind", "cap", "--tau", "1", "--tau", "2"]
+    res = cli.invoke(app, [*cap, *model, "--persona", "default", "--question", "0", "--max-tokens", "2"])
+    one_line_error(res, 2, "--tau was given 2 times for 1 layer(s)")
+    res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:cynic", "--coef", "1", "--coef", "nan", *model])
+    one_line_error(res, 2, "coef must be finite, got nan")
+    assert len(runs_of(workspace)) == before  # validated before any work: no run at all
+
+    # vectors of another d_model (32 here, the model has 64)
+    small = make_extraction_run(workspace, layers=(2, 5), d_model=32, model=models[0], revision=None)
+    small_vectors = compute_vectors(workspace, VectorConfig(extraction_run_id=small.run_id)).run_id
+    res = cli.invoke(app, ["monitor", *w, "--vector", f"{small_vectors}:cynic", "--text", "Ahoy", *model])
+    one_line_error(res, 2, "(d_model 32)", "has d_model 64")
+
+
+def test_monitor_text_shows_token_text_not_bpe_symbols(cli, workspace, models, vectors_run):
+    model = ["--model", models[0], "--device", "cpu", "--dtype", "float32"]
+    args = ["monitor", "-w", str(workspace.root), "--vector", f"{vectors_run}:cynic", "--text", "Ahoy there"]
+    res = cli.invoke(app, [*args, *model, "--json"])
+    assert res.exit_code == 0, res.output
+    tokens = json.loads(res.stdout.strip().splitlines()[-1])["items"][0]["tokens"]
+    assert "".join(tokens) == "Ahoy there" and not any("Ġ" in t for t in tokens)
 
 
 def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):

@@ -135,11 +135,12 @@ def test_bad_model_inputs_fail_fast_with_one_line(cli, workspace, tmp_path, monk
 
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"this is not a gguf file" * 100)
-    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
     w = ["-w", str(workspace.root), "--responses-run", "1"]
-    res = cli.invoke(app, ["extract", "--model", str(garbage), *w])
-    assert res.exit_code == 2 and "not a GGUF model transformers can load" in res.output
-    assert not list((tmp_path / "cache" / "models").glob("garbage*"))  # nothing half-converted left behind
+    with monkeypatch.context() as m:  # an empty model cache for the garbage file only (not for the embedded model:
+        m.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))  # converting it again took ~20 s of this test)
+        res = cli.invoke(app, ["extract", "--model", str(garbage), *w])
+        assert res.exit_code == 2 and "not a GGUF model transformers can load" in res.output
+        assert not list((tmp_path / "cache" / "models").glob("garbage*"))  # nothing half-converted left behind
     res = cli.invoke(app, ["extract", "--device", "cuda", *w])
     assert res.exit_code == 2 and "sees no CUDA device" in res.output
     t = time.monotonic()

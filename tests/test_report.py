@@ -172,6 +172,22 @@ def test_outputs_onto_directories_files_and_unwritable_paths(cli, workspace, mak
     assert stat.S_IMODE((tmp_path / "v.npz").stat().st_mode) == 0o644  # the umask's, not mkstemp's 0600
 
 
+def test_names_no_installed_font_can_draw_are_named_in_the_report(workspace, make_extraction_run, tmp_path):
+    from personavec import plots
+    from personavec.report import ReportConfig, build_report
+
+    ext = make_extraction_run(workspace, layers=(2, 5), d_model=16)
+    run = compute_vectors(workspace, VectorConfig(extraction_run_id=ext.run_id)).run_id
+    with workspace.catalog().session() as s:  # a persona named in CJK and emoji (as ingest allows)
+        s.connection().exec_driver_sql("UPDATE vectors SET group_key = '海賊 \U0001f3f4' WHERE group_key = 'ghost'")
+    res = build_report(workspace, ReportConfig(run, out_dir=tmp_path / "r", layer=5))
+    missing = plots.missing_glyphs(["海賊 \U0001f3f4"])
+    if missing:  # on this machine: no CJK/emoji font
+        assert len(res.notes) == 1 and "as boxes" in res.notes[0] and missing[0] in res.notes[0]
+        assert "as boxes" in res.html.read_text(encoding="utf-8")
+    assert res.pngs["similarity"].read_bytes()[:4] == b"\x89PNG"
+
+
 def test_point_labels_do_not_overlap():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.text import Annotation, Text

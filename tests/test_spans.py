@@ -115,6 +115,15 @@ def test_errors() -> None:
         render(tok, conversation("s", "q", "a"))
 
 
+def test_a_whitespace_only_answer_has_no_span_like_an_empty_one():
+    from personavec.spans import conversation, render, render_many
+
+    tok = template_tokenizer("chatml")
+    blank = [conversation("You are a pirate.", "Hi?", text) for text in ("", " ", " \n\t ")]
+    assert [render(tok, c).assistant_spans for c in blank] == [[(0, 0)]] * 3
+    assert [r.assistant_spans for r in render_many(tok, [*blank, conversation("", "Hi?", "Arr")])][:3] == [[(0, 0)]] * 3
+
+
 @pytest.mark.parametrize("prompt_format", ["chat", "raw"])
 def test_render_many_equals_render_one_by_one(tok, prompt_format) -> None:
     """The batched planner of a whole run gives exactly what rendering each conversation does: empty answers,

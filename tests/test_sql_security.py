@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from checks import one_line_error
 
 from personavec.cli import app
 from personavec.errors import QueryError
@@ -194,6 +195,70 @@ def test_run_readonly_sql_library_api_and_shared_catalog(workspace):
     with pytest.raises(QueryError, match="is DELETE"):
         run_readonly_sql(workspace.catalog_path, "DELETE FROM runs")
     Workspace.resolve(workspace.root).close()
+
+
+_SLOW = "SELECT sum(hash(i)) FROM range(100000000000) t(i)"
+
+
+def _signal_once_the_query_runs(signum: int) -> dict:
+    """Send ``signum`` to this process 0.5 s after the sql worker thread starts; returns when it was sent."""
+    import os
+    import threading
+    import time
+
+    sent: dict = {}
+
+    def fire() -> None:
+        while not any(t.name == "personavec-sql" for t in threading.enumerate()):
+            time.sleep(0.02)
+        time.sleep(0.5)
+        sent["at"] = time.monotonic()
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=fire, daemon=True).start()
+    return sent
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_stop_a_running_sql_query_within_a_second(cli, workspace, signum):
+    import signal
+    import threading
+    import time
+
+    from personavec.errors import Terminated
+
+    def terminate(n, frame):  # what personavec.cli.main installs
+        raise Terminated(f"terminated by signal {n}")
+
+    old = signal.signal(signal.SIGTERM, terminate)
+    try:
+        sent = _signal_once_the_query_runs(getattr(signal, signum))
+        res = cli.invoke(app, ["sql", _SLOW, "-w", str(workspace.root), "--timeout", "0"])
+        stopped = time.monotonic()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert res.exit_code == (130 if signum == "SIGINT" else 143), res.output
+    assert "Traceback" not in res.output and "interrupted" in res.output
+    assert stopped - sent["at"] < 1.5
+    assert not any(t.name == "personavec-sql" and t.is_alive() for t in threading.enumerate())
+
+
+def test_sql_time_and_memory_limits_and_bad_limits(cli, workspace):
+    w = ["-w", str(workspace.root)]
+    res = cli.invoke(app, ["sql", _SLOW, *w, "--timeout", "0.5"])
+    one_line_error(res, 1, "SQL stopped after the time limit of 0.5 s", "--timeout")
+    res = cli.invoke(app, ["sql", "SELECT len(list(i)) FROM range(20000000) t(i)", *w, "--memory-limit", "10MB"])
+    one_line_error(res, 1, "more than the memory limit", "--memory-limit")
+    assert "Possible solutions" not in res.output
+    for bad, needle in (
+        (["--limit", "-1"], "--limit must be >= 0"),
+        (["--timeout", "nan"], "--timeout must be"),
+        (["--timeout", "-3"], "--timeout must be"),
+        (["--memory-limit", "lots"], "--memory-limit must be"),
+    ):
+        one_line_error(cli.invoke(app, ["sql", "SELECT 1", *w, *bad]), 2, needle)
+    res = cli.invoke(app, ["sql", "SELECT 42 AS answer", *w, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout) == [{"answer": 42}]
 
 
 def test_sql_on_a_catalog_locked_by_another_process(cli, workspace, monkeypatch, hold_catalog):

@@ -231,6 +231,24 @@ def test_resolve_vector_names_groups_differences_and_axis():
     assert unit_norm(vs) == pytest.approx((1 + 3 + 2 + 4) / 4)
 
 
+def _random_vset(names: tuple[str, ...], groups: dict[str, list[str]] | None = None) -> VectorSet:
+    rng = np.random.default_rng(0)
+    matrix = torch.tensor(rng.normal(size=(len(names), 3)) * 50, dtype=torch.float32)
+    return VectorSet(7, 20, "persona", names, matrix, (3,) * len(names), {"persona_groups": groups or {}})
+
+
+def test_a_persona_named_axis_in_an_old_catalog_is_ambiguous_not_silently_used():
+    vs = _random_vset(("default", "pirate", "axis"), {"default": ["default"]})
+    with pytest.raises(ConfigError, match=r"'axis' of vectors run 7 is ambiguous: it could be persona 'axis'; or the "):
+        resolve_vector(vs, "axis")
+    # a persona a-b beside personas a and b: two readings as well
+    vs = _random_vset(("default", "a", "b", "a-b"))
+    with pytest.raises(ConfigError, match="ambiguous: it could be persona 'a-b'; or persona 'a' minus persona 'b'"):
+        resolve_vector(vs, "a-b")
+    # one reading resolves as before
+    assert np.allclose(resolve_vector(vs, "default-a"), vs["default"].double().numpy() - vs["a"].double().numpy())
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
@@ -265,7 +283,7 @@ def test_steering_config_roundtrips_and_labels():
 @pytest.mark.xdist_group("embedded-loaded")
 def test_steering_towards_a_persona_moves_the_answers_along_its_direction(embedded_loaded):
     """Neutral system prompt, +c * (v_persona - v_default) at the default layer: the answers, extracted at that
-    layer by the unsteered model, project further onto the direction as c grows (two personas, c = 0..3)."""
+    layer by the unsteered model, project further onto the direction as c grows (c = 0..3)."""
     from personavec.builtin import EVAL_QUESTIONS, PERSONAS
     from personavec.config import default_layer
     from personavec.extract import mean_activations
@@ -288,7 +306,9 @@ def test_steering_towards_a_persona_moves_the_answers_along_its_direction(embedd
     unsteered = answers(neutral)
     v_default = means(neutral, unsteered).mean(axis=0)
     coefs = (0.0, 1.0, 2.0, 3.0)
-    for persona in ("trader", "jester"):
+    # measured (1 thread, 24 tokens): trader -25.3, -4.9, 11.4, 25.5. jester was dropped to halve the test: it
+    # stayed monotone, but by 1.2 between c = 2 and 3
+    for persona in ("trader",):
         v = means(PERSONAS[persona], answers(PERSONAS[persona])).mean(axis=0) - v_default
         unit = v / np.linalg.norm(v)
         projections = []
