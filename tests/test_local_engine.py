@@ -360,6 +360,27 @@ def test_cli_generate_local_steer_sweep_report_and_monitor(workspace, tiny8, vec
     assert record.kind == "cap" and record.percentile == 50.0 and record.per_layer[0].tau is not None
 
 
+def test_cli_steer_sweep_layer_makes_one_run_per_layer_and_coef_and_a_coef_sweep_keeps_its_layer(
+    workspace, tiny8, vectors_run, cli
+):
+    """``steer --sweep-layer 2 --sweep-layer 5 --coef 0 --coef 3``: one sweep, four runs, each steering one layer
+    (recorded in run_interventions); a plain coefficient sweep steers the ``--layer`` it was given."""
+    w = ["-w", str(workspace.root), "--model", tiny8, "--device", "cpu", "--dtype", "float32", "--temperature", "0"]
+    args = ["steer", *w, "--vector", f"{vectors_run}:storyteller-default", "--coef", "0", "--coef", "3"]
+    pick = ["--persona", "default", "--question", "0", "--max-tokens", "3", "--json"]
+    out = _last_json(cli.invoke(app, [*args, "--sweep-layer", "2", "--sweep-layer", "5", *pick]))
+    runs = [r["run_id"] for r in out["runs"]]
+    assert out["sweep_id"] is not None and [r["coef"] for r in out["runs"]] == [0.0, 3.0, 0.0, 3.0]
+    layers = dict(_sql(workspace, f"SELECT run_id, layers FROM run_interventions WHERE run_id IN {tuple(runs)}"))
+    assert [list(layers[r]) for r in runs] == [[2], [2], [5], [5]]
+    out = _last_json(cli.invoke(app, [*args, "--layer", "5", *pick]))
+    runs = [r["run_id"] for r in out["runs"]]
+    layers = dict(_sql(workspace, f"SELECT run_id, layers FROM run_interventions WHERE run_id IN {tuple(runs)}"))
+    assert [list(layers[r]) for r in runs] == [[5], [5]]
+    bad = cli.invoke(app, [*args, "--sweep-layer", "2", "--sweep-layer", "99", *pick])
+    assert bad.exit_code == 2 and "99" in bad.output
+
+
 def test_cli_steer_positions_response_is_stored_with_the_run(workspace, tiny8, vectors_run, cli):
     w = ["-w", str(workspace.root), "--model", tiny8, "--device", "cpu", "--dtype", "float32", "--temperature", "0"]
     args = ["steer", *w, "--vector", f"{vectors_run}:storyteller-default", "--layer", "5", "--coef", "6"]
