@@ -522,7 +522,7 @@ def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_the_ru
     t = time.monotonic()
     with pytest.raises(KeyboardInterrupt) as info:
         run_extraction(workspace, config, tuning=Tuning(plan_inline_max=0, rest_windows=(2,)))
-    assert time.monotonic() - t < 8  # without the stop: over 16.5 s
+    assert time.monotonic() - t < 12  # without the stop: over 16.5 s of sleeping alone, whatever the load
     (run_id,) = [r.id for r in list_runs(workspace.catalog(), "extract")]
     assert (
         getattr(info.value, "run_id", None) == run_id and get_run(workspace.catalog(), run_id).status == "interrupted"
