@@ -128,15 +128,39 @@ def test_num_processes_launches_the_same_command(cli, workspace, monkeypatch: py
     assert bad.exit_code == 2 and "--num-processes must be >= 1" in bad.output
 
 
+def test_ctrl_c_while_ranks_run_stops_them_and_comes_out_as_a_keyboard_interrupt(workspace) -> None:
+    """Ctrl-C in the launching process while its ranks start: torch-elastic stops them and raises its own
+    SignalException; :func:`launch.launch` gives it as a KeyboardInterrupt (what the CLI reports as interrupted,
+    exit 130) and leaves this process's SIGINT handler as it was."""
+    import os
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGINT)
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch.launch(["extract", "-w", str(workspace.root), "--resume", "999999"], 2)
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_the_rank_that_failed_first_is_named_and_noted_on_the_run(
     cli, workspace, make_extraction_run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real launch of two ranks that both fail: the outcome names the first (by its failure time) and the exit
     code; the CLI notes it in front of the run's own error (rank 0, stopped by the launcher, only knows it was
-    terminated) and prints it with the resume command."""
+    terminated) and prints it with the resume command. The launching process keeps its own signal handlers
+    (torch-elastic replaces them while it runs: a later Ctrl-C must still be a KeyboardInterrupt)."""
+    import signal
+
     from personavec.store.runs import finish_run, get_run
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     launched = launch.launch(["extract", "-w", str(workspace.root), "--resume", "999999"], 2)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     # rank 0 exits 2 (no such run); rank 1 exits 1 when rank 0 tells it so, or is stopped by the launcher (SIGTERM)
     assert launched.code in (1, 2) and launched.run_id is None
     assert re.fullmatch(r"rank [01] of 2 failed first \(exit code [12]\); the launcher then stopped the others",

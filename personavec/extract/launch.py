@@ -12,8 +12,9 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from personavec.errors import ConfigError
+from personavec.errors import ConfigError, Terminated
 from personavec.tuning import DEFAULT
 
 
@@ -118,6 +119,7 @@ def launch(args: Sequence[str], num_processes: int, *, main_process_port: int | 
     import tempfile
 
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     argv = ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
@@ -127,8 +129,19 @@ def launch(args: Sequence[str], num_processes: int, *, main_process_port: int | 
         run_file = Path(tmp) / "run_id"
         saved = os.environ.get(RUN_ID_FILE_ENV)
         os.environ[RUN_ID_FILE_ENV] = str(run_file)  # the launcher starts the ranks with this environment
+        # torch-elastic replaces this process's SIGINT/SIGTERM/SIGHUP/SIGQUIT handlers with its own (raising
+        # SignalException) and never puts them back: they are restored, and its exception given as Ctrl-C / SIGTERM
+        handlers = _signal_handlers()
         try:
             launch_command(launch_command_parser().parse_args(argv))
+        except (SignalException, SystemExit) as exc:
+            # accelerate turns the SignalException (its ranks already stopped) into sys.exit(128 + signal)
+            signalled = exc if isinstance(exc, SignalException) else exc.__context__
+            if not isinstance(signalled, SignalException):
+                raise
+            if signalled.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from exc
+            raise Terminated(f"terminated by signal {int(signalled.sigval)}") from exc
         except ChildFailedError as exc:
             # The launcher SIGTERMs the ranks left once one fails, and failure times are whole seconds: a rank
             # ended by SIGTERM is taken to have been stopped, not to have failed first.
@@ -145,11 +158,23 @@ def launch(args: Sequence[str], num_processes: int, *, main_process_port: int | 
                 f"rank {rank} of {num_processes} failed first ({how}); the launcher then stopped the others",
             )
         finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
             if saved is None:
                 os.environ.pop(RUN_ID_FILE_ENV, None)
             else:
                 os.environ[RUN_ID_FILE_ENV] = saved
     return Launched(0)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """The handlers of the signals torch-elastic takes over, when this is the main thread (elsewhere it takes none)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    return {sig: signal.getsignal(sig) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))}
 
 
 def tell_launcher(run_id: int) -> None:
