@@ -733,14 +733,16 @@ class Scheduler:
             new = text[len(row.sent) :] if text.startswith(row.sent) else ""
             row.ticket.sink(Delta(row.index, new, tuple(row.logprobs[row.sent_logprobs :])))
             done = Finished(row.index, text, reason, len(row.tokens), tuple(row.tokens), tuple(row.logprobs))
-            row.ticket.sink(done)
             slots = self._finished.get(id(row.ticket))
             if slots is not None:
                 slots[row.index] = done
                 if all(s is not None for s in slots):
                     del self._finished[id(row.ticket)]
+                    # handed to the recorder before the client hears its last answer: a recorder.flush() after the
+                    # response waits for it
                     if self.on_finished is not None:
                         self.on_finished(row.ticket, [s for s in slots if s is not None])
+            row.ticket.sink(done)
             return
         # Hold back what could still change: an incomplete UTF-8 character, or the start of a stop string.
         safe = len(text)
