@@ -115,6 +115,7 @@ def main() -> None:
         context_length: int | None = 8192
         revision: str | None = None
         architecture: str = "bench"
+        model_type: str = "gemma3"
         dtype: str = "torch.bfloat16"
         device: str = "cuda"
         input_device: str = "cuda"
