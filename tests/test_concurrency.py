@@ -98,3 +98,45 @@ def test_another_process_gets_the_file_while_this_one_runs_units_of_work_back_to
         child.kill()
         child.wait()
     assert units > 0 and waited < 4 * (engine.MAX_HOLD_S + engine.LINGER_S) + 1, (waited, units)
+
+
+def test_the_file_is_held_briefly_after_a_unit_of_work_and_not_at_all_once_shared(workspace, hold_catalog, monkeypatch):
+    """Right after a unit of work another process cannot open the file (the catalog keeps it LINGER_S so its next
+    unit opens warm), a moment later it can; once a unit of work had to wait for another process, and in a rank of a
+    multi-process launch (WORLD_SIZE > 1), the file is free as soon as each unit of work ends."""
+    from personavec.store import engine
+
+    path = str(workspace.catalog_path)
+    script = (
+        "import duckdb, sys\n"
+        "print('ready', flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    try:\n"
+        f"        duckdb.connect({path!r}).close(); print('free', flush=True)\n"
+        "    except duckdb.IOException:\n"
+        "        print('held', flush=True)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None and child.stdout.readline().strip() == "ready"
+
+    def other_process_tries() -> str:
+        child.stdin.write("try\n")
+        child.stdin.flush()
+        return child.stdout.readline().strip()
+
+    try:
+        list_runs(workspace.catalog())
+        assert other_process_tries() == "held"
+        time.sleep(engine.LINGER_S + 0.3)
+        assert other_process_tries() == "free"
+        with hold_catalog(workspace.catalog_path, seconds=1):
+            list_runs(workspace.catalog())  # waits for the other process
+        list_runs(workspace.catalog())
+        assert other_process_tries() == "free"
+        workspace.close()
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        list_runs(workspace.catalog())
+        assert other_process_tries() == "free"
+    finally:
+        child.kill()
+        child.wait()

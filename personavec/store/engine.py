@@ -17,9 +17,11 @@ therefore commit in batches (by time or rows), not per row.
 
 Opening the file costs ~25 ms (DuckDB builds a database instance: catalog, buffer manager, threads) while a
 connection to an instance already open costs ~0.4 ms. So a catalog keeps the instance open for
-:data:`LINGER_S` after its last unit of work ends: the next unit of this process, usually a few ms later, opens
+:data:`LINGER_S` after its last unit of work ends: the next unit of this process, usually soon after, opens
 it warm. It never keeps it past :data:`MAX_HOLD_S` of continuous holding (the file is then released when the units
-of work in progress end), so another process waiting for the file gets it as before.
+of work in progress end, and not held again for as long), so another process waiting for the file gets it; and once
+a unit of work had to wait for another process, or in a rank of a multi-process launch, it holds nothing (the file
+is shared: every unit of work releases it, as a catalog without the hold).
 """
 
 from __future__ import annotations
@@ -90,9 +92,12 @@ READ_LOCK_TIMEOUT_S = 15.0
 LOCK_TIMEOUT_ENV = "PERSONAVEC_LOCK_TIMEOUT"
 
 #: A catalog keeps DuckDB's database instance (and the file) this long after its last unit of work ended, so that
-#: the next opens warm (~0.4 ms instead of ~25 ms); held continuously, it lets the file go after MAX_HOLD_S.
-LINGER_S = 0.05
+#: the next opens warm (~0.4 ms instead of ~25 ms); held continuously, it lets the file go after MAX_HOLD_S and
+#: holds nothing for as long. It holds nothing for SHARED_REST_S after one of its units of work had to wait for
+#: another process, nor ever in a process of a multi-process launch (``WORLD_SIZE`` > 1: ranks share the catalog).
+LINGER_S = 0.25
 MAX_HOLD_S = 0.5
+SHARED_REST_S = 30.0
 
 
 # DuckDB's own wording (IOException for both): a lock held by another process, and a damaged file. A plain
@@ -194,11 +199,11 @@ def lock_timeout(read_only: bool, override: float | None = None) -> float:
     return READ_LOCK_TIMEOUT_S if read_only else WRITE_LOCK_TIMEOUT_S
 
 
-def with_lock_retry(connect, timeout_s: float):  # type: ignore[no-untyped-def]
+def with_lock_retry(connect, timeout_s: float, on_wait=None):  # type: ignore[no-untyped-def]
     """Call ``connect()`` until it does not fail on another process's file lock, backing off (with jitter) from
     10 ms to 0.5 s, for ``timeout_s`` (the last wait is cut short at the deadline, then one last try); the last lock
     error is re-raised. Lock errors may come as SQLAlchemy's ``DBAPIError``, DuckDB's ``IOException`` (a raw
-    ``duckdb.connect``) or :class:`CatalogLockedError`."""
+    ``duckdb.connect``) or :class:`CatalogLockedError`. ``on_wait()`` is called at each wait."""
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while True:
@@ -208,6 +213,8 @@ def with_lock_retry(connect, timeout_s: float):  # type: ignore[no-untyped-def]
             left = deadline - time.monotonic()
             if not (isinstance(exc, CatalogLockedError) or _locked(exc)) or left <= 0:
                 raise
+        if on_wait is not None:
+            on_wait()
         time.sleep(min(delay * (0.5 + random.random()), left))
         delay = min(delay * 2, 0.5)
 
@@ -281,7 +288,7 @@ class Catalog:
         session = self._sessions()
         self._warm.begin()
         try:
-            with_lock_retry(session.connection, self.lock_timeout_s)
+            with_lock_retry(session.connection, self.lock_timeout_s, on_wait=self._warm.contended)
             self._warm.hold()
             yield session
             session.commit()
@@ -324,7 +331,6 @@ class _WarmHold:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._lock = threading.Lock()
-        _HOLDS.add(self)
         self._conn: Any = None
         self._since = 0.0  # when the held connection was opened
         self._rest_until = 0.0  # after a hold of MAX_HOLD_S, none until then
@@ -332,6 +338,8 @@ class _WarmHold:
         self._active = 0
         self._timer: threading.Timer | None = None
         self._pid = os.getpid()
+        self._off = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")  # a rank: peers share the file
+        _HOLDS.add(self)
 
     def begin(self) -> None:
         with self._lock:
@@ -342,13 +350,18 @@ class _WarmHold:
         with self._lock:
             if self._conn is not None or os.getpid() != self._pid:
                 return
-            if time.monotonic() < self._rest_until:
+            if self._off or time.monotonic() < self._rest_until:
                 return
             try:
                 self._conn = self._engine.raw_connection()
             except Exception:  # noqa: BLE001 - only an optimisation: units of work open their own connections
                 return
             self._since = time.monotonic()
+
+    def contended(self) -> None:
+        """A unit of work waits for another process: the file is shared now, hold nothing for a while."""
+        with self._lock:
+            self._rest_until = time.monotonic() + SHARED_REST_S
 
     def end(self) -> None:
         with self._lock:
