@@ -361,7 +361,7 @@ def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path, emb
     personas = spec.persona_specs()
     loaded = embedded_loaded  # SmolLM2-135M-Instruct, loaded once per session
     pairs = [(p, q) for p in personas for q in questions]
-    answers = generate_answers(loaded, [(p.system_prompt, q) for p, q in pairs], max_new_tokens=24)
+    answers = generate_answers(loaded, [(p.system_prompt, q) for p, q in pairs], max_new_tokens=16)
     path = tmp_path / "pirate.jsonl"
     path.write_text(
         "\n".join(
@@ -397,8 +397,8 @@ def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path, emb
         p = project_onto_vector(workspace, run, "pirate", held.run_id, 25)
         pos, neg = p.by_group("pos"), p.by_group("neg")
         assert len(pos) == len(neg) == 25
-        # measured: 0.970 unfiltered, 0.962 filtered (6 of 25 pos kept, 25 neg) at layer 25 with 24 tokens an answer
-        # (32 tokens: 0.965, 0.971, 7 kept; 3 + 3 questions instead of 5 + 5 fell to 0.867 filtered, 3 kept)
+        # measured: 0.981 unfiltered, 0.973 filtered at layer 25 with 16 tokens an answer (24 tokens: 0.970, 0.962,
+        # 6 of 25 pos kept; 32 tokens: 0.965, 0.971, 7 kept; 3 + 3 questions instead of 5 + 5 fell to 0.867 filtered)
         assert auroc(pos, neg) >= 0.9, (filtered, auroc(pos, neg))
     vs = load_vectors(results[True], 25, workspace=workspace)
     counts = dict(zip(vs.names, vs.n_examples, strict=True))
