@@ -65,8 +65,10 @@ def other_waits_s(ws) -> float:
     )
     assert child.stdin is not None and child.stdout is not None
     child.stdout.readline()
+    ws.close()  # a fresh catalog: one that waited for another process holds nothing for SHARED_REST_S
     cat = ws.catalog()
-    list_runs(cat)
+    time.sleep(engine.MAX_HOLD_S + engine.LINGER_S + 0.2)  # no hold left from before, nor a rest after one
+    list_runs(cat)  # the hold begins (with it)
     child.stdin.write("go\n")
     child.stdin.flush()
     start = time.monotonic()
