@@ -197,7 +197,7 @@ def test_run_readonly_sql_library_api_and_shared_catalog(workspace):
     Workspace.resolve(workspace.root).close()
 
 
-_SLOW = "SELECT sum(hash(i)) FROM range(100000000000) t(i)"
+_SLOW = "SELECT sum(hash(i)) FROM range(1000000000000) t(i)"
 
 
 def _signal_once_the_query_runs(signum: int) -> dict:
@@ -208,11 +208,12 @@ def _signal_once_the_query_runs(signum: int) -> dict:
 
     # a worker left by an earlier test in this process (its query still unwinding) must not trigger the signal
     # before this query runs: a signal taken while the CLI is still opening the catalog is not this test's case
-    earlier = {t.ident for t in threading.enumerate() if t.name == "personavec-sql"}
+    # (Thread objects, not idents: a thread's ident is reused once it has ended)
+    earlier = [t for t in threading.enumerate() if t.name == "personavec-sql"]
     sent: dict = {"earlier": earlier}
 
     def fire() -> None:
-        while not any(t.name == "personavec-sql" and t.ident not in earlier for t in threading.enumerate()):
+        while not any(t.name == "personavec-sql" and all(t is not e for e in earlier) for t in threading.enumerate()):
             time.sleep(0.02)
         time.sleep(0.5)
         sent["at"] = time.monotonic()
@@ -236,7 +237,8 @@ def test_ctrl_c_and_sigterm_stop_a_running_sql_query_within_a_second(cli, worksp
     old = signal.signal(signal.SIGTERM, terminate)
     try:
         sent = _signal_once_the_query_runs(getattr(signal, signum))
-        res = cli.invoke(app, ["sql", _SLOW, "-w", str(workspace.root), "--timeout", "0"])
+        # a time limit far past the signal (0.5 s in): a signal not taken fails the test instead of hanging it
+        res = cli.invoke(app, ["sql", _SLOW, "-w", str(workspace.root), "--timeout", "120"])
         stopped = time.monotonic()
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -244,7 +246,7 @@ def test_ctrl_c_and_sigterm_stop_a_running_sql_query_within_a_second(cli, worksp
     assert "Traceback" not in res.output and "interrupted" in res.output
     assert stopped - sent["at"] < 1.5
     assert not any(
-        t.name == "personavec-sql" and t.ident not in sent["earlier"] and t.is_alive() for t in threading.enumerate()
+        t.name == "personavec-sql" and all(t is not e for e in sent["earlier"]) for t in threading.enumerate()
     )
 
 
