@@ -245,9 +245,8 @@ def test_ctrl_c_and_sigterm_stop_a_running_sql_query_within_a_second(cli, worksp
     assert res.exit_code == (130 if signum == "SIGINT" else 143), res.output
     assert "Traceback" not in res.output and "interrupted" in res.output
     assert stopped - sent["at"] < 1.5
-    assert not any(
-        t.name == "personavec-sql" and all(t is not e for e in sent["earlier"]) for t in threading.enumerate()
-    )
+    own = [t for t in threading.enumerate() if t.name == "personavec-sql" and all(t is not e for e in sent["earlier"])]
+    assert not any(t.is_alive() for t in own), own
 
 
 def test_sql_time_and_memory_limits_and_bad_limits(cli, workspace):
