@@ -234,7 +234,10 @@ def test_ctrl_c_and_sigterm_stop_a_running_sql_query_within_a_second(cli, worksp
     def terminate(n, frame):  # what personavec.cli.main installs
         raise Terminated(f"terminated by signal {n}")
 
+    # both handlers as personavec.cli.main installs them (a library in this test process may have left another)
+    assert threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, terminate)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         sent = _signal_once_the_query_runs(getattr(signal, signum))
         # a time limit far past the signal (0.5 s in): a signal not taken fails the test instead of hanging it
@@ -242,7 +245,8 @@ def test_ctrl_c_and_sigterm_stop_a_running_sql_query_within_a_second(cli, worksp
         stopped = time.monotonic()
     finally:
         signal.signal(signal.SIGTERM, old)
-    assert res.exit_code == (130 if signum == "SIGINT" else 143), res.output
+        signal.signal(signal.SIGINT, old_int)
+    assert res.exit_code == (130 if signum == "SIGINT" else 143), (res.output, old_int)
     assert "Traceback" not in res.output and "interrupted" in res.output
     assert stopped - sent["at"] < 1.5
     own = [t for t in threading.enumerate() if t.name == "personavec-sql" and all(t is not e for e in sent["earlier"])]
