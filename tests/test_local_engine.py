@@ -456,7 +456,11 @@ def test_monitor_text_shows_token_text_not_bpe_symbols(cli, workspace, models, v
     res = cli.invoke(app, [*args, *model, "--json"])
     assert res.exit_code == 0, res.output
     tokens = json.loads(res.stdout.strip().splitlines()[-1])["items"][0]["tokens"]
-    assert "".join(tokens) == "Ahoy there" and not any("Ġ" in t for t in tokens)
+    # a tokenizer that adds a BOS token (transformers 4.57 does for this tiny model, 5.x does not) shows it as itself
+    from transformers import AutoTokenizer
+
+    special = set(AutoTokenizer.from_pretrained(models[0]).all_special_tokens)
+    assert "".join(t for t in tokens if t not in special) == "Ahoy there" and not any("Ġ" in t for t in tokens)
 
 
 def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):
