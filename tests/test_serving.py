@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 from conftest import synthetic_extraction_factory
-from tiny_models import template_tokenizer, tiny_config
+from tiny_models import save_template_tokenizer, tiny_config
 
 from personavec.modeling import load_model
 from personavec.serving.app import ServeConfig, running_server
@@ -53,7 +53,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     config = tiny_config("llama")
     config.num_hidden_layers = 8
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    template_tokenizer("chatml").save_pretrained(model_dir)
+    save_template_tokenizer("chatml", model_dir)
     loaded = load_model(str(model_dir), dtype="float32", device="cpu")
     loaded.model.to(torch.float64)
     ws = init_workspace(root / "ws")
@@ -452,7 +452,7 @@ def _sliding_model(root, arch: str, window: int):
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(config) if arch == "gemma3" else AutoModelForCausalLM.from_config(config)
     model.save_pretrained(root / arch)
-    template_tokenizer("gemma").save_pretrained(root / arch)
+    save_template_tokenizer("gemma", root / arch)
     # Eager attention takes its softmax in float32, where a float64 mask's minimum is -inf: a left-padding row of a
     # float64 batch (fully masked) turns NaN and poisons the rows that mask it (0 * NaN), in HF's own batched
     # `generate` too. So sdpa in float64, and Gemma 2 (eager only, for its logit softcapping) in float32.
@@ -571,7 +571,7 @@ def test_a_model_with_chunked_or_linear_attention_layers_is_refused_at_start(tmp
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2, attention_chunk_size=8,
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama4")
-    template_tokenizer("chatml").save_pretrained(tmp_path / "llama4")
+    save_template_tokenizer("chatml", tmp_path / "llama4")
     loaded = load_model(str(tmp_path / "llama4"), dtype="float32", device="cpu")
     with pytest.raises(ModelError, match="chunked_attention layers; the steering server batches"):
         Scheduler(loaded).start()

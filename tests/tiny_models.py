@@ -6,7 +6,9 @@ under test, so spans are tested against real templates of each family.
 
 from __future__ import annotations
 
+import atexit
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -132,6 +134,20 @@ def template_tokenizer(template: str):
     return tok
 
 
+def save_template_tokenizer(template: str, out: Path) -> None:
+    """``template_tokenizer(template).save_pretrained(out)``, built once per process: later calls copy its files
+    (loading the 49k-token tokenizer and saving it again takes ~0.3 s, a copy milliseconds)."""
+    saved = _SAVED_TOKENIZERS.get(template)
+    if saved is None or not saved.is_dir():
+        saved = Path(tempfile.mkdtemp(prefix=f"personavec-tokenizer-{template}-"))
+        atexit.register(shutil.rmtree, saved, ignore_errors=True)
+        template_tokenizer(template).save_pretrained(saved)
+        _SAVED_TOKENIZERS[template] = saved
+    out.mkdir(parents=True, exist_ok=True)
+    for f in saved.iterdir():
+        shutil.copyfile(f, out / f.name)
+
+
 def tiny_model_dir(root: Path, arch: str, template: str = "chatml", seed: int = 0) -> Path:
     """Save a random tiny model of ``arch`` with the embedded tokenizer and ``template`` (a TEMPLATES key) to a dir."""
     out = root / f"{arch}-{template}"
@@ -150,7 +166,7 @@ def tiny_model_dir(root: Path, arch: str, template: str = "chatml", seed: int = 
     else:
         model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
-    template_tokenizer(template).save_pretrained(out)
+    save_template_tokenizer(template, out)
     _BUILT[arch, template, seed] = out
     return out
 
@@ -158,3 +174,4 @@ def tiny_model_dir(root: Path, arch: str, template: str = "chatml", seed: int = 
 #: Every tiny model built in this process: building one (random init, save, tokenizer) takes seconds on a loaded
 #: machine, copying its directory milliseconds; the same (arch, template, seed) always has the same weights.
 _BUILT: dict[tuple[str, str, int], Path] = {}
+_SAVED_TOKENIZERS: dict[str, Path] = {}

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -272,7 +272,7 @@ class _Claims:
         import torch.distributed as dist
 
         try:
-            return cls(dist.TCPStore(*address, is_master=False, timeout=_CLAIM_TIMEOUT), rank)
+            return cls(_interruptible(lambda: dist.TCPStore(*address, is_master=False, timeout=_CLAIM_TIMEOUT)), rank)
         except Exception as exc:
             raise DistributedError(f"rank {rank} could not reach rank 0's work pool at {address}: {exc}") from exc
 
@@ -284,12 +284,38 @@ class _Claims:
     def claim(self) -> int:
         """The next unclaimed unit's index (past the pool's end once all are claimed)."""
         try:
-            return int(self.store.add("claimed", 1)) - 1
+            return _interruptible(lambda: int(self.store.add("claimed", 1)) - 1)
         except Exception as exc:  # rank 0 (which serves the counter) is gone
             raise DistributedError(f"rank {self.rank} lost contact with rank 0 (claiming work): {exc}") from exc
 
 
-_CLAIM_TIMEOUT = timedelta(minutes=5)
+#: How long a rank waits for rank 0's counter (connecting, or retrying once rank 0 is gone) before it fails.
+_CLAIM_TIMEOUT = timedelta(minutes=1)
+T = TypeVar("T")
+
+
+def _interruptible(call: Callable[[], T]) -> T:
+    """``call()`` (a blocking call into torch's C++ store client) on a thread of its own, waited on in short steps.
+
+    Once rank 0 is gone the store's client retries in C++ for up to :data:`_CLAIM_TIMEOUT`, where neither Ctrl-C
+    nor the launcher's SIGTERM reached the main thread (the launcher then waited 30 s before killing the rank).
+    Signals are handled between the steps; the call's own thread is left behind (a daemon)."""
+    got: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            got.append(call())
+        except BaseException as exc:  # raised on the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="personavec-dp-store", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(_POLL_S)
+    if failed:
+        raise failed[0]
+    return got[0]
 
 
 def _windows(
