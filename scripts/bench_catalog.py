@@ -7,6 +7,8 @@ one process, with the hold (the defaults) and without it (both 0, what personave
 
 - ``burst``: ``--units`` store calls back to back (``list_runs``), ms each;
 - ``spaced``: the same with ``--gap-ms`` of other work between calls (a CLI command, a stage between commits);
+- ``open``: open the catalog (the file and its schema revision checked), one store call, close: what every CLI
+  command pays at least, ms (median of ``--units`` // 4);
 - ``other process waits``: another process polls for the file every 10 ms while this one runs units back to back
   for up to 10 s: how long it waited (median of ``--repeats``).
 
@@ -59,6 +61,17 @@ def per_unit_ms(ws, units: int, gap_s: float) -> float:
     return ((time.perf_counter() - t) / units - gap_s) * 1000
 
 
+def open_ms(ws, times: int) -> float:
+    took = []
+    for _ in range(times):
+        ws.close()
+        t = time.perf_counter()
+        list_runs(ws.catalog())
+        ws.close()
+        took.append(time.perf_counter() - t)
+    return statistics.median(took) * 1000
+
+
 def other_waits_s(ws) -> float:
     child = subprocess.Popen(
         [sys.executable, "-c", _POLLER, str(ws.catalog_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -95,14 +108,18 @@ def main() -> None:
         rows[name] = {
             "burst_ms": statistics.median(per_unit_ms(ws, args.units, 0.0) for _ in reps),
             "spaced_ms": statistics.median(per_unit_ms(ws, args.units // 4, args.gap_ms / 1000) for _ in reps),
+            "open_ms": open_ms(ws, args.units // 4),
             "other_waits_s": statistics.median(other_waits_s(ws) for _ in reps),
         }
     ws.close()
     print(f"{platform.processor() or platform.machine()}, python {platform.python_version()}; "
           f"{args.units} units a burst, spaced by {args.gap_ms:g} ms; medians of {args.repeats}")  # fmt: skip
-    print(f"{'':32s} {'burst ms/unit':>14s} {'spaced ms/unit':>15s} {'other process waits s':>22s}")
+    head = ("burst ms/unit", "spaced ms/unit", "open+unit+close ms", "other process waits s")
+    print(f"{'':32s} {head[0]:>14s} {head[1]:>15s} {head[2]:>19s} {head[3]:>22s}")
     for name, r in rows.items():
-        print(f"{name:32s} {r['burst_ms']:14.2f} {r['spaced_ms']:15.2f} {r['other_waits_s']:22.3f}")
+        print(
+            f"{name:32s} {r['burst_ms']:14.2f} {r['spaced_ms']:15.2f} {r['open_ms']:19.2f} {r['other_waits_s']:22.3f}"
+        )
     print(json.dumps({"units": args.units, "gap_ms": args.gap_ms, "rows": rows}))
 
 

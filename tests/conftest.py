@@ -316,17 +316,21 @@ def steering_server():
     model, for the whole session: a judge endpoint several times faster than ``transformers serve`` on this CPU. Its
     model is not ``embedded_loaded`` (the server's hooks stay on its blocks). Keep its users in the
     ``embedded-loaded`` xdist group."""
+    from tiny_models import embedded_dtype
+
     from personavec.serving.app import ServeConfig, running_server
 
-    with running_server(ServeConfig(model="smollm2-135m-instruct", device="cpu", dtype="float32")) as server:
+    with running_server(ServeConfig(model="smollm2-135m-instruct", device="cpu", dtype=embedded_dtype())) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def embedded_loaded():
-    """The embedded model (SmolLM2-135M-Instruct) loaded once per session (float32, CPU), for the tests whose
-    behaviour depends on a real model's answers (steering, the pirate trait). Only hooks may be added to it (removed
-    after use), never its weights changed. Keep its users in the ``embedded-loaded`` xdist group."""
+    """The embedded model (SmolLM2-135M-Instruct) loaded once per session (``tiny_models.embedded_dtype``, CPU), for the
+    tests whose behaviour depends on a real model's answers (the pirate trait, evaluate). Only hooks may be added to
+    it (removed after use), never its weights changed. Keep its users in the ``embedded-loaded`` xdist group."""
+    from tiny_models import embedded_dtype
+
     from personavec.modeling import load_model
 
-    return load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    return load_model("smollm2-135m-instruct", dtype=embedded_dtype(), device="cpu")

@@ -135,6 +135,7 @@ def test_evaluate_a_layer_sweep_and_a_cap_then_resume(workspace, tmp_path, steer
     from personavec.vectors import VectorConfig, compute_vectors
 
     ws, loaded = workspace, embedded_loaded
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
     # vectors of the embedded model at layers 18 and 20 from four short answers (two personas)
     path = tmp_path / "answers.jsonl"
     from personavec.builtin import EVAL_QUESTIONS
@@ -158,7 +159,7 @@ def test_evaluate_a_layer_sweep_and_a_cap_then_resume(workspace, tmp_path, steer
         questions=(0, 1),
         max_tokens=8,
         temperature=0.0,
-        local=LocalOptions(device="cpu", dtype="float32", batch_size=4),
+        local=LocalOptions(device="cpu", dtype=dtype, batch_size=4),
         steering=SteeringConfig(f"{vrun}:jester-default"),
     )
     sweep = run_sweep(ws, gen, [0.0, 4.0], layers=[18, 20], loaded=loaded)
@@ -177,7 +178,7 @@ def test_evaluate_a_layer_sweep_and_a_cap_then_resume(workspace, tmp_path, steer
         cap_questions=(0, 1),
         max_tokens=8,
         device="cpu",
-        dtype="float32",
+        dtype=dtype,
     )
     seen: list = []
 

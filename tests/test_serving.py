@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 from conftest import synthetic_extraction_factory
-from tiny_models import save_template_tokenizer, tiny_config
+from tiny_models import embedded_dtype, save_template_tokenizer, tiny_config
 
 from personavec.modeling import load_model
 from personavec.serving.app import ServeConfig, running_server
@@ -386,7 +386,7 @@ def test_generate_and_judge_base_url_against_personavec_serve_on_the_embedded_mo
     from personavec.cli import app
 
     cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "serve", "-w", str(workspace.root),
-           "--record", "--device", "cpu", "--dtype", "float32", "--max-tokens", "64", "--json"]  # fmt: skip
+           "--record", "--device", "cpu", "--dtype", embedded_dtype(), "--max-tokens", "64", "--json"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared CPU: one thread is much faster than two busy ones
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

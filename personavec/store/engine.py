@@ -21,7 +21,8 @@ connection to an instance already open costs ~0.4 ms. So a catalog keeps the ins
 it warm. It never keeps it past :data:`MAX_HOLD_S` of continuous holding (the file is then released when the units
 of work in progress end, and not held again for as long), so another process waiting for the file gets it; and once
 a unit of work had to wait for another process, or in a rank of a multi-process launch, it holds nothing (the file
-is shared: every unit of work releases it, as a catalog without the hold).
+is shared: every unit of work releases it, as a catalog without the hold). Opening a catalog is itself such a unit
+of work: one connection checks the file and its schema revision, and the units that follow use the same instance.
 """
 
 from __future__ import annotations
@@ -164,17 +165,10 @@ def _refuse_if_known_corrupt(catalog_path: Path) -> None:
 
 
 def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Engine:
-    """An engine on one DuckDB file. ``read_only`` opens it so that no statement can write; a read-write open is
-    refused while the file is known to be corrupt (:func:`corrupt_marker`)."""
-    if not read_only:
-        _refuse_if_known_corrupt(Path(catalog_path))
-    engine = sa.create_engine(
-        f"duckdb:///{catalog_path}",
-        connect_args={"read_only": read_only},
-        # No pool: a connection lives for one unit of work, so the file is free for other processes between them
-        # (see the module docstring). Connections of one process share DuckDB's in-process database instance.
-        poolclass=sa.pool.NullPool,
-    )
+    """An engine on one DuckDB file, opened once to fail here on what is not a usable catalog file. ``read_only``
+    opens it so that no statement can write; a read-write open is refused while the file is known to be corrupt
+    (:func:`corrupt_marker`)."""
+    engine = _engine(catalog_path, read_only)
     try:
         with engine.connect():
             pass
@@ -182,6 +176,19 @@ def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Eng
         engine.dispose()
         raise translate_error(exc, catalog_path) from exc
     return engine
+
+
+def _engine(catalog_path: Path, read_only: bool) -> Engine:
+    """:func:`create_catalog_engine` without opening the file."""
+    if not read_only:
+        _refuse_if_known_corrupt(Path(catalog_path))
+    return sa.create_engine(
+        f"duckdb:///{catalog_path}",
+        connect_args={"read_only": read_only},
+        # No pool: a connection lives for one unit of work, so the file is free for other processes between them
+        # (see the module docstring). Connections of one process share DuckDB's in-process database instance.
+        poolclass=sa.pool.NullPool,
+    )
 
 
 def _locked(exc: BaseException) -> bool:
@@ -222,12 +229,14 @@ def with_lock_retry(connect, timeout_s: float, on_wait=None):  # type: ignore[no
 def current_revision(engine: Engine) -> str | None:
     """The catalog's Alembic revision (None for an empty file)."""
     with engine.connect() as conn:
-        # Alembic's MigrationContext would do, but costs ~20 ms per open; this is the same single-row table.
-        if not conn.exec_driver_sql(
-            "SELECT 1 FROM information_schema.tables WHERE table_name = 'alembic_version'"
-        ).first():
-            return None
-        return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        return _revision(conn)
+
+
+def _revision(conn: sa.Connection) -> str | None:
+    # Alembic's MigrationContext would do, but costs ~20 ms per open; this is the same single-row table.
+    if not conn.exec_driver_sql("SELECT 1 FROM information_schema.tables WHERE table_name = 'alembic_version'").first():
+        return None
+    return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
 
 
 def catalog_revision(catalog_path: Path) -> str | None:
@@ -243,7 +252,12 @@ def catalog_revision(catalog_path: Path) -> str | None:
 
 def check_schema(engine: Engine, catalog_path: Path) -> None:
     """Fail unless the catalog is at the head revision, naming the command that fixes it."""
-    rev = current_revision(engine)
+    with engine.connect() as conn:
+        _check_schema(conn, catalog_path)
+
+
+def _check_schema(conn: sa.Connection, catalog_path: Path) -> None:
+    rev = _revision(conn)
     head = head_revision()
     if rev != head:
         raise SchemaVersionError(
@@ -263,23 +277,30 @@ class Catalog:
         self.pid = os.getpid()
         self.closed = False
         self.lock_timeout_s = lock_timeout(read_only, lock_timeout_s)
-        try:
-            self.engine = with_lock_retry(
-                lambda: create_catalog_engine(self.path, read_only=read_only), self.lock_timeout_s
-            )
-        except DBAPIError as exc:
-            raise translate_error(exc, self.path) from exc
-        if check:
-            try:
-                with_lock_retry(lambda: check_schema(self.engine, self.path), self.lock_timeout_s)
-            except DBAPIError as exc:
-                self.engine.dispose()
-                raise translate_error(exc, self.path) from exc
-            except BaseException:
-                self.engine.dispose()
-                raise
+        self.engine = _engine(self.path, read_only)
         self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)
         self._warm = _WarmHold(self.engine)
+        try:
+            with_lock_retry(lambda: self._open(check), self.lock_timeout_s, on_wait=self._warm.contended)
+        except DBAPIError as exc:
+            self.close()
+            raise translate_error(exc, self.path) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, check: bool) -> None:
+        """The first unit of work: opens the file (failing on what is not a usable catalog) and checks its schema,
+        on one connection; the warm hold keeps DuckDB's instance for the units that usually follow at once (each
+        DuckDB instance costs ~15-25 ms to open and close)."""
+        self._warm.begin()
+        try:
+            with self.engine.connect() as conn:
+                self._warm.hold()
+                if check:
+                    _check_schema(conn, self.path)
+        finally:
+            self._warm.end()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
