@@ -83,6 +83,14 @@ class Terminated(KeyboardInterrupt):
     marked ``interrupted``, not ``failed``."""
 
 
+def interruption(exc: BaseException) -> str:
+    """What stopped a run, as its ``interrupted`` row records it: SIGTERM (also when it arrived while another error
+    unwound) or Ctrl-C."""
+    if isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated):
+        return "terminated (SIGTERM)"
+    return "interrupted by the user"
+
+
 class QueryError(PersonavecError, ValueError):
     """A query given to ``personavec sql`` is refused (not a read statement, or it would reach outside the catalog)
     or fails on its own terms (syntax, unknown table or column, bad cast)."""

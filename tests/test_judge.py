@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import signal
 import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -17,7 +20,14 @@ from fault_server import FaultServer, first_token_logprobs, sigkill_once_answere
 
 from personavec.cli import app
 from personavec.config import config_from_dict
-from personavec.errors import ConfigError, EndpointError, InputFileError, RunNotFoundError
+from personavec.errors import (
+    ConfigError,
+    EndpointError,
+    InputFileError,
+    RunInterrupted,
+    RunNotFoundError,
+    Terminated,
+)
 from personavec.ingest import IngestConfig, ingest
 from personavec.judging.judge import JudgeConfig, run_judge
 from personavec.judging.rubrics import BUILTIN_RUBRICS, Rubric, read_rubric_file, resolve_rubric
@@ -337,6 +347,36 @@ def test_cli_judge_json_resume_and_list(workspace, responses_run, cli):
     assert {"name": "role_adherence", "scale": "0-3", "kind": "rubric"} in json.loads(res.stdout)
     res = cli.invoke(app, ["runs", "-w", str(workspace.root)])
     assert res.exit_code == 0 and "judge" in res.output
+
+
+def test_sigterm_mid_judge_marks_the_run_interrupted_and_names_the_resume(workspace, responses_run):
+    """SIGTERM (raised as ``Terminated``, as ``personavec.cli.main`` does) while judges answer: the run is marked
+    interrupted by SIGTERM, what was judged stays, and the error names the resume command (the CLI prints it). The
+    signal stops the event loop's main task, and ``Terminated`` is raised once the loop has closed: it used to be
+    raised inside whichever task the loop was stepping, which asyncio then reported as "Task exception was never
+    retrieved"."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(f"terminated by signal {signum}")
+
+    def script(attempt: int, n: int, body: dict):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ("reply", "70", None)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with FaultServer(script) as server, pytest.raises(RunInterrupted) as stopped:
+            run_judge(workspace, cfg(server, responses_run, ("coherence",), concurrency=1, score_mode="parse"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    [run] = judge_runs(workspace)
+    assert (run["status"], run["error"]) == ("interrupted", "terminated (SIGTERM)")
+    assert stopped.value.resume_command == f"personavec judge --resume {run['id']}"
+    assert 1 <= len(judgements(workspace, run["id"])) < 15
+    terminated = stopped.value.__cause__
+    assert isinstance(terminated, Terminated)
+    assert not [f for f in traceback.extract_tb(terminated.__traceback__) if "asyncio" in f.filename]
 
 
 @pytest.mark.slow

@@ -26,6 +26,8 @@ import contextvars
 import itertools
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -388,6 +390,42 @@ def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(make_coro())
+        return _run_here(make_coro)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-generate") as pool:
         return pool.submit(lambda: asyncio.run(make_coro())).result()
+
+
+def _run_here(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """``asyncio.run``, with SIGTERM taken as asyncio takes SIGINT: the process's SIGTERM handler
+    (``personavec.cli.main``'s raises :class:`~personavec.errors.Terminated`) would run inside whichever task the
+    loop was stepping, which then died with it and nobody retrieved it (asyncio printed "Task exception was never
+    retrieved"). Here the signal cancels the main task, which unwinds (what finished still lands), and the handler
+    runs once the loop has closed."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        return asyncio.run(make_coro())
+    received: list[int] = []
+
+    async def main() -> T:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            received.append(signum)
+            loop.call_soon_threadsafe(task.cancel)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            return await make_coro()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    try:
+        result = asyncio.run(main())
+    except asyncio.CancelledError:
+        if received:
+            previous(received[0], None)  # raises (Terminated) as it would have outside the loop
+        raise
+    if received:
+        previous(received[0], None)
+    return result

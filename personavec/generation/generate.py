@@ -27,7 +27,7 @@ from personavec.config import (
     check_selection,
     config_dict,
 )
-from personavec.errors import ConfigError, EndpointError, RequestFailed, RunInterrupted, Terminated
+from personavec.errors import ConfigError, EndpointError, RequestFailed, RunInterrupted, interruption
 from personavec.generation.config import GenerateConfig, GenerationProgress, GenerationResult
 from personavec.generation.endpoint import Completion, Job, ask_all, redact, run_sync
 from personavec.generation.local import run_local_generation
@@ -233,8 +233,7 @@ def run_generation(
         finish_generation_run(catalog, run_id, "failed", str(exc))
         raise EndpointError(f"{exc} [run {run_id} stopped; resume with --resume {run_id}]") from None
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
-        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted by the user"
-        finish_generation_run(catalog, run_id, "interrupted", how)
+        finish_generation_run(catalog, run_id, "interrupted", interruption(exc))
         raise RunInterrupted(run_id, f"personavec generate --resume {run_id}") from exc
     except BaseException as exc:
         finish_generation_run(catalog, run_id, "failed", redact(f"{type(exc).__name__}: {exc}", secrets))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from personavec.config import check_selection, config_dict, resumed_config
-from personavec.errors import ConfigError, RunInterrupted
+from personavec.errors import ConfigError, RunInterrupted, interruption
 
 if TYPE_CHECKING:
     from personavec.generation.config import GenerateConfig, GenerationProgress, GenerationResult
@@ -345,7 +345,7 @@ def run_local_generation(
             if steerer is not None:
                 steerer.remove()
     except KeyboardInterrupt as exc:
-        finish_generation_run(catalog, run_id, "interrupted", "interrupted by the user")
+        finish_generation_run(catalog, run_id, "interrupted", interruption(exc))
         raise RunInterrupted(run_id, f"personavec generate --resume {run_id}") from exc
     except BaseException as exc:
         if resume is None and discard_empty_run(catalog, run_id):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from personavec.config import OPENROUTER_BASE_URL, config_dict, config_from_dict, resumed_config
-from personavec.errors import ConfigError, EndpointError, RequestFailed
+from personavec.errors import ConfigError, EndpointError, RequestFailed, RunInterrupted, interruption
 from personavec.generation.config import DEFAULT_KEY_ENV, GenerateConfig
 from personavec.generation.endpoint import (
     TRUNCATED,
@@ -354,9 +354,9 @@ def run_judge(
         # kept as failed (with whatever was judged), as docs/judge.md says: the run records what was tried
         js.finish_judge_run(catalog, run_id, "failed", str(exc))
         raise EndpointError(f"{exc} [judge run {run_id} stopped; resume with --resume {run_id}]") from None
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        js.finish_judge_run(catalog, run_id, "interrupted", "interrupted by the user")
-        raise
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        js.finish_judge_run(catalog, run_id, "interrupted", interruption(exc))
+        raise RunInterrupted(run_id, f"personavec judge --resume {run_id}") from exc
     except BaseException as exc:
         js.finish_judge_run(catalog, run_id, "failed", redact(f"{type(exc).__name__}: {exc}", secrets))
         raise

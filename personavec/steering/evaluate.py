@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from personavec.config import OPENROUTER_BASE_URL, config_dict, resumed_config
-from personavec.errors import ConfigError, InputFileError, RunInterrupted
+from personavec.errors import ConfigError, InputFileError, RunInterrupted, interruption
 from personavec.judging.rubrics import BUILTIN_RUBRICS, Rubric, resolve_rubric, trait_rubric
 from personavec.steering.interventions import SteeringConfig
 from personavec.store.evaluations import EvaluationInfo, Figure, OperatingPoint
@@ -454,7 +454,7 @@ def run_evaluation(
         )
         es.complete_evaluation(catalog, run_id, figures, projections, op, str(directory))
     except KeyboardInterrupt as exc:
-        es.finish_evaluation_run(catalog, run_id, "interrupted", "interrupted by the user")
+        es.finish_evaluation_run(catalog, run_id, "interrupted", interruption(exc))
         raise RunInterrupted(run_id, f"personavec evaluate --resume {run_id}") from exc
     except BaseException as exc:
         es.finish_evaluation_run(
