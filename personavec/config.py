@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +32,20 @@ def package_version() -> str:
         return version("personavec")
     except PackageNotFoundError:
         return "0.0.0+unknown"
+
+
+def launched_world() -> tuple[int, int]:
+    """``(rank, world size)`` as a launcher (accelerate, torchrun) set them in the environment (``RANK``,
+    ``WORLD_SIZE``); ``(0, 1)`` in a process it did not launch. The environment only: no torch, so the catalog and
+    the CLI can ask too (:func:`personavec.extract.launch.launched_rank` prefers an initialized process group)."""
+
+    def number(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, "").strip() or default)
+        except ValueError:
+            return default
+
+    return number("RANK", 0), max(number("WORLD_SIZE", 1), 1)
 
 
 def default_layer(n_layers: int, layer_fraction: float = 0.65) -> int:

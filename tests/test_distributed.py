@@ -111,6 +111,20 @@ def test_a_rank_waiting_for_a_gone_rank_0_still_takes_ctrl_c() -> None:
     timer.join()
 
 
+def test_launched_world_reads_the_launchers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One reading of RANK / WORLD_SIZE for the CLI, the catalog (no warm hold in a rank) and the launch module."""
+    from personavec.config import launched_world
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launched_world() == launch.launched_rank() == (0, 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", " 2 ")
+    assert launched_world() == launch.launched_rank() == (1, 2)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert launched_world() == (1, 1)
+
+
 def test_rank_placement_maps_groups_of_gpus() -> None:
     gib = 1 << 30
     assert launch.rank_placement(1, 2, 1, []) == launch.Placement("cpu")

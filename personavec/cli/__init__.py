@@ -15,16 +15,16 @@ def main() -> None:
     import os
     import signal
 
+    from personavec.config import launched_world
     from personavec.errors import Terminated
 
     # SIGTERM unwinds like Ctrl-C does: context managers run, so a local server started by `serve`/`demo` stops
     # and a run in progress is marked interrupted (resumable) instead of failed or staying "running".
-    world = os.environ.get("WORLD_SIZE", "1")
+    rank, world = launched_world()
     # one process of a data-parallel launch: say which, and why a launcher sends SIGTERM (another rank stopped)
     where = (
-        f" (rank {os.environ.get('RANK', '?')} of {world}; the launcher stops every rank when one of them stops: "
-        f"its output names the first)"
-        if world.isdigit() and int(world) > 1
+        f" (rank {rank} of {world}; the launcher stops every rank when one of them stops: its output names the first)"
+        if world > 1
         else ""
     )
 

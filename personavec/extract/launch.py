@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personavec.config import launched_world
 from personavec.errors import ConfigError, Terminated
 from personavec.tuning import DEFAULT
 
@@ -26,7 +27,7 @@ def launched_rank() -> tuple[int, int]:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return launched_world()
 
 
 def world_size() -> int:

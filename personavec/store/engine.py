@@ -49,6 +49,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from personavec.config import launched_world
 from personavec.errors import CatalogCorruptError, CatalogError, CatalogLockedError, SchemaVersionError
 from personavec.files import resource_path
 
@@ -359,7 +360,7 @@ class _WarmHold:
         self._active = 0
         self._timer: threading.Timer | None = None
         self._pid = os.getpid()
-        self._off = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")  # a rank: peers share the file
+        self._off = launched_world()[1] > 1  # a rank: peers share the file
         _HOLDS.add(self)
 
     def begin(self) -> None:
