@@ -534,6 +534,28 @@ def test_sigterm_on_a_billion_requests_marks_the_run_interrupted_and_names_the_r
     assert len(rows(workspace, run["id"])) > 0
 
 
+def test_a_sigterm_handler_that_raises_nothing_lets_the_run_finish(workspace):
+    """While a stage's event loop runs, SIGTERM goes to the process's own handler as before: one that only takes
+    note (a library user's) leaves the run going; only what a handler raises stops it (see test_judge.py)."""
+    import os
+
+    seen: list[int] = []
+
+    def script(attempt: int, n: int, body: dict):
+        if n == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return "ok"
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with FaultServer(script) as server:
+            result = run_generation(workspace, cfg(server, concurrency=1))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIGTERM] and result.answers == 4
+    assert runs(workspace)[0]["status"] == "done"
+
+
 def test_run_generation_inside_a_running_event_loop(workspace):
     with FaultServer() as server:
 

@@ -396,23 +396,26 @@ def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def _run_here(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """``asyncio.run``, with SIGTERM taken as asyncio takes SIGINT: the process's SIGTERM handler
-    (``personavec.cli.main``'s raises :class:`~personavec.errors.Terminated`) would run inside whichever task the
-    loop was stepping, which then died with it and nobody retrieved it (asyncio printed "Task exception was never
-    retrieved"). Here the signal cancels the main task, which unwinds (what finished still lands), and the handler
-    runs once the loop has closed."""
+    """``asyncio.run``, with SIGTERM taken as asyncio takes SIGINT. The process's SIGTERM handler
+    (``personavec.cli.main``'s raises :class:`~personavec.errors.Terminated`) would raise inside whichever task the
+    loop was stepping, which then died with it unretrieved (asyncio printed "Task exception was never retrieved").
+    Here the handler runs as before, but what it raises cancels the main task, which unwinds (what finished still
+    lands), and is raised once the loop has closed; a handler that raises nothing is left to do as it does."""
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or not callable(previous):
         return asyncio.run(make_coro())
-    received: list[int] = []
+    raised: list[BaseException] = []
 
     async def main() -> T:
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         assert task is not None
 
-        def on_sigterm(signum: int, frame: object) -> None:
-            received.append(signum)
-            loop.call_soon_threadsafe(task.cancel)
+        def on_sigterm(signum: int, frame: Any) -> None:
+            try:
+                previous(signum, frame)
+            except BaseException as exc:  # raised below, once the loop has closed
+                raised.append(exc)
+                loop.call_soon_threadsafe(task.cancel)
 
         signal.signal(signal.SIGTERM, on_sigterm)
         try:
@@ -423,9 +426,9 @@ def _run_here(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         result = asyncio.run(main())
     except asyncio.CancelledError:
-        if received:
-            previous(received[0], None)  # raises (Terminated) as it would have outside the loop
+        if raised:
+            raise raised[0] from None
         raise
-    if received:
-        previous(received[0], None)
+    if raised:
+        raise raised[0]
     return result
