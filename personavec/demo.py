@@ -323,11 +323,16 @@ def _evaluate_sweep(
         )
     )
     op = res.operating_point
-    say(
-        f"      operating point: c={op.coef:g} (mean coherence {op.coherence:.0f} >= 50)"
-        if op is not None
-        else "      operating point: none (no coefficient kept mean coherence >= 50)"
-    )
+    if op is not None:
+        say(f"      operating point: c={op.coef:g} (mean coherence {op.coherence:.0f} >= 50)")
+    elif all(v is None for v in means.values()):  # SmolLM2-135M rarely answers a rubric with a number
+        say(
+            "      operating point: none: the judge gave no usable score (each answer's reason: personavec sql "
+            '"SELECT rubric, error FROM judgements"); judge with a stronger model: personavec evaluate '
+            f"{sweep.sweep_id} --trait {target} --judge-base-url URL --judge-model MODEL"
+        )
+    else:
+        say("      operating point: none (no coefficient kept mean coherence >= 50)")
     return res
 
 

@@ -73,3 +73,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path, steering_server):
     assert (res.report_html.parent / "similarity.png").read_bytes()[:4] == b"\x89PNG"
     text = "\n".join(lines)
     assert str(res.report_html) in text and "personavec sql" in text
+    # the judged sweep's outcome is said as it is: SmolLM2-135M as a judge rarely answers with a number
+    scored = [f for f in evaluation.figures if f.part == "sweep" and f.persona is None and f.value is not None]
+    if evaluation.operating_point is not None:
+        assert f"operating point: c={evaluation.operating_point.coef:g}" in text
+    elif not scored:
+        assert "the judge gave no usable score" in text and f"personavec evaluate {res.sweep_id} --trait" in text
+    else:
+        assert "no coefficient kept mean coherence >= 50" in text
