@@ -36,7 +36,35 @@ def main() -> None:
     # `personavec serve &` could never be stopped with SIGINT. Ctrl-C / SIGINT always interrupts personavec.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own Rich bars only (read by transformers)
-    app()
+    if world == 1:
+        app()
+        return
+    _end_rank(app)
+
+
+def _end_rank(command) -> None:  # type: ignore[no-untyped-def]
+    """One rank of a multi-process launch: run ``command`` (the CLI, which closes the catalog and prints its outcome),
+    then leave with its exit code at once. Left to the interpreter's teardown, torch's process-group threads could be
+    destroyed while still joinable when a peer rank had just exited: the rank aborted ("terminate called without an
+    active exception", exit 134 instead of its own code, which the launcher then named as the first failure)."""
+    import logging
+    import os
+    import sys
+
+    try:
+        command()
+        code = 0
+    except SystemExit as exc:  # how click ends every command
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - printed as the interpreter would, then the same exit
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 __all__ = ["app", "main"]
