@@ -251,13 +251,8 @@ def catalog_revision(catalog_path: Path) -> str | None:
         engine.dispose()
 
 
-def check_schema(engine: Engine, catalog_path: Path) -> None:
-    """Fail unless the catalog is at the head revision, naming the command that fixes it."""
-    with engine.connect() as conn:
-        _check_schema(conn, catalog_path)
-
-
 def _check_schema(conn: sa.Connection, catalog_path: Path) -> None:
+    """Fail unless the catalog is at the head revision, naming the command that fixes it."""
     rev = _revision(conn)
     head = head_revision()
     if rev != head:
