@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from tiny_models import embedded_dtype
 
 from personavec.cli import app
 from personavec.errors import ConfigError
@@ -135,7 +136,7 @@ def test_evaluate_a_layer_sweep_and_a_cap_then_resume(workspace, tmp_path, steer
     from personavec.vectors import VectorConfig, compute_vectors
 
     ws, loaded = workspace, embedded_loaded
-    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    dtype = embedded_dtype()  # as embedded_loaded was loaded
     # vectors of the embedded model at layers 18 and 20 from four short answers (two personas)
     path = tmp_path / "answers.jsonl"
     from personavec.builtin import EVAL_QUESTIONS

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 from fault_server import FaultServer, first_token_logprobs
+from tiny_models import embedded_dtype
 
 from personavec.cli import app
 from personavec.errors import ConfigError, DuplicateError, InputFileError, NotFoundError
@@ -385,7 +386,7 @@ def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path, emb
     assert judged.scored == 200
 
     layers = (1, 10, 20, 25, 30)
-    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    dtype = embedded_dtype()  # as embedded_loaded was loaded
     base = {"responses_run": responses, "layers": layers, "dtype": dtype, "device": "cpu"}
     train = run_extraction(workspace, ExtractConfig(questions=(0, 1, 2, 3, 4), **base), loaded=loaded)
     held = run_extraction(workspace, ExtractConfig(questions=(5, 6, 7, 8, 9), **base), loaded=loaded)
