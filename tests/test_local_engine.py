@@ -3,6 +3,7 @@ runs with their intervention stored and queryable; sweeps; per-token monitoring.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -13,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 from checks import one_line_error, runs_of
-from tiny_models import template_tokenizer, tiny_config
+from tiny_models import save_template_tokenizer, tiny_config
 
 from personavec.cli import app
 from personavec.config import config_from_dict
@@ -41,7 +42,7 @@ def _llama8(out: Path, seed: int) -> str:
     config = tiny_config("llama")
     config.num_hidden_layers = 8
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    template_tokenizer("chatml").save_pretrained(out)
+    save_template_tokenizer("chatml", out)
     return str(out)
 
 
@@ -259,8 +260,10 @@ def test_token_projections_average_to_the_extracted_mean(workspace, tiny8, vecto
     (values,) = token_projections(loaded, [examples[0].input_ids], {2: direction, 5: direction})
     assert values.shape == (len(examples[0].input_ids), 2)
     out = export_projections(items, Path(workspace.root) / "proj.csv")
-    lines = out.read_text().splitlines()
-    assert lines[0].endswith(",token,projection") and len(lines) == 1 + sum(len(t.values) for t in items)
+    with out.open(newline="") as f:
+        header, *records = csv.reader(f)  # a token may hold a newline: one record can span lines
+    assert header[-2:] == ["token", "projection"] and len(records) == sum(len(t.values) for t in items)
+    assert [r[-2] for r in records] == [tok for t in items for tok in t.tokens]
     with pytest.raises(Exception, match="exists"):
         export_projections(items, out)
 

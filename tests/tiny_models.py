@@ -2,13 +2,16 @@
 the dtype the tests run the embedded model in.
 
 Tokenizers come from the embedded model's converted directory (local) with the chat template swapped for the style
-under test, so spans are tested against real templates of each family.
+under test, so spans are tested against real templates of each family. The tiny models carry that tokenizer cut to
+its first ``TINY_VOCAB`` tokens (the same byte-level BPE, fewer merges): a 49k-token vocabulary made a 64-wide model
+mostly embedding and lm_head, and its tokenizer slower to load than the model.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from personavec.modeling import local_model_path
 
-VOCAB = 49152 + 64  # the embedded tokenizer plus the turn markers of the templates below
+TINY_VOCAB = 2048  # the tiny models' tokenizer: the embedded one's first 2,048 tokens (its specials, bytes, merges)
+VOCAB = TINY_VOCAB + 64  # the tiny models' embedding rows: their tokenizer plus the turn markers of the templates below
 _COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -122,9 +126,11 @@ def tiny_config(arch: str):
     return classes[arch](**_COMMON, **extra)
 
 
-def template_tokenizer(template: str):
-    """The embedded tokenizer with a chat template of another family and that family's turn markers."""
-    tok = AutoTokenizer.from_pretrained(local_model_path("smollm2-135m-instruct"))
+def template_tokenizer(template: str, vocab: int | None = None):
+    """The embedded tokenizer with a chat template of another family and that family's turn markers; with ``vocab``,
+    cut to its first ``vocab`` tokens (see :func:`_cut_tokenizer_dir`)."""
+    source = local_model_path("smollm2-135m-instruct") if vocab is None else _cut_tokenizer_dir(vocab)
+    tok = AutoTokenizer.from_pretrained(source)
     if TEMPLATES[template] is not None:
         tok.chat_template = TEMPLATES[template]
     # Real Gemma/Llama-3 tokenizers know their turn markers as special tokens; so must ours.
@@ -136,14 +142,36 @@ def template_tokenizer(template: str):
     return tok
 
 
+@functools.cache
+def _cut_tokenizer_dir(vocab: int) -> Path:
+    """The embedded tokenizer's files with its BPE cut to the first ``vocab`` ids. Its vocabulary is ordered as BPE
+    builds one (special tokens, the 235 byte symbols, then one token per merge, in merge order: merge ``i`` makes id
+    ``252 + i``), so the first ``vocab`` ids and the merges that make them are a complete tokenizer of their own."""
+    source = local_model_path("smollm2-135m-instruct")
+    out = Path(tempfile.mkdtemp(prefix=f"personavec-tokenizer-{vocab}-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    spec = json.loads((source / "tokenizer.json").read_text())
+    model = spec["model"]
+    model["vocab"] = {token: i for token, i in model["vocab"].items() if i < vocab}
+    model["merges"] = [
+        m for m in model["merges"] if "".join(m if isinstance(m, list) else m.split(" ")) in model["vocab"]
+    ]
+    assert len(model["vocab"]) == vocab and all(t["id"] < vocab for t in spec["added_tokens"])
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return out
+
+
 def save_template_tokenizer(template: str, out: Path) -> None:
-    """``template_tokenizer(template).save_pretrained(out)``, built once per process: later calls copy its files
-    (loading the 49k-token tokenizer and saving it again takes ~0.3 s, a copy milliseconds)."""
+    """``template_tokenizer(template, TINY_VOCAB).save_pretrained(out)``, built once per process: later calls copy
+    its files."""
     saved = _SAVED_TOKENIZERS.get(template)
     if saved is None or not saved.is_dir():
         saved = Path(tempfile.mkdtemp(prefix=f"personavec-tokenizer-{template}-"))
         atexit.register(shutil.rmtree, saved, ignore_errors=True)
-        template_tokenizer(template).save_pretrained(saved)
+        template_tokenizer(template, TINY_VOCAB).save_pretrained(saved)
         _SAVED_TOKENIZERS[template] = saved
     out.mkdir(parents=True, exist_ok=True)
     for f in saved.iterdir():
@@ -151,7 +179,8 @@ def save_template_tokenizer(template: str, out: Path) -> None:
 
 
 def tiny_model_dir(root: Path, arch: str, template: str = "chatml", seed: int = 0) -> Path:
-    """Save a random tiny model of ``arch`` with the embedded tokenizer and ``template`` (a TEMPLATES key) to a dir."""
+    """Save a random tiny model of ``arch`` with the cut embedded tokenizer and ``template`` (a TEMPLATES key) to a
+    dir."""
     out = root / f"{arch}-{template}"
     if (out / "config.json").is_file():
         return out
@@ -188,3 +217,44 @@ def embedded_dtype() -> str:
     0.971 in bfloat16, 0.981 and 0.973 in float32); a test whose margin is thin in bfloat16 loads its own float32
     copy (test_steering.py)."""
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
+def tiny_gguf(out: Path, seed: int = 0) -> Path:
+    """A tiny llama written as a GGUF file (float32 tensors, the cut tokenizer with ChatML): a model file
+    ``local_model_path`` converts in a second or two, where the embedded model takes ~30 s."""
+    import gguf
+
+    torch.manual_seed(seed)
+    config = tiny_config("llama")
+    model = AutoModelForCausalLM.from_config(config)
+    spec = json.loads((_cut_tokenizer_dir(TINY_VOCAB) / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.__getitem__) + [""] * (config.vocab_size - len(vocab))  # padded embedding rows
+    special = {t["id"] for t in spec["added_tokens"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # control / normal
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_chat_template(CHATML_TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        base, suffix = name.rsplit(".", 1)
+        mapped = names.get_name(base.removeprefix("model."))
+        if mapped is not None:
+            writer.add_tensor(f"{mapped}.{suffix}", tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
