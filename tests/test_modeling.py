@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_config, tiny_model_dir
+from tiny_models import tiny_config, tiny_gguf, tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from personavec.errors import ModelError
@@ -126,6 +131,67 @@ def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
     assert modeling._cache_dir_for(a) == modeling._cache_dir_for(b)  # two copies (clones, venvs): one conversion
     b.write_bytes(b"GGUF" + bytes(255 - i for i in range(256)) * 64)
     assert modeling._cache_dir_for(a) != modeling._cache_dir_for(b)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory) -> Path:
+    return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_a_conversion_reads_the_file_once_and_converts_as_transformers_does(gguf_file, tmp_path, monkeypatch):
+    import gguf
+    from safetensors.torch import load_file
+
+    from personavec import modeling
+
+    opened = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args):
+            opened.append(str(path))
+            super().__init__(path, *args)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    once = modeling.convert_gguf(gguf_file, tmp_path / "once")
+    assert opened == [str(gguf_file)]  # transformers alone opens it three times (tokenizer, config, weights)
+    assert gguf.GGUFReader is CountingReader  # put back
+    monkeypatch.setattr(modeling, "_gguf_parsed_once", contextlib.nullcontext)
+    plain = modeling.convert_gguf(gguf_file, tmp_path / "plain")
+    assert len(opened) > 1
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (once / name).read_text() == (plain / name).read_text(), name
+    a, b = load_file(once / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loaded = load_model(str(once), dtype="float32", device="cpu")
+    assert (loaded.n_layers, loaded.d_model) == (4, 64)
+
+
+def test_a_process_needing_a_gguf_another_converts_waits_and_uses_that_conversion(gguf_file, tmp_path):
+    """Two processes at once (both test workers on a fresh machine, two commands) convert a file once: the second
+    waits on the cache entry's lock and takes the first one's result."""
+    from personavec import modeling
+
+    env = {**os.environ, "PERSONAVEC_CACHE": str(tmp_path / "cache")}
+    code = (
+        "import sys; from personavec import modeling as m; calls = []; convert = m.convert_gguf\n"
+        "m.convert_gguf = lambda *a: calls.append(a) or convert(*a)\n"
+        "print('ready', flush=True); path = m.local_model_path(sys.argv[1]); print(path, len(calls), flush=True)"
+    )
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+        out = modeling._cache_dir_for(gguf_file)
+        with modeling._conversion_lock(out):  # this process converts
+            waiter = subprocess.Popen(
+                [sys.executable, "-c", code, str(gguf_file)], env=env, stdout=subprocess.PIPE, text=True
+            )
+            assert waiter.stdout is not None and waiter.stdout.readline().strip() == "ready"
+            time.sleep(1.0)
+            assert waiter.poll() is None, "the second process did not wait for the lock"
+            modeling.convert_gguf(gguf_file, out)
+        stdout, _ = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0 and stdout.split() == [str(out), "0"]  # no second conversion
+    assert json.loads((out / SOURCE_FILE).read_text())["file"] == "tiny.gguf"
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_bad_model_inputs_fail_fast_with_one_line(cli, workspace, tmp_path, monkeypatch):
