@@ -166,18 +166,27 @@ def _gguf_parsed_once() -> Iterator[None]:
         yield
         return
     readers: dict[tuple[str, str], Any] = {}
+    names = functools.cache(name_map)
+    active = True  # a module that imported either name meanwhile keeps it: afterwards it must act as gguf's own
 
     def reader(path: Any, mode: str = "r") -> Any:
+        if not active:
+            return reader_class(path, mode)
         key = (os.fspath(path), mode)
         if key not in readers:
             readers[key] = reader_class(path, mode)
         return readers[key]
 
+    def tensor_name_map(*args: Any) -> Any:
+        return names(*args) if active else name_map(*args)
+
     with _PATCH_LOCK:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(name_map)
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
         try:
             yield
         finally:
+            active = False
+            readers.clear()
             gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 

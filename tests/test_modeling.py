@@ -155,9 +155,15 @@ def test_a_conversion_reads_the_file_once_and_converts_as_transformers_does(gguf
     once = modeling.convert_gguf(gguf_file, tmp_path / "once")
     assert opened == [str(gguf_file)]  # transformers alone opens it three times (tokenizer, config, weights)
     assert gguf.GGUFReader is CountingReader  # put back
+    with modeling._gguf_parsed_once():
+        kept = gguf.GGUFReader  # as a module importing it during a conversion would keep it
+        first = kept(gguf_file)
+        assert kept(gguf_file) is first
+    assert kept(gguf_file) is not first  # afterwards it reads afresh, as gguf's own
     monkeypatch.setattr(modeling, "_gguf_parsed_once", contextlib.nullcontext)
+    before = len(opened)
     plain = modeling.convert_gguf(gguf_file, tmp_path / "plain")
-    assert len(opened) > 1
+    assert len(opened) - before > 1
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (once / name).read_text() == (plain / name).read_text(), name
     a, b = load_file(once / "model.safetensors"), load_file(plain / "model.safetensors")
