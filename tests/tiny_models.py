@@ -224,12 +224,13 @@ def tiny_gguf(out: Path, seed: int = 0) -> Path:
     ``local_model_path`` converts in a second or two, where the embedded model takes ~30 s."""
     import gguf
 
-    torch.manual_seed(seed)
-    config = tiny_config("llama")
-    model = AutoModelForCausalLM.from_config(config)
     spec = json.loads((_cut_tokenizer_dir(TINY_VOCAB) / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.__getitem__) + [""] * (config.vocab_size - len(vocab))  # padded embedding rows
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    torch.manual_seed(seed)
+    config = tiny_config("llama")
+    config.vocab_size = len(tokens)  # one embedding row per token the file lists
+    model = AutoModelForCausalLM.from_config(config)
     special = {t["id"] for t in spec["added_tokens"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), "llama")
@@ -250,9 +251,10 @@ def tiny_gguf(out: Path, seed: int = 0) -> Path:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for name, tensor in model.state_dict().items():
         base, suffix = name.rsplit(".", 1)
-        mapped = names.get_name(base.removeprefix("model."))
-        if mapped is not None:
-            writer.add_tensor(f"{mapped}.{suffix}", tensor.float().numpy())
+        mapped = names.get_name(base) or names.get_name(base.removeprefix("model."))  # older gguf: full names only
+        if mapped is None:
+            raise AssertionError(f"this gguf package has no GGUF name for {name}")
+        writer.add_tensor(f"{mapped}.{suffix}", tensor.float().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
