@@ -186,15 +186,21 @@ def test_a_process_needing_a_gguf_another_converts_waits_and_uses_that_conversio
     with pytest.MonkeyPatch.context() as m:
         m.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
         out = modeling._cache_dir_for(gguf_file)
-        with modeling._conversion_lock(out):  # this process converts
-            waiter = subprocess.Popen(
-                [sys.executable, "-c", code, str(gguf_file)], env=env, stdout=subprocess.PIPE, text=True
-            )
-            assert waiter.stdout is not None and waiter.stdout.readline().strip() == "ready"
-            time.sleep(1.0)
-            assert waiter.poll() is None, "the second process did not wait for the lock"
-            modeling.convert_gguf(gguf_file, out)
-        stdout, _ = waiter.communicate(timeout=60)
+        waiter = None
+        try:
+            with modeling._conversion_lock(out):  # this process converts
+                waiter = subprocess.Popen(
+                    [sys.executable, "-c", code, str(gguf_file)], env=env, stdout=subprocess.PIPE, text=True
+                )
+                assert waiter.stdout is not None and waiter.stdout.readline().strip() == "ready"
+                time.sleep(1.0)
+                assert waiter.poll() is None, "the second process did not wait for the lock"
+                modeling.convert_gguf(gguf_file, out)
+            stdout, _ = waiter.communicate(timeout=60)
+        finally:
+            if waiter is not None:
+                waiter.kill()
+                waiter.wait()
     assert waiter.returncode == 0 and stdout.split() == [str(out), "0"]  # no second conversion
     assert json.loads((out / SOURCE_FILE).read_text())["file"] == "tiny.gguf"
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
