@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-import personavec.store.engine  # noqa: F401  (registers Alembic's DuckDB implementation)
+import personavec.store.migrate  # noqa: F401  (registers Alembic's DuckDB implementation)
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")

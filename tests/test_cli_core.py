@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from personavec.cli import app
-from personavec.store.engine import head_revision
+from personavec.store.models import SCHEMA_REVISION
 from personavec.store.responses import responses_by_key
 from personavec.workspace import Workspace
 
@@ -90,4 +90,32 @@ def test_db_commands(cli, workspace):
     assert res.exit_code == 1 and "personavec db upgrade" in res.output
     assert cli.invoke(app, ["db", "upgrade", "-w", ws]).exit_code == 0
     res = cli.invoke(app, ["db", "current", "-w", ws])
-    assert res.exit_code == 0 and f"catalog: {head_revision()}" in res.stdout
+    assert res.exit_code == 0 and f"catalog: {SCHEMA_REVISION}" in res.stdout
+
+
+def test_a_command_that_asks_no_endpoint_imports_neither_the_client_nor_alembic(workspace):
+    """`personavec runs` (like extract, serve, sql...) imports neither the endpoint client (``openai``, ~1.5 s) nor
+    Alembic (~0.3 s), nor torch: each is imported where it is used (a request, a migration, a model)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from personavec.cli import main\n"
+        f"sys.argv = ['personavec', 'runs', '-w', {str(workspace.root)!r}, '--json']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print(json.dumps(sorted(m for m in ('openai', 'httpx2', 'alembic', 'torch') if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    runs, loaded = out.stdout.strip().splitlines()[-2:]
+    assert [r["kind"] for r in json.loads(runs)][:2] == ["ingest-personas", "ingest-questions"]
+    assert json.loads(loaded) == []
+
+
+def test_the_models_describe_the_head_of_the_bundled_migrations():
+    from personavec.store.migrate import migrations_head
+
+    assert SCHEMA_REVISION == migrations_head()

@@ -23,7 +23,8 @@ from personavec.cli.app import (
     workspace,
 )
 from personavec.errors import ConfigError
-from personavec.store.engine import catalog_revision, head_revision
+from personavec.store.engine import catalog_revision
+from personavec.store.models import SCHEMA_REVISION
 from personavec.store.query import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT_S, check_limits, run_readonly_sql
 from personavec.store.runs import list_runs
 from personavec.workspace import init_workspace
@@ -57,11 +58,11 @@ def init(
                 "workspace": w.root,
                 "catalog": w.catalog_path,
                 "activations": w.zarr_location,
-                "revision": head_revision(),
+                "revision": SCHEMA_REVISION,
             }
         )
     else:
-        console.print(f"workspace ready at [bold]{w.root}[/] (schema {head_revision()})")
+        console.print(f"workspace ready at [bold]{w.root}[/] (schema {SCHEMA_REVISION})")
         if w.zarr_url:
             console.print(f"activations at {escape(w.zarr_url)}", highlight=False)
 
@@ -102,7 +103,7 @@ def db_current(ws: WorkspaceOpt = None) -> None:
 
     w = workspace(ws).require()
     w.close()  # the revision is read on a read-only connection
-    console.print(f"catalog: {catalog_revision(w.catalog_path)}  head: {head_revision()}")
+    console.print(f"catalog: {catalog_revision(w.catalog_path)}  head: {SCHEMA_REVISION}")
 
 
 @app.command()

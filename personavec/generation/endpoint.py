@@ -31,14 +31,15 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
-
-import httpx2
-import openai
 
 from personavec.errors import EndpointError, RequestFailed
 from personavec.generation.config import GenerateConfig
+
+if TYPE_CHECKING:  # imported where a request is made: the client library takes ~1.5 s to import, and every
+    import httpx2  # personavec command that asks no endpoint (extract, runs, serve...) would pay for it
+    import openai
 
 T = TypeVar("T")
 
@@ -105,6 +106,8 @@ _HINTS = {
 def _http_client() -> Any:
     """The ``openai`` client's aiohttp backend (about twice as fast per request as its default httpx one), with the
     request hook that counts attempts; the httpx backend where the ``aiohttp`` extra is not installed."""
+    import openai
+
     hooks = {"request": [_on_request]}
     try:
         return openai.DefaultAioHttpClient(event_hooks=hooks)
@@ -134,6 +137,8 @@ class ChatEndpoint:
         base_url: str | None = None,
         extra_body: Mapping[str, Any] | None = None,
     ) -> None:
+        import openai
+
         self.config = config
         self.base_url = base_url or config.base_url
         self._secrets = (api_key,) if api_key else ()
@@ -231,6 +236,9 @@ class ChatEndpoint:
         Raises :class:`EndpointError` for errors retrying cannot fix and :class:`RequestFailed` when a transient
         error outlasts the retries.
         """
+        import httpx2
+        import openai
+
         messages = [{"role": "user", "content": question}]
         if system_prompt is not None:
             messages.insert(0, {"role": "system", "content": system_prompt})
@@ -267,6 +275,8 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 
 def _connection_problem(exc: openai.APIConnectionError, timeout_s: float) -> str:
+    import openai
+
     # The aiohttp backend reports a dropped connection as a (connect) timeout: name the root cause instead.
     root: BaseException = exc
     while root.__cause__ is not None:

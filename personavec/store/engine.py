@@ -28,7 +28,6 @@ of work: one connection checks the file and its schema revision, and the units t
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import os
 import random
@@ -42,16 +41,13 @@ from typing import Any, cast
 
 import duckdb
 import sqlalchemy as sa
-from alembic.config import Config
-from alembic.ddl.impl import DefaultImpl
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from personavec.config import launched_world
 from personavec.errors import CatalogCorruptError, CatalogError, CatalogLockedError, SchemaVersionError
-from personavec.files import resource_path
+from personavec.store.models import SCHEMA_REVISION
 
 
 def dbapi_connection(session: Session) -> duckdb.DuckDBPyConnection:
@@ -60,30 +56,6 @@ def dbapi_connection(session: Session) -> duckdb.DuckDBPyConnection:
     SQLAlchemy types ``dbapi_connection`` as an optional generic DB-API connection; inside a live unit of work
     it is always set, and duckdb_engine's wrapper has DuckDB's methods (register, execute, ...)."""
     return cast(duckdb.DuckDBPyConnection, session.connection().connection.dbapi_connection)
-
-
-class DuckDBImpl(DefaultImpl):
-    """Alembic has no DuckDB implementation of its own; registering this one (on import) enables it."""
-
-    __dialect__ = "duckdb"
-    transactional_ddl = True
-
-
-def alembic_config(catalog_path: Path | str) -> Config:
-    """Alembic configuration bound to one catalog file (uses the bundled ``migrations/``)."""
-    cfg = Config(str(resource_path("alembic.ini")))
-    cfg.set_main_option("script_location", str(resource_path("migrations")))
-    cfg.set_main_option("sqlalchemy.url", f"duckdb:///{Path(catalog_path)}")
-    return cfg
-
-
-@functools.cache
-def head_revision() -> str:
-    """The head revision of the bundled migrations."""
-    head = ScriptDirectory.from_config(alembic_config(":memory:")).get_current_head()
-    if head is None:
-        raise CatalogError("the bundled migrations have no head revision")
-    return head
 
 
 #: How long a unit of work waits for another process to release the file: writers (long runs that must not die
@@ -254,7 +226,7 @@ def catalog_revision(catalog_path: Path) -> str | None:
 def _check_schema(conn: sa.Connection, catalog_path: Path) -> None:
     """Fail unless the catalog is at the head revision, naming the command that fixes it."""
     rev = _revision(conn)
-    head = head_revision()
+    head = SCHEMA_REVISION
     if rev != head:
         raise SchemaVersionError(
             f"catalog {catalog_path} is at schema revision {rev or 'none'}, this personavec needs {head}: "

@@ -13,12 +13,39 @@ from pathlib import Path
 from typing import Literal
 
 from alembic import command
+from alembic.config import Config
+from alembic.ddl.impl import DefaultImpl
+from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from personavec.errors import ConfigError
-from personavec.store.engine import alembic_config, close_catalog, create_catalog_engine, translate_error
+from personavec.errors import CatalogError, ConfigError
+from personavec.files import resource_path
+from personavec.store.engine import close_catalog, create_catalog_engine, translate_error
+
+
+class DuckDBImpl(DefaultImpl):
+    """Alembic has no DuckDB implementation of its own; registering this one (on import) enables it."""
+
+    __dialect__ = "duckdb"
+    transactional_ddl = True
+
+
+def alembic_config(catalog_path: Path | str) -> Config:
+    """Alembic configuration bound to one catalog file (uses the bundled ``migrations/``)."""
+    cfg = Config(str(resource_path("alembic.ini")))
+    cfg.set_main_option("script_location", str(resource_path("migrations")))
+    cfg.set_main_option("sqlalchemy.url", f"duckdb:///{Path(catalog_path)}")
+    return cfg
+
+
+def migrations_head() -> str:
+    """The head revision of the bundled migration scripts (what ``models.SCHEMA_REVISION`` must name)."""
+    head = ScriptDirectory.from_config(alembic_config(":memory:")).get_current_head()
+    if head is None:
+        raise CatalogError("the bundled migrations have no head revision")
+    return head
 
 
 @dataclass(frozen=True)

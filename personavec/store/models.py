@@ -27,6 +27,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+#: The Alembic revision whose schema these models describe: the head of the bundled ``migrations/``. A catalog at
+#: another revision is refused until ``personavec db upgrade``. Kept here, not read from the migration scripts, so
+#: that opening a catalog does not import Alembic (~0.3 s a process); tests/test_store_schema.py checks it is the
+#: head and that the models equal the schema the migrations build.
+SCHEMA_REVISION = "0007"
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
