@@ -184,7 +184,10 @@ def run_demo(
                     max_tokens=config.max_tokens,
                     temperature=config.temperature,
                     seed=config.seed,
-                    concurrency=2,  # 2 cores: more concurrent requests only contend for them
+                    # every answer at once: personavec serve decodes them together, and on a CPU a decoding step
+                    # of 32 answers costs little more than one of 2 (it reads every weight once): at 2 at a time the
+                    # demo's 32 answers took 107 s on 2 cores, all at once 24 s
+                    concurrency=min(len(personas) * len(questions), own.max_batch),
                     timeout_s=300.0,
                     max_retries=2,
                 ),
@@ -308,7 +311,7 @@ def _evaluate_sweep(
             trait_description=PERSONAS[target],
             judge_model=server.model,
             judge_base_url=server.base_url,
-            judge_concurrency=2,
+            judge_concurrency=2,  # judge prompts are long: prefill is compute-bound, a bigger batch gained nothing
             judge_timeout_s=300.0,
             judge_max_retries=2,
         ),
