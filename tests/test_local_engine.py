@@ -385,7 +385,8 @@ def test_cli_steer_sweep_layer_makes_one_run_per_layer_and_coef_and_a_coef_sweep
 
 
 def test_cli_steer_positions_response_is_stored_with_the_run(workspace, tiny8, vectors_run, cli):
-    w = ["-w", str(workspace.root), "--model", tiny8, "--device", "cpu", "--dtype", "float32", "--temperature", "0"]
+    """Also: without --model, steer runs the model the vectors were computed on."""
+    w = ["-w", str(workspace.root), "--device", "cpu", "--dtype", "float32", "--temperature", "0"]
     args = ["steer", *w, "--vector", f"{vectors_run}:storyteller-default", "--layer", "5", "--coef", "6"]
     pick = ["--persona", "default", "--question", "0", "--max-tokens", "4", "--json"]
     out = _last_json(cli.invoke(app, [*args, "--positions", "response", *pick]))
@@ -393,7 +394,8 @@ def test_cli_steer_positions_response_is_stored_with_the_run(workspace, tiny8, v
     assert _sql(workspace, f"SELECT positions, spec->>'positions' FROM run_interventions WHERE run_id = {run}") == [
         ("response", "response")
     ]
-    assert get_run(workspace.catalog(), run).config["steering"]["positions"] == "response"
+    config = get_run(workspace.catalog(), run).config
+    assert config["steering"]["positions"] == "response" and config["model"] == tiny8
     res = cli.invoke(app, [*args, "--positions", "prompt", *pick])
     assert res.exit_code == 2 and "positions must be one of all, generated, response" in res.output
 
@@ -474,6 +476,8 @@ def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):
     assert res.exit_code == 2 and "cap needs thresholds" in res.output
     res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:nobody", "--persona", "default"])
     assert res.exit_code == 2 and "has no vector 'nobody'" in res.output
+    res = cli.invoke(app, ["steer", "-w", str(workspace.root), "--vector", "999:cynic"])  # no --model to look up
+    assert res.exit_code == 2 and "999" in res.output and "Traceback" not in res.output
     res = cli.invoke(app, ["monitor", "-w", str(workspace.root), "--vector", f"{vectors_run}:cynic"])
     assert res.exit_code == 2 and "--run RUN" in res.output
     res = cli.invoke(app, ["sweep-report", "99", "-w", str(workspace.root)])

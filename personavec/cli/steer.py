@@ -58,7 +58,10 @@ def _progress(quiet: bool) -> tuple[Progress, Any]:
 @command
 def steer(
     vector: VectorOpt,
-    model: Annotated[str, typer.Option(help="The model the vectors come from (name, directory, .gguf, Hub id).")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="The model to steer (name, directory, .gguf, Hub id). Default: the vectors run's model."),
+    ] = None,
     kind: Annotated[str, typer.Option(help="add (h + c v), ablate (h - (h.u)u + c v) or cap (h.u <= tau).")] = "add",
     layer: Annotated[
         list[int] | None, typer.Option("--layer", "-l", help="hidden_states index (repeat; default: the run's).")
@@ -134,6 +137,11 @@ def steer(
         reference_personas=tuple(reference_persona or ()),
         allow_other_model=allow_other_model,
     )
+    w = resolve_workspace(ws).require()
+    if model is None:
+        from personavec.vectors import load_vectors
+
+        model = load_vectors(steering.ref.run_id, workspace=w).model
     config = GenerateConfig(
         persona_set=persona_set,
         question_set=question_set,
@@ -149,7 +157,6 @@ def steer(
         local=LocalOptions(device=device, dtype=dtype, batch_size=batch_size),
         steering=steering,
     )
-    w = resolve_workspace(ws).require()
     bar, update = _progress(as_json)
     with bar:
         if len(coefs) > 1 or sweep_layer:
