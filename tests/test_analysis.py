@@ -127,6 +127,7 @@ def test_compare_models_same_and_different_width(rng):
         compare_models({"m1": base, "m2": {"a": base["a"], "b": base["b"]}})
 
 
+@pytest.mark.slow
 def test_project_transcripts_one_value_per_assistant_turn(tiny_loaded):
     from personavec.analysis import project_transcripts
     from personavec.spans import render

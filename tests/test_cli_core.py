@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from personavec.cli import app
 from personavec.store.models import SCHEMA_REVISION
 from personavec.store.responses import responses_by_key
 from personavec.workspace import Workspace
 
 
+@pytest.mark.slow
 def test_init_ingest_runs_sql(cli, tmp_path, seed_cache_file):
     ws = str(tmp_path / "ws")
     res = cli.invoke(app, ["init", "-w", ws, "--json"])
@@ -93,6 +96,7 @@ def test_db_commands(cli, workspace):
     assert res.exit_code == 0 and f"catalog: {SCHEMA_REVISION}" in res.stdout
 
 
+@pytest.mark.slow
 def test_a_command_that_asks_no_endpoint_imports_neither_the_client_nor_alembic(workspace):
     """`personavec runs` (like extract, serve, sql...) imports neither the endpoint client (``openai``, ~1.5 s) nor
     Alembic (~0.3 s), nor torch: each is imported where it is used (a request, a migration, a model)."""

@@ -125,6 +125,7 @@ NOT_UTF8 = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "name", "data"), NOT_UTF8, ids=[f"{k}-{n}" for k, n, _ in NOT_UTF8])
 def test_non_utf8_input_file(cli, workspace, tmp_path, kind, name, data):
     path = tmp_path / name
@@ -233,6 +234,7 @@ def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if "catalog.duckdb" not in p.name)
 
 
+@pytest.mark.slow
 def test_a_300_character_file_name_is_one_line_exit_2(cli, workspace, synthetic_vectors, tmp_path):
     long = "n" * 300
     w = ["-w", str(workspace.root)]
@@ -282,6 +284,7 @@ def test_downgrade_refuses_without_yes_and_lists_what_it_drops(cli, workspace, m
     assert _files(workspace.root) == before
 
 
+@pytest.mark.slow
 def test_downgrade_yes_drops_tables_and_groups_and_new_runs_do_not_collide(cli, workspace, make_extraction_run):
     first = make_extraction_run(workspace)  # 18 examples x 2 layers x 32
     ws = str(workspace.root)

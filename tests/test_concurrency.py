@@ -63,6 +63,7 @@ def test_reads_succeed_while_an_extraction_writes(cli, workspace, make_extractio
     assert json.loads(out)["n_examples"] == 16
 
 
+@pytest.mark.slow
 def test_another_process_gets_the_file_while_this_one_runs_units_of_work_back_to_back(workspace, tmp_path):
     """A catalog keeps DuckDB's instance (and the file) for a moment after each unit of work, so that the next opens
     warm, but never more than MAX_HOLD_S in a row: a process polling for the file every 10 ms gets it within a few
@@ -100,6 +101,7 @@ def test_another_process_gets_the_file_while_this_one_runs_units_of_work_back_to
     assert units > 0 and waited < 4 * (engine.MAX_HOLD_S + engine.LINGER_S) + 1, (waited, units)
 
 
+@pytest.mark.slow
 def test_the_file_is_held_briefly_after_a_unit_of_work_and_not_at_all_once_shared(workspace, hold_catalog, monkeypatch):
     """Right after a unit of work another process cannot open the file (the catalog keeps it LINGER_S so its next
     unit opens warm), a moment later it can; once a unit of work had to wait for another process, and in a rank of a

@@ -161,6 +161,7 @@ def test_num_processes_launches_the_same_command(cli, workspace, monkeypatch: py
     assert bad.exit_code == 2 and "--num-processes must be >= 1" in bad.output
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_ranks_run_stops_them_and_comes_out_as_a_keyboard_interrupt(workspace) -> None:
     """Ctrl-C in the launching process while its ranks start: torch-elastic stops them and raises its own
     SignalException; :func:`launch.launch` gives it as a KeyboardInterrupt (what the CLI reports as interrupted,
@@ -180,6 +181,7 @@ def test_ctrl_c_while_ranks_run_stops_them_and_comes_out_as_a_keyboard_interrupt
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.slow
 def test_the_rank_that_failed_first_is_named_and_noted_on_the_run(
     cli, workspace, make_extraction_run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,6 +232,7 @@ def responses_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_zarr_url_workspace_keeps_activations_there(tmp_path: Path, responses_file: Path, tiny_llama: str) -> None:
     url = f"file://{tmp_path}/elsewhere/acts.zarr"
     ws = init_workspace(tmp_path / "ws", zarr_url=url)

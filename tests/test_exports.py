@@ -149,6 +149,7 @@ def test_safetensors_exports_respect_the_umask(workspace, vector_run, tmp_path):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 
+@pytest.mark.slow
 def test_cli_export_direction(workspace, vector_run, tmp_path, cli):
     out = tmp_path / "ghost.gguf"
     base = ["export-direction", str(vector_run), "ghost", str(out), "-w", str(workspace.root)]
@@ -165,6 +166,7 @@ def test_cli_export_direction(workspace, vector_run, tmp_path, cli):
     assert "note: vectors run" in res.output and "model_hint 'gpt_neox'" in res.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt_neox", "qwen3_moe"])
 def test_extraction_records_model_type_and_the_gguf_hint_uses_it(
     arch, workspace, seed_cache_file, tiny_root, tmp_path, cli

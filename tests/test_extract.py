@@ -77,6 +77,7 @@ def _min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten(0, -2), b.flatten(0, -2), dim=-1).min().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arch", "template"),
     [("llama", "llama3"), ("gemma3", "gemma"), ("qwen2", "chatml"), ("qwen3", "chatml"), ("olmo2", "chatml")],
@@ -103,6 +104,7 @@ def test_stops_after_deepest_layer(tiny_root: Path) -> None:
     assert calls == ["block0", "block1"]
 
 
+@pytest.mark.slow
 def test_independent_of_batching_and_order(tiny_root: Path) -> None:
     loaded = load_model(str(tiny_model_dir(tiny_root, "qwen2", "chatml")), dtype="float32", device="cpu")
     examples = _examples(loaded.tokenizer, 12, seed=1)
@@ -237,6 +239,7 @@ def _activations(workspace, run_id: int) -> np.ndarray:
     return arrays.read_rows(arrays.open_activation_array(workspace.zarr_path, info.zarr_group))
 
 
+@pytest.mark.slow
 def test_run_extraction_provenance_and_rows(workspace, responses_run: int, tiny_root: Path) -> None:
     model = str(tiny_model_dir(tiny_root, "llama", "chatml"))
     config = ExtractConfig(
@@ -268,6 +271,7 @@ def test_run_extraction_provenance_and_rows(workspace, responses_run: int, tiny_
     assert _min_cos(torch.from_numpy(values[rows]), torch.from_numpy(naive)) >= 0.9999
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_same_result(workspace, responses_run: int, tiny_root: Path) -> None:
     config = ExtractConfig(
         responses_run=responses_run,
@@ -298,6 +302,7 @@ def test_interrupted_run_resumes_to_same_result(workspace, responses_run: int, t
     np.testing.assert_allclose(_activations(workspace, run_id), _activations(workspace, full.run_id), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_extract(cli, workspace, responses_run: int, tiny_root: Path) -> None:
     model = str(tiny_model_dir(tiny_root, "qwen3", "chatml"))
     args = ["extract", "-w", str(workspace.root), "--responses-run", str(responses_run), "--model", model]
@@ -425,6 +430,7 @@ def _extract_runs_and_groups(workspace) -> tuple[list[int], list[str]]:
     return runs, groups
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["add_extraction_run", "add_examples"])
 def test_failed_plan_insert_leaves_no_run_and_no_group(
     workspace, responses_run: int, tiny_root: Path, monkeypatch: pytest.MonkeyPatch, step: str
@@ -442,6 +448,7 @@ def test_failed_plan_insert_leaves_no_run_and_no_group(
     assert _extract_runs_and_groups(workspace) == ([result.run_id], [result.zarr_group])
 
 
+@pytest.mark.slow
 def test_array_creation_failure_marks_run_failed_and_resume_creates_it(
     workspace, responses_run: int, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -556,6 +563,7 @@ def test_units_in_flight_are_bounded_by_bytes_and_at_least_two_per_writer_thread
     assert units_in_flight(1000, threads=1, tuning=Tuning(in_flight_bytes=10_000)) == 10
 
 
+@pytest.mark.slow
 def test_a_new_run_is_recorded_with_every_row_pending_while_its_first_window_is_tokenized(
     workspace, responses_run: int, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -609,6 +617,7 @@ def _failing_config(responses_run: int, tiny_root: Path) -> ExtractConfig:
     )
 
 
+@pytest.mark.slow
 def test_failing_zarr_store_fails_the_run_and_resume_completes_it(
     workspace, responses_run: int, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -633,6 +642,7 @@ def test_failing_zarr_store_fails_the_run_and_resume_completes_it(
     np.testing.assert_allclose(_activations(workspace, run_id), _activations(workspace, full.run_id), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_unwritable_directory_fails_the_run_and_resume_completes_it(
     workspace, responses_run: int, tiny_root: Path
 ) -> None:
@@ -661,6 +671,7 @@ def test_unwritable_directory_fails_the_run_and_resume_completes_it(
 # -- resume ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_checks_identity_fields_and_takes_operational_ones(
     workspace, responses_run: int, tiny_root: Path
 ) -> None:
@@ -696,6 +707,7 @@ def test_flush_seconds_nan_is_refused_before_any_work(cli, workspace):
     assert len(runs_of(workspace)) == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_interrupted_and_names_the_resume_command(
     workspace, responses_run: int, tiny_root: Path
 ) -> None:
@@ -709,6 +721,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_names_the_resume_command(
     assert get_run(workspace.catalog(), run_id).status == "interrupted"
 
 
+@pytest.mark.slow
 def test_core_imports_without_the_catalog_stack() -> None:
     """The compute core runs on a bare GPU box: torch + transformers, no duckdb/sqlalchemy/alembic/pyarrow."""
     code = (
@@ -728,6 +741,7 @@ def test_core_imports_without_the_catalog_stack() -> None:
         pytest.xfail(f"`import personavec` itself still pulls {base} (the package init, not the core)")
 
 
+@pytest.mark.slow
 def test_cli_resume_and_layers_path(cli, workspace, responses_run: int, tiny_root: Path) -> None:
     config = _failing_config(responses_run, tiny_root)
 

@@ -136,6 +136,7 @@ def test_resume_with_other_identity_is_refused(workspace):
 # ------------------------------------------------------------------------------------------------ faults
 
 
+@pytest.mark.slow
 def test_429_with_retry_after_then_success(workspace):
     def script(attempt, n, body):
         return ("status", 429, {"Retry-After": "1.2"}, {"error": {"message": "slow down"}}) if attempt == 0 else "ok"
@@ -175,6 +176,7 @@ def test_500_then_success(workspace):
     assert all(r["attempts"] == 3 for r in got) and server.requests == 12
 
 
+@pytest.mark.slow
 def test_hang_past_timeout_then_success(workspace):
     def script(attempt, n, body):
         return ("hang", 2.0) if attempt == 0 else "ok"
@@ -350,6 +352,7 @@ def _gen_config(server, **kw):
     return GenerateConfig(**{**base, "timeout_s": 10.0, **kw})
 
 
+@pytest.mark.slow
 def test_a_30_mb_answer_is_stored_bounded_by_max_tokens_and_marked_truncated(workspace):
     from fault_server import FaultServer
 
@@ -617,6 +620,7 @@ def test_a_failing_writer_stops_the_run_instead_of_hanging(workspace):
     assert runs(workspace)[0]["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_progress_lines_when_stderr_is_not_a_terminal(workspace):
     # CI logs, nohup, pipes: Rich draws no bar there, so plain progress lines go to stderr instead
     with FaultServer() as server:

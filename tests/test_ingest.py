@@ -132,6 +132,7 @@ BAD_RESPONSES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "content", "message"), BAD_RESPONSES, ids=[b[0] for b in BAD_RESPONSES])
 def test_bad_response_files(workspace, tmp_path, name, content, message):
     path = _write(tmp_path, name, content)
@@ -188,6 +189,7 @@ def test_unknown_sets(workspace, seed_cache_file):
         assert _counts(catalog)[1] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "needle"),
     [

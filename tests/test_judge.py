@@ -202,6 +202,7 @@ def scripted(attempt, n, body):
     return ("reply", "3", first_token_logprobs({"3": 0.8, "2": 0.2}))
 
 
+@pytest.mark.slow
 def test_judge_scores_land_with_logprobs_and_provenance(workspace, responses_run):
     with FaultServer(scripted) as server:
         seen = []
@@ -235,6 +236,7 @@ def test_judge_scores_land_with_logprobs_and_provenance(workspace, responses_run
     assert run[1] == "done" and stored["model"] == "fault-model" and "{answer}" in stored["rubrics"][0]["template"]
 
 
+@pytest.mark.slow
 def test_unparsable_judge_outputs_are_errors_not_scores(workspace, responses_run):
     outputs = [
         ("I refuse to grade this.", None),  # no number
@@ -265,6 +267,7 @@ def test_unparsable_judge_outputs_are_errors_not_scores(workspace, responses_run
     assert "0.100 < 0.25" in errors["REFUSAL"] and "outside the scale" in errors["150"]
 
 
+@pytest.mark.slow
 def test_a_judge_answer_cut_to_the_size_bound_is_marked_truncated(workspace, responses_run):
     """A judge answering far more than ``max_tokens`` asks is stored cut to the bound and marked ``truncated``; its
     score is read from what was kept (the first token's logprobs); answers within the bound are not marked."""
@@ -286,6 +289,7 @@ def test_a_judge_answer_cut_to_the_size_bound_is_marked_truncated(workspace, res
     assert all(r["score"] == pytest.approx(85.0) and r["error"] is None for r in got)
 
 
+@pytest.mark.slow
 def test_endpoint_refusing_logprobs_falls_back_to_parsing(workspace, responses_run):
     def script(attempt, n, body):
         if "logprobs" in body:
@@ -309,6 +313,7 @@ def test_endpoint_errors_stop_the_run_as_in_generation(workspace, responses_run)
         run_judge(workspace, cfg(server, 1))  # run 1 is the built-in persona set's ingest run
 
 
+@pytest.mark.slow
 def test_failed_requests_are_recorded_then_asked_again_on_resume(workspace, responses_run):
     bad = {"on": True}
 
@@ -327,6 +332,7 @@ def test_failed_requests_are_recorded_then_asked_again_on_resume(workspace, resp
     assert judge_runs(workspace)[0]["status"] == "done"
 
 
+@pytest.mark.slow
 def test_cli_judge_json_resume_and_list(workspace, responses_run, cli):
     with FaultServer(scripted) as server:
         args = ["judge", str(responses_run), "-w", str(workspace.root), "--model", "fault-model"]
@@ -405,6 +411,7 @@ def _judge_args(ws, server, run: int) -> list[str]:
     return ["judge", str(run), "-w", str(ws.root), "--model", "fault-model", "--base-url", server.base_url]
 
 
+@pytest.mark.slow
 def test_a_judge_logprob_of_1e308_is_not_used_and_the_summary_says_how_scores_were_read(cli, workspace, responses_run):
     from fault_server import FaultServer
 

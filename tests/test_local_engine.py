@@ -99,6 +99,7 @@ def test_local_run_lands_every_answer_like_the_remote_engine(workspace, tiny8):
     assert get_intervention(workspace.catalog(), res.run_id) is None
 
 
+@pytest.mark.slow
 def test_interrupted_local_run_keeps_finished_batches_and_resumes(workspace, tiny8):
     config = _config(tiny8)
     reports = []
@@ -138,6 +139,7 @@ def vectors_run(workspace, make_extraction_run, tiny8):
     return compute_vectors(workspace, VectorConfig(extraction_run_id=ext.run_id)).run_id
 
 
+@pytest.mark.slow
 def test_steered_run_stores_its_intervention_queryable_in_sql(workspace, tiny8, vectors_run):
     plain = run_generation(workspace, _config(tiny8))
     steering = SteeringConfig(f"{vectors_run}:storyteller-default", layers=(2,), coef=4.0)
@@ -200,6 +202,7 @@ def test_bad_steering_leaves_no_run(workspace, tiny8, vectors_run):
         GenerateConfig(model="m", steering=SteeringConfig("1:a"))
 
 
+@pytest.mark.slow
 def test_sweep_makes_one_linked_run_per_coefficient(workspace, tiny8, vectors_run):
     steering = SteeringConfig(f"{vectors_run}:storyteller-default", layers=(5,), positions="generated")
     res = run_sweep(workspace, _config(tiny8, steering=steering, personas=("default",)), [-8, 0, 8])
@@ -223,6 +226,7 @@ def test_sweep_makes_one_linked_run_per_coefficient(workspace, tiny8, vectors_ru
         run_sweep(workspace, _config(tiny8, steering=SteeringConfig(f"{vectors_run}:cynic", kind="cap", tau=1)), [1])
 
 
+@pytest.mark.slow
 def test_cap_thresholds_from_a_reference_run_are_computed_and_stored(workspace, tiny8, vectors_run):
     reference = run_generation(workspace, _config(tiny8, max_tokens=8))
     steering = SteeringConfig(f"{vectors_run}:-storyteller", kind="cap", layers=(2, 5), reference_run=reference.run_id)
@@ -245,6 +249,7 @@ def test_cap_thresholds_from_a_reference_run_are_computed_and_stored(workspace, 
     assert texts[0] == texts[1]
 
 
+@pytest.mark.slow
 def test_token_projections_average_to_the_extracted_mean(workspace, tiny8, vectors_run):
     res = run_generation(workspace, _config(tiny8, max_tokens=8))
     loaded = load_for(_config(tiny8))
@@ -285,6 +290,7 @@ def _last_json(res) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_cli_generate_local_steer_sweep_report_and_monitor(workspace, tiny8, vectors_run, cli, tmp_path):
     w = ["-w", str(workspace.root)]
     local = ["--model", tiny8, "--device", "cpu", "--dtype", "float32", "--max-tokens", "5", "--temperature", "0"]
@@ -363,6 +369,7 @@ def test_cli_generate_local_steer_sweep_report_and_monitor(workspace, tiny8, vec
     assert record.kind == "cap" and record.percentile == 50.0 and record.per_layer[0].tau is not None
 
 
+@pytest.mark.slow
 def test_cli_steer_sweep_layer_makes_one_run_per_layer_and_coef_and_a_coef_sweep_keeps_its_layer(
     workspace, tiny8, vectors_run, cli
 ):
@@ -400,6 +407,7 @@ def test_cli_steer_positions_response_is_stored_with_the_run(workspace, tiny8, v
     assert res.exit_code == 2 and "positions must be one of all, generated, response" in res.output
 
 
+@pytest.mark.slow
 def test_vectors_of_another_model_are_refused_unless_allowed_and_recorded(cli, workspace, models, vectors_run):
     from personavec.store.steering import get_intervention
 
@@ -432,6 +440,7 @@ def test_vectors_of_another_model_are_refused_unless_allowed_and_recorded(cli, w
     assert "x0,2 @2" in res.output
 
 
+@pytest.mark.slow
 def test_monitor_and_steer_argument_errors_are_one_line(cli, workspace, models, vectors_run, make_extraction_run):
     w = ["-w", str(workspace.root)]
     model = ["--model", models[0], "--device", "cpu", "--dtype", "float32"]
@@ -468,6 +477,7 @@ def test_monitor_text_shows_token_text_not_bpe_symbols(cli, workspace, models, v
     assert "".join(t for t in tokens if t not in special) == "Ahoy there" and not any("Ġ" in t for t in tokens)
 
 
+@pytest.mark.slow
 def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):
     w = ["-w", str(workspace.root), "--model", tiny8, "--device", "cpu"]
     res = cli.invoke(app, ["steer", *w, "--vector", "pirate"])

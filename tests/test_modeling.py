@@ -138,6 +138,7 @@ def gguf_file(tmp_path_factory) -> Path:
     return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
+@pytest.mark.slow
 def test_a_conversion_reads_the_file_once_and_converts_as_transformers_does(gguf_file, tmp_path, monkeypatch):
     import gguf
     from safetensors.torch import load_file
@@ -172,6 +173,7 @@ def test_a_conversion_reads_the_file_once_and_converts_as_transformers_does(gguf
     assert (loaded.n_layers, loaded.d_model) == (4, 64)
 
 
+@pytest.mark.slow
 def test_a_process_needing_a_gguf_another_converts_waits_and_uses_that_conversion(gguf_file, tmp_path):
     """Two processes at once (both test workers on a fresh machine, two commands) convert a file once: the second
     waits on the cache entry's lock and takes the first one's result."""

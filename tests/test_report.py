@@ -39,6 +39,7 @@ def _vector_run(workspace, make_extraction_run, **kw):
     return ext, compute_vectors(workspace, VectorConfig(ext.run_id, layers=(5,))).run_id
 
 
+@pytest.mark.slow
 def test_report_writes_pngs_and_self_contained_html(workspace, make_extraction_run, tmp_path):
     _, run_id = _vector_run(workspace, make_extraction_run)
     res = build_report(workspace, ReportConfig(run_id))
@@ -54,6 +55,7 @@ def test_report_writes_pngs_and_self_contained_html(workspace, make_extraction_r
     assert res.axis_stats is not None and 0.0 <= res.axis_stats.abs_cos_pc1 <= 1.0
 
 
+@pytest.mark.slow
 def test_plots_are_pngs(tmp_path, rng):
     vecs = {n: rng.normal(size=24) for n in ["default", "default_llm", "ghost", "bard", "cynic", "jester"]}
     p = analysis.pca(vecs)
@@ -86,6 +88,7 @@ def _runs(ws, kind):
     return list_runs(ws.catalog(read_only=True), kind)
 
 
+@pytest.mark.slow
 def test_cli_vectors_export_report_compare(cli, workspace, make_extraction_run, tmp_path):
     ext = make_extraction_run(workspace)
     w = ["--workspace", str(workspace.root)]
@@ -148,6 +151,7 @@ def test_load_vectors_is_fast_enough(workspace, make_extraction_run):
     assert time.perf_counter() - t < 0.5 and vs.d_model == 512
 
 
+@pytest.mark.slow
 def test_outputs_onto_directories_files_and_unwritable_paths(cli, workspace, make_extraction_run, tmp_path):
     import os
     import stat
@@ -172,6 +176,7 @@ def test_outputs_onto_directories_files_and_unwritable_paths(cli, workspace, mak
     assert stat.S_IMODE((tmp_path / "v.npz").stat().st_mode) == 0o644  # the umask's, not mkstemp's 0600
 
 
+@pytest.mark.slow
 def test_names_no_installed_font_can_draw_are_named_in_the_report(workspace, make_extraction_run, tmp_path):
     from personavec import plots
     from personavec.report import ReportConfig, build_report
@@ -188,6 +193,7 @@ def test_names_no_installed_font_can_draw_are_named_in_the_report(workspace, mak
     assert res.pngs["similarity"].read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_point_labels_do_not_overlap():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.text import Annotation, Text

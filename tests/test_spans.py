@@ -20,6 +20,7 @@ def _decoded(tok, rendered):
     return [tok.decode(rendered.input_ids[s:e]) for s, e in rendered.assistant_spans]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("system", ["You are a pirate.", "", None])
 def test_exact_span_decodes_to_response_multi_turn(tok, system) -> None:
     messages = conversation(system, "How are you?", RESPONSE) + [
@@ -144,6 +145,7 @@ def test_render_many_equals_render_one_by_one(tok, prompt_format) -> None:
     assert seed == [render(tok, c, prompt_format, "seed") for c in convs[:-1]]
 
 
+@pytest.mark.slow
 def test_render_many_in_worker_processes_equals_render() -> None:
     from personavec.spans import render_many
 
@@ -153,6 +155,7 @@ def test_render_many_in_worker_processes_equals_render() -> None:
     assert many == [render(tok, c, max_length=30) for c in convs]
 
 
+@pytest.mark.slow
 def test_windows_rendered_within_render_workers_share_one_set_of_processes(monkeypatch) -> None:
     """A large run's rest is rendered in windows: within ``render_workers`` every call of more than one batch goes
     to the processes started once (not a new set per window, which cost seconds each), with the same result."""

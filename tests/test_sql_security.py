@@ -80,6 +80,7 @@ ATTACKS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("query", "says"), ATTACKS, ids=[a[0][:40] for a in ATTACKS])
 def test_sql_attack_is_refused_and_writes_nothing(cli, workspace, tmp_path, query, says):
     (tmp_path / "in.csv").write_text("name\nx\n")
@@ -109,6 +110,7 @@ def test_sql_settings_are_locked_down(cli, workspace):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("query", "n_rows"),
     [
@@ -152,6 +154,7 @@ def test_sql_keeps_columns_sharing_a_name(cli, workspace):
     assert res.stdout.splitlines() == ["a,a_2,a_1,a_3", "1,2,3,4"]
 
 
+@pytest.mark.slow
 def test_readme_vector_query_keeps_both_group_keys(cli, workspace, make_extraction_run):
     ext = make_extraction_run(workspace)
     res = cli.invoke(app, ["vectors", str(ext.run_id), "-w", str(workspace.root), "--json"])
@@ -223,6 +226,7 @@ def _signal_once_the_query_runs(signum: int) -> dict:
     return sent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_and_sigterm_stop_a_running_sql_query_within_a_second(cli, workspace, signum):
     import signal
@@ -281,6 +285,7 @@ def test_sql_on_a_catalog_locked_by_another_process(cli, workspace, monkeypatch,
     assert "locked by another process" in _one_error_line(res)
 
 
+@pytest.mark.slow
 def test_sql_waits_out_a_writer_like_any_reader(workspace, monkeypatch, hold_catalog):
     """A writer holds the file for one unit of work at a time; `sql` waits for it (CI saw `sql` fail at once)."""
     import time

@@ -66,6 +66,7 @@ def _direction(loaded, seed: int = 0) -> np.ndarray:
     return rng.normal(size=loaded.d_model) * 2.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make",
     [
@@ -91,6 +92,7 @@ def test_identity_interventions_reproduce_unsteered_greedy_output(tiny_root, mak
     assert [list(g.token_ids) for g in plain] == [_reference(loaded, p, 12, None) for p in prompts]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
 @pytest.mark.parametrize(
     "make",

@@ -89,6 +89,7 @@ def _shards(workspace, run_id: int) -> list[Path]:
 # -- 12.4: empty answers ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_empty_answer_has_no_span_is_left_out_of_means_and_counted(
     cli, workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
 ) -> None:
@@ -135,6 +136,7 @@ def test_every_bit_flip_in_a_chunk_file_is_detected(workspace, tmp_path: Path, t
     np.testing.assert_array_equal(arrays.read_rows(array, np.arange(0, 4)), _values(workspace, result.run_id)[:4])
 
 
+@pytest.mark.slow
 def test_bit_flip_fails_vectors_in_one_line_and_verify_repairs_it(
     cli, workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
 ) -> None:
@@ -176,6 +178,7 @@ def test_bit_flip_fails_vectors_in_one_line_and_verify_repairs_it(
     assert cli.invoke(app, ["vectors", str(rid), *ws]).exit_code == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["array", "group", "root"])
 def test_corrupt_zarr_json_is_one_line_not_a_traceback(
     cli, workspace, tmp_path: Path, tiny_root: Path, tiny_loaded, which: str
@@ -195,6 +198,7 @@ def test_corrupt_zarr_json_is_one_line_not_a_traceback(
         assert "Traceback" not in out.output and "zarr.json (metadata) cannot be read" in out.output, out.output
 
 
+@pytest.mark.slow
 def test_verify_finds_missing_rows_partial_files_and_adoptable_rows(
     workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
 ) -> None:
@@ -299,6 +303,7 @@ def test_written_unit_not_yet_marked_done_is_adopted_after_kill_9(
     np.testing.assert_allclose(_values(workspace, rid), _values(workspace, reference.run_id), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_partial_units_are_flushed_by_rows(workspace, tmp_path: Path, tiny_root: Path, tiny_loaded) -> None:
     run = _responses(workspace, tmp_path)
     config = _config(run, tiny_root, chunk_rows=32, flush_rows=5)  # one unit for all 25 rows
@@ -317,6 +322,7 @@ def test_partial_units_are_flushed_by_rows(workspace, tmp_path: Path, tiny_root:
     np.testing.assert_allclose(_values(workspace, rid), _values(workspace, reference.run_id), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
     workspace, tmp_path: Path, tiny_root: Path, tiny_loaded, monkeypatch
 ) -> None:
@@ -367,6 +373,7 @@ def test_a_large_resume_starts_on_its_first_rows_and_plans_the_rest_in_windows(
 # -- storage dtypes ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_half_precision_storage_halves_bytes_and_reads_back_as_float32(
     workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
 ) -> None:
@@ -415,6 +422,7 @@ def test_model_nan_is_refused_not_stored(workspace, tmp_path: Path, tiny_root: P
 # -- stale groups, old stores -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_new_run_refuses_a_group_left_by_a_forgotten_run(
     workspace, tmp_path: Path, tiny_root: Path, tiny_loaded
 ) -> None:
@@ -492,6 +500,7 @@ def test_assembler_waits_for_every_expected_row_of_a_unit(tmp_path: Path) -> Non
     np.testing.assert_array_equal(arrays.read_rows(array), expected)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_the_run_resumes(
     workspace, tmp_path: Path, tiny_root: Path, monkeypatch
 ) -> None:
@@ -532,6 +541,7 @@ def test_ctrl_c_while_a_large_run_is_still_planned_stops_the_planning_and_the_ru
     assert done_count(workspace.catalog(), run_id) == result.n_examples == 25
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inline_max", [0, 10_000])
 def test_the_rest_planned_on_a_helper_or_inline_the_run_is_the_same(
     workspace, tmp_path: Path, tiny_root: Path, tiny_loaded, inline_max: int

@@ -31,6 +31,7 @@ def _child(ws, tail: str) -> tuple[subprocess.Popen, int]:
     return proc, int(proc.stdout.readline())
 
 
+@pytest.mark.slow
 def test_dead_owner_shows_interrupted_and_can_resume(workspace):
     proc, run_id = _child(workspace, "import os; os._exit(0)")  # dies without marking the run
     proc.wait(timeout=60)
@@ -42,6 +43,7 @@ def test_dead_owner_shows_interrupted_and_can_resume(workspace):
     assert get_run(catalog, run_id).status == "running"
 
 
+@pytest.mark.slow
 def test_live_owner_keeps_running_and_refuses_a_second_resume(workspace):
     proc, run_id = _child(workspace, "time.sleep(60)")
     try:

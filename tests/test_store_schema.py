@@ -54,6 +54,7 @@ def test_upgrade_head_matches_orm_metadata(tmp_path):
     assert _diff(ws) == []
 
 
+@pytest.mark.slow
 def test_upgrade_downgrade_upgrade(tmp_path):
     ws = Workspace.resolve(tmp_path / "ws")
     ws.upgrade("head")
@@ -70,6 +71,7 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     assert _diff(ws) == []
 
 
+@pytest.mark.slow
 def test_catalog_not_at_head_names_the_fix(tmp_path):
     ws = init_workspace(tmp_path / "ws")
     ws.downgrade("base", allow_destructive=True)
@@ -107,6 +109,7 @@ def test_locked_catalog_is_a_clear_error(workspace, monkeypatch, hold_catalog):
     assert duckdb.__version__
 
 
+@pytest.mark.slow
 def test_evaluations_migration_walks_down_to_0006_and_back(tmp_path):
     """0007 adds only the evaluation tables and their sequence: downgrading to 0006 removes exactly those and keeps
     every earlier table; upgrading again gives the ORM's schema."""

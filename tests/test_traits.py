@@ -132,6 +132,7 @@ def _mean(ext, keep, layer_pos):
     return ext.data[rows, layer_pos].astype(np.float64).mean(axis=0), len(rows)
 
 
+@pytest.mark.slow
 def test_where_keeps_only_judged_examples(workspace, judged):
     ext, judge_run, qs = judged
     res = compute_vectors(workspace, VectorConfig(ext.run_id, where=("role_adherence = 3", "coherence >= 50")))
@@ -152,6 +153,7 @@ def test_where_keeps_only_judged_examples(workspace, judged):
     assert prov["n_examples_before_filters"] == 18 and prov["group_counts"]["cynic"] == 2
 
 
+@pytest.mark.slow
 def test_min_count_fails_loudly(workspace, judged):
     ext, _, _ = judged
     with pytest.raises(
@@ -187,6 +189,7 @@ def logprob_case(persona: str, question: str, questions: list[str]) -> str:
     return "split" if persona == "ghost" else "sure"
 
 
+@pytest.mark.slow
 def test_equality_filters_on_logprob_scores_compare_the_integer_verdict(workspace, make_extraction_run, cli):
     """`vectors --where "role_adherence = 3"` kept nothing when scores came from logprobs (2.99996 != 3)."""
     from personavec import EVAL_QUESTIONS
@@ -246,6 +249,7 @@ def test_equality_filters_on_logprob_scores_compare_the_integer_verdict(workspac
     assert len(cli.invoke(app, ["runs", "-w", str(workspace.root), "--json"]).stdout) == n_runs
 
 
+@pytest.mark.slow
 def test_contrast_group_is_the_difference_of_filtered_means(workspace, judged, cli):
     ext, judge_run, qs = judged
     config = VectorConfig(
