@@ -34,7 +34,7 @@ test-fast: setup
 	$(PYTEST) -m "not slow"
 
 # Installs every direct dependency at its declared floor in a fresh .venv-floors (torch excepted: the local
-# CPU torch 2.13.0 is used, its floor is not tested) and runs the fast tests there. Needs PyPI.
+# CPU torch 2.13.0 is used, its floor is not tested) and runs the whole suite there (~10 min). Needs PyPI.
 test-floors:
 	$(PYTHON) scripts/check_floors.py
 

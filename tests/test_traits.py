@@ -325,7 +325,7 @@ def generate_answers(loaded, prompts: list[tuple[str, str]], max_new_tokens: int
     import torch
 
     tok = loaded.tokenizer
-    tok.padding_side = "left"
+    pad = tok.pad_token_id or tok.eos_token_id  # transformers 4.57 (the floor) converts the GGUF without a pad token
     texts = [
         tok.apply_chat_template(
             [{"role": "system", "content": s}, {"role": "user", "content": q}],
@@ -336,14 +336,15 @@ def generate_answers(loaded, prompts: list[tuple[str, str]], max_new_tokens: int
     ]
     out: list[str] = []
     for i in range(0, len(texts), 50):
-        enc = tok(texts[i : i + 50], return_tensors="pt", padding=True, add_special_tokens=False)
+        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + 50]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])  # left padding
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         with torch.no_grad():
-            ids = loaded.model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
+            new = loaded.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
             )
-        out += [
-            a.strip() or "..." for a in tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        ]
+        out += [a.strip() or "..." for a in tok.batch_decode(new[:, width:], skip_special_tokens=True)]
     return out
 
 
