@@ -321,30 +321,14 @@ PIRATE_WORDS = re.compile(
 
 
 def generate_answers(loaded, prompts: list[tuple[str, str]], max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers of the embedded model to (system prompt, question) pairs, batched with left padding."""
-    import torch
+    """Greedy answers of the embedded model to (system prompt, question) pairs, 50 at a time, through the local
+    engine's batched generation (left padding, its own pad id: transformers 4.57 converts the GGUF without one)."""
+    from personavec.generation.local import generate_batch, prompt_ids
 
-    tok = loaded.tokenizer
-    pad = tok.pad_token_id or tok.eos_token_id  # transformers 4.57 (the floor) converts the GGUF without a pad token
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "system", "content": s}, {"role": "user", "content": q}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        for s, q in prompts
-    ]
     out: list[str] = []
-    for i in range(0, len(texts), 50):
-        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + 50]]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])  # left padding
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        with torch.no_grad():
-            new = loaded.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-            )
-        out += [a.strip() or "..." for a in tok.batch_decode(new[:, width:], skip_special_tokens=True)]
+    for i in range(0, len(prompts), 50):
+        ids = [prompt_ids(loaded.tokenizer, s, q) for s, q in prompts[i : i + 50]]
+        out += [g.text.strip() or "..." for g in generate_batch(loaded, ids, max_new_tokens=max_new_tokens)]
     return out
 
 
