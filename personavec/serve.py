@@ -176,13 +176,19 @@ def local_server(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _serve_command(served: str, *, host: str, port: int, device: str, log_level: str) -> list[str]:
-    """The ``-m`` module and arguments that start ``transformers serve`` on ``served``: the CLI of transformers 5
+def transformers_serve_supported() -> bool:
+    """Whether the installed transformers has the ``transformers serve`` this backend drives: transformers 5's CLI
     (``transformers.cli``). transformers 4.57 (the core floor) has a different ``serve`` (options, a fixed list of Hub
-    models on ``/v1/models``) that personavec does not drive: refused with what to do instead."""
+    models on ``/v1/models``) that personavec does not drive."""
     import importlib.util
 
-    if importlib.util.find_spec("transformers.cli") is None:
+    return importlib.util.find_spec("transformers.cli") is not None
+
+
+def _serve_command(served: str, *, host: str, port: int, device: str, log_level: str) -> list[str]:
+    """The ``-m`` module and arguments that start ``transformers serve`` on ``served``; refused, with what to do
+    instead, where :func:`transformers_serve_supported` is false."""
+    if not transformers_serve_supported():
         import transformers
 
         raise ConfigError(

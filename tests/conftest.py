@@ -308,11 +308,9 @@ def embedded_server():
     judge and demo tests that only talk to a server share it; the tests of ``personavec serve`` itself (SIGINT,
     SIGKILL of the command) still start their own. Keep the tests that use it in the ``embedded`` xdist group.
     Skipped under transformers 4 (the dependency floors), whose ``serve`` the transformers backend refuses."""
-    import importlib.util
+    from personavec.serve import local_server, transformers_serve_supported
 
-    from personavec.serve import local_server
-
-    if importlib.util.find_spec("transformers.cli") is None:
+    if not transformers_serve_supported():
         pytest.skip("the transformers backend needs transformers 5's `transformers serve` (personavec/serve.py)")
 
     with local_server(device="cpu") as server:
