@@ -259,8 +259,9 @@ def run_demo(
 
 
 def _steering_sweep(ws: Any, config: DemoConfig, vectors_run_id: int, say: Callable[[str], None]) -> tuple[Any, Any]:
-    """One greedy local-engine run per coefficient, the neutral persona steered towards the first non-default demo
-    persona at the vectors' layer, then its sweep report; returns the report and the loaded model."""
+    """One greedy local-engine run per coefficient (answered in shared batches), the neutral persona steered towards
+    the first non-default demo persona at the vectors' layer, then its sweep report; returns the report and the
+    loaded model."""
     from personavec.generation.config import GenerateConfig, LocalOptions
     from personavec.generation.local import load_for, run_sweep
     from personavec.serve import EMBEDDED_MODEL
@@ -282,9 +283,8 @@ def _steering_sweep(ws: Any, config: DemoConfig, vectors_run_id: int, say: Calla
     res = run_sweep(ws, gen, config.steer_coefs, loaded=loaded)
     tokens = sum(r.completion_tokens for _, r in res.runs)
     say(
-        f"      sweep {res.sweep_id}: {gen.steering.label() if gen.steering else ''}, coefficients "
-        f"{', '.join(f'{c:g}' for c in config.steer_coefs)}: {len(res.runs)} runs, {tokens} tokens, "
-        f"{tokens / res.wall_s:.0f} tok/s"
+        f"      sweep {res.sweep_id}: {gen.steering.label(config.steer_coefs) if gen.steering else ''}: "
+        f"{len(res.runs)} runs answered together, {tokens} tokens, {tokens / res.wall_s:.0f} tok/s"
     )
     rep = build_sweep_report(ws, SweepReportConfig(res.sweep_id), loaded=loaded)
     series = rep.series("default")

@@ -217,13 +217,61 @@ def test_sweep_makes_one_linked_run_per_coefficient(workspace, tiny8, vectors_ru
         f"WHERE i.sweep_id = {res.sweep_id} GROUP BY ALL ORDER BY i.coef",
     )
     assert rows == [(-8.0, 2), (0.0, 2), (8.0, 2)]
+    # the three runs were answered together (6 rows in batches of 4, rows of different coefficients in a batch, each
+    # steered by its own): each run has the answers it has alone
     plain = run_generation(workspace, _config(tiny8, personas=("default",)))
-    zero = dict(res.runs)[0.0].run_id
-    assert [r.text for r in answered_responses(workspace.catalog(), zero)] == [
-        r.text for r in answered_responses(workspace.catalog(), plain.run_id)
-    ]
+    alone = run_generation(
+        workspace, _config(tiny8, steering=dataclasses.replace(steering, coef=8.0), personas=("default",))
+    )
+    for coef, run in ((0.0, plain.run_id), (8.0, alone.run_id)):
+        assert [r.text for r in answered_responses(workspace.catalog(), dict(res.runs)[coef].run_id)] == [
+            r.text for r in answered_responses(workspace.catalog(), run)
+        ]
+    assert _texts(workspace, dict(res.runs)[8.0].run_id) != _texts(workspace, plain.run_id)
     with pytest.raises(ConfigError, match="no coefficient"):
         run_sweep(workspace, _config(tiny8, steering=SteeringConfig(f"{vectors_run}:cynic", kind="cap", tau=1)), [1])
+
+
+def _texts(ws, run_id: int) -> dict[tuple[str, str], str]:
+    return {(r.persona, r.question): r.text for r in answered_responses(ws.catalog(), run_id)}
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_its_runs_together(workspace, tiny8, vectors_run, cli):
+    """Ctrl-C after the first batch: every run of the sweep exists, the unfinished ones are interrupted and the
+    error names `steer --resume-sweep`; that finishes them with the answers an uninterrupted sweep gives."""
+    steering = SteeringConfig(f"{vectors_run}:storyteller-default", layers=(5,))
+    config = _config(tiny8, steering=steering, personas=("default", "cynic"))  # 4 answers a run, 12 rows
+
+    def stop_after_first_batch(p):
+        if p.new_answers:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted) as info:
+        run_sweep(workspace, config, [-8, 0, 8], progress=stop_after_first_batch)
+    sweep_id = get_intervention(workspace.catalog(), info.value.run_id).sweep_id
+    assert info.value.resume_command == f"personavec steer --resume-sweep {sweep_id}"
+    sweep = get_sweep(workspace.catalog(), sweep_id)
+    assert [r.coef for r in sweep.runs] == [-8.0, 0.0, 8.0] and {r.status for r in sweep.runs} == {"interrupted"}
+    landed = sum(len(answered_responses(workspace.catalog(), r.run_id)) for r in sweep.runs)
+    assert 0 < landed < 12
+
+    args = ["steer", "-w", str(workspace.root), "--resume-sweep", str(sweep_id)]
+    out = _last_json(cli.invoke(app, [*args, "--json"]))
+    assert out["sweep_id"] == sweep_id and [r["coef"] for r in out["runs"]] == [-8.0, 0.0, 8.0]
+    assert [r["run_id"] for r in out["runs"]] == [r.run_id for r in sweep.runs]  # the same runs, finished
+    assert sum(r["new_answers"] for r in out["runs"]) == 12 - landed and {r["answers"] for r in out["runs"]} == {4}
+    assert {r.status for r in get_sweep(workspace.catalog(), sweep_id).runs} == {"done"}
+    fresh = run_sweep(workspace, config, [-8, 0, 8])
+    for r, (_, whole) in zip(get_sweep(workspace.catalog(), sweep_id).runs, fresh.runs, strict=True):
+        assert _texts(workspace, r.run_id) == _texts(workspace, whole.run_id)
+    # a finished sweep resumes to itself; a resume with settings is refused
+    again = _last_json(cli.invoke(app, [*args, "--json"]))
+    assert {r["new_answers"] for r in again["runs"]} == {0} and {r["answers"] for r in again["runs"]} == {4}
+    res = cli.invoke(app, [*args, "--vector", f"{vectors_run}:cynic"])
+    assert res.exit_code == 2 and "give no --vector" in res.output
+    with pytest.raises(ConfigError, match="sweep id alone"):
+        run_sweep(workspace, config, [1.0], resume=sweep_id)
 
 
 @pytest.mark.slow
@@ -482,6 +530,10 @@ def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):
     w = ["-w", str(workspace.root), "--model", tiny8, "--device", "cpu"]
     res = cli.invoke(app, ["steer", *w, "--vector", "pirate"])
     assert res.exit_code == 2 and "RUN:NAME" in res.output
+    res = cli.invoke(app, ["steer", *w])
+    assert res.exit_code == 2 and "--vector RUN:NAME" in res.output
+    res = cli.invoke(app, ["steer", "-w", str(workspace.root), "--resume-sweep", "99"])
+    assert res.exit_code == 2 and "sweep 99 does not exist" in res.output
     res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:cynic", "--kind", "cap"])
     assert res.exit_code == 2 and "cap needs thresholds" in res.output
     res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:nobody", "--persona", "default"])

@@ -57,7 +57,15 @@ def _progress(quiet: bool) -> tuple[Progress, Any]:
 @app.command()
 @command
 def steer(
-    vector: VectorOpt,
+    vector: Annotated[
+        str | None,
+        typer.Option(
+            "--vector",
+            "-v",
+            help="RUN:NAME from a vectors run: a persona or group (7:pirate), a difference (7:pirate-default), the "
+            "assistant axis (7:axis); negate with 7:-axis. Needed unless --resume-sweep.",
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="The model to steer (name, directory, .gguf, Hub id). Default: the vectors run's model."),
@@ -111,18 +119,31 @@ def steer(
     batch_size: Annotated[int, typer.Option(help="Answers generated together.")] = 16,
     label: Annotated[str | None, typer.Option(help="Sweep label (default: the intervention).")] = None,
     allow_other_model: AllowOtherModelOpt = False,
+    resume_sweep: Annotated[
+        int | None,
+        typer.Option("--resume-sweep", help="Finish a stopped sweep (its settings come from the catalog)."),
+    ] = None,
     ws: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate with an intervention on the local engine: one generate run, or one per --coef linked as a sweep.
 
     Every run is a generate run like any other (extract it, compare it, query it); its intervention is stored in
-    run_interventions / intervention_layers. Resume a stopped run with `personavec generate --resume RUN`.
+    run_interventions / intervention_layers. A sweep's runs are answered together, batch by batch. Resume a stopped
+    run with `personavec generate --resume RUN`, a stopped sweep with `personavec steer --resume-sweep SWEEP`.
     """
+    from personavec.errors import ConfigError
     from personavec.generation.config import GenerateConfig, LocalOptions
     from personavec.generation.local import run_local_generation, run_sweep
     from personavec.steering.interventions import SteeringConfig
 
+    if resume_sweep is not None:
+        if vector is not None:
+            raise ConfigError("--resume-sweep takes the sweep's settings from the catalog: give no --vector")
+        _resume_sweep(resolve_workspace(ws).require(), resume_sweep, as_json)
+        return
+    if vector is None:
+        raise ConfigError("steer needs --vector RUN:NAME (or --resume-sweep SWEEP)")
     coefs = list(coef or [0.0])
     steering = SteeringConfig(
         vector=vector,
@@ -164,10 +185,30 @@ def steer(
             sweep_id, results = sweep.sweep_id, list(sweep.runs)
         else:
             sweep_id, results = None, [(coefs[0], run_local_generation(w, config, progress=update))]
+    _print_runs(steering, coefs, list(sweep_layer or []), sweep_id, results, as_json)
+
+
+def _resume_sweep(w: Any, sweep_id: int, as_json: bool) -> None:
+    from personavec.config import config_from_dict
+    from personavec.generation.config import GenerateConfig
+    from personavec.generation.local import run_sweep
+    from personavec.store.steering import get_sweep
+
+    stored = get_sweep(w.catalog(), sweep_id).config
+    steering = config_from_dict(GenerateConfig, stored["generate"]).steering
+    bar, update = _progress(as_json)
+    with bar:
+        sweep = run_sweep(w, None, resume=sweep_id, progress=update)
+    _print_runs(steering, stored["coefs"], stored["layers"], sweep_id, list(sweep.runs), as_json)
+
+
+def _print_runs(
+    steering: Any, coefs: list[float], swept: list[int], sweep_id: int | None, results: list[Any], as_json: bool
+) -> None:
     if as_json:
         emit_json({"sweep_id": sweep_id, "runs": [{"coef": c, **dataclasses.asdict(r)} for c, r in results]})
         return
-    swept = list(sweep_layer or [])
+    kind = steering.kind
     per_layer = len(results) // len(swept) if swept else 0
     print_table(
         ["run", *(["layer"] if swept else []), "coef", "status", "answers", "completion tok", "wall s", "tok/s"],

@@ -17,6 +17,7 @@ again (resume) with the same keys samples the same answers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import zlib
@@ -172,6 +173,25 @@ def _stored_interventions(record: Any, positions: str) -> list[LayerIntervention
     ]
 
 
+@dataclass(eq=False)
+class _Pending:
+    """A local generate run being answered (new or resumed): its intervention, the answers it still needs and this
+    call's counts. ``seed_tag`` prefixes the keys a batch's seed is drawn from (a sweep's rows share batches)."""
+
+    run_id: int
+    config: GenerateConfig
+    resumed: bool
+    interventions: list[LayerIntervention]
+    jobs: list[tuple[tuple[int, int, int], list[int]]]
+    total: int
+    answered: int
+    new: bool  # created by this call (discarded again if it fails before any answer lands)
+    seed_tag: tuple[Any, ...] = ()
+    new_answers: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 def run_local_generation(
     ws: Workspace,
     config: GenerateConfig | None,
@@ -194,34 +214,35 @@ def run_local_generation(
 
     Example: ``run_local_generation(ws, GenerateConfig(engine="local", model="smollm2-135m-instruct"))``.
     """
-    from personavec.generation.config import IDENTITY_FIELDS, GenerateConfig, GenerationProgress, GenerationResult
-    from personavec.steering.interventions import Steerer, plan_steering
-    from personavec.store.generation import (
-        AnswerRow,
-        answered_keys,
-        create_generation_run,
-        discard_empty_run,
-        finish_generation_run,
-        generation_counts,
-        get_generation_run,
-        load_sets,
-        resume_generation_run,
-        upsert_answers,
-    )
-    from personavec.store.steering import (
-        InterventionLayerRow,
-        create_steered_generation_run,
-        discard_intervention,
-        get_intervention,
-    )
-
     start = time.perf_counter()
-    catalog = ws.catalog()
     if resume is not None:
-        stored = get_generation_run(catalog, resume).run.config
+        from personavec.generation.config import IDENTITY_FIELDS, GenerateConfig
+        from personavec.store.generation import get_generation_run
+
+        stored = get_generation_run(ws.catalog(), resume).run.config
         config = resumed_config(stored, config, GenerateConfig, IDENTITY_FIELDS, what=f"run {resume}")
     if config is None:
         raise ConfigError("run_local_generation needs a config (new run) or resume (a run id)")
+    run, loaded = _open_run(ws, config, loaded, resume=resume, sweep_id=sweep_id)
+    return _answer(ws, [run], loaded, progress, start, f"personavec generate --resume {run.run_id}")[0]
+
+
+def _open_run(
+    ws: Workspace,
+    config: GenerateConfig,
+    loaded: LoadedModel | None,
+    *,
+    resume: int | None,
+    sweep_id: int | None = None,
+    seed_tag: tuple[Any, ...] = (),
+) -> tuple[_Pending, LoadedModel]:
+    """Check ``config`` against the catalog's sets, load the model unless ``loaded``, create the run (with its
+    intervention) or mark ``resume`` running again, and list the answers it still needs."""
+    from personavec.steering.interventions import plan_steering
+    from personavec.store.generation import answered_keys, create_generation_run, load_sets, resume_generation_run
+    from personavec.store.steering import InterventionLayerRow, create_steered_generation_run, get_intervention
+
+    catalog = ws.catalog()
     if config.engine != "local":
         raise ConfigError(f"run_local_generation runs engine 'local', the config says {config.engine!r}")
     pset, qset = load_sets(catalog, config.persona_set, config.question_set)
@@ -284,45 +305,82 @@ def run_local_generation(
         if (p.id, q.id, s) not in done
     ]
     total = len(personas) * len(questions) * config.n_samples
-    # Similar lengths together: less padding. Stable, so the batches (and their seeds) depend only on what is asked.
-    jobs.sort(key=lambda job: -len(job[1]))
-    batches = [jobs[i : i + config.local.batch_size] for i in range(0, len(jobs), config.local.batch_size)]
-    answered, new_answers, prompt_tok, completion_tok = total - len(jobs), 0, 0, 0
+    run = _Pending(
+        run_id, config, resume is not None, interventions, jobs, total, total - len(jobs), resume is None, seed_tag
+    )
+    return run, loaded
 
-    def report() -> None:
+
+def _answer(
+    ws: Workspace,
+    runs: Sequence[_Pending],
+    loaded: LoadedModel,
+    progress: Callable[[GenerationProgress], None] | None,
+    start: float,
+    resume_command: str,
+) -> list[GenerationResult]:
+    """Answer every job of ``runs`` in batches of ``batch_size`` rows, the runs' rows together (each row steered by
+    its own run's intervention), landing each batch's answers in their runs; then finish the runs. A run's rows in
+    a batch of their own are steered as one (the hooks of a single run). A run every answer of which landed is
+    done even when a later batch (another run's) fails or is interrupted."""
+    from personavec.generation.config import GenerationProgress, GenerationResult
+    from personavec.steering.interventions import Steerer
+    from personavec.store.generation import AnswerRow, finish_generation_run, generation_counts, upsert_answers
+
+    if not runs:
+        return []
+    catalog = ws.catalog()
+    config = runs[0].config  # the runs share everything a batch depends on (model, sampling, local options)
+    jobs = [(run, key, ids) for run in runs for key, ids in run.jobs]
+    # Similar lengths together: less padding. Stable, so the batches (and their seeds) depend only on what is asked.
+    jobs.sort(key=lambda job: -len(job[2]))
+    size = config.local.batch_size
+    batches = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+
+    def report(run: _Pending) -> None:
         if progress is not None:
             progress(
                 GenerationProgress(
-                    run_id=run_id,
-                    total=total,
-                    answered=answered,
+                    run_id=run.run_id,
+                    total=run.total,
+                    answered=run.answered,
                     failed=0,
-                    new_answers=new_answers,
-                    prompt_tokens=prompt_tok,
-                    completion_tokens=completion_tok,
+                    new_answers=run.new_answers,
+                    prompt_tokens=run.prompt_tokens,
+                    completion_tokens=run.completion_tokens,
                     elapsed_s=time.perf_counter() - start,
                 )
             )
 
-    report()
+    for run in runs:
+        report(run)
     try:
-        steerer = Steerer(loaded.model, interventions, blocks=loaded.layers) if interventions else None
-        if steerer is not None:
-            steerer.__enter__()
-        try:
-            for batch in batches:
-                t0 = time.perf_counter()
-                keys = [key for key, _ in batch]
+        for batch in batches:
+            t0 = time.perf_counter()
+            members = list(dict.fromkeys(run for run, _, _ in batch))
+            steerer = None
+            if len(members) == 1 and members[0].interventions:
+                steerer = Steerer(loaded.model, members[0].interventions, blocks=loaded.layers)
+            elif len(members) > 1 and any(run.interventions for run in members):
+                steerer = Steerer.per_row(
+                    loaded.model, [run.interventions for run, _, _ in batch], blocks=loaded.layers
+                )
+            seed = None
+            if config.seed is not None:
+                seed = _batch_seed(config.seed, [run.seed_tag + key for run, key, _ in batch])
+            with steerer if steerer is not None else contextlib.nullcontext():
                 outs = generate_batch(
                     loaded,
-                    [ids for _, ids in batch],
+                    [ids for _, _, ids in batch],
                     max_new_tokens=config.max_tokens,
                     temperature=config.temperature,
                     top_p=config.top_p,
-                    seed=None if config.seed is None else _batch_seed(config.seed, keys),
+                    seed=seed,
                     steerer=steerer,
                 )
-                latency = time.perf_counter() - t0
+            latency = time.perf_counter() - t0
+            for run in members:
+                mine = [(key, g) for (r, key, _), g in zip(batch, outs, strict=True) if r is run]
                 rows = [
                     AnswerRow(
                         *key,
@@ -331,47 +389,66 @@ def run_local_generation(
                         prompt_tokens=g.prompt_tokens,
                         completion_tokens=g.completion_tokens,
                         latency_s=latency,
-                        model_reported=config.model,
+                        model_reported=run.config.model,
                     )
-                    for key, g in zip(keys, outs, strict=True)
+                    for key, g in mine
                 ]
-                upsert_answers(catalog, run_id, rows)
-                answered += len(rows)
-                new_answers += len(rows)
-                prompt_tok += sum(g.prompt_tokens for g in outs)
-                completion_tok += sum(g.completion_tokens for g in outs)
-                report()
-        finally:
-            if steerer is not None:
-                steerer.remove()
+                upsert_answers(catalog, run.run_id, rows)
+                run.answered += len(rows)
+                run.new_answers += len(rows)
+                run.prompt_tokens += sum(g.prompt_tokens for _, g in mine)
+                run.completion_tokens += sum(g.completion_tokens for _, g in mine)
+                report(run)
     except KeyboardInterrupt as exc:
-        finish_generation_run(catalog, run_id, "interrupted", interruption(exc))
-        raise RunInterrupted(run_id, f"personavec generate --resume {run_id}") from exc
+        unfinished = [run for run in runs if run.answered < run.total]
+        for run in runs:
+            if run.answered < run.total:
+                finish_generation_run(catalog, run.run_id, "interrupted", interruption(exc))
+            else:
+                finish_generation_run(catalog, run.run_id, "done")
+        raise RunInterrupted(unfinished[0].run_id if unfinished else runs[0].run_id, resume_command) from exc
     except BaseException as exc:
-        if resume is None and discard_empty_run(catalog, run_id):
-            discard_intervention(catalog, run_id)
-        else:
-            finish_generation_run(catalog, run_id, "failed", f"{type(exc).__name__}: {exc}")
+        for run in runs:
+            if run.answered == run.total:
+                finish_generation_run(catalog, run.run_id, "done")
+            elif not (run.new and _discard(ws, run)):
+                finish_generation_run(catalog, run.run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
-    finish_generation_run(catalog, run_id, "done")
-    counts = generation_counts(catalog, run_id)
-    return GenerationResult(
-        run_id=run_id,
-        status="done",
-        resumed=resume is not None,
-        total=total,
-        answers=counts["answers"],
-        failures=counts["failures"],
-        new_answers=new_answers,
-        new_failures=0,
-        requested=len(jobs),
-        prompt_tokens=counts["prompt_tokens"],
-        completion_tokens=counts["completion_tokens"],
-        wall_s=time.perf_counter() - start,
-    )
+    results = []
+    for run in runs:
+        finish_generation_run(catalog, run.run_id, "done")
+        counts = generation_counts(catalog, run.run_id)
+        results.append(
+            GenerationResult(
+                run_id=run.run_id,
+                status="done",
+                resumed=run.resumed,
+                total=run.total,
+                answers=counts["answers"],
+                failures=counts["failures"],
+                new_answers=run.new_answers,
+                new_failures=0,
+                requested=len(run.jobs),
+                prompt_tokens=counts["prompt_tokens"],
+                completion_tokens=counts["completion_tokens"],
+                wall_s=time.perf_counter() - start,
+            )
+        )
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------- sweeps
+
+
+def _discard(ws: Workspace, run: _Pending) -> bool:
+    """Delete a run this call created if no answer of it landed (bad input leaves nothing behind)."""
+    from personavec.store.generation import discard_empty_run
+    from personavec.store.steering import discard_intervention
+
+    if not discard_empty_run(ws.catalog(), run.run_id):
+        return False
+    discard_intervention(ws.catalog(), run.run_id)
+    return True
 
 
 @dataclass(frozen=True)
@@ -385,24 +462,45 @@ class SweepResult:
 
 def run_sweep(
     ws: Workspace,
-    config: GenerateConfig,
-    coefs: Sequence[float],
+    config: GenerateConfig | None,
+    coefs: Sequence[float] = (),
     *,
     layers: Sequence[int] = (),
     label: str | None = None,
     progress: Callable[[GenerationProgress], None] | None = None,
     loaded: LoadedModel | None = None,
+    resume: int | None = None,
 ) -> SweepResult:
     """A steered generate run per coefficient (the model loaded once), linked in ``steering_sweeps``.
 
     ``config.steering`` gives everything but the coefficient. With ``layers``, a layer sweep: one run per layer and
-    coefficient, each steering at that one layer (``config.steering.layers`` must then be empty). Example::
+    coefficient, each steering at that one layer (``config.steering.layers`` must then be empty). Every run is
+    created first, then their answers are generated together: ``config.local.batch_size`` rows a batch whatever
+    run they belong to, each row steered by its own run's intervention, so a sweep of small runs fills its batches.
+    ``resume`` (a sweep id, given alone) finishes a stopped sweep: its unfinished runs are resumed and any setting
+    without a run is started, together. Example::
 
         run_sweep(ws, GenerateConfig(engine="local", model=m, steering=SteeringConfig("7:mystic-default")),
                   [-8, 0, 8], layers=[15, 20])
     """
-    from personavec.store.steering import create_sweep
+    from personavec.generation.config import GenerationResult
+    from personavec.store.generation import finish_generation_run, generation_counts
+    from personavec.store.steering import create_sweep, get_sweep
 
+    start = time.perf_counter()
+    existing: dict[tuple[tuple[int, ...], float], Any] = {}
+    if resume is not None:
+        if config is not None or coefs or layers:
+            raise ConfigError("a resumed sweep takes its settings from the catalog: give the sweep id alone")
+        from personavec.config import config_from_dict
+        from personavec.generation.config import GenerateConfig
+
+        stored = get_sweep(ws.catalog(), resume)
+        config = config_from_dict(GenerateConfig, stored.config["generate"])
+        coefs, layers = stored.config["coefs"], stored.config["layers"]
+        existing = {(tuple(r.layers), float(r.coef)): r for r in stored.runs}
+    if config is None:
+        raise ConfigError("run_sweep needs a config (new sweep) or resume (a sweep id)")
     if config.steering is None:
         raise ConfigError("a sweep needs an intervention (steering) to sweep the coefficient of")
     if config.steering.kind == "cap":
@@ -424,27 +522,67 @@ def run_sweep(
     settings = [
         (coef, dataclasses.replace(steering, coef=coef, layers=layers)) for layers in layer_sets for coef in coefs
     ]
-    start = time.perf_counter()
     loaded = loaded or load_for(config)
     if layer_list:  # a layer out of range, or one the vectors run lacks, fails before the sweep exists
         from personavec.steering.interventions import plan_steering
 
         for _, steering in settings[:: len(coefs)]:
             plan_steering(ws, steering, n_layers=loaded.n_layers, d_model=loaded.d_model, loaded=loaded)
-    parameter = "layer,coef" if layer_list else "coef"
-    default_label = config.steering.label(coefs)
-    if layer_list:
-        default_label = default_label.replace("@default", "@" + ",".join(map(str, layer_list)) + " (layer sweep)")
-    sweep_id = create_sweep(
-        ws.catalog(),
-        label=label or default_label,
-        parameter=parameter,
-        config={"coefs": coefs, "layers": layer_list, "generate": config_dict(config)},
-    )
-    runs = []
-    for coef, steering in settings:
-        result = run_local_generation(
-            ws, dataclasses.replace(config, steering=steering), progress=progress, loaded=loaded, sweep_id=sweep_id
+    catalog = ws.catalog()
+    if resume is None:
+        default_label = config.steering.label(coefs)
+        if layer_list:
+            default_label = default_label.replace("@default", "@" + ",".join(map(str, layer_list)) + " (layer sweep)")
+        sweep_id = create_sweep(
+            catalog,
+            label=label or default_label,
+            parameter="layer,coef" if layer_list else "coef",
+            config={"coefs": coefs, "layers": layer_list, "generate": config_dict(config)},
         )
-        runs.append((coef, result))
-    return SweepResult(sweep_id, tuple(runs), time.perf_counter() - start)
+    else:
+        sweep_id = resume
+    finished: dict[int, int] = {}  # setting -> its run, done before this call
+    pending: dict[int, _Pending] = {}
+    try:
+        for i, (coef, steering) in enumerate(settings):
+            earlier = existing.get((tuple(steering.layers), coef))
+            if earlier is not None and earlier.status == "done":
+                finished[i] = earlier.run_id
+                continue
+            pending[i], _ = _open_run(
+                ws,
+                dataclasses.replace(config, steering=steering),
+                loaded,
+                resume=None if earlier is None else earlier.run_id,
+                sweep_id=sweep_id,
+                seed_tag=(tuple(steering.layers), coef),
+            )
+    except BaseException as exc:  # a run that cannot be opened: the runs opened so far go back as they were
+        for run in pending.values():
+            if run.new:
+                _discard(ws, run)
+            else:
+                finish_generation_run(catalog, run.run_id, "interrupted", interruption(exc))
+        raise
+    answered = _answer(
+        ws, list(pending.values()), loaded, progress, start, f"personavec steer --resume-sweep {sweep_id}"
+    )
+    results = dict(zip(pending, answered, strict=True))
+    for i, run_id in finished.items():
+        counts = generation_counts(catalog, run_id)
+        results[i] = GenerationResult(
+            run_id=run_id,
+            status="done",
+            resumed=True,
+            total=counts["answers"] + counts["failures"],
+            answers=counts["answers"],
+            failures=counts["failures"],
+            new_answers=0,
+            new_failures=0,
+            requested=0,
+            prompt_tokens=counts["prompt_tokens"],
+            completion_tokens=counts["completion_tokens"],
+            wall_s=0.0,
+        )
+    runs = tuple((coef, results[i]) for i, (coef, _) in enumerate(settings))
+    return SweepResult(sweep_id, runs, time.perf_counter() - start)

@@ -344,23 +344,39 @@ def plan_steering(
 # ---------------------------------------------------------------------------------------------------- hooks
 
 
-class _Prepared:
-    """An intervention's tensors, moved lazily to each device the layer runs on (``device_map``)."""
+class _Slot:
+    """The ``k``-th intervention of every row at one layer as the batched tensors :func:`apply_rows` takes: ``unit``
+    and ``add`` ``[B, d]``, ``ablate`` and ``tau`` ``[B]`` (float32), and each row's positions. A row without a
+    ``k``-th intervention there (``None``) is left unchanged. ``B`` is 1 when every row is steered alike. The tensors
+    are moved lazily to each device the layer runs on (``device_map``)."""
 
-    def __init__(self, iv: LayerIntervention) -> None:
+    def __init__(self, ivs: Sequence[LayerIntervention | None]) -> None:
         import torch
 
-        self.iv = iv
-        v = torch.as_tensor(iv.as_numpy(), dtype=torch.float32)
-        norm = float(v.norm())
-        self.unit = v / norm if norm > 0 else torch.zeros_like(v)
-        self.add = v * float(iv.scale)
-        self._on: dict[Any, tuple[Any, Any]] = {}
+        d = next(iv for iv in ivs if iv is not None).as_numpy().shape[0]
+        units, adds, ablates, taus = [], [], [], []
+        for iv in ivs:
+            if iv is None:
+                units.append(torch.zeros(d))
+                adds.append(torch.zeros(d))
+                ablates.append(0.0)
+                taus.append(math.inf)
+                continue
+            v = torch.as_tensor(iv.as_numpy(), dtype=torch.float32)
+            norm = float(v.norm())
+            units.append(v / norm if norm > 0 else torch.zeros_like(v))
+            adds.append(v * float(iv.scale) if iv.kind != "cap" else torch.zeros_like(v))
+            ablates.append(1.0 if iv.kind == "ablate" else 0.0)
+            taus.append(float(iv.tau) if iv.kind == "cap" else math.inf)  # type: ignore[arg-type]
+        self.positions = [iv.positions if iv is not None else "all" for iv in ivs]
+        self._cpu = (torch.stack(units), torch.stack(adds), torch.tensor(ablates), torch.tensor(taus))
+        self._on: dict[Any, tuple[Any, ...]] = {}
 
-    def on(self, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def on(self, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(unit, add, ablate, tau)`` on ``device``."""
         if device not in self._on:
-            self._on[device] = (self.unit.to(device), self.add.to(device))
-        return self._on[device]
+            self._on[device] = tuple(t.to(device) for t in self._cpu)
+        return self._on[device]  # type: ignore[return-value]
 
 
 def apply_rows(
@@ -393,28 +409,10 @@ def apply_rows(
     return h + delta
 
 
-def apply_intervention(
-    h: torch.Tensor, prepared: _Prepared, mask: torch.Tensor | None = None
-) -> torch.Tensor:  # float32 in, float32 out
-    """``h`` (``[B, S, d]`` float32) after one intervention; ``mask`` (``[1, S, 1]`` bool) limits the positions."""
-    import torch
-
-    iv = prepared.iv
-    unit, add = prepared.on(h.device)
-    tau = math.inf if iv.kind != "cap" else float(iv.tau)  # type: ignore[arg-type]
-    return apply_rows(
-        h,
-        unit.unsqueeze(0),
-        add.unsqueeze(0) if iv.kind != "cap" else torch.zeros_like(add).unsqueeze(0),
-        torch.tensor([1.0 if iv.kind == "ablate" else 0.0], dtype=h.dtype, device=h.device),
-        torch.tensor([tau], dtype=h.dtype, device=h.device),
-        mask,
-    )
-
-
 class Steerer:
     """Forward hooks that apply interventions to decoder-block outputs; use as a context manager (hooks are always
-    removed on exit).
+    removed on exit). ``interventions`` steer every row of a batch alike; :meth:`per_row` gives each row its own
+    (a batch of a sweep's coefficients or layers).
 
     Example::
 
@@ -424,19 +422,38 @@ class Steerer:
     """
 
     def __init__(self, model: Any, interventions: Sequence[LayerIntervention], *, blocks: Any = None) -> None:
+        self._init(model, [list(interventions)], blocks)
+
+    @classmethod
+    def per_row(cls, model: Any, rows: Sequence[Sequence[LayerIntervention]], *, blocks: Any = None) -> Steerer:
+        """Row ``i`` of every batch passed through the model gets ``rows[i]`` (a batch must have ``len(rows)``
+        rows; an empty list leaves its row unsteered)."""
+        steerer = cls.__new__(cls)
+        steerer._init(model, [list(r) for r in rows], blocks)
+        return steerer
+
+    def _init(self, model: Any, rows: list[list[LayerIntervention]], blocks: Any) -> None:
         from personavec.modeling import decoder_layers
 
         self.model = model
         self.blocks = blocks if blocks is not None else decoder_layers(model)
         n_layers = len(self.blocks)
-        self.by_layer: dict[int, list[_Prepared]] = {}
-        for iv in interventions:
-            if not 1 <= iv.layer <= n_layers - 1:
-                raise ConfigError(
-                    f"layer {iv.layer} cannot be steered: a model with {n_layers} layers has steerable layers "
-                    f"1..{n_layers - 1} (hidden_states indices)"
-                )
-            self.by_layer.setdefault(iv.layer, []).append(_Prepared(iv))
+        per_layer: dict[int, list[list[LayerIntervention]]] = {}
+        for i, ivs in enumerate(rows):
+            for iv in ivs:
+                if not 1 <= iv.layer <= n_layers - 1:
+                    raise ConfigError(
+                        f"layer {iv.layer} cannot be steered: a model with {n_layers} layers has steerable layers "
+                        f"1..{n_layers - 1} (hidden_states indices)"
+                    )
+                per_layer.setdefault(iv.layer, [[] for _ in rows])[i].append(iv)
+        self.slots: dict[int, list[_Slot]] = {
+            layer: [
+                _Slot([ivs[k] if k < len(ivs) else None for ivs in lists])
+                for k in range(max(len(ivs) for ivs in lists))
+            ]
+            for layer, lists in per_layer.items()
+        }
         self.prompt_len: int | None = None
         self._auto = True
         self._next: dict[int, int] = {}
@@ -452,7 +469,7 @@ class Steerer:
     def _edit(self, layer: int) -> Any:
         import torch
 
-        prepared = self.by_layer[layer]
+        slots = self.slots[layer]
 
         def edit(h: Any) -> Any:
             seq = h.shape[1]
@@ -462,15 +479,19 @@ class Steerer:
             self._next[layer] = start + seq
             if seq > 1 and self._auto:
                 self.prompt_len = seq
-            masks: dict[str, Any] = {"all": None}
-            if any(p.iv.positions != "all" for p in prepared):
+            masks: dict[str, Any] = {}
+            if any(p != "all" for slot in slots for p in slot.positions):
                 first = self.prompt_len if self.prompt_len is not None else seq
                 pos = torch.arange(start, start + seq, device=h.device)
+                masks["all"] = torch.ones((1, seq, 1), dtype=torch.bool, device=h.device)
                 masks["generated"] = (pos >= first).view(1, seq, 1)
                 masks["response"] = (pos >= first - 1).view(1, seq, 1)  # the last prompt position too
             x = h.float()
-            for p in prepared:
-                x = apply_intervention(x, p, masks[p.iv.positions])
+            for slot in slots:
+                mask = None
+                if any(p != "all" for p in slot.positions):
+                    mask = torch.cat([masks[p] for p in slot.positions])  # [B|1, S, 1]
+                x = apply_rows(x, *slot.on(h.device), mask)
             return x.to(h.dtype)
 
         return edit
@@ -478,7 +499,7 @@ class Steerer:
     def __enter__(self) -> Steerer:
         from personavec.hooks import patch
 
-        self._hooks = patch(self.blocks, {layer: self._edit(layer) for layer in self.by_layer})
+        self._hooks = patch(self.blocks, {layer: self._edit(layer) for layer in self.slots})
         self._hooks.__enter__()
         self.begin(None)
         return self
