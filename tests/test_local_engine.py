@@ -239,8 +239,9 @@ def _texts(ws, run_id: int) -> dict[tuple[str, str], str]:
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_its_runs_together(workspace, tiny8, vectors_run, cli):
     """Ctrl-C after the first batch: every run of the sweep exists, the unfinished ones are interrupted and the
-    error names `steer --resume-sweep`; that finishes them with the answers an uninterrupted sweep gives."""
-    steering = SteeringConfig(f"{vectors_run}:storyteller-default", layers=(5,))
+    error names `steer --resume-sweep`; that finishes them (not new runs) with the answers an uninterrupted sweep
+    gives. The default layer: the runs record the layer it resolved to (5), the sweep's settings none."""
+    steering = SteeringConfig(f"{vectors_run}:storyteller-default")
     config = _config(tiny8, steering=steering, personas=("default", "cynic"))  # 4 answers a run, 12 rows
 
     def stop_after_first_batch(p):
@@ -268,8 +269,9 @@ def test_an_interrupted_sweep_resumes_its_runs_together(workspace, tiny8, vector
     # a finished sweep resumes to itself; a resume with settings is refused
     again = _last_json(cli.invoke(app, [*args, "--json"]))
     assert {r["new_answers"] for r in again["runs"]} == {0} and {r["answers"] for r in again["runs"]} == {4}
-    res = cli.invoke(app, [*args, "--vector", f"{vectors_run}:cynic"])
-    assert res.exit_code == 2 and "give no --vector" in res.output
+    res = cli.invoke(app, [*args, "--vector", f"{vectors_run}:cynic", "--coef", "3"])
+    assert res.exit_code == 2 and "drop --vector, --coef" in res.output
+    assert len(get_sweep(workspace.catalog(), sweep_id).runs) == 3  # nothing was added
     with pytest.raises(ConfigError, match="sweep id alone"):
         run_sweep(workspace, config, [1.0], resume=sweep_id)
 

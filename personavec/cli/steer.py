@@ -57,6 +57,7 @@ def _progress(quiet: bool) -> tuple[Progress, Any]:
 @app.command()
 @command
 def steer(
+    ctx: typer.Context,
     vector: Annotated[
         str | None,
         typer.Option(
@@ -138,8 +139,14 @@ def steer(
     from personavec.steering.interventions import SteeringConfig
 
     if resume_sweep is not None:
-        if vector is not None:
-            raise ConfigError("--resume-sweep takes the sweep's settings from the catalog: give no --vector")
+        given = [  # options typed on the command line (typer's click may be its own: compare by name)
+            p.opts[0]
+            for p in ctx.command.params
+            if p.name not in ("resume_sweep", "ws", "as_json")
+            and getattr(ctx.get_parameter_source(p.name or ""), "name", None) == "COMMANDLINE"
+        ]
+        if given:
+            raise ConfigError(f"--resume-sweep takes the sweep's settings from the catalog: drop {', '.join(given)}")
         _resume_sweep(resolve_workspace(ws).require(), resume_sweep, as_json)
         return
     if vector is None:

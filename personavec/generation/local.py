@@ -498,7 +498,10 @@ def run_sweep(
         stored = get_sweep(ws.catalog(), resume)
         config = config_from_dict(GenerateConfig, stored.config["generate"])
         coefs, layers = stored.config["coefs"], stored.config["layers"]
-        existing = {(tuple(r.layers), float(r.coef)): r for r in stored.runs}
+        for r in stored.runs:  # a setting is its coefficient (and its one layer in a layer sweep); a done run first
+            key = (tuple(r.layers) if layers else (), float(r.coef))
+            if key not in existing or existing[key].status != "done":
+                existing[key] = r
     if config is None:
         raise ConfigError("run_sweep needs a config (new sweep) or resume (a sweep id)")
     if config.steering is None:
@@ -545,7 +548,7 @@ def run_sweep(
     pending: dict[int, _Pending] = {}
     try:
         for i, (coef, steering) in enumerate(settings):
-            earlier = existing.get((tuple(steering.layers), coef))
+            earlier = existing.get((tuple(steering.layers) if layer_list else (), coef))
             if earlier is not None and earlier.status == "done":
                 finished[i] = earlier.run_id
                 continue
