@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +257,10 @@ def test_an_interrupted_sweep_resumes_its_runs_together(workspace, tiny8, vector
     assert [r.coef for r in sweep.runs] == [-8.0, 0.0, 8.0] and {r.status for r in sweep.runs} == {"interrupted"}
     landed = sum(len(answered_responses(workspace.catalog(), r.run_id)) for r in sweep.runs)
     assert 0 < landed < 12
+    from personavec.steering.evaluate import EvaluateConfig, run_evaluation
+
+    with pytest.raises(ConfigError, match=re.escape(f"finish it first (`personavec steer --resume-sweep {sweep_id}`)")):
+        run_evaluation(workspace, EvaluateConfig(sweep=sweep_id, trait="pirate"))
 
     args = ["steer", "-w", str(workspace.root), "--resume-sweep", str(sweep_id)]
     out = _last_json(cli.invoke(app, [*args, "--json"]))

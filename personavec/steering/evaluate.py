@@ -396,7 +396,7 @@ def run_evaluation(
             r = unfinished[0]
             raise ConfigError(
                 f"run {r.run_id} of sweep {sweep.sweep_id} is {r.status}: finish it first "
-                f"(`personavec generate --resume {r.run_id}`)"
+                f"(`personavec steer --resume-sweep {sweep.sweep_id}`)"
             )
     sweep_model = config_from_sweep(sweep).model if sweep is not None else None
     cap_model = config.cap_model or sweep_model
