@@ -397,6 +397,9 @@ def test_cli_generate_local_steer_sweep_report_and_monitor(workspace, tiny8, vec
         )
     )
     assert text["layer"] == 5 and len(text["items"][0]["values"]) == len(text["items"][0]["tokens"]) > 1
+    # the summary of a given text starts after its first token (an attention sink); every value is still given
+    item = text["items"][0]
+    assert item["mean_from"] == 1 and item["mean"] == pytest.approx(np.mean(item["values"][1:]))
 
     capped = _last_json(
         cli.invoke(

@@ -332,6 +332,7 @@ def monitor(
                         "label": t.label,
                         "response_id": t.response_id,
                         "mean": t.mean,
+                        "mean_from": t.first,
                         "values": t.values.tolist(),
                         "tokens": list(t.tokens),
                     }
@@ -342,9 +343,18 @@ def monitor(
         return
     print_table(
         ["text", "tokens", "mean", "min", "max"],
-        [[t.label, len(t.values), f"{t.mean:+.3f}", f"{t.values.min():+.3f}", f"{t.values.max():+.3f}"] for t in items],
+        [
+            [t.label, len(t.values), f"{t.mean:+.3f}", f"{t.summarized.min():+.3f}", f"{t.summarized.max():+.3f}"]
+            for t in items
+        ],
         title=f"projection onto {ref} at layer {vset.layer} (raw h.u)",
     )
+    if text is not None and len(items[0].values) > 1:
+        console.print(
+            f"mean, min and max leave out the first token ({items[0].values[0]:+.3f}): the first position of a "
+            "sequence is an attention sink (every token's value: --json or --out)",
+            highlight=False,
+        )
     if out is not None:
         console.print(f"wrote every token's value to {out}")
 
