@@ -231,6 +231,11 @@ def test_sweep_makes_one_linked_run_per_coefficient(workspace, tiny8, vectors_ru
     assert _texts(workspace, dict(res.runs)[8.0].run_id) != _texts(workspace, plain.run_id)
     with pytest.raises(ConfigError, match="no coefficient"):
         run_sweep(workspace, _config(tiny8, steering=SteeringConfig(f"{vectors_run}:cynic", kind="cap", tau=1)), [1])
+    # bad input found once the sweep row exists (a persona the set lacks) leaves neither the sweep nor a run
+    before = (_sql(workspace, "SELECT count(*) FROM steering_sweeps"), len(list_runs(workspace.catalog())))
+    with pytest.raises(ConfigError, match="no persona named 'nobody'"):
+        run_sweep(workspace, _config(tiny8, steering=steering, personas=("nobody",)), [0, 1])
+    assert (_sql(workspace, "SELECT count(*) FROM steering_sweeps"), len(list_runs(workspace.catalog()))) == before
 
 
 def _texts(ws, run_id: int) -> dict[tuple[str, str], str]:

@@ -485,7 +485,7 @@ def run_sweep(
     """
     from personavec.generation.config import GenerationResult
     from personavec.store.generation import finish_generation_run, generation_counts
-    from personavec.store.steering import create_sweep, get_sweep
+    from personavec.store.steering import create_sweep, discard_empty_sweep, get_sweep
 
     start = time.perf_counter()
     existing: dict[tuple[tuple[int, ...], float], Any] = {}
@@ -566,10 +566,17 @@ def run_sweep(
                 _discard(ws, run)
             else:
                 finish_generation_run(catalog, run.run_id, "interrupted", interruption(exc))
+        if resume is None:
+            discard_empty_sweep(catalog, sweep_id)
         raise
-    answered = _answer(
-        ws, list(pending.values()), loaded, progress, start, f"personavec steer --resume-sweep {sweep_id}"
-    )
+    try:
+        answered = _answer(
+            ws, list(pending.values()), loaded, progress, start, f"personavec steer --resume-sweep {sweep_id}"
+        )
+    except BaseException:
+        if resume is None:
+            discard_empty_sweep(catalog, sweep_id)  # only when every run of it was discarded (bad input)
+        raise
     results = dict(zip(pending, answered, strict=True))
     for i, run_id in finished.items():
         counts = generation_counts(catalog, run_id)

@@ -186,6 +186,18 @@ def discard_intervention(catalog: Catalog, run_id: int) -> None:
         session.execute(sa.delete(m.RunIntervention).where(m.RunIntervention.run_id == run_id))
 
 
+def discard_empty_sweep(catalog: Catalog, sweep_id: int) -> bool:
+    """Delete a sweep no run belongs to (bad input found after the sweep row was made); returns whether it was."""
+    with catalog.session() as session:
+        n = session.scalar(
+            sa.select(sa.func.count()).select_from(m.RunIntervention).where(m.RunIntervention.sweep_id == sweep_id)
+        )
+        if n:
+            return False
+        session.execute(sa.delete(m.SteeringSweep).where(m.SteeringSweep.id == sweep_id))
+        return True
+
+
 def get_sweep(catalog: Catalog, sweep_id: int) -> SweepInfo:
     """A sweep with its runs ordered by layers, then coefficient (``NotFoundError`` if there is none)."""
     q = sa.text(
