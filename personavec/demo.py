@@ -331,8 +331,9 @@ def _evaluate_sweep(
     elif all(v is None for v in means.values()):  # SmolLM2-135M rarely answers a rubric with a number
         say(
             "      operating point: none: the judge gave no usable score (each answer's reason: personavec sql "
-            '"SELECT rubric, error FROM judgements"); judge with a stronger model: personavec evaluate '
-            f"{sweep.sweep_id} --trait {target} --judge-base-url URL --judge-model MODEL"
+            f'--workspace {ws.root} "SELECT rubric, error FROM judgements"); judge with a stronger model: '
+            f"personavec evaluate --workspace {ws.root} {sweep.sweep_id} --trait {target} --judge-base-url URL "
+            "--judge-model MODEL"
         )
     else:
         say("      operating point: none (no coefficient kept mean coherence >= 50)")

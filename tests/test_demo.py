@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from personavec.cli import app
 from personavec.demo import DemoConfig, run_demo
 from personavec.errors import ConfigError
 from personavec.store.runs import list_runs
@@ -36,7 +39,7 @@ def test_the_demo_reports_progress_while_a_step_runs():
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("embedded-loaded")
-def test_demo_runs_the_whole_pipeline(tmp_path, steering_server):
+def test_demo_runs_the_whole_pipeline(tmp_path, steering_server, cli):
     lines: list[str] = []
     res = run_demo(
         DemoConfig(
@@ -78,6 +81,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path, steering_server):
     if evaluation.operating_point is not None:
         assert f"operating point: c={evaluation.operating_point.coef:g}" in text
     elif not scored:
-        assert "the judge gave no usable score" in text and f"personavec evaluate {res.sweep_id} --trait" in text
+        assert "the judge gave no usable score" in text
+        assert f"personavec evaluate --workspace {ws.root} {res.sweep_id} --trait" in text
     else:
         assert "no coefficient kept mean coherence >= 50" in text
+    # every query the demo suggests runs as printed, from any directory (each names the workspace)
+    queries = re.findall(r'personavec sql --workspace (\S+) "([^"]+)"', text)
+    assert len(queries) >= 4 and {w for w, _ in queries} == {str(ws.root)}
+    for where, query in queries:
+        res_sql = cli.invoke(app, ["sql", "--workspace", where, query])
+        assert res_sql.exit_code == 0, (query, res_sql.output)
