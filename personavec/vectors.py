@@ -539,7 +539,15 @@ def export_vectors(
     path = Path(path)
     fmt = fmt or EXPORT_FORMATS.get(path.suffix.lower())
     if fmt not in EXPORT_FORMATS.values():
-        raise ConfigError(f"{path}: export format must be one of {', '.join(EXPORT_FORMATS)} (by suffix or --format)")
+        hint = ""
+        if (fmt or path.suffix.lower().lstrip(".")) == "gguf":
+            hint = (
+                f": a GGUF control vector is one group across layers, "
+                f"`personavec export-direction {vset.run_id} GROUP {path}`"
+            )
+        raise ConfigError(
+            f"{path}: export format must be one of {', '.join(EXPORT_FORMATS)} (by suffix or --format){hint}"
+        )
     if path.is_dir():
         raise InputFileError(f"{path} is a directory: give a file name such as {path / 'vectors.safetensors'}")
     if path.exists() and not overwrite:

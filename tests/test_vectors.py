@@ -147,5 +147,8 @@ def test_exports_round_trip(workspace, make_extraction_run, tmp_path):
 
     with pytest.raises(InputFileError, match="exists"):
         export_vectors(vs, tmp_path / "v.npz")
-    with pytest.raises(ConfigError, match="export format"):
+    with pytest.raises(ConfigError, match="export format") as info:
         export_vectors(vs, tmp_path / "v.csv")
+    assert "export-direction" not in str(info.value)
+    with pytest.raises(ConfigError, match=f"export-direction {vs.run_id} GROUP"):  # a GGUF is one group's direction
+        export_vectors(vs, tmp_path / "v.gguf")
