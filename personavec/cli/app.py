@@ -145,7 +145,8 @@ def emit_json(obj: Any) -> None:
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
-    table = Table(title=title, show_lines=False, box=box.SIMPLE_HEAD)
+    # at least as wide as its title, so that the title (a run's label, a vector name) is not wrapped mid-word
+    table = Table(title=title, show_lines=False, box=box.SIMPLE_HEAD, min_width=len(title) + 2 if title else None)
     for col in columns:
         table.add_column(str(col), overflow="fold")
     for row in rows:

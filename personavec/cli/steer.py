@@ -189,10 +189,10 @@ def steer(
     with bar:
         if len(coefs) > 1 or sweep_layer:
             sweep = run_sweep(w, config, coefs, layers=tuple(sweep_layer or ()), label=label, progress=update)
-            sweep_id, results = sweep.sweep_id, list(sweep.runs)
+            sweep_id, results, wall = sweep.sweep_id, list(sweep.runs), sweep.wall_s
         else:
-            sweep_id, results = None, [(coefs[0], run_local_generation(w, config, progress=update))]
-    _print_runs(steering, coefs, list(sweep_layer or []), sweep_id, results, as_json)
+            sweep_id, results, wall = None, [(coefs[0], run_local_generation(w, config, progress=update))], None
+    _print_runs(steering, coefs, list(sweep_layer or []), sweep_id, results, as_json, wall)
 
 
 def _resume_sweep(w: Any, sweep_id: int, as_json: bool) -> None:
@@ -206,19 +206,28 @@ def _resume_sweep(w: Any, sweep_id: int, as_json: bool) -> None:
     bar, update = _progress(as_json)
     with bar:
         sweep = run_sweep(w, None, resume=sweep_id, progress=update)
-    _print_runs(steering, stored["coefs"], stored["layers"], sweep_id, list(sweep.runs), as_json)
+    _print_runs(steering, stored["coefs"], stored["layers"], sweep_id, list(sweep.runs), as_json, sweep.wall_s)
 
 
 def _print_runs(
-    steering: Any, coefs: list[float], swept: list[int], sweep_id: int | None, results: list[Any], as_json: bool
+    steering: Any,
+    coefs: list[float],
+    swept: list[int],
+    sweep_id: int | None,
+    results: list[Any],
+    as_json: bool,
+    sweep_wall: float | None,
 ) -> None:
+    """The runs as a table; a sweep's runs ran together, so their time is given once, for the sweep."""
     if as_json:
         emit_json({"sweep_id": sweep_id, "runs": [{"coef": c, **dataclasses.asdict(r)} for c, r in results]})
         return
     kind = steering.kind
     per_layer = len(results) // len(swept) if swept else 0
+    timed = sweep_wall is None
     print_table(
-        ["run", *(["layer"] if swept else []), "coef", "status", "answers", "completion tok", "wall s", "tok/s"],
+        ["run", *(["layer"] if swept else []), "coef", "status", "answers", "completion tok"]
+        + (["wall s", "tok/s"] if timed else []),
         [
             [
                 r.run_id,
@@ -227,14 +236,20 @@ def _print_runs(
                 r.status,
                 f"{r.answers}/{r.total}",
                 r.completion_tokens,
-                f"{r.wall_s:.1f}",
-                f"{r.completion_tokens / r.wall_s:.1f}" if r.wall_s > 0 else "",
+                *(
+                    [f"{r.wall_s:.1f}", f"{r.completion_tokens / r.wall_s:.1f}" if r.wall_s > 0 else ""]
+                    if timed
+                    else []
+                ),
             ]
             for i, (c, r) in enumerate(results)
         ],
         title=f"steered generation: {steering.label(coefs if sweep_id is not None else None)}"
         + (f" (sweep {sweep_id})" if sweep_id else ""),
     )
+    if sweep_wall is not None:
+        answers = sum(r.new_answers for _, r in results)
+        console.print(f"{answers} new answers of {len(results)} runs, answered together in {sweep_wall:.1f} s")
     if sweep_id is not None:
         console.print(f"report: personavec sweep-report {sweep_id}")
 
