@@ -5,9 +5,9 @@ one GPU, or ``device_map`` over several) and answers in batches with ``model.gen
 same sampling options as the remote engine (``temperature`` 0 is greedy; ``top_p``; ``seed``), the same catalog rows
 (one ``responses`` row per answer, committed per batch, so a killed run keeps every finished batch and
 ``--resume`` resumes it). With ``config.steering`` the run carries an intervention
-(:mod:`personavec.steering.interventions`),
-stored with it (``run_interventions``, ``intervention_layers``); :func:`run_sweep` makes one run per coefficient,
-linked as one sweep.
+(:mod:`personavec.steering.interventions`), stored with it (``run_interventions``, ``intervention_layers``);
+:func:`run_sweep` makes one run per coefficient (and layer), linked as one sweep, and answers their rows in shared
+batches, each row steered by its own run's intervention.
 
 Prompts are the chat template of ``[system, user]`` with the generation prompt, tokenized without extra special
 tokens (the template holds them), exactly as the remote engine's server renders them and as extraction renders the
