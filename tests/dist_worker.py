@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
+import traceback
 
 from personavec.errors import Terminated
 from personavec.extract import ExtractConfig, ExtractionProgress, run_extraction
@@ -57,4 +59,15 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Leave at once, as the CLI's ranks do (personavec.cli, RELIABILITY row 120): left to the interpreter's teardown,
+    # torch's process-group threads can hold a rank whose peer died (its Python SIGTERM handler never runs) until
+    # the launcher kills it 30 s later.
+    code = 0
+    try:
+        main()
+    except BaseException:  # noqa: BLE001 - printed as the interpreter would, then exit 1 as it would
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
