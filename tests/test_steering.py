@@ -143,6 +143,9 @@ def test_per_row_steering_gives_each_row_what_it_alone_would_get(tiny_root):
         together = [g.token_ids for g in generate_batch(loaded, prompts, max_new_tokens=10, steerer=steerer)]
     assert together == alone
     assert len({tuple(t) for t in together}) == len(rows)  # the rows were steered differently
+    # rows steered alike get the one [1, d] set a Steerer of those interventions has (what a run alone gets)
+    alike = Steerer.per_row(loaded.model, [rows[2]] * len(prompts))
+    assert {slot.on(torch.device("cpu"))[0].shape[0] for slots in alike.slots.values() for slot in slots} == {1}
     with pytest.raises(ConfigError, match="steerable layers"):
         Steerer.per_row(loaded.model, [[], [LayerIntervention(layer=99, kind="add", vector=v, scale=1.0)]])
 

@@ -323,9 +323,9 @@ def _answer(
     its own run's intervention), landing each batch's answers in their runs; then finish the runs. A run's rows in
     a batch of their own are steered as one (the hooks of a single run). A run every answer of which landed is
     done even when a later batch (another run's) fails or is interrupted."""
-    from personavec.generation.config import GenerationProgress, GenerationResult
+    from personavec.generation.config import GenerationProgress
     from personavec.steering.interventions import Steerer
-    from personavec.store.generation import AnswerRow, finish_generation_run, generation_counts, upsert_answers
+    from personavec.store.generation import AnswerRow, finish_generation_run, upsert_answers
 
     if not runs:
         return []
@@ -358,13 +358,8 @@ def _answer(
         for batch in batches:
             t0 = time.perf_counter()
             members = list(dict.fromkeys(run for run, _, _ in batch))
-            steerer = None
-            if len(members) == 1 and members[0].interventions:
-                steerer = Steerer(loaded.model, members[0].interventions, blocks=loaded.layers)
-            elif len(members) > 1 and any(run.interventions for run in members):
-                steerer = Steerer.per_row(
-                    loaded.model, [run.interventions for run, _, _ in batch], blocks=loaded.layers
-                )
+            steering = [run.interventions for run, _, _ in batch]
+            steerer = Steerer.per_row(loaded.model, steering, blocks=loaded.layers) if any(steering) else None
             seed = None
             if config.seed is not None:
                 seed = _batch_seed(config.seed, [run.seed_tag + key for run, key, _ in batch])
@@ -400,55 +395,81 @@ def _answer(
                 run.completion_tokens += sum(g.completion_tokens for _, g in mine)
                 report(run)
     except KeyboardInterrupt as exc:
+        _stop(ws, runs, exc)
         unfinished = [run for run in runs if run.answered < run.total]
-        for run in runs:
-            if run.answered < run.total:
-                finish_generation_run(catalog, run.run_id, "interrupted", interruption(exc))
-            else:
-                finish_generation_run(catalog, run.run_id, "done")
         raise RunInterrupted(unfinished[0].run_id if unfinished else runs[0].run_id, resume_command) from exc
     except BaseException as exc:
-        for run in runs:
-            if run.answered == run.total:
-                finish_generation_run(catalog, run.run_id, "done")
-            elif not (run.new and _discard(ws, run)):
-                finish_generation_run(catalog, run.run_id, "failed", f"{type(exc).__name__}: {exc}")
+        _stop(ws, runs, exc)
         raise
     results = []
     for run in runs:
         finish_generation_run(catalog, run.run_id, "done")
-        counts = generation_counts(catalog, run.run_id)
         results.append(
-            GenerationResult(
-                run_id=run.run_id,
-                status="done",
+            _result(
+                ws,
+                run.run_id,
                 resumed=run.resumed,
                 total=run.total,
-                answers=counts["answers"],
-                failures=counts["failures"],
                 new_answers=run.new_answers,
-                new_failures=0,
                 requested=len(run.jobs),
-                prompt_tokens=counts["prompt_tokens"],
-                completion_tokens=counts["completion_tokens"],
                 wall_s=time.perf_counter() - start,
             )
         )
     return results
 
 
-# ---------------------------------------------------------------------------------------------------- sweeps
-
-
-def _discard(ws: Workspace, run: _Pending) -> bool:
-    """Delete a run this call created if no answer of it landed (bad input leaves nothing behind)."""
-    from personavec.store.generation import discard_empty_run
+def _stop(ws: Workspace, runs: Sequence[_Pending], exc: BaseException) -> None:
+    """Leave each run as a stop finds it: ``done`` when every answer of it landed; ``interrupted`` on Ctrl-C or
+    SIGTERM; otherwise deleted if this call created it and no answer of it landed (bad input leaves nothing
+    behind), else ``failed`` with the error."""
+    from personavec.store.generation import discard_empty_run, finish_generation_run
     from personavec.store.steering import discard_intervention
 
-    if not discard_empty_run(ws.catalog(), run.run_id):
-        return False
-    discard_intervention(ws.catalog(), run.run_id)
-    return True
+    catalog = ws.catalog()
+    for run in runs:
+        if run.answered == run.total:
+            finish_generation_run(catalog, run.run_id, "done")
+        elif isinstance(exc, KeyboardInterrupt):
+            finish_generation_run(catalog, run.run_id, "interrupted", interruption(exc))
+        elif run.new and discard_empty_run(catalog, run.run_id):
+            discard_intervention(catalog, run.run_id)
+        else:
+            finish_generation_run(catalog, run.run_id, "failed", f"{type(exc).__name__}: {exc}")
+
+
+def _result(
+    ws: Workspace,
+    run_id: int,
+    *,
+    resumed: bool,
+    total: int | None = None,
+    new_answers: int = 0,
+    requested: int = 0,
+    wall_s: float = 0.0,
+) -> GenerationResult:
+    """A finished run's result: its counts as the catalog holds them, this call's as given (``total`` None: its
+    answers and failures, a run finished before this call)."""
+    from personavec.generation.config import GenerationResult
+    from personavec.store.generation import generation_counts
+
+    counts = generation_counts(ws.catalog(), run_id)
+    return GenerationResult(
+        run_id=run_id,
+        status="done",
+        resumed=resumed,
+        total=counts["answers"] + counts["failures"] if total is None else total,
+        answers=counts["answers"],
+        failures=counts["failures"],
+        new_answers=new_answers,
+        new_failures=0,
+        requested=requested,
+        prompt_tokens=counts["prompt_tokens"],
+        completion_tokens=counts["completion_tokens"],
+        wall_s=wall_s,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- sweeps
 
 
 @dataclass(frozen=True)
@@ -483,8 +504,6 @@ def run_sweep(
         run_sweep(ws, GenerateConfig(engine="local", model=m, steering=SteeringConfig("7:mystic-default")),
                   [-8, 0, 8], layers=[15, 20])
     """
-    from personavec.generation.config import GenerationResult
-    from personavec.store.generation import finish_generation_run, generation_counts
     from personavec.store.steering import create_sweep, discard_empty_sweep, get_sweep
 
     start = time.perf_counter()
@@ -547,52 +566,32 @@ def run_sweep(
     finished: dict[int, int] = {}  # setting -> its run, done before this call
     pending: dict[int, _Pending] = {}
     try:
-        for i, (coef, steering) in enumerate(settings):
-            earlier = existing.get((tuple(steering.layers) if layer_list else (), coef))
-            if earlier is not None and earlier.status == "done":
-                finished[i] = earlier.run_id
-                continue
-            pending[i], _ = _open_run(
-                ws,
-                dataclasses.replace(config, steering=steering),
-                loaded,
-                resume=None if earlier is None else earlier.run_id,
-                sweep_id=sweep_id,
-                seed_tag=(tuple(steering.layers), coef),
-            )
-    except BaseException as exc:  # a run that cannot be opened: the runs opened so far go back as they were
-        for run in pending.values():
-            if run.new:
-                _discard(ws, run)
-            else:
-                finish_generation_run(catalog, run.run_id, "interrupted", interruption(exc))
-        if resume is None:
-            discard_empty_sweep(catalog, sweep_id)
-        raise
-    try:
+        try:
+            for i, (coef, steering) in enumerate(settings):
+                earlier = existing.get((tuple(steering.layers) if layer_list else (), coef))
+                if earlier is not None and earlier.status == "done":
+                    finished[i] = earlier.run_id
+                    continue
+                pending[i], _ = _open_run(
+                    ws,
+                    dataclasses.replace(config, steering=steering),
+                    loaded,
+                    resume=None if earlier is None else earlier.run_id,
+                    sweep_id=sweep_id,
+                    seed_tag=(tuple(steering.layers), coef),
+                )
+        except BaseException as exc:  # a run that cannot be opened: the runs opened so far are stopped
+            _stop(ws, list(pending.values()), exc)
+            raise
         answered = _answer(
             ws, list(pending.values()), loaded, progress, start, f"personavec steer --resume-sweep {sweep_id}"
         )
     except BaseException:
         if resume is None:
-            discard_empty_sweep(catalog, sweep_id)  # only when every run of it was discarded (bad input)
+            discard_empty_sweep(catalog, sweep_id)  # only when no run of it is left (bad input)
         raise
     results = dict(zip(pending, answered, strict=True))
     for i, run_id in finished.items():
-        counts = generation_counts(catalog, run_id)
-        results[i] = GenerationResult(
-            run_id=run_id,
-            status="done",
-            resumed=True,
-            total=counts["answers"] + counts["failures"],
-            answers=counts["answers"],
-            failures=counts["failures"],
-            new_answers=0,
-            new_failures=0,
-            requested=0,
-            prompt_tokens=counts["prompt_tokens"],
-            completion_tokens=counts["completion_tokens"],
-            wall_s=0.0,
-        )
+        results[i] = _result(ws, run_id, resumed=True)
     runs = tuple((coef, results[i]) for i, (coef, _) in enumerate(settings))
     return SweepResult(sweep_id, runs, time.perf_counter() - start)

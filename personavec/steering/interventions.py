@@ -427,9 +427,13 @@ class Steerer:
     @classmethod
     def per_row(cls, model: Any, rows: Sequence[Sequence[LayerIntervention]], *, blocks: Any = None) -> Steerer:
         """Row ``i`` of every batch passed through the model gets ``rows[i]`` (a batch must have ``len(rows)``
-        rows; an empty list leaves its row unsteered)."""
+        rows; an empty list leaves its row unsteered). Rows steered alike (the same interventions) are steered as
+        :class:`Steerer` steers a batch, one ``[1, d]`` set for every row."""
+        lists = [list(r) for r in rows]
+        if lists and all(r == lists[0] for r in lists):  # LayerIntervention compares by identity
+            lists = lists[:1]
         steerer = cls.__new__(cls)
-        steerer._init(model, [list(r) for r in rows], blocks)
+        steerer._init(model, lists, blocks)
         return steerer
 
     def _init(self, model: Any, rows: list[list[LayerIntervention]], blocks: Any) -> None:
