@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_extract import WORDS  # noqa: E402
 from bench_pipeline import build_synthetic, build_tiny, responses_file, word_tokenizer  # noqa: E402
 
 from personavec import PERSONAS  # noqa: E402
@@ -78,10 +80,6 @@ def main() -> None:
         loaded.tokenizer.pad_token_id = loaded.tokenizer.eos_token_id
 
     # a vectors run to steer with: two personas' answers to every built-in question, extracted at the default layer
-    import random
-
-    from bench_extract import WORDS
-
     rng = random.Random(0)
     ws = init_workspace(work / "ws")
     answers = responses_file(work / "answers.jsonl", 36, lambda i: " ".join(rng.choice(WORDS) for _ in range(40)))
