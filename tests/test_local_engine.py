@@ -225,9 +225,7 @@ def test_sweep_makes_one_linked_run_per_coefficient(workspace, tiny8, vectors_ru
         workspace, _config(tiny8, steering=dataclasses.replace(steering, coef=8.0), personas=("default",))
     )
     for coef, run in ((0.0, plain.run_id), (8.0, alone.run_id)):
-        assert [r.text for r in answered_responses(workspace.catalog(), dict(res.runs)[coef].run_id)] == [
-            r.text for r in answered_responses(workspace.catalog(), run)
-        ]
+        assert _texts(workspace, dict(res.runs)[coef].run_id) == _texts(workspace, run)
     assert _texts(workspace, dict(res.runs)[8.0].run_id) != _texts(workspace, plain.run_id)
     with pytest.raises(ConfigError, match="no coefficient"):
         run_sweep(workspace, _config(tiny8, steering=SteeringConfig(f"{vectors_run}:cynic", kind="cap", tau=1)), [1])
