@@ -176,7 +176,7 @@ def test_evaluate_a_layer_sweep_and_a_cap_then_resume(workspace, tmp_path, steer
         judge_concurrency=2,
         judge_timeout_s=300.0,
         cap=SteeringConfig(f"{vrun}:jester-default", kind="cap", layers=(20,), tau=(0.0,)),
-        cap_questions=(0, 1),
+        cap_questions=(0,),
         max_tokens=8,
         device="cpu",
         dtype=dtype,

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -382,7 +383,8 @@ def test_record_stores_answers_with_their_interventions_and_a_disconnect_stores_
 @pytest.mark.slow
 def test_generate_and_judge_base_url_against_personavec_serve_on_the_embedded_model(workspace, cli):
     """`personavec serve --record` (its own process, SmolLM2-135M) answering `personavec generate --base-url` and
-    `personavec judge --base-url` (with logprobs): the generate run's answers are also the served session's."""
+    `personavec judge --base-url` (with logprobs): the generate run's answers are also the served session's; the
+    command serves in the foreground until Ctrl-C, exits 0 and its server is gone."""
     from personavec.cli import app
 
     cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "serve", "-w", str(workspace.root),
@@ -404,12 +406,14 @@ def test_generate_and_judge_base_url_against_personavec_serve_on_the_embedded_mo
         assert res.exit_code == 0, res.output
         judged = json.loads(res.output.strip().splitlines()[-1])
         assert judged["logprobs"] is True  # the server answered the judge's logprobs request
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # the command serves in the foreground until Ctrl-C, then exits 0
         assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    with pytest.raises(OSError):  # the server went away with the command
+        urllib.request.urlopen(f"{info['base_url']}/models", timeout=2)
     with workspace.catalog().session() as s:
 
         def texts(run: int) -> list[str]:

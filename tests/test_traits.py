@@ -321,14 +321,20 @@ PIRATE_WORDS = re.compile(
 
 
 def generate_answers(loaded, prompts: list[tuple[str, str]], max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers of the embedded model to (system prompt, question) pairs, 50 at a time, through the local
-    engine's batched generation (left padding, its own pad id: transformers 4.57 converts the GGUF without one)."""
+    """Greedy answers of the embedded model to (system prompt, question) pairs, 50 at a time in prompt-length order
+    (less left padding), through the local engine's batched generation (its own pad id: transformers 4.57 converts
+    the GGUF without one)."""
     from personavec.generation.local import generate_batch, prompt_ids
 
-    out: list[str] = []
-    for i in range(0, len(prompts), 50):
-        ids = [prompt_ids(loaded.tokenizer, s, q) for s, q in prompts[i : i + 50]]
-        out += [g.text.strip() or "..." for g in generate_batch(loaded, ids, max_new_tokens=max_new_tokens)]
+    ids = [prompt_ids(loaded.tokenizer, s, q) for s, q in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [""] * len(ids)
+    for start in range(0, len(order), 50):
+        batch = order[start : start + 50]
+        for i, g in zip(
+            batch, generate_batch(loaded, [ids[i] for i in batch], max_new_tokens=max_new_tokens), strict=True
+        ):
+            out[i] = g.text.strip() or "..."
     return out
 
 
