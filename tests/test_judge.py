@@ -32,6 +32,7 @@ from personavec.ingest import IngestConfig, ingest
 from personavec.judging.judge import JudgeConfig, run_judge
 from personavec.judging.rubrics import BUILTIN_RUBRICS, Rubric, read_rubric_file, resolve_rubric
 from personavec.judging.scores import integer_verdict, parse_filter, score_answer
+from personavec.store.runs import list_runs
 from personavec.workspace import Workspace
 
 COHERENCE, ROLE = BUILTIN_RUBRICS["coherence"], BUILTIN_RUBRICS["role_adherence"]
@@ -265,6 +266,9 @@ def test_unparsable_judge_outputs_are_errors_not_scores(workspace, responses_run
     errors = {r["raw_output"]: r["error"] for r in got if r["score"] is None}
     assert "holds no number" in errors["I refuse to grade this."]
     assert "0.100 < 0.25" in errors["REFUSAL"] and "outside the scale" in errors["150"]
+    # `personavec runs`: the judge answered all 15 (none failed); its detail says how many of them hold a score
+    [summary] = list_runs(workspace.catalog(), "judge")
+    assert (summary.items, summary.failed) == (15, 0) and summary.detail.endswith(f", {result.scored} scored")
 
 
 @pytest.mark.slow

@@ -182,7 +182,7 @@ WITH c AS (
     UNION ALL
     SELECT run_id, count(*), 0 FROM vectors GROUP BY run_id
     UNION ALL
-    SELECT run_id, count(score), count(*) FILTER (WHERE raw_output IS NULL) FROM judgements GROUP BY run_id
+    SELECT run_id, count(raw_output), count(*) FILTER (WHERE raw_output IS NULL) FROM judgements GROUP BY run_id
     UNION ALL
     SELECT s.run_id, count(p.id), 0 FROM persona_sets s JOIN personas p ON p.persona_set_id = s.id GROUP BY s.run_id
     UNION ALL
@@ -198,7 +198,8 @@ d AS (
     UNION ALL
     SELECT run_id, 'from run ' || extraction_run_id || ' by ' || group_by FROM vector_runs
     UNION ALL
-    SELECT run_id, model || ' on run ' || responses_run_id || ': ' || array_to_string(rubrics, ',') FROM judge_runs
+    SELECT j.run_id, j.model || ' on run ' || j.responses_run_id || ': ' || array_to_string(j.rubrics, ',')
+           || ', ' || (SELECT count(score) FROM judgements WHERE run_id = j.run_id) || ' scored' FROM judge_runs j
     UNION ALL
     SELECT run_id, 'persona set ' || name FROM persona_sets
     UNION ALL
@@ -217,8 +218,9 @@ GROUP BY ALL ORDER BY r.id
 
 
 def list_runs(catalog: Catalog, kind: str | None = None) -> list[RunSummary]:
-    """Every run (or those of one kind) with its item count (answers, examples, vectors, personas...); a running
-    run whose process is gone shows as ``interrupted``."""
+    """Every run (or those of one kind) with its item count (answers, examples, vectors, personas, a judge's
+    answered judgements, whose detail says how many of them hold a score...); a running run whose process is gone
+    shows as ``interrupted``."""
     with catalog.session() as session:
         rows = session.execute(sa.text(_COUNTS), {"kind": kind}).all()
     return [
