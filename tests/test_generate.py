@@ -559,6 +559,30 @@ def test_a_sigterm_handler_that_raises_nothing_lets_the_run_finish(workspace):
     assert runs(workspace)[0]["status"] == "done"
 
 
+@pytest.mark.parametrize("sigterm_handler", [False, True], ids=["default-sigterm", "own-sigterm-handler"])
+def test_a_progress_callback_raising_keyboard_interrupt_stops_the_run_without_asyncio_noise(
+    workspace, caplog, sigterm_handler
+):
+    """A library user's progress callback that raises KeyboardInterrupt (stopping a run from a notebook) stops the
+    run as Ctrl-C does, and asyncio does not print "Task exception was never retrieved" with a traceback for the task
+    it died in (it did: the exception leaves the event loop and is raised here anyway)."""
+    import gc
+
+    def stop(progress) -> None:
+        if progress.answered >= 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, (lambda *a: None) if sigterm_handler else signal.SIG_DFL)
+    try:
+        with FaultServer() as server, pytest.raises(KeyboardInterrupt):
+            run_generation(workspace, cfg(server, concurrency=1), progress=stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    gc.collect()  # asyncio reports an unretrieved task exception when the task is collected
+    assert runs(workspace)[0]["status"] == "interrupted"
+    assert "never retrieved" not in caplog.text
+
+
 def test_run_generation_inside_a_running_event_loop(workspace):
     with FaultServer() as server:
 

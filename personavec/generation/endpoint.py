@@ -402,7 +402,20 @@ def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except RuntimeError:
         return _run_here(make_coro)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-generate") as pool:
-        return pool.submit(lambda: asyncio.run(make_coro())).result()
+        return pool.submit(lambda: asyncio.run(_reraised_quietly(make_coro))).result()
+
+
+def _quiet_about_interrupts(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler: a task that died of KeyboardInterrupt or SystemExit (a progress callback
+    stopping a run, a signal handler) is not reported as "never retrieved": that exception leaves the loop and is
+    raised to the caller anyway. Anything else goes to asyncio's default report."""
+    if not isinstance(context.get("exception"), KeyboardInterrupt | SystemExit):
+        loop.default_exception_handler(context)
+
+
+async def _reraised_quietly(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    asyncio.get_running_loop().set_exception_handler(_quiet_about_interrupts)
+    return await make_coro()
 
 
 def _run_here(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -413,12 +426,13 @@ def _run_here(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     lands), and is raised once the loop has closed; a handler that raises nothing is left to do as it does."""
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        return asyncio.run(make_coro())
+        return asyncio.run(_reraised_quietly(make_coro))
     raised: list[BaseException] = []
 
     async def main() -> T:
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         assert task is not None
+        loop.set_exception_handler(_quiet_about_interrupts)
 
         def on_sigterm(signum: int, frame: Any) -> None:
             try:
