@@ -404,7 +404,13 @@ def compare_runs(
     sets = {}
     for run_id, layer in runs:
         vs = load_vectors(run_id, layer, workspace=ws)
-        sets[f"run {run_id} {vs.model} L{vs.layer}"] = vs
+        label = f"run {run_id} {vs.model} L{vs.layer}"
+        if label in sets:
+            raise ConfigError(
+                f"vectors run {run_id} at layer {vs.layer} is given twice: compare another run, or another layer of "
+                f"this one ({run_id}:LAYER)"
+            )
+        sets[label] = vs
     return compare_models(sets, defaults=defaults)
 
 

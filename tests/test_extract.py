@@ -312,6 +312,12 @@ def test_cli_extract(cli, workspace, responses_run: int, tiny_root: Path) -> Non
     out = json.loads(line[line.index('{"run_id"') :])
     assert out["layers"] == [3, 1] and out["n_examples"] == 25
     assert _activations(workspace, out["run_id"]).shape == (25, 2, 64)
+    plain = cli.invoke(
+        app, [*args, "--layer", "2", "--device", "cpu"]
+    )  # one line saying what was made, as every command
+    assert plain.exit_code == 0 and plain.stdout.strip().splitlines()[-1].startswith(
+        f"extraction run {out['run_id'] + 1}:"
+    )
     bad = cli.invoke(app, [*args, "--layer", "9"])
     assert bad.exit_code == 2 and "out of range" in bad.output
 

@@ -118,6 +118,8 @@ def test_cli_vectors_export_report_compare(cli, workspace, make_extraction_run, 
     out = json.loads(r.stdout)
     assert out["method"] == "joint-pca" and len(out["personas"]) == 6
     assert _is_png(tmp_path / "cmp" / "cross_similarity.png") and _is_png(tmp_path / "cmp" / "cross_pca.png")
+    r = cli.invoke(app, ["compare", str(run_id), f"{run_id}:5", *w])  # the same vector set twice (5: its default)
+    assert r.exit_code == 2 and f"vectors run {run_id} at layer 5 is given twice" in r.output
 
 
 def test_cli_bad_input_exit_codes_and_nothing_written(cli, workspace, make_extraction_run, tmp_path):

@@ -186,7 +186,6 @@ def extract(
             f"({result.n_computed} computed, {result.n_truncated} truncated), layers {list(result.layers)}, "
             f"{result.n_tokens:,} tokens at {result.tok_s:,.0f} tok/s"
         )
-        console.print(result.run_id)
 
 
 def _forwarded(ctx: typer.Context, skip: tuple[str, ...]) -> list[str]:
