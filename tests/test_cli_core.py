@@ -62,6 +62,25 @@ def test_bad_input_exit_codes(cli, workspace, tmp_path):
     assert res.exit_code == 2 and "no_such_table" in res.output
 
 
+def test_commands_named_in_messages_run_on_the_workspace_given(cli, workspace, tmp_path):
+    """A command given -w names the commands its messages suggest with that workspace (resume commands, query
+    hints), so that they reach the same catalog when copied; without -w they are left as they are."""
+    from personavec.cli.app import on_workspace
+
+    res = cli.invoke(app, ["vectors", "99", "-w", str(workspace.root)])
+    assert res.exit_code == 2 and f"`personavec runs --workspace {workspace.root.resolve()}` lists" in res.output
+    res = cli.invoke(app, ["runs", "-w", str(tmp_path / "nowhere")])  # already names it: not twice
+    assert res.output.count("--workspace") == 1
+    spaced = tmp_path / "my ws"
+    assert on_workspace("personavec db upgrade; personavec trait vectors 7; this personavec needs 0012", spaced) == (
+        f"personavec db upgrade --workspace '{spaced}'; personavec trait vectors --workspace '{spaced}' 7; "
+        "this personavec needs 0012"
+    )
+    assert (
+        on_workspace("resume with personavec extract --resume 3", None) == "resume with personavec extract --resume 3"
+    )
+
+
 def test_runs_does_not_wrap_at_80_columns_when_not_a_terminal(cli, workspace, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
     res = cli.invoke(app, ["runs", "-w", str(workspace.root)])

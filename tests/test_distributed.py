@@ -207,7 +207,8 @@ def test_the_rank_that_failed_first_is_named_and_noted_on_the_run(
     monkeypatch.setattr(launch, "launch", lambda args, n: launch.Launched(137, run_id, note))
     out = cli.invoke(app, ["extract", "-w", str(workspace.root), "--resume", str(run_id), "--num-processes", "2"])
     assert out.exit_code == 137
-    assert note in out.output and f"personavec extract --resume {run_id} --num-processes 2" in out.output
+    resume = f"personavec extract --workspace {workspace.root.resolve()} --resume {run_id} --num-processes 2"
+    assert note in out.output and resume in out.output
     assert get_run(workspace.catalog(), run_id).error == f"{note}; Terminated: terminated by signal 15"
 
 

@@ -533,7 +533,8 @@ def test_sigterm_on_a_billion_requests_marks_the_run_interrupted_and_names_the_r
     assert proc.returncode == 143
     [run] = runs(workspace)
     assert run["status"] == "interrupted" and "SIGTERM" in run["error"]
-    assert f"personavec generate --resume {run['id']}" in err
+    # the resume command runs on the workspace this one was given (-w), not ./personavec-workspace
+    assert f"personavec generate --workspace {workspace.root.resolve()} --resume {run['id']}" in err
     assert len(rows(workspace, run["id"])) > 0
 
 

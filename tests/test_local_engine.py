@@ -277,6 +277,8 @@ def test_an_interrupted_sweep_resumes_its_runs_together(workspace, tiny8, vector
     # a finished sweep resumes to itself; a resume with settings is refused
     again = _last_json(cli.invoke(app, [*args, "--json"]))
     assert {r["new_answers"] for r in again["runs"]} == {0} and {r["answers"] for r in again["runs"]} == {4}
+    table = cli.invoke(app, args)  # and names its report command on this workspace
+    assert f"report: personavec sweep-report --workspace {workspace.root.resolve()} {sweep_id}" in table.stdout
     res = cli.invoke(app, [*args, "--vector", f"{vectors_run}:cynic", "--coef", "3"])
     assert res.exit_code == 2 and "drop --vector, --coef" in res.output
     assert len(get_sweep(workspace.catalog(), sweep_id).runs) == 3  # nothing was added

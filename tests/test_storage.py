@@ -160,7 +160,8 @@ def test_bit_flip_fails_vectors_in_one_line_and_verify_repairs_it(
     assert check.exit_code == 1, check.output
     line = check.output.strip()
     assert "1 write unit(s) fail their checksum" in line and "rows 8..11 (layer indices [0]" in line
-    assert f"fix: personavec verify {rid} --repair, then personavec extract --resume {rid}" in line
+    on = f"--workspace {workspace.root.resolve()}"  # the commands it names run on the workspace it was given
+    assert f"fix: personavec verify {on} {rid} --repair, then personavec extract {on} --resume {rid}" in line
     clean = cli.invoke(app, ["verify", str(reference.run_id), *ws])
     assert clean.exit_code == 0 and clean.output.strip().endswith(": ok")
 

@@ -7,6 +7,8 @@ import errno
 import functools
 import json
 import os
+import re
+import shlex
 import sys
 import threading
 import time
@@ -125,6 +127,30 @@ def workspace(path: Path | None) -> Workspace:
     return Workspace.resolve(path)
 
 
+@functools.cache
+def _command_pattern() -> re.Pattern[str]:
+    """``personavec COMMAND`` for each command of this app (``personavec GROUP SUBCOMMAND`` for a group's), where a
+    ``--workspace`` option does not follow already."""
+    group = typer.main.get_command(app)
+    names = []
+    for name, cmd in getattr(group, "commands", {}).items():
+        subs = getattr(cmd, "commands", None)
+        names += [f"{name} {sub}" for sub in subs] if subs else [name]
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return re.compile(rf"\bpersonavec (?:{alternatives})(?![\w-])(?! (?:--workspace|-w)\b)")
+
+
+def on_workspace(text: str, ws: Path | None) -> str:
+    """``text`` with every ``personavec COMMAND`` it names given ``--workspace`` (the workspace's absolute path)
+    when the command that prints it was given ``-w``: a resume command or a query hint copied from the output then
+    reaches the same catalog, not ``./personavec-workspace``. Unchanged when ``ws`` is None (the default or
+    ``$PERSONAVEC_WORKSPACE``, which the hint reaches as it is)."""
+    if ws is None:
+        return text
+    flag = f"--workspace {shlex.quote(str(Path(ws).expanduser().resolve()))}"
+    return _command_pattern().sub(lambda m: f"{m.group(0)} {flag}", text)
+
+
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
@@ -229,11 +255,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from personavec.store.engine import close_catalog
 
+        ws = kwargs.get("ws")  # the command's --workspace: the commands its messages name run there too
         try:
             return fn(*args, **kwargs)
         except PersonavecError as exc:
             # escaped: a message quoting "[...]" (a list, a JSON key) must print as is, not as Rich markup
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            message = on_workspace(str(exc), ws)
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             if exc.filename is None:
@@ -250,7 +278,8 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt as exc:
             code = 143 if isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated) else 130
             if isinstance(exc, RunInterrupted):
-                err_console.print(f"[yellow]interrupted[/]: resume with: {escape(exc.resume_command)}", soft_wrap=True)
+                resume = on_workspace(exc.resume_command, ws)
+                err_console.print(f"[yellow]interrupted[/]: resume with: {escape(resume)}", soft_wrap=True)
             else:
                 err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(code) from None

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from personavec.cli.app import (
     JsonOpt,
@@ -15,6 +16,7 @@ from personavec.cli.app import (
     console,
     emit_json,
     err_console,
+    on_workspace,
     stage_progress,
     workspace,
 )
@@ -132,8 +134,8 @@ def extract(
                     note_run_error(workspace(ws).require().catalog(), launched.run_id, launched.first_failure)
                     where = f" (extraction run {launched.run_id}; resume it with `personavec extract --resume "
                     where += f"{launched.run_id} --num-processes {num_processes}`)"
-                line = f"[bold red]error:[/] {launched.first_failure}{where}"
-                err_console.print(line, highlight=False, soft_wrap=True)
+                line = on_workspace(f"{launched.first_failure}{where}", ws)
+                err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(launched.code)
         return
     if world > 1 and num_processes not in (None, world):
@@ -233,7 +235,7 @@ def verify(
         emit_json([{**dataclasses.asdict(c), "ok": c.ok, "fix": c.fix} for c in checks])
     else:
         for check in checks:
-            console.print(describe(check), highlight=False, markup=False, soft_wrap=True)
+            console.print(on_workspace(describe(check), ws), highlight=False, markup=False, soft_wrap=True)
     unfixed = [c for c in checks if not c.ok and not (repair and all(p.repairable for p in c.problems))]
     if unfixed:
         raise typer.Exit(1)

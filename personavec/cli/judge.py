@@ -7,9 +7,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, err_console, print_table
+from personavec.cli.app import (
+    JsonOpt,
+    WorkspaceOpt,
+    app,
+    command,
+    console,
+    emit_json,
+    err_console,
+    on_workspace,
+    print_table,
+)
 from personavec.cli.app import workspace as resolve_workspace
 from personavec.errors import ConfigError
 
@@ -138,10 +149,13 @@ def judge(
             title="judge",
         )
     if result.unscored and not as_json:
-        err_console.print(
-            f"[yellow]{result.unscored} judge answer(s) gave no score[/]: see "
+        query = on_workspace(
             f'personavec sql "SELECT raw_output, error FROM judgements WHERE run_id = {result.run_id} '
             'AND score IS NULL"',
+            ws,
+        )
+        err_console.print(
+            f"[yellow]{result.unscored} judge answer(s) gave no score[/]: see {escape(query)}",
             soft_wrap=True,
             highlight=False,
         )
@@ -185,12 +199,16 @@ def trait_add(
     if as_json:
         emit_json({k: v for k, v in dataclasses.asdict(res).items() if k != "rubric"} | {"rubric": res.rubric.name})
         return
-    console.print(
-        f"trait [bold]{res.name}[/]: {res.n_pairs} instruction pairs (personas pos_1..pos_{res.n_pairs}, "
-        f"neg_1..neg_{res.n_pairs}) x {res.n_questions} questions in sets {res.persona_set!r}; next:\n"
+    next_steps = on_workspace(
         f"  personavec generate --persona-set {res.persona_set} --question-set {res.question_set} ...\n"
         f"  personavec judge RUN --rubric {trait} --rubric coherence ...   (the trait's rubric: "
         f"{read_trait_file(trait).rubric.name!r})",
+        ws,
+    )
+    console.print(
+        f"trait [bold]{res.name}[/]: {res.n_pairs} instruction pairs (personas pos_1..pos_{res.n_pairs}, "
+        f"neg_1..neg_{res.n_pairs}) x {res.n_questions} questions in sets {res.persona_set!r}; next:\n"
+        f"{escape(next_steps)}",
         soft_wrap=True,
         highlight=False,
     )

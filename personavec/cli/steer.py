@@ -10,7 +10,17 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from personavec.cli.app import JsonOpt, WorkspaceOpt, app, command, console, emit_json, err_console, print_table
+from personavec.cli.app import (
+    JsonOpt,
+    WorkspaceOpt,
+    app,
+    command,
+    console,
+    emit_json,
+    err_console,
+    on_workspace,
+    print_table,
+)
 from personavec.cli.app import workspace as resolve_workspace
 
 VectorOpt = Annotated[
@@ -147,7 +157,7 @@ def steer(
         ]
         if given:
             raise ConfigError(f"--resume-sweep takes the sweep's settings from the catalog: drop {', '.join(given)}")
-        _resume_sweep(resolve_workspace(ws).require(), resume_sweep, as_json)
+        _resume_sweep(resolve_workspace(ws).require(), resume_sweep, as_json, ws)
         return
     if vector is None:
         raise ConfigError("steer needs --vector RUN:NAME (or --resume-sweep SWEEP)")
@@ -192,10 +202,10 @@ def steer(
             sweep_id, results, wall = sweep.sweep_id, list(sweep.runs), sweep.wall_s
         else:
             sweep_id, results, wall = None, [(coefs[0], run_local_generation(w, config, progress=update))], None
-    _print_runs(steering, coefs, list(sweep_layer or []), sweep_id, results, as_json, wall)
+    _print_runs(steering, coefs, list(sweep_layer or []), sweep_id, results, as_json, wall, ws)
 
 
-def _resume_sweep(w: Any, sweep_id: int, as_json: bool) -> None:
+def _resume_sweep(w: Any, sweep_id: int, as_json: bool, ws: Path | None) -> None:
     from personavec.config import config_from_dict
     from personavec.generation.config import GenerateConfig
     from personavec.generation.local import run_sweep
@@ -206,7 +216,7 @@ def _resume_sweep(w: Any, sweep_id: int, as_json: bool) -> None:
     bar, update = _progress(as_json)
     with bar:
         sweep = run_sweep(w, None, resume=sweep_id, progress=update)
-    _print_runs(steering, stored["coefs"], stored["layers"], sweep_id, list(sweep.runs), as_json, sweep.wall_s)
+    _print_runs(steering, stored["coefs"], stored["layers"], sweep_id, list(sweep.runs), as_json, sweep.wall_s, ws)
 
 
 def _print_runs(
@@ -217,8 +227,10 @@ def _print_runs(
     results: list[Any],
     as_json: bool,
     sweep_wall: float | None,
+    ws: Path | None,
 ) -> None:
-    """The runs as a table; a sweep's runs ran together, so their time is given once, for the sweep."""
+    """The runs as a table; a sweep's runs ran together, so their time is given once, for the sweep (``ws``: the
+    command's --workspace, which the report command it names is given too)."""
     if as_json:
         emit_json({"sweep_id": sweep_id, "runs": [{"coef": c, **dataclasses.asdict(r)} for c, r in results]})
         return
@@ -251,7 +263,7 @@ def _print_runs(
         answers = sum(r.new_answers for _, r in results)
         console.print(f"{answers} new answers of {len(results)} runs, answered together in {sweep_wall:.1f} s")
     if sweep_id is not None:
-        console.print(f"report: personavec sweep-report {sweep_id}")
+        console.print(on_workspace(f"report: personavec sweep-report {sweep_id}", ws), highlight=False, markup=False)
 
 
 @app.command("sweep-report")
