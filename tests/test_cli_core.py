@@ -60,6 +60,8 @@ def test_bad_input_exit_codes(cli, workspace, tmp_path):
     assert res.exit_code == 2 and "personavec init" in res.output
     res = cli.invoke(app, ["sql", "SELECT * FROM no_such_table", "-w", str(workspace.root)])
     assert res.exit_code == 2 and "no_such_table" in res.output
+    res = cli.invoke(app, ["runs", "--kind", "extraction", "-w", str(workspace.root)])  # a typo: not an empty table
+    assert res.exit_code == 2 and "unknown run kind 'extraction': one of ingest-personas," in res.output
 
 
 def test_commands_named_in_messages_run_on_the_workspace_given(cli, workspace, tmp_path):

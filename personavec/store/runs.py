@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from personavec.config import package_version
-from personavec.errors import RunBusyError, RunNotFoundError
+from personavec.errors import ConfigError, RunBusyError, RunNotFoundError
 from personavec.store.engine import Catalog
 from personavec.store.models import RUN_KINDS, RUN_STATUSES, Run, RunOwner
 from personavec.store.records import RunInfo, RunSummary
@@ -220,7 +220,9 @@ GROUP BY ALL ORDER BY r.id
 def list_runs(catalog: Catalog, kind: str | None = None) -> list[RunSummary]:
     """Every run (or those of one kind) with its item count (answers, examples, vectors, personas, a judge's
     answered judgements, whose detail says how many of them hold a score...); a running run whose process is gone
-    shows as ``interrupted``."""
+    shows as ``interrupted``. An unknown ``kind`` is a :class:`ConfigError` naming the kinds (not an empty list)."""
+    if kind is not None and kind not in RUN_KINDS:
+        raise ConfigError(f"unknown run kind {kind!r}: one of {', '.join(RUN_KINDS)}")
     with catalog.session() as session:
         rows = session.execute(sa.text(_COUNTS), {"kind": kind}).all()
     return [
