@@ -131,11 +131,13 @@ def workspace(path: Path | None) -> Workspace:
 def _command_pattern() -> re.Pattern[str]:
     """``personavec COMMAND`` for each command of this app (``personavec GROUP SUBCOMMAND`` for a group's), where a
     ``--workspace`` option does not follow already."""
-    group = typer.main.get_command(app)
-    names = []
-    for name, cmd in getattr(group, "commands", {}).items():
-        subs = getattr(cmd, "commands", None)
-        names += [f"{name} {sub}" for sub in subs] if subs else [name]
+
+    def name(info: Any) -> str:  # as Typer names a command (from its function where not given)
+        return str(info.name or typer.main.get_command_name(info.callback.__name__))
+
+    names = [name(info) for info in app.registered_commands]
+    for group in app.registered_groups:
+        names += [f"{group.name} {name(info)}" for info in group.typer_instance.registered_commands]
     alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
     return re.compile(rf"\bpersonavec (?:{alternatives})(?![\w-])(?! (?:--workspace|-w)\b)")
 
