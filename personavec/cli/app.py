@@ -137,7 +137,8 @@ def _command_pattern() -> re.Pattern[str]:
 
     names = [name(info) for info in app.registered_commands]
     for group in app.registered_groups:
-        names += [f"{group.name} {name(info)}" for info in group.typer_instance.registered_commands]
+        subs = group.typer_instance.registered_commands if group.typer_instance is not None else []
+        names += [f"{group.name} {name(info)}" for info in subs]
     alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
     return re.compile(rf"\bpersonavec (?:{alternatives})(?![\w-])(?! (?:--workspace|-w)\b)")
 
