@@ -11,6 +11,7 @@ what it did; the end prints SQL queries to try.
 from __future__ import annotations
 
 import os
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -239,7 +240,7 @@ def run_demo(
     say(f"Heatmap: {rep.pngs['similarity']}")
     say("\nTry these on the catalog:")
     for what, query in sql_examples(vec.run_id, ext.run_id, gen.run_id):
-        say(f'  # {what}\n  personavec sql --workspace {ws.root} "{query}"')
+        say(f'  # {what}\n  personavec sql --workspace {shlex.quote(str(ws.root))} "{query}"')
     if sweep is not None:
         say(f"Steering sweep report: {sweep.html}")
     if evaluation is not None:
@@ -329,10 +330,11 @@ def _evaluate_sweep(
     if op is not None:
         say(f"      operating point: c={op.coef:g} (mean coherence {op.coherence:.0f} >= 50)")
     elif all(v is None for v in means.values()):  # SmolLM2-135M rarely answers a rubric with a number
+        where = shlex.quote(str(ws.root))
         say(
             "      operating point: none: the judge gave no usable score (each answer's reason: personavec sql "
-            f'--workspace {ws.root} "SELECT rubric, error FROM judgements"); judge with a stronger model: '
-            f"personavec evaluate --workspace {ws.root} {sweep.sweep_id} --trait {target} --judge-base-url URL "
+            f'--workspace {where} "SELECT rubric, error FROM judgements"); judge with a stronger model: '
+            f"personavec evaluate --workspace {where} {sweep.sweep_id} --trait {target} --judge-base-url URL "
             "--judge-model MODEL"
         )
     else:
