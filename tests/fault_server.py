@@ -15,6 +15,7 @@ Retryable error statuses (408, 409, 429, 5xx) carry ``retry-after-ms: <retry_aft
 script sets its own ``Retry-After``/``retry-after-ms``: the ``openai`` client then retries after 10 ms instead of its
 exponential backoff (0.5 s, 1 s, 2 s...), which only slowed the tests down. ``FaultServer(retry_after_ms=None)``
 sends no such header (the client's own backoff applies, as it does after a dropped connection or a timeout).
+``FaultServer(tls=(certificate, key))`` serves HTTPS (:func:`self_signed_certificate` makes a pair).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from __future__ import annotations
 import json
 import math
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 Script = Callable[[int, int, dict], Any]
@@ -54,7 +57,13 @@ def answer_for(body: dict) -> str:
 class FaultServer:
     """Start with ``with FaultServer(script) as server:``; ``server.base_url`` ends in ``/v1``."""
 
-    def __init__(self, script: Script = always_ok, model: str = "fault-model", retry_after_ms: int | None = 10) -> None:
+    def __init__(
+        self,
+        script: Script = always_ok,
+        model: str = "fault-model",
+        retry_after_ms: int | None = 10,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         self.script = script
         self.model = model
         self.retry_after_ms = retry_after_ms
@@ -168,7 +177,11 @@ class FaultServer:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True  # a hanging handler must not block shutdown
         self.port = self._server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        if tls is not None:  # (certificate, key): HTTPS, the handshake made as each connection is accepted
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/v1"
         # shutdown() waits for serve_forever to look at its flag, which it does once per poll_interval (0.5 s by
         # default): ~40 servers a run each took up to 0.5 s to stop (18 s in all).
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
@@ -200,3 +213,19 @@ def sigkill_once_answered(cmd: list[str], server: FaultServer, answered: int = 4
     finally:
         proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, and that key (PEM files in ``directory``), made by the
+    ``openssl`` command."""
+    import subprocess
+
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
