@@ -47,6 +47,9 @@ class Tuning:
         chunk_bytes: target size of one inner chunk (rows x one layer) inside a shard.
         commit_interval_s: stages landing endpoint answers (generate, judge) group-commit at most this often.
         read_block_bytes: the vector stage reads activations from Zarr in blocks of about this many bytes.
+        prefill_padding: the steering server prefills requests joining its batch in groups of similar prompt
+            length, each within the batch token budget (:meth:`batch_tokens`; a longer prompt alone): a group may
+            be at most this share padding (or 1/64 of the budget, under which one more forward costs more).
     """
 
     cpu_batch_tokens: int = 1024
@@ -65,6 +68,7 @@ class Tuning:
     chunk_bytes: int = 1 << 20
     commit_interval_s: float = 0.1
     read_block_bytes: int = 64 << 20
+    prefill_padding: float = 0.25
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rest_windows", tuple(int(w) for w in self.rest_windows))
@@ -77,6 +81,8 @@ class Tuning:
             raise ConfigError("plan_inline_max, parallel_from, mark_interval_s and commit_interval_s must be >= 0")
         if not 0 <= self.pool_fraction < 1 or not 0 < self.weight_memory_fraction <= 1:
             raise ConfigError("pool_fraction must be in [0, 1) and weight_memory_fraction in (0, 1]")
+        if not 0 <= self.prefill_padding <= 1:
+            raise ConfigError(f"prefill_padding must be in [0, 1], got {self.prefill_padding}")
 
     def batch_tokens(self, device: object) -> int:
         """The default token budget of a batch for a model on ``device``."""

@@ -467,14 +467,16 @@ def _sliding_model(root, arch: str, window: int):
     return loaded
 
 
-def _serve_staggered(loaded, waves):
+def _serve_staggered(loaded, waves, tuning=None):
     """Serve ``waves`` (lists of request bodies) on a Scheduler, each wave submitted once the batch has run two more
     decoding steps; returns each request's :class:`Finished` (in order) and the scheduler."""
     import threading
 
     from personavec.serving.scheduler import Finished, InterventionResolver, Refused, Scheduler
+    from personavec.tuning import DEFAULT
 
-    scheduler = Scheduler(loaded, resolver=InterventionResolver(None, loaded), max_batch=16, max_new_tokens=64)
+    resolver = InterventionResolver(None, loaded)
+    scheduler = Scheduler(loaded, resolver=resolver, max_batch=16, max_new_tokens=64, tuning=tuning or DEFAULT)
     done: list[list] = []
     tickets = []
     all_done = threading.Semaphore(0)
@@ -580,3 +582,52 @@ def test_a_model_with_chunked_or_linear_attention_layers_is_refused_at_start(tmp
     with pytest.raises(ModelError, match="chunked_attention layers; the steering server batches"):
         Scheduler(loaded).start()
     assert not any(block._forward_hooks for block in loaded.layers)
+
+
+def test_prefill_groups_keep_to_the_budget_and_bound_the_padding():
+    from personavec.serving.scheduler import prefill_groups
+
+    lengths = [300, 12, 10, 290, 2000, 31, 30, 7, 640, 600]
+    groups = prefill_groups(lengths, 1024, 0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each prompt once
+    for g in groups:
+        width, cells = max(lengths[i] for i in g), max(lengths[i] for i in g) * len(g)
+        assert len(g) == 1 or cells <= 1024  # the budget; a longer prompt alone
+        assert cells - sum(lengths[i] for i in g) <= max(0.25 * cells, 1024 // 64), g
+        assert width == lengths[g[-1]]  # in length order
+    # 2000 alone, 600 and 640 apart (1,280 cells: past the budget), 290 with 300 (10 padded), 30 with 31
+    assert groups == [[7, 2, 1], [6, 5], [3, 0], [9], [8], [4]]
+    assert prefill_groups([40] * 64, 16384, 0.25) == [list(range(64))]  # one forward where it fits
+    assert prefill_groups([5, 30], 16384, 0.25) == [[0, 1]]  # 25 padded tokens: less than another forward
+    assert prefill_groups([5, 30], 1024, 0.25) == [[0], [1]]  # on a CPU budget they are not
+    assert prefill_groups([], 1024, 0.25) == []
+
+
+def test_joiners_of_mixed_lengths_are_prefilled_in_groups_each_row_as_generate_alone(tiny_llama):
+    """One wave of short and long prompts: prefilled in several forwards (the budget cut to 256 tokens), padding
+    bounded, and every row's greedy tokens those of the model's own ``generate`` on that request alone."""
+    from personavec.generation.local import generate_batch
+    from personavec.serving.scheduler import prefill_groups
+    from personavec.tuning import Tuning
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_model(tiny_llama, dtype="float32", device="cpu")
+        loaded.model.to(torch.float64)
+        long = "Tell me everything about " + "the sea and the ships and the stars " * 12
+        questions = ["Hi", long, "How are you?", long + "and the moon", "What is truth?", long[:150]]
+        bodies = [{"model": "m", "messages": _messages(None, q), "max_tokens": 6, "temperature": 0} for q in questions]
+        tuning = Tuning(cpu_batch_tokens=256)
+        served, tickets, scheduler = _serve_staggered(loaded, [bodies], tuning)
+        lengths = [len(t.prompt) for t in tickets]
+        assert max(lengths) > 100 > 20 > min(lengths)
+        assert scheduler.prefills == len(prefill_groups(lengths, 256, 0.25)) >= 3
+        assert scheduler.prefill_tokens == sum(lengths)
+        one_block = max(lengths) * len(lengths)  # as the joiners were prefilled before: one left-padded block
+        assert scheduler.prefill_cells - sum(lengths) <= 0.25 * one_block - 1 < one_block - sum(lengths)
+        for got, ticket in zip(served, tickets, strict=True):
+            want = generate_batch(loaded, [ticket.prompt], max_new_tokens=6)[0].token_ids
+            assert got.token_ids == want
+    finally:
+        torch.set_num_threads(threads)

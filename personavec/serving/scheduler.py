@@ -7,16 +7,18 @@ step feeds one token per row at the same column, with a 2D attention mask hiding
 
 1. admits new requests (tokenize, check lengths, resolve interventions; a bad one is refused, the rest go on),
 2. drops cancelled and finished rows (``batch_select_indices``) and trims the columns no row uses any more,
-3. prefills the joiners together (left-padded, their own cache), samples their first token, and merges their cache
-   into the running one (both left-padded to the wider of the two),
+3. prefills the joiners in groups of similar prompt length (:func:`prefill_groups`: each group left-padded, within
+   the batch token budget, little of it padding), samples each group's first tokens, and merges its cache into the
+   running one (both left-padded to the wider of the two),
 4. runs one decoding step over every row and samples each row's next token.
 
 Sliding-window models (Gemma 2 and 3, Mistral with ``sliding_window``...) are served with the same cache of full
 layers: the model builds its sliding-window mask from the 2D attention mask and the cache's columns (query column
 ``q`` sees key column ``k`` when ``q - window < k <= q``), and since every row's tokens are contiguous and right-aligned
-(left padding; joiners are left-padded as a block; trimming removes whole columns from the left), column distance is
-token distance for every row, so each row sees exactly its own last ``window`` tokens. The keys that fell out of the
-window stay in the cache (the memory of a full-attention layer; the window is 1024 tokens or more in real models).
+(left padding; each group of joiners is left-padded as a block; trimming removes whole columns from the left),
+column distance is token distance for every row, so each row sees exactly its own last ``window`` tokens. The keys
+that fell out of the window stay in the cache (the memory of a full-attention layer; the window is 1024 tokens or
+more in real models).
 Models whose cache has other layer kinds (linear attention, chunked attention, shared KV) are refused at start.
 
 Interventions are per row: one forward hook per decoder block (registered once, for the server's life) applies
@@ -48,6 +50,7 @@ import numpy as np
 from personavec.errors import ConfigError, ModelError
 from personavec.hooks import patch
 from personavec.serving.requests import BadRequest, InterventionSpec, ServeRequest
+from personavec.tuning import DEFAULT, Tuning
 
 if TYPE_CHECKING:
     from personavec.modeling import LoadedModel
@@ -331,6 +334,32 @@ def _build_state(rows: Sequence[_Row], *, decoding: bool, dtype: Any, devices: d
 # ---------------------------------------------------------------------------------------------------- engine
 
 
+def prefill_groups(lengths: Sequence[int], max_tokens: int, max_padding: float) -> list[list[int]]:
+    """The indices of prompts of ``lengths`` cut into the groups prefilled together (each one forward over its
+    prompts left-padded to its longest): in length order, a group grows while its padded block (rows x longest)
+    stays within ``max_tokens`` (a longer prompt is a group alone) and its padding within ``max_padding`` of the
+    block or ``max_tokens // 64`` cells, below which one more forward costs more than the padding.
+
+    Example:
+        >>> prefill_groups([300, 12, 10, 290], 1024, 0.25)
+        [[2, 1], [3, 0]]
+    """
+    groups: list[list[int]] = []
+    group: list[int] = []
+    tokens = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        n = lengths[i]  # the longest so far: the block's width if i joins
+        cells = (len(group) + 1) * n
+        if group and (cells > max_tokens or cells - tokens - n > max(max_padding * cells, max_tokens // 64)):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(i)
+        tokens += n
+    if group:
+        groups.append(group)
+    return groups
+
+
 class Scheduler:
     """The model thread. ``submit`` a request with a sink for its events; ``start`` / ``stop`` the thread.
 
@@ -341,6 +370,8 @@ class Scheduler:
         max_new_tokens: the default and largest ``max_tokens``.
         on_finished: called on the model thread with ``(ticket, [Finished...])`` when every answer of a request is
             complete (the recorder); never for a cancelled request.
+        tuning: its batch token budget (:meth:`personavec.tuning.Tuning.batch_tokens`) and ``prefill_padding`` cut
+            the prefill of joining requests (:func:`prefill_groups`).
     """
 
     def __init__(
@@ -351,6 +382,7 @@ class Scheduler:
         max_batch: int = 64,
         max_new_tokens: int = 1024,
         on_finished: Callable[[Ticket, list[Finished]], None] | None = None,
+        tuning: Tuning = DEFAULT,
     ) -> None:
         import torch
 
@@ -386,6 +418,11 @@ class Scheduler:
         self._serials = itertools.count()
         self.steps = 0  # decoding steps run
         self.peak = 0  # the most rows one decoding step has run (reset it to watch a window)
+        self.prefill_budget = tuning.batch_tokens(loaded.input_device)
+        self.prefill_padding = tuning.prefill_padding
+        self.prefills = 0  # prefill forwards run
+        self.prefill_tokens = 0  # prompt tokens they computed
+        self.prefill_cells = 0  # cells they computed: prompt tokens and padding
 
     # ------------------------------------------------------------------ public
 
@@ -597,11 +634,18 @@ class Scheduler:
         return out.logits[:, -1, :]
 
     def _prefill(self, joiners: list[_Row]) -> None:
+        for group in prefill_groups([r.prompt_len for r in joiners], self.prefill_budget, self.prefill_padding):
+            self._prefill_group([joiners[i] for i in group])
+
+    def _prefill_group(self, joiners: list[_Row]) -> None:
         import torch
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         width = max(r.prompt_len for r in joiners)
+        self.prefills += 1
+        self.prefill_tokens += sum(r.prompt_len for r in joiners)
+        self.prefill_cells += width * len(joiners)
         ids = torch.full((len(joiners), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(joiners), width), dtype=torch.long)
         for i, row in enumerate(joiners):
