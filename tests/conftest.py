@@ -299,6 +299,25 @@ def tiny_loaded(tiny_llama: str):
     return load_model(tiny_llama, dtype="float32", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def tiny8(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An 8-layer, 64-wide random llama with a ChatML template (8 layers: the synthetic extraction's model size)."""
+    from tiny_models import llama8
+
+    return llama8(tmp_path_factory.mktemp("tiny8") / "llama8", seed=0)
+
+
+@pytest.fixture
+def vectors_run(workspace, make_extraction_run, tiny8):
+    """A vectors run over synthetic activations recorded as tiny8's (8 layers, 64 wide) at layers 2 and 5."""
+    from personavec.vectors import VectorConfig, compute_vectors
+
+    ext = make_extraction_run(
+        workspace, layers=(2, 5), d_model=64, model=tiny8, revision=None, architecture="LlamaForCausalLM"
+    )
+    return compute_vectors(workspace, VectorConfig(extraction_run_id=ext.run_id)).run_id
+
+
 # ------------------------------------------------------------------------------ the embedded model, served once
 
 

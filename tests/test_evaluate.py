@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -183,20 +184,20 @@ def test_evaluate_a_layer_sweep_and_a_cap_then_resume(workspace, tmp_path, steer
     )
     seen: list = []
 
-    def stop_in_the_second_judge_run(p) -> None:
+    def stop_once_judgements_land(p) -> None:  # the member runs are judged together: stop at the first that lands
         seen.append(p)
-        judging = [q for q in seen if q.step == "judge"]
-        members = list(dict.fromkeys(q.responses_run_id for q in judging))
-        if len(members) == 2 and p.step == "judge" and p.detail.new >= 1:
+        if p.step == "judge" and p.detail.new >= 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_evaluation(ws, config, progress=stop_in_the_second_judge_run, loaded=loaded)
+        run_evaluation(ws, config, progress=stop_once_judgements_land, loaded=loaded)
     run_id = seen[0].run_id
     info = get_evaluation(ws.catalog(), run_id)
     assert info.run.status == "interrupted" and info.figures == ()
     judged_before = {m.responses_run_id: m.judge_run_id for m in info.members if m.judge_run_id is not None}
-    assert len(judged_before) == 2
+    assert len(judged_before) == len(info.members) == 6  # every member's judge run opened first, then asked together
+    status = _rows(ws, "SELECT status, count(*) FROM runs WHERE kind = 'judge' GROUP BY status")
+    assert dict(status).get("interrupted", 0) >= 1 and set(dict(status)) <= {"interrupted", "done"}, status
     caps_before = {m.role: m.responses_run_id for m in info.members if m.role != "sweep"}
     assert set(caps_before) == {"uncapped", "capped"}  # the cap answers came first and are kept
 
@@ -303,3 +304,79 @@ def test_tradeoff_and_capping_figures_draw_missing_scores(tmp_path):
         [("uncapped", 0.5, 0.2, 0.8, 70.0, 60.0, 80.0), ("capped", None, None, None, 40.0, None, None)]
     )
     assert plots.save_png(bars, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_member_runs_are_judged_together_within_one_limit_and_a_failing_one_stops_the_others(
+    workspace, tiny8, vectors_run
+):
+    """Four sweep runs of two answers: their judge runs are opened first, then asked in one event loop. Requests of
+    several runs are in flight at once (a run alone has at most 3: its probe, then 3 workers for its other 3), never
+    more than ``judge_concurrency`` in all. A run whose endpoint refuses a request (400) fails and stops the others
+    (interrupted, naming it); the resume, at another concurrency, reuses every run and judges each answer once."""
+    import threading
+    import time
+
+    from fault_server import FaultServer, first_token_logprobs
+
+    from personavec.errors import EndpointError
+    from personavec.generation.config import GenerateConfig, LocalOptions
+    from personavec.generation.local import run_sweep
+
+    gen = GenerateConfig(
+        engine="local", model=tiny8, personas=("default",), questions=(0, 1), max_tokens=4, temperature=0.0,
+        local=LocalOptions(device="cpu", dtype="float32", batch_size=8),
+        steering=SteeringConfig(f"{vectors_run}:storyteller-default", layers=(5,)),
+    )  # fmt: skip
+    sweep = run_sweep(workspace, gen, [0.0, 1.0, 2.0, 4.0]).sweep_id
+    lock, flight = threading.Lock(), {"now": 0, "most": 0, "asked": 0}
+
+    def judge(refuse_from: int | None):
+        def script(attempt, n, body):
+            with lock:
+                flight["now"] += 1
+                flight["most"] = max(flight["most"], flight["now"])
+                flight["asked"] += 1
+                refuse = refuse_from is not None and flight["asked"] > refuse_from
+            time.sleep(0.15)  # a remote judge's latency: requests overlap
+            with lock:
+                flight["now"] -= 1
+            if refuse:
+                return ("status", 400, {}, {"error": {"message": "this judge refuses"}})
+            return ("reply", "60", first_token_logprobs({"60": 0.8, "70": 0.2}))
+
+        return script
+
+    def config(server, concurrency: int) -> EvaluateConfig:
+        return EvaluateConfig(
+            sweep=sweep, trait="jester", trait_description="Jokes.", judge_model="j", judge_base_url=server.base_url,
+            judge_concurrency=concurrency, projection=False,
+        )  # fmt: skip
+
+    with FaultServer(judge(refuse_from=10)) as server, pytest.raises(EndpointError, match="this judge refuses"):
+        run_evaluation(workspace, config(server, 8))
+    assert 4 <= flight["most"] <= 8, flight  # more than one run asked at once; the limit held
+    evaluation = _rows(workspace, "SELECT max(id) FROM runs WHERE kind = 'evaluate'")[0][0]
+    info = get_evaluation(workspace.catalog(), evaluation)
+    assert info.run.status == "failed" and "personavec evaluate --resume" in info.run.error
+    judge_runs = {m.judge_run_id for m in info.members}
+    assert len(judge_runs) == 4 and None not in judge_runs
+    rows = _rows(workspace, "SELECT id, status, error FROM runs WHERE kind = 'judge' ORDER BY id")
+    failed = [r for r in rows if r[1] == "failed"]
+    assert len(failed) >= 1 and all("this judge refuses" in r[2] for r in failed), rows
+    stopped = [r for r in rows if r[1] == "interrupted"]
+    assert all(re.fullmatch(r"stopped when judge run \d+ failed", r[2]) for r in stopped), rows
+    assert {r[1] for r in rows} <= {"failed", "interrupted", "done"}
+
+    flight.update(now=0, most=0, asked=0)
+    with FaultServer(judge(refuse_from=None)) as server:
+        res = run_evaluation(workspace, config(server, 2), resume=evaluation)
+    assert res.status == "done" and flight["most"] <= 2
+    assert set(res.judge_runs) == judge_runs  # every judge run resumed, none made again
+    assert _rows(workspace, "SELECT count(*) FROM runs WHERE kind = 'judge'") == [(4,)]
+    per = _rows(
+        workspace,
+        "SELECT j.run_id, j.rubric, count(*), count(DISTINCT j.response_id) FROM judgements j "
+        "WHERE j.raw_output IS NOT NULL GROUP BY ALL",
+    )
+    assert len(per) == 8 and all(n == distinct == 2 for _, _, n, distinct in per)  # 4 runs x 2 rubrics x 2 answers

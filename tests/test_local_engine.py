@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-import torch
 from checks import one_line_error, runs_of
-from tiny_models import save_template_tokenizer, tiny_config
+from tiny_models import llama8
 
 from personavec.cli import app
 from personavec.config import config_from_dict
@@ -36,27 +35,10 @@ from personavec.vectors import VectorConfig, compute_vectors, load_vectors
 PERSONAS = ("default", "storyteller", "cynic")
 
 
-def _llama8(out: Path, seed: int) -> str:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config("llama")
-    config.num_hidden_layers = 8
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    save_template_tokenizer("chatml", out)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def tiny8(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An 8-layer, 64-wide random llama with a ChatML template (8 layers: the synthetic extraction's model size)."""
-    return _llama8(tmp_path_factory.mktemp("tiny8") / "llama8", seed=0)
-
-
 @pytest.fixture(scope="session")
 def models(tiny8: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """Two tiny models of the same shape (8 layers x 64) with different weights: ``tiny8`` and another seed."""
-    return tiny8, _llama8(tmp_path_factory.mktemp("tiny8") / "llama8-other", seed=1)
+    return tiny8, llama8(tmp_path_factory.mktemp("tiny8") / "llama8-other", seed=1)
 
 
 def _config(model: str, **kw) -> GenerateConfig:
@@ -129,15 +111,6 @@ def test_seeded_sampling_is_reproducible(workspace, tiny8):
     a, b = run_generation(workspace, config), run_generation(workspace, config)
     texts = [[r.text for r in answered_responses(workspace.catalog(), x.run_id)] for x in (a, b)]
     assert texts[0] == texts[1]
-
-
-@pytest.fixture
-def vectors_run(workspace, make_extraction_run, tiny8):
-    """A vectors run over synthetic activations recorded as tiny8's (8 layers, 64 wide) at layers 2 and 5."""
-    ext = make_extraction_run(
-        workspace, layers=(2, 5), d_model=64, model=tiny8, revision=None, architecture="LlamaForCausalLM"
-    )
-    return compute_vectors(workspace, VectorConfig(extraction_run_id=ext.run_id)).run_id
 
 
 @pytest.mark.slow

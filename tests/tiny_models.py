@@ -260,3 +260,14 @@ def tiny_gguf(out: Path, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def llama8(out: Path, seed: int) -> str:
+    """An 8-layer, 64-wide random llama (``seed``) with a ChatML template, saved to ``out``: the synthetic
+    extraction's model size."""
+    torch.manual_seed(seed)
+    config = tiny_config("llama")
+    config.num_hidden_layers = 8
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    save_template_tokenizer("chatml", out)
+    return str(out)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -331,18 +332,21 @@ async def _worker_pool(
     n_jobs: int,
     concurrency: int,
     on_result: Callable[[Job, Completion | RequestFailed], None],
+    limit: asyncio.Semaphore | None = None,
 ) -> None:
-    """Run ``n_jobs`` jobs, taken lazily from ``jobs``, with at most ``concurrency`` in flight, each request on the
-    next of ``endpoints`` in turn (round-robin over replicas); ``on_result`` is called on the event-loop thread as
-    each finishes. The first :class:`EndpointError` (or error of ``on_result``) cancels everything in flight and is
-    raised."""
+    """Run ``n_jobs`` jobs, taken lazily from ``jobs``, with at most ``concurrency`` in flight (and each request
+    holding ``limit``, shared with other pools, when given), each request on the next of ``endpoints`` in turn
+    (round-robin over replicas); ``on_result`` is called on the event-loop thread as each finishes. The first
+    :class:`EndpointError` (or error of ``on_result``) cancels everything in flight and is raised."""
     todo = iter(jobs)
     turn = itertools.cycle(endpoints)
+    shared = limit or contextlib.nullcontext()
 
     async def worker() -> None:
         for job in todo:  # one shared iterator: each job is taken by exactly one worker
             try:
-                outcome: Completion | RequestFailed = await next(turn).complete(job.system_prompt, job.question)
+                async with shared:
+                    outcome: Completion | RequestFailed = await next(turn).complete(job.system_prompt, job.question)
             except RequestFailed as exc:
                 outcome = exc
             on_result(job, outcome)
@@ -363,14 +367,15 @@ async def ask_all(
     n_jobs: int,
     on_result: Callable[[Job, Completion | RequestFailed], None],
     extra_body: Mapping[str, Any] | None = None,
+    limit: asyncio.Semaphore | None = None,
 ) -> None:
     """Ask ``n_jobs`` jobs over one client per base URL of ``config`` (with its key from ``keys``), closing the clients
-    however it ends."""
+    however it ends; ``limit``, when given, bounds the requests in flight together with other callers sharing it."""
     for url in config.base_urls:
         await check_reachable(url, min(config.timeout_s, CONNECT_CHECK_S))
     endpoints = [ChatEndpoint(config, keys.get(url), base_url=url, extra_body=extra_body) for url in config.base_urls]
     try:
-        await _worker_pool(endpoints, jobs, n_jobs, config.concurrency, on_result)
+        await _worker_pool(endpoints, jobs, n_jobs, config.concurrency, on_result, limit)
     finally:
         for endpoint in endpoints:
             await endpoint.aclose()

@@ -28,6 +28,7 @@ again on resume. An answer longer than what was asked (``max_tokens`` x 64 bytes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -282,6 +283,44 @@ def run_judge(
 
     Example: ``run_judge(ws, JudgeConfig(3, ("coherence",), model="m", base_url=url))``.
     """
+    work = open_judge(ws, config, resume=resume, progress=progress)
+    try:
+        if work.jobs:
+            run_sync(lambda: ask_judge(work))
+    except BaseException as exc:
+        error = stopped_judge(work, exc)
+        if error is exc:
+            raise
+        raise error from (None if isinstance(exc, EndpointError) else exc)
+    return close_judge(work)
+
+
+@dataclass
+class JudgeWork:
+    """A judge run opened by :func:`open_judge` (recorded, or resumed), with the requests it still has to ask."""
+
+    ws: Workspace
+    run_id: int
+    config: JudgeConfig
+    keys: Mapping[str, str | None]
+    jobs: list[Job]
+    total: int
+    tally: _Tally
+    resumed: bool
+    start: float
+    asked_logprobs: bool
+
+
+def open_judge(
+    ws: Workspace,
+    config: JudgeConfig | None,
+    *,
+    resume: int | None = None,
+    progress: Callable[[JudgeProgress], None] | None = None,
+) -> JudgeWork:
+    """The first part of :func:`run_judge`: check the config, record the run (or mark it resumed) and list what is
+    left to ask. Then :func:`ask_judge` (in an event loop, with others) and :func:`close_judge`, or
+    :func:`stopped_judge` when asking raised."""
     from personavec.store import judgements as js
     from personavec.store.responses import answered_responses
 
@@ -294,7 +333,6 @@ def run_judge(
     elif config is None:
         raise ConfigError("run_judge needs a config (new run) or resume=RUN_ID")
     keys = config.endpoint.api_keys()  # before anything is written: a missing key leaves no run behind
-    secrets = [k for k in keys.values() if k]
     responses = answered_responses(catalog, config.responses_run)
     if not responses:
         raise ConfigError(f"responses run {config.responses_run} has no answered responses to judge")
@@ -325,62 +363,81 @@ def run_judge(
     tally = _Tally(run_id, total, js.judgement_counts(catalog, run_id), progress)
     tally.report()
     asked_logprobs = config.score_mode != "parse"
+    return JudgeWork(ws, run_id, config, keys, jobs, total, tally, resume is not None, start, asked_logprobs)
 
-    async def main() -> None:
-        nonlocal asked_logprobs
-        writer: GroupCommitWriter[Any] = GroupCommitWriter(
-            lambda rows: js.upsert_judgements(catalog, run_id, rows), tally.committed
-        )
-        writer.begin()
 
-        def land(job: Job, outcome: Completion | RequestFailed) -> None:
-            writer.put(_row(job.key, outcome, config))
+async def ask_judge(work: JudgeWork, limit: asyncio.Semaphore | None = None) -> None:
+    """Ask what ``work`` has left, landing each judgement as it arrives (whatever finished before a stop lands too).
+    ``limit`` bounds the requests in flight across every coroutine sharing it (several judge runs at once);
+    without it, the run's own ``concurrency`` does."""
+    from personavec.store import judgements as js
 
-        try:
-            rest = jobs
-            if config.score_mode == "auto":
-                asked_logprobs = await _probe(config, keys, jobs[0], land)
-                rest = jobs[1:]
-            extra = config.logprob_params if asked_logprobs else None
-            if rest:
-                await ask_all(config.endpoint, keys, rest, len(rest), land, extra_body=extra)
-        finally:
-            await writer.close()  # whatever finished before a stop (fatal error, Ctrl-C) still lands
+    catalog, config, jobs = work.ws.catalog(), work.config, work.jobs
+    writer: GroupCommitWriter[Any] = GroupCommitWriter(
+        lambda rows: js.upsert_judgements(catalog, work.run_id, rows), work.tally.committed
+    )
+    writer.begin()
+
+    def land(job: Job, outcome: Completion | RequestFailed) -> None:
+        writer.put(_row(job.key, outcome, config))
 
     try:
-        if jobs:
-            run_sync(main)
-    except EndpointError as exc:
+        rest = jobs
+        if config.score_mode == "auto":
+            work.asked_logprobs = await _probe(config, work.keys, jobs[0], land, limit)
+            rest = jobs[1:]
+        extra = config.logprob_params if work.asked_logprobs else None
+        if rest:
+            await ask_all(config.endpoint, work.keys, rest, len(rest), land, extra_body=extra, limit=limit)
+    finally:
+        await writer.close()  # whatever finished before a stop (fatal error, Ctrl-C) still lands
+
+
+def stopped_judge(work: JudgeWork, exc: BaseException, why: str | None = None) -> BaseException:
+    """Mark ``work``'s run as asking it ended by ``exc`` (kept as failed with what was judged, or interrupted: by
+    Ctrl-C, SIGTERM or ``why``) and return the error to raise: the endpoint's error naming the resume,
+    :class:`RunInterrupted`, or ``exc``."""
+    from personavec.store import judgements as js
+
+    catalog, run_id = work.ws.catalog(), work.run_id
+    if isinstance(exc, EndpointError):
         # kept as failed (with whatever was judged), as docs/judge.md says: the run records what was tried
         js.finish_judge_run(catalog, run_id, "failed", str(exc))
-        raise EndpointError(f"{exc} [judge run {run_id} stopped; resume with --resume {run_id}]") from None
-    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
-        js.finish_judge_run(catalog, run_id, "interrupted", interruption(exc))
-        raise RunInterrupted(run_id, f"personavec judge --resume {run_id}") from exc
-    except BaseException as exc:
-        js.finish_judge_run(catalog, run_id, "failed", redact(f"{type(exc).__name__}: {exc}", secrets))
-        raise
+        return EndpointError(f"{exc} [judge run {run_id} stopped; resume with --resume {run_id}]")
+    if isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
+        js.finish_judge_run(catalog, run_id, "interrupted", why or interruption(exc))
+        return RunInterrupted(run_id, f"personavec judge --resume {run_id}")
+    secrets = [k for k in work.keys.values() if k]
+    js.finish_judge_run(catalog, run_id, "failed", redact(f"{type(exc).__name__}: {exc}", secrets))
+    return exc
+
+
+def close_judge(work: JudgeWork) -> JudgeResult:
+    """Mark ``work``'s run done (or failed, when requests still failed after the retries) once asking finished."""
+    from personavec.store import judgements as js
+
+    catalog, run_id = work.ws.catalog(), work.run_id
     counts = js.judgement_counts(catalog, run_id)
     status, error = "done", None
     if counts["failed"]:
         status = "failed"
         error = (
-            f"{counts['failed']} of {total} judge requests failed after retries; "
+            f"{counts['failed']} of {work.total} judge requests failed after retries; "
             f"rerun with --resume {run_id} to ask only those"
         )
     js.finish_judge_run(catalog, run_id, status, error)
     return JudgeResult(
         run_id=run_id,
         status=status,
-        resumed=resume is not None,
-        total=total,
+        resumed=work.resumed,
+        total=work.total,
         scored=counts["scored"],
         unscored=counts["unscored"],
         failures=counts["failed"],
-        new=tally.new,
-        requested=len(jobs),
-        logprobs=asked_logprobs,
-        wall_s=time.perf_counter() - start,
+        new=work.tally.new,
+        requested=len(work.jobs),
+        logprobs=work.asked_logprobs,
+        wall_s=time.perf_counter() - work.start,
         error=error,
         scored_by_logprobs=counts["by_logprobs"],
     )
@@ -391,6 +448,7 @@ async def _probe(
     keys: Mapping[str, str | None],
     job: Job,
     land: Callable[[Job, Completion | RequestFailed], None],
+    limit: asyncio.Semaphore | None = None,
 ) -> bool:
     """Ask the first pair with logprobs; if the endpoint refuses the request, ask it again without them and go on
     parsing answers (some servers reject ``logprobs``). Returns whether the rest should ask for logprobs."""
@@ -400,7 +458,8 @@ async def _probe(
     async def ask(extra: Mapping[str, Any] | None) -> Completion | RequestFailed:
         endpoint = ChatEndpoint(endpoint_config, keys.get(config.base_url), extra_body=extra)
         try:
-            return await endpoint.complete(job.system_prompt, job.question)
+            async with limit or contextlib.nullcontext():
+                return await endpoint.complete(job.system_prompt, job.question)
         except RequestFailed as exc:
             return exc
         finally:
@@ -421,8 +480,13 @@ async def _probe(
 
 __all__ = [
     "JudgeConfig",
+    "JudgeWork",
     "JudgeProgress",
     "JudgeResult",
     "resume_config",
+    "ask_judge",
+    "close_judge",
+    "open_judge",
     "run_judge",
+    "stopped_judge",
 ]

@@ -27,6 +27,7 @@ another, and recomputes the figures.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -442,7 +443,7 @@ def run_evaluation(
             assert cap_model is not None and question_set is not None
             loaded = _cap_answers(ws, config, run_id, cap_model, question_set, loaded, tell)
         info = es.get_evaluation(catalog, run_id)
-        judge_runs = [_judged(ws, config, run_id, member, tell) for member in info.members]
+        judge_runs = _judge_members(ws, config, run_id, info.members, tell)
         figures, projections, model_for_sweep = _figures(ws, config, run_id, sweep, loaded, tell)
         op = choose_operating_point(figures, config.threshold)
         tell("report", None)
@@ -523,30 +524,95 @@ def _cap_answers(
     return loaded
 
 
-def _judged(ws: Workspace, config: EvaluateConfig, run_id: int, member: Any, tell: Callable[..., None]) -> int:
-    """The member's judge run, done: started (and linked at its first progress call) or resumed as needed."""
+def _judge_members(
+    ws: Workspace, config: EvaluateConfig, run_id: int, members: Sequence[Any], tell: Callable[..., None]
+) -> list[int]:
+    """Every member's judge run, done. Those not done yet are opened (started, or resumed; each linked to the
+    evaluation at its first progress call), then asked together in one event loop, at most ``judge_concurrency``
+    requests in flight across them, each run closed as it finishes. When one fails, the others stop (interrupted,
+    resumable) and its error is raised; Ctrl-C or SIGTERM leaves every unfinished one interrupted."""
     from personavec.errors import EndpointError
-    from personavec.judging.judge import run_judge
+    from personavec.generation.endpoint import run_sync
+    from personavec.judging.judge import JudgeWork, ask_judge, close_judge, open_judge, stopped_judge
     from personavec.store import evaluations as es
     from personavec.store.runs import get_run
 
     catalog = ws.catalog()
-    rubrics = config.sweep_rubrics if member.role == "sweep" else config.cap_rubrics
-    judge_config = config.judge_config(member.responses_run_id, rubrics)
-    if member.judge_run_id is not None and get_run(catalog, member.judge_run_id).status == "done":
-        return int(member.judge_run_id)
-    linked = [member.judge_run_id] if member.judge_run_id is not None else []
+    judge_runs = {m.responses_run_id: m.judge_run_id for m in members}
+    works: list[tuple[Any, JudgeWork]] = []
+    try:
+        for member in members:
+            if member.judge_run_id is not None and get_run(catalog, member.judge_run_id).status == "done":
+                continue
+            rubrics = config.sweep_rubrics if member.role == "sweep" else config.cap_rubrics
 
-    def progress(p: Any) -> None:
-        if not linked:
-            es.set_member_judge(catalog, run_id, member.responses_run_id, p.run_id)
-            linked.append(p.run_id)
-        tell("judge", member.responses_run_id, p)
+            def progress(p: Any, member: Any = member) -> None:
+                if judge_runs[member.responses_run_id] is None:
+                    es.set_member_judge(catalog, run_id, member.responses_run_id, p.run_id)
+                    judge_runs[member.responses_run_id] = p.run_id
+                tell("judge", member.responses_run_id, p)
 
-    result = run_judge(ws, judge_config, resume=member.judge_run_id, progress=progress)
-    if result.status != "done":
-        raise EndpointError(f"judge run {result.run_id} (responses run {member.responses_run_id}): {result.error}")
-    return result.run_id
+            judge_config = config.judge_config(member.responses_run_id, rubrics)
+            works.append((member, open_judge(ws, judge_config, resume=member.judge_run_id, progress=progress)))
+    except BaseException:
+        for _, opened in works:  # none of them asked anything yet
+            stopped_judge(opened, asyncio.CancelledError(), "stopped before asking: another judge run failed to start")
+        raise
+
+    stops: dict[int, BaseException] = {}  # judge run -> what stopped it
+    finished: dict[int, Any] = {}  # judge run -> its JudgeResult
+    interrupts = (KeyboardInterrupt, asyncio.CancelledError)
+
+    async def one(work: JudgeWork, limit: asyncio.Semaphore) -> None:
+        try:
+            if work.jobs:
+                await ask_judge(work, limit)
+        except BaseException as exc:
+            stops[work.run_id] = exc
+            raise
+        finished[work.run_id] = close_judge(work)
+
+    async def every() -> None:
+        limit = asyncio.Semaphore(config.judge_concurrency)
+        tasks = [asyncio.create_task(one(work, limit)) for _, work in works]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for _, work in works:
+            if work.run_id in stops and not isinstance(stops[work.run_id], asyncio.CancelledError):
+                raise stops[work.run_id]
+
+    try:
+        if works:
+            run_sync(every)
+    except BaseException as exc:
+        # a member's own failure stops the others (interrupted, resumable); an interrupt stops every one
+        culprit = (
+            None if isinstance(exc, interrupts) else next((w for _, w in works if stops.get(w.run_id) is exc), None)
+        )
+        error: BaseException = exc
+        for _, work in works:
+            if work.run_id in finished:
+                continue
+            own = stops.get(work.run_id)
+            if own is not None and not isinstance(own, interrupts):
+                raised = stopped_judge(work, own)  # kept as failed, with what it judged
+                error = raised if work is culprit else error
+            elif culprit is not None:
+                stopped_judge(work, asyncio.CancelledError(), f"stopped when judge run {culprit.run_id} failed")
+            else:
+                stopped_judge(work, exc)
+        if error is exc:
+            raise
+        raise error from None
+    for member, work in works:
+        result = finished[work.run_id]
+        if result.status != "done":
+            raise EndpointError(f"judge run {result.run_id} (responses run {member.responses_run_id}): {result.error}")
+    return [int(judge_runs[m.responses_run_id]) for m in members]
 
 
 def _scores(ws: Workspace, responses_run_id: int, judge_run_id: int, rubrics: Sequence[str]) -> dict[str, Any]:
