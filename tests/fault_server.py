@@ -54,6 +54,14 @@ def answer_for(body: dict) -> str:
     return f"[{system[:20]}] answer to: {user[:40]}"
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up (a cancelled request) is fine
+            super().handle_error(request, client_address)
+
+
 class FaultServer:
     """Start with ``with FaultServer(script) as server:``; ``server.base_url`` ends in ``/v1``."""
 
@@ -174,7 +182,7 @@ class FaultServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True  # a hanging handler must not block shutdown
         self.port = self._server.server_address[1]
         if tls is not None:  # (certificate, key): HTTPS, the handshake made as each connection is accepted
