@@ -467,7 +467,7 @@ def _sliding_model(root, arch: str, window: int):
     return loaded
 
 
-def _serve_staggered(loaded, waves, tuning=None):
+def _serve_staggered(loaded, waves, tuning=None, scheduler_class=None):
     """Serve ``waves`` (lists of request bodies) on a Scheduler, each wave submitted once the batch has run two more
     decoding steps; returns each request's :class:`Finished` (in order) and the scheduler."""
     import threading
@@ -476,7 +476,9 @@ def _serve_staggered(loaded, waves, tuning=None):
     from personavec.tuning import DEFAULT
 
     resolver = InterventionResolver(None, loaded)
-    scheduler = Scheduler(loaded, resolver=resolver, max_batch=16, max_new_tokens=64, tuning=tuning or DEFAULT)
+    scheduler = (scheduler_class or Scheduler)(
+        loaded, resolver=resolver, max_batch=16, max_new_tokens=64, tuning=tuning or DEFAULT
+    )
     done: list[list] = []
     tickets = []
     all_done = threading.Semaphore(0)
@@ -629,5 +631,47 @@ def test_joiners_of_mixed_lengths_are_prefilled_in_groups_each_row_as_generate_a
         for got, ticket in zip(served, tickets, strict=True):
             want = generate_batch(loaded, [ticket.prompt], max_new_tokens=6)[0].token_ids
             assert got.token_ids == want
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_wave_of_long_prompts_joins_a_group_per_step_while_the_batch_keeps_answering(tiny_llama):
+    """A short request decoding, then four long prompts at once, the budget one of them: each decoding step of the
+    running row is followed by one group's prefill (not four prefills in a row), the oldest first, and every row's
+    greedy tokens are those of ``generate`` alone."""
+    from personavec.generation.local import generate_batch
+    from personavec.serving.scheduler import Scheduler
+    from personavec.tuning import Tuning
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_model(tiny_llama, dtype="float32", device="cpu")
+        loaded.model.to(torch.float64)
+        events: list[str] = []
+        prefill, decode = Scheduler._prefill_group, Scheduler._decode
+
+        class Watched(Scheduler):
+            def _prefill_group(self, joiners):
+                events.append(f"P{len(joiners)}")
+                return prefill(self, joiners)
+
+            def _decode(self):
+                events.append("D")
+                return decode(self)
+
+        long = "Tell me about the sea and the ships and the stars, " * 3
+        first = {"model": "m", "messages": _messages(None, "Hi"), "max_tokens": 16, "temperature": 0}
+        wave = [
+            {"model": "m", "messages": _messages(None, long + str(i)), "max_tokens": 4, "temperature": 0}
+            for i in range(4)
+        ]
+        served, tickets, _ = _serve_staggered(loaded, [[first], wave], Tuning(cpu_batch_tokens=64), Watched)
+        assert all(40 < len(t.prompt) <= 64 for t in tickets[1:])  # one long prompt fills the budget
+        joined = "".join(events[events.index("P1", 1) :])  # from the wave's first prefill on
+        assert joined.startswith("P1DP1DP1DP1D"), events
+        for got, ticket in zip(served, tickets, strict=True):
+            n = 16 if ticket is tickets[0] else 4
+            assert got.token_ids == generate_batch(loaded, [ticket.prompt], max_new_tokens=n)[0].token_ids
     finally:
         torch.set_num_threads(threads)

@@ -7,9 +7,11 @@ step feeds one token per row at the same column, with a 2D attention mask hiding
 
 1. admits new requests (tokenize, check lengths, resolve interventions; a bad one is refused, the rest go on),
 2. drops cancelled and finished rows (``batch_select_indices``) and trims the columns no row uses any more,
-3. prefills the joiners in groups of similar prompt length (:func:`prefill_groups`: each group left-padded, within
-   the batch token budget, little of it padding), samples each group's first tokens, and merges its cache into the
-   running one (both left-padded to the wider of the two),
+3. prefills waiting joiners in groups of similar prompt length (:func:`prefill_groups`: each group left-padded,
+   within the batch token budget, little of it padding), the longest-waiting first and about one budget of them
+   per iteration (the rest wait for the next, after a decoding step: the rows answering keep answering while a
+   wave of long prompts joins), samples each group's first tokens, and merges its cache into the running one
+   (both left-padded to the wider of the two),
 4. runs one decoding step over every row and samples each row's next token.
 
 Sliding-window models (Gemma 2 and 3, Mistral with ``sliding_window``...) are served with the same cache of full
@@ -399,7 +401,8 @@ class Scheduler:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
         self._inbox: queue.Queue[Ticket | None] = queue.Queue()
         self._rows: list[_Row] = []
-        self._joining: list[_Row] = []
+        self._joining: list[_Row] = []  # rows being prefilled
+        self._waiting: list[_Row] = []  # admitted rows not prefilled yet
         self._cache: Any = None
         self._mask: Any = None  # [B, W] long
         self._state: _PerRow | None = None
@@ -453,7 +456,8 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self._rows)
+        """Answers in progress: decoding, or admitted and waiting for their prefill."""
+        return len(self._rows) + len(self._joining) + len(self._waiting)
 
     # ------------------------------------------------------------------ hooks
 
@@ -493,11 +497,11 @@ class Scheduler:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                joiners = self._admit()
+                self._waiting.extend(self._admit())
                 self._drop()
-                if joiners:
-                    self._joining = joiners
-                    self._prefill(joiners)
+                if self._waiting:
+                    self._joining = self._next_prefill()
+                    self._prefill(self._joining)
                     self._joining = []
                     self._drop()
                 if self._rows:
@@ -505,7 +509,7 @@ class Scheduler:
         except BaseException as exc:  # surface the failure to every waiting client, then stop
             self.error = exc
             failed = Refused(ModelError(f"the model thread failed: {type(exc).__name__}: {exc}"))
-            tickets = {id(r.ticket): r.ticket for r in (*self._rows, *self._joining)}
+            tickets = {id(r.ticket): r.ticket for r in (*self._rows, *self._joining, *self._waiting)}
             while True:
                 try:
                     waiting = self._inbox.get_nowait()
@@ -519,8 +523,8 @@ class Scheduler:
 
     def _admit(self) -> list[_Row]:
         joiners: list[_Row] = []
-        block = not self._rows
-        while len(self._rows) + len(joiners) < self.max_batch:
+        block = not self._rows and not self._waiting
+        while len(self._rows) + len(self._waiting) + len(joiners) < self.max_batch:
             try:
                 ticket = self._inbox.get(block=block and not joiners, timeout=0.5 if block and not joiners else None)
             except queue.Empty:
@@ -536,7 +540,7 @@ class Scheduler:
                 continue
             ticket.sink(Admitted(len(ticket.prompt)))
             joiners.extend(rows)
-            if self.max_batch - len(self._rows) - len(joiners) < 0:
+            if self.max_batch - len(self._rows) - len(self._waiting) - len(joiners) < 0:
                 break
         return joiners
 
@@ -597,8 +601,15 @@ class Scheduler:
     # ------------------------------------------------------------------ batch bookkeeping
 
     def _drop(self) -> None:
-        """Remove finished and cancelled rows from the batch and trim padding columns no row needs."""
+        """Remove finished and cancelled rows from the batch (and cancelled ones from those waiting) and trim padding
+        columns no row needs."""
         import torch
+
+        if any(r.ticket.cancelled for r in self._waiting):
+            for row in self._waiting:
+                if row.ticket.cancelled:
+                    self._finished.pop(id(row.ticket), None)
+            self._waiting = [r for r in self._waiting if not r.ticket.cancelled]
 
         for row in self._rows:
             if row.ticket.cancelled and not row.done:
@@ -632,6 +643,26 @@ class Scheduler:
                 input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), **kwargs
             )
         return out.logits[:, -1, :]
+
+    def _next_prefill(self) -> list[_Row]:
+        """The waiting rows to prefill in this loop iteration: whole groups (:func:`prefill_groups`), the group of the
+        longest-waiting row first, while their cells stay within the batch token budget (at least one group). The
+        rest wait for the next iteration, after a decoding step: a wave of long prompts joining does not stall the
+        rows already answering for all of its prefill."""
+        waiting = self._waiting
+        groups = prefill_groups([r.prompt_len for r in waiting], self.prefill_budget, self.prefill_padding)
+        groups.sort(key=lambda g: min(waiting[i].serial for i in g))
+        taken: list[int] = []
+        cells = 0
+        for group in groups:
+            size = max(waiting[i].prompt_len for i in group) * len(group)
+            if taken and cells + size > self.prefill_budget:
+                break
+            taken.extend(group)
+            cells += size
+        chosen = set(taken)
+        self._waiting = [r for i, r in enumerate(waiting) if i not in chosen]
+        return [waiting[i] for i in taken]
 
     def _prefill(self, joiners: list[_Row]) -> None:
         for group in prefill_groups([r.prompt_len for r in joiners], self.prefill_budget, self.prefill_padding):
