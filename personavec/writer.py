@@ -53,7 +53,10 @@ class Committer:
 
     def _reap(self, wait: bool) -> None:
         while self._pending and (wait or self._pending[0].done()):
-            exc = self._pending.popleft().exception()
+            future = self._pending.popleft()
+            if future.cancelled():  # never ran (its producer was cancelled first): not a failure
+                continue
+            exc = future.exception()
             if exc is None:
                 self.commits += 1
             elif self._error is None:
@@ -140,6 +143,15 @@ class GroupCommitWriter(Generic[T]):
         self._closed = True
         self._wake.set()
         try:
+            died = self._task.done() and not self._task.cancelled() and self._task.exception() is not None
+            if died and not isinstance(self._task.exception(), Exception):
+                # KeyboardInterrupt/SystemExit (a progress callback stopping the run) left the event loop already;
+                # raised again here, while asyncio cancels the other tasks, it would cut that cleanup short. The
+                # rows queued since still land.
+                if self._pending:
+                    self._committer.submit(self._write_rows, self._pending)
+                    self._pending = []
+                return
             await self._task
         finally:
             self._committer.close(raise_errors=False)  # an error reached the task already
@@ -155,7 +167,8 @@ class GroupCommitWriter(Generic[T]):
                 continue
             rows, self._pending = self._pending, []
             started = time.perf_counter()
-            await asyncio.wrap_future(self._committer.submit(self._write_rows, rows))
+            # shielded: a cancelled writer (Ctrl-C) still lets a commit it queued run; close() waits for it
+            await asyncio.shield(asyncio.wrap_future(self._committer.submit(self._write_rows, rows)))
             self.commits += 1
             if self._committed is not None:
                 self._committed(rows)  # after the commit: progress never shows what a crash would lose

@@ -556,6 +556,14 @@ def test_committer_runs_units_of_work_in_order_and_raises_a_failure_in_the_produ
         committer.submit(done.append, 6)
     assert 6 not in done
 
+    # a unit cancelled before it ran (its producer was cancelled: Ctrl-C in an event loop) is no failure: closing
+    # raised concurrent.futures.CancelledError, and an evaluation marked a judge run stopped that way as failed
+    committer = Committer()
+    committer.submit(time.sleep, 0.2)
+    assert committer.submit(done.append, 7).cancel()  # queued behind the first: cancellable
+    _within(10, committer.close)
+    assert committer.commits == 1 and 7 not in done
+
 
 def test_units_in_flight_are_bounded_by_bytes_and_at_least_two_per_writer_thread() -> None:
     """Computed rows waiting for the writers are bounded by ``Tuning.in_flight_bytes`` (every layer of a 27B
