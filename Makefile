@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.personavec-installed
 
-.PHONY: setup demo test test-fast test-floors lint bench clean
+.PHONY: setup demo test test-fast test-floors lint clean
 
 setup: $(STAMP)
 
