@@ -143,8 +143,8 @@ class GroupCommitWriter(Generic[T]):
         self._closed = True
         self._wake.set()
         try:
-            died = self._task.done() and not self._task.cancelled() and self._task.exception() is not None
-            if died and not isinstance(self._task.exception(), Exception):
+            died = self._task.exception() if self._task.done() and not self._task.cancelled() else None
+            if died is not None and not isinstance(died, Exception):
                 # KeyboardInterrupt/SystemExit (a progress callback stopping the run) left the event loop already;
                 # raised again here, while asyncio cancels the other tasks, it would cut that cleanup short. The
                 # rows queued since still land.

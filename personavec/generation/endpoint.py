@@ -465,7 +465,6 @@ def _run_here(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     async def main() -> T:
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         assert task is not None
-        loop.set_exception_handler(_quiet_about_interrupts)
 
         def on_sigterm(signum: int, frame: Any) -> None:
             try:
@@ -476,7 +475,7 @@ def _run_here(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
         signal.signal(signal.SIGTERM, on_sigterm)
         try:
-            return await make_coro()
+            return await _reraised_quietly(make_coro)
         finally:
             signal.signal(signal.SIGTERM, previous)
 

@@ -500,8 +500,10 @@ class Scheduler:
                 self._waiting.extend(self._admit())
                 self._drop()
                 if self._waiting:
-                    self._joining = self._next_prefill()
-                    self._prefill(self._joining)
+                    groups = self._next_prefill()
+                    self._joining = [row for group in groups for row in group]
+                    for group in groups:
+                        self._prefill_group(group)
                     self._joining = []
                     self._drop()
                 if self._rows:
@@ -605,11 +607,10 @@ class Scheduler:
         columns no row needs."""
         import torch
 
-        if any(r.ticket.cancelled for r in self._waiting):
-            for row in self._waiting:
-                if row.ticket.cancelled:
-                    self._finished.pop(id(row.ticket), None)
-            self._waiting = [r for r in self._waiting if not r.ticket.cancelled]
+        for row in self._waiting:
+            if row.ticket.cancelled:
+                self._finished.pop(id(row.ticket), None)
+        self._waiting = [r for r in self._waiting if not r.ticket.cancelled]
 
         for row in self._rows:
             if row.ticket.cancelled and not row.done:
@@ -644,29 +645,25 @@ class Scheduler:
             )
         return out.logits[:, -1, :]
 
-    def _next_prefill(self) -> list[_Row]:
-        """The waiting rows to prefill in this loop iteration: whole groups (:func:`prefill_groups`), the group of the
+    def _next_prefill(self) -> list[list[_Row]]:
+        """The groups of waiting rows to prefill in this loop iteration (:func:`prefill_groups`), the group of the
         longest-waiting row first, while their cells stay within the batch token budget (at least one group). The
         rest wait for the next iteration, after a decoding step: a wave of long prompts joining does not stall the
         rows already answering for all of its prefill."""
         waiting = self._waiting
         groups = prefill_groups([r.prompt_len for r in waiting], self.prefill_budget, self.prefill_padding)
         groups.sort(key=lambda g: min(waiting[i].serial for i in g))
-        taken: list[int] = []
+        taken: list[list[_Row]] = []
         cells = 0
         for group in groups:
             size = max(waiting[i].prompt_len for i in group) * len(group)
             if taken and cells + size > self.prefill_budget:
                 break
-            taken.extend(group)
+            taken.append([waiting[i] for i in group])
             cells += size
-        chosen = set(taken)
-        self._waiting = [r for i, r in enumerate(waiting) if i not in chosen]
-        return [waiting[i] for i in taken]
-
-    def _prefill(self, joiners: list[_Row]) -> None:
-        for group in prefill_groups([r.prompt_len for r in joiners], self.prefill_budget, self.prefill_padding):
-            self._prefill_group([joiners[i] for i in group])
+        chosen = {id(row) for group in taken for row in group}
+        self._waiting = [r for r in waiting if id(r) not in chosen]
+        return taken
 
     def _prefill_group(self, joiners: list[_Row]) -> None:
         import torch
