@@ -28,6 +28,7 @@ A store is a local path or an fsspec URL (``file:///shared/acts.zarr``, ``s3://b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -36,8 +37,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from personavec.errors import StorageConflictError, StorageCorruptError, StorageError, StorageOverflowError
+from personavec.files import fsync
 
 ARRAY_NAME = "activations"
 #: Storage dtypes an activation array may have.
@@ -201,6 +204,9 @@ def create_activation_array(
         filters=None,
         attributes=array_attrs,
     )
+    base = _local_dir(root.store_path)
+    if base is not None:  # the run's rows are marked done only after this: its metadata must outlive a power cut
+        _sync_paths(base, ["zarr.json", f"{name}/zarr.json", f"{name}/{ARRAY_NAME}/zarr.json"], top=base.parent)
     return name
 
 
@@ -281,10 +287,52 @@ def from_storage(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32, copy=False)
 
 
-def write_rows(array: zarr.Array, start: int, values: np.ndarray) -> None:
+def write_rows(array: zarr.Array, start: int, values: np.ndarray, *, durable: bool = False) -> None:
     """Write ``values`` (float32 ``[k, n_layers, d_model]``) into rows ``start:start+k``, converted to the
-    array's storage dtype (see :func:`to_storage`)."""
+    array's storage dtype (see :func:`to_storage`). ``durable``: return only once the files written are on disk
+    (:func:`sync_rows`), so that rows marked done afterwards survive a power cut."""
     array[start : start + values.shape[0]] = to_storage(values, storage_dtype(array), start)
+    if durable:
+        sync_rows(array, start, start + values.shape[0])
+
+
+def _local_dir(store_path: Any) -> Path | None:
+    """The directory of a store path on this machine's filesystem (a local path or a ``file://`` URL); None for
+    other stores (an object store makes a write durable itself)."""
+    store = store_path.store
+    if isinstance(store, LocalStore):
+        root = Path(store.root)
+    else:
+        fs = getattr(getattr(store, "fs", None), "sync_fs", getattr(store, "fs", None))
+        if fs is None or "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            return None
+        root = Path(store.path)
+    return root / store_path.path if store_path.path else root
+
+
+def _sync_paths(base: Path, keys: Iterable[str], top: Path | None = None) -> None:
+    """fsync the files ``base/key``, then every directory from theirs up to ``top`` (default ``base``), deepest
+    first: the file's bytes, then the names that lead to it (zarr renames a temporary file into place and creates
+    directories as it goes). Directories cannot be opened on Windows: files only there."""
+    top = top or base
+    dirs: set[Path] = set()
+    for key in keys:
+        path = base / key
+        fsync(path)
+        if os.name != "nt":
+            dirs.update(parent for parent in path.parents if parent == top or top in parent.parents)
+    for directory in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        fsync(directory)
+
+
+def sync_rows(array: zarr.Array, start: int, stop: int) -> None:
+    """Make rows ``start:stop`` durable: fsync the files of their write units and the directories above them, up to
+    the array's. A no-op for an object store (fsspec URLs other than ``file://``)."""
+    base = _local_dir(array.store_path)
+    if base is not None and stop > start:
+        per = rows_per_chunk(array)
+        keys = [key for block in range(start // per, -(-stop // per)) for key in _block_keys(array, block)]
+        _sync_paths(base, keys)
 
 
 def _where(array: zarr.Array) -> str:

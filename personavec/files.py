@@ -37,10 +37,19 @@ def _umask() -> int:
     return mask
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's (or a directory's: the names in it) data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place: a crash or an error
-    never leaves a half-written ``path`` (the temporary file is removed). The file gets the permissions a plain
-    ``open(path, "w")`` would (0666 minus the umask), not ``mkstemp``'s private 0600.
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place (both fsynced): a crash,
+    a power cut or an error never leaves a half-written ``path`` (the temporary file is removed). The file gets the
+    permissions a plain ``open(path, "w")`` would (0666 minus the umask), not ``mkstemp``'s private 0600.
 
     Raises :class:`InputFileError` when ``path`` is a directory or its directory cannot be written."""
     from personavec.errors import InputFileError
@@ -58,7 +67,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         write(Path(tmp))
         # after the write: some writers replace the file they are given (safetensors' save_file makes it 0600)
         os.chmod(tmp, 0o666 & ~_umask())
+        fsync(Path(tmp))  # the bytes on disk before the name points at them: a power cut leaves old or new
         os.replace(tmp, path)
+        if os.name != "nt":
+            fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

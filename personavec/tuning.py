@@ -50,6 +50,10 @@ class Tuning:
         prefill_padding: the steering server prefills requests joining its batch in groups of similar prompt
             length, each within the batch token budget (:meth:`batch_tokens`; a longer prompt alone): a group may
             be at most this share padding (or 1/64 of the budget, under which one more forward costs more).
+        fsync_writes: extraction fsyncs each shard it writes (and the directories above it) before its rows are
+            marked done, so a power cut never leaves a done row without its activations (local stores; an object
+            store's write is durable when it returns). Off: faster only where fsync is slow (some network
+            filesystems); ``personavec verify`` then finds what a crash lost.
     """
 
     cpu_batch_tokens: int = 1024
@@ -69,6 +73,7 @@ class Tuning:
     commit_interval_s: float = 0.1
     read_block_bytes: int = 64 << 20
     prefill_padding: float = 0.25
+    fsync_writes: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rest_windows", tuple(int(w) for w in self.rest_windows))

@@ -23,11 +23,13 @@ the embedded model and its own tokenizer.
 
 Store-only mode (``--stress``, no model, any machine): the pipeline's real writer path (``store_batches`` +
 ``ChunkWriter`` + catalog marking, real DuckDB and Zarr) fed ``[batch, n_layers, d_model]`` float32 batches at a
-simulated GPU rate (``--gpu-tok-s``; 0 = as fast as the store goes). Three variants in the same run: ``before``
+simulated GPU rate (``--gpu-tok-s``; 0 = as fast as the store goes). Four variants in the same run: ``before``
 (the writer loop and layout of personavec before this change, reproduced here: per-row copies and a catalog commit
 per batch on the model's thread, one writer thread, unsharded ``rows x 1 x d`` zstd chunks), ``legacy`` (today's
-loop, the old layout, one writer thread) and ``sharded`` (today's loop and layout). Reports the time the model's
-thread lost (wall - simulated GPU time), how long it waited on the writers, the final drain, and the store's MB/s.
+loop, the old layout, one writer thread), ``sharded`` (today's loop and layout) and ``sharded-no-fsync`` (the same
+without fsyncing each shard before its rows are marked done, ``Tuning.fsync_writes=False``). Reports the time the
+model's thread lost (wall - simulated GPU time), how long it waited on the writers, the final drain, and the store's
+MB/s.
 
     GPU:  PYTHONPATH=. python3 scripts/bench_pipeline.py --device cuda --synthetic gemma-3-27b --repeat 2
     CPU:  .venv/bin/python scripts/bench_pipeline.py --synthetic tiny --n 96
@@ -388,7 +390,7 @@ def stress_mode(args) -> dict:
           f"batches of {batch_rows}, simulated GPU {args.gpu_tok_s or 'inf'} tok/s ({per_batch_s * 1e3:.0f} ms/batch)"
           f", dir={work}", flush=True)  # fmt: skip
 
-    def one(layout: str, threads: int) -> dict:
+    def one(layout: str, threads: int, durable: bool = True) -> dict:
         table = pa.table({
             "response_id": pa.array(ids, pa.int64()), "row": pa.array(range(n), pa.int32()),
             "span_start": pa.array([1] * n, pa.int32()), "span_end": pa.array([2] * n, pa.int32()),
@@ -436,7 +438,8 @@ def stress_mode(args) -> dict:
             xs.finish_extraction(ws.catalog(), run_id, "done", None, None)
         else:
             marker = DoneMarks(ws.catalog(), run_id)
-            store_batches(ChunkAssembler(plan, array, n_layers, d_model), batches(), writer, on_written=marker.add)
+            assembler = ChunkAssembler(array, n, per, n_layers, d_model, expect=range(n), durable=durable)
+            store_batches(assembler, batches(), writer, on_written=marker.add)
             loop_s = time.perf_counter() - t
             writer.close()
             xs.finish_extraction(ws.catalog(), run_id, "done", None, None, marker.drain(writer.written()))
@@ -455,6 +458,7 @@ def stress_mode(args) -> dict:
             "store_mb_s": round(size / 1e6 / wall, 1), "mb": round(size / 1e6, 1), "files": files,
             "read_one_layer_s": round(read_s, 3),
         }  # fmt: skip
+        res["layout"] = layout = layout if durable or layout == "before" else f"{layout}-no-fsync"
         print(f"{layout:8s} threads={threads}: {res}", flush=True)
         return res
 
@@ -463,11 +467,12 @@ def stress_mode(args) -> dict:
         runs.append(one("before", 1))
         runs.append(one("legacy", 1))
         runs.append(one("sharded", args.writer_threads))
+        runs.append(one("sharded", args.writer_threads, durable=False))
     if not args.dir:
         shutil.rmtree(work, ignore_errors=True)
     best = {
         layout: min((r for r in runs if r["layout"] == layout), key=lambda r: r["wall_s"])
-        for layout in ("before", "legacy", "sharded")
+        for layout in ("before", "legacy", "sharded", "sharded-no-fsync")
     }
     return {
         "mode": "stress", "runs": runs, "best": best, "n": n, "layers": n_layers, "d_model": d_model,

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from personavec.extract import (
 from personavec.ingest import IngestConfig, ingest
 from personavec.modeling import load_model
 from personavec.spans import conversation, render
+from personavec.store import extraction as xs
 from personavec.store.extraction import (
     done_count,
     extraction_examples,
@@ -45,6 +47,7 @@ from personavec.store.extraction import (
     get_extraction_run,
 )
 from personavec.store.runs import get_run, list_runs
+from personavec.tuning import Tuning
 
 
 @pytest.fixture(scope="session")
@@ -269,6 +272,58 @@ def test_run_extraction_provenance_and_rows(workspace, responses_run: int, tiny_
     )
     naive = _naive(loaded, examples, [2, 4]).numpy()
     assert _min_cos(torch.from_numpy(values[rows]), torch.from_numpy(naive)) >= 0.9999
+
+
+@pytest.mark.slow
+def test_rows_are_marked_done_only_once_their_shard_is_on_disk(
+    workspace, responses_run: int, tiny_root: Path, monkeypatch
+) -> None:
+    """A power cut must never leave a done row without its activations: the array's metadata is fsynced when it is
+    created, and each row's shard file and the directories leading to it before the commit that marks it done."""
+    synced: list[Path] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    seen: list[tuple[list[tuple[int, int]], set[Path]]] = []  # rows marked done, and the paths fsynced by then
+    mark_done, finish = xs.mark_done, xs.finish_extraction
+
+    def marking(catalog, run_id, ranges):
+        seen.append((list(ranges), set(synced)))
+        return mark_done(catalog, run_id, ranges)
+
+    def finishing(*args, **kwargs):
+        seen.append((list(args[5] if len(args) > 5 else kwargs.get("done", ())), set(synced)))
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    monkeypatch.setattr(xs, "mark_done", marking)
+    monkeypatch.setattr(xs, "finish_extraction", finishing)
+    model = str(tiny_model_dir(tiny_root, "llama", "chatml"))
+    config = ExtractConfig(
+        responses_run=responses_run, model=model, layers=(2,), chunk_rows=4, max_batch_size=3, device="cpu"
+    )
+    slow = lambda progress: time.sleep(0.05)  # noqa: E731 (the catalog's commits keep up: rows are marked as it goes)
+    run_id = run_extraction(workspace, config, progress=slow, tuning=Tuning(mark_interval_s=0)).run_id
+    info = get_extraction_run(workspace.catalog(), run_id)
+    array = arrays.open_activation_array(workspace.zarr_path, info.zarr_group)
+    base = (workspace.zarr_path / info.zarr_group / arrays.ARRAY_NAME).resolve()
+    marked = []
+    for ranges, files in seen:
+        assert {base / "zarr.json", base.parent / "zarr.json", base.parent.parent / "zarr.json"} <= files
+        for start, stop in ranges:
+            for row in range(start, stop):
+                shard = base / array.metadata.encode_chunk_key((row // 4, 0, 0))
+                assert {shard, shard.parent, shard.parent.parent, base / "c", base} <= files, row
+                marked.append(row)
+    assert sorted(marked) == list(range(25)) and len(seen) > 2  # marked as the run went, not all at its end
+
+    synced.clear()
+    quick = run_extraction(workspace, config, tuning=Tuning(fsync_writes=False)).run_id
+    group = workspace.zarr_path.resolve() / get_extraction_run(workspace.catalog(), quick).zarr_group
+    assert group / "zarr.json" in synced and not [p for p in synced if (group / arrays.ARRAY_NAME / "c") in p.parents]
 
 
 @pytest.mark.slow

@@ -216,7 +216,9 @@ def compute(
     """
     layers, per = shape.layers, shape.chunk_rows
     array = then(opening, lambda opened: opened.array)
-    assembler = ChunkAssembler(array, shape.n_examples, per, len(layers), loaded.d_model, shape.present, expect)
+    assembler = ChunkAssembler(
+        array, shape.n_examples, per, len(layers), loaded.d_model, shape.present, expect, durable=tuning.fsync_writes
+    )
     unit_bytes = per * len(layers) * loaded.d_model * 4  # float32 from the model, before the storage dtype
     in_flight = units_in_flight(unit_bytes, config.writer_threads, tuning)
     writer = ChunkWriter(None, str(location), max_in_flight=in_flight, threads=config.writer_threads)

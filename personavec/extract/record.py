@@ -232,7 +232,8 @@ def resume_hint(run_id: int) -> str:
 
 def adopt_written_rows(array: Any, pending: np.ndarray) -> tuple[list[tuple[int, int]], set[int]]:
     """Rows of ``pending`` that the store already holds, finite and with valid checksums (written before the
-    process died, before they were marked done), as ranges; and the write units present in the store."""
+    process died, before they were marked done), as ranges, made durable (their writer may have died before its
+    fsync); and the write units present in the store."""
     present = arrays.written_blocks(array)
     per = arrays.rows_per_chunk(array)
     adopted: list[int] = []
@@ -245,7 +246,10 @@ def adopt_written_rows(array: Any, pending: np.ndarray) -> tuple[list[tuple[int,
             continue  # recomputed, and the unit rewritten
         bad = set(arrays.nonfinite_rows(values).tolist())
         adopted.extend(int(r) for i, r in enumerate(rows) if i not in bad)
-    return row_ranges(adopted), present
+    ranges = row_ranges(adopted)
+    for start, stop in ranges:
+        arrays.sync_rows(array, start, stop)
+    return ranges, present
 
 
 def resumed_run(

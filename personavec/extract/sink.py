@@ -56,6 +56,8 @@ class ChunkAssembler:
         present: write units already in the store (a resumed run): one the session does not wholly rewrite is read
             back before it is written.
         expect: the session's rows (every row it will compute or find without a span; more with :meth:`expect`).
+        durable: a unit's write returns only once its files are on disk (:func:`personavec.arrays.sync_rows`), so
+            the rows it marks done survive a power cut (:attr:`personavec.tuning.Tuning.fsync_writes`).
     """
 
     def __init__(
@@ -67,8 +69,11 @@ class ChunkAssembler:
         d_model: int,
         present: Collection[int] = (),
         expect: Sequence[int] = (),
+        *,
+        durable: bool = True,
     ) -> None:
         self.array = array
+        self.durable = durable
         self.shape = (n_layers, d_model)
         self.per = chunk_rows
         self.n_rows = n_rows
@@ -132,6 +137,7 @@ class ChunkAssembler:
         pieces = list(block.pieces)
         done = row_ranges([r for first, v in pieces for r in range(first, first + len(v))])
         source, start, stop, read_base, shape = self.array, block.start, block.stop, block.read_base, self.shape
+        durable = self.durable
 
         def write() -> list[tuple[int, int]]:
             for first, values in pieces:
@@ -151,7 +157,7 @@ class ChunkAssembler:
                     out = np.full((stop - start, *shape), np.nan, dtype=np.float32)
                 for first, values in pieces:
                     out[first - start : first - start + len(values)] = values
-            arrays.write_rows(array, start, out)
+            arrays.write_rows(array, start, out, durable=durable)
             return done
 
         return write, done
