@@ -95,7 +95,7 @@ a = json.loads(sys.argv[1])
 personas, questions = list(PERSONAS)[: a["personas"]], EVAL_QUESTIONS[: a["questions"]]
 if a["mode"] == "seed":
     from personavec.config import PersonaVectorConfig
-    from personavec.generation.generate import generate_responses
+    from personavec import generate_responses
     cfg = PersonaVectorConfig(openrouter_model="fault-model", base_url=a["urls"][0],
                               max_concurrent_requests=a["concurrency"])
     t0, c0 = time.perf_counter(), os.times()
@@ -105,7 +105,10 @@ if a["mode"] == "seed":
     cpu = c1.user + c1.system - c0.user - c0.system
     print(json.dumps({"seconds": seconds, "cpu_s": cpu, "answers": n * a["samples"]}))
 else:
-    from personavec.generation.generate import GenerateConfig, run_generation
+    try:
+        from personavec.generation.generate import GenerateConfig, run_generation
+    except ModuleNotFoundError:  # before the packages by capability (the baseline): personavec/generate.py
+        from personavec.generate import GenerateConfig, run_generation
     with tempfile.TemporaryDirectory() as tmp:
         ws = init_workspace(Path(tmp) / "ws")
         extra = {"replicas": tuple(a["urls"][1:])} if len(a["urls"]) > 1 else {}
