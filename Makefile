@@ -41,7 +41,7 @@ test-floors:
 lint: setup
 	$(VENV)/bin/ruff check personavec tests scripts migrations
 	$(VENV)/bin/ruff format --check personavec tests scripts migrations
-	$(VENV)/bin/mypy personavec
+	$(VENV)/bin/mypy personavec scripts
 
 clean:
 	rm -rf $(VENV) .venv-floors .pytest_cache personavec-workspace personavec-demo

@@ -129,12 +129,12 @@ def main() -> None:
           f"{args.latency:g} s each, concurrency {args.concurrency}", flush=True)  # fmt: skip
 
     def one_after_another() -> float:
-        from personavec.judging.rubrics import trait_rubric
+        from personavec.judging.rubrics import BUILTIN_RUBRICS, trait_rubric
 
-        trait = trait_rubric("jester", "Jokes.")
+        trait, coherence = trait_rubric("jester", "Jokes."), BUILTIN_RUBRICS["coherence"]
         start = time.perf_counter()
         for run in runs:
-            run_judge(ws, JudgeConfig(run, (trait, "coherence"), model="judge", base_url=url,
+            run_judge(ws, JudgeConfig(run, (trait, coherence), model="judge", base_url=url,
                                       concurrency=args.concurrency))  # fmt: skip
         return time.perf_counter() - start
 

@@ -115,7 +115,8 @@ def build_tiny(device: str):
         num_key_value_heads=2, max_position_embeddings=4096,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device).eval()
+    model = LlamaForCausalLM(cfg).eval()
+    model.to(device)
     return LoadedModel(
         name="synthetic:tiny", path=Path("."), model=model, tokenizer=None, layers=decoder_layers(model),
         n_layers=4, d_model=256, architecture="LlamaForCausalLM", revision=None, device=device, dtype=torch.float32,

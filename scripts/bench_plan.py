@@ -150,9 +150,8 @@ def main() -> None:
     n = len(records)
     print(f"{n:,} responses ({args.roles} roles x {args.questions} questions x {args.samples}); setup {setup_s:.0f} s; "
           f"tokenizer {args.tokenizer}", flush=True)  # fmt: skip
-    examples = step(
-        "tokenize", lambda: encode_responses(loaded, ((r.system_prompt, r.question, r.text) for r in records), config)
-    )  # type: ignore[arg-type]
+    texts = ((r.system_prompt, r.question, r.text) for r in records)
+    examples = step("tokenize", lambda: encode_responses(loaded, texts, config))  # type: ignore[arg-type]  # a stub
     rows = step("rows", lambda: longest_first([ex.forward_length if has_span(ex) else 0 for ex in examples]))
     per = arrays.layout_for(n, args.layers, args.d_model)[0]
     plan = step("batches", lambda: ExtractionPlan.build(examples, rows, n_rows=n, chunk_rows=per,

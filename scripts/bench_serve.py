@@ -52,6 +52,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openai
@@ -77,7 +78,7 @@ async def _one(client, model: str, system: str, question: str, extra: dict, max_
     """One streamed request; appends ``[ttft, tokens]`` to ``got`` and updates it as chunks arrive (a cut-off
     workload keeps what came)."""
     t0 = time.perf_counter()
-    entry = [None, 0]
+    entry: list[Any] = [None, 0]  # [ttft s or None, tokens]
     got.append(entry)
     stream = await client.chat.completions.create(
         model=model,
@@ -129,10 +130,19 @@ def _transformers_serve_in_process(model, tokenizer, name: str, *, continuous_ba
     """Transformers' own serving app (what `transformers serve` builds: model manager, generation state, handlers,
     FastAPI app; transformers 5.17's layout) on a uvicorn thread, with ``model`` already in its model cache under
     ``name``. Yields the base URL."""
+    import transformers
     import uvicorn
+    from transformers.cli.serving import model_manager
+
+    if not hasattr(model_manager, "TimedModel"):  # 5.2x runs each model in a process of its own: no model passed in
+        raise RuntimeError(
+            f"this baseline follows transformers 5.17's serving app (the GPU machine's); transformers "
+            f"{transformers.__version__} has another: pass --model NAME to time a `transformers serve` process instead"
+        )
+    # mypy checks this against the transformers installed here: the 5.17 names below are ignored where they differ
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
     from transformers.cli.serving.completion import CompletionHandler
-    from transformers.cli.serving.model_manager import ModelManager, TimedModel
+    from transformers.cli.serving.model_manager import ModelManager, TimedModel  # type: ignore[attr-defined]
     from transformers.cli.serving.response import ResponseHandler
     from transformers.cli.serving.server import build_server
     from transformers.cli.serving.transcription import TranscriptionHandler
@@ -142,18 +152,20 @@ def _transformers_serve_in_process(model, tokenizer, name: str, *, continuous_ba
     from personavec.serve import free_port
 
     logging.set_verbosity_error()  # not a line per request
-    manager = ModelManager(device=str(model.device), dtype="auto", model_timeout=-1)
+    manager = ModelManager(device=str(model.device), dtype="auto", model_timeout=-1)  # type: ignore[call-arg]
     # Where load_model_and_processor looks first: the model is "loaded" (timeout -1: never unloaded).
-    manager.loaded_models[manager.process_model_name(name)] = TimedModel(model, timeout_seconds=-1, processor=tokenizer)
+    manager.loaded_models[manager.process_model_name(name)] = TimedModel(  # type: ignore[attr-defined]
+        model, timeout_seconds=-1, processor=tokenizer
+    )
     state = GenerationState(continuous_batching=continuous_batching)
     app = build_server(
         manager,
         ChatCompletionHandler(model_manager=manager, generation_state=state),
         completion_handler=CompletionHandler(model_manager=manager, generation_state=state),
         response_handler=ResponseHandler(model_manager=manager, generation_state=state),
-        transcription_handler=TranscriptionHandler(manager, state),
+        transcription_handler=TranscriptionHandler(manager, state),  # type: ignore[call-arg]
         generation_state=state,
-    )
+    )  # type: ignore[call-arg]
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="transformers-serve", daemon=True)
@@ -168,7 +180,7 @@ def _transformers_serve_in_process(model, tokenizer, name: str, *, continuous_ba
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-        state.shutdown()
+        state.shutdown()  # type: ignore[attr-defined]
 
 
 def _hf_generate(loaded, prompts, max_tokens: int) -> dict:

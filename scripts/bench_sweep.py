@@ -109,12 +109,14 @@ def main() -> None:
 
     rows: list[dict] = []
     pairs: list[tuple[list[int], list[int]]] = []
+    steering = config.steering
+    assert steering is not None
     for rep in range(args.repeat):
         sync(device)
         t = time.perf_counter()
         alone = [
             run_local_generation(
-                ws, dataclasses.replace(config, steering=dataclasses.replace(config.steering, coef=c)), loaded=loaded
+                ws, dataclasses.replace(config, steering=dataclasses.replace(steering, coef=c)), loaded=loaded
             )
             for c in args.coefs
         ]

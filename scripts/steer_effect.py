@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def main() -> None:
         return mean_activations(loaded, examples, [layer])[:, 0].double().numpy()
 
     v_default = means(neutral, answers(neutral)).mean(axis=0)
-    result = {"layer": layer, "default_norm": float(np.linalg.norm(v_default)), "personas": {}}
+    result: dict[str, Any] = {"layer": layer, "default_norm": float(np.linalg.norm(v_default)), "personas": {}}
     for persona in args.personas:
         v = means(PERSONAS[persona], answers(PERSONAS[persona])).mean(axis=0) - v_default
         unit = v / np.linalg.norm(v)

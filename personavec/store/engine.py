@@ -151,6 +151,35 @@ def create_catalog_engine(catalog_path: Path, *, read_only: bool = False) -> Eng
     return engine
 
 
+# DuckDB builds one database instance per file and process, shared by that file's connections, and tears it down when
+# the last one closes. A connection opened in another thread during that teardown builds a second instance, which
+# fails: "Unique file handle conflict: Cannot attach "catalog" - ... already attached" (duckdb 1.4; 8% of the units of
+# work of 4 threads failed so when this process held no instance). Connections are therefore opened and closed one at
+# a time in the process (~0.4 ms each with the instance open).
+_INSTANCE_LOCK = threading.Lock()
+
+
+def _new_instance_lock() -> None:  # a child forked while another thread held it would wait forever
+    global _INSTANCE_LOCK
+    _INSTANCE_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_new_instance_lock)
+
+
+class _InstancePool(sa.pool.NullPool):
+    """No pool (see :func:`_engine`); each connection opened and closed under :data:`_INSTANCE_LOCK`."""
+
+    def _do_get(self) -> sa.pool.ConnectionPoolEntry:
+        with _INSTANCE_LOCK:
+            return super()._do_get()
+
+    def _do_return_conn(self, record: sa.pool.ConnectionPoolEntry) -> None:
+        with _INSTANCE_LOCK:
+            super()._do_return_conn(record)
+
+
 def _engine(catalog_path: Path, read_only: bool) -> Engine:
     """:func:`create_catalog_engine` without opening the file."""
     if not read_only:
@@ -160,7 +189,7 @@ def _engine(catalog_path: Path, read_only: bool) -> Engine:
         connect_args={"read_only": read_only},
         # No pool: a connection lives for one unit of work, so the file is free for other processes between them
         # (see the module docstring). Connections of one process share DuckDB's in-process database instance.
-        poolclass=sa.pool.NullPool,
+        poolclass=_InstancePool,
     )
 
 
