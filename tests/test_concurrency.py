@@ -153,7 +153,8 @@ def test_units_of_work_of_several_threads_never_meet_a_dying_database_instance(w
     """Threads of one process (an evaluation's judge runs, the server's recorder) run units of work at once. With no
     instance held between them (a rank's catalog holds none), each unit may open DuckDB's instance of the file while
     another thread's closing connection tears it down: duckdb 1.4 then refused the new one ("Unique file handle
-    conflict ... already attached"), 163-220 of 400 units failed in six runs. Connections open and close one at a time now."""
+    conflict ... already attached"), 163-220 of 400 units failed in six runs. Connections open and close one at a
+    time now."""
     import sqlalchemy as sa
 
     workspace.close()
