@@ -39,7 +39,13 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from personavec.errors import StorageConflictError, StorageCorruptError, StorageError, StorageOverflowError
+from personavec.errors import (
+    StorageConflictError,
+    StorageCorruptError,
+    StorageError,
+    StorageMissingError,
+    StorageOverflowError,
+)
 from personavec.files import fsync
 
 ARRAY_NAME = "activations"
@@ -127,7 +133,28 @@ def is_url(location: StoreLocation) -> bool:
     return isinstance(location, str) and "://" in location
 
 
+def url_problem(url: str) -> str | None:
+    """Why the fsspec URL ``url`` cannot hold an activation store on this machine, or None when, as far as can be
+    told without reaching it, it can: fsspec has no filesystem for its protocol, the filesystem's package is not
+    installed (``s3fs`` for ``s3://``), or a ``file://`` path is a file."""
+    scheme, _, rest = url.partition("://")
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as exc:  # fsspec's own message names the package: "Install s3fs to access S3"
+        return f"{url}: {_one_line(exc).removeprefix('ImportError: ')} (pip install it here)"
+    except ValueError:
+        return f"{url}: fsspec knows no filesystem for {scheme}:// (file://, s3://, gs://, ... with their packages)"
+    if scheme in ("file", "local") and Path(rest).exists() and not Path(rest).is_dir():
+        return f"{url}: {rest} is a file, not a directory"
+    return None
+
+
 def _open(location: StoreLocation, mode: Literal["r", "r+", "a"]) -> zarr.Group:
+    problem = url_problem(str(location)) if is_url(location) else None
+    if problem:
+        raise StorageError(f"activation store {problem}")
     # fsspec's local filesystem does not create parent directories unless asked (other filesystems have none)
     options = {"auto_mkdir": True} if is_url(location) and str(location).startswith(("file://", "local://")) else None
     return zarr.open_group(str(location), mode=mode, zarr_format=3, storage_options=options)
@@ -136,7 +163,7 @@ def _open(location: StoreLocation, mode: Literal["r", "r+", "a"]) -> zarr.Group:
 def _root(zarr_path: StoreLocation, mode: Literal["r", "a"] = "a") -> zarr.Group:
     try:
         return _open(zarr_path, mode)
-    except FileNotFoundError:
+    except (FileNotFoundError, StorageError):
         raise
     except _DECODE_ERRORS as exc:
         raise StorageCorruptError(
@@ -217,8 +244,9 @@ def open_activation_array(zarr_path: StoreLocation, name: str, mode: Literal["r"
         root = _root(zarr_path, "r" if mode == "r" else "a")
         array = _activations(root, name)
     except (KeyError, FileNotFoundError) as exc:
-        raise StorageError(
-            f"activation store {zarr_path} has no group {name!r}: the Zarr store and the catalog disagree"
+        raise StorageMissingError(
+            f"activation store {zarr_path} has no group {name!r}: the Zarr store and the catalog disagree "
+            "(`personavec verify` names the fix)"
         ) from exc
     except StorageError:
         raise

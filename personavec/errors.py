@@ -136,6 +136,10 @@ class StorageError(PersonavecError, OSError):
     """The activation store (Zarr) is missing, inconsistent with the catalog, or cannot be written."""
 
 
+class StorageMissingError(StorageError):
+    """A run's group is not in the activation store (the catalog says it should be)."""
+
+
 class StorageCorruptError(StorageError):
     """Bytes in the activation store fail their checksum or cannot be decoded (a damaged chunk or zarr.json)."""
 

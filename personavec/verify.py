@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from personavec import arrays
-from personavec.errors import StorageCorruptError, StorageError
+from personavec.errors import StorageCorruptError, StorageError, StorageMissingError
 from personavec.store import extraction as xs
 from personavec.store.runs import list_runs
 from personavec.workspace import Workspace
@@ -26,7 +26,8 @@ from personavec.workspace import Workspace
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a run's stored activations: ``kind`` (``count``, ``metadata``, ``missing_group``,
-    ``shape``, ``corrupt``, ``nonfinite``, ``missing_rows``, ``partial_files``), the rows concerned, and detail."""
+    ``shape``, ``corrupt``, ``nonfinite``, ``missing_rows``, ``partial_files``, ``store``: it cannot be reached),
+    the rows concerned, and detail."""
 
     kind: str
     detail: str
@@ -144,7 +145,7 @@ def verify_run(
             )
         )
         return replace(base, problems=tuple(problems))
-    except StorageError:
+    except StorageMissingError:
         if needed.any():
             lost = _ranges(rows[needed].tolist())
             problems.append(Problem("missing_group", f"no Zarr group {info.zarr_group} for rows marked done", lost))
@@ -152,6 +153,9 @@ def verify_run(
         else:
             repaired = 0
         return replace(base, problems=tuple(problems), repaired_rows=repaired)
+    except StorageError as exc:  # the store cannot be reached from here: nothing is known of its rows
+        problems.append(Problem("store", f"{exc}; fix: make the store reachable, then verify again", repairable=False))
+        return replace(base, problems=tuple(problems))
     expected = (info.n_examples, len(info.layers), info.d_model)
     layout = 2 if arrays.is_checksummed(array) else 1
     base = replace(base, layout=layout, storage_dtype=arrays.storage_dtype(array), checksummed=layout >= 2)
@@ -247,7 +251,7 @@ def describe(check: RunCheck) -> str:
     head = (
         f"run {check.run_id}: {check.n_examples} examples, {check.n_done} done ({check.n_no_span} with no span), "
         f"{check.storage_dtype or '?'}"
-        + ("" if check.checksummed else ", no checksums (made before personavec stored them: bit flips go unseen)")
+        + (", no checksums (made before personavec stored them: bit flips go unseen)" if check.layout == 1 else "")
     )
     if check.n_adoptable:
         head += f", {check.n_adoptable} written but not marked done (a resume adopts them)"

@@ -158,6 +158,8 @@ def init_workspace(path: str | os.PathLike[str] | None = None, *, zarr_url: str 
             f"{ws.root} is a non-empty directory without {CATALOG_FILE}: "
             "pick an empty or new directory for the workspace"
         )
+    if zarr_url is not None:
+        _check_zarr_url(zarr_url)  # before anything is created
     ws.upgrade("head")
     if zarr_url is not None:
         _set_zarr_url(ws, zarr_url)
@@ -166,13 +168,21 @@ def init_workspace(path: str | os.PathLike[str] | None = None, *, zarr_url: str 
     return ws
 
 
-def _set_zarr_url(ws: Workspace, url: str) -> None:
+def _check_zarr_url(url: str) -> None:
     from personavec import arrays
 
     scheme, sep, rest = url.partition("://")
     if not sep or not scheme or not rest.strip("/"):
         raise ConfigError(f"zarr_url must be an fsspec URL such as file:///shared/acts.zarr or s3://bucket/acts.zarr, "
                           f"got {url!r}")  # fmt: skip
+    problem = arrays.url_problem(url)
+    if problem:
+        raise ConfigError(f"--zarr-url {problem}")
+
+
+def _set_zarr_url(ws: Workspace, url: str) -> None:
+    from personavec import arrays
+
     current = ws.zarr_url
     if current == url:
         return

@@ -50,7 +50,7 @@ def test_sql_is_read_only(cli, workspace):
         assert s.connection().exec_driver_sql("SELECT count(*) FROM personas").scalar() == 23
 
 
-def test_bad_input_exit_codes(cli, workspace, tmp_path):
+def test_bad_input_exit_codes(cli, workspace, tmp_path, monkeypatch):
     bad = tmp_path / "bad.json"
     bad.write_text('{"oops": "x"}')
     res = cli.invoke(app, ["ingest", "responses", str(bad), "-w", str(workspace.root)])
@@ -62,6 +62,11 @@ def test_bad_input_exit_codes(cli, workspace, tmp_path):
     assert res.exit_code == 2 and "no_such_table" in res.output
     res = cli.invoke(app, ["runs", "--kind", "extraction", "-w", str(workspace.root)])  # a typo: not an empty table
     assert res.exit_code == 2 and "unknown run kind 'extraction': one of ingest-personas," in res.output
+    workspace.close()  # the next command opens the catalog anew, reading the environment
+    monkeypatch.setenv("PERSONAVEC_LOCK_TIMEOUT", "2m")
+    res = cli.invoke(app, ["runs", "-w", str(workspace.root)])
+    assert res.exit_code == 2 and "$PERSONAVEC_LOCK_TIMEOUT must be a finite number of seconds >= 0" in res.output
+    assert "'2m'" in res.output and "Traceback" not in res.output
 
 
 def test_commands_named_in_messages_run_on_the_workspace_given(cli, workspace, tmp_path):

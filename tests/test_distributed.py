@@ -22,7 +22,7 @@ import pytest
 
 from personavec import EVAL_QUESTIONS, PERSONAS, arrays
 from personavec.cli import app
-from personavec.errors import ConfigError, DistributedError
+from personavec.errors import ConfigError, DistributedError, StorageError
 from personavec.extract import ExtractConfig, launch, run_extraction
 from personavec.extract import distributed as dp
 from personavec.ingest import IngestConfig, ingest
@@ -30,6 +30,7 @@ from personavec.store.extraction import done_count, extraction_examples, get_ext
 from personavec.store.responses import answered_responses
 from personavec.store.runs import get_run, list_runs
 from personavec.vectors import VectorConfig, compute_vectors, load_vectors
+from personavec.verify import describe, verify_run
 from personavec.workspace import Workspace, init_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,6 +252,18 @@ def test_zarr_url_workspace_keeps_activations_there(tmp_path: Path, responses_fi
         init_workspace(tmp_path / "ws", zarr_url="file:///somewhere/else.zarr")
     with pytest.raises(ConfigError, match="fsspec URL"):
         init_workspace(tmp_path / "ws2", zarr_url="/not/a/url")
+    # a store this machine cannot reach (its filesystem's package missing here): verify says so, and --repair does
+    # not take the done rows for lost
+    settings = ws.root / "workspace.json"
+    settings.write_text(json.dumps({"zarr_url": "nosuchfs://bucket/acts.zarr"}))
+    ws.close()
+    check = verify_run(ws, result.run_id, repair=True)
+    assert [p.kind for p in check.problems] == ["store"] and not check.repaired_rows
+    assert "fsspec knows no filesystem for nosuchfs://" in describe(check) and "no checksums" not in describe(check)
+    assert done_count(ws.catalog(), result.run_id) == N_PERSONAS * N_QUESTIONS
+    with pytest.raises(StorageError, match="fsspec knows no filesystem for nosuchfs://"):
+        compute_vectors(ws, VectorConfig(extraction_run_id=result.run_id))
+    settings.write_text(json.dumps({"zarr_url": url}))
     # one process may also keep them in memory (not shared between processes: no use for data parallel)
     mem = init_workspace(tmp_path / "ws3", zarr_url="memory://personavec-test/acts.zarr")
     config = ExtractConfig(responses_run=_ingest(mem, responses_file), model=model, layers=(2,), device="cpu")
@@ -264,6 +277,16 @@ def test_cli_init_zarr_url(cli, tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["activations"] == url
     assert Workspace.resolve(tmp_path / "ws").zarr_location == url
+    # refused before anything is made: a half-made workspace would then fail as "unknown persona set 'builtin'"
+    (tmp_path / "afile").write_text("x")
+    for bad, message in [
+        ("/not/a/url", "must be an fsspec URL"),
+        ("nosuchfs://bucket/acts.zarr", "fsspec knows no filesystem for nosuchfs://"),
+        (f"file://{tmp_path}/afile", "is a file, not a directory"),
+    ]:
+        out = cli.invoke(app, ["init", "-w", str(tmp_path / "new"), "--zarr-url", bad])
+        assert out.exit_code == 2 and message in out.output and len(out.output.strip().splitlines()) == 1, out.output
+        assert not (tmp_path / "new").exists()
 
 
 # -- real processes on the tiny llama -------------------------------------------------------------------------

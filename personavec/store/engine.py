@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import random
 import threading
@@ -46,7 +47,13 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from personavec.config import launched_world
-from personavec.errors import CatalogCorruptError, CatalogError, CatalogLockedError, SchemaVersionError
+from personavec.errors import (
+    CatalogCorruptError,
+    CatalogError,
+    CatalogLockedError,
+    ConfigError,
+    SchemaVersionError,
+)
 from personavec.store.models import SCHEMA_REVISION
 
 
@@ -203,9 +210,17 @@ def lock_timeout(read_only: bool, override: float | None = None) -> float:
     :data:`READ_LOCK_TIMEOUT_S` or :data:`WRITE_LOCK_TIMEOUT_S`."""
     if override is not None:
         return override
-    if os.environ.get(LOCK_TIMEOUT_ENV):
-        return float(os.environ[LOCK_TIMEOUT_ENV])
-    return READ_LOCK_TIMEOUT_S if read_only else WRITE_LOCK_TIMEOUT_S
+    value = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not value:
+        return READ_LOCK_TIMEOUT_S if read_only else WRITE_LOCK_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise ConfigError(f"${LOCK_TIMEOUT_ENV} must be a finite number of seconds >= 0 (how long to wait for another "
+                          f"process's lock on the catalog), got {value!r}")  # fmt: skip
+    return seconds
 
 
 def with_lock_retry(connect, timeout_s: float, on_wait=None):  # type: ignore[no-untyped-def]
