@@ -62,3 +62,30 @@ def test_own_runs_are_running(workspace):
     with catalog.session() as s:
         run_id = create_run(s, "extract", {})
     assert get_run(catalog, run_id).status == "running"
+
+
+def test_a_recorded_server_run_counts_its_answers_once(workspace):
+    """A recording server's generate run also owns the persona and question sets it made as requests came: `runs`
+    counts and describes its answers (it joined every detail row to every count row: 6 answers showed as 33)."""
+    from personavec.store.serving import (
+        ServedRequest,
+        ServedRow,
+        create_serve_session,
+        finish_serve_session,
+        record_served,
+    )
+
+    catalog = workspace.catalog()
+    session = create_serve_session(catalog, {"record": True}, model="m", endpoint="http://127.0.0.1:1/v1")
+    row = ServedRow(text="Arr.", finish_reason="stop", prompt_tokens=5, completion_tokens=2, latency_s=0.1)
+    asked = [
+        ServedRequest(system, question, "http://127.0.0.1:1/v1", "m", (row,), [], [], (), {})
+        for system in ("You are a pirate.", "You are a poet.", "You are terse.")
+        for question in ("Who are you?", "Why?")
+    ]
+    record_served(catalog, session, asked)
+    finish_serve_session(catalog, session)
+    served = [r for r in list_runs(catalog) if r.id == session.run_id]
+    assert len(served) == 1
+    assert (served[0].kind, served[0].items, served[0].failed) == ("generate", 6, 0)
+    assert served[0].detail.startswith("m"), served[0].detail  # the model, not "question set served-N"

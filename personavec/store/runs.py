@@ -173,47 +173,57 @@ def note_run_error(catalog: Catalog, run_id: int, note: str) -> None:
             run.error = f"{note}; {run.error}" if run.error else note
 
 
+# One row per run from each part: a run owning rows of several kinds (a server's recorded generate run also owns the
+# persona and question sets it made) counts and describes its first kind in this order (joined unaggregated, each
+# detail row multiplied the counts: a recorded run of 6 answers showed 33 items).
 _COUNTS = """
 WITH c AS (
-    SELECT run_id, count(*) FILTER (WHERE text IS NOT NULL) AS items,
-           count(*) FILTER (WHERE text IS NULL) AS failed FROM responses GROUP BY run_id
-    UNION ALL
-    SELECT run_id, count(*) FILTER (WHERE done), 0 FROM activations GROUP BY run_id  -- not done is pending, not failed
-    UNION ALL
-    SELECT run_id, count(*), 0 FROM vectors GROUP BY run_id
-    UNION ALL
-    SELECT run_id, count(raw_output), count(*) FILTER (WHERE raw_output IS NULL) FROM judgements GROUP BY run_id
-    UNION ALL
-    SELECT s.run_id, count(p.id), 0 FROM persona_sets s JOIN personas p ON p.persona_set_id = s.id GROUP BY s.run_id
-    UNION ALL
-    SELECT s.run_id, count(q.id), 0 FROM question_sets s JOIN questions q ON q.question_set_id = s.id
-    GROUP BY s.run_id
-    UNION ALL
-    SELECT run_id, count(*), 0 FROM evaluation_figures GROUP BY run_id
+    SELECT run_id, arg_min(items, part) AS items, arg_min(failed, part) AS failed FROM (
+        SELECT 1 AS part, run_id, count(*) FILTER (WHERE text IS NOT NULL) AS items,
+               count(*) FILTER (WHERE text IS NULL) AS failed FROM responses GROUP BY run_id
+        UNION ALL  -- not done is pending, not failed
+        SELECT 2, run_id, count(*) FILTER (WHERE done), 0 FROM activations GROUP BY run_id
+        UNION ALL
+        SELECT 3, run_id, count(*), 0 FROM vectors GROUP BY run_id
+        UNION ALL
+        SELECT 4, run_id, count(raw_output), count(*) FILTER (WHERE raw_output IS NULL) FROM judgements
+        GROUP BY run_id
+        UNION ALL
+        SELECT 5, s.run_id, count(p.id), 0 FROM persona_sets s JOIN personas p ON p.persona_set_id = s.id
+        GROUP BY s.run_id
+        UNION ALL
+        SELECT 6, s.run_id, count(q.id), 0 FROM question_sets s JOIN questions q ON q.question_set_id = s.id
+        GROUP BY s.run_id
+        UNION ALL
+        SELECT 7, run_id, count(*), 0 FROM evaluation_figures GROUP BY run_id
+    ) GROUP BY run_id
 ),
 d AS (
-    SELECT run_id, coalesce(model, '') || coalesce(' ' || source, '') AS detail FROM response_runs
-    UNION ALL
-    SELECT run_id, model || ' layers ' || array_to_string(layers, ',') FROM extraction_runs
-    UNION ALL
-    SELECT run_id, 'from run ' || extraction_run_id || ' by ' || group_by FROM vector_runs
-    UNION ALL
-    SELECT j.run_id, j.model || ' on run ' || j.responses_run_id || ': ' || array_to_string(j.rubrics, ',')
-           || ', ' || (SELECT count(score) FROM judgements WHERE run_id = j.run_id) || ' scored' FROM judge_runs j
-    UNION ALL
-    SELECT run_id, 'persona set ' || name FROM persona_sets
-    UNION ALL
-    SELECT run_id, 'question set ' || name FROM question_sets
-    UNION ALL
-    SELECT run_id, coalesce('sweep ' || sweep_id, 'capping') || coalesce(': ' || trait_rubric, '')
-           || coalesce(', op c=' || op_coef || ' @' || op_layer, '') FROM evaluation_runs
-)
-SELECT r.id, r.kind, r.status, r.created_at, r.wall_s,
-       coalesce(sum(c.items), 0), coalesce(sum(c.failed), 0), coalesce(any_value(d.detail), ''),
-       any_value(o.host), any_value(o.pid), any_value(o.process_start)
-FROM runs r LEFT JOIN c ON c.run_id = r.id LEFT JOIN d ON d.run_id = r.id LEFT JOIN run_owners o ON o.run_id = r.id
+    SELECT run_id, arg_min(detail, part) AS detail FROM (
+        SELECT 1 AS part, run_id, coalesce(model, '') || coalesce(' ' || source, '') AS detail FROM response_runs
+        UNION ALL
+        SELECT 2, run_id, model || ' layers ' || array_to_string(layers, ',') FROM extraction_runs
+        UNION ALL
+        SELECT 3, run_id, 'from run ' || extraction_run_id || ' by ' || group_by FROM vector_runs
+        UNION ALL
+        SELECT 4, j.run_id, j.model || ' on run ' || j.responses_run_id || ': ' || array_to_string(j.rubrics, ',')
+               || ', ' || (SELECT count(score) FROM judgements WHERE run_id = j.run_id) || ' scored' FROM judge_runs j
+        UNION ALL
+        SELECT 5, run_id, 'persona set ' || name FROM persona_sets
+        UNION ALL
+        SELECT 6, run_id, 'question set ' || name FROM question_sets
+        UNION ALL
+        SELECT 7, run_id, coalesce('sweep ' || sweep_id, 'capping') || coalesce(': ' || trait_rubric, '')
+               || coalesce(', op c=' || op_coef || ' @' || op_layer, '') FROM evaluation_runs
+    ) GROUP BY run_id
+),
+o AS (SELECT run_id, any_value(host) AS host, any_value(pid) AS pid, any_value(process_start) AS process_start
+      FROM run_owners GROUP BY run_id)
+SELECT r.id, r.kind, r.status, r.created_at, r.wall_s, coalesce(c.items, 0), coalesce(c.failed, 0),
+       coalesce(d.detail, ''), o.host, o.pid, o.process_start
+FROM runs r LEFT JOIN c ON c.run_id = r.id LEFT JOIN d ON d.run_id = r.id LEFT JOIN o ON o.run_id = r.id
 WHERE (:kind IS NULL OR r.kind = :kind)
-GROUP BY ALL ORDER BY r.id
+ORDER BY r.id
 """
 
 
