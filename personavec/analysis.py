@@ -381,10 +381,23 @@ def project_transcripts(
     return out
 
 
+def _check_named(vset: VectorSet, defaults: Sequence[str]) -> None:
+    """Assistant-end personas named by the user (``--default``) must be vectors of the run: a typo would otherwise
+    leave the axis to the ``default`` group without a word."""
+    missing = [n for n in defaults if n not in vset.names]
+    if missing:
+        shown = ", ".join(vset.names[:12]) + (", ..." if len(vset.names) > 12 else "")
+        raise ConfigError(
+            f"--default {', '.join(map(repr, missing))}: no such vector in vectors run {vset.run_id} at layer "
+            f"{vset.layer} (it has {shown})"
+        )
+
+
 def default_personas_of(vset: VectorSet, defaults: Sequence[str] | None = None) -> tuple[str, ...]:
     """The assistant-end personas for a vector set: ``defaults`` if given, else the members of the persona group
     ``default`` recorded in the run's provenance, else :data:`DEFAULT_PERSONAS`; only those present in ``vset``."""
     if defaults:
+        _check_named(vset, defaults)
         chosen: Sequence[str] = defaults
     else:
         groups = vset.provenance.get("persona_groups") or {}
@@ -404,6 +417,8 @@ def compare_runs(
     sets = {}
     for run_id, layer in runs:
         vs = load_vectors(run_id, layer, workspace=ws)
+        if defaults:
+            _check_named(vs, defaults)
         label = f"run {run_id} {vs.model} L{vs.layer}"
         if label in sets:
             raise ConfigError(

@@ -484,6 +484,10 @@ def test_monitor_and_steer_argument_errors_are_one_line(cli, workspace, models, 
     one_line_error(res, 2, "--text is empty")
     res = cli.invoke(app, ["monitor", *w, "--vector", f"{vectors_run}:cynic", "--text", "  ", *model])
     one_line_error(res, 2, "--text is empty")
+    answers = make_extraction_run(workspace).response_run_id
+    bad = ["--run", str(answers), "--persona", "nobody", "--model", "/no/such/model"]  # refused before the model loads
+    res = cli.invoke(app, ["monitor", *w, "--vector", f"{vectors_run}:cynic", *bad])
+    one_line_error(res, 2, f"--persona 'nobody': run {answers} has no answer of it (its personas: ")
 
     before = len(runs_of(workspace))
     cap = ["steer", *w, "--vector", f"{vectors_run}:-axis", "--kind", "cap", "--tau", "1", "--tau", "2"]

@@ -120,6 +120,10 @@ def test_cli_vectors_export_report_compare(cli, workspace, make_extraction_run, 
     assert _is_png(tmp_path / "cmp" / "cross_similarity.png") and _is_png(tmp_path / "cmp" / "cross_pca.png")
     r = cli.invoke(app, ["compare", str(run_id), f"{run_id}:5", *w])  # the same vector set twice (5: its default)
     assert r.exit_code == 2 and f"vectors run {run_id} at layer 5 is given twice" in r.output
+    # a --default naming no persona of the run: refused (it fell back to the default group without a word)
+    for args in (["report", str(run_id)], ["compare", f"{run_id}:5", f"{run2}:5"]):
+        r = cli.invoke(app, [*args, "--default", "nobody", *w])
+        assert r.exit_code == 2 and f"--default 'nobody': no such vector in vectors run {run_id} at layer" in r.output
 
 
 def test_cli_bad_input_exit_codes_and_nothing_written(cli, workspace, make_extraction_run, tmp_path):

@@ -323,7 +323,12 @@ def monitor(
     """Per-token projection h.u of answers (--run) or a text (--text) onto a named vector at a layer."""
     from personavec.errors import ConfigError
     from personavec.modeling import load_model
-    from personavec.steering.monitor import export_projections, project_responses, project_text
+    from personavec.steering.monitor import (
+        export_projections,
+        project_responses,
+        project_text,
+        selected_responses,
+    )
     from personavec.steering.naming import VectorRef, check_model, resolve_vector
     from personavec.vectors import load_vectors
 
@@ -335,6 +340,8 @@ def monitor(
     ref = VectorRef.parse(vector)
     vset = load_vectors(ref.run_id, layer, workspace=w)
     resolve_vector(vset, ref.expr, negate=ref.negate)  # a bad name fails before the model loads
+    if run is not None:
+        selected_responses(w, run, tuple(persona or ()))  # so do a bad run or persona
     loaded = load_model(model or vset.model, dtype=dtype, device=device)
     other = check_model(vset, loaded, allow_other_model=allow_other_model)
     if other is not None:

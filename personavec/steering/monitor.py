@@ -147,6 +147,23 @@ def responses_of(ws: Workspace, run_id: int) -> tuple[int, str, Any]:
     return run_id, prompt_format, answered_responses(catalog, run_id)
 
 
+def selected_responses(ws: Workspace, run_id: int, personas: Sequence[str] = ()) -> tuple[str, list[Any]]:
+    """``(prompt format, answered responses)`` of a responses or extract run (:func:`responses_of`), only those of
+    ``personas`` when given; a persona the run has no answer of is a :class:`ConfigError` (a typo would otherwise
+    project nothing and succeed)."""
+    _, prompt_format, records = responses_of(ws, run_id)
+    if not personas:
+        return prompt_format, list(records)
+    have = {r.persona for r in records}
+    missing = [p for p in personas if p not in have]
+    if missing:
+        shown = ", ".join(sorted(have)[:12]) + (", ..." if len(have) > 12 else "")
+        raise ConfigError(
+            f"--persona {', '.join(map(repr, missing))}: run {run_id} has no answer of it (its personas: {shown})"
+        )
+    return prompt_format, [r for r in records if r.persona in set(personas)]
+
+
 def _answer_tokens(loaded: LoadedModel, records: Sequence[Any], prompt_format: str) -> list[tuple[Any, list, tuple]]:
     """For each record with a non-empty answer span: ``(record, input ids up to the span's end, span)``."""
     from personavec.spans import conversation, render
@@ -181,9 +198,7 @@ def project_responses(
     ref = VectorRef.parse(vector)
     vset = load_vectors(ref.run_id, layer, workspace=ws)
     direction = resolve_vector(vset, ref.expr, negate=ref.negate)
-    _, prompt_format, records = responses_of(ws, run_id)
-    if personas:
-        records = [r for r in records if r.persona in set(personas)]
+    prompt_format, records = selected_responses(ws, run_id, personas)
     items = _answer_tokens(loaded, records, prompt_format)
     values = token_projections(
         loaded, [ids for _, ids, _ in items], {vset.layer: direction}, max_batch_tokens=max_batch_tokens
