@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from checks import runs_of
 from tiny_models import embedded_dtype
 
 from personavec.cli import app
@@ -103,9 +104,15 @@ def test_cli_bad_input_is_one_line_and_leaves_no_run(workspace, cli):
         with workspace.catalog().session() as s:
             return s.execute(sa.text("SELECT count(*) FROM runs WHERE kind = 'evaluate'")).scalar()
 
+    from personavec.serve import free_port
+
     root = str(workspace.root)
+    before = len(runs_of(workspace))
+    refused = ["--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--judge-model", "m"]
     for args, code, text in [
         ([], 2, "nothing to evaluate"),
+        # a judge that is not there: nothing recorded, not even the jailbreak prompts' question set
+        (["--cap-vector", "5:-axis", "--tau", "2", "--model", "m", *refused], 1, "refused the connection"),
         (["7"], 2, "--trait"),
         (["7", "--trait", "pirate", "--rubric", "x.yaml"], 2, "not both"),
         (["7", "--trait", "pirate", "--judge-base-url", "http://127.0.0.1:9/v1"], 2, "sweep 7 does not exist"),
@@ -115,7 +122,7 @@ def test_cli_bad_input_is_one_line_and_leaves_no_run(workspace, cli):
         assert res.exit_code == code, res.output
         assert text in res.output and len(res.output.strip().splitlines()) == 1, res.output
     workspace.close()
-    assert evaluate_runs() == 0
+    assert evaluate_runs() == 0 and len(runs_of(workspace)) == before
 
 
 # ------------------------------------------------------------------------------------------------ the whole loop
@@ -353,8 +360,11 @@ def test_member_runs_are_judged_together_within_one_limit_and_a_failing_one_stop
             judge_concurrency=concurrency, projection=False,
         )  # fmt: skip
 
-    with FaultServer(judge(refuse_from=10)) as server, pytest.raises(EndpointError, match="this judge refuses"):
+    with FaultServer(judge(refuse_from=10)) as server, pytest.raises(EndpointError, match="this judge refuses") as e:
         run_evaluation(workspace, config(server, 8))
+    # the evaluation's resume, not the judge run's (`evaluate --resume JUDGE_RUN` is refused: a judge run)
+    assert re.search(r"\[evaluate run \d+ stopped; resume with `personavec evaluate --resume \d+`\]$", str(e.value))
+    assert "judge run" not in str(e.value)
     assert 4 <= flight["most"] <= 8, flight  # more than one run asked at once; the limit held
     evaluation = _rows(workspace, "SELECT max(id) FROM runs WHERE kind = 'evaluate'")[0][0]
     info = get_evaluation(workspace.catalog(), evaluation)

@@ -353,6 +353,14 @@ def test_cli_judge_json_resume_and_list(workspace, responses_run, cli):
         assert server.requests == 15
     res = cli.invoke(app, ["judge", "-w", str(workspace.root), "--rubric", "coherence"])
     assert res.exit_code == 2 and "name the responses run" in res.output
+    # a judge that is not there: one line, and no failed run left behind (as generate)
+    from personavec.serve import free_port
+
+    judges = len(runs_of(workspace, "judge"))
+    refused = ["--base-url", f"http://127.0.0.1:{free_port()}/v1", "--model", "m"]
+    res = cli.invoke(app, ["judge", str(responses_run), "-w", str(workspace.root), *refused])
+    one_line_error(res, 1, "refused the connection: nothing is listening there")
+    assert len(runs_of(workspace, "judge")) == judges
     res = cli.invoke(app, ["rubrics", "--json"])
     assert {"name": "role_adherence", "scale": "0-3", "kind": "rubric"} in json.loads(res.stdout)
     res = cli.invoke(app, ["runs", "-w", str(workspace.root)])

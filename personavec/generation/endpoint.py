@@ -427,6 +427,17 @@ async def check_reachable(url: str, timeout_s: float) -> None:
         pass
 
 
+def ensure_reachable(urls: Iterable[str], timeout_s: float = 10.0) -> None:
+    """:func:`check_reachable` for each URL, from sync code: a stage calls it before it records its run, so that a
+    server that is not there leaves nothing behind."""
+
+    async def every() -> None:
+        for url in urls:
+            await check_reachable(url, min(timeout_s, CONNECT_CHECK_S))
+
+    run_sync(every)
+
+
 def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion from sync code, also inside a running event loop (Jupyter): there it runs in a
     fresh loop on a helper thread, because a loop cannot be re-entered."""

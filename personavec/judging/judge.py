@@ -45,7 +45,7 @@ from personavec.generation.endpoint import (
     Completion,
     Job,
     ask_all,
-    check_reachable,
+    ensure_reachable,
     redact,
     run_sync,
 )
@@ -336,6 +336,7 @@ def open_judge(
     responses = answered_responses(catalog, config.responses_run)
     if not responses:
         raise ConfigError(f"responses run {config.responses_run} has no answered responses to judge")
+    ensure_reachable(config.endpoint.base_urls, config.timeout_s)  # nor does a judge that is not there
     if resume is None:
         run_id = js.create_judge_run(
             catalog,
@@ -403,7 +404,7 @@ def stopped_judge(work: JudgeWork, exc: BaseException, why: str | None = None) -
     if isinstance(exc, EndpointError):
         # kept as failed (with whatever was judged), as docs/judge.md says: the run records what was tried
         js.finish_judge_run(catalog, run_id, "failed", str(exc))
-        return EndpointError(f"{exc} [judge run {run_id} stopped; resume with --resume {run_id}]")
+        return EndpointError(f"{exc} [judge run {run_id} stopped; resume with `personavec judge --resume {run_id}`]")
     if isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
         js.finish_judge_run(catalog, run_id, "interrupted", why or interruption(exc))
         return RunInterrupted(run_id, f"personavec judge --resume {run_id}")
@@ -452,8 +453,7 @@ async def _probe(
 ) -> bool:
     """Ask the first pair with logprobs; if the endpoint refuses the request, ask it again without them and go on
     parsing answers (some servers reject ``logprobs``). Returns whether the rest should ask for logprobs."""
-    endpoint_config = config.endpoint
-    await check_reachable(config.base_url, min(endpoint_config.timeout_s, 10.0))  # refused: fail now, not in minutes
+    endpoint_config = config.endpoint  # reachable: open_judge checked
 
     async def ask(extra: Mapping[str, Any] | None) -> Completion | RequestFailed:
         endpoint = ChatEndpoint(endpoint_config, keys.get(config.base_url), extra_body=extra)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from personavec.config import OPENROUTER_BASE_URL, config_dict, resumed_config
-from personavec.errors import ConfigError, InputFileError, RunInterrupted, interruption
+from personavec.errors import ConfigError, EndpointError, InputFileError, RunInterrupted, interruption
 from personavec.judging.rubrics import BUILTIN_RUBRICS, Rubric, resolve_rubric, trait_rubric
 from personavec.steering.interventions import SteeringConfig
 from personavec.store.evaluations import EvaluationInfo, Figure, OperatingPoint
@@ -403,6 +403,9 @@ def run_evaluation(
     cap_model = config.cap_model or sweep_model
     if config.cap is not None and cap_model is None:
         raise ConfigError("the capping evaluation needs the model to cap (--model) when no sweep names it")
+    from personavec.generation.endpoint import ensure_reachable
+
+    ensure_reachable((config.judge_base_url, *config.judge_replicas), config.judge_timeout_s)  # before any run exists
     question_set = jailbreak_set(ws, config.jailbreaks) if config.cap is not None else None
     if config.cap is not None:  # a bad persona or prompt position fails before the run exists
         from personavec.config import check_selection
@@ -457,6 +460,10 @@ def run_evaluation(
     except KeyboardInterrupt as exc:
         es.finish_evaluation_run(catalog, run_id, "interrupted", interruption(exc))
         raise RunInterrupted(run_id, f"personavec evaluate --resume {run_id}") from exc
+    except EndpointError as exc:  # the judge: resume the evaluation, which resumes its judge runs
+        resume_with = f"resume with `personavec evaluate --resume {run_id}`"
+        es.finish_evaluation_run(catalog, run_id, "failed", f"EndpointError: {exc} [{resume_with}]")
+        raise EndpointError(f"{exc} [evaluate run {run_id} stopped; {resume_with}]") from None
     except BaseException as exc:
         es.finish_evaluation_run(
             catalog,
@@ -531,7 +538,6 @@ def _judge_members(
     evaluation at its first progress call), then asked together in one event loop, at most ``judge_concurrency``
     requests in flight across them, each run closed as it finishes. When one fails, the others stop (interrupted,
     resumable) and its error is raised; Ctrl-C or SIGTERM leaves every unfinished one interrupted."""
-    from personavec.errors import EndpointError
     from personavec.generation.endpoint import run_sync
     from personavec.judging.judge import JudgeWork, ask_judge, close_judge, open_judge, stopped_judge
     from personavec.store import evaluations as es
@@ -599,8 +605,8 @@ def _judge_members(
                 continue
             own = stops.get(work.run_id)
             if own is not None and not isinstance(own, interrupts):
-                raised = stopped_judge(work, own)  # kept as failed, with what it judged
-                error = raised if work is culprit else error
+                stopped_judge(work, own)  # kept as failed, with what it judged
+                error = own if work is culprit else error  # the evaluation names its own resume
             elif culprit is not None:
                 stopped_judge(work, asyncio.CancelledError(), f"stopped when judge run {culprit.run_id} failed")
             else:
