@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import typer
 
 from personavec.cli import app
+from personavec.cli.app import WorkspaceOpt, command
 from personavec.store.models import SCHEMA_REVISION
 from personavec.store.responses import responses_by_key
 from personavec.workspace import Workspace
@@ -149,3 +151,25 @@ def test_the_models_describe_the_head_of_the_bundled_migrations():
     from personavec.store.migrate import migrations_head
 
     assert SCHEMA_REVISION == migrations_head()
+
+
+def test_ctrl_c_before_a_resumed_run_is_taken_over_still_names_the_resume(cli, tmp_path):
+    """Ctrl-C while `generate --resume 5` (or extract, judge, evaluate) still loads its model: the run is as it was
+    and the same command continues it, so that is what is printed (it printed a bare `interrupted`)."""
+    demo = typer.Typer()
+
+    @demo.command()
+    @command
+    def generate(resume: int | None = typer.Option(None, "--resume"), ws: WorkspaceOpt = None) -> None:
+        raise KeyboardInterrupt  # the model loading when the user pressed Ctrl-C
+
+    @demo.command()
+    @command
+    def other(ws: WorkspaceOpt = None) -> None:
+        raise KeyboardInterrupt
+
+    res = cli.invoke(demo, ["generate", "--resume", "5", "-w", str(tmp_path / "ws")])
+    assert res.exit_code == 130
+    assert f"interrupted: resume with: personavec generate --workspace {tmp_path / 'ws'} --resume 5" in res.output
+    res = cli.invoke(demo, ["other"])  # nothing to resume: as before
+    assert res.exit_code == 130 and res.output.strip() == "interrupted"

@@ -283,6 +283,10 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(exc, RunInterrupted):
                 resume = on_workspace(exc.resume_command, ws)
                 err_console.print(f"[yellow]interrupted[/]: resume with: {escape(resume)}", soft_wrap=True)
+            elif kwargs.get("resume") is not None:  # generate, extract, judge, evaluate: named as their function
+                # stopped before the stage took the run over (a model loading): the same resume continues it
+                resume = on_workspace(f"personavec {fn.__name__} --resume {kwargs['resume']}", ws)
+                err_console.print(f"[yellow]interrupted[/]: resume with: {escape(resume)}", soft_wrap=True)
             else:
                 err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(code) from None

@@ -201,37 +201,39 @@ def run_generation(
     else:
         run_id = resume
         resume_generation_run(catalog, run_id)
-    done = answered_keys(catalog, run_id)
-    # Jobs are generated as they are asked, never listed: a run of a billion requests must not plan in memory.
-    jobs = (
-        Job(p.system_prompt, q.text, (p.id, q.id, s))
-        for p in personas
-        for q in questions
-        for s in range(config.n_samples)
-        if (p.id, q.id, s) not in done
-    )
     total = len(personas) * len(questions) * config.n_samples
-    pids, qids = {p.id for p in personas}, {q.id for q in questions}
-    n_todo = total - sum(1 for p, q, s in done if p in pids and q in qids and s < config.n_samples)
-    sink = _Sink(catalog, run_id, total, total - n_todo, progress, start)
-    sink.report()
-
-    async def main() -> None:
-        sink.begin()
-        try:
-            await ask_all(config, keys, jobs, n_todo, sink.land)
-        finally:
-            await sink.close()  # whatever finished before a stop (fatal error, Ctrl-C) still lands
-
     status, error = "done", None
-    try:
+    try:  # from here on, however it stops, the run says how
+        done = answered_keys(catalog, run_id)
+        # Jobs are generated as they are asked, never listed: a run of a billion requests must not plan in memory.
+        jobs = (
+            Job(p.system_prompt, q.text, (p.id, q.id, s))
+            for p in personas
+            for q in questions
+            for s in range(config.n_samples)
+            if (p.id, q.id, s) not in done
+        )
+        pids, qids = {p.id for p in personas}, {q.id for q in questions}
+        n_todo = total - sum(1 for p, q, s in done if p in pids and q in qids and s < config.n_samples)
+        sink = _Sink(catalog, run_id, total, total - n_todo, progress, start)
+        sink.report()
+
+        async def main() -> None:
+            sink.begin()
+            try:
+                await ask_all(config, keys, jobs, n_todo, sink.land)
+            finally:
+                await sink.close()  # whatever finished before a stop (fatal error, Ctrl-C) still lands
+
         if n_todo:
             run_sync(main)
     except EndpointError as exc:
         if resume is None and discard_empty_run(catalog, run_id):
             raise  # bad input stopped a fresh run before any answer: nothing is left behind
         finish_generation_run(catalog, run_id, "failed", str(exc))
-        raise EndpointError(f"{exc} [run {run_id} stopped; resume with --resume {run_id}]") from None
+        raise EndpointError(
+            f"{exc} [run {run_id} stopped; resume with `personavec generate --resume {run_id}`]"
+        ) from None
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         finish_generation_run(catalog, run_id, "interrupted", interruption(exc))
         raise RunInterrupted(run_id, f"personavec generate --resume {run_id}") from exc

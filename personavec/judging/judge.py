@@ -349,20 +349,26 @@ def open_judge(
     else:
         run_id = resume
         js.resume_judge_run(catalog, run_id)
-    settled = js.settled_keys(catalog, run_id)
-    jobs = [
-        Job(
-            None,
-            rubric.render(question=r.question, answer=r.text, persona=r.system_prompt, persona_name=r.persona),
-            _Target(r.id, rubric),
-        )
-        for r in responses
-        for rubric in config.rubrics
-        if (r.id, rubric.name) not in settled
-    ]
-    total = len(responses) * len(config.rubrics)
-    tally = _Tally(run_id, total, js.judgement_counts(catalog, run_id), progress)
-    tally.report()
+    try:  # from here on, however it stops, the run says how
+        settled = js.settled_keys(catalog, run_id)
+        jobs = [
+            Job(
+                None,
+                rubric.render(question=r.question, answer=r.text, persona=r.system_prompt, persona_name=r.persona),
+                _Target(r.id, rubric),
+            )
+            for r in responses
+            for rubric in config.rubrics
+            if (r.id, rubric.name) not in settled
+        ]
+        total = len(responses) * len(config.rubrics)
+        tally = _Tally(run_id, total, js.judgement_counts(catalog, run_id), progress)
+        tally.report()
+    except BaseException as exc:
+        error = _stop_run(catalog, run_id, keys, exc)
+        if error is exc:
+            raise
+        raise error from exc
     asked_logprobs = config.score_mode != "parse"
     return JudgeWork(ws, run_id, config, keys, jobs, total, tally, resume is not None, start, asked_logprobs)
 
@@ -398,9 +404,14 @@ def stopped_judge(work: JudgeWork, exc: BaseException, why: str | None = None) -
     """Mark ``work``'s run as asking it ended by ``exc`` (kept as failed with what was judged, or interrupted: by
     Ctrl-C, SIGTERM or ``why``) and return the error to raise: the endpoint's error naming the resume,
     :class:`RunInterrupted`, or ``exc``."""
+    return _stop_run(work.ws.catalog(), work.run_id, work.keys, exc, why)
+
+
+def _stop_run(
+    catalog: Any, run_id: int, keys: Mapping[str, str | None], exc: BaseException, why: str | None = None
+) -> BaseException:
     from personavec.store import judgements as js
 
-    catalog, run_id = work.ws.catalog(), work.run_id
     if isinstance(exc, EndpointError):
         # kept as failed (with whatever was judged), as docs/judge.md says: the run records what was tried
         js.finish_judge_run(catalog, run_id, "failed", str(exc))
@@ -408,7 +419,7 @@ def stopped_judge(work: JudgeWork, exc: BaseException, why: str | None = None) -
     if isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
         js.finish_judge_run(catalog, run_id, "interrupted", why or interruption(exc))
         return RunInterrupted(run_id, f"personavec judge --resume {run_id}")
-    secrets = [k for k in work.keys.values() if k]
+    secrets = [k for k in keys.values() if k]
     js.finish_judge_run(catalog, run_id, "failed", redact(f"{type(exc).__name__}: {exc}", secrets))
     return exc
 
