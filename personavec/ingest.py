@@ -12,6 +12,7 @@ import codecs
 import csv
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,22 +86,27 @@ def _check_utf8(path: Path) -> None:
 
 
 def _read_text(path: Path) -> str:
+    """The file as text; a UTF-8 byte order mark (Excel's "CSV UTF-8", Notepad) is dropped."""
     _require_file(path)
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _not_utf8(path, 0, exc) from exc
+        raise _not_utf8(path, bom, exc) from exc
     if not text.strip():
         raise InputFileError(f"{path}: the file is empty")
     return text
 
 
-def _no_duplicate_keys(path: Path):
+def _no_duplicate_keys(path: Path, where: str = ""):
+    at = f" {where}:" if where else ""
+
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
         for key, value in pairs:
             if key in seen:
-                raise InputFileError(f"{path}: duplicate key {key!r}: each key may appear once")
+                raise InputFileError(f"{path}:{at} duplicate key {key!r}: each key may appear once")
             seen[key] = value
         return seen
 
@@ -111,14 +117,40 @@ def _load_structured(path: Path) -> Any:
     """JSON or YAML document (by extension), rejecting duplicate keys."""
     text = _read_text(path)
     if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            return yaml.load(text, Loader=_UniqueKeyLoader)
-        except yaml.YAMLError as exc:
-            raise InputFileError(f"{path}: not valid YAML: {exc}") from exc
+        return _load_yaml(path, text)
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys(path))
     except json.JSONDecodeError as exc:
         raise InputFileError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+
+
+def _load_yaml(path: Path, text: str) -> Any:
+    """One YAML document; a syntax error is one line naming the file, line and column (PyYAML's own message
+    spans several lines and names ``<unicode string>``)."""
+    loader = None
+    try:
+        loader = _UniqueKeyLoader(text)  # checks for unprintable characters already
+        loader.name = str(path)  # the marks of later errors (a duplicate key) name the file
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        context = ""
+        if exc.context and exc.problem:
+            cm = exc.context_mark
+            context = f" ({exc.context}" + (f" at line {cm.line + 1} column {cm.column + 1})" if cm else ")")
+        problem = " ".join(str(exc.problem or exc.context).split())
+        raise InputFileError(f"{path}: not valid YAML{at}: {problem}{context}") from exc
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise InputFileError(
+            f"{path}: not valid YAML at line {line}: unacceptable character #x{exc.character:04x}: {exc.reason}"
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise InputFileError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -129,7 +161,11 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key (a list): construct_mapping below names it
+            continue
+        if duplicate:
             raise InputFileError(
                 f"{node.start_mark.name}: duplicate key {key!r} at line {key_node.start_mark.line + 1}"
             )
@@ -144,6 +180,7 @@ def _csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     text = _read_text(path)
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
+    _no_duplicate_columns(path, header, "line 1: ")
     missing = [c for c in required if c not in header]
     if missing:
         raise InputFileError(
@@ -151,6 +188,16 @@ def _csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
             f"(expected {', '.join(required)})"
         )
     return list(reader)
+
+
+def _no_duplicate_columns(path: Path, names: Sequence[str], where: str) -> None:
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names, start=1):
+        if name in seen:
+            raise InputFileError(
+                f"{path}: {where}duplicate column {name!r} (columns {seen[name]} and {i}): each column may appear once"
+            )
+        seen[name] = i
 
 
 def _check_key_size(path: Path, where: str, what: str, value: str) -> None:
@@ -258,11 +305,14 @@ def _bad_format(path: Path) -> str:
 
 
 _TEXT_ALIASES = ("text", "response")
+_STRING_COLUMNS = ("persona", "question", *_TEXT_ALIASES)
 
 
 def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
     """Responses as an Arrow table with ``persona``, ``question``, ``sample_index``, ``text`` and ``_where``
-    (the row or key each came from, for error messages)."""
+    (the line or row each came from, for error messages). ``persona``, ``question`` and ``text`` must be strings
+    and ``sample_index`` a whole number in every row: a value of another JSON or Parquet type is an error naming
+    its line or row, never converted."""
     fmt = fmt or detect_response_format(path)
     if fmt not in RESPONSE_FORMATS:
         raise InputFileError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(RESPONSE_FORMATS)}")
@@ -276,26 +326,31 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
     # Arrow reads in blocks (1 MiB by default) and refuses a row longer than one ("straddling object straddles two
     # block boundaries"): a block as large as the file holds any row (the whole table is in memory anyway).
     block = min(max(path.stat().st_size + 1, 1 << 20), (1 << 31) - 1)
+    lines: list[int] | None = None
     try:
         if fmt == "jsonl":
-            table = pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block))
+            table, lines = _read_jsonl(path, block)
             first_row = 1
         elif fmt == "csv":
             table = pacsv.read_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=block),
-                convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
+                # Text stays text: inferred types would turn a response "007" into 7 and "4.50" into 4.5.
+                convert_options=pacsv.ConvertOptions(
+                    strings_can_be_null=False, column_types=dict.fromkeys(_STRING_COLUMNS, pa.string())
+                ),
             )
             first_row = 2
         else:
             table = pq.read_table(path)
             first_row = 0
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise InputFileError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from exc
     names = table.column_names
+    _no_duplicate_columns(path, names, "line 1: " if fmt == "csv" else "")
     text_col = next((c for c in _TEXT_ALIASES if c in names), None)
     missing = [c for c in ("persona", "question") if c not in names] + ([] if text_col else ["text"])
-    if missing:
+    if missing or text_col is None:
         raise InputFileError(
             f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(names) or 'none'} "
             f"(expected persona, question, text [, sample_index])"
@@ -304,29 +359,165 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
         raise InputFileError(f"{path}: no responses in the file")
     unit = "line" if fmt in ("jsonl", "csv") else "row"
     n = table.num_rows
-    sample = _sample_index(path, table, unit, first_row) if "sample_index" in names else pa.array([0] * n, pa.int32())
+    numbers = pa.array(lines if lines is not None else range(first_row, first_row + n))
+    where = pc.binary_join_element_wise(pa.scalar(unit), pc.cast(numbers, pa.string()), " ")
+    strings = {col: _string_column(path, table[col], col, where) for col in ("persona", "question", text_col)}
+    sample = (
+        _sample_index(path, table["sample_index"], where, untyped=fmt == "csv")
+        if "sample_index" in names
+        else pa.array([0] * n, pa.int32())
+    )
     out = pa.table(
         {
-            "persona": table["persona"].cast(pa.string()),
-            "question": table["question"].cast(pa.string()),
+            "persona": strings["persona"],
+            "question": strings["question"],
             "sample_index": sample,
-            "text": table[text_col].cast(pa.string()),
-            "_where": pc.binary_join_element_wise(
-                pa.scalar(unit), pc.cast(pa.array(range(first_row, first_row + n)), pa.string()), " "
-            ),
+            "text": strings[text_col],
+            "_where": where,
         }
     )
     for col in ("persona", "question", "text"):
         nulls = pc.is_null(out[col])
         if pc.any(nulls).as_py():
-            where = out["_where"].filter(nulls)[0].as_py()
-            raise InputFileError(f"{path}: {where}: {col!r} is missing (null)")
+            at = out["_where"].filter(nulls)[0].as_py()
+            raise InputFileError(f"{path}: {at}: {col!r} is missing (null)")
     return out
 
 
-def _sample_index(path: Path, table: pa.Table, unit: str, first_row: int) -> pa.ChunkedArray:
-    """``sample_index`` as int32; a value that is not a whole number (1.5, "x", 1e12) is an error naming its row."""
-    column = table["sample_index"]
+def _read_jsonl(path: Path, block: int) -> tuple[pa.Table, list[int] | None]:
+    """The table, and the line number (from 1) of each row where that is not its row number + 1 (blank lines).
+    Any line Arrow cannot read is found again line by line, so that the error names the line (Arrow counts rows
+    from 0, skipping blank lines) and the column."""
+    data = path.read_bytes()
+    try:
+        table = pajson.read_json(pa.BufferReader(data), read_options=pajson.ReadOptions(block_size=block))
+    except pa.ArrowInvalid as exc:
+        raise _jsonl_problem(path, data, exc) from exc
+    n = table.num_rows
+    first = data[: data.find(b"\n")] if b"\n" in data else data
+    one_per_line = data.count(b"\n") + (not data.endswith(b"\n")) == n
+    if one_per_line and first.removeprefix(codecs.BOM_UTF8).strip() and not re.search(rb"\n[ \t\r]*\n", data):
+        return table, None
+    lines = [i for i, line in enumerate(data.split(b"\n"), start=1) if line.removeprefix(codecs.BOM_UTF8).strip()]
+    if len(lines) != n:  # a line holding two objects
+        raise _jsonl_problem(path, data, None)
+    return table, lines
+
+
+def _jsonl_problem(path: Path, data: bytes, exc: pa.ArrowInvalid | None) -> InputFileError:
+    """The first line that is not one JSON object with string persona/question/text and a whole sample_index."""
+    text_lines = data.decode("utf-8-sig").split("\n")
+    for number, line in enumerate(text_lines, start=1):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        try:
+            row = json.loads(line, object_pairs_hook=_no_duplicate_keys(path, where))
+        except json.JSONDecodeError as err:
+            return InputFileError(f"{path}: {where}: not valid JSON at column {err.colno}: {err.msg}")
+        if not isinstance(row, dict):
+            return InputFileError(
+                f"{path}: {where}: expected one JSON object {{persona, question, text}}, got {_show(row)}"
+            )
+        for col in _STRING_COLUMNS:
+            if row.get(col) is not None and not isinstance(row[col], str):
+                return _not_a_string(path, where, col, row[col])
+        value = row.get("sample_index")
+        if value is not None and not _whole_number(value):
+            return _not_a_sample_index(path, where, value)
+    message = str(exc).splitlines()[0] if exc is not None else "a line holds more than one JSON object"
+    # Arrow's row N is the (N+1)th non-blank line.
+    if (m := re.search(r" in row (\d+)$", message)) is not None:
+        rows = [i for i, line in enumerate(text_lines, start=1) if line.strip()]
+        if int(m[1]) < len(rows):
+            return InputFileError(f"{path}: line {rows[int(m[1])]}: cannot be read as jsonl: {message[: m.start()]}")
+    return InputFileError(f"{path}: cannot be read as jsonl: {message}")
+
+
+def _whole_number(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _show(value: object) -> str:
+    shown = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, bytes) else repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _not_a_string(path: Path, where: str, col: str, value: object) -> InputFileError:
+    return InputFileError(f"{path}: {where}: {col!r} must be a string, got {_show(value)}")
+
+
+def _not_a_sample_index(path: Path, where: str, value: object) -> InputFileError:
+    return InputFileError(f"{path}: {where}: sample_index must be a whole number >= 0, got {_show(value)}")
+
+
+def _is_textual(typ: pa.DataType) -> bool:
+    t = pa.types
+    return any(
+        check(typ)
+        for check in (
+            t.is_string,
+            t.is_large_string,
+            t.is_string_view,
+            t.is_binary,
+            t.is_large_binary,
+            t.is_binary_view,
+        )
+    )
+
+
+def _first(mask: pa.ChunkedArray) -> int:
+    return int(pc.index(mask, True).as_py())
+
+
+def _string_column(path: Path, column: pa.ChunkedArray, col: str, where: pa.Array) -> pa.ChunkedArray:
+    """``column`` as UTF-8 strings; a value of another type (a number, a list, an object) or bytes that are not
+    UTF-8 (Parquet binary or string columns are not checked by Arrow) is an error naming its line or row."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    if pa.types.is_null(column.type):
+        return column.cast(pa.string())  # all missing: the caller names the first row
+    if not _is_textual(column.type):
+        i = _first(pc.is_valid(column))
+        raise _not_a_string(path, where[i].as_py(), col, column[i].as_py())
+    try:
+        # A cast from binary checks that the bytes are UTF-8; a string column read from Parquet is checked by
+        # nobody (DuckDB then refuses it with an error naming neither file nor row).
+        if not pa.types.is_binary(column.type) and not pa.types.is_large_binary(column.type):
+            for chunk in column.chunks:
+                chunk.validate(full=True)
+        return column.cast(pa.string())
+    except pa.ArrowInvalid:
+        pass
+    offset = 0
+    for chunk in column.cast(pa.large_binary()).chunks:
+        for i, value in enumerate(chunk.to_pylist()):
+            try:
+                if value is not None:
+                    value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = value[exc.start : exc.start + 1]
+                raise InputFileError(
+                    f"{path}: {where[offset + i].as_py()}: {col!r} is not UTF-8 text "
+                    f"(byte {exc.start} is {bad!r}): write it as UTF-8"
+                ) from None
+        offset += len(chunk)
+    raise InputFileError(f"{path}: column {col!r} is not UTF-8 text")
+
+
+def _sample_index(path: Path, column: pa.ChunkedArray, where: pa.Array, untyped: bool) -> pa.ChunkedArray:
+    """``sample_index`` as int32; a value that is not a whole number (1.5, "x", true, 1e12) or is missing is an
+    error naming its row. Strings are read as numbers only from CSV (``untyped``), where every value is text."""
+    if column.null_count:
+        at = where[_first(pc.is_null(column))].as_py()
+        raise InputFileError(
+            f"{path}: {at}: 'sample_index' is missing (null): give it on every row, or leave the column out"
+        )
+    typ = column.type
+    if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or (untyped and _is_textual(typ))):
+        raise _not_a_sample_index(path, where[0].as_py(), column[0].as_py())
     try:
         return column.cast(pa.int32())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -335,10 +526,8 @@ def _sample_index(path: Path, table: pa.Table, unit: str, first_row: int) -> pa.
         try:
             pa.array([value]).cast(pa.int32())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise InputFileError(
-                f"{path}: {unit} {first_row + i}: sample_index must be a whole number >= 0, got {value!r}"
-            ) from None
-    raise InputFileError(f"{path}: sample_index must hold whole numbers (type {column.type})")
+            raise _not_a_sample_index(path, where[i].as_py(), value) from None
+    raise InputFileError(f"{path}: sample_index must hold whole numbers (type {typ})")
 
 
 def _read_seed_json(path: Path) -> pa.Table:

@@ -81,25 +81,50 @@ def test_persona_and_question_sets(workspace, tmp_path):
     (tmp_path / "p.yaml").write_text(
         "name: mine\npersonas:\n  - {name: a, system_prompt: 'Be A', groups: [x]}\n  - {name: b, system_prompt: ''}\n"
     )
-    (tmp_path / "q.csv").write_text('question\n"Why, though?"\nHow?\n')
-    (tmp_path / "p2.json").write_text(json.dumps({"c": "Be C", "d": "Be D"}))
+    # Excel's "CSV UTF-8" and Notepad start the file with a byte order mark: it is not part of the first column.
+    bom = "\ufeff"
+    (tmp_path / "q.csv").write_text(bom + 'question\n"Why, though?"\nHow?\n', encoding="utf-8")
+    (tmp_path / "p2.json").write_text(bom + json.dumps({"c": "Be C", "d": "Be D"}), encoding="utf-8")
+    (tmp_path / "p3.csv").write_text(bom + "name,system_prompt\ne,Be E\n", encoding="utf-8")
+    (tmp_path / "q2.yaml").write_text(bom + "name: q2\nquestions:\n  - Where?\n", encoding="utf-8")
     with workspace.catalog() as catalog:
         assert ingest(workspace, IngestConfig("personas", tmp_path / "p.yaml")).name == "mine"
         assert ingest(workspace, IngestConfig("questions", tmp_path / "q.csv")).name == "q"
         assert ingest(workspace, IngestConfig("personas", tmp_path / "p2.json", name="cd")).rows == 2
+        assert ingest(workspace, IngestConfig("personas", tmp_path / "p3.csv")).rows == 1
+        assert ingest(workspace, IngestConfig("questions", tmp_path / "q2.yaml")).name == "q2"
         pset = get_persona_set(catalog, "mine")
         assert [(p.name, p.system_prompt, p.groups) for p in pset.personas] == [("a", "Be A", ("x",)), ("b", "", ())]
+        assert [(p.name, p.system_prompt) for p in get_persona_set(catalog, "p3").personas] == [("e", "Be E")]
         assert [q.text for q in get_question_set(catalog, "q").questions] == ["Why, though?", "How?"]
+        assert [q.text for q in get_question_set(catalog, "q2").questions] == ["Where?"]
         kinds = [r.kind for r in list_runs(catalog)]
-        assert kinds.count("ingest-personas") == 3 and kinds.count("ingest-questions") == 2
+        assert kinds.count("ingest-personas") == 4 and kinds.count("ingest-questions") == 3
         with pytest.raises(DuplicateError, match="already exists"):
             ingest(workspace, IngestConfig("personas", tmp_path / "p.yaml"))
 
 
 def _write(tmp_path, name, content):
     path = tmp_path / name
-    path.write_text(content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     return path
+
+
+def _parquet(**columns) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _jsonl(*rows, text=EVAL_QUESTIONS[0]) -> str:
+    """Response lines for persona ``default``, each ``{persona, question, text}`` updated with a row of ``rows``."""
+    return "".join(json.dumps({"persona": "default", "question": text, "text": "a"} | row) + "\n" for row in rows)
+
+
+_Q0, _Q1 = EVAL_QUESTIONS[0], EVAL_QUESTIONS[1]
 
 
 BAD_RESPONSES = [
@@ -129,19 +154,74 @@ BAD_RESPONSES = [
     ),
     ("nulls.jsonl", json.dumps({"persona": "default", "question": EVAL_QUESTIONS[0], "text": None}), "line 1"),
     ("weird.txt", "hello", "cannot tell the response format"),
+    # persona/question/text must be strings and sample_index a whole number on every line, never converted
+    ("text_list.jsonl", _jsonl({"text": ["a", "b"]}), "text_list.jsonl: line 1: 'text' must be a string, got \\["),
+    ("persona_list.jsonl", _jsonl({"persona": ["default"]}), "persona_list.jsonl: line 1: 'persona' must be a string"),
+    ("text_obj.jsonl", _jsonl({}, {"question": _Q1, "text": {"a": 1}}), "line 2: 'text' must be a string, got {"),
+    ("text_numbers.jsonl", _jsonl({"text": 5}, {"question": _Q1, "text": 6}), "line 1: 'text' must be a string, got 5"),
+    ("text_mixed.jsonl", _jsonl({}, {"question": _Q1, "text": 6}), "line 2: 'text' must be a string, got 6"),
+    ("question_num.jsonl", _jsonl({"question": 4}), "line 1: 'question' must be a string, got 4"),
+    ("sample_bool.jsonl", _jsonl({"sample_index": True}), "line 1: sample_index must be a whole number >= 0, got true"),
+    ("sample_str.jsonl", _jsonl({"sample_index": "1"}), 'line 1: sample_index must be a whole number >= 0, got "1"'),
+    (
+        "sample_gap.jsonl",
+        _jsonl({"sample_index": 1}, {"question": _Q1}),
+        "line 2: 'sample_index' is missing \\(null\\)",
+    ),
+    (
+        "sample_empty.csv",
+        f"persona,question,text,sample_index\ndefault,{_Q0},a,\n",
+        "line 2: 'sample_index' is missing",
+    ),
+    ("sample_bool.csv", f"persona,question,text,sample_index\ndefault,{_Q0},a,true\n", "line 2: sample_index .* true"),
+    # JSONL errors count lines from 1, blank lines included
+    ("parse.jsonl", _jsonl({}) + '{"persona": "default",}\n', "parse.jsonl: line 2: not valid JSON at column 23"),
+    ("notobj.jsonl", _jsonl({}) + "[1]\n", "line 2: expected one JSON object"),
+    (
+        "two.jsonl",
+        _jsonl({}).strip() + " " + _jsonl({"question": _Q1}),
+        "line 1: not valid JSON at column \\d+: Extra data",
+    ),
+    ("dupkey.jsonl", '{"persona": "default", "text": "a", "text": "b"}\n', "line 1: duplicate key 'text'"),
+    ("blank.jsonl", "\n" + _jsonl({}) + "\n" + _jsonl({"persona": "pirat"}), "line 4: unknown persona 'pirat'"),
+    ("extra.jsonl", _jsonl({"m": 1}, {"question": _Q1, "m": "x"}), "line 2: cannot be read as jsonl: .*Column\\(/m\\)"),
+    (
+        "dupcol.csv",
+        f"persona,question,text,text\ndefault,{_Q0},a,b\n",
+        "line 1: duplicate column 'text' \\(columns 3 and 4\\)",
+    ),
+    (
+        "bytes.parquet",
+        _parquet(persona=["default"], question=[_Q0], text=[b"\xff"]),
+        "bytes.parquet: row 0: 'text' is not UTF-8 text \\(byte 0 is b'\\\\xff'\\)",
+    ),
+    (
+        "badstr.parquet",
+        _parquet(persona=["default"], question=[_Q0], text=pa.array([b"ok\xff"], pa.binary()).view(pa.string())),
+        "badstr.parquet: row 0: 'text' is not UTF-8 text \\(byte 2",
+    ),
+    ("int.parquet", _parquet(persona=["default"], question=[_Q0], text=[5]), "row 0: 'text' must be a string, got 5"),
+    (
+        "sample_null.parquet",
+        _parquet(persona=["default"], question=[_Q0], text=["a"], sample_index=pa.array([None], pa.int64())),
+        "row 0: 'sample_index' is missing",
+    ),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "content", "message"), BAD_RESPONSES, ids=[b[0] for b in BAD_RESPONSES])
-def test_bad_response_files(workspace, tmp_path, name, content, message):
+def test_bad_response_files(cli, workspace, tmp_path, name, content, message):
     path = _write(tmp_path, name, content)
     with workspace.catalog() as catalog:
         before = _counts(catalog)
         with pytest.raises(InputFileError, match=message) as info:
             ingest(workspace, IngestConfig("responses", path))
-        assert str(path) in str(info.value)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
         assert _counts(catalog) == before
+    res = cli.invoke(app, ["ingest", "responses", str(path), "-w", str(workspace.root)])
+    assert one_line_error(res, 2, str(path)).strip().count("\n") == 0
+    assert _counts(workspace.catalog()) == before
 
 
 BAD_SETS = [
@@ -150,11 +230,23 @@ BAD_SETS = [
         "personas:\n  - {name: a, system_prompt: x}\n  - {name: a, system_prompt: y}\n",
         "duplicate persona",
     ),
-    ("p_dupkey.yaml", "a: x\na: y\n", "duplicate key 'a'"),
+    ("p_dupkey.yaml", "a: x\na: y\n", "p_dupkey.yaml: duplicate key 'a' at line 2"),
     ("p_noprompt.json", json.dumps({"personas": [{"name": "a"}]}), "needs a string 'system_prompt'"),
     ("p_cols.csv", "persona,prompt\na,b\n", "missing column\\(s\\) name, system_prompt"),
     ("p_empty.yaml", "", "the file is empty"),
     ("p_bad.yaml", "personas: [a: b: c", "not valid YAML"),
+    (
+        "p_unclosed.yaml",
+        "name: [unclosed\n",
+        "p_unclosed.yaml: not valid YAML at line 2 column 1: expected ',' or ']'.* at line 1 column 7",
+    ),
+    ("p_control.yaml", "a: \x07\n", "p_control.yaml: not valid YAML at line 1: unacceptable character #x0007"),
+    ("p_unhashable.yaml", "? [a]\n: x\n", "not valid YAML at line 1 column 3: found unhashable key"),
+    (
+        "p_dupcol.csv",
+        "name,system_prompt,name\na,b,c\n",
+        "p_dupcol.csv: line 1: duplicate column 'name' \\(columns 1 and 3\\)",
+    ),
 ]
 
 
@@ -163,20 +255,28 @@ def test_bad_persona_files(workspace, tmp_path, name, content, message):
     path = _write(tmp_path, name, content)
     with workspace.catalog() as catalog:
         before = _counts(catalog)
-        with pytest.raises(InputFileError, match=message):
+        with pytest.raises(InputFileError, match=message) as info:
             ingest(workspace, IngestConfig("personas", path))
+        assert str(path) in str(info.value) and "\n" not in str(info.value) and info.value.exit_code == 2
         assert _counts(catalog) == before
 
 
 def test_bad_question_files(workspace, tmp_path):
     with workspace.catalog() as catalog:
-        for content, message in [
-            ("- a\n- a\n", "duplicate question"),
-            ("- ''\n", "non-empty string"),
-            ("{x: 1}", "expected a list of questions"),
+        for name, content, message in [
+            ("q.yaml", "- a\n- a\n", "duplicate question"),
+            ("q.yaml", "- ''\n", "non-empty string"),
+            ("q.yaml", "{x: 1}", "expected a list of questions"),
+            (
+                "q.csv",
+                "question,question\nWhy?,How?\n",
+                "q.csv: line 1: duplicate column 'question' \\(columns 1 and 2\\)",
+            ),
         ]:
-            with pytest.raises(InputFileError, match=message):
-                ingest(workspace, IngestConfig("questions", _write(tmp_path, "q.yaml", content)))
+            path = _write(tmp_path, name, content)
+            with pytest.raises(InputFileError, match=message) as info:
+                ingest(workspace, IngestConfig("questions", path))
+            assert str(path) in str(info.value) and "\n" not in str(info.value)
         assert [r.kind for r in list_runs(catalog)] == ["ingest-personas", "ingest-questions"]
 
 
@@ -277,7 +377,7 @@ def test_bad_transcripts(tmp_path, doc, message):
     [
         (1.5, r"r.jsonl: line 2: sample_index must be a whole number >= 0, got 1.5"),
         (1e12, r"r.jsonl: line 2: sample_index must be a whole number >= 0"),
-        ("two", r"r.jsonl: cannot be read as jsonl: .*sample_index"),
+        ("two", r'r.jsonl: line 2: sample_index must be a whole number >= 0, got "two"'),
     ],
 )
 def test_sample_index_must_be_a_whole_number(workspace, tmp_path, value, message):
@@ -285,3 +385,11 @@ def test_sample_index_must_be_a_whole_number(workspace, tmp_path, value, message
     path = _write(tmp_path, "r.jsonl", json.dumps(row) + "\n" + json.dumps(row | {"sample_index": value}) + "\n")
     with pytest.raises(InputFileError, match=message):
         ingest(workspace, IngestConfig("responses", path))
+
+
+def test_csv_text_that_looks_like_numbers_stays_text(workspace, tmp_path):
+    from personavec.store.responses import answered_responses
+
+    path = _write(tmp_path, "r.csv", f'persona,question,text\ndefault,{_Q0},007\ndefault,{_Q1},"4.50"\n')
+    result = ingest(workspace, IngestConfig("responses", path))
+    assert sorted(r.text for r in answered_responses(workspace.catalog(), result.run_id)) == ["007", "4.50"]
