@@ -13,6 +13,7 @@ name), and accepts any API key. It runs offline (``HF_HUB_OFFLINE=1``) for local
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from personavec.errors import ConfigError, ModelError
+from personavec.errors import ConfigError, ModelError, PersonavecError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -50,6 +51,41 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``port`` 0: a free one) and listening, for a server to accept on.
+
+    Bound before anything slow or lasting happens (a model load, a recording run), so that a port in use fails at
+    once and leaves nothing behind; handed to the server as it is, so that no other process can take the port
+    between a check and the bind. A port in use, a port that needs privileges or an address that is not this
+    machine's is a one-line :class:`ConfigError` naming ``--port`` / ``--host``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # a port a stopped server left in TIME_WAIT can be taken at once; one another socket listens on cannot
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # connections wait in the backlog from now on, before the server accepts them
+    except OSError as exc:
+        sock.close()
+        where = host or "every address"
+        if isinstance(exc, socket.gaierror):
+            message = (
+                f"cannot listen on --host {host!r}: {exc.strerror or exc} (an IPv4 address or name, e.g. 127.0.0.1)"
+            )
+        elif exc.errno == errno.EADDRINUSE:
+            message = (
+                f"port {port} on {where} is in use (another server?): choose another with --port, "
+                "or leave --port out for a free one"
+            )
+        elif exc.errno == errno.EACCES:
+            message = f"port {port} on {where} needs privileges: choose one above 1023 with --port, or leave --port out"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            message = f"cannot listen on --host {host}: not an address of this machine (127.0.0.1 is this machine only)"
+        else:  # a runtime failure (out of file descriptors...): one line, exit 1
+            raise PersonavecError(f"cannot listen on {where} port {port}: {exc.strerror or exc}") from None
+        raise ConfigError(message) from None  # the --host / --port given: bad input, exit 2
+    return sock
 
 
 def _stage_model(model_dir: Path, served_name: str, scratch: Path) -> None:
@@ -146,6 +182,8 @@ def local_server(
 
     if port is not None and not 1 <= port <= 65535:
         raise ConfigError(f"port must be a TCP port 1..65535 (or None for a free one), got {port}")
+    if port is not None:  # in use: one line now, not `transformers serve` failing later or another server answering
+        listening_socket(host, port).close()
     path = local_model_path(model)
     is_local = path.is_dir()
     if is_local:

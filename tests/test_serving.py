@@ -438,6 +438,110 @@ def test_cli_serve_refuses_recording_without_a_workspace_or_with_transformers_se
     assert res.exit_code == 2 and "--backend" in res.output
 
 
+def _busy_port() -> socket.socket:
+    """A real socket listening on a free port of 127.0.0.1 (another server): close it when done."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def _catalog_counts(ws) -> dict[str, int]:
+    with ws.catalog().session() as s:
+        return {
+            table: s.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar()
+            for table in ("runs", "response_runs", "persona_sets", "question_sets", "responses")
+        }
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads_and_records_nothing(
+    cli, workspace, tiny_loaded, monkeypatch
+):
+    """`personavec serve -w WS --record --port P` with P taken by another listening socket: one line naming the
+    port, exit 2, and the model never loaded, no generate run nor `served-N` persona/question set in the catalog
+    (the socket is bound first, then handed to uvicorn). Before, the model loaded, the recording run and its sets
+    were created, and a traceback ended in `OSError: [Errno 98] Address already in use`."""
+    from personavec.cli import app
+
+    loads: list[str] = []
+
+    def load_model(name, **kw):  # the tiny llama in place of the model named: the old order went on to record
+        loads.append(name)
+        return tiny_loaded
+
+    monkeypatch.setattr("personavec.modeling.load_model", load_model)
+    before = _catalog_counts(workspace)
+    busy = _busy_port()
+    port = busy.getsockname()[1]
+    try:
+        res = cli.invoke(app, ["serve", "-w", str(workspace.root), "--record", "--port", str(port), "--device", "cpu"])
+        assert res.exit_code == 2, (res.output, res.exception)
+        assert res.stderr.strip().splitlines() == [
+            f"error: port {port} on 127.0.0.1 is in use (another server?): choose another with --port, or leave "
+            "--port out for a free one"
+        ]
+        assert res.stdout == ""
+        assert loads == []  # refused before the model was even resolved
+        assert _catalog_counts(workspace) == before  # no run, no served-N sets
+        # the transformers backend too: said at once, not after `transformers serve` fails to bind (or another
+        # server on that port answers its readiness probe); the model (a .gguf that is not there) is not resolved
+        res = cli.invoke(app, ["serve", "--backend", "transformers", "--port", str(port), "--model", "/no/such.gguf"])
+        assert res.exit_code == 2 and res.stderr.strip().splitlines() == [
+            f"error: port {port} on 127.0.0.1 is in use (another server?): choose another with --port, or leave "
+            "--port out for a free one"
+        ]
+    finally:
+        busy.close()
+
+
+@pytest.mark.slow
+def test_serve_on_a_port_in_use_exits_2_with_one_line_in_its_own_process(workspace):
+    """The same through `personavec serve` in its own process, on a model that does not exist: the port is checked
+    first (the message is the port's, not the model's), one line on stderr, no traceback, nothing recorded."""
+    before = _catalog_counts(workspace)
+    busy = _busy_port()
+    port = busy.getsockname()[1]
+    try:
+        cmd = [sys.executable, "-c", "from personavec.cli import main; main()", "serve", "-w", str(workspace.root),
+               "--record", "--port", str(port), "--model", "/no/such/model.gguf"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        busy.close()
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: port {port} on 127.0.0.1 is in use (another server?): choose another with --port, or leave --port "
+        "out for a free one"
+    ]
+    assert out.stdout == ""
+    assert _catalog_counts(workspace) == before
+
+
+def test_serve_names_the_workspace_it_was_given_in_the_generate_it_suggests(cli, workspace, tmp_path, monkeypatch):
+    """RELIABILITY 129 for `serve`: given -w, the `personavec generate` line it prints names that workspace, so that
+    it runs as printed (the answers land where `serve -w` records); without -w, as it is."""
+    import shlex
+
+    from personavec.cli import app
+
+    def serve(config, *, on_ready=None):  # the server as far as its ready line: no model, no socket
+        on_ready("http://127.0.0.1:8123/v1", None)
+
+    monkeypatch.setattr("personavec.serving.app.serve", serve)
+    res = cli.invoke(app, ["serve", "-w", str(workspace.root), "--model", "my model"])
+    assert res.exit_code == 0, res.output
+    [line] = [line for line in res.stdout.splitlines() if "personavec generate" in line]
+    assert shlex.split(line) == ["personavec", "generate", "--workspace", str(workspace.root.resolve()),
+                                 "--base-url", "http://127.0.0.1:8123/v1", "--model", "my model"]  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # no -w, no workspace here: the line is left as it is
+    monkeypatch.delenv("PERSONAVEC_WORKSPACE", raising=False)
+    res = cli.invoke(app, ["serve"])
+    assert res.exit_code == 0, res.output
+    [line] = [line for line in res.stdout.splitlines() if "personavec generate" in line]
+    assert shlex.split(line) == ["personavec", "generate", "--base-url", "http://127.0.0.1:8123/v1", "--model",
+                                 "smollm2-135m-instruct"]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ sliding windows
 
 #: Four layers: two of each kind where the family mixes them (Mistral's are all sliding).

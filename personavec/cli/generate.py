@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,6 +21,7 @@ from personavec.cli.app import (
     console,
     emit_json,
     err_console,
+    on_workspace,
     print_table,
     stage_progress,
 )
@@ -200,7 +203,7 @@ def serve(
     if backend == "transformers":
         if record:
             raise ConfigError("--record needs the personavec backend")
-        _serve_transformers(model, port, host, device, as_json)
+        _serve_transformers(model, port, host, device, as_json, ws)
         return
     if backend != "personavec":
         raise ConfigError(f"--backend must be personavec or transformers, got {backend!r}")
@@ -230,12 +233,21 @@ def serve(
         console.print(f"serving [bold]{escape(config.name)}[/] at [bold]{base_url}[/] (pid {os.getpid()})")
         if run_id is not None:
             console.print(f"  recording every answer in generate run [bold]{run_id}[/] of {w.root}")
-        console.print(f"  personavec generate --base-url {base_url} --model {escape(config.name)}\n  Ctrl-C stops it.")
+        console.print(_generate_hint(base_url, config.name, ws), highlight=False, markup=False, soft_wrap=True)
+        console.print("  Ctrl-C stops it.")
 
     run_server(config, on_ready=ready)
 
 
-def _serve_transformers(model: str, port: int | None, host: str, device: str, as_json: bool) -> None:
+def _generate_hint(base_url: str, model: str, ws: Path | None) -> str:
+    """The `personavec generate` line `serve` suggests: on the workspace `serve` was given (``-w``), its arguments
+    quoted for the shell, so that it runs as printed."""
+    return on_workspace(f"  personavec generate --base-url {shlex.quote(base_url)} --model {shlex.quote(model)}", ws)
+
+
+def _serve_transformers(
+    model: str, port: int | None, host: str, device: str, as_json: bool, ws: Path | None = None
+) -> None:
     from personavec.serve import local_server, server_alive
 
     with local_server(model, port, host=host, device=device) as server:
@@ -244,8 +256,9 @@ def _serve_transformers(model: str, port: int | None, host: str, device: str, as
         else:
             console.print(f"serving [bold]{server.model}[/] at [bold]{server.base_url}[/] (pid {server.pid})")
             console.print(
-                f"  personavec generate --base-url {server.base_url} --model {server.model}\n  Ctrl-C stops it."
+                _generate_hint(server.base_url, server.model, ws), highlight=False, markup=False, soft_wrap=True
             )
+            console.print("  Ctrl-C stops it.")
         try:
             while server_alive(server):
                 time.sleep(2)

@@ -463,29 +463,40 @@ def _start(config: ServeConfig, loaded: LoadedModel | None) -> tuple[Scheduler, 
     return scheduler, recorder, ws
 
 
-def _listening(config: ServeConfig, scheduler: Any) -> tuple[Any, int, Any]:
-    """The bound, listening socket, its port, and the uvicorn server to run on it over ``scheduler``."""
-    import socket
+def _bind(config: ServeConfig) -> Any:
+    """The listening socket of ``config``'s host and port, bound before the model loads and before a recording run
+    is created: a port in use is one line at once, with nothing recorded (see
+    :func:`personavec.serve.listening_socket`)."""
+    from personavec.serve import listening_socket
 
+    return listening_socket(config.host, config.port)
+
+
+def _http_server(config: ServeConfig, scheduler: Any) -> Any:
+    """The uvicorn server over ``scheduler``, to run on the socket of :func:`_bind` (``server.run(sockets=...)``)."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
-    sock.listen(2048)  # connections wait in the backlog from now on, before uvicorn accepts them
     app = build_app(scheduler, config.name, base_name=config.model)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
-    return sock, sock.getsockname()[1], server
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
 
 
 @contextmanager
 def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) -> Iterator[RunningServer]:
     """Run the server on a thread while the block runs (``loaded``: a model already loaded, e.g. by a test)."""
-    scheduler, recorder, ws = _start(config, loaded)
-    sock, port, server = _listening(config, scheduler)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="personavec-serve-http", daemon=True)
-    thread.start()
+    sock = _bind(config)
     try:
+        scheduler, recorder, ws = _start(config, loaded)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
+    thread: threading.Thread | None = None
+    try:
+        server = _http_server(config, scheduler)
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="personavec-serve-http", daemon=True
+        )
+        thread.start()
         deadline = time.monotonic() + 30
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
@@ -501,8 +512,9 @@ def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) ->
             catalog_lock=scheduler.resolver.catalog_lock if scheduler.resolver else threading.Lock(),
         )
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        if thread is not None:
+            server.should_exit = True
+            thread.join(timeout=10)
         sock.close()
         scheduler.stop()
         if recorder is not None:
@@ -516,11 +528,17 @@ def _interrupt(signum: int, frame: Any) -> None:
 def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (uvicorn's handlers); ``on_ready(base_url, run_id)`` is called
     once the socket listens."""
-    scheduler, recorder, ws = _start(config, None)
-    sock, port, server = _listening(config, scheduler)
+    sock = _bind(config)  # first: a port in use stops here, before the model loads and before anything is recorded
+    try:
+        scheduler, recorder, ws = _start(config, None)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
     host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
     status = "done"
     try:
+        server = _http_server(config, scheduler)
         if on_ready is not None:
             on_ready(f"http://{host}:{port}/v1", recorder.session.run_id if recorder else None)
         if threading.current_thread() is threading.main_thread():
