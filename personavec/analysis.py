@@ -416,7 +416,7 @@ def compare_runs(
         raise ConfigError("compare needs at least two vectors runs")
     sets = {}
     for run_id, layer in runs:
-        vs = load_vectors(run_id, layer, workspace=ws)
+        vs = load_vectors(run_id, layer, workspace=ws).without_contrasts()
         if defaults:
             _check_named(vs, defaults)
         label = f"run {run_id} {vs.model} L{vs.layer}"
@@ -457,7 +457,7 @@ def project_onto_run(
     from personavec.modeling import load_model
     from personavec.vectors import load_vectors
 
-    vset = load_vectors(run_id, layer, workspace=ws)
+    vset = load_vectors(run_id, layer, workspace=ws).without_contrasts()
     axis = assistant_axis(vset, default_personas_of(vset, defaults) or None)
     prov = vset.provenance
     from personavec.config import DTYPES

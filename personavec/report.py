@@ -115,7 +115,7 @@ def build_report(
     if resume is not None:
         raise ConfigError("a report is written whole each time and cannot be resumed: build it again")
     run_id, out_dir, defaults = config.run_id, config.out_dir, config.defaults
-    vset = load_vectors(run_id, config.layer, workspace=ws)
+    vset = load_vectors(run_id, config.layer, workspace=ws).without_contrasts()  # groups, not their differences
     if len(vset) < 3:
         raise ConfigError(
             f"vectors run {run_id} has {len(vset)} vector(s) at layer {vset.layer}: a report needs at least 3 "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +144,24 @@ class VectorSet(Mapping[str, torch.Tensor]):
     @property
     def d_model(self) -> int:
         return int(self.matrix.shape[1])
+
+    @property
+    def contrasts(self) -> tuple[str, ...]:
+        """Names of the run's contrast vectors (``vectors --contrast NAME=POS,NEG``: differences, not groups)."""
+        return tuple(c["name"] for c in self.provenance.get("contrasts") or ())
+
+    def without_contrasts(self) -> VectorSet:
+        """The set of its groups only: what persona-space analyses (similarity, PCA, the assistant axis, reports,
+        comparisons, projections) are about; a contrast among them would count as one more persona."""
+        if not self.contrasts:
+            return self
+        keep = [i for i, n in enumerate(self.names) if n not in self.contrasts]
+        return replace(
+            self,
+            names=tuple(self.names[i] for i in keep),
+            matrix=self.matrix[keep],
+            n_examples=tuple(self.n_examples[i] for i in keep),
+        )
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:

@@ -217,3 +217,23 @@ def test_point_labels_do_not_overlap():
         assert len(boxes) == 20
         overlaps = [(i, j) for i in range(20) for j in range(i + 1, 20) if boxes[i].overlaps(boxes[j])]
         assert overlaps == []
+
+
+def test_contrast_vectors_stay_out_of_persona_space(workspace, make_extraction_run, tmp_path):
+    """`vectors --contrast x=pirate,default` adds the difference `x` beside the groups; the similarity, the PCA, the
+    assistant axis, reports, comparisons and `RUN:axis` are about the groups (a contrast counted as one more
+    persona: it entered the axis's "rest" mean and moved the axis)."""
+    from personavec.steering.naming import resolve_vector
+
+    ext = make_extraction_run(workspace)
+    plain = load_vectors(compute_vectors(workspace, VectorConfig(ext.run_id)).run_id, workspace=workspace)
+    with_x = compute_vectors(workspace, VectorConfig(ext.run_id, contrasts=(("x", "cynic", "default"),))).run_id
+    vs = load_vectors(with_x, workspace=workspace)
+    assert vs.contrasts == ("x",) and "x" in vs.names  # still there to export or steer with
+    groups = vs.without_contrasts()
+    assert groups.names == plain.names and np.array_equal(groups.matrix.numpy(), plain.matrix.numpy())
+    np.testing.assert_allclose(resolve_vector(vs, "axis"), resolve_vector(plain, "axis"), rtol=1e-6, atol=1e-9)
+    report = build_report(workspace, ReportConfig(with_x, out_dir=tmp_path / "r"))
+    expected = build_report(workspace, ReportConfig(plain.run_id, out_dir=tmp_path / "p"))
+    assert report.axis_stats is not None and expected.axis_stats is not None
+    assert report.axis_stats.projections == pytest.approx(expected.axis_stats.projections)  # no "x" among them

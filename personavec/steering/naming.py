@@ -60,8 +60,9 @@ def _named(vset: VectorSet, name: str, defaults: Sequence[str] | None) -> list[t
     elif members:
         found.append((f"persona group {name!r}", np.mean([vset[p].double().numpy() for p in members], axis=0)))
     if name == "axis":
-        defaults_of = analysis.default_personas_of(vset, defaults) or None
-        found.append(("the assistant axis", analysis.assistant_axis(vset, defaults_of)))
+        groups_only = vset.without_contrasts()
+        defaults_of = analysis.default_personas_of(groups_only, defaults) or None
+        found.append(("the assistant axis", analysis.assistant_axis(groups_only, defaults_of)))
     return found
 
 
