@@ -115,6 +115,12 @@ class ModelError(PersonavecError, RuntimeError):
     """A model cannot be resolved, loaded, or does not have the requested layers."""
 
 
+class ModelNotFoundError(ModelError):
+    """``--model`` names nothing that is a model: no such file or directory, not a model there, not a Hub id."""
+
+    exit_code = 2
+
+
 class SpanError(PersonavecError, ValueError):
     """The response text cannot be located in the rendered conversation."""
 

@@ -57,6 +57,9 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     path = Path(path)
     if path.is_dir():
         raise InputFileError(f"{path} is a directory: give a file name")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputFileError(f"cannot write {path}: {blocking} is a file, not a directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personavec.errors import ConfigError, InputFileError, ModelError, PersonavecError
+from personavec.errors import ConfigError, InputFileError, ModelError, ModelNotFoundError, PersonavecError
 from personavec.files import atomic_write, file_sha256
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
@@ -236,15 +236,15 @@ def local_model_path(name: str) -> Path:
     elif name.lower().endswith(".gguf"):
         gguf = Path(name).expanduser()
         if not gguf.is_file():
-            raise ModelError(f"GGUF file {gguf} does not exist")
+            raise ModelNotFoundError(f"GGUF file {gguf} does not exist")
     else:
         path = Path(name).expanduser()
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise ModelError(f"{path} is a directory without config.json: not a transformers model directory")
+                raise ModelNotFoundError(f"{path} is a directory without config.json: not a transformers model")
             return path
         if path.exists():
-            raise ModelError(f"{path} is neither a model directory nor a .gguf file")
+            raise ModelNotFoundError(f"{path} is neither a model directory nor a .gguf file")
         return Path(name)  # a Hub id
     out = _cache_dir_for(gguf)
     if (out / "config.json").is_file():
@@ -266,7 +266,7 @@ def _require_hub_reachable_or_cached(repo_id: str) -> None:
         if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
             return
     except ValueError:  # not a valid repo id
-        raise ModelError(
+        raise ModelNotFoundError(
             f"model {repo_id!r} is not a local directory, a .gguf file, {EMBEDDED_ALIAS!r} or a Hub id (owner/name)"
         ) from None
     if constants.HF_HUB_OFFLINE:

@@ -555,7 +555,12 @@ def export_vectors(
     from personavec.seed import save_persona_vectors
 
     path = Path(path)
-    fmt = fmt or EXPORT_FORMATS.get(path.suffix.lower())
+    by_suffix = EXPORT_FORMATS.get(path.suffix.lower())
+    if fmt is not None and by_suffix is not None and fmt != by_suffix:  # a .pt holding npz would not load as one
+        raise ConfigError(
+            f"{path} ends in {path.suffix} but --format is {fmt}: name the file *.{fmt}, or drop --format"
+        )
+    fmt = fmt or by_suffix
     if fmt not in EXPORT_FORMATS.values():
         hint = ""
         if (fmt or path.suffix.lower().lstrip(".")) == "gguf":

@@ -76,6 +76,8 @@ class Workspace:
         """Fail with a clear message unless this directory is an initialised workspace."""
         if not self.root.exists():
             raise WorkspaceError(f"workspace {self.root} does not exist: run `personavec init --workspace {self.root}`")
+        if not self.root.is_dir():
+            raise WorkspaceError(f"{self.root} is a file, not a workspace directory: pass the right --workspace")
         if not self.exists():
             raise WorkspaceError(
                 f"{self.root} is not a personavec workspace (no {CATALOG_FILE}): "

@@ -11,6 +11,7 @@ from personavec.cli import app
 from personavec.cli.app import WorkspaceOpt, command
 from personavec.store.models import SCHEMA_REVISION
 from personavec.store.responses import responses_by_key
+from personavec.store.runs import list_runs
 from personavec.workspace import Workspace
 
 
@@ -53,6 +54,7 @@ def test_sql_is_read_only(cli, workspace):
 
 
 def test_bad_input_exit_codes(cli, workspace, tmp_path, monkeypatch):
+    runs_before = list_runs(workspace.catalog())
     bad = tmp_path / "bad.json"
     bad.write_text('{"oops": "x"}')
     res = cli.invoke(app, ["ingest", "responses", str(bad), "-w", str(workspace.root)])
@@ -60,10 +62,22 @@ def test_bad_input_exit_codes(cli, workspace, tmp_path, monkeypatch):
     assert "bad.json" in res.output and "not a JSON-encoded" in res.output
     res = cli.invoke(app, ["runs", "-w", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "personavec init" in res.output
+    (tmp_path / "afile").write_text("x")  # not a workspace, and `init` would refuse it: no init suggested
+    res = cli.invoke(app, ["runs", "-w", str(tmp_path / "afile")])
+    assert res.exit_code == 2 and "is a file, not a workspace directory" in res.output and "init" not in res.output
     res = cli.invoke(app, ["sql", "SELECT * FROM no_such_table", "-w", str(workspace.root)])
     assert res.exit_code == 2 and "no_such_table" in res.output
     res = cli.invoke(app, ["runs", "--kind", "extraction", "-w", str(workspace.root)])  # a typo: not an empty table
     assert res.exit_code == 2 and "unknown run kind 'extraction': one of ingest-personas," in res.output
+    # two flags that contradict each other: refused, not one of them silently ignored
+    root = ["-w", str(workspace.root)]
+    res = cli.invoke(app, ["sql", "SELECT 1", "--json", "--csv", *root])
+    assert res.exit_code == 2 and "--json and --csv are two ways to print the results: give one" in res.output
+    res = cli.invoke(app, ["generate", "--engine", "local", "--model", "m", "--base-url", "http://x/v1", *root])
+    assert res.exit_code == 2 and "--base-url is for --engine remote" in res.output
+    res = cli.invoke(app, ["generate", "--model", "m", "--device", "cuda", "--batch-size", "4", *root])
+    assert res.exit_code == 2 and "--device, --batch-size: for --engine local only" in res.output
+    assert len(runs_before) == len(list_runs(workspace.catalog()))
     workspace.close()  # the next command opens the catalog anew, reading the environment
     monkeypatch.setenv("PERSONAVEC_LOCK_TIMEOUT", "2m")
     res = cli.invoke(app, ["runs", "-w", str(workspace.root)])

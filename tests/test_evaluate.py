@@ -104,15 +104,20 @@ def test_cli_bad_input_is_one_line_and_leaves_no_run(workspace, cli):
         with workspace.catalog().session() as s:
             return s.execute(sa.text("SELECT count(*) FROM runs WHERE kind = 'evaluate'")).scalar()
 
-    from personavec.serve import free_port
+    from personavec.serve import free_port, listening_socket
 
     root = str(workspace.root)
     before = len(runs_of(workspace))
     refused = ["--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--judge-model", "m"]
+    judge = listening_socket("127.0.0.1", 0)  # something listens: the judge is reachable
+    there = ["--judge-base-url", f"http://127.0.0.1:{judge.getsockname()[1]}/v1", "--judge-model", "m"]
+    cap = ["--cap-vector", "5:-axis", "--tau", "2", "--model", "m"]
     for args, code, text in [
+        # a bad persona: refused before the jailbreak prompts are ingested as a question set
+        ([*cap, "--persona", "nobody", *there], 2, "nobody"),
         ([], 2, "nothing to evaluate"),
         # a judge that is not there: nothing recorded, not even the jailbreak prompts' question set
-        (["--cap-vector", "5:-axis", "--tau", "2", "--model", "m", *refused], 1, "refused the connection"),
+        ([*cap, *refused], 1, "refused the connection"),
         (["7"], 2, "--trait"),
         (["7", "--trait", "pirate", "--rubric", "x.yaml"], 2, "not both"),
         (["7", "--trait", "pirate", "--judge-base-url", "http://127.0.0.1:9/v1"], 2, "sweep 7 does not exist"),
@@ -121,6 +126,7 @@ def test_cli_bad_input_is_one_line_and_leaves_no_run(workspace, cli):
         res = cli.invoke(app, ["evaluate", "-w", root, *args])
         assert res.exit_code == code, res.output
         assert text in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    judge.close()
     workspace.close()
     assert evaluate_runs() == 0 and len(runs_of(workspace)) == before
 

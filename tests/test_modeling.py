@@ -95,10 +95,17 @@ def test_local_dir_returned_as_is_and_hub_id_passthrough(tmp_path: Path) -> None
     assert local_model_path(str(d)) == d
     assert str(local_model_path("google/gemma-3-27b-it")) == "google/gemma-3-27b-it"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="config.json"):
-        local_model_path(str(tmp_path / "empty"))
-    with pytest.raises(ModelError, match="does not exist"):
-        local_model_path(str(tmp_path / "missing.gguf"))
+    # a --model that names no model is bad input (exit 2), as a garbage .gguf is (it exited 1)
+    (tmp_path / "notes.txt").write_text("x")
+    for name, match in [
+        (tmp_path / "empty", "config.json"),
+        (tmp_path / "missing.gguf", "does not exist"),
+        (tmp_path / "notes.txt", "neither a model directory nor a .gguf file"),
+        ("not a valid/repo/id", "is not a local directory, a .gguf file"),
+    ]:
+        with pytest.raises(ModelError, match=match) as info:
+            load_model(str(name))
+        assert info.value.exit_code == 2
 
 
 @pytest.mark.slow

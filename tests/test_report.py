@@ -105,6 +105,10 @@ def test_cli_vectors_export_report_compare(cli, workspace, make_extraction_run, 
     r = cli.invoke(app, ["export", str(run_id), str(tmp_path / "v.safetensors"), "--layer", "5", *w])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "v.safetensors").stat().st_size > 0
+    r = cli.invoke(app, ["export", str(run_id), str(tmp_path / "v.pt"), "--format", "npz", *w])  # torch.load fails
+    assert r.exit_code == 2 and "v.pt ends in .pt but --format is npz" in r.output and not (tmp_path / "v.pt").exists()
+    r = cli.invoke(app, ["export", str(run_id), str(tmp_path / "v.safetensors" / "v.pt"), *w])  # under a file
+    assert r.exit_code == 2 and "v.safetensors is a file, not a directory" in r.output
 
     r = cli.invoke(app, ["report", str(run_id), "--layer", "2", "--json", *w])
     assert r.exit_code == 0, r.output

@@ -162,6 +162,8 @@ def sql(
 
     if limit < 0:
         raise ConfigError(f"--limit must be >= 0 (0 = all rows), got {limit}")
+    if as_json and as_csv:
+        raise ConfigError("--json and --csv are two ways to print the results: give one")
     check_limits(timeout, memory_limit)
     w = workspace(ws).require()
     results = run_readonly_sql(w.catalog_path, query, timeout_s=timeout, memory_limit=memory_limit)

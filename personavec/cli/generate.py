@@ -119,6 +119,11 @@ def generate(
 
     w = resolve_workspace(ws).require()
     config = resume_config(w, resume, **given) if resume is not None else GenerateConfig(**given)
+    if config.engine == "local" and base_url:
+        raise ConfigError("--base-url is for --engine remote: the local engine runs the model in this process")
+    if config.engine != "local" and local:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in local)
+        raise ConfigError(f"{flags}: for --engine local only (this run asks {config.base_url})")
     if local:  # personavec.generation.local.LocalOptions
         config = dataclasses.replace(config, local=dataclasses.replace(config.local, **local))
     result = _run_with_progress(w, config, resume, quiet=as_json)

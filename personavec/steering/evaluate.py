@@ -313,9 +313,10 @@ class EvaluateResult:
 # ---------------------------------------------------------------------------------------------------- the stage
 
 
-def jailbreak_set(ws: Workspace, path: str | None) -> str:
+def jailbreak_set(ws: Workspace, path: str | None, check: Callable[[int], None] = lambda n: None) -> str:
     """The name of the question set holding the jailbreak prompts: the built-in file (set ``jailbreaks``) or
-    ``path``, ingested the first time; a set of that name holding other prompts is an error."""
+    ``path``, ingested the first time (after ``check(number of prompts)``, so that a refused selection leaves no
+    set behind); a set of that name holding other prompts is an error."""
     from personavec.files import resource_path
     from personavec.ingest import IngestConfig, ingest, read_question_file
     from personavec.store.sets import get_question_set, set_names
@@ -325,6 +326,7 @@ def jailbreak_set(ws: Workspace, path: str | None) -> str:
         raise InputFileError(f"{file}: no such jailbreak prompts file (a question file: YAML/JSON list or CSV)")
     name, questions = read_question_file(file)
     name = name or file.stem
+    check(len(questions))
     if name not in set_names(ws.catalog())[1]:
         ingest(ws, IngestConfig("questions", file, name))
         return name
@@ -406,17 +408,18 @@ def run_evaluation(
     from personavec.generation.endpoint import ensure_reachable
 
     ensure_reachable((config.judge_base_url, *config.judge_replicas), config.judge_timeout_s)  # before any run exists
-    question_set = jailbreak_set(ws, config.jailbreaks) if config.cap is not None else None
-    if config.cap is not None:  # a bad persona or prompt position fails before the run exists
+    question_set = None
+    if config.cap is not None:  # a bad persona or prompt position fails before anything is recorded
         from personavec.config import check_selection
-        from personavec.store.generation import load_sets
+        from personavec.store.sets import get_persona_set
 
-        assert question_set is not None
-        pset, qset = load_sets(catalog, "builtin", question_set)
-        check_selection(
-            "persona set 'builtin'", config.cap_personas, (), [p.name for p in pset.personas], len(qset.questions)
-        )
-        check_selection(f"question set {question_set!r}", (), config.cap_questions, [], len(qset.questions))
+        personas = [p.name for p in get_persona_set(catalog, "builtin").personas]
+
+        def check(n_prompts: int) -> None:
+            check_selection("persona set 'builtin'", config.cap_personas, (), personas, n_prompts)
+            check_selection("the jailbreak prompts", (), config.cap_questions, [], n_prompts)
+
+        question_set = jailbreak_set(ws, config.jailbreaks, check)
 
     if resume is None:
         run_id = es.create_evaluation_run(
