@@ -76,7 +76,7 @@ class VectorConfig:
         object.__setattr__(self, "contrasts", tuple(tuple(c) for c in self.contrasts))
         _ = self.filters  # every filter parses
         if self.min_count < 1:
-            raise ConfigError(f"min_count must be >= 1, got {self.min_count}")
+            raise ConfigError(f"min_count (--min-count) must be >= 1, got {self.min_count}")
         for c in self.contrasts:
             if len(c) != 3 or not all(isinstance(x, str) and x for x in c) or c[1] == c[2]:
                 raise ConfigError(f"a contrast is (name, pos group, neg group) with two different groups, got {c!r}")
@@ -84,7 +84,7 @@ class VectorConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"two contrasts share a name: {names}")
         if self.group_by not in GROUP_BY:
-            raise ConfigError(f"group_by must be one of {', '.join(GROUP_BY)}, got {self.group_by!r}")
+            raise ConfigError(f"group_by (--group-by) must be one of {', '.join(GROUP_BY)}, got {self.group_by!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
             if not self.layers:

@@ -77,6 +77,8 @@ def test_bad_input_exit_codes(cli, workspace, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "--base-url is for --engine remote" in res.output
     res = cli.invoke(app, ["generate", "--model", "m", "--device", "cuda", "--batch-size", "4", *root])
     assert res.exit_code == 2 and "--device, --batch-size: for --engine local only" in res.output
+    res = cli.invoke(app, ["generate", "--model", "m", "-n", "0", *root])  # the flag typed, beside the field
+    assert res.exit_code == 2 and "n_samples (-n) must be > 0" in res.output
     assert len(runs_before) == len(list_runs(workspace.catalog()))
     workspace.close()  # the next command opens the catalog anew, reading the environment
     monkeypatch.setenv("PERSONAVEC_LOCK_TIMEOUT", "2m")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from personavec.errors import RunBusyError
-from personavec.store.runs import create_run, get_run, list_runs, mark_running
+from personavec.store.runs import create_run, finish_run, get_run, list_runs, mark_running
 
 # A child process creates a `generate` run (left running) and then stays alive or dies without finishing it.
 CHILD = """
@@ -62,6 +62,24 @@ def test_own_runs_are_running(workspace):
     with catalog.session() as s:
         run_id = create_run(s, "extract", {})
     assert get_run(catalog, run_id).status == "running"
+
+
+def test_wall_time_sums_the_sessions_not_the_wait_between_them(workspace):
+    """`runs`' wall s of a resumed run is the time its sessions ran (it was the time since creation: a resume that
+    had nothing to do, an hour later, made a 10 s run an hour long)."""
+    import time
+
+    catalog = workspace.catalog()
+    with catalog.session() as s:
+        run_id = create_run(s, "generate", {})
+        finish_run(s, run_id, "interrupted")
+    first = get_run(catalog, run_id).wall_s
+    time.sleep(0.5)  # the wait before the resume
+    with catalog.session() as s:
+        mark_running(s, run_id)
+        finish_run(s, run_id, "done")
+    total = get_run(catalog, run_id).wall_s
+    assert first is not None and total is not None and first <= total < first + 0.25, (first, total)
 
 
 def test_a_recorded_server_run_counts_its_answers_once(workspace):

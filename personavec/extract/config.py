@@ -96,13 +96,15 @@ class ExtractConfig:
         if self.span not in SPAN_RULES:
             raise ConfigError(f"span must be one of {', '.join(SPAN_RULES)}, got {self.span!r}")
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ConfigError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
+            raise ConfigError(
+                f"prompt_format (--format) must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}"
+            )
         if (self.max_batch_tokens is not None and self.max_batch_tokens <= 0) or self.max_batch_size <= 0:
             raise ConfigError("max_batch_tokens and max_batch_size must be > 0")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
             if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
-                raise ConfigError(f"layers must be distinct non-negative integers, got {self.layers}")
+                raise ConfigError(f"layers (--layer) must be distinct non-negative integers, got {self.layers}")
         if self.chunk_rows is not None and self.chunk_rows <= 0:
             raise ConfigError("chunk_rows must be > 0")
         if not isinstance(self.compile, bool):
@@ -110,7 +112,10 @@ class ExtractConfig:
         if not isinstance(self.gpus_per_process, int) or self.gpus_per_process < 1:
             raise ConfigError(f"gpus_per_process must be an integer >= 1, got {self.gpus_per_process!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
+            raise ConfigError(
+                f"storage_dtype (--storage-dtype) must be one of {', '.join(STORAGE_DTYPES)}, "
+                f"got {self.storage_dtype!r}"
+            )
         if self.writer_threads < 1 or self.flush_seconds <= 0 or self.flush_rows < 1:
             raise ConfigError("writer_threads and flush_rows must be >= 1 and flush_seconds > 0")
         if self.layers_path is not None and not self.layers_path.strip(". "):

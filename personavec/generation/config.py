@@ -46,7 +46,9 @@ class LocalOptions:
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size must be > 0, got {self.batch_size}")
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ConfigError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
+            raise ConfigError(
+                f"prompt_format (--format) must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}"
+            )
 
 
 ENGINES = ("remote", "local")
@@ -125,7 +127,7 @@ class GenerateConfig:
         if not self.model:
             raise ConfigError("model must be a non-empty model name (e.g. --model google/gemma-3-27b-it)")
         if self.n_samples <= 0:
-            raise ConfigError(f"n_samples must be > 0, got {self.n_samples}")
+            raise ConfigError(f"n_samples (-n) must be > 0, got {self.n_samples}")
         if self.max_tokens <= 0:
             raise ConfigError(f"max_tokens must be > 0, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:

@@ -96,16 +96,22 @@ def create_run(session: Session, kind: str, config: dict[str, Any]) -> int:
 
 
 def finish_run(session: Session, run_id: int, status: str, error: str | None = None) -> None:
-    """Mark a run ``done``/``failed``/``interrupted`` and record its wall time since creation."""
+    """Mark a run ``done``/``failed``/``interrupted`` and add this session's running time (since the run was
+    created or resumed: its owner's claim) to its wall time, so that a resumed run does not count the hours it
+    waited (a resume that had nothing left to do showed 40 s where the run had taken 10)."""
     if status not in RUN_STATUSES or status == "running":
         raise ValueError(f"a run finishes as done, failed or interrupted, not {status!r}")
     run = session.get(Run, run_id)
     if run is None:
         raise RunNotFoundError(f"run {run_id} does not exist")
     now = utcnow()
+    owner = session.get(RunOwner, run_id)
+    started = owner.claimed_at if owner is not None and owner.claimed_at >= run.created_at else run.created_at
     run.status = status
     run.finished_at = now
-    run.wall_s = (now - run.created_at).total_seconds()
+    run.wall_s = (run.wall_s or 0.0) + max((now - started).total_seconds(), 0.0)
+    if owner is not None:
+        owner.claimed_at = now  # a second finish in this session adds only what came after the first
     run.error = error
 
 
