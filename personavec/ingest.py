@@ -176,7 +176,9 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
-def _csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+def _csv_rows(path: Path, required: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """``(where, row)`` for each record: where is ``line N``, the line it starts on (a quoted value may span
+    lines)."""
     text = _read_text(path)
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
@@ -187,7 +189,11 @@ def _csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
             f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
             f"(expected {', '.join(required)})"
         )
-    return list(reader)
+    rows, start = [], reader.line_num + 1
+    for row in reader:
+        rows.append((f"line {start}", row))
+        start = reader.line_num + 1
+    return rows
 
 
 def _no_duplicate_columns(path: Path, names: Sequence[str], where: str) -> None:
@@ -215,11 +221,9 @@ def read_persona_file(path: Path) -> tuple[str | None, list[PersonaSpec]]:
     set_name: str | None = None
     entries: list[tuple[str, Any]] = []
     if path.suffix.lower() == ".csv":
-        for i, row in enumerate(_csv_rows(path, ("name", "system_prompt")), start=2):
+        for where, row in _csv_rows(path, ("name", "system_prompt")):
             groups = [g.strip() for g in (row.get("groups") or "").split(";") if g.strip()]
-            entries.append(
-                (f"line {i}", {"name": row["name"], "system_prompt": row["system_prompt"], "groups": groups})
-            )
+            entries.append((where, {"name": row["name"], "system_prompt": row["system_prompt"], "groups": groups}))
     else:
         doc = _load_structured(path)
         if isinstance(doc, dict) and "personas" in doc:
@@ -267,8 +271,9 @@ def read_question_file(path: Path) -> tuple[str | None, list[str]]:
     """Questions from JSON/YAML (a list of strings, or ``{name?, questions: [...]}``) or CSV (column ``question``)."""
     set_name: str | None = None
     if path.suffix.lower() == ".csv":
-        items: list[Any] = [row["question"] for row in _csv_rows(path, ("question",))]
-        where = [f"line {i}" for i in range(2, len(items) + 2)]
+        records = _csv_rows(path, ("question",))
+        items: list[Any] = [row["question"] for _, row in records]
+        where = [at for at, _ in records]
     else:
         doc = _load_structured(path)
         if isinstance(doc, dict) and "questions" in doc:
@@ -359,6 +364,8 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
         raise InputFileError(f"{path}: no responses in the file")
     unit = "line" if fmt in ("jsonl", "csv") else "row"
     n = table.num_rows
+    if fmt == "csv":
+        lines = _csv_record_lines(table, first_row)
     numbers = pa.array(lines if lines is not None else range(first_row, first_row + n))
     where = pc.binary_join_element_wise(pa.scalar(unit), pc.cast(numbers, pa.string()), " ")
     strings = {col: _string_column(path, table[col], col, where) for col in ("persona", "question", text_col)}
@@ -382,6 +389,23 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
             at = out["_where"].filter(nulls)[0].as_py()
             raise InputFileError(f"{path}: {at}: {col!r} is missing (null)")
     return out
+
+
+def _csv_record_lines(table: pa.Table, first_row: int) -> list[int] | None:
+    """The line each CSV record starts on where quoted values span lines (answers often do), counted from the
+    newlines inside each record's values; None when every record is one line (its row number + ``first_row``)."""
+    inside = None
+    for column in table.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            count = pc.fill_null(pc.count_substring(column, "\n"), 0)
+            inside = count if inside is None else pc.add(inside, count)
+    if inside is None or not pc.sum(inside).as_py():
+        return None
+    per_record = pc.cast(inside, pa.int64())
+    if isinstance(per_record, pa.ChunkedArray):
+        per_record = per_record.combine_chunks()
+    before = pc.subtract(pc.cumulative_sum(per_record), per_record)  # newlines in the records above
+    return pc.add(pa.array(range(first_row, first_row + len(per_record)), pa.int64()), before).to_pylist()
 
 
 def _read_jsonl(path: Path, block: int) -> tuple[pa.Table, list[int] | None]:

@@ -185,6 +185,11 @@ BAD_RESPONSES = [
     ("dupkey.jsonl", '{"persona": "default", "text": "a", "text": "b"}\n', "line 1: duplicate key 'text'"),
     ("blank.jsonl", "\n" + _jsonl({}) + "\n" + _jsonl({"persona": "pirat"}), "line 4: unknown persona 'pirat'"),
     ("extra.jsonl", _jsonl({"m": 1}, {"question": _Q1, "m": "x"}), "line 2: cannot be read as jsonl: .*Column\\(/m\\)"),
+    (  # answers spanning lines: the line a record starts on, not its row number + 2
+        "multiline.csv",
+        f'persona,question,text\ndefault,"{_Q0}","one\ntwo\nthree"\npirat,"{_Q0}",x\n',
+        "multiline.csv: line 5: unknown persona 'pirat'",
+    ),
     (
         "dupcol.csv",
         f"persona,question,text,text\ndefault,{_Q0},a,b\n",
@@ -242,6 +247,7 @@ BAD_SETS = [
     ),
     ("p_control.yaml", "a: \x07\n", "p_control.yaml: not valid YAML at line 1: unacceptable character #x0007"),
     ("p_unhashable.yaml", "? [a]\n: x\n", "not valid YAML at line 1 column 3: found unhashable key"),
+    ("p_lines.csv", 'name,system_prompt\na,"two\nlines"\na,b\n', "p_lines.csv: line 4: duplicate persona name 'a'"),
     (
         "p_dupcol.csv",
         "name,system_prompt,name\na,b,c\n",
