@@ -278,6 +278,24 @@ def test_bad_requests_are_400_with_one_line_naming_the_field_and_the_server_goes
     assert _ask(server, *PROMPTS[2], max_tokens=3).choices[0].message.content is not None  # still serving
 
 
+def test_an_intervention_that_overflows_the_model_is_refused_and_the_server_goes_on(setup):
+    """A coefficient that pushes the residual stream past what the dtype holds makes the logits NaN/inf: sampling
+    from them raised on the model thread, which died, and every later request got 500 while /health said 200;
+    greedy answered an empty text. Now that request alone is refused (400, `interventions`), the others go on."""
+    server, vec = setup["server"], setup["vec"]
+    base = {"model": server.model, "messages": _messages(*PROMPTS[2]), "max_tokens": 4}
+    huge = [{"vector": f"{vec}:storyteller-default", "layers": [2], "coef": 1e300}]
+    for temperature, n in [(0.7, 1), (0.0, 1), (0.7, 2)]:
+        status, data = _post(
+            server, "/chat/completions", {**base, "temperature": temperature, "n": n, "interventions": huge}
+        )
+        assert status == 400 and data["error"]["param"] == "interventions", (temperature, status, data)
+        assert "became NaN/inf at token 1 under this request's interventions" in data["error"]["message"]
+    assert _ask(server, *PROMPTS[2], max_tokens=3, temperature=0.7).choices[0].message.content is not None
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=10).read())
+    assert health["status"] == "ok"
+
+
 def test_request_parsing_names_the_field():
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     req = parse_request({**body, "interventions": [{"vector": "7:a-b", "layers": [3], "coef": 2}]}, "chat")

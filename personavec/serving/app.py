@@ -252,7 +252,9 @@ def build_app(scheduler: Scheduler, served_name: str, *, base_name: str | None =
 
     @app.get("/health")
     async def health() -> Any:
-        return {"status": "ok" if scheduler.error is None else f"failed: {scheduler.error}", "active": scheduler.active}
+        if scheduler.error is not None:  # the model thread is gone: a load balancer must see it
+            return JSONResponse({"status": f"failed: {scheduler.error}", "active": 0}, status_code=503)
+        return {"status": "ok", "active": scheduler.active}
 
     @app.get("/v1/models")
     async def models() -> Any:
@@ -320,6 +322,8 @@ async def _collect(request: Any, conv: _Request, req: ServeRequest, rid: str, pr
             if isinstance(ev, Finished):
                 done[ev.index] = ev
             elif isinstance(ev, Refused):
+                if isinstance(ev.error, BadRequest):
+                    return _error(str(ev.error), ev.error.param)
                 return _error(str(ev.error), status=500, kind="server_error")
     except asyncio.CancelledError:
         conv.ticket.cancel()
@@ -403,7 +407,11 @@ async def _stream(conv: _Request, req: ServeRequest, rid: str, prompt_tokens: in
                     choice = {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.finish_reason}
                 yield chunk([choice])
             elif isinstance(ev, Refused):
-                err = {"error": {"message": str(ev.error), "type": "server_error", "param": None, "code": None}}
+                error = ev.error
+                kind, param = (
+                    ("invalid_request_error", error.param) if isinstance(error, BadRequest) else ("server_error", None)
+                )
+                err = {"error": {"message": str(ev.error), "type": kind, "param": param, "code": None}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
         if req.include_usage:

@@ -754,9 +754,13 @@ class Scheduler:
 
         logits = logits.to(self.dtype)
         chosen = logits.argmax(-1).tolist()
+        finite = torch.isfinite(logits).all(-1).tolist()
         want_lp = [r.request.logprobs for r in rows]
         logp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         for i, row in enumerate(rows):
+            if not finite[i]:
+                self._refuse_row(row)
+                continue
             req = row.request
             if req.temperature > 0:
                 scaled = logits[i] / req.temperature
@@ -776,6 +780,23 @@ class Scheduler:
                 row.logprobs.append(TokenLogprob(self._text(token), float(logp[i, token]), top))
             row.tokens.append(token)
             self._advance(row)
+
+    def _refuse_row(self, row: _Row) -> None:
+        """A row whose logits are NaN or inf leaves the batch with its request refused (sampling from them raised and
+        took the model thread down, so every later request failed; greedy answered an empty text)."""
+        if not row.ticket.cancelled:
+            if row.ticket.interventions:
+                error: BaseException = BadRequest(
+                    f"the model's logits became NaN/inf at token {len(row.tokens) + 1} under this request's "
+                    f"interventions: they push the residual stream past what {self.dtype} holds; lower the coef "
+                    "(or the vector's norm)",
+                    "interventions",
+                )
+            else:
+                error = ModelError(f"the model's logits became NaN/inf at token {len(row.tokens) + 1} (unsteered)")
+            row.ticket.sink(Refused(error))
+            row.ticket.cancel()  # its other answers (n > 1) leave too
+        row.done = True
 
     def _text(self, token: int) -> str:
         if token not in self._token_text:
