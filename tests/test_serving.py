@@ -296,6 +296,31 @@ def test_an_intervention_that_overflows_the_model_is_refused_and_the_server_goes
     assert health["status"] == "ok"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("embedded-loaded")
+def test_a_client_that_hangs_up_on_a_non_streamed_answer_ends_its_handler(steering_server):
+    """The answer is cancelled and its handler returns (it waited on its queue for ever: shutdown then stalled for
+    the graceful timeout and printed a CancelledError traceback). SmolLM2, slow enough that the answer is still
+    being generated when the client goes."""
+    server = steering_server
+    body = {"model": server.model, "messages": _messages(*PROMPTS[1]), "max_tokens": 200, "ignore_eos": True}
+    raw = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+    deadline = time.monotonic() + 30
+    while not server.scheduler.active and time.monotonic() < deadline:  # it is being answered
+        time.sleep(0.01)
+    sock.close()
+    deadline = time.monotonic() + 10
+    while (server.scheduler.active or server.http.server_state.tasks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.scheduler.active == 0 and not server.http.server_state.tasks
+
+
 def test_request_parsing_names_the_field():
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     req = parse_request({**body, "interventions": [{"vector": "7:a-b", "layers": [3], "coef": 2}]}, "chat")

@@ -305,6 +305,10 @@ def build_app(scheduler: Scheduler, served_name: str, *, base_name: str | None =
     return app
 
 
+#: Put on a request's queue when its client hangs up before a non-streamed answer is complete.
+_HUNG_UP = object()
+
+
 async def _collect(request: Any, conv: _Request, req: ServeRequest, rid: str, prompt_tokens: int, model: str) -> Any:
     done: dict[int, Finished] = {}
 
@@ -312,6 +316,7 @@ async def _collect(request: Any, conv: _Request, req: ServeRequest, rid: str, pr
         while True:
             if await request.is_disconnected():
                 conv.ticket.cancel()
+                conv.queue.put_nowait(_HUNG_UP)  # the scheduler sends nothing more: end this handler too
                 return
             await asyncio.sleep(0.25)
 
@@ -319,6 +324,8 @@ async def _collect(request: Any, conv: _Request, req: ServeRequest, rid: str, pr
     try:
         while len(done) < req.n:
             ev = await conv.queue.get()
+            if ev is _HUNG_UP:  # nobody reads the answer (it left this handler waiting, and shutdown then stalled)
+                return _error("the client closed the connection", status=499)
             if isinstance(ev, Finished):
                 done[ev.index] = ev
             elif isinstance(ev, Refused):
@@ -440,6 +447,7 @@ class RunningServer:
     recorder: Recorder | None
     catalog_lock: Any  # hold it to read the catalog from this process while the server serves (DuckDB allows one
     # open connection to the file per process at a time; other processes just wait their turn)
+    http: Any = None  # the uvicorn server (``http.server_state.tasks``: the requests being handled)
 
 
 def _start(config: ServeConfig, loaded: LoadedModel | None) -> tuple[Scheduler, Recorder | None, Any]:
@@ -518,6 +526,7 @@ def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) ->
             run_id=recorder.session.run_id if recorder else None,
             recorder=recorder,
             catalog_lock=scheduler.resolver.catalog_lock if scheduler.resolver else threading.Lock(),
+            http=server,
         )
     finally:
         if thread is not None:
