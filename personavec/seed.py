@@ -167,15 +167,22 @@ def extract_persona_vectors(
         layer: ``hidden_states`` index (default: the extractor's default layer).
 
     Returns:
-        ``{persona: Tensor[d_model]}`` (float32), for every persona with at least one response.
+        ``{persona: Tensor[d_model]}`` (float32), for every persona with at least one response that has tokens (an
+        empty answer has none to average: it is left out, as extraction leaves out a row with no span; it made the
+        persona's vector all NaN).
     """
+    if not isinstance(personas, Mapping):
+        raise ConfigError(f"personas is {{name: system_prompt}}, got {type(personas).__name__}")
+    if isinstance(questions, str):
+        raise ConfigError("questions is a list of questions, got one string: wrap it in a list")
     keys = [(p, q) for p in personas for q in questions if (p, q) in responses]
     acts = extractor.extract_activations(
         [personas[p] for p, _ in keys], [q for _, q in keys], [responses[k] for k in keys], layer
     )
+    answered = torch.isfinite(acts).all(-1).tolist() if len(keys) else []
     vectors: dict[str, torch.Tensor] = {}
     for name in personas:
-        rows = [i for i, (p, _) in enumerate(keys) if p == name]
+        rows = [i for i, (p, _) in enumerate(keys) if p == name and answered[i]]
         if rows:
             vectors[name] = acts[rows].mean(0)
     return vectors

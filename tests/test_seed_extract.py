@@ -15,6 +15,7 @@ from tiny_models import tiny_model_dir
 
 from personavec import EVAL_QUESTIONS, PERSONAS
 from personavec.config import PersonaVectorConfig, default_layer
+from personavec.errors import ConfigError
 from personavec.seed import ActivationExtractor, extract_persona_vectors
 from personavec.spans import conversation, render
 
@@ -107,3 +108,21 @@ def test_seed_span_rule_matches_an_independent_reference(model: str, prompt_form
         ]
         reference = torch.stack(per_response).mean(0)
         assert torch.nn.functional.cosine_similarity(vectors[name], reference, dim=0).item() >= 0.99999
+
+
+def test_an_empty_answer_is_left_out_not_a_nan_vector(extractor: ActivationExtractor) -> None:
+    """An answer with no tokens to average (empty) is left out of its persona's mean, as extraction leaves out a row
+    with no span (it made the whole vector NaN); a persona with only such answers has no vector."""
+    names = list(PERSONAS)[:2]
+    personas = {name: PERSONAS[name] for name in names}
+    questions = EVAL_QUESTIONS[:2]
+    responses = {(names[0], questions[0]): "A real answer.", (names[0], questions[1]): "", (names[1], questions[0]): ""}
+    assert torch.isnan(extractor.extract_activations([personas[names[0]]], [questions[1]], [""], 2)).all()
+    vectors = extract_persona_vectors(extractor, personas, questions, responses, layer=2)
+    assert set(vectors) == {names[0]} and torch.isfinite(vectors[names[0]]).all()
+    alone = extractor.extract_activations([personas[names[0]]], [questions[0]], ["A real answer."], 2)[0]
+    torch.testing.assert_close(vectors[names[0]], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="one string"):
+        extract_persona_vectors(extractor, personas, "Why?", responses, layer=2)
+    with pytest.raises(ConfigError, match="personas is"):
+        extract_persona_vectors(extractor, names, questions, responses, layer=2)  # type: ignore[arg-type]
