@@ -528,9 +528,11 @@ def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):
     assert res.exit_code == 2 and "sweep 99 does not exist" in res.output
     res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:cynic", "--kind", "cap"])
     assert res.exit_code == 2 and "cap needs thresholds" in res.output
-    res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:nobody", "--persona", "default"])
+    res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:cynic", "--persona", "default"])
+    assert res.exit_code == 2 and "--kind add needs --coef C" in res.output  # a run at 0 is no steering at all
+    res = cli.invoke(app, ["steer", *w, "--vector", f"{vectors_run}:nobody", "--persona", "default", "-c", "1"])
     assert res.exit_code == 2 and "has no vector 'nobody'" in res.output
-    res = cli.invoke(app, ["steer", "-w", str(workspace.root), "--vector", "999:cynic"])  # no --model to look up
+    res = cli.invoke(app, ["steer", "-w", str(workspace.root), "--vector", "999:cynic", "-c", "1"])  # no --model
     assert res.exit_code == 2 and "999" in res.output and "Traceback" not in res.output
     res = cli.invoke(app, ["monitor", "-w", str(workspace.root), "--vector", f"{vectors_run}:cynic"])
     assert res.exit_code == 2 and "--run RUN" in res.output

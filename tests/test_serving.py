@@ -333,6 +333,7 @@ def test_request_parsing_names_the_field():
         ({"interventions": [{"vector": "7:a", "wat": 1}]}, "interventions[0].wat"),
         ({"n": 0}, "n"),
         ({"top_p": 2}, "top_p"),
+        ({"top_p": 0}, "top_p"),  # it was read as 1: sampling from every token
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"stop": 3}, "stop"),
         ({"messages": []}, "messages"),

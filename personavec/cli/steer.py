@@ -86,7 +86,10 @@ def steer(
         list[int] | None, typer.Option("--layer", "-l", help="hidden_states index (repeat; default: the run's).")
     ] = None,
     coef: Annotated[
-        list[float] | None, typer.Option("--coef", "-c", help="Coefficient (repeat for a sweep: one run each).")
+        list[float] | None,
+        typer.Option(
+            "--coef", "-c", help="Coefficient (repeat for a sweep: one run each); needed by add, 0 if left out."
+        ),
     ] = None,
     sweep_layer: Annotated[
         list[int] | None,
@@ -175,6 +178,8 @@ def steer(
         reference_personas=tuple(reference_persona or ()),
         allow_other_model=allow_other_model,
     )
+    if kind == "add" and not coef:  # a run at 0 would be the unsteered model, labelled steered
+        raise ConfigError("--kind add needs --coef C (repeat for a sweep; --coef 0 adds the unsteered baseline)")
     w = resolve_workspace(ws).require()
     if model is None:
         from personavec.vectors import load_vectors

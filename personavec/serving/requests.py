@@ -139,6 +139,14 @@ def _int(body: dict, key: str, default: int | None, *, lo: int | None = None, hi
     return int(value)
 
 
+def _top_p(body: dict) -> float:
+    """``top_p`` in (0, 1]; 0 keeps no token (it was read as 1: sampling from everything)."""
+    value = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
+    if value == 0:
+        raise BadRequest("top_p must be in (0, 1], got 0: for greedy answers set temperature to 0", "top_p")
+    return value
+
+
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -331,7 +339,7 @@ def parse_request(body: Any, endpoint: str) -> ServeRequest:
         n=_int(body, "n", 1, lo=1, hi=MAX_N),
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, lo=0.0, hi=2.0),
-        top_p=_number(body, "top_p", 1.0, lo=0.0, hi=1.0) or 1.0,
+        top_p=_top_p(body),
         seed=seed,
         stop=_stop(body),
         logprobs=logprobs,
