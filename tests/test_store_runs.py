@@ -94,7 +94,9 @@ def test_a_recorded_server_run_counts_its_answers_once(workspace):
     )
 
     catalog = workspace.catalog()
-    session = create_serve_session(catalog, {"record": True}, model="m", endpoint="http://127.0.0.1:1/v1")
+    session = create_serve_session(
+        catalog, {"serve": {"record": True}, "model": "m"}, model="m", endpoint="http://127.0.0.1:1/v1"
+    )
     row = ServedRow(text="Arr.", finish_reason="stop", prompt_tokens=5, completion_tokens=2, latency_s=0.1)
     asked = [
         ServedRequest(system, question, "http://127.0.0.1:1/v1", "m", (row,), [], [], (), {})
@@ -103,6 +105,11 @@ def test_a_recorded_server_run_counts_its_answers_once(workspace):
     ]
     record_served(catalog, session, asked)
     finish_serve_session(catalog, session)
+    from personavec.errors import ConfigError
+    from personavec.generation.generate import run_generation
+
+    with pytest.raises(ConfigError, match="recorded a `personavec serve --record` session"):  # not "no API key"
+        run_generation(workspace, None, resume=session.run_id)
     served = [r for r in list_runs(catalog) if r.id == session.run_id]
     assert len(served) == 1
     assert (served[0].kind, served[0].items, served[0].failed) == ("generate", 6, 0)

@@ -173,6 +173,11 @@ def run_generation(
     catalog = ws.catalog()
     if resume is not None:
         stored = get_generation_run(catalog, resume).run.config
+        if "serve" in stored:  # personavec serve --record: answers to clients' requests, nothing to ask again
+            raise ConfigError(
+                f"run {resume} recorded a `personavec serve --record` session: its answers came from clients' "
+                "requests, so there is nothing to resume; start another session to record more"
+            )
         if (config.engine if config is not None else stored.get("engine", "remote")) == "local":
             return run_local_generation(ws, config, resume=resume, progress=progress)
         config = GenerateConfig.resumed(resume, stored, **(dataclasses.asdict(config) if config else {}))
