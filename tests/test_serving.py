@@ -334,6 +334,7 @@ def test_request_parsing_names_the_field():
         ({"n": 0}, "n"),
         ({"top_p": 2}, "top_p"),
         ({"top_p": 0}, "top_p"),  # it was read as 1: sampling from every token
+        ({"max_tokens": 0}, "max_tokens"),  # "must be in 1..None" before
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"stop": 3}, "stop"),
         ({"messages": []}, "messages"),

@@ -135,7 +135,8 @@ def _int(body: dict, key: str, default: int | None, *, lo: int | None = None, hi
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"{key} must be an integer, got {value!r}", key)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise BadRequest(f"{key} must be in {lo}..{hi}, got {value}", key)
+        bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in {lo}..{hi}"
+        raise BadRequest(f"{key} must be {bounds}, got {value}", key)
     return int(value)
 
 
