@@ -37,6 +37,9 @@ class Workspace:
 
     root: Path
 
+    def __post_init__(self) -> None:  # Workspace("ws") as well as Workspace(Path("ws"))
+        object.__setattr__(self, "root", Path(self.root).expanduser())
+
     @property
     def catalog_path(self) -> Path:
         return self.root / CATALOG_FILE

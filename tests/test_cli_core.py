@@ -189,3 +189,10 @@ def test_ctrl_c_before_a_resumed_run_is_taken_over_still_names_the_resume(cli, t
     assert f"interrupted: resume with: personavec generate --workspace {tmp_path / 'ws'} --resume 5" in res.output
     res = cli.invoke(demo, ["other"])  # nothing to resume: as before
     assert res.exit_code == 130 and res.output.strip() == "interrupted"
+
+
+def test_a_workspace_made_from_a_string_path_works(workspace):
+    """`Workspace("ws")` as the Python API's users write it (it failed on first use: 'str' has no attribute 'exists')."""
+    ws = Workspace(str(workspace.root))
+    assert ws.root == workspace.root and ws.require() is ws
+    assert [r.kind for r in list_runs(ws.catalog())][:2] == ["ingest-personas", "ingest-questions"]
