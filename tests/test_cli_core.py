@@ -192,7 +192,7 @@ def test_ctrl_c_before_a_resumed_run_is_taken_over_still_names_the_resume(cli, t
 
 
 def test_a_workspace_made_from_a_string_path_works(workspace):
-    """`Workspace("ws")` as the Python API's users write it (it failed on first use: 'str' has no attribute 'exists')."""
+    """`Workspace("ws")` as Python users write it (it failed on first use: 'str' has no attribute 'exists')."""
     ws = Workspace(str(workspace.root))
     assert ws.root == workspace.root and ws.require() is ws
     assert [r.kind for r in list_runs(ws.catalog())][:2] == ["ingest-personas", "ingest-questions"]
