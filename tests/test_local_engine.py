@@ -538,3 +538,19 @@ def test_cli_steer_errors(workspace, tiny8, vectors_run, cli):
     assert res.exit_code == 2 and "--run RUN" in res.output
     res = cli.invoke(app, ["sweep-report", "99", "-w", str(workspace.root)])
     assert res.exit_code == 2 and "sweep 99 does not exist" in res.output
+
+
+@pytest.mark.slow
+def test_an_overflowing_coefficient_fails_the_run_with_one_clear_line(workspace, tiny8, vectors_run):
+    """A coefficient past what float32 holds makes the logits NaN/inf: the run stops saying so, greedy or sampled
+    (greedy stored an empty answer in a `done` run; sampled failed with torch's "probability tensor contains inf")."""
+    from personavec.errors import ModelError
+
+    steering = SteeringConfig(f"{vectors_run}:storyteller-default", layers=(2,), coef=1e39)
+    before = len(runs_of(workspace, "generate"))
+    for temperature in (0.0, 0.7):
+        config = _config(tiny8, steering=steering, personas=("default",), questions=(0,), temperature=temperature)
+        with pytest.raises(ModelError, match="logits became NaN/inf at generated token 1: under the steering"):
+            run_generation(workspace, config)
+        assert len(runs_of(workspace, "generate")) == before  # failed before any answer: the new run is removed
+    assert run_generation(workspace, _config(tiny8, personas=("default",), questions=(0,))).status == "done"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from personavec.config import check_selection, config_dict, resumed_config
-from personavec.errors import ConfigError, RunInterrupted, interruption
+from personavec.errors import ConfigError, ModelError, RunInterrupted, interruption
 
 if TYPE_CHECKING:
     from personavec.generation.config import GenerateConfig, GenerationProgress, GenerationResult
@@ -119,6 +119,7 @@ def generate_batch(
         kwargs.update(do_sample=False, temperature=None, top_p=None)
     if seed is not None:
         torch.manual_seed(seed)
+    kwargs["logits_processor"] = _finite_logits(width, steered=steerer is not None)
     if steerer is not None:
         steerer.begin(width)
     device = loaded.input_device
@@ -132,6 +133,24 @@ def generate_batch(
         text = tok.decode(tokens if end is None else tokens[:-1], skip_special_tokens=True)
         results.append(Generated(tuple(tokens), text, "length" if end is None else "stop", len(p)))
     return results
+
+
+def _finite_logits(prompt_width: int, *, steered: bool) -> Any:
+    """A logits processor that stops generation at the first step whose logits hold NaN or inf (an intervention
+    past what the model's dtype holds): sampling from them raised torch's "probability tensor contains either inf,
+    nan", and greedy wrote token 0 on, an empty answer stored as done."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FiniteLogits(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            if not bool(torch.isfinite(scores).all()):
+                why = "under the steering: lower the coef (or the vector's norm)" if steered else "(unsteered)"
+                at = input_ids.shape[1] - prompt_width + 1
+                raise ModelError(f"the model's logits became NaN/inf at generated token {at}: {why}")
+            return scores
+
+    return LogitsProcessorList([FiniteLogits()])
 
 
 def _batch_seed(seed: int, keys: Sequence[Any]) -> int:
