@@ -15,7 +15,14 @@ from personavec.cli import app
 from personavec.errors import ConfigError, DuplicateError, InputFileError, NotFoundError
 from personavec.judging.judge import JudgeConfig, run_judge
 from personavec.judging.rubrics import builtin_trait_names, read_trait_file
-from personavec.judging.traits import TraitConfig, TraitVectorConfig, add_trait, auroc, project_onto_vector
+from personavec.judging.traits import (
+    TraitConfig,
+    TraitVectorConfig,
+    add_trait,
+    auroc,
+    compute_trait_vectors,
+    project_onto_vector,
+)
 from personavec.store.sets import get_persona_set, get_question_set
 from personavec.vectors import VectorConfig, compute_vectors, load_vectors
 
@@ -349,7 +356,6 @@ def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path, emb
     from personavec.exports import export_direction, load_direction
     from personavec.extract import ExtractConfig, run_extraction
     from personavec.ingest import IngestConfig, ingest
-    from personavec.judging.traits import compute_trait_vectors
 
     trait = add_trait(workspace, TraitConfig("pirate"))
     spec = read_trait_file("pirate")
@@ -416,3 +422,23 @@ def test_pirate_trait_vector_separates_held_out_answers(workspace, tmp_path, emb
         np.testing.assert_array_equal(
             np.array(t.data), load_vectors(results[True], ours, workspace=workspace)["pirate"]
         )
+
+
+@pytest.mark.slow
+def test_trait_vectors_of_answers_made_for_another_trait_are_refused(workspace, tiny8, tmp_path):
+    """`trait vectors RUN --trait ninja --no-filter` on answers to `trait add pirate`'s prompts stored them as a
+    ninja vector; the name of the persona set (trait-pirate) says whose they are."""
+    from personavec.extract import ExtractConfig, run_extraction
+    from personavec.ingest import IngestConfig, ingest
+
+    add_trait(workspace, TraitConfig("pirate"))
+    question = get_question_set(workspace.catalog(), "trait-pirate").questions[0].text
+    rows = [{"persona": p, "question": question, "text": t} for p, t in [("pos_1", "Arr matey"), ("neg_1", "Hello")]]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = {"persona_set": "trait-pirate", "question_set": "trait-pirate"}
+    answers = ingest(workspace, IngestConfig("responses", tmp_path / "a.jsonl", **sets)).run_id
+    ext = run_extraction(workspace, ExtractConfig(responses_run=answers, model=tiny8, layers=(2,), device="cpu"))
+    with pytest.raises(ConfigError, match="persona set 'trait-pirate', made for trait 'pirate', not 'ninja'"):
+        compute_trait_vectors(workspace, TraitVectorConfig(ext.run_id, "ninja", filter=False))
+    done = compute_trait_vectors(workspace, TraitVectorConfig(ext.run_id, "pirate", filter=False))
+    assert done.groups[-1] == "pirate"

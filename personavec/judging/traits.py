@@ -190,8 +190,22 @@ def compute_trait_vectors(
 ) -> Any:
     """A vectors run with groups ``pos``, ``neg`` and ``<trait>`` = ``mean(pos) - mean(neg)`` per layer (after
     the filters); returns its :class:`personavec.vectors.VectorRunResult`. The vector points from neg to pos."""
+    from personavec.store.extraction import get_extraction_run
+    from personavec.store.responses import persona_set_names
     from personavec.vectors import compute_vectors
 
+    if resume is None:  # answers made for another trait (`trait add X` names their set trait-X) are not this trait's
+        catalog = ws.catalog()
+        source = get_extraction_run(catalog, config.extraction_run_id).source_run_id
+        others = [
+            n for n in persona_set_names(catalog, source) if n.startswith("trait-") and n != f"trait-{config.trait}"
+        ]
+        if others:
+            raise ConfigError(
+                f"extraction run {config.extraction_run_id} holds answers of persona set {others[0]!r}, made for "
+                f"trait {others[0].removeprefix('trait-')!r}, not {config.trait!r}: pass --trait "
+                f"{others[0].removeprefix('trait-')}"
+            )
     return compute_vectors(ws, config.vector_config(), resume=resume, progress=progress)
 
 

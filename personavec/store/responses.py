@@ -170,6 +170,19 @@ def answered_responses(catalog: Catalog, run_id: int) -> list[ResponseRecord]:
     return [ResponseRecord(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
 
+def persona_set_names(catalog: Catalog, run_id: int) -> list[str]:
+    """Names of the persona sets the answers of responses run ``run_id`` come from (sorted)."""
+    with catalog.session() as session:
+        names = session.scalars(
+            sa.select(m.PersonaSet.name)
+            .distinct()
+            .join(m.Persona, m.Persona.persona_set_id == m.PersonaSet.id)
+            .join(m.Response, m.Response.persona_id == m.Persona.id)
+            .where(m.Response.run_id == run_id)
+        ).all()
+    return sorted(names)
+
+
 def responses_by_key(catalog: Catalog, run_id: int) -> dict[tuple[str, str], str]:
     """The seed's mapping ``{(persona, question): text}`` of a run (sample 0 of each pair)."""
     return {(r.persona, r.question): r.text for r in answered_responses(catalog, run_id) if r.sample_index == 0}
