@@ -354,13 +354,18 @@ def _sync_paths(base: Path, keys: Iterable[str], top: Path | None = None) -> Non
 
 
 def sync_rows(array: zarr.Array, start: int, stop: int) -> None:
-    """Make rows ``start:stop`` durable: fsync the files of their write units and the directories above them, up to
-    the array's. A no-op for an object store (fsspec URLs other than ``file://``)."""
-    base = _local_dir(array.store_path)
-    if base is not None and stop > start:
+    """Make rows ``start:stop`` durable: :func:`sync_blocks` of their write units."""
+    if stop > start:
         per = rows_per_chunk(array)
-        keys = [key for block in range(start // per, -(-stop // per)) for key in _block_keys(array, block)]
-        _sync_paths(base, keys)
+        sync_blocks(array, range(start // per, -(-stop // per)))
+
+
+def sync_blocks(array: zarr.Array, blocks: Iterable[int]) -> None:
+    """Make write units durable: fsync their files and the directories above them, up to the array's, each once. A
+    no-op for an object store (fsspec URLs other than ``file://``)."""
+    base = _local_dir(array.store_path)
+    if base is not None:
+        _sync_paths(base, [key for block in blocks for key in _block_keys(array, block)])
 
 
 def _where(array: zarr.Array) -> str:

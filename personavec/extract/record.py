@@ -246,10 +246,8 @@ def adopt_written_rows(array: Any, pending: np.ndarray) -> tuple[list[tuple[int,
             continue  # recomputed, and the unit rewritten
         bad = set(arrays.nonfinite_rows(values).tolist())
         adopted.extend(int(r) for i, r in enumerate(rows) if i not in bad)
-    ranges = row_ranges(adopted)
-    for start, stop in ranges:
-        arrays.sync_rows(array, start, stop)
-    return ranges, present
+    arrays.sync_blocks(array, sorted({r // per for r in adopted}))  # each unit once, however its rows are spread
+    return row_ranges(adopted), present
 
 
 def resumed_run(
