@@ -185,9 +185,21 @@ class Recorder:
 # ---------------------------------------------------------------------------------------------------- JSON
 
 
+def _error_object(message: str, param: str | None, kind: str) -> dict[str, Any]:
+    """OpenAI's error object, its message on one line."""
+    return {"error": {"message": " ".join(str(message).split()), "type": kind, "param": param, "code": None}}
+
+
 def _error(message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error") -> Any:
-    message = " ".join(str(message).split())
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+    return JSONResponse(_error_object(message, param, kind), status_code=status)
+
+
+def _refused(error: BaseException) -> tuple[dict[str, Any], int]:
+    """The error object and HTTP status of a request the scheduler refused: 400 naming the field for a bad request
+    (an unknown vector; interventions that drove the logits to NaN/inf), else 500."""
+    if isinstance(error, BadRequest):
+        return _error_object(str(error), error.param, "invalid_request_error"), 400
+    return _error_object(str(error), None, "server_error"), 500
 
 
 def _chat_logprobs(items: tuple[TokenLogprob, ...]) -> dict[str, Any]:
@@ -281,9 +293,8 @@ def build_app(scheduler: Scheduler, served_name: str, *, base_name: str | None =
             return _error(str(exc), status=500, kind="server_error")
         first = await conv.queue.get()
         if isinstance(first, Refused):
-            if isinstance(first.error, BadRequest):
-                return _error(str(first.error), first.error.param)
-            return _error(str(first.error), status=500, kind="server_error")
+            body, status = _refused(first.error)
+            return JSONResponse(body, status_code=status)
         assert isinstance(first, Admitted)
         rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
@@ -329,9 +340,8 @@ async def _collect(request: Any, conv: _Request, req: ServeRequest, rid: str, pr
             if isinstance(ev, Finished):
                 done[ev.index] = ev
             elif isinstance(ev, Refused):
-                if isinstance(ev.error, BadRequest):
-                    return _error(str(ev.error), ev.error.param)
-                return _error(str(ev.error), status=500, kind="server_error")
+                body, status = _refused(ev.error)
+                return JSONResponse(body, status_code=status)
     except asyncio.CancelledError:
         conv.ticket.cancel()
         raise
@@ -414,12 +424,7 @@ async def _stream(conv: _Request, req: ServeRequest, rid: str, prompt_tokens: in
                     choice = {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.finish_reason}
                 yield chunk([choice])
             elif isinstance(ev, Refused):
-                error = ev.error
-                kind, param = (
-                    ("invalid_request_error", error.param) if isinstance(error, BadRequest) else ("server_error", None)
-                )
-                err = {"error": {"message": str(ev.error), "type": kind, "param": param, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
+                yield f"data: {json.dumps(_refused(ev.error)[0])}\n\n"
                 return
         if req.include_usage:
             completion = sum(f.completion_tokens for f in finished.values())
@@ -450,7 +455,21 @@ class RunningServer:
     http: Any = None  # the uvicorn server (``http.server_state.tasks``: the requests being handled)
 
 
-def _start(config: ServeConfig, loaded: LoadedModel | None) -> tuple[Scheduler, Recorder | None, Any]:
+def _start(config: ServeConfig, loaded: LoadedModel | None) -> tuple[Any, Scheduler, Recorder | None, Any]:
+    """The listening socket, then the model, the recording run and the started scheduler. The socket is bound first
+    (:func:`personavec.serve.listening_socket`): a port in use is one line at once, before the model loads and with
+    nothing recorded; it is closed again if what follows fails."""
+    from personavec.serve import listening_socket
+
+    sock = listening_socket(config.host, config.port)
+    try:
+        return (sock, *_start_model(config, loaded))
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _start_model(config: ServeConfig, loaded: LoadedModel | None) -> tuple[Scheduler, Recorder | None, Any]:
     lock = threading.Lock()
     from personavec.modeling import load_model
     from personavec.workspace import Workspace
@@ -479,17 +498,8 @@ def _start(config: ServeConfig, loaded: LoadedModel | None) -> tuple[Scheduler, 
     return scheduler, recorder, ws
 
 
-def _bind(config: ServeConfig) -> Any:
-    """The listening socket of ``config``'s host and port, bound before the model loads and before a recording run
-    is created: a port in use is one line at once, with nothing recorded (see
-    :func:`personavec.serve.listening_socket`)."""
-    from personavec.serve import listening_socket
-
-    return listening_socket(config.host, config.port)
-
-
 def _http_server(config: ServeConfig, scheduler: Any) -> Any:
-    """The uvicorn server over ``scheduler``, to run on the socket of :func:`_bind` (``server.run(sockets=...)``)."""
+    """The uvicorn server over ``scheduler``, to run on the socket of :func:`_start` (``server.run(sockets=...)``)."""
     import uvicorn
 
     app = build_app(scheduler, config.name, base_name=config.model)
@@ -499,12 +509,7 @@ def _http_server(config: ServeConfig, scheduler: Any) -> Any:
 @contextmanager
 def running_server(config: ServeConfig, *, loaded: LoadedModel | None = None) -> Iterator[RunningServer]:
     """Run the server on a thread while the block runs (``loaded``: a model already loaded, e.g. by a test)."""
-    sock = _bind(config)
-    try:
-        scheduler, recorder, ws = _start(config, loaded)
-    except BaseException:
-        sock.close()
-        raise
+    sock, scheduler, recorder, ws = _start(config, loaded)
     port = sock.getsockname()[1]
     thread: threading.Thread | None = None
     try:
@@ -545,12 +550,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (uvicorn's handlers); ``on_ready(base_url, run_id)`` is called
     once the socket listens."""
-    sock = _bind(config)  # first: a port in use stops here, before the model loads and before anything is recorded
-    try:
-        scheduler, recorder, ws = _start(config, None)
-    except BaseException:
-        sock.close()
-        raise
+    sock, scheduler, recorder, ws = _start(config, None)
     port = sock.getsockname()[1]
     host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
     status = "done"
