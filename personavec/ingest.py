@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,21 +68,31 @@ def _not_utf8(path: Path, offset: int, exc: UnicodeDecodeError) -> InputFileErro
     return InputFileError(f"{path}: not UTF-8 text (byte {offset + exc.start} is {bad!r}): save it as UTF-8")
 
 
-def _check_utf8(path: Path) -> None:
-    """Arrow's CSV/JSON readers let invalid UTF-8 through (as binary, or as broken strings)."""
+def _check_utf8(path: Path, data: bytes | None = None) -> None:
+    """Arrow's CSV/JSON readers let invalid UTF-8 through (as binary, or as broken strings). ``data``: the file's
+    bytes when they are in memory already (checked there, not read again)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                raise _not_utf8(path, offset, exc) from exc
-            offset += len(chunk)
+    for chunk in _blocks(path, data):
         try:
-            decoder.decode(b"", final=True)
+            decoder.decode(chunk)
         except UnicodeDecodeError as exc:
             raise _not_utf8(path, offset, exc) from exc
+        offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, offset, exc) from exc
+
+
+def _blocks(path: Path, data: bytes | None, size: int = 1 << 20) -> Iterator[bytes | memoryview]:
+    if data is not None:
+        view = memoryview(data)
+        yield from (view[i : i + size] for i in range(0, len(view), size))
+        return
+    with path.open("rb") as fh:
+        while chunk := fh.read(size):
+            yield chunk
 
 
 def _read_text(path: Path) -> str:
@@ -326,15 +336,17 @@ def read_response_file(path: Path, fmt: str | None = None) -> pa.Table:
         raise InputFileError(f"{path}: the file is empty")
     if fmt == "seed-json":
         return _read_seed_json(path)
+    data = path.read_bytes() if fmt == "jsonl" else None  # read once: checked, then parsed from memory
     if fmt in ("jsonl", "csv"):
-        _check_utf8(path)
+        _check_utf8(path, data)
     # Arrow reads in blocks (1 MiB by default) and refuses a row longer than one ("straddling object straddles two
     # block boundaries"): a block as large as the file holds any row (the whole table is in memory anyway).
     block = min(max(path.stat().st_size + 1, 1 << 20), (1 << 31) - 1)
     lines: list[int] | None = None
     try:
         if fmt == "jsonl":
-            table, lines = _read_jsonl(path, block)
+            assert data is not None
+            table, lines = _read_jsonl(path, data, block)
             first_row = 1
         elif fmt == "csv":
             table = pacsv.read_csv(
@@ -408,11 +420,10 @@ def _csv_record_lines(table: pa.Table, first_row: int) -> list[int] | None:
     return pc.add(pa.array(range(first_row, first_row + len(per_record)), pa.int64()), before).to_pylist()
 
 
-def _read_jsonl(path: Path, block: int) -> tuple[pa.Table, list[int] | None]:
+def _read_jsonl(path: Path, data: bytes, block: int) -> tuple[pa.Table, list[int] | None]:
     """The table, and the line number (from 1) of each row where that is not its row number + 1 (blank lines).
     Any line Arrow cannot read is found again line by line, so that the error names the line (Arrow counts rows
-    from 0, skipping blank lines) and the column."""
-    data = path.read_bytes()
+    from 0, skipping blank lines) and the column. ``data``: the file's bytes."""
     try:
         table = pajson.read_json(pa.BufferReader(data), read_options=pajson.ReadOptions(block_size=block))
     except pa.ArrowInvalid as exc:
