@@ -197,14 +197,12 @@ def compute_trait_vectors(
     if resume is None:  # answers made for another trait (`trait add X` names their set trait-X) are not this trait's
         catalog = ws.catalog()
         source = get_extraction_run(catalog, config.extraction_run_id).source_run_id
-        others = [
-            n for n in persona_set_names(catalog, source) if n.startswith("trait-") and n != f"trait-{config.trait}"
-        ]
-        if others:
+        made_for = [n.removeprefix("trait-") for n in persona_set_names(catalog, source) if n.startswith("trait-")]
+        other = next((t for t in made_for if t != config.trait), None)
+        if other is not None:
             raise ConfigError(
-                f"extraction run {config.extraction_run_id} holds answers of persona set {others[0]!r}, made for "
-                f"trait {others[0].removeprefix('trait-')!r}, not {config.trait!r}: pass --trait "
-                f"{others[0].removeprefix('trait-')}"
+                f"extraction run {config.extraction_run_id} holds answers of persona set 'trait-{other}', made for "
+                f"trait {other!r}, not {config.trait!r}: pass --trait {other}"
             )
     return compute_vectors(ws, config.vector_config(), resume=resume, progress=progress)
 
